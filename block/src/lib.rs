@@ -1,0 +1,14 @@
+//! blockhaus's platform-free core.
+//!
+//! Everything a storage appliance decides lives here, with no knowledge of
+//! hardware: the QMP wire protocol and command layer ([`qmp`]), and (as the
+//! issues land) QEMU's block graph — nodes, backends, permissions, refcounts,
+//! jobs, the NBD server engine and the close-all sequence. The crate is
+//! `no_std + alloc`, has no `unsafe`, and is tested on the host with
+//! `cargo test -p block`.
+#![no_std]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod qmp;

@@ -1,0 +1,1 @@
+//! QMP (placeholder; being written).

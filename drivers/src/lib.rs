@@ -1,0 +1,11 @@
+//! blockhaus's drivers: the hardware side of the appliance.
+//!
+//! Port I/O and MMIO live here and nowhere in `block/`. Each module owns one
+//! device or table: [`uart`] (COM1 console, COM2 QMP), [`acpi`] (RSDP → FADT
+//! → S5 poweroff), [`time`] (TSC calibrated against the PIT, CMOS RTC).
+//! The pure parts (table parsing) are tested on the host.
+#![cfg_attr(not(test), no_std)]
+
+pub mod acpi;
+pub mod time;
+pub mod uart;
