@@ -1,0 +1,1 @@
+//! Test harness for booting blockhaus in QEMU.
