@@ -2,10 +2,15 @@
 //!
 //! Port I/O and MMIO live here and nowhere in `block/`. Each module owns one
 //! device or table: [`uart`] (COM1 console, COM2 QMP), [`acpi`] (RSDP → FADT
-//! → S5 poweroff), [`time`] (TSC calibrated against the PIT, CMOS RTC).
-//! The pure parts (table parsing) are tested on the host.
+//! → S5 poweroff), [`time`] (TSC calibrated against the PIT, CMOS RTC),
+//! [`lapic`] (the local APIC timer that wakes an idle CPU), [`pic`] (masking
+//! the legacy 8259s). The pure parts (table parsing, time arithmetic) are
+//! tested on the host.
 #![cfg_attr(not(test), no_std)]
 
 pub mod acpi;
+pub mod lapic;
+pub mod pic;
+pub mod port;
 pub mod time;
 pub mod uart;

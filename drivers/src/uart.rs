@@ -1,0 +1,69 @@
+//! 16550 UARTs: COM1 carries the console (log records, banner, halt report),
+//! COM2 the QMP monitor. Built on `uart_16550`; reads never block.
+
+use uart_16550::SerialPort;
+
+pub const COM1: u16 = 0x3f8;
+pub const COM2: u16 = 0x2f8;
+
+/// One serial port, non-blocking on the receive side.
+pub struct Uart {
+    port: SerialPort,
+}
+
+impl Uart {
+    /// Initialises the UART at `base` (115200 8N1, FIFOs on).
+    ///
+    /// # Safety
+    /// `base` must be the I/O base of a 16550 that nothing else drives.
+    pub unsafe fn new(base: u16) -> Self {
+        // SAFETY: forwarded to the caller.
+        let mut port = unsafe { SerialPort::new(base) };
+        port.init();
+        Self { port }
+    }
+
+    /// A handle for emergency output (fault and panic reports) that skips
+    /// initialisation and any lock: the port was initialised at boot.
+    ///
+    /// # Safety
+    /// Only for the failure path, where nothing else will run afterwards.
+    pub unsafe fn steal(base: u16) -> Self {
+        // SAFETY: forwarded to the caller.
+        Self { port: unsafe { SerialPort::new(base) } }
+    }
+
+    pub fn write_bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.port.send_raw(b);
+        }
+    }
+
+    /// Reads everything waiting in the receive FIFO into `buf`, returning how
+    /// many bytes were read; 0 when nothing is waiting.
+    pub fn read_available(&mut self, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.port.try_receive() {
+                Ok(b) => {
+                    buf[n] = b;
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        n
+    }
+}
+
+impl core::fmt::Write for Uart {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                self.port.send_raw(b'\r');
+            }
+            self.port.send_raw(b);
+        }
+        Ok(())
+    }
+}
