@@ -32,10 +32,8 @@ unsafe extern "C" {
 pub static mut MAPPED_END: u64 = 4 * GIB;
 
 fn has_1g_pages() -> bool {
-    // SAFETY: CPUID is available on every x86_64 CPU.
-    let max_ext = unsafe { core::arch::x86_64::__cpuid(0x8000_0000) }.eax;
-    // SAFETY: as above; leaf 0x80000001 exists when max_ext allows it.
-    max_ext >= 0x8000_0001 && unsafe { core::arch::x86_64::__cpuid(0x8000_0001) }.edx & (1 << 26) != 0
+    let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    max_ext >= 0x8000_0001 && core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0
 }
 
 /// Maps RAM above 4 GiB and unmaps the stack guard page.
@@ -97,6 +95,5 @@ pub fn mapped_end() -> u64 {
 
 /// The unmapped stack guard page, for the fault report.
 pub fn stack_guard() -> u64 {
-    // SAFETY: taking the address of a linker symbol.
-    unsafe { core::ptr::addr_of!(__stack_guard) as u64 }
+    core::ptr::addr_of!(__stack_guard) as u64
 }

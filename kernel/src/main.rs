@@ -1,2 +1,107 @@
+//! The blockhaus image: boot → console → clocks → interrupts → heap → ACPI
+//! → QMP monitor on COM2 → main loop; every exit goes through [`halt`].
 #![no_std]
 #![no_main]
+
+extern crate alloc;
+
+mod clock;
+mod cmdline;
+mod console;
+mod halt;
+mod heap;
+mod interrupts;
+mod monitor;
+
+use log::{LevelFilter, info, warn};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Idle wake-ups a second while nothing is pending.
+const TIMER_HZ: u64 = 100;
+/// After any activity, keep busy-polling this long before halting the CPU.
+const BUSY_POLL_NS: u64 = 20_000_000;
+
+#[unsafe(no_mangle)]
+extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
+    clock::mark_boot();
+    console::init(LevelFilter::Info);
+    let cal_source = clock::init();
+    println!(
+        "\nblockhaus {VERSION} — kernel-free storage appliance (booted by {}, {} memory regions)",
+        info.protocol,
+        info.regions().len()
+    );
+    println!("command line: \"{}\"", info.cmdline());
+    if info.protocol != "PVH" {
+        halt::fatal("no PVH start info: cannot find the memory map");
+    }
+    interrupts::init();
+    // SAFETY: interrupts are off; the PICs are remapped before anything
+    // could deliver through them.
+    unsafe { drivers::pic::remap_and_mask() };
+    let heap = heap::init(info);
+    info!(
+        "TSC {} MHz ({}), LAPIC timer {} kHz; RAM {} MiB in {} heap regions; identity map to {} GiB",
+        clock::tsc_hz() / 1_000_000,
+        cal_source,
+        clock::lapic_timer_hz() / 1000,
+        heap.bytes >> 20,
+        heap.regions,
+        boot::paging::mapped_end() >> 30
+    );
+    if heap.regions == 0 {
+        halt::fatal("no usable RAM for the heap in the memory map");
+    }
+    match halt::init(info.rsdp) {
+        Ok(fadt) => info!("ACPI: poweroff via {:?}", fadt.poweroff),
+        Err(e) => warn!("ACPI: {e}; poweroff will not work"),
+    }
+    if info.cmdline_truncated {
+        warn!("command line longer than {} bytes was truncated", boot::info::MAX_CMDLINE);
+    }
+    let config = match cmdline::parse(info.cmdline()) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            halt::fatal("bad kernel command line");
+        }
+    };
+    if let Some(level) = config.log_level {
+        console::set_level(level);
+    }
+    if let Some(fault) = config.test_fault {
+        cmdline::trigger(fault);
+    }
+    for (name, value) in &config.options {
+        log::error!("qemu-storage-daemon option {name} {value} is not supported yet");
+        halt::fatal("unsupported command-line option");
+    }
+
+    let mut monitor = monitor::Monitor::new();
+    drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
+    info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
+    monitor.start();
+
+    let mut last_activity = clock::monotonic_ns();
+    loop {
+        let busy = monitor.poll();
+        if let Some(reason) = monitor.halt_requested() {
+            halt::halt(reason, "requested over QMP");
+        }
+        let now = clock::monotonic_ns();
+        if busy {
+            last_activity = now;
+        } else if now.saturating_sub(last_activity) > BUSY_POLL_NS {
+            interrupts::wait_for_interrupt();
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    console::emergency(format_args!("\nPANIC: {info}\n"));
+    halt::fatal("panic")
+}

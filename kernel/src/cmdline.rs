@@ -1,0 +1,101 @@
+//! The kernel command line (`-append`): blockhaus's own `blockhaus.*` and
+//! `loglevel=` settings; `--option value` pairs in qemu-storage-daemon's
+//! syntax are kept in order for the block layer.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use log::LevelFilter;
+
+/// A fault to trigger after boot, for the failure-path tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestFault {
+    PageFault,
+    InvalidOpcode,
+    DivideByZero,
+    StackOverflow,
+    Panic,
+}
+
+#[derive(Debug, Default)]
+pub struct Config {
+    pub log_level: Option<LevelFilter>,
+    pub test_fault: Option<TestFault>,
+    /// qemu-storage-daemon-style options, e.g. `("--blockdev", "driver=...")`.
+    pub options: Vec<(String, String)>,
+}
+
+/// Parses the command line; any unknown or malformed item is an error that
+/// names it (the appliance then halts instead of running half-configured).
+pub fn parse(cmdline: &str) -> Result<Config, String> {
+    let mut cfg = Config::default();
+    let mut words = cmdline.split_ascii_whitespace();
+    while let Some(word) = words.next() {
+        if let Some(opt) = word.strip_prefix("--") {
+            let (name, value) = match opt.split_once('=') {
+                Some((n, v)) => (n.to_string(), v.to_string()),
+                None => {
+                    let v = words.next().ok_or_else(|| alloc::format!("option '--{opt}' requires an argument"))?;
+                    (opt.to_string(), v.to_string())
+                }
+            };
+            cfg.options.push((alloc::format!("--{name}"), value));
+            continue;
+        }
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        match key {
+            "loglevel" | "blockhaus.loglevel" => {
+                cfg.log_level = Some(match value {
+                    "off" => LevelFilter::Off,
+                    "error" => LevelFilter::Error,
+                    "warn" => LevelFilter::Warn,
+                    "info" => LevelFilter::Info,
+                    "debug" => LevelFilter::Debug,
+                    "trace" => LevelFilter::Trace,
+                    other => return Err(alloc::format!("invalid loglevel '{other}' (off|error|warn|info|debug|trace)")),
+                })
+            }
+            "blockhaus.test-fault" => {
+                cfg.test_fault = Some(match value {
+                    "page-fault" => TestFault::PageFault,
+                    "invalid-opcode" => TestFault::InvalidOpcode,
+                    "divide-by-zero" => TestFault::DivideByZero,
+                    "stack-overflow" => TestFault::StackOverflow,
+                    "panic" => TestFault::Panic,
+                    other => return Err(alloc::format!(
+                        "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic)"
+                    )),
+                })
+            }
+            _ => return Err(alloc::format!("unrecognized kernel command-line item '{word}'")),
+        }
+    }
+    Ok(cfg)
+}
+
+/// Triggers the configured fault.
+pub fn trigger(fault: TestFault) {
+    log::warn!("triggering test fault {fault:?}");
+    match fault {
+        // SAFETY (all arms): deliberately faulting is the point; the
+        // exception handler reports and exits.
+        TestFault::PageFault => unsafe {
+            core::ptr::read_volatile(0xdead_0000_0000u64 as *const u64);
+        },
+        TestFault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        TestFault::DivideByZero => unsafe {
+            core::arch::asm!("xor edx, edx", "xor eax, eax", "xor ecx, ecx", "div ecx", out("eax") _, out("edx") _, out("ecx") _)
+        },
+        TestFault::StackOverflow => {
+            recurse(0);
+        }
+        TestFault::Panic => panic!("test panic requested on the command line"),
+    }
+}
+
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let buf = [depth; 64];
+    core::hint::black_box(&buf);
+    recurse(core::hint::black_box(depth + 1)) + buf[(depth % 64) as usize]
+}

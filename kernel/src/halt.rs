@@ -1,0 +1,99 @@
+//! The one way out: [`halt`]. `quit`, a fatal error and (later) the ACPI
+//! power button all come here; it logs the halt report and powers off
+//! through ACPI S5 (QEMU exits 0), or, for a failure, through the
+//! `isa-debug-exit` device so tests see a distinct exit code.
+//! Later issues put the block layer's close-all into this same sequence.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+use spin::Once;
+
+/// `isa-debug-exit` at 0xf4: QEMU exits with `(code << 1) | 1`, so 0x10
+/// gives exit status 33 for a fatal error.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+pub const FAILURE_CODE: u32 = 0x10;
+
+static FADT: Once<Result<drivers::acpi::Fadt, drivers::acpi::Error>> = Once::new();
+static HALTING: AtomicBool = AtomicBool::new(false);
+
+/// Why the appliance stops (QMP `SHUTDOWN` event reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// QMP `quit`.
+    HostQmpQuit,
+    /// A fatal error inside the appliance.
+    Fatal,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::HostQmpQuit => "host-qmp-quit",
+            Reason::Fatal => "guest-panic",
+        }
+    }
+}
+
+/// Reads the FADT once at boot so poweroff needs no parsing at halt time.
+pub fn init(rsdp: Option<u64>) -> &'static Result<drivers::acpi::Fadt, drivers::acpi::Error> {
+    FADT.call_once(|| drivers::acpi::parse(&drivers::acpi::IdentityMapped, rsdp))
+}
+
+/// True once a halt has begun (a second `quit` then does nothing).
+pub fn in_progress() -> bool {
+    HALTING.load(Ordering::SeqCst)
+}
+
+/// Stops the appliance: report, then poweroff. Never returns.
+pub fn halt(reason: Reason, detail: &str) -> ! {
+    x86_64::instructions::interrupts::disable();
+    let first = !HALTING.swap(true, Ordering::SeqCst);
+    drivers::lapic::stop_timer();
+    let uptime = crate::clock::monotonic_ns();
+    let (free, used) = if first { crate::heap::usage() } else { (0, 0) };
+    let report = |out: fn(core::fmt::Arguments<'_>)| {
+        out(format_args!(
+            "\n=== blockhaus halt report ===\nreason: {} ({})\nuptime: {}.{:03} s\nheap: {} KiB used, {} KiB free\n",
+            reason.as_str(),
+            detail,
+            uptime / 1_000_000_000,
+            (uptime / 1_000_000) % 1000,
+            used / 1024,
+            free / 1024,
+        ))
+    };
+    if first && reason != Reason::Fatal {
+        report(crate::console::print);
+    } else {
+        report(crate::console::emergency);
+    }
+    if reason == Reason::Fatal {
+        crate::console::emergency(format_args!("exit: failure (isa-debug-exit code {FAILURE_CODE:#x})\n"));
+        // SAFETY: the isa-debug-exit port; writing ends QEMU. Without the
+        // device the write is ignored and we fall through to poweroff.
+        unsafe { drivers::port::outl(DEBUG_EXIT_PORT, FAILURE_CODE) };
+    }
+    match FADT.get() {
+        Some(Ok(fadt)) => {
+            crate::console::emergency(format_args!("poweroff: ACPI S5 ({:?})\n", fadt.poweroff));
+            // SAFETY: the report is out; nothing is left to flush.
+            unsafe { fadt.poweroff.execute() };
+            // The hypervisor acts on the write asynchronously: give it a second.
+            let start = crate::clock::monotonic_ns();
+            while crate::clock::monotonic_ns().saturating_sub(start) < 1_000_000_000 {
+                core::hint::spin_loop();
+            }
+            crate::console::emergency(format_args!("poweroff: ACPI S5 did not turn the machine off\n"));
+        }
+        Some(Err(e)) => crate::console::emergency(format_args!("poweroff: no ACPI S5: {e}\n")),
+        None => crate::console::emergency(format_args!("poweroff: ACPI not initialised\n")),
+    }
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}
+
+/// A fatal error: report and take the failure exit.
+pub fn fatal(detail: &str) -> ! {
+    halt(Reason::Fatal, detail)
+}
