@@ -12,3 +12,6 @@
 extern crate alloc;
 
 pub mod qmp;
+pub mod exec;
+pub mod io;
+pub mod timer;
