@@ -1,1 +1,60 @@
-fn main() {}
+//! `cargo xtask`: the developer's and the user's front door.
+//!
+//! - `build [--release]`: the bootable image.
+//! - `run`: boots the appliance in QEMU with a default disk and QMP on a
+//!   socket, and says how to connect.
+//! - `test`: formatting, clippy, host unit tests, then the QEMU tests.
+//! - `bench boot`: boot time against a do-nothing PVH image.
+
+mod bench;
+mod deps;
+mod floor;
+mod proxy;
+mod run;
+mod test;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run, test and benchmark blockhaus")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the bootable image (target/image/x86_64-unknown-none/<profile>/blockhaus).
+    Build {
+        /// Optimised build (what `run`, `test` and `bench` boot).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Boot the appliance in QEMU: console here, QMP on a socket.
+    Run(run::RunArgs),
+    /// Run every test: fmt, clippy, host unit tests, QEMU integration tests.
+    Test(test::TestArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Build { release } => harness::image::build(release).map(|p| println!("{}", p.display())),
+        Cmd::Run(args) => run::run(args),
+        Cmd::Test(args) => test::test(args),
+        Cmd::Bench { which } => bench::bench(which),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! A running appliance: the QEMU child (killed on drop, so a failing test
+//! leaves no stray process), its console captured from COM1, its QMP client.
+
+use crate::qemu::QemuConfig;
+use crate::qmp::Qmp;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Appliance {
+    child: Child,
+    console: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    qmp: Option<Qmp>,
+    dir: tempfile::TempDir,
+    exit: Option<ExitStatus>,
+}
+
+fn capture(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = from.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().expect("console lock").extend_from_slice(&chunk[..n]);
+        }
+    });
+    buf
+}
+
+impl Appliance {
+    /// Starts QEMU and connects to QMP (QEMU holds the guest until the
+    /// client is there, so the greeting cannot be missed). The greeting is
+    /// not read yet.
+    pub fn start(image: &Path, cfg: &QemuConfig) -> Result<Self, String> {
+        let dir = tempfile::Builder::new().prefix("blockhaus-").tempdir().map_err(|e| e.to_string())?;
+        let sock = dir.path().join("qmp.sock");
+        let mut cmd = cfg.command(image, &sock);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
+        let console = capture(child.stdout.take().expect("piped stdout"));
+        let stderr = capture(child.stderr.take().expect("piped stderr"));
+        let mut me = Self { child, console, stderr, qmp: None, dir, exit: None };
+        match Qmp::connect(&sock, Duration::from_secs(20)) {
+            Ok(q) => me.qmp = Some(q),
+            Err(e) => return Err(format!("QMP socket: {e}; qemu stderr: {}", me.stderr())),
+        }
+        Ok(me)
+    }
+
+    /// Starts the test image with `cfg`, reads the greeting and negotiates.
+    pub fn boot(cfg: &QemuConfig) -> Self {
+        let image = crate::image::for_tests();
+        let mut me = Self::start(&image, cfg).unwrap_or_else(|e| panic!("{e}"));
+        if let Err(e) = me.qmp().negotiate() {
+            panic!("QMP negotiation failed: {e}\nconsole:\n{}\nstderr:\n{}", me.console(), me.stderr());
+        }
+        me
+    }
+
+    pub fn qmp(&mut self) -> &mut Qmp {
+        self.qmp.as_mut().expect("QMP connected")
+    }
+
+    /// Everything COM1 printed so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console.lock().expect("console lock")).into_owned()
+    }
+
+    /// What QEMU itself printed on stderr.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock")).into_owned()
+    }
+
+    /// A scratch directory that lives as long as the appliance.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Waits until the console contains `needle`.
+    pub fn wait_console(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.console().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Err(format!("console never showed {needle:?}; console:\n{}", self.console()))
+    }
+
+    /// Waits for QEMU to exit; `None` on timeout (the child is then killed
+    /// on drop).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exit {
+                return Some(s);
+            }
+            match self.child.try_wait() {
+                Ok(Some(s)) => {
+                    self.exit = Some(s);
+                    // Let the capture threads drain the pipes.
+                    std::thread::sleep(Duration::from_millis(20));
+                    return Some(s);
+                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                _ => return None,
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if self.exit.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The QEMU command line for blockhaus: PVH `-kernel`, COM1 console, COM2
+//! QMP on a unix socket, `isa-debug-exit` for failure codes, disks, and the
+//! machine and accelerator.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Machine {
+    Q35,
+    Pc,
+    Microvm,
+}
+
+impl Machine {
+    pub const ALL: [Machine; 3] = [Machine::Q35, Machine::Pc, Machine::Microvm];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Q35 => "q35",
+            Machine::Pc => "pc",
+            Machine::Microvm => "microvm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+impl Accel {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tcg" => Some(Accel::Tcg),
+            "kvm" => Some(Accel::Kvm),
+            _ => None,
+        }
+    }
+}
+
+/// `isa-debug-exit` turns a guest write of `v` into QEMU exit `(v << 1) | 1`;
+/// the kernel writes 0x10 on a fatal error.
+pub const FAILURE_EXIT_STATUS: i32 = (0x10 << 1) | 1;
+
+/// Everything that varies between appliance runs.
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    pub machine: Machine,
+    pub accel: Accel,
+    pub memory: String,
+    /// The kernel command line (`-append`).
+    pub append: String,
+    /// Raw disk files, attached as virtio-blk with serials disk0, disk1, ...
+    pub disks: Vec<PathBuf>,
+    /// COM2's socket: QEMU waits for the first QMP client before starting
+    /// the guest (`wait=on`), so the client sees the greeting.
+    pub qmp_wait: bool,
+    /// Extra raw arguments.
+    pub extra: Vec<OsString>,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            machine: Machine::Q35,
+            accel: Accel::Tcg,
+            memory: "256M".into(),
+            append: String::new(),
+            disks: Vec::new(),
+            qmp_wait: true,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl QemuConfig {
+    pub fn machine(mut self, m: Machine) -> Self {
+        self.machine = m;
+        self
+    }
+
+    pub fn append(mut self, a: impl Into<String>) -> Self {
+        self.append = a.into();
+        self
+    }
+
+    /// The QEMU command. COM1 goes to QEMU's stdout; COM2 to `qmp_socket`.
+    pub fn command(&self, image: &Path, qmp_socket: &Path) -> Command {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        let machine = match self.machine {
+            // microvm: PCI (for virtio-pci devices) and the ACPI GED for poweroff.
+            Machine::Microvm => "microvm,pcie=on,acpi=on".to_string(),
+            m => m.name().to_string(),
+        };
+        cmd.args(["-machine", &machine, "-m", &self.memory]);
+        match self.accel {
+            Accel::Tcg => cmd.args(["-accel", "tcg"]),
+            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
+        };
+        cmd.args(["-display", "none", "-nodefaults", "-no-reboot", "-no-user-config"]);
+        cmd.arg("-kernel").arg(image);
+        if !self.append.is_empty() {
+            cmd.args(["-append", &self.append]);
+        }
+        cmd.args(["-serial", "stdio"]);
+        let wait = if self.qmp_wait { "on" } else { "off" };
+        cmd.arg("-chardev").arg(format!(
+            "socket,id=qmp,path={},server=on,wait={wait}",
+            qmp_socket.display()
+        ));
+        cmd.args(["-device", "isa-serial,chardev=qmp,index=1"]);
+        cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        for (i, disk) in self.disks.iter().enumerate() {
+            cmd.arg("-drive").arg(format!("file={},if=none,id=disk{i},format=raw,discard=unmap", disk.display()));
+            cmd.arg("-device").arg(format!("virtio-blk-pci,drive=disk{i},serial=disk{i}"));
+        }
+        cmd.args(&self.extra);
+        cmd
+    }
+}
+
+/// Whether `/dev/kvm` can be opened (it exists but may not work here).
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}

@@ -1,0 +1,90 @@
+//! `cargo xtask bench`: measurements, reported side by side with the floor
+//! or the stack blockhaus replaces. Never asserted on: this machine is
+//! shared and noisy.
+
+use clap::Subcommand;
+use harness::{Machine, QemuConfig};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand)]
+pub enum Which {
+    /// QEMU start → QMP greeting, against a do-nothing PVH image's start → exit.
+    Boot {
+        /// Runs per machine type.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+}
+
+pub fn bench(which: Which) -> Result<(), String> {
+    crate::deps::ensure()?;
+    match which {
+        Which::Boot { runs } => boot(runs.max(1)),
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn boot(runs: usize) -> Result<(), String> {
+    let image = harness::image::build(true)?;
+    let size = std::fs::metadata(&image).map_err(|e| e.to_string())?.len();
+    let dir = std::env::temp_dir().join(format!("blockhaus-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let floor = dir.join("floor.elf");
+    std::fs::write(&floor, crate::floor::image()).map_err(|e| e.to_string())?;
+
+    println!("boot benchmark: {runs} runs per machine, TCG, median wall time");
+    println!("image: {} ({size} bytes, {:.1} KiB)", image.display(), size as f64 / 1024.0);
+    println!("{:<8} {:>22} {:>26} {:>8}", "machine", "blockhaus → greeting", "do-nothing PVH → exit", "ratio");
+    for machine in Machine::ALL {
+        let cfg = QemuConfig::default().machine(machine);
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for i in 0..runs {
+            let sock = dir.join(format!("qmp-{i}.sock"));
+            let _ = std::fs::remove_file(&sock);
+            // blockhaus: spawn → greeting line on COM2.
+            let mut cmd = cfg.command(&image, &sock);
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            let t0 = Instant::now();
+            let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+            let mut qmp = harness::Qmp::connect(&sock, Duration::from_secs(20)).map_err(|e| e.to_string())?;
+            qmp.read_greeting().map_err(|e| format!("{}: {e}", machine.name()))?;
+            ours.push(t0.elapsed());
+            qmp.negotiate()?;
+            let _ = qmp.execute("quit", serde_json::Value::Null);
+            let _ = child.wait();
+
+            // The floor: spawn → exit, with the same devices; no QMP client,
+            // so QEMU must not wait for one.
+            let _ = std::fs::remove_file(&sock);
+            let floor_cfg = QemuConfig { qmp_wait: false, ..cfg.clone() };
+            let mut cmd = floor_cfg.command(&floor, &sock);
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            let t0 = Instant::now();
+            let status = cmd.status().map_err(|e| e.to_string())?;
+            base.push(t0.elapsed());
+            if status.code() != Some(1) {
+                return Err(format!("the do-nothing image exited with {status}, expected 1 (isa-debug-exit 0)"));
+            }
+        }
+        let (o, b) = (median(ours), median(base));
+        println!(
+            "{:<8} {:>19.1} ms {:>23.1} ms {:>7.2}x",
+            machine.name(),
+            ms(o),
+            ms(b),
+            o.as_secs_f64() / b.as_secs_f64()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

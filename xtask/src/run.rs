@@ -1,0 +1,121 @@
+//! `cargo xtask run`: boot the appliance for a person to use.
+
+use crate::proxy::Proxy;
+use clap::Args;
+use harness::{Accel, Machine, QemuConfig};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// QEMU machine type.
+    #[arg(long, default_value = "q35", value_parser = ["q35", "pc", "microvm"])]
+    machine: String,
+    /// Accelerator (KVM here is nested and slow to boot q35/pc).
+    #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
+    accel: String,
+    /// Raw disk files to attach (virtio-blk, serials disk0, disk1, ...).
+    /// Default: target/blockhaus/disk0.img, 1 GiB, made with qemu-img.
+    #[arg(long = "disk")]
+    disks: Vec<PathBuf>,
+    /// Guest memory.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// Extra kernel command line (e.g. "loglevel=debug").
+    #[arg(long, default_value = "")]
+    append: String,
+    /// Boot the debug build instead of the release build.
+    #[arg(long)]
+    debug: bool,
+}
+
+pub fn run(args: RunArgs) -> Result<(), String> {
+    crate::deps::ensure()?;
+    let image = harness::image::build(!args.debug)?;
+    let state = harness::workspace_root().join("target/blockhaus");
+    std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+    let mut disks = args.disks.clone();
+    if disks.is_empty() {
+        let disk = state.join("disk0.img");
+        if !disk.exists() {
+            let ok = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "raw"])
+                .arg(&disk)
+                .arg("1G")
+                .status()
+                .map_err(|e| format!("qemu-img: {e}"))?;
+            if !ok.success() {
+                return Err(format!("qemu-img create {} failed", disk.display()));
+            }
+            eprintln!("xtask: made default disk {} (raw, 1 GiB)", disk.display());
+        }
+        disks.push(disk);
+    }
+    let com2 = state.join("com2.sock");
+    let user_sock = state.join("qmp.sock");
+    let _ = std::fs::remove_file(&com2);
+    let _ = std::fs::remove_file(&user_sock);
+
+    let mut cfg = QemuConfig {
+        machine: Machine::parse(&args.machine).ok_or("bad machine")?,
+        accel: Accel::parse(&args.accel).ok_or("bad accel")?,
+        memory: args.memory.clone(),
+        append: args.append.clone(),
+        disks,
+        qmp_wait: true,
+        ..QemuConfig::default()
+    };
+    if cfg.accel == Accel::Kvm && !harness::qemu::kvm_usable() {
+        return Err("--accel kvm: /dev/kvm cannot be opened".into());
+    }
+    cfg.extra.clear();
+    let mut cmd = cfg.command(&image, &com2);
+    // QEMU gets its own process group: Ctrl-C reaches xtask, which stops the
+    // appliance through QMP `quit` (the clean halt path) instead of killing it.
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0).stdin(Stdio::null());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
+    let proxy = match Proxy::start(&com2, &user_sock) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = child.kill();
+            return Err(e);
+        }
+    };
+    eprintln!(
+        "\nxtask: blockhaus is booting ({} {}, image {}).\n\
+         xtask: QMP:   socat - UNIX-CONNECT:{}\n\
+         xtask:        then type {{\"execute\": \"qmp_capabilities\"}} and e.g. {{\"execute\": \"query-version\"}}\n\
+         xtask: stop:  Ctrl-C here (sends QMP quit: the appliance runs its halt path) or QMP {{\"execute\": \"quit\"}}\n",
+        args.machine,
+        args.accel,
+        image.display(),
+        user_sock.display()
+    );
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).map_err(|e| e.to_string())?;
+    let mut quit_sent: Option<Instant> = None;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if interrupted.load(Ordering::SeqCst) && quit_sent.is_none() {
+            eprintln!("\nxtask: Ctrl-C: sending QMP quit");
+            proxy.quit();
+            quit_sent = Some(Instant::now());
+        }
+        if quit_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
+            eprintln!("xtask: the appliance did not stop within 15 s; killing QEMU");
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = std::fs::remove_file(&com2);
+    let _ = std::fs::remove_file(&user_sock);
+    eprintln!("xtask: QEMU exited ({status})");
+    if status.success() { Ok(()) } else { Err(format!("QEMU exited with {status}")) }
+}
