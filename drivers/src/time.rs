@@ -20,39 +20,140 @@ pub struct Calibration {
     pub source: &'static str,
 }
 
-/// Measures the TSC against PIT channel 2 over ~10 ms. `during` is called at
-/// the start of the window and `after` at its end (the kernel uses them to
-/// calibrate the LAPIC timer in the same window).
+/// Measures the TSC against PIT channel 0 over ~10 ms, reading the
+/// counter with latch commands (port 0x61's channel-2 gate is the PC
+/// speaker's, which microvm lacks). `during` is called at the start of the
+/// window and `after` at its end with the PIT ticks elapsed (the kernel
+/// calibrates the LAPIC timer in the same window). Without a PIT, the RTC's
+/// seconds edge is used (slow: up to 2 s).
 ///
 /// # Safety
-/// Programs PIT channel 2 and port 0x61; call once at boot.
+/// Programs PIT channel 0 (its IRQ must be masked) and reads the CMOS RTC;
+/// call once at boot.
 pub unsafe fn calibrate(during: impl FnOnce(), after: impl FnOnce(u64)) -> Calibration {
     const WINDOW_TICKS: u16 = 11_932; // ~10 ms
-    // SAFETY: legacy PIT and port 0x61 exist on pc, q35 and microvm (pit=on).
+    // SAFETY: PIT ports 0x40/0x43; forwarded to the caller.
+    let read_counter = || unsafe {
+        outb(0x43, 0x00); // latch channel 0
+        let lo = inb(0x40) as u16;
+        let hi = inb(0x40) as u16;
+        (hi << 8) | lo
+    };
+    // SAFETY: as above.
     unsafe {
-        let gate = inb(0x61);
-        outb(0x61, (gate & !0x02) | 0x01); // speaker off, gate on
-        outb(0x43, 0xB0); // channel 2, lobyte/hibyte, mode 0, binary
-        outb(0x42, (WINDOW_TICKS & 0xff) as u8);
-        outb(0x42, (WINDOW_TICKS >> 8) as u8);
-        let g = inb(0x61);
-        outb(0x61, g & !0x01); // restart the count
-        outb(0x61, g | 0x01);
-        during();
-        let t0 = rdtsc();
-        let mut spins: u64 = 0;
-        while inb(0x61) & 0x20 == 0 {
-            spins += 1;
-            if spins > 50_000_000 {
-                // No PIT answered: fall back to a nominal frequency.
-                after(0);
-                return Calibration { tsc_hz: 1_000_000_000, source: "nominal (no PIT)" };
-            }
-        }
-        let elapsed = rdtsc() - t0;
-        after(WINDOW_TICKS as u64);
-        Calibration { tsc_hz: ticks_to_hz(elapsed, WINDOW_TICKS as u64), source: "PIT" }
+        outb(0x43, 0x34); // channel 0, lobyte/hibyte, mode 2, binary
+        outb(0x40, 0xff);
+        outb(0x40, 0xff);
     }
+    let first = read_counter();
+    during();
+    let t0 = rdtsc();
+    let mut spins: u64 = 0;
+    loop {
+        let now = read_counter();
+        let elapsed = first.wrapping_sub(now);
+        if now <= first && elapsed >= WINDOW_TICKS {
+            let tsc = rdtsc() - t0;
+            after(elapsed as u64);
+            return Calibration { tsc_hz: ticks_to_hz(tsc, elapsed as u64), source: "PIT" };
+        }
+        spins += 1;
+        // A counter that has not moved after a thousand reads is no PIT
+        // (and every read is a VM exit: do not spin long under KVM).
+        if spins > 2_000_000 || (spins > 1000 && now == first) {
+            break;
+        }
+    }
+    // No PIT answered: time one RTC second.
+    // SAFETY: CMOS ports; forwarded to the caller.
+    let second = || unsafe {
+        outb(0x70, 0x00);
+        inb(0x71)
+    };
+    let s0 = second();
+    let mut guard = 0u64;
+    while second() == s0 && guard < 500_000_000 {
+        guard += 1;
+    }
+    let t0 = rdtsc();
+    let s1 = second();
+    guard = 0;
+    while second() == s1 && guard < 500_000_000 {
+        guard += 1;
+    }
+    after(0);
+    Calibration { tsc_hz: rdtsc() - t0, source: "RTC second (no PIT)" }
+}
+
+/// The TSC frequency a hypervisor states, without any timing loop: under
+/// (nested) KVM every port read is a slow VM exit, so the PIT window would
+/// take seconds. Tries CPUID leaf 0x15 (crystal ratio), the hypervisor
+/// timing leaf 0x40000010, then KVM's pvclock scale.
+pub fn hypervisor_tsc_hz() -> Option<(u64, &'static str)> {
+    use core::arch::x86_64::__cpuid;
+    let max = __cpuid(0).eax;
+    if max >= 0x15 {
+        let l = __cpuid(0x15);
+        if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
+            return Some((l.ecx as u64 * l.ebx as u64 / l.eax as u64, "CPUID 0x15"));
+        }
+    }
+    if __cpuid(1).ecx & (1 << 31) == 0 {
+        return None; // not running under a hypervisor
+    }
+    let hv = __cpuid(0x4000_0000);
+    if hv.eax >= 0x4000_0010 {
+        let khz = __cpuid(0x4000_0010).eax as u64;
+        if khz != 0 {
+            return Some((khz * 1000, "CPUID 0x40000010"));
+        }
+    }
+    let mut sig = [0u8; 12];
+    sig[..4].copy_from_slice(&hv.ebx.to_le_bytes());
+    sig[4..8].copy_from_slice(&hv.ecx.to_le_bytes());
+    sig[8..].copy_from_slice(&hv.edx.to_le_bytes());
+    if &sig != b"KVMKVMKVM\0\0\0" {
+        return None;
+    }
+    kvm_pvclock_hz().map(|hz| (hz, "KVM pvclock"))
+}
+
+/// KVM's `pvclock_vcpu_time_info`: 32 bytes, 4-byte aligned.
+#[repr(C, align(64))]
+struct PvclockInfo([u32; 8]);
+static mut PVCLOCK: PvclockInfo = PvclockInfo([0; 8]);
+
+fn kvm_pvclock_hz() -> Option<u64> {
+    use core::arch::x86_64::__cpuid;
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+    if __cpuid(0x4000_0001).eax & KVM_FEATURE_CLOCKSOURCE2 == 0 {
+        return None;
+    }
+    let addr = core::ptr::addr_of!(PVCLOCK) as u64;
+    // SAFETY: the MSR exists (feature bit checked); it makes the hypervisor
+    // write the structure at `addr`, a static of ours, identity-mapped.
+    unsafe {
+        x86_64::registers::model_specific::Msr::new(MSR_KVM_SYSTEM_TIME_NEW).write(addr | 1);
+    }
+    // SAFETY: reading our own static, written by the hypervisor above.
+    let (mul, shift) = unsafe {
+        let p = core::ptr::addr_of!(PVCLOCK) as *const u32;
+        (core::ptr::read_volatile(p.add(6)), core::ptr::read_volatile(p.add(7)) as u8 as i8)
+    };
+    // SAFETY: turn the clock update off again (bit 0 clear).
+    unsafe { x86_64::registers::model_specific::Msr::new(MSR_KVM_SYSTEM_TIME_NEW).write(0) };
+    pvclock_hz(mul, shift)
+}
+
+/// TSC frequency from pvclock's scale: ns = ((tsc << shift) * mul) >> 32.
+pub fn pvclock_hz(mul: u32, shift: i8) -> Option<u64> {
+    if mul == 0 {
+        return None;
+    }
+    let base = (1_000_000_000u128 << 32) / mul as u128;
+    let hz = if shift >= 0 { base >> shift } else { base << (-shift) };
+    Some(hz as u64)
 }
 
 /// Frequency of a counter that advanced `ticks` during `pit_ticks` PIT ticks.
@@ -132,19 +233,24 @@ pub fn decode_rtc(raw: [u8; 7], status_b: u8) -> DateTime {
     }
 }
 
-/// Reads the CMOS RTC, waiting out an update in progress.
+/// Reads the CMOS RTC, waiting out an update in progress; `None` when no
+/// RTC answers (status register A reads as all ones).
 ///
 /// # Safety
 /// Uses CMOS ports 0x70/0x71; call when nothing else touches them.
-pub unsafe fn read_rtc() -> DateTime {
+pub unsafe fn read_rtc() -> Option<DateTime> {
     // SAFETY: CMOS index/data ports, forwarded to the caller.
     let reg = |r: u8| unsafe {
         outb(0x70, r);
         inb(0x71)
     };
     let read_all = || [reg(0x00), reg(0x02), reg(0x04), reg(0x07), reg(0x08), reg(0x09), reg(0x32)];
+    if reg(0x0A) == 0xff {
+        return None;
+    }
+    // An update lasts under 2 ms; every read may be a slow VM exit.
     let mut spins = 0;
-    while reg(0x0A) & 0x80 != 0 && spins < 1_000_000 {
+    while reg(0x0A) & 0x80 != 0 && spins < 2000 {
         spins += 1;
     }
     let mut raw = read_all();
@@ -156,7 +262,7 @@ pub unsafe fn read_rtc() -> DateTime {
         }
         raw = again;
     }
-    decode_rtc(raw, reg(0x0B))
+    Some(decode_rtc(raw, reg(0x0B)))
 }
 
 #[cfg(test)]
@@ -189,5 +295,10 @@ mod tests {
         assert_eq!(ticks_to_hz(500, PIT_HZ / 2), 1000);
         assert_eq!(ticks_to_ns(3_000_000_000, 3_000_000_000), 1_000_000_000);
         assert_eq!(ticks_to_hz(1, 0), 0);
+        // A 2.3 GHz TSC as KVM scales it: shift -1, mul = 2^32 * 1e9 / (2.3e9 / 2).
+        let mul = ((1u128 << 32) * 1_000_000_000 / 1_150_000_000) as u32;
+        let hz = pvclock_hz(mul, -1).unwrap();
+        assert!((2_299_999_000..=2_300_001_000).contains(&hz), "{hz}");
+        assert_eq!(pvclock_hz(0, 0), None);
     }
 }

@@ -39,6 +39,12 @@ impl Uart {
         }
     }
 
+    /// Writes as many bytes as the transmitter takes without waiting;
+    /// returns how many were written.
+    pub fn try_write(&mut self, bytes: &[u8]) -> usize {
+        bytes.iter().take_while(|&&b| self.port.try_send_raw(b).is_ok()).count()
+    }
+
     /// Reads everything waiting in the receive FIFO into `buf`, returning how
     /// many bytes were read; 0 when nothing is waiting.
     pub fn read_available(&mut self, buf: &mut [u8]) -> usize {

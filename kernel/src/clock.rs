@@ -16,6 +16,15 @@ pub fn mark_boot() {
 
 /// Calibrates the TSC and the LAPIC timer against the PIT, reads the RTC.
 pub fn init() -> &'static str {
+    if let Some((hz, source)) = time::hypervisor_tsc_hz() {
+        TSC_HZ.store(hz, Ordering::Relaxed);
+        // QEMU's and KVM's APIC bus runs at 1 GHz; the timer divides by 16.
+        // SAFETY: boot, interrupts off.
+        unsafe { lapic::enable_for_calibration() };
+        LAPIC_HZ.store(1_000_000_000 / 16, Ordering::Relaxed);
+        read_wall_clock();
+        return source;
+    }
     // SAFETY: boot, interrupts off; the LAPIC and PIT are ours.
     let cal = unsafe {
         time::calibrate(
@@ -32,10 +41,17 @@ pub fn init() -> &'static str {
         )
     };
     TSC_HZ.store(cal.tsc_hz, Ordering::Relaxed);
-    // SAFETY: CMOS ports, only touched here.
-    let now = unsafe { time::read_rtc() };
-    BOOT_UNIX_SECONDS.store(now.unix_seconds().saturating_sub(monotonic_ns() / 1_000_000_000), Ordering::Relaxed);
+    read_wall_clock();
     cal.source
+}
+
+fn read_wall_clock() {
+    // SAFETY: CMOS ports, only touched here.
+    match unsafe { time::read_rtc() } {
+        Some(now) => BOOT_UNIX_SECONDS
+            .store(now.unix_seconds().saturating_sub(monotonic_ns() / 1_000_000_000), Ordering::Relaxed),
+        None => log::warn!("no CMOS RTC: event timestamps count from 1970"),
+    }
 }
 
 pub fn tsc_hz() -> u64 {

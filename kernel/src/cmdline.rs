@@ -79,7 +79,7 @@ pub fn trigger(fault: TestFault) {
         // SAFETY (all arms): deliberately faulting is the point; the
         // exception handler reports and exits.
         TestFault::PageFault => unsafe {
-            core::ptr::read_volatile(0xdead_0000_0000u64 as *const u64);
+            core::ptr::read_volatile(0x4000_dead_0000u64 as *const u64);
         },
         TestFault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
         TestFault::DivideByZero => unsafe {

@@ -38,11 +38,6 @@ pub fn init(rsdp: Option<u64>) -> &'static Result<drivers::acpi::Fadt, drivers::
     FADT.call_once(|| drivers::acpi::parse(&drivers::acpi::IdentityMapped, rsdp))
 }
 
-/// True once a halt has begun (a second `quit` then does nothing).
-pub fn in_progress() -> bool {
-    HALTING.load(Ordering::SeqCst)
-}
-
 /// Stops the appliance: report, then poweroff. Never returns.
 pub fn halt(reason: Reason, detail: &str) -> ! {
     x86_64::instructions::interrupts::disable();

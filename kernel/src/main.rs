@@ -26,13 +26,13 @@ const BUSY_POLL_NS: u64 = 20_000_000;
 extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     clock::mark_boot();
     console::init(LevelFilter::Info);
-    let cal_source = clock::init();
     println!(
         "\nblockhaus {VERSION} — kernel-free storage appliance (booted by {}, {} memory regions)",
         info.protocol,
         info.regions().len()
     );
     println!("command line: \"{}\"", info.cmdline());
+    let cal_source = clock::init();
     if info.protocol != "PVH" {
         halt::fatal("no PVH start info: cannot find the memory map");
     }
@@ -87,6 +87,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     loop {
         let busy = monitor.poll();
         if let Some(reason) = monitor.halt_requested() {
+            monitor.shutdown(reason);
             halt::halt(reason, "requested over QMP");
         }
         let now = clock::monotonic_ns();

@@ -1,34 +1,119 @@
-//! The QMP monitor on COM2 (placeholder until block::qmp lands).
+//! The QMP monitor on COM2: `block::qmp`'s sans-IO session driven by the
+//! main loop. Output is queued and written as the UART takes it, so a
+//! client that stops reading never stalls the appliance.
 
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use block::qmp::{Action, Dispatcher, Event, QmpContext, Session, Timestamp, VersionInfo};
 use drivers::uart::{COM2, Uart};
+
+/// The QEMU version whose qemu-storage-daemon QMP shapes blockhaus follows.
+const QEMU_COMPAT: (u64, u64, u64) = (7, 2, 0);
+/// Output kept for a client that does not read, before events are dropped.
+const OUTBOX_LIMIT: usize = 4 << 20;
+
+/// What QMP commands run against (the block layer joins it in later issues).
+#[derive(Default)]
+pub struct Appliance {
+    events: Vec<Event>,
+}
+
+impl QmpContext for Appliance {
+    fn drain_events(&mut self, out: &mut Vec<Event>) {
+        out.append(&mut self.events);
+    }
+}
 
 pub struct Monitor {
     uart: Uart,
+    session: Session,
+    commands: Dispatcher<Appliance>,
+    ctx: Appliance,
+    outbox: VecDeque<u8>,
     quit: bool,
-    line: alloc::vec::Vec<u8>,
+}
+
+pub fn timestamp() -> Timestamp {
+    let (s, us) = crate::clock::wall_clock();
+    Timestamp { seconds: s as i64, microseconds: us as i64 }
 }
 
 impl Monitor {
     pub fn new() -> Self {
-        // SAFETY: COM2 is the monitor's port; only this module drives it.
-        Self { uart: unsafe { Uart::new(COM2) }, quit: false, line: alloc::vec::Vec::new() }
-    }
-
-    pub fn start(&mut self) {
-        self.uart.write_bytes(b"{\"QMP\": {}}\r\n");
-    }
-
-    pub fn poll(&mut self) -> bool {
-        let mut buf = [0u8; 256];
-        let n = self.uart.read_available(&mut buf);
-        self.line.extend_from_slice(&buf[..n]);
-        if self.line.windows(4).any(|w| w == b"quit") {
-            self.quit = true;
+        let (major, minor, micro) = QEMU_COMPAT;
+        Self {
+            // SAFETY: COM2 is the monitor's port; only this module drives it.
+            uart: unsafe { Uart::new(COM2) },
+            session: Session::new(VersionInfo::new(major, minor, micro)),
+            commands: Dispatcher::new(),
+            ctx: Appliance::default(),
+            outbox: VecDeque::new(),
+            quit: false,
         }
-        n > 0
     }
 
+    /// Sends the greeting. A 16550 cannot see a client connect, so it goes
+    /// out once, at boot (run QEMU's COM2 socket with `wait=on`).
+    pub fn start(&mut self) {
+        let greeting = self.session.greeting();
+        self.queue(&greeting);
+        self.flush_some();
+    }
+
+    fn queue(&mut self, bytes: &[u8]) {
+        if self.outbox.len() + bytes.len() > OUTBOX_LIMIT {
+            log::warn!("QMP client is not reading: dropping {} bytes of output", bytes.len());
+            return;
+        }
+        self.outbox.extend(bytes);
+    }
+
+    fn flush_some(&mut self) -> bool {
+        let mut wrote = false;
+        while !self.outbox.is_empty() {
+            let (front, _) = self.outbox.as_slices();
+            let n = self.uart.try_write(front);
+            if n == 0 {
+                break;
+            }
+            self.outbox.drain(..n);
+            wrote = true;
+        }
+        wrote
+    }
+
+    /// Serves COM2: reads what arrived, runs complete requests, writes
+    /// what the UART takes. Returns whether anything happened.
+    pub fn poll(&mut self) -> bool {
+        let mut buf = [0u8; 512];
+        let n = self.uart.read_available(&mut buf);
+        if n > 0 && !self.quit {
+            let action = self.session.feed(&buf[..n], &self.commands, &mut self.ctx);
+            let out = self.session.take_output();
+            self.queue(&out);
+            if action == Action::Quit {
+                self.quit = true;
+            }
+        }
+        let wrote = self.flush_some();
+        n > 0 || wrote
+    }
+
+    /// `quit` was executed.
     pub fn halt_requested(&self) -> Option<crate::halt::Reason> {
         self.quit.then_some(crate::halt::Reason::HostQmpQuit)
+    }
+
+    /// Emits `SHUTDOWN` (after the `quit` reply, as QEMU does) and writes
+    /// out everything still queued, waiting for the UART as needed.
+    pub fn shutdown(&mut self, reason: crate::halt::Reason) {
+        let data = serde_json::json!({"guest": false, "reason": reason.as_str()});
+        self.session.event("SHUTDOWN", Some(data), timestamp());
+        let out = self.session.take_output();
+        self.queue(&out);
+        let (a, b) = self.outbox.as_slices();
+        self.uart.write_bytes(a);
+        self.uart.write_bytes(b);
+        self.outbox.clear();
     }
 }

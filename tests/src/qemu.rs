@@ -95,8 +95,9 @@ impl QemuConfig {
     pub fn command(&self, image: &Path, qmp_socket: &Path) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
         let machine = match self.machine {
-            // microvm: PCI (for virtio-pci devices) and the ACPI GED for poweroff.
-            Machine::Microvm => "microvm,pcie=on,acpi=on".to_string(),
+            // microvm: PCI (for virtio-pci devices), the ACPI GED for
+            // poweroff, and the RTC (off by default under KVM) for wall time.
+            Machine::Microvm => "microvm,pcie=on,acpi=on,rtc=on".to_string(),
             m => m.name().to_string(),
         };
         cmd.args(["-machine", &machine, "-m", &self.memory]);
