@@ -15,3 +15,13 @@ pub mod qmp;
 pub mod exec;
 pub mod io;
 pub mod timer;
+pub mod backend;
+pub mod child;
+pub mod driver;
+pub mod event;
+pub mod job;
+pub mod node;
+pub mod permission;
+pub mod registry;
+#[cfg(test)]
+mod tests;

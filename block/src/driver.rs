@@ -1,0 +1,257 @@
+//! The driver interface of a node (QEMU: `BlockDriver`'s function pointers
+//! together with the per-node `bs->opaque` state).
+//!
+//! One [`BlockDriver`] value is the driver *instance* of one node. Protocol
+//! drivers (`null-co`, and in the kernel `virtio-blk`/`virtio-scsi`) talk to
+//! a device; format and filter drivers (`raw`, `quorum`, `throttle`, …) turn
+//! a request into requests on their children through the child edges
+//! ([`crate::child::Child`]), which carry the permission checks.
+//!
+//! Methods receive the node they belong to, so a driver can find its
+//! children (`node.file()`, `node.children()`) without keeping references
+//! of its own: when the node is closed its edges go away with it. The
+//! generic layer in [`crate::node::Node`] does what is common to all drivers
+//! (in-flight accounting, read-only checks, zero-fill past the end,
+//! `detect-zeroes`, FUA emulation, write-zeroes fallback) before calling
+//! these methods.
+//!
+//! # A protocol driver from outside the crate
+//! ```
+//! use block::driver::BlockDriver;
+//! use block::io::{BoxFuture, IoResult, ReqFlags};
+//! use block::node::Node;
+//!
+//! struct Disk { len: u64 }
+//! impl BlockDriver for Disk {
+//!     fn format_name(&self) -> &str { "virtio-blk" }
+//!     fn get_length(&self, _: &Node) -> IoResult<u64> { Ok(self.len) }
+//!     fn read<'a>(&'a self, _: &'a Node, _off: u64, len: usize, _: ReqFlags)
+//!         -> BoxFuture<'a, IoResult<Vec<u8>>> {
+//!         // Queue a request, keep the buffer until the device completes,
+//!         // store the Waker; the completion poll wakes this future.
+//!         Box::pin(async move { Ok(vec![0; len]) })
+//!     }
+//!     fn write<'a>(&'a self, _: &'a Node, _off: u64, _data: Vec<u8>, _: ReqFlags)
+//!         -> BoxFuture<'a, IoResult<()>> {
+//!         Box::pin(async { Ok(()) })
+//!     }
+//! }
+//! ```
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::child::Child;
+use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
+use crate::node::Node;
+use crate::permission::{Perm, default_perms};
+
+/// A ready future.
+pub fn ready<'a, T: 'a>(v: T) -> BoxFuture<'a, T> {
+    Box::pin(core::future::ready(v))
+}
+
+/// The driver instance of one node.
+pub trait BlockDriver: core::any::Any {
+    /// The driver's name as QMP reports it (`"drv"`, `format_name`).
+    fn format_name(&self) -> &str;
+
+    /// The node's length in bytes (QEMU: `bdrv_co_getlength`).
+    fn get_length(&self, node: &Node) -> IoResult<u64>;
+
+    /// Reads `len` bytes at `offset` (within the length; the generic layer
+    /// zero-fills what lies beyond). Must return exactly `len` bytes.
+    fn read<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: usize,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Vec<u8>>>;
+
+    /// Writes `data` at `offset`.
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>>;
+
+    /// Flags `write`/`write_zeroes` honour natively (QEMU:
+    /// `supported_write_flags`); FUA is emulated by a flush otherwise.
+    fn supported_write_flags(&self) -> ReqFlags {
+        ReqFlags::NONE
+    }
+
+    /// Makes written data durable in this driver's own layer (QEMU:
+    /// `bdrv_co_flush_to_disk`). The generic layer then flushes the
+    /// children the node writes to, unless [`flushes_children`] says the
+    /// driver did.
+    ///
+    /// [`flushes_children`]: BlockDriver::flushes_children
+    fn flush<'a>(&'a self, node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
+        let _ = node;
+        ready(Ok(()))
+    }
+
+    /// Whether [`flush`](BlockDriver::flush) already flushed the children
+    /// (QEMU: a driver with `bdrv_co_flush`, like quorum's voting flush).
+    fn flushes_children(&self) -> bool {
+        false
+    }
+
+    /// Discards a range (advisory; ENOTSUP is ignored by the generic layer).
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
+        let _ = (node, offset, len);
+        ready(Err(IoError::Enotsup))
+    }
+
+    /// Writes zeroes efficiently; ENOTSUP makes the generic layer write a
+    /// buffer of zeroes instead (unless `NO_FALLBACK`).
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        let _ = (node, offset, len, flags);
+        ready(Err(IoError::Enotsup))
+    }
+
+    /// The status of the extent at `offset` (at most `len` bytes). The
+    /// default, as QEMU's for drivers without `bdrv_co_block_status`, is
+    /// allocated data.
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
+        let _ = (node, offset);
+        ready(Ok(BlockStatus::data(len)))
+    }
+
+    /// Changes the length (QEMU: `bdrv_co_truncate`).
+    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
+        let _ = (node, size);
+        ready(Err(IoError::Enotsup))
+    }
+
+    /// Releases driver state; called once, after the final flush and before
+    /// the child edges are dropped (QEMU: `bdrv_close`'s `drv->bdrv_close`).
+    fn close(&self, node: &Node) {
+        let _ = node;
+    }
+
+    /// The permissions this node needs on `child` and shares on it, given
+    /// the cumulative `perm`/`shared` of this node's own parents (QEMU:
+    /// `bdrv_child_perm`).
+    fn child_perm(&self, node: &Node, child: &Child, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        default_perms(child.role(), !node.read_only(), perm, shared)
+    }
+
+    /// Whether this is a filter (QEMU: `is_filter`): its primary child holds
+    /// exactly its data.
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    /// The node's filename, for protocol drivers (`null-co://`); `None`
+    /// derives it from the primary child or the open options (QEMU:
+    /// `bdrv_refresh_filename` and its `json:{…}` pseudo-filenames).
+    fn filename(&self, node: &Node) -> Option<String> {
+        let _ = node;
+        None
+    }
+
+    /// Edge name for a child added by `x-blockdev-change` (QEMU:
+    /// `bdrv_add_child`), or why it is refused.
+    fn add_child_name(&self, node: &Node, child: &Node) -> Result<String, ChildChangeError> {
+        let _ = (node, child);
+        Err(ChildChangeError::AddUnsupported)
+    }
+
+    /// Whether `child` may be removed by `x-blockdev-change` (QEMU:
+    /// `bdrv_del_child`).
+    fn can_del_child(&self, node: &Node, child: &Child) -> Result<(), ChildChangeError> {
+        let _ = (node, child);
+        Err(ChildChangeError::DelUnsupported)
+    }
+}
+
+/// Why `x-blockdev-change` cannot change a node's children.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildChangeError {
+    /// The driver cannot add children.
+    AddUnsupported,
+    /// The driver cannot remove children.
+    DelUnsupported,
+    /// The driver refused, with QEMU's message.
+    Refused(String),
+}
+
+/// Forwarding helpers for filters: the request on the primary child.
+pub mod forward {
+    use super::*;
+
+    fn primary(node: &Node) -> IoResult<alloc::rc::Rc<Child>> {
+        node.file().ok_or(IoError::Enomedium)
+    }
+
+    /// Length of the primary child.
+    pub fn get_length(node: &Node) -> IoResult<u64> {
+        primary(node)?.node().get_length()
+    }
+
+    /// Read from the primary child.
+    pub fn read(
+        node: &Node,
+        offset: u64,
+        len: usize,
+        flags: ReqFlags,
+    ) -> BoxFuture<'_, IoResult<Vec<u8>>> {
+        Box::pin(async move { primary(node)?.read(offset, len, flags).await })
+    }
+
+    /// Write to the primary child.
+    pub fn write(
+        node: &Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move { primary(node)?.write(offset, data, flags).await })
+    }
+
+    /// Discard on the primary child.
+    pub fn discard(node: &Node, offset: u64, len: u64) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move { primary(node)?.discard(offset, len).await })
+    }
+
+    /// Write-zeroes on the primary child.
+    pub fn write_zeroes(
+        node: &Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move { primary(node)?.write_zeroes(offset, len, flags).await })
+    }
+
+    /// Block status of the primary child.
+    pub fn block_status(
+        node: &Node,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, IoResult<BlockStatus>> {
+        Box::pin(async move { primary(node)?.block_status(offset, len).await })
+    }
+
+    /// Truncate the primary child.
+    pub fn truncate(node: &Node, size: u64) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move { primary(node)?.truncate(size).await })
+    }
+}

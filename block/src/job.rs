@@ -1,0 +1,650 @@
+//! Jobs: long-running operations with QEMU's state machine (QEMU: `Job`,
+//! `job.c`, `JobStatus`, `JobVerb`, `job_cancel_sync`).
+//!
+//! A job runs as a task on the executor. It uses the graph only through its
+//! own anonymous backends ([`Job::add_backend`]), which it releases when it
+//! concludes, so a running job keeps its nodes open and a cancelled one lets
+//! them close. Its body ([`JobDriver::run`]) calls [`Job::pause_point`] and
+//! [`Job::sleep_ns`] and stops when [`Job::is_cancelled`].
+//!
+//! States and transitions follow QEMU's `JobSTT`; the verbs a state accepts
+//! follow `JobVerbTable`, with QEMU's refusal text.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::{Rc, Weak};
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+use core::fmt;
+use core::task::Poll;
+
+use serde_json::{Value, json};
+
+use crate::backend::{Backend, BackendError, BackendOptions};
+use crate::exec::WaitQueue;
+use crate::io::BoxFuture;
+use crate::node::Node;
+use crate::permission::Perm;
+use crate::registry::{Registry, id_wellformed};
+
+/// QEMU's `JobStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    /// Not yet created.
+    Undefined,
+    /// Created, not started.
+    Created,
+    /// Working.
+    Running,
+    /// Paused while running.
+    Paused,
+    /// Ready to be completed (mirror in sync).
+    Ready,
+    /// Paused while ready.
+    Standby,
+    /// Done, waiting for its transaction.
+    Waiting,
+    /// Done, waiting to be finalized.
+    Pending,
+    /// Failing or cancelled.
+    Aborting,
+    /// Finished, waiting to be dismissed.
+    Concluded,
+    /// Gone.
+    Null,
+}
+
+const ALL_STATUS: [JobStatus; 11] = [
+    JobStatus::Undefined,
+    JobStatus::Created,
+    JobStatus::Running,
+    JobStatus::Paused,
+    JobStatus::Ready,
+    JobStatus::Standby,
+    JobStatus::Waiting,
+    JobStatus::Pending,
+    JobStatus::Aborting,
+    JobStatus::Concluded,
+    JobStatus::Null,
+];
+
+/// QEMU's `JobSTT`: `STT[from][to]`, columns U C R P Y S W D X E N.
+const STT: [[u8; 11]; 11] = [
+    [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 1],
+    [0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0],
+    [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0],
+    [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+    [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
+    [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+];
+
+impl JobStatus {
+    fn index(self) -> usize {
+        ALL_STATUS.iter().position(|s| *s == self).unwrap_or(0)
+    }
+
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Undefined => "undefined",
+            JobStatus::Created => "created",
+            JobStatus::Running => "running",
+            JobStatus::Paused => "paused",
+            JobStatus::Ready => "ready",
+            JobStatus::Standby => "standby",
+            JobStatus::Waiting => "waiting",
+            JobStatus::Pending => "pending",
+            JobStatus::Aborting => "aborting",
+            JobStatus::Concluded => "concluded",
+            JobStatus::Null => "null",
+        }
+    }
+
+    /// Whether QEMU allows the transition `self → to`.
+    pub fn can_become(self, to: JobStatus) -> bool {
+        STT[self.index()][to.index()] == 1
+    }
+}
+
+/// QEMU's `JobVerb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobVerb {
+    /// `job-cancel`.
+    Cancel,
+    /// `job-pause`.
+    Pause,
+    /// `job-resume`.
+    Resume,
+    /// `block-job-set-speed`.
+    SetSpeed,
+    /// `job-complete`.
+    Complete,
+    /// `job-finalize`.
+    Finalize,
+    /// `job-dismiss`.
+    Dismiss,
+    /// `block-job-change`.
+    Change,
+}
+
+impl JobVerb {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobVerb::Cancel => "cancel",
+            JobVerb::Pause => "pause",
+            JobVerb::Resume => "resume",
+            JobVerb::SetSpeed => "set-speed",
+            JobVerb::Complete => "complete",
+            JobVerb::Finalize => "finalize",
+            JobVerb::Dismiss => "dismiss",
+            JobVerb::Change => "change",
+        }
+    }
+
+    /// QEMU's `JobVerbTable` row, columns U C R P Y S W D X E N.
+    fn table(self) -> [u8; 11] {
+        match self {
+            JobVerb::Cancel => [0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            JobVerb::Pause | JobVerb::Resume | JobVerb::SetSpeed => {
+                [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+            }
+            JobVerb::Complete => [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+            JobVerb::Finalize => [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+            JobVerb::Dismiss => [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+            JobVerb::Change => [0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+        }
+    }
+}
+
+/// Why a job operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// Malformed id.
+    InvalidId(String),
+    /// Id in use.
+    Duplicate(String),
+    /// The job's state does not accept the verb.
+    Verb {
+        id: String,
+        status: JobStatus,
+        verb: JobVerb,
+    },
+    /// `resume` of a job that was not paused by the user.
+    NotPaused,
+    /// Attaching the job's backend failed.
+    Backend(BackendError),
+    /// The job type refused (e.g. `complete` before ready).
+    Driver(String),
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobError::InvalidId(id) => write!(f, "Invalid job ID '{id}'"),
+            JobError::Duplicate(id) => write!(f, "Job ID '{id}' already in use"),
+            JobError::Verb { id, status, verb } => write!(
+                f,
+                "Job '{id}' in state '{}' cannot accept command verb '{}'",
+                status.as_str(),
+                verb.as_str()
+            ),
+            JobError::NotPaused => f.write_str("Can't resume a job that was not paused"),
+            JobError::Backend(e) => e.fmt(f),
+            JobError::Driver(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A job type (QEMU: `JobDriver`).
+pub trait JobDriver {
+    /// The QAPI `JobType` (`"mirror"`, `"backup"`, …).
+    fn job_type(&self) -> &str;
+
+    /// The job's body. Returns `Err(message)` on failure. Must check
+    /// [`Job::is_cancelled`] regularly and call [`Job::pause_point`].
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>>;
+
+    /// `job-complete` on a ready job.
+    fn complete(&self, job: &Job) -> Result<(), String> {
+        Err(format!(
+            "The active block job '{}' cannot be completed",
+            job.id()
+        ))
+    }
+}
+
+/// How a job is created.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// Dismiss automatically once concluded (QEMU default: true).
+    pub auto_dismiss: bool,
+    /// Bytes per second limit, 0 for none.
+    pub speed: u64,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions {
+            auto_dismiss: true,
+            speed: 0,
+        }
+    }
+}
+
+/// One job.
+pub struct Job {
+    id: String,
+    driver: Rc<dyn JobDriver>,
+    status: Cell<JobStatus>,
+    cancelled: Cell<bool>,
+    force: Cell<bool>,
+    pause_count: Cell<u32>,
+    user_paused: Cell<bool>,
+    progress: Cell<(u64, u64)>,
+    speed: Cell<u64>,
+    auto_dismiss: bool,
+    error: RefCell<Option<String>>,
+    backends: RefCell<Vec<Rc<Backend>>>,
+    wake: WaitQueue,
+    done: WaitQueue,
+    registry: Weak<Registry>,
+}
+
+impl Registry {
+    /// Creates a job in state `created` (QEMU: `job_create`); start it with
+    /// [`Job::start`] after adding its backends.
+    pub fn create_job(
+        self: &Rc<Self>,
+        id: &str,
+        driver: Rc<dyn JobDriver>,
+        opts: JobOptions,
+    ) -> Result<Rc<Job>, JobError> {
+        if !id_wellformed(id) {
+            return Err(JobError::InvalidId(id.to_string()));
+        }
+        if self.find_job(id).is_some() {
+            return Err(JobError::Duplicate(id.to_string()));
+        }
+        let job = Rc::new(Job {
+            id: id.to_string(),
+            driver,
+            status: Cell::new(JobStatus::Undefined),
+            cancelled: Cell::new(false),
+            force: Cell::new(false),
+            pause_count: Cell::new(0),
+            user_paused: Cell::new(false),
+            progress: Cell::new((0, 0)),
+            speed: Cell::new(opts.speed),
+            auto_dismiss: opts.auto_dismiss,
+            error: RefCell::new(None),
+            backends: RefCell::new(Vec::new()),
+            wake: WaitQueue::new(),
+            done: WaitQueue::new(),
+            registry: Rc::downgrade(self),
+        });
+        self.add_job(job.clone());
+        job.transition(JobStatus::Created);
+        Ok(job)
+    }
+}
+
+impl Job {
+    /// The job id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The job type.
+    pub fn job_type(&self) -> &str {
+        self.driver.job_type()
+    }
+
+    /// The current status.
+    pub fn status(&self) -> JobStatus {
+        self.status.get()
+    }
+
+    /// Whether the job was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.get()
+    }
+
+    /// `(current, total)` progress.
+    pub fn progress(&self) -> (u64, u64) {
+        self.progress.get()
+    }
+
+    /// Sets the progress.
+    pub fn set_progress(&self, current: u64, total: u64) {
+        self.progress.set((current, total));
+    }
+
+    /// The speed limit in bytes per second (0: none).
+    pub fn speed(&self) -> u64 {
+        self.speed.get()
+    }
+
+    /// The error a failed job ended with.
+    pub fn error(&self) -> Option<String> {
+        self.error.borrow().clone()
+    }
+
+    /// The job's backends.
+    pub fn backends(&self) -> Vec<Rc<Backend>> {
+        self.backends.borrow().clone()
+    }
+
+    fn registry(&self) -> Option<Rc<Registry>> {
+        self.registry.upgrade()
+    }
+
+    fn transition(&self, to: JobStatus) {
+        let from = self.status.get();
+        if !from.can_become(to) {
+            log::error!(
+                "job '{}': illegal transition {} -> {}",
+                self.id,
+                from.as_str(),
+                to.as_str()
+            );
+        }
+        self.status.set(to);
+        if let Some(r) = self.registry() {
+            r.emit(
+                "JOB_STATUS_CHANGE",
+                json!({"id": self.id, "status": to.as_str()}),
+            );
+        }
+        self.done.wake_all();
+    }
+
+    fn check_verb(&self, verb: JobVerb) -> Result<(), JobError> {
+        if verb.table()[self.status.get().index()] == 1 {
+            Ok(())
+        } else {
+            Err(JobError::Verb {
+                id: self.id.clone(),
+                status: self.status.get(),
+                verb,
+            })
+        }
+    }
+
+    /// Gives the job a backend on `node` with the permissions it needs; the
+    /// job keeps `node` open until it concludes (QEMU: `block_job_create`'s
+    /// `blk_new` + `blk_insert_bs`, and `block_job_add_bdrv`).
+    pub fn add_backend(
+        &self,
+        node: &Rc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Rc<Backend>, JobError> {
+        let r = self
+            .registry()
+            .ok_or(JobError::Driver("no registry".into()))?;
+        let opts = BackendOptions {
+            name: None,
+            user: Some(format!("{} job '{}'", self.job_type(), self.id)),
+            tray: false,
+            disable_request_queuing: true,
+        };
+        let b = r
+            .new_backend(opts, perm, shared)
+            .map_err(JobError::Backend)?;
+        if let Err(e) = b.insert(node) {
+            r.forget_backend(&b);
+            return Err(JobError::Backend(e));
+        }
+        self.backends.borrow_mut().push(b.clone());
+        Ok(b)
+    }
+
+    /// Starts the job's task (QEMU: `job_start`).
+    pub fn start(self: &Rc<Self>) {
+        let Some(r) = self.registry() else { return };
+        let job = self.clone();
+        r.executor().spawn(async move {
+            if !job.cancelled.get() {
+                job.transition(JobStatus::Running);
+                let res = job.driver.clone().run(job.clone()).await;
+                if let Err(e) = res {
+                    *job.error.borrow_mut() = Some(e);
+                }
+            }
+            job.finish().await;
+        });
+    }
+
+    async fn finish(self: &Rc<Self>) {
+        let r = self.registry();
+        let (offset, len) = self.progress.get();
+        let mut data = json!({
+            "type": self.job_type(), "device": self.id, "len": len, "offset": offset, "speed": self.speed.get(),
+        });
+        if self.cancelled.get() || self.error.borrow().is_some() {
+            self.transition(JobStatus::Aborting);
+            if let Some(r) = &r {
+                if self.cancelled.get() && self.error.borrow().is_none() {
+                    r.emit("BLOCK_JOB_CANCELLED", data);
+                } else {
+                    if let (Some(e), Value::Object(m)) = (self.error.borrow().clone(), &mut data) {
+                        m.insert("error".into(), Value::String(e));
+                    }
+                    r.emit("BLOCK_JOB_COMPLETED", data);
+                }
+            }
+        } else {
+            self.transition(JobStatus::Waiting);
+            self.transition(JobStatus::Pending);
+            if let Some(r) = &r {
+                r.emit("BLOCK_JOB_COMPLETED", data);
+            }
+        }
+        // Release the nodes (QEMU: job_clean / block_job_remove_all_bdrv).
+        let backends = core::mem::take(&mut *self.backends.borrow_mut());
+        for b in backends {
+            b.delete().await;
+        }
+        self.transition(JobStatus::Concluded);
+        if self.auto_dismiss {
+            self.dismiss_now();
+        }
+    }
+
+    fn dismiss_now(&self) {
+        self.transition(JobStatus::Null);
+        if let Some(r) = self.registry() {
+            r.forget_job(self);
+        }
+    }
+
+    /// `job-cancel` (QEMU: `job_cancel`). `force` also cancels a ready
+    /// mirror without completing it. Cancelling a concluded job dismisses it.
+    pub fn cancel(self: &Rc<Self>, force: bool) -> Result<(), JobError> {
+        if self.status.get() == JobStatus::Concluded {
+            self.dismiss_now();
+            return Ok(());
+        }
+        self.check_verb(JobVerb::Cancel)?;
+        let was_created = self.status.get() == JobStatus::Created;
+        self.cancelled.set(true);
+        self.force.set(self.force.get() || force);
+        if self.user_paused.get() {
+            self.user_paused.set(false);
+            self.pause_count
+                .set(self.pause_count.get().saturating_sub(1));
+        }
+        self.wake.wake_all();
+        if was_created {
+            // Never started: conclude without running.
+            self.start();
+        }
+        Ok(())
+    }
+
+    /// Cancels with force and waits until the job is gone (QEMU:
+    /// `job_cancel_sync(job, true)`).
+    pub async fn cancel_sync(self: &Rc<Self>) {
+        match self.status.get() {
+            JobStatus::Null => return,
+            JobStatus::Aborting | JobStatus::Concluded => {}
+            _ => {
+                let _ = self.cancel(true);
+            }
+        }
+        self.done
+            .wait_until(|| matches!(self.status.get(), JobStatus::Concluded | JobStatus::Null))
+            .await;
+        if self.status.get() == JobStatus::Concluded {
+            self.dismiss_now();
+        }
+    }
+
+    /// `job-pause` (QEMU: `job_user_pause`).
+    pub fn pause(&self) -> Result<(), JobError> {
+        self.check_verb(JobVerb::Pause)?;
+        if self.user_paused.get() {
+            return Err(JobError::Driver("Job is already paused".into()));
+        }
+        self.user_paused.set(true);
+        self.pause_count.set(self.pause_count.get() + 1);
+        Ok(())
+    }
+
+    /// `job-resume` (QEMU: `job_user_resume`).
+    pub fn resume(&self) -> Result<(), JobError> {
+        self.check_verb(JobVerb::Resume)?;
+        if !self.user_paused.get() {
+            return Err(JobError::NotPaused);
+        }
+        self.user_paused.set(false);
+        self.pause_count
+            .set(self.pause_count.get().saturating_sub(1));
+        self.wake.wake_all();
+        Ok(())
+    }
+
+    /// `job-complete`.
+    pub fn complete(&self) -> Result<(), JobError> {
+        self.check_verb(JobVerb::Complete)?;
+        self.driver.complete(self).map_err(JobError::Driver)
+    }
+
+    /// `job-dismiss`.
+    pub fn dismiss(&self) -> Result<(), JobError> {
+        self.check_verb(JobVerb::Dismiss)?;
+        self.dismiss_now();
+        Ok(())
+    }
+
+    /// `block-job-set-speed`.
+    pub fn set_speed(&self, speed: u64) -> Result<(), JobError> {
+        self.check_verb(JobVerb::SetSpeed)?;
+        self.speed.set(speed);
+        self.wake.wake_all();
+        Ok(())
+    }
+
+    /// Marks a running job ready (`BLOCK_JOB_READY`; QEMU: `job_transition_to_ready`).
+    pub fn set_ready(&self) {
+        if self.status.get() == JobStatus::Running {
+            self.transition(JobStatus::Ready);
+            if let Some(r) = self.registry() {
+                let (offset, len) = self.progress.get();
+                r.emit(
+                    "BLOCK_JOB_READY",
+                    json!({"type": self.job_type(), "device": self.id, "len": len, "offset": offset, "speed": self.speed.get()}),
+                );
+            }
+        }
+    }
+
+    /// Pauses here while a pause is requested and the job is not
+    /// cancelled (QEMU: `job_pause_point`).
+    pub async fn pause_point(&self) {
+        if self.pause_count.get() == 0 || self.cancelled.get() {
+            return;
+        }
+        let resume_to = self.status.get();
+        let paused = if resume_to == JobStatus::Ready {
+            JobStatus::Standby
+        } else {
+            JobStatus::Paused
+        };
+        self.transition(paused);
+        self.wake
+            .wait_until(|| self.pause_count.get() == 0 || self.cancelled.get())
+            .await;
+        self.transition(resume_to);
+    }
+
+    /// Sleeps `ns` nanoseconds, waking early when cancelled (QEMU:
+    /// `job_sleep_ns`).
+    pub async fn sleep_ns(&self, ns: u64) {
+        let Some(r) = self.registry() else { return };
+        let clock = r.clock();
+        let deadline = clock.now_ns().saturating_add(ns);
+        let mut sleep = Box::pin(r.executor().timers().sleep_until(clock, deadline));
+        core::future::poll_fn(|cx| {
+            if self.cancelled.get() {
+                return Poll::Ready(());
+            }
+            self.wake.register(cx.waker());
+            sleep.as_mut().poll(cx)
+        })
+        .await;
+        self.pause_point().await;
+    }
+
+    /// QMP `query-jobs` entry (QEMU: `JobInfo`).
+    pub fn info(&self) -> Value {
+        let (cur, total) = self.progress.get();
+        let mut v = json!({
+            "id": self.id, "type": self.job_type(), "status": self.status.get().as_str(),
+            "current-progress": cur, "total-progress": total,
+        });
+        if let (Some(e), Value::Object(m)) = (self.error.borrow().clone(), &mut v) {
+            m.insert("error".into(), Value::String(e));
+        }
+        v
+    }
+}
+
+use core::future::Future;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_table_is_qemus() {
+        use JobStatus::*;
+        assert!(Created.can_become(Running));
+        assert!(Running.can_become(Aborting));
+        assert!(Aborting.can_become(Concluded));
+        assert!(Concluded.can_become(Null));
+        assert!(!Null.can_become(Running));
+        assert!(Ready.can_become(Standby));
+        assert!(!Paused.can_become(Ready));
+    }
+
+    #[test]
+    fn verb_refusal_text() {
+        let e = JobError::Verb {
+            id: "j0".into(),
+            status: JobStatus::Running,
+            verb: JobVerb::Complete,
+        };
+        assert_eq!(
+            e.to_string(),
+            "Job 'j0' in state 'running' cannot accept command verb 'complete'"
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! A block layer on a simulated platform, with helpers to build graphs.
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::future::Future;
+
+use serde_json::Map;
+
+use super::mem::{Log, Mem, RecFmt, fmt_file};
+use crate::event::EventQueue;
+use crate::exec::{Executor, SimulatedPlatform};
+use crate::node::{Node, NodeOptions};
+use crate::registry::Registry;
+use crate::timer::ManualClock;
+
+pub struct Env {
+    pub exec: Executor,
+    pub clock: Rc<ManualClock>,
+    pub platform: SimulatedPlatform,
+    pub reg: Rc<Registry>,
+    pub events: Rc<EventQueue>,
+    pub log: Log,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let exec = Executor::new();
+        let clock = Rc::new(ManualClock::new());
+        let reg = Registry::new(exec.clone(), clock.clone());
+        let events = Rc::new(EventQueue::new());
+        reg.set_event_sink(events.clone());
+        Env {
+            platform: SimulatedPlatform::new(clock.clone()),
+            exec,
+            clock,
+            reg,
+            events,
+            log: Log::default(),
+        }
+    }
+
+    /// Runs `f` to completion, running every task meanwhile.
+    pub fn run<F: Future>(&self, f: F) -> F::Output {
+        match self.exec.block_on(f, &self.platform) {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Advances simulated time, fires due timers, runs what became ready.
+    pub fn tick(&self, ns: u64) {
+        use crate::timer::Clock;
+        self.clock.advance(ns);
+        self.exec.timers().fire_expired(self.clock.now_ns());
+        self.settle();
+    }
+
+    /// Runs ready tasks until none is ready.
+    pub fn settle(&self) {
+        while self.exec.run_ready() {}
+    }
+
+    /// A memory node owned by the caller (refcount 1); returns the driver's
+    /// data handle too.
+    pub fn mem(&self, name: &str, size: usize) -> Rc<Node> {
+        self.mem_opts(name, size, NodeOptions::default())
+    }
+
+    pub fn mem_opts(&self, name: &str, size: usize, opts: NodeOptions) -> Rc<Node> {
+        let drv = Mem::new(name, size, &self.log);
+        match self
+            .reg
+            .open_node(Some(name), Box::new(drv), opts, Map::new(), Vec::new())
+        {
+            Ok(n) => n,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A recording format node over `file`, taking over the caller's
+    /// reference on `file`.
+    pub fn fmt(&self, name: &str, file: &Rc<Node>) -> Result<Rc<Node>, String> {
+        let drv = RecFmt {
+            label: name.to_string(),
+            log: self.log.clone(),
+        };
+        self.reg
+            .open_node(
+                Some(name),
+                Box::new(drv),
+                NodeOptions::default(),
+                Map::new(),
+                alloc::vec![("file".to_string(), fmt_file(), file.clone(),)],
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn mem_driver(node: &Node) -> &Mem {
+        match (node.driver() as &dyn core::any::Any).downcast_ref::<Mem>() {
+            Some(m) => m,
+            None => panic!("not a mem node"),
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.borrow().clone()
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.reg
+            .nodes()
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect()
+    }
+}

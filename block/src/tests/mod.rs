@@ -1,0 +1,11 @@
+//! Host tests of the block layer that span several modules: the graph,
+//! backends, jobs, close-all, drivers and QMP commands, over memory-backed
+//! test drivers (which exist only here, in test code).
+
+extern crate std;
+
+mod backend;
+mod graph;
+mod harness;
+mod job;
+mod mem;
