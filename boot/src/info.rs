@@ -60,7 +60,11 @@ pub struct BootInfo {
 impl BootInfo {
     pub(crate) const fn empty() -> Self {
         Self {
-            regions: [MemoryRegion { start: 0, size: 0, kind: MemoryType::Reserved }; MAX_REGIONS],
+            regions: [MemoryRegion {
+                start: 0,
+                size: 0,
+                kind: MemoryType::Reserved,
+            }; MAX_REGIONS],
             region_count: 0,
             cmdline: [0; MAX_CMDLINE],
             cmdline_len: 0,

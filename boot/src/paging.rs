@@ -75,7 +75,11 @@ pub unsafe fn finish(info: &BootInfo) {
         let pt = &mut *core::ptr::addr_of_mut!(GUARD_PT);
         for (i, e) in pt.0.iter_mut().enumerate() {
             let addr = base + i as u64 * 4096;
-            *e = if addr == guard { 0 } else { addr | PRESENT | WRITABLE };
+            *e = if addr == guard {
+                0
+            } else {
+                addr | PRESENT | WRITABLE
+            };
         }
         let pd = &mut *core::ptr::addr_of_mut!(boot_pd);
         pd[(base / MIB2) as usize] = (pt as *const PageTable as u64) | PRESENT | WRITABLE;

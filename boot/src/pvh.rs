@@ -24,10 +24,19 @@ const MEMMAP_ENTRY_SIZE: u64 = 24;
 /// `addr` must be the identity-mapped physical address the loader gave, and
 /// the memory it and its pointers reference must not have been reused.
 pub unsafe fn read_start_info(addr: u64, info: &mut BootInfo) {
-    // SAFETY (for every read below): the caller guarantees these are live
-    // loader structures in identity-mapped memory; reads are unaligned-safe.
-    let rd32 = |a: u64| unsafe { core::ptr::read_unaligned(a as *const u32) };
-    let rd64 = |a: u64| unsafe { core::ptr::read_unaligned(a as *const u64) };
+    let rd32 = |a: u64| {
+        // SAFETY: the caller guarantees these are live loader structures in
+        // identity-mapped memory; the read has no alignment requirement.
+        unsafe { core::ptr::read_unaligned(a as *const u32) }
+    };
+    let rd64 = |a: u64| {
+        // SAFETY: as for `rd32`.
+        unsafe { core::ptr::read_unaligned(a as *const u64) }
+    };
+    let rd8 = |a: u64| {
+        // SAFETY: as for `rd32`.
+        unsafe { core::ptr::read_unaligned(a as *const u8) }
+    };
     if addr == 0 || rd32(addr + MAGIC) != START_INFO_MAGIC {
         return;
     }
@@ -35,8 +44,8 @@ pub unsafe fn read_start_info(addr: u64, info: &mut BootInfo) {
     let cmdline = rd64(addr + CMDLINE_PADDR);
     if cmdline != 0 {
         let mut len = 0usize;
-        // SAFETY: NUL-terminated string from the loader; bounded scan.
-        while len <= crate::info::MAX_CMDLINE && unsafe { *((cmdline + len as u64) as *const u8) } != 0 {
+        // A NUL-terminated string from the loader; the scan is bounded.
+        while len <= crate::info::MAX_CMDLINE && rd8(cmdline + len as u64) != 0 {
             len += 1;
         }
         // SAFETY: `len` bytes were just read one by one.

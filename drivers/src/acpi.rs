@@ -53,7 +53,9 @@ impl core::fmt::Display for Error {
             Error::NoDsdt => "the FADT names no DSDT",
             Error::NoS5 => "the DSDT has no _S5_ object",
             Error::BadS5Package => "the DSDT's _S5_ package is malformed",
-            Error::NoControlRegister => "the FADT has neither a PM1a control block nor a sleep control register",
+            Error::NoControlRegister => {
+                "the FADT has neither a PM1a control block nor a sleep control register"
+            }
         })
     }
 }
@@ -80,7 +82,11 @@ impl Gas {
             1 => AddressSpace::Io,
             other => AddressSpace::Other(other),
         };
-        Gas { space, bit_width: mem.read_u8(at + 1), address: mem.read_u64(at + 4) }
+        Gas {
+            space,
+            bit_width: mem.read_u8(at + 1),
+            address: mem.read_u64(at + 4),
+        }
     }
 }
 
@@ -89,7 +95,12 @@ impl Gas {
 pub enum PowerOff {
     /// Classic ACPI (q35, pc): write `SLP_TYPa << 10 | SLP_EN` to PM1a_CNT
     /// (and PM1b_CNT when present).
-    Pm1 { pm1a_cnt: u16, pm1b_cnt: Option<u16>, slp_typa: u8, slp_typb: u8 },
+    Pm1 {
+        pm1a_cnt: u16,
+        pm1b_cnt: Option<u16>,
+        slp_typa: u8,
+        slp_typb: u8,
+    },
     /// Hardware-reduced ACPI (microvm): write `SLP_TYP << 2 | SLP_EN` to the
     /// sleep control register.
     SleepControl { reg: Gas, slp_typ: u8 },
@@ -118,7 +129,11 @@ pub fn parse(mem: &dyn PhysMem, rsdp: Option<u64>) -> Result<Fadt, Error> {
         return Err(Error::BadRsdpSignature);
     }
     let revision = mem.read_u8(rsdp + 15);
-    let xsdt = if revision >= 2 { mem.read_u64(rsdp + 24) } else { 0 };
+    let xsdt = if revision >= 2 {
+        mem.read_u64(rsdp + 24)
+    } else {
+        0
+    };
     let fadt = if xsdt != 0 {
         find_table(mem, xsdt, 8, b"FACP")
     } else {
@@ -127,7 +142,11 @@ pub fn parse(mem: &dyn PhysMem, rsdp: Option<u64>) -> Result<Fadt, Error> {
     .ok_or(Error::NoFadt)?;
 
     let len = mem.read_u32(fadt + 4);
-    let flags = if len >= 116 { mem.read_u32(fadt + 112) } else { 0 };
+    let flags = if len >= 116 {
+        mem.read_u32(fadt + 112)
+    } else {
+        0
+    };
     let hw_reduced = flags & FADT_HW_REDUCED != 0;
     let mut dsdt = mem.read_u32(fadt + 40) as u64;
     if len >= 148 {
@@ -144,13 +163,21 @@ pub fn parse(mem: &dyn PhysMem, rsdp: Option<u64>) -> Result<Fadt, Error> {
     let pm1b_cnt = mem.read_u32(fadt + 68) as u16;
     let pm1a_evt = mem.read_u32(fadt + 56) as u16;
     let poweroff = if pm1a_cnt != 0 {
-        PowerOff::Pm1 { pm1a_cnt, pm1b_cnt: (pm1b_cnt != 0).then_some(pm1b_cnt), slp_typa, slp_typb }
+        PowerOff::Pm1 {
+            pm1a_cnt,
+            pm1b_cnt: (pm1b_cnt != 0).then_some(pm1b_cnt),
+            slp_typa,
+            slp_typb,
+        }
     } else if len >= 256 {
         let reg = Gas::read(mem, fadt + 244);
         if reg.address == 0 {
             return Err(Error::NoControlRegister);
         }
-        PowerOff::SleepControl { reg, slp_typ: slp_typa }
+        PowerOff::SleepControl {
+            reg,
+            slp_typ: slp_typa,
+        }
     } else {
         return Err(Error::NoControlRegister);
     };
@@ -171,7 +198,11 @@ fn find_table(mem: &dyn PhysMem, sdt: u64, entry_size: u64, sig: &[u8; 4]) -> Op
     let entries = len.saturating_sub(36) / entry_size;
     (0..entries.min(256)).find_map(|i| {
         let at = sdt + 36 + i * entry_size;
-        let table = if entry_size == 8 { mem.read_u64(at) } else { mem.read_u32(at) as u64 };
+        let table = if entry_size == 8 {
+            mem.read_u64(at)
+        } else {
+            mem.read_u32(at) as u64
+        };
         let mut s = [0u8; 4];
         mem.read(table, &mut s);
         (&s == sig).then_some(table)
@@ -211,11 +242,11 @@ fn parse_s5_package(mem: &dyn PhysMem, mut at: u64, end: u64) -> Result<(u8, u8)
         }
         let op = mem.read_u8(at);
         let (value, size) = match op {
-            0x00 => (0, 1),                          // ZeroOp
-            0x01 => (1, 1),                          // OneOp
-            0x0A => (mem.read_u8(at + 1), 2),        // BytePrefix
-            0x0B => (mem.read_u8(at + 1), 3),        // WordPrefix
-            0x0C => (mem.read_u8(at + 1), 5),        // DWordPrefix
+            0x00 => (0, 1),                   // ZeroOp
+            0x01 => (1, 1),                   // OneOp
+            0x0A => (mem.read_u8(at + 1), 2), // BytePrefix
+            0x0B => (mem.read_u8(at + 1), 3), // WordPrefix
+            0x0C => (mem.read_u8(at + 1), 5), // DWordPrefix
             _ => return Err(Error::BadS5Package),
         };
         at += size;
@@ -236,7 +267,12 @@ impl PowerOff {
         use crate::port::{outb, outw};
         const SLP_EN: u16 = 1 << 13;
         match *self {
-            PowerOff::Pm1 { pm1a_cnt, pm1b_cnt, slp_typa, slp_typb } => {
+            PowerOff::Pm1 {
+                pm1a_cnt,
+                pm1b_cnt,
+                slp_typa,
+                slp_typb,
+            } => {
                 // SAFETY: ports from the FADT; forwarded to the caller.
                 unsafe {
                     outw(pm1a_cnt, ((slp_typa as u16 & 7) << 10) | SLP_EN);
@@ -251,7 +287,9 @@ impl PowerOff {
                     // SAFETY: register from the FADT; forwarded to the caller.
                     AddressSpace::Io => unsafe { outb(reg.address as u16, value) },
                     // SAFETY: identity-mapped MMIO register from the FADT.
-                    AddressSpace::Memory => unsafe { core::ptr::write_volatile(reg.address as *mut u8, value) },
+                    AddressSpace::Memory => unsafe {
+                        core::ptr::write_volatile(reg.address as *mut u8, value)
+                    },
                     AddressSpace::Other(_) => {}
                 }
             }
@@ -322,7 +360,15 @@ mod tests {
         // Package (0x04) { Zero, Zero, Zero, Zero }
         let m = machine(&[0x12, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00], 0x604, false);
         let f = parse(&m, Some(0x100)).expect("parse");
-        assert_eq!(f.poweroff, PowerOff::Pm1 { pm1a_cnt: 0x604, pm1b_cnt: None, slp_typa: 0, slp_typb: 0 });
+        assert_eq!(
+            f.poweroff,
+            PowerOff::Pm1 {
+                pm1a_cnt: 0x604,
+                pm1b_cnt: None,
+                slp_typa: 0,
+                slp_typb: 0
+            }
+        );
         assert_eq!(f.pm1a_evt, Some(0x600));
     }
 
@@ -330,7 +376,15 @@ mod tests {
     fn byte_prefix_values() {
         let m = machine(&[0x12, 0x08, 0x02, 0x0A, 0x05, 0x0A, 0x05], 0xb004, false);
         let f = parse(&m, Some(0x100)).expect("parse");
-        assert_eq!(f.poweroff, PowerOff::Pm1 { pm1a_cnt: 0xb004, pm1b_cnt: None, slp_typa: 5, slp_typb: 5 });
+        assert_eq!(
+            f.poweroff,
+            PowerOff::Pm1 {
+                pm1a_cnt: 0xb004,
+                pm1b_cnt: None,
+                slp_typa: 5,
+                slp_typb: 5
+            }
+        );
     }
 
     #[test]

@@ -55,7 +55,10 @@ pub unsafe fn calibrate(during: impl FnOnce(), after: impl FnOnce(u64)) -> Calib
         if now <= first && elapsed >= WINDOW_TICKS {
             let tsc = rdtsc() - t0;
             after(elapsed as u64);
-            return Calibration { tsc_hz: ticks_to_hz(tsc, elapsed as u64), source: "PIT" };
+            return Calibration {
+                tsc_hz: ticks_to_hz(tsc, elapsed as u64),
+                source: "PIT",
+            };
         }
         spins += 1;
         // A counter that has not moved after a thousand reads is no PIT
@@ -82,7 +85,10 @@ pub unsafe fn calibrate(during: impl FnOnce(), after: impl FnOnce(u64)) -> Calib
         guard += 1;
     }
     after(0);
-    Calibration { tsc_hz: rdtsc() - t0, source: "RTC second (no PIT)" }
+    Calibration {
+        tsc_hz: rdtsc() - t0,
+        source: "RTC second (no PIT)",
+    }
 }
 
 /// The TSC frequency a hypervisor states, without any timing loop: under
@@ -139,7 +145,10 @@ fn kvm_pvclock_hz() -> Option<u64> {
     // SAFETY: reading our own static, written by the hypervisor above.
     let (mul, shift) = unsafe {
         let p = core::ptr::addr_of!(PVCLOCK) as *const u32;
-        (core::ptr::read_volatile(p.add(6)), core::ptr::read_volatile(p.add(7)) as u8 as i8)
+        (
+            core::ptr::read_volatile(p.add(6)),
+            core::ptr::read_volatile(p.add(7)) as u8 as i8,
+        )
     };
     // SAFETY: turn the clock update off again (bit 0 clear).
     unsafe { x86_64::registers::model_specific::Msr::new(MSR_KVM_SYSTEM_TIME_NEW).write(0) };
@@ -152,7 +161,11 @@ pub fn pvclock_hz(mul: u32, shift: i8) -> Option<u64> {
         return None;
     }
     let base = (1_000_000_000u128 << 32) / mul as u128;
-    let hz = if shift >= 0 { base >> shift } else { base << (-shift) };
+    let hz = if shift >= 0 {
+        base >> shift
+    } else {
+        base << (-shift)
+    };
     Some(hz as u64)
 }
 
@@ -222,7 +235,11 @@ pub fn decode_rtc(raw: [u8; 7], status_b: u8) -> DateTime {
             hour += 12;
         }
     }
-    let century = if raw[6] != 0 && raw[6] != 0xff { conv(raw[6]) } else { 20 };
+    let century = if raw[6] != 0 && raw[6] != 0xff {
+        conv(raw[6])
+    } else {
+        20
+    };
     DateTime {
         second: conv(raw[0]),
         minute: conv(raw[1]),
@@ -244,7 +261,17 @@ pub unsafe fn read_rtc() -> Option<DateTime> {
         outb(0x70, r);
         inb(0x71)
     };
-    let read_all = || [reg(0x00), reg(0x02), reg(0x04), reg(0x07), reg(0x08), reg(0x09), reg(0x32)];
+    let read_all = || {
+        [
+            reg(0x00),
+            reg(0x02),
+            reg(0x04),
+            reg(0x07),
+            reg(0x08),
+            reg(0x09),
+            reg(0x32),
+        ]
+    };
     if reg(0x0A) == 0xff {
         return None;
     }
@@ -271,7 +298,14 @@ mod tests {
 
     #[test]
     fn unix_epoch_and_known_dates() {
-        let dt = |year, month, day, hour, minute, second| DateTime { year, month, day, hour, minute, second };
+        let dt = |year, month, day, hour, minute, second| DateTime {
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            second,
+        };
         assert_eq!(dt(1970, 1, 1, 0, 0, 0).unix_seconds(), 0);
         assert_eq!(dt(2000, 3, 1, 0, 0, 0).unix_seconds(), 951_868_800);
         assert_eq!(dt(2026, 11, 29, 19, 50, 54).unix_seconds(), 1_795_981_854);
@@ -281,7 +315,17 @@ mod tests {
     fn rtc_bcd_and_12_hour_decoding() {
         // 2026-11-29 19:50:54 in BCD, 24-hour mode.
         let d = decode_rtc([0x54, 0x50, 0x19, 0x29, 0x11, 0x26, 0x20], 0x02);
-        assert_eq!(d, DateTime { year: 2026, month: 11, day: 29, hour: 19, minute: 50, second: 54 });
+        assert_eq!(
+            d,
+            DateTime {
+                year: 2026,
+                month: 11,
+                day: 29,
+                hour: 19,
+                minute: 50,
+                second: 54
+            }
+        );
         // 7 PM in 12-hour BCD mode; binary mode.
         assert_eq!(decode_rtc([0, 0, 0x87, 1, 1, 0x26, 0x20], 0x00).hour, 19);
         assert_eq!(decode_rtc([54, 50, 19, 29, 11, 26, 20], 0x06).second, 54);

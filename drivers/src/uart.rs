@@ -30,7 +30,8 @@ impl Uart {
     /// Only for the failure path, where nothing else will run afterwards.
     pub unsafe fn steal(base: u16) -> Self {
         // SAFETY: forwarded to the caller.
-        Self { port: unsafe { SerialPort::new(base) } }
+        let port = unsafe { SerialPort::new(base) };
+        Self { port }
     }
 
     pub fn write_bytes(&mut self, bytes: &[u8]) {
@@ -42,7 +43,10 @@ impl Uart {
     /// Writes as many bytes as the transmitter takes without waiting;
     /// returns how many were written.
     pub fn try_write(&mut self, bytes: &[u8]) -> usize {
-        bytes.iter().take_while(|&&b| self.port.try_send_raw(b).is_ok()).count()
+        bytes
+            .iter()
+            .take_while(|&&b| self.port.try_send_raw(b).is_ok())
+            .count()
     }
 
     /// Reads everything waiting in the receive FIFO into `buf`, returning how

@@ -35,7 +35,11 @@ pub fn init() -> &'static str {
             |pit_ticks| {
                 let ticks = lapic::elapsed_since_calibration_start();
                 // Without a PIT window, QEMU's and KVM's APIC bus runs at 1 GHz.
-                let hz = if pit_ticks == 0 { 1_000_000_000 / 16 } else { time::ticks_to_hz(ticks, pit_ticks) };
+                let hz = if pit_ticks == 0 {
+                    1_000_000_000 / 16
+                } else {
+                    time::ticks_to_hz(ticks, pit_ticks)
+                };
                 LAPIC_HZ.store(hz, Ordering::Relaxed);
             },
         )
@@ -48,8 +52,11 @@ pub fn init() -> &'static str {
 fn read_wall_clock() {
     // SAFETY: CMOS ports, only touched here.
     match unsafe { time::read_rtc() } {
-        Some(now) => BOOT_UNIX_SECONDS
-            .store(now.unix_seconds().saturating_sub(monotonic_ns() / 1_000_000_000), Ordering::Relaxed),
+        Some(now) => BOOT_UNIX_SECONDS.store(
+            now.unix_seconds()
+                .saturating_sub(monotonic_ns() / 1_000_000_000),
+            Ordering::Relaxed,
+        ),
         None => log::warn!("no CMOS RTC: event timestamps count from 1970"),
     }
 }
@@ -64,11 +71,17 @@ pub fn lapic_timer_hz() -> u64 {
 
 /// Nanoseconds since the image started (0 until calibrated).
 pub fn monotonic_ns() -> u64 {
-    time::ticks_to_ns(time::rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed)), tsc_hz())
+    time::ticks_to_ns(
+        time::rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed)),
+        tsc_hz(),
+    )
 }
 
 /// Wall-clock time as (seconds, microseconds) since the Unix epoch.
 pub fn wall_clock() -> (u64, u64) {
     let ns = monotonic_ns();
-    (BOOT_UNIX_SECONDS.load(Ordering::Relaxed) + ns / 1_000_000_000, (ns % 1_000_000_000) / 1000)
+    (
+        BOOT_UNIX_SECONDS.load(Ordering::Relaxed) + ns / 1_000_000_000,
+        (ns % 1_000_000_000) / 1000,
+    )
 }

@@ -34,7 +34,9 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
             let (name, value) = match opt.split_once('=') {
                 Some((n, v)) => (n.to_string(), v.to_string()),
                 None => {
-                    let v = words.next().ok_or_else(|| alloc::format!("option '--{opt}' requires an argument"))?;
+                    let v = words
+                        .next()
+                        .ok_or_else(|| alloc::format!("option '--{opt}' requires an argument"))?;
                     (opt.to_string(), v.to_string())
                 }
             };
@@ -51,7 +53,11 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
                     "info" => LevelFilter::Info,
                     "debug" => LevelFilter::Debug,
                     "trace" => LevelFilter::Trace,
-                    other => return Err(alloc::format!("invalid loglevel '{other}' (off|error|warn|info|debug|trace)")),
+                    other => {
+                        return Err(alloc::format!(
+                            "invalid loglevel '{other}' (off|error|warn|info|debug|trace)"
+                        ));
+                    }
                 })
             }
             "blockhaus.test-fault" => {
@@ -61,12 +67,18 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
                     "divide-by-zero" => TestFault::DivideByZero,
                     "stack-overflow" => TestFault::StackOverflow,
                     "panic" => TestFault::Panic,
-                    other => return Err(alloc::format!(
-                        "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic)"
-                    )),
+                    other => {
+                        return Err(alloc::format!(
+                            "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic)"
+                        ));
+                    }
                 })
             }
-            _ => return Err(alloc::format!("unrecognized kernel command-line item '{word}'")),
+            _ => {
+                return Err(alloc::format!(
+                    "unrecognized kernel command-line item '{word}'"
+                ));
+            }
         }
     }
     Ok(cfg)
@@ -76,12 +88,14 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
 pub fn trigger(fault: TestFault) {
     log::warn!("triggering test fault {fault:?}");
     match fault {
-        // SAFETY (all arms): deliberately faulting is the point; the
-        // exception handler reports and exits.
+        // SAFETY: a deliberate fault on an unmapped, canonical address; the
+        // exception handler reports it and exits.
         TestFault::PageFault => unsafe {
             core::ptr::read_volatile(0x4000_dead_0000u64 as *const u64);
         },
+        // SAFETY: a deliberate #UD; the handler reports it and exits.
         TestFault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        // SAFETY: a deliberate #DE; the handler reports it and exits.
         TestFault::DivideByZero => unsafe {
             core::arch::asm!("xor edx, edx", "xor eax, eax", "xor ecx, ecx", "div ecx", out("eax") _, out("edx") _, out("ecx") _)
         },

@@ -62,7 +62,9 @@ pub fn halt(reason: Reason, detail: &str) -> ! {
         report(crate::console::emergency);
     }
     if reason == Reason::Fatal {
-        crate::console::emergency(format_args!("exit: failure (isa-debug-exit code {FAILURE_CODE:#x})\n"));
+        crate::console::emergency(format_args!(
+            "exit: failure (isa-debug-exit code {FAILURE_CODE:#x})\n"
+        ));
         // SAFETY: the isa-debug-exit port; writing ends QEMU. Without the
         // device the write is ignored and we fall through to poweroff.
         unsafe { drivers::port::outl(DEBUG_EXIT_PORT, FAILURE_CODE) };
@@ -77,7 +79,9 @@ pub fn halt(reason: Reason, detail: &str) -> ! {
             while crate::clock::monotonic_ns().saturating_sub(start) < 1_000_000_000 {
                 core::hint::spin_loop();
             }
-            crate::console::emergency(format_args!("poweroff: ACPI S5 did not turn the machine off\n"));
+            crate::console::emergency(format_args!(
+                "poweroff: ACPI S5 did not turn the machine off\n"
+            ));
         }
         Some(Err(e)) => crate::console::emergency(format_args!("poweroff: no ACPI S5: {e}\n")),
         None => crate::console::emergency(format_args!("poweroff: ACPI not initialised\n")),

@@ -15,7 +15,9 @@ pub struct MultiHeap {
 }
 
 #[global_allocator]
-static ALLOCATOR: MultiHeap = MultiHeap { heaps: Mutex::new([const { None }; MAX_HEAPS]) };
+static ALLOCATOR: MultiHeap = MultiHeap {
+    heaps: Mutex::new([const { None }; MAX_HEAPS]),
+};
 
 unsafe extern "C" {
     static __kernel_start: u8;
@@ -31,7 +33,10 @@ pub struct Summary {
 /// Hands every usable RAM region above 1 MiB, outside the image and below
 /// the identity-mapped limit, to the allocator.
 pub fn init(info: &boot::BootInfo) -> Summary {
-    let (kstart, kend) = (core::ptr::addr_of!(__kernel_start) as u64, core::ptr::addr_of!(__kernel_end) as u64);
+    let (kstart, kend) = (
+        core::ptr::addr_of!(__kernel_start) as u64,
+        core::ptr::addr_of!(__kernel_end) as u64,
+    );
     let limit = boot::paging::mapped_end();
     let mut heaps = ALLOCATOR.heaps.lock();
     let mut slot = 0;
@@ -53,13 +58,19 @@ pub fn init(info: &boot::BootInfo) -> Summary {
             bytes += e - s;
         }
     }
-    Summary { regions: slot, bytes }
+    Summary {
+        regions: slot,
+        bytes,
+    }
 }
 
 /// Free and used bytes across all regions.
 pub fn usage() -> (usize, usize) {
     let heaps = ALLOCATOR.heaps.lock();
-    heaps.iter().flatten().fold((0, 0), |(f, u), (_, _, h)| (f + h.free(), u + h.used()))
+    heaps
+        .iter()
+        .flatten()
+        .fold((0, 0), |(f, u), (_, _, h)| (f + h.free(), u + h.used()))
 }
 
 // SAFETY: every allocation comes from exactly one region's `Heap` and is
@@ -78,11 +89,13 @@ unsafe impl GlobalAlloc for MultiHeap {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let addr = ptr as u64;
         let mut heaps = self.heaps.lock();
-        if let Some((_, _, heap)) = heaps.iter_mut().flatten().find(|(s, e, _)| (*s..*e).contains(&addr)) {
-            if let Some(p) = NonNull::new(ptr) {
-                // SAFETY: `p` was allocated from this heap with `layout`.
-                unsafe { heap.deallocate(p, layout) };
-            }
+        let owner = heaps
+            .iter_mut()
+            .flatten()
+            .find(|(s, e, _)| (*s..*e).contains(&addr));
+        if let (Some((_, _, heap)), Some(p)) = (owner, NonNull::new(ptr)) {
+            // SAFETY: `p` was allocated from this heap with `layout`.
+            unsafe { heap.deallocate(p, layout) };
         }
     }
 }

@@ -7,11 +7,11 @@
 
 use core::arch::naked_asm;
 use x86_64::VirtAddr;
+use x86_64::instructions::tables::lidt;
 use x86_64::instructions::tables::load_tss;
 use x86_64::registers::segmentation::{CS, DS, ES, SS, Segment};
-use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
-use x86_64::instructions::tables::lidt;
 use x86_64::structures::DescriptorTablePointer;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
 use x86_64::structures::tss::TaskStateSegment;
 
 pub const TIMER_VECTOR: u8 = 0x20;
@@ -77,7 +77,8 @@ pub fn init() {
             idt.0[vector] = gate(*stub as *const () as u64, code.0, ist);
         }
         idt.0[TIMER_VECTOR as usize] = gate(timer_stub as *const () as u64, code.0, 0);
-        idt.0[drivers::lapic::SPURIOUS_VECTOR as usize] = gate(spurious_stub as *const () as u64, code.0, 0);
+        idt.0[drivers::lapic::SPURIOUS_VECTOR as usize] =
+            gate(spurious_stub as *const () as u64, code.0, 0);
         lidt(&DescriptorTablePointer {
             limit: (core::mem::size_of::<Idt>() - 1) as u16,
             base: VirtAddr::new(idt as *const Idt as u64),
@@ -149,8 +150,8 @@ stub!(ex30, 30, error_code);
 stub!(ex31, 31);
 
 static EXCEPTION_STUBS: [extern "C" fn(); 32] = [
-    ex0, ex1, ex2, ex3, ex4, ex5, ex6, ex7, ex8, ex9, ex10, ex11, ex12, ex13, ex14, ex15, ex16, ex17, ex18, ex19,
-    ex20, ex21, ex22, ex23, ex24, ex25, ex26, ex27, ex28, ex29, ex30, ex31,
+    ex0, ex1, ex2, ex3, ex4, ex5, ex6, ex7, ex8, ex9, ex10, ex11, ex12, ex13, ex14, ex15, ex16,
+    ex17, ex18, ex19, ex20, ex21, ex22, ex23, ex24, ex25, ex26, ex27, ex28, ex29, ex30, ex31,
 ];
 
 /// Saves the general registers and calls [`exception_handler`] with a
@@ -225,7 +226,10 @@ const NAMES: [&str; 32] = [
 
 extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
     let cr2 = x86_64::registers::control::Cr2::read_raw();
-    let name = NAMES.get(frame.vector as usize).copied().unwrap_or("unknown");
+    let name = NAMES
+        .get(frame.vector as usize)
+        .copied()
+        .unwrap_or("unknown");
     crate::console::emergency(format_args!(
         "\nEXCEPTION: vector {} ({}) error code {:#x}\n  rip {:#018x}  cr2 {:#018x}  rsp {:#018x}  rflags {:#x}\n  \
          rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}\n",
@@ -246,7 +250,9 @@ extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
     ));
     let guard = boot::paging::stack_guard();
     if (frame.vector == 14 || frame.vector == 8) && (guard..guard + 4096).contains(&cr2) {
-        crate::console::emergency(format_args!("  the boot stack overflowed into its guard page at {guard:#x}\n"));
+        crate::console::emergency(format_args!(
+            "  the boot stack overflowed into its guard page at {guard:#x}\n"
+        ));
     }
     crate::halt::fatal("CPU exception")
 }

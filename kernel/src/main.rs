@@ -58,7 +58,10 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         Err(e) => warn!("ACPI: {e}; poweroff will not work"),
     }
     if info.cmdline_truncated {
-        warn!("command line longer than {} bytes was truncated", boot::info::MAX_CMDLINE);
+        warn!(
+            "command line longer than {} bytes was truncated",
+            boot::info::MAX_CMDLINE
+        );
     }
     let config = match cmdline::parse(info.cmdline()) {
         Ok(c) => c,
@@ -73,7 +76,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     if let Some(fault) = config.test_fault {
         cmdline::trigger(fault);
     }
-    for (name, value) in &config.options {
+    if let Some((name, value)) = config.options.first() {
         log::error!("qemu-storage-daemon option {name} {value} is not supported yet");
         halt::fatal("unsupported command-line option");
     }

@@ -35,7 +35,10 @@ pub struct Monitor {
 
 pub fn timestamp() -> Timestamp {
     let (s, us) = crate::clock::wall_clock();
-    Timestamp { seconds: s as i64, microseconds: us as i64 }
+    Timestamp {
+        seconds: s as i64,
+        microseconds: us as i64,
+    }
 }
 
 impl Monitor {
@@ -62,7 +65,10 @@ impl Monitor {
 
     fn queue(&mut self, bytes: &[u8]) {
         if self.outbox.len() + bytes.len() > OUTBOX_LIMIT {
-            log::warn!("QMP client is not reading: dropping {} bytes of output", bytes.len());
+            log::warn!(
+                "QMP client is not reading: dropping {} bytes of output",
+                bytes.len()
+            );
             return;
         }
         self.outbox.extend(bytes);

@@ -27,7 +27,9 @@ fn capture(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
             if n == 0 {
                 break;
             }
-            sink.lock().expect("console lock").extend_from_slice(&chunk[..n]);
+            sink.lock()
+                .expect("console lock")
+                .extend_from_slice(&chunk[..n]);
         }
     });
     buf
@@ -38,14 +40,28 @@ impl Appliance {
     /// client is there, so the greeting cannot be missed). The greeting is
     /// not read yet.
     pub fn start(image: &Path, cfg: &QemuConfig) -> Result<Self, String> {
-        let dir = tempfile::Builder::new().prefix("blockhaus-").tempdir().map_err(|e| e.to_string())?;
+        let dir = tempfile::Builder::new()
+            .prefix("blockhaus-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
         let sock = dir.path().join("qmp.sock");
         let mut cmd = cfg.command(image, &sock);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
         let console = capture(child.stdout.take().expect("piped stdout"));
         let stderr = capture(child.stderr.take().expect("piped stderr"));
-        let mut me = Self { child, console, stderr, qmp: None, dir, exit: None };
+        let mut me = Self {
+            child,
+            console,
+            stderr,
+            qmp: None,
+            dir,
+            exit: None,
+        };
         match Qmp::connect(&sock, Duration::from_secs(20)) {
             Ok(q) => me.qmp = Some(q),
             Err(e) => return Err(format!("QMP socket: {e}; qemu stderr: {}", me.stderr())),
@@ -58,7 +74,11 @@ impl Appliance {
         let image = crate::image::for_tests();
         let mut me = Self::start(&image, cfg).unwrap_or_else(|e| panic!("{e}"));
         if let Err(e) = me.qmp().negotiate() {
-            panic!("QMP negotiation failed: {e}\nconsole:\n{}\nstderr:\n{}", me.console(), me.stderr());
+            panic!(
+                "QMP negotiation failed: {e}\nconsole:\n{}\nstderr:\n{}",
+                me.console(),
+                me.stderr()
+            );
         }
         me
     }
@@ -91,7 +111,10 @@ impl Appliance {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        Err(format!("console never showed {needle:?}; console:\n{}", self.console()))
+        Err(format!(
+            "console never showed {needle:?}; console:\n{}",
+            self.console()
+        ))
     }
 
     /// Waits for QEMU to exit; `None` on timeout (the child is then killed
@@ -109,7 +132,9 @@ impl Appliance {
                     std::thread::sleep(Duration::from_millis(20));
                     return Some(s);
                 }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 _ => return None,
             }
         }

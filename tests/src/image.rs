@@ -23,12 +23,16 @@ pub fn build(release: bool) -> Result<PathBuf, String> {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(crate::workspace_root())
         .args(["build", "--package", "kernel", "--target", TARGET])
-        .env("CARGO_TARGET_DIR", crate::workspace_root().join("target/image"));
+        .env(
+            "CARGO_TARGET_DIR",
+            crate::workspace_root().join("target/image"),
+        );
     if release {
         cmd.arg("--release");
     }
     // Host-side flags (coverage, sanitizers) must not leak into the image.
-    cmd.env_remove("RUSTFLAGS").env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd.env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
     let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
         return Err(format!("building the image failed ({status})"));

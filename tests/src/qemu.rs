@@ -105,7 +105,13 @@ impl QemuConfig {
             Accel::Tcg => cmd.args(["-accel", "tcg"]),
             Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
         };
-        cmd.args(["-display", "none", "-nodefaults", "-no-reboot", "-no-user-config"]);
+        cmd.args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+            "-no-user-config",
+        ]);
         cmd.arg("-kernel").arg(image);
         if !self.append.is_empty() {
             cmd.args(["-append", &self.append]);
@@ -119,8 +125,12 @@ impl QemuConfig {
         cmd.args(["-device", "isa-serial,chardev=qmp,index=1"]);
         cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         for (i, disk) in self.disks.iter().enumerate() {
-            cmd.arg("-drive").arg(format!("file={},if=none,id=disk{i},format=raw,discard=unmap", disk.display()));
-            cmd.arg("-device").arg(format!("virtio-blk-pci,drive=disk{i},serial=disk{i}"));
+            cmd.arg("-drive").arg(format!(
+                "file={},if=none,id=disk{i},format=raw,discard=unmap",
+                disk.display()
+            ));
+            cmd.arg("-device")
+                .arg(format!("virtio-blk-pci,drive=disk{i},serial=disk{i}"));
         }
         cmd.args(&self.extra);
         cmd
@@ -129,5 +139,9 @@ impl QemuConfig {
 
 /// Whether `/dev/kvm` can be opened (it exists but may not work here).
 pub fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }

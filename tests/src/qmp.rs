@@ -39,7 +39,12 @@ impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> io::Result<Self> {
         let stream = connect_retry(path, timeout)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Self { reader: BufReader::new(stream.try_clone()?), writer: stream, events: VecDeque::new(), greeting: None })
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+            events: VecDeque::new(),
+            greeting: None,
+        })
     }
 
     /// Sets how long a read may wait.
@@ -51,19 +56,31 @@ impl Qmp {
     pub fn recv(&mut self) -> io::Result<Value> {
         loop {
             let mut line = String::new();
-            let n = self.reader.read_line(&mut line).map_err(|e| match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timeout_error("timed out waiting for QMP"),
-                _ => e,
-            })?;
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                        timeout_error("timed out waiting for QMP")
+                    }
+                    _ => e,
+                })?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "QMP connection closed"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "QMP connection closed",
+                ));
             }
             let trimmed = line.trim();
             if trimmed.is_empty() {
                 continue;
             }
-            return serde_json::from_str(trimmed)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad QMP line {trimmed:?}: {e}")));
+            return serde_json::from_str(trimmed).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad QMP line {trimmed:?}: {e}"),
+                )
+            });
         }
     }
 
@@ -71,7 +88,10 @@ impl Qmp {
     pub fn read_greeting(&mut self) -> io::Result<Value> {
         let g = self.recv()?;
         if g.get("QMP").is_none() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("not a QMP greeting: {g}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a QMP greeting: {g}"),
+            ));
         }
         self.greeting = Some(g.clone());
         Ok(g)
@@ -115,7 +135,9 @@ impl Qmp {
 
     /// `execute`, expecting success: returns the `return` value.
     pub fn cmd(&mut self, name: &str, arguments: Value) -> Result<Value, String> {
-        let reply = self.execute(name, arguments).map_err(|e| format!("{name}: {e}"))?;
+        let reply = self
+            .execute(name, arguments)
+            .map_err(|e| format!("{name}: {e}"))?;
         match reply.get("return") {
             Some(v) => Ok(v.clone()),
             None => Err(format!("{name} failed: {reply}")),

@@ -42,8 +42,15 @@ fn boot(runs: usize) -> Result<(), String> {
     std::fs::write(&floor, crate::floor::image()).map_err(|e| e.to_string())?;
 
     println!("boot benchmark: {runs} runs per machine, TCG, median wall time");
-    println!("image: {} ({size} bytes, {:.1} KiB)", image.display(), size as f64 / 1024.0);
-    println!("{:<8} {:>22} {:>26} {:>8}", "machine", "blockhaus → greeting", "do-nothing PVH → exit", "ratio");
+    println!(
+        "image: {} ({size} bytes, {:.1} KiB)",
+        image.display(),
+        size as f64 / 1024.0
+    );
+    println!(
+        "{:<8} {:>22} {:>26} {:>8}",
+        "machine", "blockhaus → greeting", "do-nothing PVH → exit", "ratio"
+    );
     for machine in Machine::ALL {
         let cfg = QemuConfig::default().machine(machine);
         let mut ours = Vec::new();
@@ -53,11 +60,15 @@ fn boot(runs: usize) -> Result<(), String> {
             let _ = std::fs::remove_file(&sock);
             // blockhaus: spawn → greeting line on COM2.
             let mut cmd = cfg.command(&image, &sock);
-            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
             let t0 = Instant::now();
             let mut child = cmd.spawn().map_err(|e| e.to_string())?;
-            let mut qmp = harness::Qmp::connect(&sock, Duration::from_secs(20)).map_err(|e| e.to_string())?;
-            qmp.read_greeting().map_err(|e| format!("{}: {e}", machine.name()))?;
+            let mut qmp =
+                harness::Qmp::connect(&sock, Duration::from_secs(20)).map_err(|e| e.to_string())?;
+            qmp.read_greeting()
+                .map_err(|e| format!("{}: {e}", machine.name()))?;
             ours.push(t0.elapsed());
             qmp.negotiate()?;
             let _ = qmp.execute("quit", serde_json::Value::Null);
@@ -66,14 +77,21 @@ fn boot(runs: usize) -> Result<(), String> {
             // The floor: spawn → exit, with the same devices; no QMP client,
             // so QEMU must not wait for one.
             let _ = std::fs::remove_file(&sock);
-            let floor_cfg = QemuConfig { qmp_wait: false, ..cfg.clone() };
+            let floor_cfg = QemuConfig {
+                qmp_wait: false,
+                ..cfg.clone()
+            };
             let mut cmd = floor_cfg.command(&floor, &sock);
-            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
             let t0 = Instant::now();
             let status = cmd.status().map_err(|e| e.to_string())?;
             base.push(t0.elapsed());
             if status.code() != Some(1) {
-                return Err(format!("the do-nothing image exited with {status}, expected 1 (isa-debug-exit 0)"));
+                return Err(format!(
+                    "the do-nothing image exited with {status}, expected 1 (isa-debug-exit 0)"
+                ));
             }
         }
         let (o, b) = (median(ours), median(base));

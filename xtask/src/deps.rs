@@ -5,18 +5,26 @@
 use std::process::Command;
 
 fn have(bin: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {bin} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Installs QEMU and the test clients if any is missing.
 pub fn ensure() -> Result<(), String> {
-    let missing: Vec<&str> =
-        ["qemu-system-x86_64", "qemu-img", "qemu-io"].into_iter().filter(|b| !have(b)).collect();
+    let missing: Vec<&str> = ["qemu-system-x86_64", "qemu-img", "qemu-io"]
+        .into_iter()
+        .filter(|b| !have(b))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     let script = harness::workspace_root().join(".ci/install-deps");
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     let debian = std::path::Path::new("/etc/debian_version").exists();
     if !(root && debian) {
         return Err(format!(
@@ -24,8 +32,15 @@ pub fn ensure() -> Result<(), String> {
             missing.join(", ")
         ));
     }
-    eprintln!("xtask: {} missing; installing with {}", missing.join(", "), script.display());
-    let status = Command::new("bash").arg(&script).status().map_err(|e| format!("{}: {e}", script.display()))?;
+    eprintln!(
+        "xtask: {} missing; installing with {}",
+        missing.join(", "),
+        script.display()
+    );
+    let status = Command::new("bash")
+        .arg(&script)
+        .status()
+        .map_err(|e| format!("{}: {e}", script.display()))?;
     if !status.success() {
         return Err(format!("{} failed ({status})", script.display()));
     }

@@ -33,7 +33,15 @@ pub fn image() -> Vec<u8> {
     // PT_LOAD: the whole file at 1 MiB, R+X.
     phdr(&mut f, 1, 5, 0, LOAD_ADDR, total as u64, 0x1000);
     // PT_NOTE
-    phdr(&mut f, 4, 4, NOTE_OFF as u64, LOAD_ADDR + NOTE_OFF as u64, NOTE_LEN as u64, 4);
+    phdr(
+        &mut f,
+        4,
+        4,
+        NOTE_OFF as u64,
+        LOAD_ADDR + NOTE_OFF as u64,
+        NOTE_LEN as u64,
+        4,
+    );
     // Xen note: namesz 4, descsz 8, type 18 (PHYS32_ENTRY), "Xen\0", entry.
     for v in [4u32, 8, 18] {
         f.extend_from_slice(&v.to_le_bytes());

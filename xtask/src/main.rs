@@ -17,7 +17,10 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, run, test and benchmark blockhaus")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run, test and benchmark blockhaus"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -45,7 +48,9 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Build { release } => harness::image::build(release).map(|p| println!("{}", p.display())),
+        Cmd::Build { release } => {
+            harness::image::build(release).map(|p| println!("{}", p.display()))
+        }
         Cmd::Run(args) => run::run(args),
         Cmd::Test(args) => test::test(args),
         Cmd::Bench { which } => bench::bench(which),

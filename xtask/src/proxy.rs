@@ -29,10 +29,14 @@ struct Shared {
 
 impl Proxy {
     pub fn start(com2: &Path, user: &Path) -> Result<Self, String> {
-        let stream =
-            harness::qmp::connect_retry(com2, Duration::from_secs(20)).map_err(|e| format!("COM2 socket: {e}"))?;
+        let stream = harness::qmp::connect_retry(com2, Duration::from_secs(20))
+            .map_err(|e| format!("COM2 socket: {e}"))?;
         let listener = UnixListener::bind(user).map_err(|e| format!("{}: {e}", user.display()))?;
-        let shared = Arc::new(Shared { greeting: Mutex::new(None), client: Mutex::new(None), negotiated: Mutex::new(false) });
+        let shared = Arc::new(Shared {
+            greeting: Mutex::new(None),
+            client: Mutex::new(None),
+            negotiated: Mutex::new(false),
+        });
         let appliance = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
 
         // Appliance → client.
@@ -69,7 +73,11 @@ impl Proxy {
 
     /// Sends `quit` to the appliance.
     pub fn quit(&self) {
-        let _ = self.appliance.lock().expect("lock").write_all(b"{\"execute\": \"quit\"}\n");
+        let _ = self
+            .appliance
+            .lock()
+            .expect("lock")
+            .write_all(b"{\"execute\": \"quit\"}\n");
     }
 }
 
@@ -84,7 +92,9 @@ fn serve(s: &Shared, appliance: &Mutex<UnixStream>, mut client: UnixStream) {
     if client.write_all(greeting.as_bytes()).is_err() {
         return;
     }
-    let Ok(reader) = client.try_clone() else { return };
+    let Ok(reader) = client.try_clone() else {
+        return;
+    };
     *s.client.lock().expect("lock") = client.try_clone().ok();
     let mut client_negotiated = false;
     let stream = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();

@@ -5,8 +5,8 @@ use clap::Args;
 use harness::{Accel, Machine, QemuConfig};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
@@ -77,7 +77,9 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     // appliance through QMP `quit` (the clean halt path) instead of killing it.
     use std::os::unix::process::CommandExt;
     cmd.process_group(0).stdin(Stdio::null());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
     let proxy = match Proxy::start(&com2, &user_sock) {
         Ok(p) => p,
         Err(e) => {
@@ -117,5 +119,9 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     let _ = std::fs::remove_file(&com2);
     let _ = std::fs::remove_file(&user_sock);
     eprintln!("xtask: QEMU exited ({status})");
-    if status.success() { Ok(()) } else { Err(format!("QEMU exited with {status}")) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("QEMU exited with {status}"))
+    }
 }

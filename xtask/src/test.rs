@@ -25,7 +25,11 @@ fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<(), String> {
         cmd.env(k, v);
     }
     let status = cmd.status().map_err(|e| e.to_string())?;
-    if status.success() { Ok(()) } else { Err(format!("cargo {} failed ({status})", args.join(" "))) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo {} failed ({status})", args.join(" ")))
+    }
 }
 
 pub fn test(args: TestArgs) -> Result<(), String> {
@@ -37,7 +41,22 @@ pub fn test(args: TestArgs) -> Result<(), String> {
         cargo(&["fmt", "--all", "--check"], &[])?;
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &[])?;
         cargo(
-            &["clippy", "-p", "kernel", "-p", "boot", "-p", "drivers", "-p", "block", "--target", "x86_64-unknown-none", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "-p",
+                "kernel",
+                "-p",
+                "boot",
+                "-p",
+                "drivers",
+                "-p",
+                "block",
+                "--target",
+                "x86_64-unknown-none",
+                "--",
+                "-D",
+                "warnings",
+            ],
             &[("CARGO_TARGET_DIR", image_dir)],
         )?;
     }
