@@ -8,6 +8,7 @@ extern crate alloc;
 mod clock;
 mod cmdline;
 mod console;
+mod disks;
 mod halt;
 mod heap;
 mod interrupts;
@@ -81,14 +82,16 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         halt::fatal("unsupported command-line option");
     }
 
-    let mut monitor = monitor::Monitor::new();
+    let disks = disks::Disks::probe();
+    let mut monitor = monitor::Monitor::new(monitor::Appliance::new(disks));
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
     info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
     monitor.start();
 
     let mut last_activity = clock::monotonic_ns();
     loop {
-        let busy = monitor.poll();
+        let mut busy = monitor.appliance().disks.poll();
+        busy |= monitor.poll();
         if let Some(reason) = monitor.halt_requested() {
             monitor.shutdown(reason);
             halt::halt(reason, "requested over QMP");

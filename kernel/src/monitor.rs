@@ -4,7 +4,7 @@
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
-use block::qmp::{Action, Dispatcher, Event, QmpContext, Session, Timestamp, VersionInfo};
+use block::qmp::{Action, Dispatcher, Event, Limits, QmpContext, Session, Timestamp, VersionInfo};
 use drivers::uart::{COM2, Uart};
 
 /// The QEMU version whose qemu-storage-daemon QMP shapes blockhaus follows.
@@ -12,10 +12,27 @@ const QEMU_COMPAT: (u64, u64, u64) = (7, 2, 0);
 /// Output kept for a client that does not read, before events are dropped.
 const OUTBOX_LIMIT: usize = 4 << 20;
 
-/// What QMP commands run against (the block layer joins it in later issues).
-#[derive(Default)]
+/// QEMU allows 64 MiB and 2 Mi tokens per request; a small heap wants less.
+const LIMITS: Limits = Limits {
+    max_bytes: 1 << 20,
+    max_tokens: 1 << 16,
+    max_nesting: 64,
+};
+
+/// What QMP commands run against: the appliance's state.
 pub struct Appliance {
-    events: Vec<Event>,
+    /// Events raised by commands, written before their reply.
+    pub events: Vec<Event>,
+    pub disks: crate::disks::Disks,
+}
+
+impl Appliance {
+    pub fn new(disks: crate::disks::Disks) -> Self {
+        Self {
+            events: Vec::new(),
+            disks,
+        }
+    }
 }
 
 impl QmpContext for Appliance {
@@ -42,14 +59,16 @@ pub fn timestamp() -> Timestamp {
 }
 
 impl Monitor {
-    pub fn new() -> Self {
+    pub fn new(ctx: Appliance) -> Self {
         let (major, minor, micro) = QEMU_COMPAT;
+        let mut commands = Dispatcher::new();
+        crate::disks::register(&mut commands);
         Self {
             // SAFETY: COM2 is the monitor's port; only this module drives it.
             uart: unsafe { Uart::new(COM2) },
-            session: Session::new(VersionInfo::new(major, minor, micro)),
-            commands: Dispatcher::new(),
-            ctx: Appliance::default(),
+            session: Session::new(VersionInfo::new(major, minor, micro)).with_limits(LIMITS),
+            commands,
+            ctx,
             outbox: VecDeque::new(),
             quit: false,
         }
@@ -103,6 +122,11 @@ impl Monitor {
         }
         let wrote = self.flush_some();
         n > 0 || wrote
+    }
+
+    /// The state commands run against.
+    pub fn appliance(&mut self) -> &mut Appliance {
+        &mut self.ctx
     }
 
     /// `quit` was executed.
