@@ -17,6 +17,7 @@ pub mod io;
 pub mod timer;
 pub mod backend;
 pub mod child;
+pub mod close_all;
 pub mod driver;
 pub mod event;
 pub mod job;

@@ -5,6 +5,7 @@
 extern crate std;
 
 mod backend;
+mod close_all;
 mod graph;
 mod harness;
 mod job;
