@@ -111,12 +111,12 @@ fn serve(s: &Shared, appliance: &Mutex<UnixStream>, mut client: UnixStream) {
         let is_caps = value.get("execute").and_then(Value::as_str) == Some("qmp_capabilities");
         let appliance_negotiated = *s.negotiated.lock().expect("lock");
         if is_caps && appliance_negotiated && !client_negotiated {
-            let mut reply = json!({"return": {}});
-            if let Some(id) = value.get("id") {
-                reply["id"] = id.clone();
-            }
+            let reply = match value.get("id") {
+                Some(id) => format!("{{\"return\": {{}}, \"id\": {id}}}\r\n"),
+                None => "{\"return\": {}}\r\n".to_string(),
+            };
             client_negotiated = true;
-            let _ = client.write_all(format!("{reply}\r\n").as_bytes());
+            let _ = client.write_all(reply.as_bytes());
             continue;
         }
         if appliance_negotiated && !client_negotiated && !is_caps {
@@ -138,5 +138,6 @@ fn serve(s: &Shared, appliance: &Mutex<UnixStream>, mut client: UnixStream) {
             break;
         }
     }
-    *s.client.lock().expect("lock") = None;
+    // The client may have only shut down its sending side and still wait for
+    // replies: it stays the reply target until the next client connects.
 }

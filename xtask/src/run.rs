@@ -30,12 +30,15 @@ pub struct RunArgs {
     /// Boot the debug build instead of the release build.
     #[arg(long)]
     debug: bool,
+    /// Where the default disk and the sockets live.
+    #[arg(long, default_value = "target/blockhaus")]
+    state_dir: PathBuf,
 }
 
 pub fn run(args: RunArgs) -> Result<(), String> {
     crate::deps::ensure()?;
     let image = harness::image::build(!args.debug)?;
-    let state = harness::workspace_root().join("target/blockhaus");
+    let state = harness::workspace_root().join(&args.state_dir);
     std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
     let mut disks = args.disks.clone();
     if disks.is_empty() {

@@ -1,0 +1,111 @@
+//! `cargo xtask run` as a user meets it: it boots, prints how to connect,
+//! every QMP client that connects gets the greeting and can talk, and
+//! Ctrl-C stops the appliance through its halt path with exit 0.
+
+use serde_json::{Value, json};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["run", "--state-dir"])
+        .arg(state.path())
+        .current_dir(harness::workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // On failure, kill xtask and its QEMU (in its own process group; its
+    // command line names the state directory).
+    struct Kill(u32, String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-f", &self.1])
+                .status();
+        }
+    }
+    let _guard = Kill(child.id(), state.path().display().to_string());
+    let sock = state.path().join("qmp.sock");
+
+    // First client: greeting, negotiation, a command.
+    let mut qmp =
+        harness::Qmp::connect(&sock, Duration::from_secs(120)).expect("xtask run offers qmp.sock");
+    let greeting = qmp.read_greeting().unwrap();
+    assert_eq!(greeting["QMP"]["capabilities"], json!(["oob"]));
+    qmp.negotiate().unwrap();
+    let v = qmp.cmd("query-version", Value::Null).unwrap();
+    assert_eq!(
+        v["package"],
+        json!(format!("blockhaus {}", env!("CARGO_PKG_VERSION")))
+    );
+    drop(qmp);
+
+    // A second client gets the greeting too, and must negotiate first.
+    let mut qmp = harness::Qmp::connect(&sock, Duration::from_secs(10)).unwrap();
+    qmp.read_greeting().unwrap();
+    let r = qmp.execute("query-status", Value::Null).unwrap();
+    assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
+    qmp.negotiate().unwrap();
+    assert_eq!(
+        qmp.cmd("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    drop(qmp);
+
+    // Ctrl-C: xtask sends quit; the appliance halts cleanly.
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "xtask run did not stop after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        status.success(),
+        "xtask run exit {status}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(
+        err.contains("UNIX-CONNECT:"),
+        "run must say how to connect:\n{err}"
+    );
+    assert!(
+        out.contains("=== blockhaus halt report ==="),
+        "console:\n{out}"
+    );
+    assert!(out.contains("reason: host-qmp-quit"), "console:\n{out}");
+    assert!(err.contains("QEMU exited (exit status: 0)"), "{err}");
+    assert!(
+        state.path().join("disk0.img").exists(),
+        "the default disk is made with qemu-img"
+    );
+}
