@@ -15,12 +15,19 @@ pub enum Which {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
+    /// CPU use of the QEMU process while the appliance sits idle.
+    Idle {
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 pub fn bench(which: Which) -> Result<(), String> {
     crate::deps::ensure()?;
     match which {
         Which::Boot { runs } => boot(runs.max(1)),
+        Which::Idle { seconds } => idle(seconds.max(1)),
     }
 }
 
@@ -104,5 +111,48 @@ fn boot(runs: usize) -> Result<(), String> {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14, 15).
+fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    // The command name may contain spaces: fields start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("bad /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .ok_or("no utime")?;
+    let stime: u64 = fields
+        .get(12)
+        .and_then(|v| v.parse().ok())
+        .ok_or("no stime")?;
+    Ok(utime + stime)
+}
+
+fn idle(seconds: u64) -> Result<(), String> {
+    let image = harness::image::build(true)?;
+    // USER_HZ: 100 on every Linux this runs on.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    println!("idle benchmark: QEMU's CPU use over {seconds} s with the appliance idle (TCG)");
+    println!("{:<8} {:>14}", "machine", "CPU (% of a core)");
+    for machine in Machine::ALL {
+        let mut a = harness::Appliance::start(&image, &QemuConfig::default().machine(machine))?;
+        a.qmp().negotiate()?;
+        std::thread::sleep(Duration::from_millis(500)); // let boot settle
+        let before = cpu_ticks(a.pid())?;
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(seconds));
+        let used = (cpu_ticks(a.pid())? - before) as f64 / TICKS_PER_SECOND;
+        let pct = 100.0 * used / t0.elapsed().as_secs_f64();
+        println!("{:<8} {:>13.2} %", machine.name(), pct);
+        let _ = a.qmp().execute("quit", serde_json::Value::Null);
+        a.wait_exit(Duration::from_secs(10));
+    }
+    println!("goal: under 2 % of a core");
     Ok(())
 }
