@@ -74,6 +74,12 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     if let Some(level) = config.log_level {
         console::set_level(level);
     }
+    info!(
+        "command line parsed: loglevel={}, test-fault={:?}, {} storage option(s)",
+        log::max_level(),
+        config.test_fault,
+        config.options.len()
+    );
     if let Some(fault) = config.test_fault {
         cmdline::trigger(fault);
     }

@@ -59,6 +59,11 @@ fn banner_shows_the_parsed_command_line() {
     let a = Appliance::boot(&QemuConfig::default().append("loglevel=debug"));
     a.wait_console("command line: \"loglevel=debug\"", Duration::from_secs(5))
         .unwrap();
+    a.wait_console(
+        "command line parsed: loglevel=DEBUG",
+        Duration::from_secs(5),
+    )
+    .unwrap();
     quit_cleanly(a);
 }
 
