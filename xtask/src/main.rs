@@ -4,11 +4,13 @@
 //! - `run`: boots the appliance in QEMU with a default disk and QMP on a
 //!   socket, and says how to connect.
 //! - `test`: formatting, clippy, host unit tests, then the QEMU tests.
-//! - `bench boot`: boot time against a do-nothing PVH image.
+//! - `graph`: the live block graph as Graphviz.
+//! - `bench boot|idle`: boot time against a do-nothing PVH image; idle CPU.
 
 mod bench;
 mod deps;
 mod floor;
+mod graph;
 mod proxy;
 mod run;
 mod test;
@@ -38,6 +40,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Run every test: fmt, clippy, host unit tests, QEMU integration tests.
     Test(test::TestArgs),
+    /// Draw the live block graph of a running appliance (Graphviz).
+    Graph(graph::GraphArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         }
         Cmd::Run(args) => run::run(args),
         Cmd::Test(args) => test::test(args),
+        Cmd::Graph(args) => graph::graph(args),
         Cmd::Bench { which } => bench::bench(which),
     };
     match result {
