@@ -297,6 +297,86 @@ impl PowerOff {
     }
 }
 
+/// The power button, polled (no SCI handler needed): QEMU's
+/// `system_powerdown` (what `virsh shutdown` sends) sets PWRBTN_STS in the
+/// PM1a status register on pc/q35, or the power-down bit of the Generic
+/// Event Device's selector on hardware-reduced microvm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerButton {
+    /// PM1a event block: status at `status`, enable at `status + len / 2`.
+    Pm1 { status: u16, enable: u16 },
+    /// QEMU's GED event selector (MMIO, read-to-clear).
+    Ged { selector: u64 },
+}
+
+const PWRBTN: u16 = 1 << 8;
+/// QEMU's GED lays its sleep registers 0x200 after the event selector.
+const GED_REGS_OFFSET: u64 = 0x200;
+const GED_PWR_DOWN_EVT: u32 = 0x2;
+
+impl Fadt {
+    /// Where this machine's power button is reported, if anywhere.
+    pub fn power_button(&self) -> Option<PowerButton> {
+        match (self.pm1a_evt, self.poweroff) {
+            (Some(status), _) if self.pm1_evt_len >= 4 => Some(PowerButton::Pm1 {
+                status,
+                enable: status + (self.pm1_evt_len / 2) as u16,
+            }),
+            (None, PowerOff::SleepControl { reg, .. })
+                if self.hw_reduced && reg.space == AddressSpace::Memory =>
+            {
+                Some(PowerButton::Ged {
+                    selector: reg.address.checked_sub(GED_REGS_OFFSET)?,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl PowerButton {
+    /// Arms the button: clears a stale status and sets PWRBTN_EN.
+    ///
+    /// # Safety
+    /// The registers must be this machine's, from its FADT.
+    pub unsafe fn enable(&self) {
+        use crate::port::{inw, outw};
+        if let PowerButton::Pm1 { status, enable } = *self {
+            // SAFETY: PM1 registers from the FADT; forwarded to the caller.
+            unsafe {
+                outw(status, PWRBTN); // write-1-to-clear
+                outw(enable, inw(enable) | PWRBTN);
+            }
+        }
+    }
+
+    /// Whether the button was pressed since the last call (clears it).
+    ///
+    /// # Safety
+    /// As [`enable`](Self::enable).
+    pub unsafe fn pressed(&self) -> bool {
+        use crate::port::{inw, outw};
+        match *self {
+            PowerButton::Pm1 { status, .. } => {
+                // SAFETY: PM1 status register from the FADT.
+                let sts = unsafe { inw(status) };
+                if sts & PWRBTN != 0 {
+                    // SAFETY: as above; write-1-to-clear.
+                    unsafe { outw(status, PWRBTN) };
+                    return true;
+                }
+                false
+            }
+            PowerButton::Ged { selector } => {
+                // SAFETY: QEMU's GED selector, identity-mapped MMIO; reading
+                // returns and clears the pending events.
+                let sel = unsafe { core::ptr::read_volatile(selector as *const u32) };
+                sel & GED_PWR_DOWN_EVT != 0
+            }
+        }
+    }
+}
+
 /// The kernel's view of physical memory: identity-mapped reads.
 pub struct IdentityMapped;
 
@@ -400,6 +480,29 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn power_button_location() {
+        let m = machine(&[0x12, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00], 0x604, false);
+        let mut f = parse(&m, Some(0x100)).expect("parse");
+        f.pm1_evt_len = 4;
+        assert_eq!(
+            f.power_button(),
+            Some(PowerButton::Pm1 {
+                status: 0x600,
+                enable: 0x602
+            })
+        );
+        let m = machine(&[0x12, 0x04, 0x01, 0x0A, 0x05], 0, true);
+        let mut f = parse(&m, Some(0x100)).expect("parse");
+        f.pm1a_evt = None;
+        assert_eq!(
+            f.power_button(),
+            Some(PowerButton::Ged {
+                selector: 0xfea0_0004
+            })
+        );
     }
 
     #[test]

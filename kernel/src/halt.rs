@@ -20,6 +20,8 @@ static HALTING: AtomicBool = AtomicBool::new(false);
 pub enum Reason {
     /// QMP `quit`.
     HostQmpQuit,
+    /// The ACPI power button (QEMU `system_powerdown`, `virsh shutdown`).
+    GuestShutdown,
     /// A fatal error inside the appliance.
     Fatal,
 }
@@ -28,14 +30,47 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::HostQmpQuit => "host-qmp-quit",
+            Reason::GuestShutdown => "guest-shutdown",
             Reason::Fatal => "guest-panic",
         }
     }
+
+    /// Where the halt came from, for the report.
+    pub fn source(self) -> &'static str {
+        match self {
+            Reason::HostQmpQuit => "requested over QMP",
+            Reason::GuestShutdown => "ACPI power button",
+            Reason::Fatal => "fatal error",
+        }
+    }
+
+    /// Whether the guest itself decided to stop (QMP `SHUTDOWN`'s `guest`).
+    pub fn by_guest(self) -> bool {
+        self != Reason::HostQmpQuit
+    }
 }
 
-/// Reads the FADT once at boot so poweroff needs no parsing at halt time.
+/// Reads the FADT once at boot so poweroff needs no parsing at halt time,
+/// and arms the power button.
 pub fn init(rsdp: Option<u64>) -> &'static Result<drivers::acpi::Fadt, drivers::acpi::Error> {
-    FADT.call_once(|| drivers::acpi::parse(&drivers::acpi::IdentityMapped, rsdp))
+    let fadt = FADT.call_once(|| drivers::acpi::parse(&drivers::acpi::IdentityMapped, rsdp));
+    if let Some(button) = power_button() {
+        // SAFETY: the registers come from this machine's FADT.
+        unsafe { button.enable() };
+    }
+    fadt
+}
+
+/// The machine's power button, if its ACPI tables name one.
+pub fn power_button() -> Option<drivers::acpi::PowerButton> {
+    FADT.get()?.as_ref().ok()?.power_button()
+}
+
+/// Polls the power button: `Some(GuestShutdown)` once it was pressed.
+pub fn poll_power_button() -> Option<Reason> {
+    let button = power_button()?;
+    // SAFETY: the registers come from this machine's FADT.
+    unsafe { button.pressed() }.then_some(Reason::GuestShutdown)
 }
 
 /// Stops the appliance: report, then poweroff. Never returns.

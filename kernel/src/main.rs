@@ -20,6 +20,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Idle wake-ups a second while nothing is pending.
 const TIMER_HZ: u64 = 100;
+/// How often the ACPI power button is checked.
+const POWER_BUTTON_POLL_NS: u64 = 100_000_000;
 /// After any activity, keep busy-polling this long before halting the CPU.
 const BUSY_POLL_NS: u64 = 20_000_000;
 
@@ -55,7 +57,11 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         halt::fatal("no usable RAM for the heap in the memory map");
     }
     match halt::init(info.rsdp) {
-        Ok(fadt) => info!("ACPI: poweroff via {:?}", fadt.poweroff),
+        Ok(fadt) => info!(
+            "ACPI: poweroff via {:?}; power button {:?}",
+            fadt.poweroff,
+            fadt.power_button()
+        ),
         Err(e) => warn!("ACPI: {e}; poweroff will not work"),
     }
     if info.cmdline_truncated {
@@ -95,14 +101,21 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     monitor.start();
 
     let mut last_activity = clock::monotonic_ns();
+    let mut last_button_poll = 0;
     loop {
         let mut busy = monitor.appliance().disks.poll();
         busy |= monitor.poll();
-        if let Some(reason) = monitor.halt_requested() {
-            monitor.shutdown(reason);
-            halt::halt(reason, "requested over QMP");
-        }
         let now = clock::monotonic_ns();
+        // Every poll of the power button is a VM exit: ten times a second.
+        let mut halt_reason = monitor.halt_requested();
+        if halt_reason.is_none() && now.saturating_sub(last_button_poll) > POWER_BUTTON_POLL_NS {
+            last_button_poll = now;
+            halt_reason = halt::poll_power_button();
+        }
+        if let Some(reason) = halt_reason {
+            monitor.shutdown(reason);
+            halt::halt(reason, reason.source());
+        }
         if busy {
             last_activity = now;
         } else if now.saturating_sub(last_activity) > BUSY_POLL_NS {

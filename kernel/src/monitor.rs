@@ -137,7 +137,7 @@ impl Monitor {
     /// Emits `SHUTDOWN` (after the `quit` reply, as QEMU does) and writes
     /// out everything still queued, waiting for the UART as needed.
     pub fn shutdown(&mut self, reason: crate::halt::Reason) {
-        let data = serde_json::json!({"guest": false, "reason": reason.as_str()});
+        let data = serde_json::json!({"guest": reason.by_guest(), "reason": reason.as_str()});
         self.session.event("SHUTDOWN", Some(data), timestamp());
         let out = self.session.take_output();
         self.queue(&out);

@@ -83,6 +83,15 @@ impl Appliance {
         me
     }
 
+    /// A negotiated connection to QEMU's own QMP monitor (not the
+    /// appliance's), e.g. for `system_powerdown`.
+    pub fn qemu_monitor(&self) -> Result<Qmp, String> {
+        let sock = crate::qemu::qemu_monitor_socket(&self.dir.path().join("qmp.sock"));
+        let mut q = Qmp::connect(&sock, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        q.negotiate()?;
+        Ok(q)
+    }
+
     pub fn qmp(&mut self) -> &mut Qmp {
         self.qmp.as_mut().expect("QMP connected")
     }

@@ -123,6 +123,11 @@ impl QemuConfig {
             qmp_socket.display()
         ));
         cmd.args(["-device", "isa-serial,chardev=qmp,index=1"]);
+        // QEMU's own monitor, beside the appliance's: for `system_powerdown`.
+        cmd.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            qemu_monitor_socket(qmp_socket).display()
+        ));
         cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         for (i, disk) in self.disks.iter().enumerate() {
             cmd.arg("-drive").arg(format!(
@@ -135,6 +140,11 @@ impl QemuConfig {
         cmd.args(&self.extra);
         cmd
     }
+}
+
+/// QEMU's own QMP monitor socket, next to the appliance's COM2 socket.
+pub fn qemu_monitor_socket(qmp_socket: &Path) -> PathBuf {
+    qmp_socket.with_file_name("qemu-monitor.sock")
 }
 
 /// Whether `/dev/kvm` can be opened (it exists but may not work here).

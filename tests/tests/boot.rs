@@ -55,6 +55,35 @@ fn boots_on_every_machine_type_and_quits_with_exit_0() {
 }
 
 #[test]
+fn acpi_power_button_halts_cleanly_on_every_machine_type() {
+    for machine in Machine::ALL {
+        let mut a = Appliance::boot(&QemuConfig::default().machine(machine));
+        let mut qemu = a.qemu_monitor().unwrap();
+        qemu.cmd("system_powerdown", Value::Null).unwrap();
+        let ev = a
+            .qmp()
+            .wait_event("SHUTDOWN", Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(
+            ev["data"],
+            serde_json::json!({"guest": true, "reason": "guest-shutdown"}),
+            "{}",
+            machine.name()
+        );
+        let status = a
+            .wait_exit(EXIT_TIMEOUT)
+            .expect("QEMU exits after the power button");
+        let console = a.console();
+        assert_eq!(status.code(), Some(0), "{}: {console}", machine.name());
+        assert!(
+            console.contains("reason: guest-shutdown (ACPI power button)"),
+            "{}: {console}",
+            machine.name()
+        );
+    }
+}
+
+#[test]
 fn banner_shows_the_parsed_command_line() {
     let a = Appliance::boot(&QemuConfig::default().append("loglevel=debug"));
     a.wait_console("command line: \"loglevel=debug\"", Duration::from_secs(5))
