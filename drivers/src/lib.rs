@@ -8,9 +8,13 @@
 //! tested on the host.
 #![cfg_attr(not(test), no_std)]
 
+extern crate alloc;
+
 pub mod acpi;
 pub mod lapic;
+pub mod pci;
 pub mod pic;
 pub mod port;
 pub mod time;
 pub mod uart;
+pub mod virtio;

@@ -1,0 +1,576 @@
+//! Our virtio-scsi driver (virtio 1.2 §5.6): one controller, the LUNs it
+//! finds, and SCSI block commands (SBC-3) on its first request queue.
+//!
+//! API (see [`crate::virtio`] for the request model):
+//! - [`VirtioScsi::new`] brings the controller up (request queue 2 at the
+//!   full size offered, one ring slot per command with indirect
+//!   descriptors) and scans it: REPORT LUNS to every target
+//!   `0..=max_target` at once (response BAD_TARGET = no target there),
+//!   then for each LUN reported, INQUIRY, the VPD pages 0x80 (serial), 0xB0
+//!   (limits) and 0xB2 (provisioning), READ CAPACITY(16) and MODE
+//!   SENSE(10) (write protect). Disks (peripheral type 0) become [`Lun`]s.
+//! - [`VirtioScsi::submit`]`(lun_index, op)` / [`VirtioScsi::poll`]: the
+//!   same request model as virtio-blk, with ids unique per controller, and
+//!   many commands in flight for all LUNs on the one request queue.
+//!   UNIT ATTENTION (the first command to each target after a reset gets
+//!   one) and BUSY are retried; other CHECK CONDITIONs complete with the
+//!   decoded sense ([`sense`]).
+//!
+//! Pure parts, tested on the host: [`wire`] (request/response layouts, LUN
+//! addressing), [`cdb`] (CDB builders), [`sense`] (sense decoding),
+//! [`inquiry`] (INQUIRY/VPD/capacity/REPORT LUNS parsing), [`command`]
+//! (an op as commands).
+
+pub mod cdb;
+pub mod command;
+pub mod inquiry;
+pub mod sense;
+pub mod wire;
+
+use super::queue::{Chain, Queue};
+use super::requests::Requests;
+use super::transport::{self, F_INDIRECT_DESC, config_u16, config_u32};
+use super::{Completion, DiskInfo, Error, Limits, Op, RequestId};
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::format;
+use alloc::vec;
+use alloc::vec::Vec;
+use command::{Caps, Command, Data};
+use virtio_drivers::transport::Transport;
+use virtio_drivers::transport::pci::PciTransport;
+use wire::{Response, offset};
+
+/// The driver's own cap on one READ/WRITE (as virtio-blk's).
+pub const DRIVER_MAX_TRANSFER: u64 = 1 << 20;
+/// Retries of a command that met UNIT ATTENTION or BUSY.
+const MAX_RETRIES: u8 = 8;
+/// Spins before a bring-up command is declared lost.
+const SPIN_LIMIT: u64 = 4_000_000_000;
+
+/// A disk found on the controller.
+#[derive(Clone, Debug)]
+pub struct Lun {
+    pub target: u8,
+    pub lun: u16,
+    pub info: DiskInfo,
+    pub caps: Caps,
+}
+
+struct Pending {
+    id: RequestId,
+    target: u8,
+    lun: u16,
+    cmd: Command,
+    retries: u8,
+}
+
+struct InFlight {
+    pending: Pending,
+    chain: Chain,
+    _req: Vec<u8>,
+    resp: Vec<u8>,
+}
+
+/// One virtio-scsi controller.
+pub struct VirtioScsi {
+    // First, so it drops first: the reset stops the device before the
+    // rings and in-flight buffers are freed.
+    transport: PciTransport,
+    queue: Queue,
+    indirect: bool,
+    cdb_size: usize,
+    sense_size: usize,
+    pub max_target: u16,
+    pub max_lun: u32,
+    luns: Vec<Lun>,
+    requests: Requests,
+    slots: Vec<Option<InFlight>>,
+    in_flight: usize,
+    backlog: VecDeque<Pending>,
+    ready: Vec<Completion>,
+    next_tag: u64,
+}
+
+impl VirtioScsi {
+    /// Brings the controller up and scans it for disks.
+    pub fn new(mut transport: PciTransport) -> Result<VirtioScsi, Error> {
+        let negotiated = transport::negotiate(&mut transport, F_INDIRECT_DESC)?;
+        let indirect = negotiated & F_INDIRECT_DESC != 0;
+        let num_queues = config_u32(&transport, offset::NUM_QUEUES);
+        if num_queues == 0 {
+            return Err(Error::Setup(
+                "virtio-scsi controller without request queues",
+            ));
+        }
+        let queue = Queue::new(&mut transport, wire::FIRST_REQUEST_QUEUE, indirect)
+            .map_err(|_| Error::Setup("cannot set up the request queue"))?;
+        let cdb_size = match config_u32(&transport, offset::CDB_SIZE) as usize {
+            0 => wire::DEFAULT_CDB_SIZE,
+            n => n.max(16),
+        };
+        let sense_size = match config_u32(&transport, offset::SENSE_SIZE) as usize {
+            0 => wire::DEFAULT_SENSE_SIZE,
+            n => n,
+        };
+        let max_target = config_u16(&transport, offset::MAX_TARGET).min(255);
+        let max_lun = config_u32(&transport, offset::MAX_LUN).min(16383);
+        let max_sectors = config_u32(&transport, offset::MAX_SECTORS);
+        transport.finish_init();
+        let slots = (0..queue.size()).map(|_| None).collect();
+        let mut scsi = VirtioScsi {
+            transport,
+            queue,
+            indirect,
+            cdb_size,
+            sense_size,
+            max_target,
+            max_lun,
+            luns: Vec::new(),
+            requests: Requests::default(),
+            slots,
+            in_flight: 0,
+            backlog: VecDeque::new(),
+            ready: Vec::new(),
+            next_tag: 1,
+        };
+        scsi.scan(max_sectors)?;
+        Ok(scsi)
+    }
+
+    /// The disks found, in target/LUN order.
+    pub fn luns(&self) -> &[Lun] {
+        &self.luns
+    }
+
+    /// Commands on the ring now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether any request is open.
+    pub fn busy(&self) -> bool {
+        !self.requests.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Queues `op` for LUN `index` of [`VirtioScsi::luns`].
+    pub fn submit(&mut self, index: usize, op: Op) -> Result<RequestId, Error> {
+        let lun = self.luns.get(index).ok_or(Error::Setup("no such LUN"))?;
+        lun.info.check(&op)?;
+        let cmds = command::plan(&op, &lun.caps);
+        let (target, l) = (lun.target, lun.lun);
+        let buf = match op {
+            Op::Read { buf, .. } | Op::Write { buf, .. } => buf,
+            _ => Vec::new(),
+        };
+        Ok(self.submit_commands(target, l, cmds, buf))
+    }
+
+    /// Queues raw commands for `target`/`lun` as one request over `buf`.
+    pub fn submit_commands(
+        &mut self,
+        target: u8,
+        lun: u16,
+        cmds: Vec<Command>,
+        buf: Vec<u8>,
+    ) -> RequestId {
+        let id = self.requests.open(cmds.len(), buf, false);
+        if cmds.is_empty() {
+            if let Some(open) = self.requests.finish_part(id, Ok(())) {
+                self.ready.push(Completion {
+                    id,
+                    result: Ok(()),
+                    buf: open.buf,
+                });
+            }
+            return id;
+        }
+        self.backlog.extend(cmds.into_iter().map(|cmd| Pending {
+            id,
+            target,
+            lun,
+            cmd,
+            retries: 0,
+        }));
+        self.dispatch();
+        id
+    }
+
+    /// Reaps finished commands, completes requests into `out`, refills the
+    /// ring; returns whether anything happened.
+    pub fn poll(&mut self, out: &mut Vec<Completion>) -> bool {
+        let mut progress = !self.ready.is_empty();
+        out.append(&mut self.ready);
+        while let Some(token) = self.queue.peek_used() {
+            let Some(done) = self
+                .slots
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+            else {
+                log::error!("virtio-scsi: device returned unknown token {token}");
+                break;
+            };
+            // SAFETY: `done.chain` was submitted with `token`; the buffers
+            // it names are owned by `done` and the open request.
+            if unsafe { done.chain.reclaim(&mut self.queue, token) }.is_err() {
+                log::error!("virtio-scsi: used ring out of order");
+                self.slots[usize::from(token)] = Some(done);
+                break;
+            }
+            self.in_flight -= 1;
+            progress = true;
+            let (result, retry) = outcome(&done.resp);
+            let mut pending = done.pending;
+            if retry && pending.retries < MAX_RETRIES {
+                pending.retries += 1;
+                self.backlog.push_front(pending);
+                continue;
+            }
+            if let Some(open) = self.requests.finish_part(pending.id, result) {
+                out.push(Completion {
+                    id: pending.id,
+                    result: open.result(),
+                    buf: open.buf,
+                });
+            }
+        }
+        progress |= self.dispatch();
+        progress
+    }
+
+    fn dispatch(&mut self) -> bool {
+        let mut added = false;
+        while !self.backlog.is_empty() {
+            if self.queue.available_desc() == 0 {
+                break;
+            }
+            let Some(pending) = self.backlog.pop_front() else {
+                break;
+            };
+            let flight = match self.build(pending) {
+                Ok(f) => f,
+                Err(_) => continue,
+            };
+            if self.queue.available_desc() < flight.chain.slots(self.indirect) {
+                self.backlog.push_front(flight.pending);
+                break;
+            }
+            // SAFETY: the chain's buffers live in `flight` (kept in
+            // `slots` until reclaimed) and in the open request's buffer,
+            // which nobody touches until the request completes.
+            match unsafe { flight.chain.submit(&mut self.queue) } {
+                Ok(token) => {
+                    self.slots[usize::from(token)] = Some(flight);
+                    self.in_flight += 1;
+                    added = true;
+                }
+                Err(_) => {
+                    self.backlog.push_front(flight.pending);
+                    break;
+                }
+            }
+        }
+        if added && self.queue.should_notify() {
+            self.transport.notify(wire::FIRST_REQUEST_QUEUE);
+        }
+        added
+    }
+
+    /// The chain for one command. Fails (dropping the command) only if
+    /// its request vanished, which cannot happen.
+    fn build(&mut self, mut pending: Pending) -> Result<InFlight, ()> {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let req = wire::request(
+            pending.target,
+            pending.lun,
+            tag,
+            pending.cmd.cdb.as_bytes(),
+            self.cdb_size,
+        );
+        let mut resp = vec![0u8; wire::RESP_HEADER + self.sense_size];
+        let mut chain = Chain::new();
+        chain.readable(&req);
+        let buf = self.requests.buf(pending.id).ok_or(())?;
+        match &mut pending.cmd.data {
+            Data::None => {
+                chain.writable(&mut resp);
+            }
+            Data::Out(start, len) => {
+                chain.readable(buf.get(*start..*start + *len).ok_or(())?);
+                chain.writable(&mut resp);
+            }
+            Data::OutOwned(params) => {
+                chain.readable(params);
+                chain.writable(&mut resp);
+            }
+            Data::In(start, len) => {
+                chain.writable(&mut resp);
+                chain.writable(buf.get_mut(*start..*start + *len).ok_or(())?);
+            }
+        }
+        Ok(InFlight {
+            pending,
+            chain,
+            _req: req,
+            resp,
+        })
+    }
+
+    /// Runs requests to completion (bring-up only: nothing else is in
+    /// flight). Completions of other requests are kept for `poll`.
+    fn wait(&mut self, ids: &[RequestId]) -> BTreeMap<RequestId, Completion> {
+        let mut got = BTreeMap::new();
+        let mut others = Vec::new();
+        let mut out = Vec::new();
+        let mut spins: u64 = 0;
+        while got.len() < ids.len() && spins < SPIN_LIMIT {
+            if !self.poll(&mut out) {
+                core::hint::spin_loop();
+                spins += 1;
+            }
+            for c in out.drain(..) {
+                if ids.contains(&c.id) {
+                    got.insert(c.id, c);
+                } else {
+                    others.push(c);
+                }
+            }
+        }
+        self.ready.append(&mut others);
+        got
+    }
+
+    /// One data-in command, synchronously: the bytes the device returned.
+    fn command_in(
+        &mut self,
+        target: u8,
+        lun: u16,
+        cdb: cdb::Cdb,
+        len: usize,
+    ) -> Result<Vec<u8>, Error> {
+        let cmd = Command {
+            cdb,
+            data: if len == 0 {
+                Data::None
+            } else {
+                Data::In(0, len)
+            },
+        };
+        let id = self.submit_commands(target, lun, vec![cmd], vec![0; len]);
+        let mut done = self.wait(&[id]);
+        let c = done
+            .remove(&id)
+            .ok_or(Error::Setup("SCSI command timed out"))?;
+        c.result.map(|()| c.buf)
+    }
+
+    fn scan(&mut self, max_sectors: u32) -> Result<(), Error> {
+        const REPORT_LUNS_BYTES: usize = 8 + 8 * 512;
+        let targets: Vec<u8> = (0..=self.max_target).map(|t| t as u8).collect();
+        let ids: Vec<RequestId> = targets
+            .iter()
+            .map(|&t| {
+                let cmd = Command {
+                    cdb: cdb::report_luns(REPORT_LUNS_BYTES as u32),
+                    data: Data::In(0, REPORT_LUNS_BYTES),
+                };
+                self.submit_commands(t, 0, vec![cmd], vec![0; REPORT_LUNS_BYTES])
+            })
+            .collect();
+        let mut done = self.wait(&ids);
+        for (&t, id) in targets.iter().zip(&ids) {
+            let luns = match done.remove(id).map(|c| (c.result, c.buf)) {
+                None => return Err(Error::Setup("REPORT LUNS timed out")),
+                Some((Err(Error::Transport(Response::BadTarget)), _)) => continue,
+                Some((Ok(()), buf)) => {
+                    let mut l = inquiry::parse_report_luns(&buf);
+                    l.retain(|&n| u32::from(n) <= self.max_lun);
+                    if l.is_empty() { vec![0] } else { l }
+                }
+                // REPORT LUNS refused: try LUN 0 alone.
+                Some((Err(e), _)) => {
+                    log::debug!("virtio-scsi target {t}: REPORT LUNS failed: {e}");
+                    vec![0]
+                }
+            };
+            for lun in luns {
+                match self.probe_lun(t, lun, max_sectors) {
+                    Ok(Some(l)) => self.luns.push(l),
+                    Ok(None) => {}
+                    Err(e) => log::warn!("virtio-scsi {t}:{lun}: not usable: {e}"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn probe_lun(&mut self, t: u8, l: u16, max_sectors: u32) -> Result<Option<Lun>, Error> {
+        let inq = inquiry::parse_inquiry(&self.command_in(t, l, cdb::inquiry(None, 96), 96)?);
+        if !inq.present() {
+            return Ok(None);
+        }
+        if inq.device_type != inquiry::TYPE_DISK {
+            log::info!(
+                "virtio-scsi {t}:{l}: {} {} is peripheral type {:#x}, not a disk: skipped",
+                inq.vendor,
+                inq.product,
+                inq.device_type
+            );
+            return Ok(None);
+        }
+        let vpd = |s: &mut Self, page: u8| {
+            s.command_in(t, l, cdb::inquiry(Some(page), 252), 252)
+                .unwrap_or_default()
+        };
+        let pages = inquiry::parse_supported_pages(&vpd(self, 0x00));
+        let serial = if pages.contains(&0x80) {
+            inquiry::parse_serial(&vpd(self, 0x80))
+        } else {
+            Default::default()
+        };
+        let bl = if pages.contains(&0xb0) {
+            inquiry::parse_block_limits(&vpd(self, 0xb0))
+        } else {
+            Default::default()
+        };
+        let prov = if pages.contains(&0xb2) {
+            inquiry::parse_provisioning(&vpd(self, 0xb2))
+        } else {
+            Default::default()
+        };
+        let cap =
+            inquiry::parse_capacity_16(&self.command_in(t, l, cdb::read_capacity_16(32), 32)?);
+        if cap.block_size < 512 || !cap.block_size.is_power_of_two() {
+            return Err(Error::Setup("unusable logical block size"));
+        }
+        let read_only = self
+            .command_in(t, l, cdb::mode_sense_10(192), 192)
+            .map(|d| inquiry::parse_write_protect(&d))
+            .unwrap_or(false);
+        let bs = u64::from(cap.block_size);
+        let mut max_transfer = DRIVER_MAX_TRANSFER;
+        if bl.max_transfer > 0 {
+            max_transfer = max_transfer.min(u64::from(bl.max_transfer) * bs);
+        }
+        if max_sectors > 0 {
+            max_transfer = max_transfer.min(u64::from(max_sectors) * 512);
+        }
+        let max_transfer = (max_transfer / bs * bs).max(bs);
+        let max_unmap = if prov.unmap && bl.max_unmap_blocks > 0 && bl.max_unmap_descriptors > 0 {
+            u64::from(bl.max_unmap_blocks) * bs
+        } else {
+            0
+        };
+        let max_write_same = if bl.max_write_same > 0 {
+            bl.max_write_same.saturating_mul(bs)
+        } else if prov.write_same_16_unmap {
+            max_transfer
+        } else {
+            0
+        };
+        let caps = Caps {
+            block_size: cap.block_size,
+            max_transfer,
+            max_unmap,
+            write_same_unmap: prov.write_same_16_unmap,
+            max_write_same,
+        };
+        let max_discard = if max_unmap > 0 {
+            max_unmap
+        } else if prov.write_same_16_unmap {
+            max_write_same
+        } else {
+            0
+        };
+        let info = DiskInfo {
+            serial,
+            model: format!("{} {}", inq.vendor, inq.product),
+            capacity: cap.blocks.saturating_mul(bs),
+            block_size: cap.block_size,
+            physical_block_size: cap.block_size << cap.physical_exponent.min(16),
+            read_only,
+            flush: true,
+            limits: Limits {
+                max_transfer: max_transfer.min(u64::from(u32::MAX)) as u32,
+                max_segment: u32::MAX,
+                max_segments: 1,
+                max_discard,
+                discard_alignment: bl.unmap_granularity.saturating_mul(cap.block_size),
+                max_write_zeroes: max_write_same,
+                optimal_transfer: bl.optimal_transfer.saturating_mul(cap.block_size),
+                queue_size: self.queue.size(),
+            },
+        };
+        Ok(Some(Lun {
+            target: t,
+            lun: l,
+            info,
+            caps,
+        }))
+    }
+}
+
+/// What a response means, and whether the command should be sent again
+/// (UNIT ATTENTION, BUSY, a transport reset).
+fn outcome(resp: &[u8]) -> (Result<(), Error>, bool) {
+    let r = wire::parse_response(resp);
+    match r.response {
+        Response::Ok => {}
+        Response::Busy | Response::Reset | Response::Aborted => {
+            return (Err(Error::Transport(r.response)), true);
+        }
+        other => return (Err(Error::Transport(other)), false),
+    }
+    match r.status {
+        wire::STATUS_GOOD => (Ok(()), false),
+        wire::STATUS_CHECK_CONDITION => match sense::parse(r.sense) {
+            Some(s) => (Err(Error::Sense(s)), s.is_unit_attention()),
+            None => (Err(Error::Io), false),
+        },
+        wire::STATUS_BUSY | wire::STATUS_TASK_SET_FULL => (Err(Error::ScsiStatus(r.status)), true),
+        s => (Err(Error::ScsiStatus(s)), false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(response: u8, status: u8, sense: &[u8]) -> Vec<u8> {
+        let mut r = vec![0u8; wire::RESP_HEADER + 96];
+        r[0..4].copy_from_slice(&(sense.len() as u32).to_le_bytes());
+        r[10] = status;
+        r[11] = response;
+        r[12..12 + sense.len()].copy_from_slice(sense);
+        r
+    }
+
+    fn fixed(key: u8, asc: u8) -> [u8; 18] {
+        let mut s = [0u8; 18];
+        s[0] = 0x70;
+        s[2] = key;
+        s[12] = asc;
+        s
+    }
+
+    #[test]
+    fn outcomes() {
+        assert_eq!(outcome(&resp(0, 0, &[])), (Ok(()), false));
+        let (r, retry) = outcome(&resp(0, 2, &fixed(6, 0x29)));
+        assert!(retry, "unit attention is retried");
+        assert_eq!(r.unwrap_err().errno(), 11);
+        let (r, retry) = outcome(&resp(0, 2, &fixed(3, 0x11)));
+        assert!(!retry);
+        assert_eq!(
+            alloc::string::ToString::to_string(&r.unwrap_err()),
+            "MEDIUM ERROR: unrecovered read error (asc 0x11, ascq 0x00)"
+        );
+        assert_eq!(
+            outcome(&resp(3, 0, &[])),
+            (Err(Error::Transport(Response::BadTarget)), false)
+        );
+        assert!(outcome(&resp(0, 8, &[])).1, "BUSY is retried");
+        assert_eq!(outcome(&resp(0, 0x18, &[])).0, Err(Error::ScsiStatus(0x18)));
+        assert_eq!(outcome(&resp(0, 2, &[])).0, Err(Error::Io), "no sense data");
+    }
+}
