@@ -437,3 +437,12 @@ impl Backend {
         root.truncate(size).await
     }
 }
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("root", &self.root_node().map(|n| String::from(n.name())))
+            .finish()
+    }
+}

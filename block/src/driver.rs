@@ -174,11 +174,30 @@ pub trait BlockDriver: core::any::Any {
         Err(ChildChangeError::AddUnsupported)
     }
 
+    /// Called after the child named by [`add_child_name`] was attached.
+    ///
+    /// [`add_child_name`]: BlockDriver::add_child_name
+    fn child_added(&self, node: &Node, child: &Child) {
+        let _ = (node, child);
+    }
+
     /// Whether `child` may be removed by `x-blockdev-change` (QEMU:
     /// `bdrv_del_child`).
     fn can_del_child(&self, node: &Node, child: &Child) -> Result<(), ChildChangeError> {
         let _ = (node, child);
         Err(ChildChangeError::DelUnsupported)
+    }
+
+    /// Called after `child` was detached by `x-blockdev-change`.
+    fn child_removed(&self, node: &Node, child: &Child) {
+        let _ = (node, child);
+    }
+
+    /// Driver-specific details for `query-named-block-nodes` (merged into
+    /// the node's `image` info, as QEMU's `format-specific`).
+    fn query_info(&self, node: &Node) -> Option<serde_json::Value> {
+        let _ = node;
+        None
     }
 }
 

@@ -11,18 +11,27 @@
 
 extern crate alloc;
 
-pub mod qmp;
-pub mod exec;
-pub mod io;
-pub mod timer;
 pub mod backend;
+pub mod blockdev;
 pub mod child;
 pub mod close_all;
+pub mod commands;
 pub mod driver;
+pub mod drivers;
 pub mod event;
+pub mod exec;
+pub mod io;
 pub mod job;
+pub mod layer;
 pub mod node;
+pub mod object;
+pub mod open;
+pub mod options;
 pub mod permission;
+pub mod qemu_io;
+pub mod qmp;
+pub mod query;
 pub mod registry;
 #[cfg(test)]
 mod tests;
+pub mod timer;

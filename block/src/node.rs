@@ -585,3 +585,14 @@ async fn close(node: Rc<Node>) {
         r.forget_node(&node);
     }
 }
+
+impl core::fmt::Debug for Node {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver_name())
+            .field("refcnt", &self.refcnt.get())
+            .field("state", &self.state.get())
+            .finish()
+    }
+}

@@ -116,3 +116,106 @@ impl Env {
             .collect()
     }
 }
+
+/// A block layer with its QMP commands, on a simulated platform.
+pub struct Qmp {
+    pub bl: crate::layer::BlockLayer,
+    pub clock: Rc<ManualClock>,
+    pub d: crate::qmp::Dispatcher<crate::layer::BlockLayer>,
+    pub log: Log,
+}
+
+impl Qmp {
+    pub fn new() -> Qmp {
+        let exec = Executor::new();
+        let clock = Rc::new(ManualClock::new());
+        let platform = Rc::new(SimulatedPlatform::new(clock.clone()));
+        let mut bl = crate::layer::BlockLayer::new(exec, clock.clone(), platform);
+        bl.register_driver(super::mem::MEM_CLASS);
+        let mut d = crate::qmp::Dispatcher::new();
+        crate::commands::register(&mut d);
+        let log = super::mem::LOG.with(|l| {
+            l.borrow_mut().clear();
+            l.clone()
+        });
+        super::mem::OPENED.with(|o| o.borrow_mut().clear());
+        Qmp { bl, clock, d, log }
+    }
+
+    /// Runs a command; arguments must be an object.
+    pub fn cmd(
+        &mut self,
+        name: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, crate::qmp::QmpError> {
+        let map = match args {
+            serde_json::Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let Some(h) = self.d.get(name) else {
+            panic!("no command {name}")
+        };
+        h(&mut self.bl, &crate::qmp::Args::new(&map))
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&mut self, name: &str, args: serde_json::Value) -> serde_json::Value {
+        match self.cmd(name, args.clone()) {
+            Ok(v) => v,
+            Err(e) => panic!("{name} {args}: {}", e.desc),
+        }
+    }
+
+    /// Runs a command that must fail with a GenericError; returns its text.
+    pub fn err(&mut self, name: &str, args: serde_json::Value) -> String {
+        match self.cmd(name, args.clone()) {
+            Ok(v) => panic!("{name} {args} succeeded: {v}"),
+            Err(e) => {
+                assert_eq!(
+                    e.class,
+                    crate::qmp::ErrorClass::GenericError,
+                    "{name} {args}: {}",
+                    e.desc
+                );
+                e.desc
+            }
+        }
+    }
+
+    pub fn nodes(&self) -> serde_json::Value {
+        crate::query::named_block_nodes(&self.bl, false)
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.bl
+            .registry()
+            .nodes()
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect()
+    }
+
+    /// `qemu-io` through human-monitor-command.
+    pub fn io(&mut self, device: &str, command: &str) -> String {
+        let line = alloc::format!("qemu-io {device} \"{command}\"");
+        match self.ok(
+            "human-monitor-command",
+            serde_json::json!({"command-line": line}),
+        ) {
+            serde_json::Value::String(s) => s,
+            v => panic!("{v}"),
+        }
+    }
+
+    pub fn events(&self) -> Vec<(String, serde_json::Value)> {
+        self.bl.take_events()
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.borrow().clone()
+    }
+
+    pub fn settle(&self) {
+        while self.bl.executor().run_ready() {}
+    }
+}

@@ -57,6 +57,8 @@ pub struct Mem {
     pub gate: RefCell<Option<Rc<Gate>>>,
     pub closed: Cell<bool>,
     pub fail_flush: Cell<bool>,
+    /// Runs inside `close`, like QEMU's nested drain during bdrv_close.
+    pub on_close: RefCell<Option<Box<dyn Fn()>>>,
 }
 
 impl Mem {
@@ -70,6 +72,7 @@ impl Mem {
             gate: RefCell::new(None),
             closed: Cell::new(false),
             fail_flush: Cell::new(false),
+            on_close: RefCell::new(None),
         }
     }
 
@@ -220,6 +223,9 @@ impl BlockDriver for Mem {
     }
     fn close(&self, _: &Node) {
         self.note("close");
+        if let Some(hook) = self.on_close.borrow().as_ref() {
+            hook();
+        }
         self.closed.set(true);
         self.log.borrow_mut().push(format!("close {}", self.label));
     }
@@ -282,4 +288,53 @@ impl BlockDriver for RecFmt {
 /// The role `RecFmt` gives its file.
 pub fn fmt_file() -> ChildRole {
     ChildRole::DATA | ChildRole::METADATA | ChildRole::PRIMARY
+}
+
+extern crate std;
+std::thread_local! {
+    /// The log of `mem` nodes opened through `blockdev-add`.
+    pub static LOG: Log = Log::default();
+    /// The drivers of `mem` nodes opened through `blockdev-add`, by label.
+    pub static OPENED: RefCell<Vec<(String, Rc<Gate>)>> = RefCell::default();
+}
+
+fn parse_mem(
+    d: &mut crate::open::DriverOpts<'_, '_>,
+) -> Result<crate::open::Opener, crate::qmp::QmpError> {
+    let size = d.opts.opt_u64("size")?.unwrap_or(1 << 20) as usize;
+    let label = String::from(d.opts.opt_str("label")?.unwrap_or("mem"));
+    let gated = d.opts.bool_or("gated", false)?;
+    let unallocated = d.opts.bool_or("unallocated", false)?;
+    Ok(Box::new(move |_| {
+        let log = LOG.with(|l| l.clone());
+        let m = Mem::new(&label, size, &log);
+        if unallocated {
+            m.allocated.borrow_mut().fill(false);
+        }
+        if gated {
+            let g = Gate::closed();
+            *m.gate.borrow_mut() = Some(g.clone());
+            OPENED.with(|o| o.borrow_mut().push((label.clone(), g)));
+        }
+        Ok(Box::new(m) as Box<dyn BlockDriver>)
+    }))
+}
+
+/// `mem`: a memory node for `blockdev-add` in tests (`size`, `label`,
+/// `gated`: requests wait for the gate, `unallocated`).
+pub const MEM_CLASS: crate::open::DriverClass = crate::open::DriverClass {
+    name: "mem",
+    parse: parse_mem,
+};
+
+/// The gate of the gated `mem` node labelled `label`.
+pub fn gate(label: &str) -> Rc<Gate> {
+    OPENED
+        .with(|o| {
+            o.borrow()
+                .iter()
+                .find(|(l, _)| l == label)
+                .map(|(_, g)| g.clone())
+        })
+        .expect("no such gated mem node")
 }

@@ -6,7 +6,10 @@ extern crate std;
 
 mod backend;
 mod close_all;
+mod drivers;
 mod graph;
 mod harness;
 mod job;
 mod mem;
+mod qmp;
+mod quorum;

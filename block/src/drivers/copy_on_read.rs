@@ -1,0 +1,124 @@
+//! `copy-on-read` (QEMU: `block/copy-on-read.c`): a filter whose reads copy
+//! data that its child does not hold itself (block-status *unallocated*)
+//! into the child, with WRITE_UNCHANGED writes, so later reads find it
+//! there. Writes pass through.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+use crate::child::Child;
+use crate::driver::{BlockDriver, forward};
+use crate::io::{BlockStatus, BoxFuture, IoResult, ReqFlags};
+use crate::node::Node;
+use crate::open::{DriverClass, DriverOpts, Opener};
+use crate::permission::{ChildRole, Perm, filter_default_perms};
+use crate::qmp::QmpError;
+
+/// `copy-on-read`.
+pub const CLASS: DriverClass = DriverClass {
+    name: "copy-on-read",
+    parse,
+};
+
+/// The driver (stateless).
+pub struct CopyOnRead;
+
+fn parse(d: &mut DriverOpts<'_, '_>) -> Result<Opener, QmpError> {
+    d.child("file", ChildRole::FILTERED | ChildRole::PRIMARY)?;
+    Ok(Box::new(|_| {
+        Ok(Box::new(CopyOnRead) as Box<dyn BlockDriver>)
+    }))
+}
+
+impl BlockDriver for CopyOnRead {
+    fn format_name(&self) -> &str {
+        "copy-on-read"
+    }
+
+    fn get_length(&self, node: &Node) -> IoResult<u64> {
+        forward::get_length(node)
+    }
+
+    fn read<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: usize,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
+        Box::pin(async move {
+            let file = node.file().ok_or(crate::io::IoError::Enomedium)?;
+            let end = offset + len as u64;
+            let mut out = Vec::with_capacity(len);
+            let mut off = offset;
+            while off < end {
+                let st = file.block_status(off, end - off).await?;
+                let n = st.len.clamp(1, end - off);
+                let data = file.read(off, n as usize, flags).await?;
+                if !st.allocated {
+                    file.write(off, data.clone(), ReqFlags::WRITE_UNCHANGED)
+                        .await?;
+                }
+                out.extend_from_slice(&data);
+                off += n;
+            }
+            Ok(out)
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        forward::write(node, offset, data, flags)
+    }
+
+    fn supported_write_flags(&self) -> ReqFlags {
+        ReqFlags::FUA | ReqFlags::MAY_UNMAP | ReqFlags::WRITE_UNCHANGED
+    }
+
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
+        forward::discard(node, offset, len)
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        forward::write_zeroes(node, offset, len, flags)
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
+        forward::block_status(node, offset, len)
+    }
+
+    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
+        forward::truncate(node, size)
+    }
+
+    /// QEMU's `cor_child_perm`: pass through, plus WRITE_UNCHANGED for the
+    /// copies.
+    fn child_perm(&self, node: &Node, _: &Child, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        let (p, s) = filter_default_perms(perm, shared);
+        if node.read_only() {
+            (p, s)
+        } else {
+            (p | Perm::WRITE_UNCHANGED, s)
+        }
+    }
+
+    fn is_filter(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,30 @@
+//! The built-in drivers. Protocol: `null-co`/`null-aio`. Format: `raw`.
+//! Filters: `blkdebug`, `copy-on-read`, `throttle`, `quorum`. The kernel adds
+//! its device drivers (`virtio-blk`, …) with
+//! [`crate::layer::BlockLayer::register_driver`].
+
+pub mod blkdebug;
+pub mod copy_on_read;
+pub mod null;
+pub mod quorum;
+pub mod raw;
+pub mod throttle;
+pub mod throttle_group;
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::open::DriverClass;
+
+/// Every built-in driver class.
+pub fn builtin() -> Vec<DriverClass> {
+    vec![
+        null::NULL_CO,
+        null::NULL_AIO,
+        raw::CLASS,
+        blkdebug::CLASS,
+        copy_on_read::CLASS,
+        throttle::CLASS,
+        quorum::CLASS,
+    ]
+}

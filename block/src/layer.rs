@@ -1,0 +1,168 @@
+//! The block layer as one value: the registry, the driver table, the
+//! executor and the platform hook that lets synchronous callers wait.
+//!
+//! QMP handlers are synchronous (`fn(&mut C, &Args) -> Result<Value, _>`)
+//! but I/O is asynchronous. A handler that must wait — for a flush, a
+//! drain, a close cascade, a qemu-io request — calls [`BlockLayer::wait`],
+//! which runs the executor and polls the [`Platform`] (device completion
+//! rings, timers; halting the CPU when nothing is ready) until the future
+//! completes, exactly as QEMU's monitor runs a nested `AIO_WAIT_WHILE`.
+//! Other tasks (NBD connections, jobs) keep running meanwhile. The kernel
+//! calls QMP handlers from its main loop, never from inside a task.
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::future::Future;
+
+use serde_json::{Map, Value};
+
+use crate::close_all::{CloseAllError, CloseAllReport, close_all};
+use crate::driver::BlockDriver;
+use crate::event::EventQueue;
+use crate::exec::{Executor, Platform};
+use crate::node::{Node, NodeOptions};
+use crate::open::{DriverClass, open_blockdev, parse_blockdev};
+use crate::options::Opts;
+use crate::qmp::{Event, QmpContext, QmpError, Timestamp};
+use crate::registry::Registry;
+use crate::timer::Clock;
+
+/// The block layer: what QMP commands and the kernel act on.
+pub struct BlockLayer {
+    registry: Rc<Registry>,
+    drivers: Vec<DriverClass>,
+    platform: Rc<dyn Platform>,
+    events: Rc<EventQueue>,
+}
+
+impl BlockLayer {
+    /// A block layer running on `exec`, timed by `clock`, waiting through
+    /// `platform`, with the built-in drivers.
+    pub fn new(exec: Executor, clock: Rc<dyn Clock>, platform: Rc<dyn Platform>) -> BlockLayer {
+        let registry = Registry::new(exec, clock);
+        let events = Rc::new(EventQueue::new());
+        registry.set_event_sink(events.clone());
+        BlockLayer {
+            registry,
+            drivers: crate::drivers::builtin(),
+            platform,
+            events,
+        }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Rc<Registry> {
+        &self.registry
+    }
+
+    /// The executor.
+    pub fn executor(&self) -> &Executor {
+        self.registry.executor()
+    }
+
+    /// The driver classes `blockdev-add` knows, built-in first.
+    pub fn drivers(&self) -> &[DriverClass] {
+        &self.drivers
+    }
+
+    /// Adds a driver class (the kernel's `virtio-blk`, …), replacing one of
+    /// the same name.
+    pub fn register_driver(&mut self, class: DriverClass) {
+        self.drivers.retain(|d| d.name != class.name);
+        self.drivers.push(class);
+    }
+
+    /// Runs `f` to completion (see the module documentation).
+    pub fn wait<F: Future>(&self, f: F) -> Result<F::Output, QmpError> {
+        self.executor()
+            .block_on(f, &*self.platform)
+            .map_err(|e| QmpError::generic(alloc::format!("{e}")))
+    }
+
+    /// Takes the events raised so far, oldest first.
+    pub fn take_events(&self) -> Vec<(String, Value)> {
+        self.events.drain()
+    }
+
+    /// The event queue (for the kernel to drain into its QMP sessions).
+    pub fn events(&self) -> &Rc<EventQueue> {
+        &self.events
+    }
+
+    /// `blockdev-add` of `options` (QMP form, or `keyval` for option
+    /// strings): opens the tree and hands the top node to the monitor.
+    pub fn blockdev_add(
+        &self,
+        options: &Map<String, Value>,
+        keyval: bool,
+    ) -> Result<Rc<Node>, QmpError> {
+        let opts = Opts::new(options, keyval);
+        let spec = parse_blockdev(&opts, &self.drivers)?;
+        if spec.node_name.is_none() {
+            return Err(QmpError::generic(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        let node = self
+            .wait(open_blockdev(self.registry.clone(), spec))?
+            .map_err(QmpError::generic)?;
+        self.registry.monitor_adopt(&node);
+        Ok(node)
+    }
+
+    /// Opens a node around a driver instance the kernel built itself (a
+    /// probed virtio disk) and hands it to the monitor, as if by
+    /// `blockdev-add`.
+    pub fn add_node(
+        &self,
+        name: &str,
+        driver: Box<dyn BlockDriver>,
+        opts: NodeOptions,
+    ) -> Result<Rc<Node>, QmpError> {
+        let mut options = Map::new();
+        options.insert("driver".into(), Value::String(driver.format_name().into()));
+        options.insert("node-name".into(), Value::String(name.into()));
+        let node = self
+            .registry
+            .open_node(Some(name), driver, opts, options, Vec::new())
+            .map_err(|e| QmpError::generic(alloc::format!("{e}")))?;
+        self.registry.monitor_adopt(&node);
+        Ok(node)
+    }
+
+    /// The shutdown sequence, waited for (see [`crate::close_all`]).
+    pub fn close_all(&self) -> Result<Result<CloseAllReport, CloseAllError>, QmpError> {
+        let reg = self.registry.clone();
+        self.wait(async move { close_all(&reg).await })
+    }
+}
+
+/// Events go out through the QMP session, stamped with the block layer's
+/// clock (time since boot; a kernel with a wall clock may stamp its own).
+impl QmpContext for BlockLayer {
+    fn drain_events(&mut self, out: &mut Vec<Event>) {
+        let us = self.registry.clock().now_ns() / 1000;
+        for (name, data) in self.events.drain() {
+            out.push(Event {
+                name,
+                data: Some(data),
+                timestamp: Timestamp::from_micros(us as i64),
+            });
+        }
+    }
+}
+
+/// A QMP context that contains a block layer: implement it for the
+/// kernel's context to register the block commands on its dispatcher.
+pub trait BlockContext {
+    /// The block layer.
+    fn block_layer(&mut self) -> &mut BlockLayer;
+}
+
+impl BlockContext for BlockLayer {
+    fn block_layer(&mut self) -> &mut BlockLayer {
+        self
+    }
+}

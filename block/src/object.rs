@@ -1,0 +1,58 @@
+//! User-creatable objects (QEMU: `qom/object_interfaces.c`, `object-add` /
+//! `object-del`). blockhaus has one object type: `throttle-group`.
+
+use alloc::format;
+use alloc::rc::Rc;
+
+use serde_json::{Value, json};
+
+use crate::drivers::throttle_group::{ThrottleConfig, ThrottleGroup};
+use crate::layer::BlockLayer;
+use crate::options::Opts;
+use crate::qmp::{Args, QmpError};
+use crate::registry::id_wellformed;
+
+type Res = Result<Value, QmpError>;
+
+/// `object-add` (QEMU: `user_creatable_add_qapi`).
+pub fn object_add(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    let opts = Opts::new(args.map(), false);
+    let qom_type = opts.enum_str("qom-type", &["throttle-group"])?;
+    let id = opts.str("id")?;
+    let config = match opts.opt_obj("limits")? {
+        Some(l) => ThrottleConfig::parse(&l)?,
+        None => ThrottleConfig::default(),
+    };
+    opts.check_unexpected()?;
+    debug_assert_eq!(qom_type, "throttle-group");
+    if !id_wellformed(id) {
+        return Err(QmpError::invalid_parameter_value("id", "an identifier"));
+    }
+    let reg = bl.registry();
+    let group = ThrottleGroup::new(id, config, reg.clock(), reg.executor().timers().clone());
+    if !reg.add_object(id, Rc::new(group)) {
+        return Err(QmpError::generic(format!(
+            "attempt to add duplicate property '{id}' to object (type 'container')"
+        )));
+    }
+    Ok(json!({}))
+}
+
+/// `object-del` (QEMU: `user_creatable_del`).
+pub fn object_del(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    let id = args.str("id")?;
+    args.check_known(&["id"])?;
+    let reg = bl.registry();
+    let Some(obj) = reg.object(id) else {
+        return Err(QmpError::generic(format!("object '{id}' not found")));
+    };
+    if let Ok(g) = obj.downcast::<ThrottleGroup>()
+        && g.members() > 0
+    {
+        return Err(QmpError::generic(format!(
+            "object '{id}' is in use, can not be deleted"
+        )));
+    }
+    reg.remove_object(id);
+    Ok(json!({}))
+}
