@@ -174,10 +174,8 @@ fn images() -> Images {
 /// virtio-scsi controller with two scsi-hd: `cache=none` (scsi0, target
 /// 0) and writeback (scsi1, target 1).
 fn config(imgs: &Images) -> QemuConfig {
-    let mut cfg = QemuConfig::default();
-    cfg.disks = vec![imgs.blk.clone()];
     let drive = |p: &Path, rest: &str| format!("file={},if=none,format=raw,{rest}", p.display());
-    cfg.extra = args(&[
+    let extra = args(&[
         "-drive",
         &drive(&imgs.ro, "id=ro,readonly=on"),
         "-device",
@@ -196,7 +194,11 @@ fn config(imgs: &Images) -> QemuConfig {
         "-device",
         "scsi-hd,bus=scsi0.0,drive=s1,scsi-id=1,lun=0,serial=scsi1",
     ]);
-    cfg
+    QemuConfig {
+        disks: vec![imgs.blk.clone()],
+        extra,
+        ..QemuConfig::default()
+    }
 }
 
 fn device<'a>(list: &'a Value, serial: &str) -> &'a Value {
