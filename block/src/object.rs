@@ -16,7 +16,13 @@ type Res = Result<Value, QmpError>;
 
 /// `object-add` (QEMU: `user_creatable_add_qapi`).
 pub fn object_add(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    let opts = Opts::new(args.map(), false);
+    object_add_opts(bl, &Opts::new(args.map(), false))?;
+    Ok(json!({}))
+}
+
+/// `object-add` from options read by `opts` (QMP, or `--object` in keyval
+/// mode).
+pub fn object_add_opts(bl: &BlockLayer, opts: &Opts<'_>) -> Result<(), QmpError> {
     let qom_type = opts.enum_str("qom-type", &["throttle-group"])?;
     let id = opts.str("id")?;
     let config = match opts.opt_obj("limits")? {
@@ -35,7 +41,7 @@ pub fn object_add(bl: &BlockLayer, args: &Args<'_>) -> Res {
             "attempt to add duplicate property '{id}' to object (type 'container')"
         )));
     }
-    Ok(json!({}))
+    Ok(())
 }
 
 /// `object-del` (QEMU: `user_creatable_del`).

@@ -5,6 +5,7 @@
 extern crate std;
 
 mod backend;
+mod boot;
 mod close_all;
 mod drivers;
 mod graph;
