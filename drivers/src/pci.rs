@@ -1,20 +1,27 @@
-//! PCI: configuration space through port I/O (`0xCF8`/`0xCFC`, PCI's
-//! "configuration mechanism #1"), bus enumeration through bridges, and the
-//! glue that lets virtio-drivers' [`PciRoot`]/`PciTransport` use it.
+//! PCI: configuration space through ECAM (PCI Express's memory-mapped
+//! configuration space, where the ACPI MCFG table lists one: [`mcfg`]) or
+//! port I/O (`0xCF8`/`0xCFC`, "configuration mechanism #1"), bus
+//! enumeration through bridges, and the glue that lets virtio-drivers'
+//! [`PciRoot`]/`PciTransport` use it.
 //!
 //! API:
-//! - [`PortIoCam`] implements virtio-drivers' [`ConfigurationAccess`]; wrap
-//!   it in a [`PciRoot`] with [`root`].
-//! - [`scan`] walks bus 0 and every bus behind a PCI-to-PCI bridge
-//!   (depth-first, following each bridge's secondary bus number), enables
-//!   memory decoding and bus mastering on every endpoint, and returns one
-//!   [`Function`] per device function found (address, IDs, class, BARs).
-//!   SeaBIOS has assigned the BARs by the time the kernel runs (it may leave
-//!   bus mastering off, hence the enable).
+//! - [`Cam`] implements virtio-drivers' [`ConfigurationAccess`];
+//!   [`Cam::detect`] picks ECAM when the MCFG offers it for segment 0, else
+//!   port I/O.
+//! - [`Bus::new`] wraps it; [`Bus::scan`] walks bus 0 and every bus behind
+//!   a PCI-to-PCI bridge (following each bridge's secondary bus number),
+//!   enables memory decoding and bus mastering on every endpoint with a
+//!   memory BAR, and returns one [`Function`] per device function found
+//!   (address, IDs, class, BARs). SeaBIOS has assigned the BARs by the time
+//!   the kernel runs (it may leave bus mastering off, hence the enable).
+//!   [`Bus::root`] is the `PciRoot` that `PciTransport::new` takes.
 //!
-//! The configuration-address/data register pair is not atomic: the one CPU
-//! and the absence of PCI access from interrupt handlers make it safe here.
+//! The port-I/O address/data pair is not atomic: the one CPU and the
+//! absence of PCI access from interrupt handlers make it safe here.
 
+pub mod mcfg;
+
+use crate::acpi::PhysMem;
 use alloc::vec::Vec;
 use core::fmt;
 use virtio_drivers::transport::pci::bus::{
@@ -78,13 +85,194 @@ impl ConfigurationAccess for PortIoCam {
     }
 }
 
-/// A [`PciRoot`] over port I/O.
-///
-/// # Safety
-/// As [`PortIoCam::new`].
-pub unsafe fn root() -> PciRoot<PortIoCam> {
-    // SAFETY: forwarded to the caller.
-    PciRoot::new(unsafe { PortIoCam::new() })
+/// Configuration access through one ECAM region (bus numbers outside it
+/// read as absent).
+#[derive(Debug)]
+pub struct EcamCam {
+    region: mcfg::EcamRegion,
+}
+
+impl EcamCam {
+    /// # Safety
+    /// `region` describes real ECAM space, identity-mapped, that nothing
+    /// else accesses.
+    pub unsafe fn new(region: mcfg::EcamRegion) -> Self {
+        Self { region }
+    }
+
+    fn address(&self, f: DeviceFunction, offset: u8) -> Option<*mut u32> {
+        if f.bus < self.region.start_bus || f.bus > self.region.end_bus || !f.valid() {
+            return None;
+        }
+        let off = (u64::from(f.bus) << 20)
+            | (u64::from(f.device) << 15)
+            | (u64::from(f.function) << 12)
+            | u64::from(offset & 0xfc);
+        Some((self.region.base + off) as *mut u32)
+    }
+}
+
+impl ConfigurationAccess for EcamCam {
+    fn read_word(&self, function: DeviceFunction, offset: u8) -> u32 {
+        match self.address(function, offset) {
+            // SAFETY: inside the ECAM region (`EcamCam::new`'s contract),
+            // dword aligned; a configuration read has no side effect.
+            Some(p) => unsafe { p.read_volatile() },
+            None => 0xffff_ffff,
+        }
+    }
+
+    fn write_word(&mut self, function: DeviceFunction, offset: u8, data: u32) {
+        if let Some(p) = self.address(function, offset) {
+            // SAFETY: as in `read_word`; callers write only registers they
+            // own (command, BAR sizing with restore).
+            unsafe { p.write_volatile(data) }
+        }
+    }
+
+    unsafe fn unsafe_clone(&self) -> Self {
+        Self {
+            region: self.region,
+        }
+    }
+}
+
+/// The configuration access mechanism in use.
+#[derive(Debug)]
+pub enum Cam {
+    Port(PortIoCam),
+    Ecam(EcamCam),
+}
+
+impl Cam {
+    /// ECAM when the MCFG (found from `rsdp`, or by scanning the BIOS area)
+    /// lists a region for segment 0 starting at bus 0 below `mapped_end`;
+    /// port I/O otherwise.
+    ///
+    /// # Safety
+    /// The caller owns PCI configuration space, and `mem` reads physical
+    /// memory.
+    pub unsafe fn detect(mem: &dyn PhysMem, rsdp: Option<u64>, mapped_end: u64) -> Cam {
+        let region = rsdp
+            .or_else(|| mcfg::find_rsdp(mem))
+            .map(|r| mcfg::ecam_regions(mem, r))
+            .unwrap_or_default()
+            .into_iter()
+            .find(|r| {
+                let end = r.base + ((u64::from(r.end_bus) + 1) << 20);
+                r.segment == 0 && r.start_bus == 0 && end <= mapped_end
+            });
+        match region {
+            // SAFETY: the firmware's MCFG describes this ECAM space; it is
+            // below the identity-mapped limit; the caller owns PCI config.
+            Some(r) => Cam::Ecam(unsafe { EcamCam::new(r) }),
+            // SAFETY: forwarded to the caller.
+            None => Cam::Port(unsafe { PortIoCam::new() }),
+        }
+    }
+}
+
+impl fmt::Display for Cam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cam::Port(_) => f.write_str("port I/O 0xcf8"),
+            Cam::Ecam(e) => write!(
+                f,
+                "ECAM at {:#x} (buses {:02x}-{:02x})",
+                e.region.base, e.region.start_bus, e.region.end_bus
+            ),
+        }
+    }
+}
+
+impl ConfigurationAccess for Cam {
+    fn read_word(&self, function: DeviceFunction, offset: u8) -> u32 {
+        match self {
+            Cam::Port(c) => c.read_word(function, offset),
+            Cam::Ecam(c) => c.read_word(function, offset),
+        }
+    }
+
+    fn write_word(&mut self, function: DeviceFunction, offset: u8, data: u32) {
+        match self {
+            Cam::Port(c) => c.write_word(function, offset, data),
+            Cam::Ecam(c) => c.write_word(function, offset, data),
+        }
+    }
+
+    unsafe fn unsafe_clone(&self) -> Self {
+        match self {
+            // SAFETY: forwarded to the caller.
+            Cam::Port(c) => Cam::Port(unsafe { c.unsafe_clone() }),
+            // SAFETY: forwarded to the caller.
+            Cam::Ecam(c) => Cam::Ecam(unsafe { c.unsafe_clone() }),
+        }
+    }
+}
+
+/// PCI configuration space: virtio-drivers' root, plus a reader for the
+/// registers it does not expose (bridge bus numbers).
+pub struct Bus {
+    root: PciRoot<Cam>,
+    reader: Cam,
+}
+
+impl Bus {
+    /// # Safety
+    /// As [`Cam::detect`]: the caller owns PCI configuration space.
+    pub unsafe fn new(cam: Cam) -> Bus {
+        // SAFETY: the clone only reads (see `Bus::read`).
+        let reader = unsafe { cam.unsafe_clone() };
+        Bus {
+            root: PciRoot::new(cam),
+            reader,
+        }
+    }
+
+    /// The root `PciTransport::new` takes.
+    pub fn root(&mut self) -> &mut PciRoot<Cam> {
+        &mut self.root
+    }
+
+    /// Reads any register (no side effects).
+    pub fn read(&self, function: DeviceFunction, offset: u8) -> u32 {
+        self.reader.read_word(function, offset)
+    }
+
+    /// Runs `f` with `function`'s I/O and memory decoding off, then puts
+    /// the command register back.
+    ///
+    /// Each change of a BAR or of the decode bits makes QEMU rebuild its
+    /// memory map (expensive under TCG), and virtio-drivers' BAR sizing
+    /// toggles decoding around every BAR unless it is already off: doing
+    /// the sizing (the scan, `PciTransport::new`) inside one window costs
+    /// two rebuilds per device instead of two per BAR.
+    pub fn with_decode_off<T>(
+        &mut self,
+        function: DeviceFunction,
+        f: impl FnOnce(&mut PciRoot<Cam>) -> T,
+    ) -> T {
+        let (_, command) = self.root.get_status_command(function);
+        let off = command & !(Command::IO_SPACE | Command::MEMORY_SPACE);
+        if off != command {
+            self.root.set_command(function, off);
+        }
+        let out = f(&mut self.root);
+        if off != command {
+            self.root.set_command(function, command);
+        }
+        out
+    }
+
+    /// How configuration space is reached.
+    pub fn cam(&self) -> &Cam {
+        &self.reader
+    }
+
+    /// See the module doc.
+    pub fn scan(&mut self) -> Vec<Function> {
+        scan(self)
+    }
 }
 
 /// A bus:device.function address, printed as `BB:DD.F` like `lspci`.
@@ -197,9 +385,9 @@ impl fmt::Display for Function {
     }
 }
 
-/// The BARs of `function` (6 on an endpoint, 2 on a bridge). Sizing a BAR
-/// briefly disables decoding, so call this before the device is in use.
-fn bars(root: &mut PciRoot<PortIoCam>, function: DeviceFunction, count: u8) -> Vec<Bar> {
+/// The BARs of `function` (6 on an endpoint, 2 on a bridge). Call with
+/// decoding off ([`Bus::with_decode_off`]): sizing writes the BARs.
+fn bars(root: &mut PciRoot<Cam>, function: DeviceFunction, count: u8) -> Vec<Bar> {
     let mut out = Vec::new();
     let mut index = 0;
     while index < count {
@@ -234,7 +422,7 @@ fn bars(root: &mut PciRoot<PortIoCam>, function: DeviceFunction, count: u8) -> V
 
 /// Enumerates every function on bus 0 and behind every bridge, enabling
 /// memory decoding and bus mastering on endpoints that have memory BARs.
-pub fn scan(root: &mut PciRoot<PortIoCam>) -> Vec<Function> {
+fn scan(bus_access: &mut Bus) -> Vec<Function> {
     let mut found = Vec::new();
     let mut seen = [false; 256];
     let mut pending = Vec::from([0u8]);
@@ -242,18 +430,22 @@ pub fn scan(root: &mut PciRoot<PortIoCam>) -> Vec<Function> {
         if core::mem::replace(&mut seen[usize::from(bus)], true) {
             continue;
         }
-        for (df, info) in functions_on(root, bus) {
+        for (df, info) in functions_on(bus_access, bus) {
             let bridge = info.header_type == HeaderType::PciPciBridge;
-            let bars = bars(root, df, if bridge { 2 } else { 6 });
+            let count = if bridge { 2 } else { 6 };
+            let bars = bus_access.with_decode_off(df, |root| bars(root, df, count));
             if bridge {
-                let numbers = read_register(root, df, BRIDGE_BUS_NUMBERS);
+                let numbers = bus_access.read(df, BRIDGE_BUS_NUMBERS);
                 let secondary = (numbers >> 8) as u8;
                 if secondary != 0 {
                     pending.push(secondary);
                 }
             } else if bars.iter().any(|b| b.kind != BarKind::Io) {
-                let (_, command) = root.get_status_command(df);
-                root.set_command(df, command | Command::MEMORY_SPACE | Command::BUS_MASTER);
+                let (_, command) = bus_access.root.get_status_command(df);
+                let wanted = command | Command::MEMORY_SPACE | Command::BUS_MASTER;
+                if wanted != command {
+                    bus_access.root.set_command(df, wanted);
+                }
             }
             found.push(Function {
                 address: df.into(),
@@ -274,7 +466,7 @@ pub fn scan(root: &mut PciRoot<PortIoCam>) -> Vec<Function> {
 /// The functions present on `bus`. Unlike virtio-drivers' iterator, only
 /// multi-function devices have functions 1-7 probed: every configuration
 /// access is a VM exit, and this halves boot-time scanning.
-fn functions_on(root: &PciRoot<PortIoCam>, bus: u8) -> Vec<(DeviceFunction, Info)> {
+fn functions_on(access: &Bus, bus: u8) -> Vec<(DeviceFunction, Info)> {
     let mut found = Vec::new();
     for device in 0..32 {
         for function in 0..8 {
@@ -283,15 +475,15 @@ fn functions_on(root: &PciRoot<PortIoCam>, bus: u8) -> Vec<(DeviceFunction, Info
                 device,
                 function,
             };
-            let id = read_register(root, df, 0x00);
+            let id = access.read(df, 0x00);
             if id & 0xffff == 0xffff {
                 if function == 0 {
                     break;
                 }
                 continue;
             }
-            let class = read_register(root, df, 0x08);
-            let header = (read_register(root, df, 0x0c) >> 16) as u8;
+            let class = access.read(df, 0x08);
+            let header = (access.read(df, 0x0c) >> 16) as u8;
             found.push((
                 df,
                 Info {
@@ -319,15 +511,6 @@ struct Info {
     subclass: u8,
     prog_if: u8,
     header_type: HeaderType,
-}
-
-/// Reads any register of `function`. virtio-drivers keeps its root's
-/// access object private; `_root` is the proof that the caller holds it.
-fn read_register(_root: &PciRoot<PortIoCam>, function: DeviceFunction, offset: u8) -> u32 {
-    // SAFETY: a root over `PortIoCam` exists, so its creator accepted the
-    // contract of `PortIoCam::new`, and we borrow it; the read has no side
-    // effect.
-    unsafe { PortIoCam::new() }.read_word(function, offset)
 }
 
 #[cfg(test)]

@@ -80,11 +80,18 @@ impl Disks {
     /// Scans the PCI buses and brings up every disk controller.
     pub fn probe() -> Self {
         let mut me = Self::default();
-        // SAFETY: boot is single-threaded and only this module touches PCI
-        // configuration space, from the main loop.
-        let mut root = unsafe { pci::root() };
-        let functions = pci::scan(&mut root);
         let mapped = boot::paging::mapped_end();
+        // SAFETY: boot is single-threaded and only this module touches PCI
+        // configuration space; ACPI tables are identity-mapped memory.
+        let mut bus = unsafe {
+            pci::Bus::new(pci::Cam::detect(
+                &drivers::acpi::IdentityMapped,
+                None,
+                mapped,
+            ))
+        };
+        let functions = bus.scan();
+        info!("PCI configuration through {}", bus.cam());
         for f in &functions {
             info!("PCI {f}");
         }
@@ -104,14 +111,17 @@ impl Disks {
                 );
                 continue;
             }
-            let transport =
-                match drivers::virtio::transport::open(&mut root, f.address.device_function()) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        warn!("{}: {e}", f.address);
-                        continue;
-                    }
-                };
+            // Opening sizes the BARs that hold the virtio structures: do it
+            // with decoding off (see `Bus::with_decode_off`).
+            let df = f.address.device_function();
+            let opened = bus.with_decode_off(df, |root| drivers::virtio::transport::open(root, df));
+            let transport = match opened {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!("{}: {e}", f.address);
+                    continue;
+                }
+            };
             let driver = if blk {
                 VirtioBlk::new(transport).map(Driver::Blk)
             } else {

@@ -3,7 +3,7 @@
 
 use super::Error;
 use super::hal::IdentityHal;
-use crate::pci::PortIoCam;
+use crate::pci::Cam;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
 use virtio_drivers::transport::{DeviceStatus, Transport};
@@ -14,10 +14,7 @@ pub const F_INDIRECT_DESC: u64 = 1 << 28;
 pub const F_VERSION_1: u64 = 1 << 32;
 
 /// Opens the modern virtio transport of `function`.
-pub fn open(
-    root: &mut PciRoot<PortIoCam>,
-    function: DeviceFunction,
-) -> Result<PciTransport, Error> {
+pub fn open(root: &mut PciRoot<Cam>, function: DeviceFunction) -> Result<PciTransport, Error> {
     PciTransport::new::<IdentityHal, _>(root, function)
         .map_err(|_| Error::Setup("no modern virtio-pci capabilities"))
 }
