@@ -476,3 +476,52 @@ fn errors_are_clear_and_change_nothing() {
     qemu_io(&imgs.ro, &["read -P 0x44 0 1M".into()]);
     qemu_io(&ro_scsi, &["read -P 0x99 0 8M".into()]);
 }
+
+#[test]
+fn disks_behind_pci_bridges_are_found() {
+    // q35: a PCIe root port with a modern-only virtio-scsi (device 1048)
+    // on its bus, and a PCIe-to-PCI bridge behind a second root port with
+    // a transitional virtio-blk: buses 1, 2 and 3.
+    let dir = tempfile::tempdir().unwrap();
+    let (b, s) = (dir.path().join("b.img"), dir.path().join("s.img"));
+    create(&b, 8 * MIB);
+    create(&s, 8 * MIB);
+    qemu_io(&b, &["write -P 0x5a 0 1M".into()]);
+    qemu_io(&s, &["write -P 0xa5 0 1M".into()]);
+    let cfg = QemuConfig {
+        extra: args(&[
+            "-device",
+            "pcie-root-port,id=rp1,bus=pcie.0,chassis=1",
+            "-device",
+            "pcie-root-port,id=rp2,bus=pcie.0,chassis=2",
+            "-device",
+            "pcie-pci-bridge,id=br1,bus=rp2",
+            "-drive",
+            &format!("file={},if=none,id=b,format=raw", b.display()),
+            "-device",
+            "virtio-blk-pci,drive=b,serial=bridged-blk,bus=br1,addr=3",
+            "-device",
+            "virtio-scsi-pci,id=scsi9,bus=rp1",
+            "-drive",
+            &format!("file={},if=none,id=s,format=raw", s.display()),
+            "-device",
+            "scsi-hd,bus=scsi9.0,drive=s,scsi-id=5,lun=0,serial=bridged-scsi",
+        ]),
+        ..QemuConfig::default()
+    };
+    let mut a = Appliance::boot(&cfg);
+    let list = a.qmp().cmd("x-query-devices", Value::Null).unwrap();
+    let blk = device(&list, "bridged-blk");
+    let scsi = device(&list, "bridged-scsi");
+    assert_ne!(blk["pci-address"].as_str().unwrap()[..2], *"00", "{blk}");
+    assert_ne!(scsi["pci-address"].as_str().unwrap()[..2], *"00", "{scsi}");
+    assert_eq!(scsi["target"], 5);
+    let console = a.console();
+    assert!(
+        console.contains(" bridge "),
+        "bridges are logged:\n{console}"
+    );
+    verify(&mut a, "bridged-blk", 0, MIB, 0x5a);
+    verify(&mut a, "bridged-scsi", 0, MIB, 0xa5);
+    quit(a);
+}
