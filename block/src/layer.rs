@@ -9,6 +9,63 @@
 //! completes, exactly as QEMU's monitor runs a nested `AIO_WAIT_WHILE`.
 //! Other tasks (NBD connections, jobs) keep running meanwhile. The kernel
 //! calls QMP handlers from its main loop, never from inside a task.
+//!
+//! # Wiring it into the kernel
+//! ```
+//! use std::rc::Rc;
+//! use block::exec::{Executor, Platform};
+//! use block::layer::{BlockContext, BlockLayer};
+//! use block::open::DriverClass;
+//! use block::qmp::{Dispatcher, QmpContext, Session, VersionInfo};
+//! use block::timer::{Clock, ManualClock};
+//!
+//! // 1. The platform: poll devices and timers, halt when idle.
+//! struct Kernel { clock: Rc<ManualClock> }
+//! impl Platform for Kernel {
+//!     fn poll(&self, exec: &Executor, may_halt: bool) -> bool {
+//!         // virtio::poll_completions();     // wakes request futures
+//!         exec.timers().fire_expired(self.clock.now_ns());
+//!         if may_halt && !exec.has_ready() {
+//!             // program the LAPIC timer for exec.timers().next_deadline(); hlt
+//!         }
+//!         true // interrupts can always wake us
+//!     }
+//! }
+//! let clock = Rc::new(ManualClock::new());
+//! let exec = Executor::new();
+//! let mut bl = BlockLayer::new(exec.clone(), clock.clone(), Rc::new(Kernel { clock: clock.clone() }));
+//!
+//! // 2. Device drivers: a class for `blockdev-add {"driver": "virtio-blk", ...}`
+//! //    (the closure may capture the kernel's disk table) ...
+//! bl.register_driver(DriverClass::new("virtio-blk", |d| {
+//!     let _serial = d.opts.str("serial")?;
+//!     Err(block::qmp::QmpError::generic("no such disk"))
+//! }));
+//! //    ... and/or probed disks as ready monitor-owned nodes:
+//! //    bl.add_node("vda", Box::new(VirtioBlkNode::new(dev)), Default::default())?;
+//!
+//! // 3. Boot options, before the QMP greeting.
+//! for tok in block::cmdline::tokenize("--blockdev null-co,node-name=n0").unwrap() {
+//!     if let block::cmdline::Token::Option { name, value: Some(v) } = tok {
+//!         bl.apply_boot_option(&name, &v).unwrap(); // Err: print, halt cleanly
+//!     }
+//! }
+//!
+//! // 4. QMP: register the block commands on the kernel's dispatcher.
+//! let mut commands: Dispatcher<BlockLayer> = Dispatcher::new();
+//! block::commands::register(&mut commands);
+//! let mut session = Session::new(VersionInfo::new(7, 2, 0));
+//! let _ = session.feed(br#"{"execute": "qmp_capabilities"}"#, &commands, &mut bl);
+//!
+//! // 5. The main loop: exec.run_ready(), device polling, hlt when idle.
+//! while exec.run_ready() {}
+//!
+//! // 6. Halt: close everything, print the report, power off.
+//! let report = bl.close_all().unwrap();
+//! assert!(report.unwrap().to_string().ends_with("all 1 nodes closed"));
+//! ```
+//! A kernel whose QMP context is its own struct implements [`BlockContext`]
+//! for it (and forwards [`QmpContext::drain_events`] to the block layer's).
 
 use alloc::boxed::Box;
 use alloc::rc::Rc;

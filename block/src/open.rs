@@ -37,15 +37,32 @@ use crate::registry::{NewChild, Registry};
 /// driver's `bdrv_open`/`bdrv_file_open`). Errors are QEMU's texts.
 pub type Opener = Box<dyn FnOnce(&OpenCtx<'_>) -> Result<Box<dyn BlockDriver>, String>>;
 
+/// How a driver class reads its options (see [`DriverClass`]).
+pub type ParseFn = dyn Fn(&mut DriverOpts<'_, '_>) -> Result<Opener, QmpError>;
+
 /// A driver that `blockdev-add` can name (QEMU: a `BlockDriver` class and
-/// its `BlockdevOptions<Driver>` QAPI branch).
-#[derive(Clone, Copy)]
+/// its `BlockdevOptions<Driver>` QAPI branch). `parse` may capture state,
+/// e.g. the kernel's table of probed disks for a `virtio-blk` class.
+#[derive(Clone)]
 pub struct DriverClass {
     /// The `driver` value.
     pub name: &'static str,
     /// Reads the driver's own options (and declares its children), checks
     /// their types, returns how to open it.
-    pub parse: fn(&mut DriverOpts<'_, '_>) -> Result<Opener, QmpError>,
+    pub parse: Rc<ParseFn>,
+}
+
+impl DriverClass {
+    /// A class called `name` parsed by `parse`.
+    pub fn new(
+        name: &'static str,
+        parse: impl Fn(&mut DriverOpts<'_, '_>) -> Result<Opener, QmpError> + 'static,
+    ) -> DriverClass {
+        DriverClass {
+            name,
+            parse: Rc::new(parse),
+        }
+    }
 }
 
 /// What an [`Opener`] gets: the registry and the opened children.

@@ -32,10 +32,9 @@ use crate::permission::{ChildRole, Perm, filter_default_perms};
 use crate::qmp::QmpError;
 
 /// `blkdebug`.
-pub const CLASS: DriverClass = DriverClass {
-    name: "blkdebug",
-    parse,
-};
+pub fn class() -> DriverClass {
+    DriverClass::new("blkdebug", parse)
+}
 
 const IOTYPES: [&str; 6] = [
     "read",

@@ -15,10 +15,9 @@ use crate::permission::{ChildRole, Perm, filter_default_perms};
 use crate::qmp::QmpError;
 
 /// `copy-on-read`.
-pub const CLASS: DriverClass = DriverClass {
-    name: "copy-on-read",
-    parse,
-};
+pub fn class() -> DriverClass {
+    DriverClass::new("copy-on-read", parse)
+}
 
 /// The driver (stateless).
 pub struct CopyOnRead;

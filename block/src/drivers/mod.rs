@@ -19,12 +19,12 @@ use crate::open::DriverClass;
 /// Every built-in driver class.
 pub fn builtin() -> Vec<DriverClass> {
     vec![
-        null::NULL_CO,
-        null::NULL_AIO,
-        raw::CLASS,
-        blkdebug::CLASS,
-        copy_on_read::CLASS,
-        throttle::CLASS,
-        quorum::CLASS,
+        null::null_co(),
+        null::null_aio(),
+        raw::class(),
+        blkdebug::class(),
+        copy_on_read::class(),
+        throttle::class(),
+        quorum::class(),
     ]
 }

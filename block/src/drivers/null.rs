@@ -20,15 +20,13 @@ use crate::qmp::QmpError;
 use crate::timer::{Clock, TimerList};
 
 /// `null-co`.
-pub const NULL_CO: DriverClass = DriverClass {
-    name: "null-co",
-    parse: parse_co,
-};
+pub fn null_co() -> DriverClass {
+    DriverClass::new("null-co", parse_co)
+}
 /// `null-aio` (the same driver under its AIO name).
-pub const NULL_AIO: DriverClass = DriverClass {
-    name: "null-aio",
-    parse: parse_aio,
-};
+pub fn null_aio() -> DriverClass {
+    DriverClass::new("null-aio", parse_aio)
+}
 
 /// QEMU's default length: 1 GiB.
 pub const DEFAULT_SIZE: u64 = 1 << 30;

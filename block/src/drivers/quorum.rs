@@ -35,10 +35,9 @@ use crate::permission::{ChildRole, Perm};
 use crate::qmp::QmpError;
 
 /// `quorum`.
-pub const CLASS: DriverClass = DriverClass {
-    name: "quorum",
-    parse,
-};
+pub fn class() -> DriverClass {
+    DriverClass::new("quorum", parse)
+}
 
 /// `read-pattern`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

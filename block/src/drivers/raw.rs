@@ -19,7 +19,9 @@ use crate::permission::{ChildRole, Perm, default_perms};
 use crate::qmp::QmpError;
 
 /// `raw`.
-pub const CLASS: DriverClass = DriverClass { name: "raw", parse };
+pub fn class() -> DriverClass {
+    DriverClass::new("raw", parse)
+}
 
 /// QEMU's `BDRV_SECTOR_SIZE`.
 const SECTOR: u64 = 512;

@@ -16,10 +16,9 @@ use crate::permission::ChildRole;
 use crate::qmp::QmpError;
 
 /// `throttle`.
-pub const CLASS: DriverClass = DriverClass {
-    name: "throttle",
-    parse,
-};
+pub fn class() -> DriverClass {
+    DriverClass::new("throttle", parse)
+}
 
 /// One throttle node.
 pub struct Throttle {

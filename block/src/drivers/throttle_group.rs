@@ -219,7 +219,26 @@ pub struct ThrottleGroup {
     members: Cell<u32>,
     tickets: [Cell<u64>; 2],
     serving: [Cell<u64>; 2],
+    abandoned: [RefCell<alloc::vec::Vec<u64>>; 2],
     turn: WaitQueue,
+}
+
+/// A place in a direction's queue; giving it up (by completing, or by the
+/// request future being dropped) lets the next request go.
+struct Ticket<'a> {
+    group: &'a ThrottleGroup,
+    dir: usize,
+    n: u64,
+    done: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.group.abandoned[self.dir].borrow_mut().push(self.n);
+        }
+        self.group.advance(self.dir);
+    }
 }
 
 impl ThrottleGroup {
@@ -240,6 +259,7 @@ impl ThrottleGroup {
             members: Cell::new(0),
             tickets: [Cell::new(0), Cell::new(0)],
             serving: [Cell::new(0), Cell::new(0)],
+            abandoned: [RefCell::default(), RefCell::default()],
             turn: WaitQueue::new(),
         }
     }
@@ -285,15 +305,34 @@ impl ThrottleGroup {
         }
     }
 
+    /// Moves the queue of direction `d` past finished and abandoned tickets.
+    fn advance(&self, d: usize) {
+        loop {
+            let s = self.serving[d].get();
+            let mut ab = self.abandoned[d].borrow_mut();
+            if let Some(i) = ab.iter().position(|t| *t == s) {
+                ab.swap_remove(i);
+                self.serving[d].set(s + 1);
+            } else {
+                break;
+            }
+        }
+        self.turn.wake_all();
+    }
+
     /// Waits until a request of `bytes` in direction `write` may go, then
     /// accounts it (QEMU: `throttle_group_co_io_limits_intercept`).
     pub async fn intercept(&self, write: bool, bytes: u64) {
         let d = usize::from(write);
-        let ticket = self.tickets[d].get();
-        self.tickets[d].set(ticket + 1);
-        self.turn
-            .wait_until(|| self.serving[d].get() == ticket)
-            .await;
+        let n = self.tickets[d].get();
+        self.tickets[d].set(n + 1);
+        let mut ticket = Ticket {
+            group: self,
+            dir: d,
+            n,
+            done: false,
+        };
+        self.turn.wait_until(|| self.serving[d].get() == n).await;
         loop {
             self.leak();
             let wait = {
@@ -323,7 +362,7 @@ impl ThrottleGroup {
             c.buckets[iops].account(ops);
             c.buckets[iops_dir].account(ops);
         }
-        self.serving[d].set(ticket + 1);
-        self.turn.wake_all();
+        ticket.done = true;
+        self.serving[d].set(n + 1);
     }
 }

@@ -131,7 +131,7 @@ impl Qmp {
         let clock = Rc::new(ManualClock::new());
         let platform = Rc::new(SimulatedPlatform::new(clock.clone()));
         let mut bl = crate::layer::BlockLayer::new(exec, clock.clone(), platform);
-        bl.register_driver(super::mem::MEM_CLASS);
+        bl.register_driver(super::mem::mem_class());
         let mut d = crate::qmp::Dispatcher::new();
         crate::commands::register(&mut d);
         let log = super::mem::LOG.with(|l| {

@@ -322,10 +322,9 @@ fn parse_mem(
 
 /// `mem`: a memory node for `blockdev-add` in tests (`size`, `label`,
 /// `gated`: requests wait for the gate, `unallocated`).
-pub const MEM_CLASS: crate::open::DriverClass = crate::open::DriverClass {
-    name: "mem",
-    parse: parse_mem,
-};
+pub fn mem_class() -> crate::open::DriverClass {
+    crate::open::DriverClass::new("mem", parse_mem)
+}
 
 /// The gate of the gated `mem` node labelled `label`.
 pub fn gate(label: &str) -> Rc<Gate> {

@@ -14,3 +14,4 @@ mod job;
 mod mem;
 mod qmp;
 mod quorum;
+mod wire;
