@@ -188,11 +188,11 @@ fn config(imgs: &Images) -> QemuConfig {
             "id=s0,discard=unmap,cache=none,aio=threads",
         ),
         "-device",
-        "scsi-hd,bus=scsi0.0,drive=s0,scsi-id=0,lun=0,serial=scsi0",
+        "scsi-hd,bus=scsi0.0,drive=s0,scsi-id=0,lun=0,serial=scsi0,id=sd0",
         "-drive",
         &drive(&imgs.scsi_writeback, "id=s1,discard=unmap,cache=writeback"),
         "-device",
-        "scsi-hd,bus=scsi0.0,drive=s1,scsi-id=1,lun=0,serial=scsi1",
+        "scsi-hd,bus=scsi0.0,drive=s1,scsi-id=1,lun=0,serial=scsi1,id=sd1",
     ]);
     QemuConfig {
         disks: vec![imgs.blk.clone()],
@@ -470,8 +470,24 @@ fn errors_are_clear_and_change_nothing() {
             64 * MIB
         )
     );
+
+    // A LUN that vanished (hot-unplugged on the host): a clear error.
+    let mut qemu = a.qemu_monitor().expect("QEMU's monitor");
+    qemu.cmd("device_del", json!({"id": "sd1"})).unwrap();
+    qemu.wait_event("DEVICE_DELETED", Duration::from_secs(10))
+        .expect("scsi-hd unplugged");
+    let e = disk_io_error(
+        &mut a,
+        json!({"serial": "scsi1", "op": "read", "offset": 0, "length": 4096}),
+    );
+    assert_eq!(
+        e["desc"],
+        "read failed: virtio-scsi: no such target or LUN (VIRTIO_SCSI_S_BAD_TARGET)"
+    );
+
     // Still serving.
     verify(&mut a, "disk0", 0, MIB, 0x11);
+    verify(&mut a, "scsi0", 0, MIB, 0x22);
     quit(a);
     qemu_io(&imgs.ro, &["read -P 0x44 0 1M".into()]);
     qemu_io(&ro_scsi, &["read -P 0x99 0 8M".into()]);

@@ -168,7 +168,7 @@ impl fmt::Display for Error {
             ),
             Error::Sense(s) => write!(f, "{s}"),
             Error::ScsiStatus(s) => write!(f, "SCSI status {s:#04x}"),
-            Error::Transport(r) => write!(f, "virtio-scsi response {r:?}"),
+            Error::Transport(r) => write!(f, "virtio-scsi: {r}"),
             Error::Setup(what) => write!(f, "device setup failed: {what}"),
         }
     }

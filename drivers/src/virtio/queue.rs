@@ -118,6 +118,12 @@ impl Queue {
         each!(self, q => unsafe { q.add(inputs, outputs) })
     }
 
+    /// Asks the device for (`true`) or not to send (`false`) used-buffer
+    /// interrupts. blockhaus polls the used rings, so it turns them off.
+    pub fn set_dev_notify(&mut self, enable: bool) {
+        each!(self, q => q.set_dev_notify(enable))
+    }
+
     /// Whether the device wants a notification after new buffers.
     pub fn should_notify(&self) -> bool {
         each!(self, q => q.should_notify())

@@ -27,8 +27,8 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use features::{Config, offset};
 use request::{Part, ReqType};
-use virtio_drivers::transport::Transport;
 use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::{DeviceStatus, Transport};
 
 const REQUEST_QUEUE: u16 = 0;
 
@@ -70,8 +70,10 @@ impl VirtioBlk {
     pub fn new(mut transport: PciTransport) -> Result<VirtioBlk, Error> {
         let negotiated = transport::negotiate(&mut transport, features::WANTED | F_INDIRECT_DESC)?;
         let indirect = negotiated & F_INDIRECT_DESC != 0;
-        let queue = Queue::new(&mut transport, REQUEST_QUEUE, indirect)
+        let mut queue = Queue::new(&mut transport, REQUEST_QUEUE, indirect)
             .map_err(|_| Error::Setup("cannot set up the request queue"))?;
+        // Completions are polled: no interrupts.
+        queue.set_dev_notify(false);
         let t = &transport;
         let config = Config {
             features: negotiated,
@@ -100,7 +102,13 @@ impl VirtioBlk {
             backlog: VecDeque::new(),
             ready: Vec::new(),
         };
-        blk.info.serial = blk.get_id().unwrap_or_default();
+        blk.info.serial = match blk.get_id() {
+            Ok(serial) => serial,
+            // A device that does not answer is unusable.
+            Err(e @ Error::Setup(_)) => return Err(e),
+            // A device without GET_ID has no serial.
+            Err(_) => Default::default(),
+        };
         Ok(blk)
     }
 
@@ -312,6 +320,9 @@ impl VirtioBlk {
             core::hint::spin_loop();
             spins += 1;
             if spins > 2_000_000_000 {
+                // Stop the device before the buffers on this stack go.
+                self.transport.set_status(DeviceStatus::FAILED);
+                self.transport.set_status(DeviceStatus::empty());
                 return Err(Error::Setup("GET_ID timed out"));
             }
         }

@@ -102,8 +102,10 @@ impl VirtioScsi {
                 "virtio-scsi controller without request queues",
             ));
         }
-        let queue = Queue::new(&mut transport, wire::FIRST_REQUEST_QUEUE, indirect)
+        let mut queue = Queue::new(&mut transport, wire::FIRST_REQUEST_QUEUE, indirect)
             .map_err(|_| Error::Setup("cannot set up the request queue"))?;
+        // Completions are polled: no interrupts.
+        queue.set_dev_notify(false);
         let cdb_size = match config_u32(&transport, offset::CDB_SIZE) as usize {
             0 => wire::DEFAULT_CDB_SIZE,
             n => n.max(16),
@@ -568,6 +570,10 @@ mod tests {
         assert_eq!(
             outcome(&resp(3, 0, &[])),
             (Err(Error::Transport(Response::BadTarget)), false)
+        );
+        assert_eq!(
+            alloc::string::ToString::to_string(&Error::Transport(Response::BadTarget)),
+            "virtio-scsi: no such target or LUN (VIRTIO_SCSI_S_BAD_TARGET)"
         );
         assert!(outcome(&resp(0, 8, &[])).1, "BUSY is retried");
         assert_eq!(outcome(&resp(0, 0x18, &[])).0, Err(Error::ScsiStatus(0x18)));

@@ -69,6 +69,25 @@ pub enum Response {
     Other(u8),
 }
 
+impl core::fmt::Display for Response {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let text = match self {
+            Response::Ok => "OK",
+            Response::Overrun => "data overrun (VIRTIO_SCSI_S_OVERRUN)",
+            Response::Aborted => "command aborted (VIRTIO_SCSI_S_ABORTED)",
+            Response::BadTarget => "no such target or LUN (VIRTIO_SCSI_S_BAD_TARGET)",
+            Response::Reset => "bus reset (VIRTIO_SCSI_S_RESET)",
+            Response::Busy => "device busy (VIRTIO_SCSI_S_BUSY)",
+            Response::TransportFailure => "transport failure (VIRTIO_SCSI_S_TRANSPORT_FAILURE)",
+            Response::TargetFailure => "target failure (VIRTIO_SCSI_S_TARGET_FAILURE)",
+            Response::NexusFailure => "nexus failure (VIRTIO_SCSI_S_NEXUS_FAILURE)",
+            Response::Failure => "failure (VIRTIO_SCSI_S_FAILURE)",
+            Response::Other(n) => return write!(f, "unknown response {n}"),
+        };
+        f.write_str(text)
+    }
+}
+
 impl From<u8> for Response {
     fn from(v: u8) -> Self {
         match v {
