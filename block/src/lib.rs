@@ -32,6 +32,7 @@ pub mod options;
 pub mod permission;
 pub mod qemu_io;
 pub mod qmp;
+pub mod nbd;
 pub mod query;
 pub mod registry;
 #[cfg(test)]

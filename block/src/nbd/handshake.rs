@@ -1,0 +1,334 @@
+//! Option haggling: the fixed newstyle handshake (QEMU:
+//! `nbd_negotiate_options` in `nbd/server.c`).
+//!
+//! The greeting goes out when the [`Connection`] is made; then the client
+//! flags, then options until `NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME` enters
+//! transmission or `NBD_OPT_ABORT` ends the session. Unknown options are
+//! skipped without being buffered and answered `NBD_REP_ERR_UNSUP`; known
+//! options longer than [`super::Limits::max_option_len`] are skipped and
+//! answered `NBD_REP_ERR_TOO_BIG`, so no client can make the engine hold
+//! more than that. `NBD_OPT_EXPORT_NAME` has no error reply: every failure
+//! there is a hard disconnect, as the spec requires.
+
+use alloc::format;
+use alloc::string::String;
+
+use super::export::{Export, ExportSet};
+use super::repr::{ClientOption, Info, InfoRequest, MetaContextRequest, OptionReply};
+use super::server::{CloseReason, Connection, ProtocolError, Rx, State};
+use super::wire::{
+    self, client_flags, get_u32, get_u64, info, opt, option_header, rep, transmission_flags as tf,
+};
+
+/// The one metadata context the engine offers.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// The id `NBD_OPT_SET_META_CONTEXT` gives `base:allocation`.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+impl Connection {
+    /// The client flags arrived.
+    pub(super) fn on_client_flags(&mut self) {
+        let flags = get_u32(&self.hdr, 0..4);
+        if flags & !client_flags::KNOWN != 0 {
+            self.protocol_error(ProtocolError::UnknownClientFlags(flags));
+            return;
+        }
+        self.no_zeroes = flags & client_flags::NO_ZEROES != 0;
+        self.rx = Rx::OptionHeader;
+    }
+
+    /// An option header arrived: decide whether to buffer or skip.
+    pub(super) fn on_option_header(&mut self) {
+        let magic = get_u64(&self.hdr, option_header::MAGIC);
+        let option = get_u32(&self.hdr, option_header::OPTION);
+        let len = get_u32(&self.hdr, option_header::LENGTH);
+        if magic != wire::NBD_OPTS_MAGIC {
+            self.protocol_error(ProtocolError::BadOptionMagic(magic));
+            return;
+        }
+        self.options_seen = self.options_seen.saturating_add(1);
+        if self.options_seen > self.limits.max_options {
+            self.protocol_error(ProtocolError::TooManyOptions);
+            return;
+        }
+        if !ClientOption::is_known(option) {
+            self.skip_option(option, len, rep::ERR_UNSUP);
+        } else if self.shutting_down && option != opt::ABORT {
+            if option == opt::EXPORT_NAME {
+                self.begin_close(CloseReason::Shutdown, false);
+            } else {
+                self.skip_option(option, len, rep::ERR_SHUTDOWN);
+            }
+        } else if len > self.limits.max_option_len {
+            if option == opt::EXPORT_NAME {
+                self.protocol_error(ProtocolError::BadExportName);
+            } else {
+                self.skip_option(option, len, rep::ERR_TOO_BIG);
+            }
+        } else {
+            self.opt_buf.clear();
+            self.opt_buf.reserve(len as usize);
+            self.rx = Rx::OptionData {
+                option,
+                len: len as usize,
+            };
+        }
+    }
+
+    /// Skip `len` bytes of option data, then answer with `reply`.
+    fn skip_option(&mut self, option: u32, len: u32, reply: u32) {
+        if len == 0 {
+            self.option_error(option, reply);
+        } else {
+            self.rx = Rx::OptionSkip {
+                option,
+                left: u64::from(len),
+                reply,
+            };
+        }
+    }
+
+    /// Send an error reply with QEMU-like text.
+    pub(super) fn option_error(&mut self, option: u32, code: u32) {
+        let message = match code {
+            rep::ERR_UNSUP => format!("Unsupported option {option}"),
+            rep::ERR_SHUTDOWN => String::from("Server shutting down"),
+            rep::ERR_TOO_BIG => format!(
+                "option {option} longer than {} bytes",
+                self.limits.max_option_len
+            ),
+            _ => String::from("Invalid option"),
+        };
+        self.reply(
+            option,
+            OptionReply::Error {
+                code,
+                message: &message,
+            },
+        );
+    }
+
+    fn reply(&mut self, option: u32, reply: OptionReply<'_>) {
+        self.out.write(|b| reply.emit(option, b));
+    }
+
+    /// The option's data is complete.
+    pub(super) fn on_option(&mut self, option: u32, data: &[u8], exports: &dyn ExportSet) {
+        let parsed = match ClientOption::parse(option, data) {
+            Ok(o) => o,
+            Err(e) => {
+                if option == opt::EXPORT_NAME {
+                    self.protocol_error(ProtocolError::BadExportName);
+                } else {
+                    self.reply(
+                        option,
+                        OptionReply::Error {
+                            code: rep::ERR_INVALID,
+                            message: e.message(),
+                        },
+                    );
+                }
+                return;
+            }
+        };
+        match parsed {
+            ClientOption::ExportName(name) => self.export_name(name, exports),
+            ClientOption::Abort => {
+                self.reply(option, OptionReply::Ack);
+                self.begin_close(CloseReason::Abort, false);
+            }
+            ClientOption::List => {
+                exports.for_each(&mut |e: &Export| {
+                    if e.name_is_valid() {
+                        self.reply(
+                            option,
+                            OptionReply::Server {
+                                name: &e.name,
+                                description: &e.description,
+                            },
+                        );
+                    }
+                });
+                self.reply(option, OptionReply::Ack);
+            }
+            ClientOption::StartTls => self.reply(
+                option,
+                OptionReply::Error {
+                    code: rep::ERR_POLICY,
+                    message: "TLS not configured",
+                },
+            ),
+            ClientOption::Info(req) => self.info_or_go(option, req, false, exports),
+            ClientOption::Go(req) => self.info_or_go(option, req, true, exports),
+            ClientOption::StructuredReply => {
+                if self.extended {
+                    self.reply(
+                        option,
+                        OptionReply::Error {
+                            code: rep::ERR_EXT_HEADER_REQD,
+                            message: "extended headers already negotiated",
+                        },
+                    );
+                } else {
+                    self.structured = true;
+                    self.reply(option, OptionReply::Ack);
+                }
+            }
+            ClientOption::ExtendedHeaders => {
+                self.extended = true;
+                self.structured = true;
+                self.reply(option, OptionReply::Ack);
+            }
+            ClientOption::ListMetaContext(req) => self.meta_context(option, req, false, exports),
+            ClientOption::SetMetaContext(req) => self.meta_context(option, req, true, exports),
+            ClientOption::Unknown(_) => self.option_error(option, rep::ERR_UNSUP),
+        }
+    }
+
+    /// The transmission flags `export` is served with on this connection.
+    fn flags_for(&self, export: &Export, requested_name: &str) -> u16 {
+        let mut f = export.transmission_flags();
+        if self.structured {
+            f |= tf::SEND_DF;
+        }
+        if self.extended && self.meta_export.as_deref() == Some(requested_name) {
+            f |= tf::BLOCK_STATUS_PAYLOAD;
+        }
+        f
+    }
+
+    /// `NBD_OPT_INFO` / `NBD_OPT_GO`.
+    fn info_or_go(&mut self, option: u32, req: InfoRequest<'_>, go: bool, exports: &dyn ExportSet) {
+        let Some(export) = exports.find(req.name) else {
+            let message = format!("export '{}' not present", req.name);
+            self.reply(
+                option,
+                OptionReply::Error {
+                    code: rep::ERR_UNKNOWN,
+                    message: &message,
+                },
+            );
+            return;
+        };
+        let flags = self.flags_for(&export, req.name);
+        self.reply(
+            option,
+            OptionReply::Info(Info::Export {
+                size: export.size,
+                flags,
+            }),
+        );
+        if req.wants(info::NAME) {
+            self.reply(option, OptionReply::Info(Info::Name(&export.name)));
+        }
+        if req.wants(info::DESCRIPTION) && !export.description.is_empty() {
+            self.reply(
+                option,
+                OptionReply::Info(Info::Description(&export.description)),
+            );
+        }
+        // Like qemu-nbd, always tell the block sizes, asked or not.
+        self.reply(
+            option,
+            OptionReply::Info(Info::BlockSize(export.block_size)),
+        );
+        self.reply(option, OptionReply::Ack);
+        if go {
+            let meta = self.meta_export.as_deref() == Some(req.name);
+            self.enter_transmission(export, flags, meta);
+        }
+    }
+
+    /// `NBD_OPT_EXPORT_NAME`: no error reply exists.
+    fn export_name(&mut self, name: &str, exports: &dyn ExportSet) {
+        if self.extended {
+            self.protocol_error(ProtocolError::ExportNameWithExtendedHeaders);
+            return;
+        }
+        let Some(export) = exports.find(name) else {
+            self.protocol_error(ProtocolError::UnknownExport(String::from(name)));
+            return;
+        };
+        let flags = self.flags_for(&export, name);
+        let no_zeroes = self.no_zeroes;
+        self.out.write(|b| {
+            b.extend_from_slice(&export.size.to_be_bytes());
+            b.extend_from_slice(&flags.to_be_bytes());
+            if !no_zeroes {
+                b.extend_from_slice(&[0; wire::export_name_reply::ZEROES]);
+            }
+        });
+        let meta = self.meta_export.as_deref() == Some(name);
+        self.enter_transmission(export, flags, meta);
+    }
+
+    fn enter_transmission(&mut self, export: Export, flags: u16, meta: bool) {
+        log::debug!(
+            "nbd: serving export '{}' ({} bytes, flags 0x{flags:04x})",
+            export.name,
+            export.size
+        );
+        self.base_allocation = meta && self.structured && export.features.block_status;
+        self.flags = flags;
+        self.export = Some(export);
+        self.state = State::Transmission;
+        self.rx = Rx::RequestHeader;
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+    fn meta_context(
+        &mut self,
+        option: u32,
+        req: MetaContextRequest<'_>,
+        set: bool,
+        exports: &dyn ExportSet,
+    ) {
+        if set {
+            // The selection is replaced even when this option fails.
+            self.meta_export = None;
+        }
+        if !self.structured {
+            self.reply(
+                option,
+                OptionReply::Error {
+                    code: rep::ERR_INVALID,
+                    message: "request structured replies first",
+                },
+            );
+            return;
+        }
+        let Some(export) = exports.find(req.name) else {
+            let message = format!("export '{}' not present", req.name);
+            self.reply(
+                option,
+                OptionReply::Error {
+                    code: rep::ERR_UNKNOWN,
+                    message: &message,
+                },
+            );
+            return;
+        };
+        let offered = export.features.block_status;
+        let selected = if set {
+            offered && req.queries().any(|q| q == BASE_ALLOCATION)
+        } else {
+            offered
+                && (req.is_empty() || req.queries().any(|q| q == "base:" || q == BASE_ALLOCATION))
+        };
+        if selected {
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            self.reply(
+                option,
+                OptionReply::MetaContext {
+                    id,
+                    name: BASE_ALLOCATION,
+                },
+            );
+            if set {
+                self.meta_export = Some(String::from(req.name));
+            }
+        }
+        self.reply(option, OptionReply::Ack);
+    }
+}

@@ -1,0 +1,1 @@
+//! Host tests of the NBD engine against a scripted client.
