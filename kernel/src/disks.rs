@@ -320,7 +320,8 @@ fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
 /// write-zeroes), `offset`, `length`, `pattern` (the byte written, or
 /// expected by a read), `chunk` (bytes per request, all in flight at
 /// once; default: the whole range), `fua`, `may-unmap`. Returns the
-/// requests made, the most in flight at once, and for reads the FNV-1a
+/// requests made, the most in flight at once, the time taken (`ns`, from
+/// the first submit to the last completion), and for reads the FNV-1a
 /// checksum and the first offset that differs from `pattern`.
 fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     let serial = args.str("serial")?;
@@ -368,6 +369,7 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
             at += n;
         }
     }
+    let started = crate::clock::monotonic_ns();
     let mut tickets = Vec::with_capacity(pieces.len());
     let fail = |e: Error| QmpError::generic(format!("{op} failed: {e}"));
     for &(at, n) in &pieces {
@@ -399,6 +401,7 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
         }
     }
     let (done, max_in_flight) = wait(disks, &tickets).map_err(QmpError::generic)?;
+    let elapsed_ns = crate::clock::monotonic_ns().saturating_sub(started);
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     let mut mismatch = None;
     let mut first_error = None;
@@ -421,6 +424,7 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
         "requests": tickets.len(),
         "max-in-flight": max_in_flight,
         "bytes": length,
+        "ns": elapsed_ns,
     });
     if op == "read" {
         ret["checksum"] = json!(format!("{hash:016x}"));
@@ -434,23 +438,34 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
 fn wait(disks: &mut Disks, tickets: &[(u64, Ticket)]) -> Result<(Vec<Completion>, usize), String> {
     let deadline = crate::clock::monotonic_ns() + DEBUG_IO_TIMEOUT_NS;
     let mut done: Vec<Option<Completion>> = tickets.iter().map(|_| None).collect();
-    let mut left = tickets.len();
+    let mut pending: BTreeMap<Ticket, usize> = tickets
+        .iter()
+        .enumerate()
+        .map(|(i, (_, t))| (*t, i))
+        .collect();
     let mut max_in_flight = disks.in_flight();
-    while left > 0 {
+    while !pending.is_empty() {
         max_in_flight = max_in_flight.max(disks.in_flight());
         if !disks.poll() {
             if crate::clock::monotonic_ns() > deadline {
-                return Err(format!("{left} request(s) still pending after 120 s"));
+                return Err(format!(
+                    "{} request(s) still pending after 120 s",
+                    pending.len()
+                ));
             }
             core::hint::spin_loop();
             continue;
         }
-        for (slot, (_, t)) in done.iter_mut().zip(tickets) {
-            if slot.is_none()
-                && let Some(c) = disks.take(*t)
-            {
-                *slot = Some(c);
-                left -= 1;
+        // Only finished requests are in `completed`: pick ours.
+        let finished: Vec<Ticket> = disks
+            .completed
+            .keys()
+            .filter(|t| pending.contains_key(t))
+            .copied()
+            .collect();
+        for t in finished {
+            if let (Some(i), Some(c)) = (pending.remove(&t), disks.take(t)) {
+                done[i] = Some(c);
             }
         }
     }
