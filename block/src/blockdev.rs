@@ -17,7 +17,7 @@ use crate::driver::ChildChangeError;
 use crate::io::IoError;
 use crate::job::Job;
 use crate::layer::BlockLayer;
-use crate::node::unref;
+use crate::node::{Drained, unref};
 use crate::permission::{ChildRole, Perm};
 use crate::qmp::{Args, QmpError};
 
@@ -92,9 +92,10 @@ pub fn x_blockdev_change(bl: &BlockLayer, args: &Args<'_>) -> Res {
                 }
             }
             // Let requests that use the child finish first (QEMU drains).
-            bl.wait(parent.drain())?;
+            let drained = bl.wait(Drained::begin(&parent))?;
             detach_child(&edge);
             parent.driver().child_removed(&parent, &edge);
+            drained.end();
             bl.wait(unref(edge.node().clone()))?;
             ok()
         }
@@ -117,9 +118,9 @@ pub fn x_blockdev_change(bl: &BlockLayer, args: &Args<'_>) -> Res {
                     "The node {new} already has a parent"
                 )));
             }
-            bl.wait(parent.drain())?;
+            let drained = bl.wait(Drained::begin(&parent))?;
             node.ref_();
-            match attach_node_child(&parent, &name, ChildRole::DATA, &node) {
+            let r = match attach_node_child(&parent, &name, ChildRole::DATA, &node) {
                 Ok(edge) => {
                     parent.driver().child_added(&parent, &edge);
                     ok()
@@ -128,7 +129,9 @@ pub fn x_blockdev_change(bl: &BlockLayer, args: &Args<'_>) -> Res {
                     node.unref_nonfinal();
                     Err(QmpError::generic(e.to_string()))
                 }
-            }
+            };
+            drained.end();
+            r
         }
     }
 }

@@ -262,13 +262,24 @@ fn refresh(node: &Rc<Node>, tx: &mut PermTx) -> Result<(), PermError> {
         }
     }
     for c in node.children() {
-        let (p, s) = node.driver().child_perm(node, &c, perm, shared);
+        let (p, s) = child_perm(node, &c, perm, shared);
         if (p, s) != (c.perm(), c.shared()) {
             tx.set(&c, p, s);
             refresh(c.node(), tx)?;
         }
     }
     Ok(())
+}
+
+/// QEMU's `bdrv_child_perm`: the driver's choice, and everything shared
+/// on a `force-share` child.
+fn child_perm(parent: &Node, c: &Child, perm: Perm, shared: Perm) -> (Perm, Perm) {
+    let (p, s) = parent.driver().child_perm(parent, c, perm, shared);
+    if c.node().options().force_share {
+        (p, Perm::ALL)
+    } else {
+        (p, s)
+    }
 }
 
 fn reaches(from: &Rc<Node>, to: &Rc<Node>) -> bool {
@@ -320,7 +331,7 @@ pub fn attach_node_child(
         Perm::ALL,
     ));
     let (perm, shared) = parent.cumulative_perms();
-    let (p, s) = parent.driver().child_perm(parent, &edge, perm, shared);
+    let (p, s) = child_perm(parent, &edge, perm, shared);
     edge.set_perm(p, s);
     attach(&edge)?;
     Ok(edge)

@@ -235,6 +235,7 @@ fn parse_inner(
     let opener = (class.parse)(&mut d)?;
     let children = d.children;
     opts.check_unexpected()?;
+    common.force_share = force_share;
     if force_share && !common.read_only {
         return Err(QmpError::generic(
             "force-share=on can only be used with read-only=on",

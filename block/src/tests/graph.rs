@@ -327,3 +327,50 @@ fn child_edges_enforce_their_permissions() {
     assert_eq!(env.run(edge.truncate(1024)), Err(IoError::Eperm));
     assert_eq!(env.run(edge.read(0, 1, ReqFlags::NONE)), Ok(vec![0]));
 }
+
+#[test]
+fn force_share_children_share_everything() {
+    let env = Env::new();
+    for force_share in [false, true] {
+        let ro = env.mem_opts(
+            "ro",
+            512,
+            NodeOptions {
+                read_only: true,
+                force_share,
+                ..Default::default()
+            },
+        );
+        ro.ref_();
+        let fmt_opts = NodeOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let drv = super::mem::RecFmt {
+            label: "f".into(),
+            log: env.log.clone(),
+        };
+        let f = env
+            .reg
+            .open_node(
+                None,
+                alloc::boxed::Box::new(drv),
+                fmt_opts,
+                Default::default(),
+                vec![("file".into(), super::mem::fmt_file(), ro.clone())],
+            )
+            .unwrap();
+        let resizer = env
+            .reg
+            .new_backend(writer(), Perm::RESIZE, Perm::ALL)
+            .unwrap();
+        assert_eq!(
+            resizer.insert(&ro).is_ok(),
+            force_share,
+            "force-share={force_share}"
+        );
+        env.run(resizer.delete());
+        env.run(unref(f));
+        env.run(unref(ro));
+    }
+}

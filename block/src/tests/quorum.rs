@@ -274,3 +274,60 @@ fn close_with_requests_in_flight_never_reaches_a_closing_child() {
     assert_eq!(log.iter().filter(|l| l.starts_with("close")).count(), 3);
     assert!(reg.nodes().is_empty());
 }
+
+#[test]
+fn removing_a_child_waits_for_requests_in_flight() {
+    let mut q = Qmp::new();
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "quorum", "node-name": "q", "vote-threshold": 1, "children": [
+            {"driver": "mem", "label": "a", "gated": true},
+            {"driver": "mem", "label": "b", "gated": true},
+            {"driver": "mem", "label": "c", "gated": true},
+        ]}),
+    );
+    let reg = q.bl.registry().clone();
+    let drv = reg
+        .new_backend(
+            BackendOptions {
+                name: Some("drv".into()),
+                ..Default::default()
+            },
+            Perm::CONSISTENT_READ,
+            Perm::ALL,
+        )
+        .unwrap();
+    drv.insert(&reg.find_node("q").unwrap()).unwrap();
+    let mut reads = Vec::new();
+    for i in 0..4u64 {
+        let b = drv.clone();
+        reads.push(
+            reg.executor()
+                .spawn(async move { b.read(i * 512, 512).await }),
+        );
+    }
+    q.settle();
+    // The devices complete 1 ms from now.
+    let (clock, timers) = (reg.clock(), reg.executor().timers().clone());
+    reg.executor().spawn(async move {
+        let deadline = clock.now_ns() + 1_000_000;
+        timers.sleep_until(clock, deadline).await;
+        for g in ["a", "b", "c"] {
+            gate(g).open();
+        }
+    });
+    q.ok(
+        "x-blockdev-change",
+        json!({"parent": "q", "child": "children.2"}),
+    );
+    for r in reads {
+        assert!(r.try_take().is_some_and(|r| r.is_ok()));
+    }
+    let log = q.log();
+    assert!(log.contains(&"close c".to_string()));
+    assert!(
+        log.iter().all(|l| !l.starts_with("USE-AFTER-CLOSE")),
+        "{log:?}"
+    );
+    assert!(q.io("drv", "read 0 512").starts_with("read 512/512"));
+}
