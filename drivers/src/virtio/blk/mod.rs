@@ -275,9 +275,10 @@ impl VirtioBlk {
         if let Some(seg) = &segment {
             chain.readable(&seg[..]);
         }
+        let max_segment = self.info.limits.max_segment;
+        // `None` if the request is no longer open (cannot happen).
+        let buf = self.requests.buf(id)?;
         if let Some((start, len)) = part.data {
-            let max_segment = self.info.limits.max_segment;
-            let buf = self.requests.buf(id)?;
             let data = buf.get_mut(start..start + len)?;
             for (s, n) in request::segments(len, max_segment) {
                 let seg = &mut data[s..s + n];
@@ -287,8 +288,6 @@ impl VirtioBlk {
                     chain.readable(seg);
                 }
             }
-        } else {
-            self.requests.buf(id)?;
         }
         chain.writable(&mut status[..]);
         Some(InFlight {
