@@ -243,6 +243,7 @@ pub struct Job {
     id: String,
     driver: Rc<dyn JobDriver>,
     status: Cell<JobStatus>,
+    started: Cell<bool>,
     cancelled: Cell<bool>,
     force: Cell<bool>,
     pause_count: Cell<u32>,
@@ -276,6 +277,7 @@ impl Registry {
             id: id.to_string(),
             driver,
             status: Cell::new(JobStatus::Undefined),
+            started: Cell::new(false),
             cancelled: Cell::new(false),
             force: Cell::new(false),
             pause_count: Cell::new(0),
@@ -408,6 +410,9 @@ impl Job {
 
     /// Starts the job's task (QEMU: `job_start`).
     pub fn start(self: &Rc<Self>) {
+        if self.started.replace(true) {
+            return;
+        }
         let Some(r) = self.registry() else { return };
         let job = self.clone();
         r.executor().spawn(async move {
@@ -473,7 +478,7 @@ impl Job {
             return Ok(());
         }
         self.check_verb(JobVerb::Cancel)?;
-        let was_created = self.status.get() == JobStatus::Created;
+        let never_started = !self.started.get();
         self.cancelled.set(true);
         self.force.set(self.force.get() || force);
         if self.user_paused.get() {
@@ -482,7 +487,7 @@ impl Job {
                 .set(self.pause_count.get().saturating_sub(1));
         }
         self.wake.wake_all();
-        if was_created {
+        if never_started {
             // Never started: conclude without running.
             self.start();
         }

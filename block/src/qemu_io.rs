@@ -55,7 +55,8 @@ pub fn hmp(bl: &BlockLayer, line: &str) -> String {
             match rest.as_slice() {
                 [] => "qemu-io: block device name expected\n".into(),
                 [_] => "qemu-io: string expected\n".into(),
-                [device, command, ..] => qemu_io(bl, device, command),
+                [device, command] => qemu_io(bl, device, command),
+                _ => "qemu-io: extraneous characters at the end of line\n".into(),
             }
         }
         Some(cmd) => format!("unknown command: '{cmd}'\n"),

@@ -203,3 +203,24 @@ fn cancelling_a_created_job_concludes_it_without_running() {
     assert!(env.reg.jobs().is_empty());
     assert_eq!(n.refcnt(), 1);
 }
+
+#[test]
+fn cancel_right_after_start_runs_the_job_once() {
+    let env = Env::new();
+    let n = env.mem("n", 4096);
+    let job = start_test_job(&env, "j", &n, None);
+    assert_eq!(job.status(), JobStatus::Created);
+    job.cancel(false).unwrap();
+    env.run(job.cancel_sync());
+    assert_eq!(env.exec.task_count(), 0);
+    assert_eq!(
+        statuses(&env),
+        [
+            "created",
+            "aborting",
+            "BLOCK_JOB_CANCELLED",
+            "concluded",
+            "null"
+        ]
+    );
+}
