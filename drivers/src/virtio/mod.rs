@@ -27,6 +27,8 @@
 //! [`transport`] (bringing a PCI function up as a virtio device).
 
 pub mod blk;
+#[cfg(test)]
+pub mod fake;
 pub mod hal;
 pub mod queue;
 pub mod requests;

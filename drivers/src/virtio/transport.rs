@@ -22,7 +22,7 @@ pub fn open(root: &mut PciRoot<Cam>, function: DeviceFunction) -> Result<PciTran
 /// Resets the device and negotiates `wanted & offered`. VERSION_1 is
 /// required. Returns the negotiated features; the device is left in
 /// FEATURES_OK, ready for its queues, then [`Transport::finish_init`].
-pub fn negotiate(transport: &mut PciTransport, wanted: u64) -> Result<u64, Error> {
+pub fn negotiate<T: Transport>(transport: &mut T, wanted: u64) -> Result<u64, Error> {
     transport.set_status(DeviceStatus::empty());
     transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
     let offered = transport.read_device_features();
@@ -43,7 +43,7 @@ pub fn negotiate(transport: &mut PciTransport, wanted: u64) -> Result<u64, Error
 
 /// Reads a little-endian u64 made of two 32-bit config fields (the PCI
 /// transport only guarantees 4-byte aligned config access).
-pub fn config_u64(transport: &PciTransport, offset: usize) -> u64 {
+pub fn config_u64<T: Transport>(transport: &T, offset: usize) -> u64 {
     transport
         .read_consistent(|| {
             let lo: u32 = transport.read_config_space(offset)?;
@@ -54,16 +54,16 @@ pub fn config_u64(transport: &PciTransport, offset: usize) -> u64 {
 }
 
 /// Reads a 32-bit config field (0 if the config space is too small).
-pub fn config_u32(transport: &PciTransport, offset: usize) -> u32 {
+pub fn config_u32<T: Transport>(transport: &T, offset: usize) -> u32 {
     transport.read_config_space::<u32>(offset).unwrap_or(0)
 }
 
 /// Reads a 16-bit config field (0 if the config space is too small).
-pub fn config_u16(transport: &PciTransport, offset: usize) -> u16 {
+pub fn config_u16<T: Transport>(transport: &T, offset: usize) -> u16 {
     transport.read_config_space::<u16>(offset).unwrap_or(0)
 }
 
 /// Reads an 8-bit config field (0 if the config space is too small).
-pub fn config_u8(transport: &PciTransport, offset: usize) -> u8 {
+pub fn config_u8<T: Transport>(transport: &T, offset: usize) -> u8 {
     transport.read_config_space::<u8>(offset).unwrap_or(0)
 }

@@ -17,6 +17,8 @@
 
 pub mod features;
 pub mod request;
+#[cfg(test)]
+mod tests;
 
 use super::queue::{Chain, Queue};
 use super::requests::{Open, Requests};
@@ -49,10 +51,10 @@ struct InFlight {
 }
 
 /// One virtio-blk device.
-pub struct VirtioBlk {
+pub struct VirtioBlk<T: Transport = PciTransport> {
     // Declared first so it drops first: the reset stops the device before
     // the rings and in-flight buffers below are freed.
-    transport: PciTransport,
+    transport: T,
     queue: Queue,
     indirect: bool,
     info: DiskInfo,
@@ -65,9 +67,9 @@ pub struct VirtioBlk {
     ready: Vec<Completion>,
 }
 
-impl VirtioBlk {
+impl<T: Transport> VirtioBlk<T> {
     /// Brings the device behind `transport` up.
-    pub fn new(mut transport: PciTransport) -> Result<VirtioBlk, Error> {
+    pub fn new(mut transport: T) -> Result<VirtioBlk<T>, Error> {
         let negotiated = transport::negotiate(&mut transport, features::WANTED | F_INDIRECT_DESC)?;
         let indirect = negotiated & F_INDIRECT_DESC != 0;
         let mut queue = Queue::new(&mut transport, REQUEST_QUEUE, indirect)

@@ -102,7 +102,9 @@ pub fn plan(op: &Op, max_transfer: u64, max_discard: u64, max_write_zeroes: u64)
         split(offset, len, max)
             .map(|(o, n)| Part {
                 kind,
-                sector: o / SECTOR,
+                // The header's sector is "unused and set to 0 for commands
+                // other than read or write" (virtio 1.2 §5.2.6).
+                sector: 0,
                 data: None,
                 segment: Some(range_segment(o / SECTOR, (n / SECTOR) as u32, flags)),
             })
@@ -217,6 +219,7 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert_eq!(parts[0].segment, Some(range_segment(1, 2, 0)));
         assert_eq!(parts[1].segment, Some(range_segment(3, 1, 0)));
+        assert!(parts.iter().all(|p| p.sector == 0), "header sector unused");
         let wz = Op::WriteZeroes {
             offset: 0,
             len: 512,

@@ -72,10 +72,10 @@ struct InFlight {
 }
 
 /// One virtio-scsi controller.
-pub struct VirtioScsi {
+pub struct VirtioScsi<T: Transport = PciTransport> {
     // First, so it drops first: the reset stops the device before the
     // rings and in-flight buffers are freed.
-    transport: PciTransport,
+    transport: T,
     queue: Queue,
     indirect: bool,
     cdb_size: usize,
@@ -91,9 +91,9 @@ pub struct VirtioScsi {
     next_tag: u64,
 }
 
-impl VirtioScsi {
+impl<T: Transport> VirtioScsi<T> {
     /// Brings the controller up and scans it for disks.
-    pub fn new(mut transport: PciTransport) -> Result<VirtioScsi, Error> {
+    pub fn new(mut transport: T) -> Result<VirtioScsi<T>, Error> {
         let negotiated = transport::negotiate(&mut transport, F_INDIRECT_DESC)?;
         let indirect = negotiated & F_INDIRECT_DESC != 0;
         let num_queues = config_u32(&transport, offset::NUM_QUEUES);
