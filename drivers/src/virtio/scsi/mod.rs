@@ -25,6 +25,8 @@ pub mod cdb;
 pub mod command;
 pub mod inquiry;
 pub mod sense;
+#[cfg(test)]
+mod tests;
 pub mod wire;
 
 use super::queue::{Chain, Queue};
@@ -535,7 +537,7 @@ fn outcome(resp: &[u8]) -> (Result<(), Error>, bool) {
 }
 
 #[cfg(test)]
-mod tests {
+mod outcome_tests {
     use super::*;
 
     fn resp(response: u8, status: u8, sense: &[u8]) -> Vec<u8> {
