@@ -245,6 +245,10 @@ fn drivers_find_every_disk_and_move_real_data_both_ways() {
         );
     }
     assert!(console.contains("PCI 00:00.0 8086:29c0"), "{console}");
+    assert!(
+        console.contains("PCI configuration through ECAM at 0xb0000000"),
+        "q35's MCFG: {console}"
+    );
 
     // The host's patterns, read through both drivers.
     verify(&mut a, "disk0", 0, 24 * MIB, 0x11);
@@ -540,4 +544,34 @@ fn disks_behind_pci_bridges_are_found() {
     verify(&mut a, "bridged-blk", 0, MIB, 0x5a);
     verify(&mut a, "bridged-scsi", 0, MIB, 0xa5);
     quit(a);
+}
+
+#[test]
+fn pc_machine_reaches_configuration_space_through_port_io() {
+    // i440FX has no MCFG: the legacy 0xCF8/0xCFC mechanism.
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("b.img");
+    create(&b, 8 * MIB);
+    qemu_io(&b, &["write -P 0x3c 0 1M".into()]);
+    let cfg = QemuConfig {
+        disks: vec![b.clone()],
+        ..QemuConfig::default().machine(harness::Machine::Pc)
+    };
+    let mut a = Appliance::boot(&cfg);
+    assert!(
+        a.console()
+            .contains("PCI configuration through port I/O 0xcf8"),
+        "{}",
+        a.console()
+    );
+    verify(&mut a, "disk0", 0, MIB, 0x3c);
+    disk_io(
+        &mut a,
+        json!({"serial": "disk0", "op": "write", "offset": MIB, "length": MIB, "pattern": 0xc3, "chunk": 4096}),
+    );
+    quit(a);
+    qemu_io(
+        &b,
+        &["read -P 0x3c 0 1M".into(), "read -P 0xc3 1M 1M".into()],
+    );
 }
