@@ -77,6 +77,11 @@ pub fn monotonic_ns() -> u64 {
     )
 }
 
+/// Wall-clock nanoseconds since the Unix epoch.
+pub fn wall_clock_ns() -> u64 {
+    BOOT_UNIX_SECONDS.load(Ordering::Relaxed) * 1_000_000_000 + monotonic_ns()
+}
+
 /// Wall-clock time as (seconds, microseconds) since the Unix epoch.
 pub fn wall_clock() -> (u64, u64) {
     let ns = monotonic_ns();

@@ -4,6 +4,7 @@
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use block::cmdline::Token;
 use log::LevelFilter;
 
 /// A fault to trigger after boot, for the failure-path tests.
@@ -20,30 +21,27 @@ pub enum TestFault {
 pub struct Config {
     pub log_level: Option<LevelFilter>,
     pub test_fault: Option<TestFault>,
-    /// qemu-storage-daemon-style options, e.g. `("--blockdev", "driver=...")`.
-    pub options: Vec<(String, String)>,
+    /// qemu-storage-daemon options in order, e.g. `("blockdev", "driver=...")`.
+    pub options: Vec<(String, Option<String>)>,
 }
 
-/// Parses the command line; any unknown or malformed item is an error that
-/// names it (the appliance then halts instead of running half-configured).
+/// Parses the command line with [`block::cmdline::tokenize`] (quotes and
+/// JSON values with spaces work); blockhaus's own words are applied here,
+/// `--options` are kept in order for the block layer. Any unknown or
+/// malformed item is an error that names it: the appliance then halts
+/// instead of running half-configured.
 pub fn parse(cmdline: &str) -> Result<Config, String> {
     let mut cfg = Config::default();
-    let mut words = cmdline.split_ascii_whitespace();
-    while let Some(word) = words.next() {
-        if let Some(opt) = word.strip_prefix("--") {
-            let (name, value) = match opt.split_once('=') {
-                Some((n, v)) => (n.to_string(), v.to_string()),
-                None => {
-                    let v = words
-                        .next()
-                        .ok_or_else(|| alloc::format!("option '--{opt}' requires an argument"))?;
-                    (opt.to_string(), v.to_string())
-                }
-            };
-            cfg.options.push((alloc::format!("--{name}"), value));
-            continue;
-        }
-        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+    let tokens = block::cmdline::tokenize(cmdline).map_err(|e| e.to_string())?;
+    for token in tokens {
+        let word = match token {
+            Token::Option { name, value } => {
+                cfg.options.push((name, value));
+                continue;
+            }
+            Token::Word(w) => w,
+        };
+        let (key, value) = word.split_once('=').unwrap_or((&word, ""));
         match key {
             "loglevel" | "blockhaus.loglevel" => {
                 cfg.log_level = Some(match value {

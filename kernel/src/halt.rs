@@ -24,6 +24,8 @@ pub enum Reason {
     GuestShutdown,
     /// A fatal error inside the appliance.
     Fatal,
+    /// A boot option was refused.
+    BadConfig,
 }
 
 impl Reason {
@@ -32,6 +34,7 @@ impl Reason {
             Reason::HostQmpQuit => "host-qmp-quit",
             Reason::GuestShutdown => "guest-shutdown",
             Reason::Fatal => "guest-panic",
+            Reason::BadConfig => "host-error",
         }
     }
 
@@ -41,12 +44,19 @@ impl Reason {
             Reason::HostQmpQuit => "requested over QMP",
             Reason::GuestShutdown => "ACPI power button",
             Reason::Fatal => "fatal error",
+            Reason::BadConfig => "configuration error",
         }
     }
 
     /// Whether the guest itself decided to stop (QMP `SHUTDOWN`'s `guest`).
     pub fn by_guest(self) -> bool {
-        self != Reason::HostQmpQuit
+        matches!(self, Reason::GuestShutdown | Reason::Fatal)
+    }
+
+    /// Whether the appliance stops because something went wrong: it then
+    /// takes the failure exit.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Reason::Fatal | Reason::BadConfig)
     }
 }
 
@@ -91,12 +101,12 @@ pub fn halt(reason: Reason, detail: &str) -> ! {
             free / 1024,
         ))
     };
-    if first && reason != Reason::Fatal {
+    if first && !reason.is_failure() {
         report(crate::console::print);
     } else {
         report(crate::console::emergency);
     }
-    if reason == Reason::Fatal {
+    if reason.is_failure() {
         crate::console::emergency(format_args!(
             "exit: failure (isa-debug-exit code {FAILURE_CODE:#x})\n"
         ));

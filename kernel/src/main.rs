@@ -13,6 +13,7 @@ mod halt;
 mod heap;
 mod interrupts;
 mod monitor;
+mod storage;
 
 use log::{LevelFilter, info, warn};
 
@@ -89,13 +90,25 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     if let Some(fault) = config.test_fault {
         cmdline::trigger(fault);
     }
-    if let Some((name, value)) = config.options.first() {
-        log::error!("qemu-storage-daemon option {name} {value} is not supported yet");
-        halt::fatal("unsupported command-line option");
-    }
 
     let disks = disks::Disks::probe();
-    let mut monitor = monitor::Monitor::new(monitor::Appliance::new(disks));
+    let block = storage::new_block_layer();
+    // qemu-storage-daemon's options, in order, before the QMP greeting.
+    for (name, value) in &config.options {
+        let value = value.as_deref().unwrap_or("");
+        match block.apply_boot_option(name, value) {
+            Ok(true) => info!("--{name} {value}: applied"),
+            Ok(false) => {
+                log::error!("--{name}: option not supported");
+                halt_bad_config(&block);
+            }
+            Err(e) => {
+                log::error!("{e}");
+                halt_bad_config(&block);
+            }
+        }
+    }
+    let mut monitor = monitor::Monitor::new(monitor::Appliance::new(disks, block));
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
     info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
     monitor.start();
@@ -104,7 +117,9 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     let mut last_button_poll = 0;
     loop {
         let mut busy = monitor.appliance().disks.poll();
+        busy |= storage::run(&monitor.appliance().block);
         busy |= monitor.poll();
+        monitor.flush_events();
         let now = clock::monotonic_ns();
         // Every poll of the power button is a VM exit: ten times a second.
         let mut halt_reason = monitor.halt_requested();
@@ -114,6 +129,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         }
         if let Some(reason) = halt_reason {
             monitor.shutdown(reason);
+            close_all(&monitor.appliance().block);
             halt::halt(reason, reason.source());
         }
         if busy {
@@ -124,6 +140,33 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             core::hint::spin_loop();
         }
     }
+}
+
+/// The block layer's close-all (QEMU's `bdrv_close_all`): cancel jobs,
+/// eject every backend, drop monitor references, close every node by its
+/// refcount; the report goes to the console.
+fn close_all(block: &block::layer::BlockLayer) -> bool {
+    match block.close_all() {
+        Ok(Ok(report)) => {
+            println!("=== block layer closed ===\n{report}");
+            true
+        }
+        Ok(Err(e)) => {
+            println!("=== block layer close-all FAILED ===\n{}", e.report);
+            false
+        }
+        Err(e) => {
+            println!("=== block layer close-all FAILED: {} ===", e.desc);
+            false
+        }
+    }
+}
+
+/// A bad boot option: close what was already opened, then stop with the
+/// failure exit instead of running half-configured.
+fn halt_bad_config(block: &block::layer::BlockLayer) -> ! {
+    close_all(block);
+    halt::halt(halt::Reason::BadConfig, "bad boot option")
 }
 
 #[panic_handler]

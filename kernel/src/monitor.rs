@@ -4,6 +4,7 @@
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use block::layer::{BlockContext, BlockLayer};
 use block::qmp::{Action, Dispatcher, Event, Limits, QmpContext, Session, Timestamp, VersionInfo};
 use drivers::uart::{COM2, Uart};
 
@@ -24,20 +25,30 @@ pub struct Appliance {
     /// Events raised by commands, written before their reply.
     pub events: Vec<Event>,
     pub disks: crate::disks::Disks,
+    /// The block graph (QEMU's block layer).
+    pub block: BlockLayer,
 }
 
 impl Appliance {
-    pub fn new(disks: crate::disks::Disks) -> Self {
+    pub fn new(disks: crate::disks::Disks, block: BlockLayer) -> Self {
         Self {
             events: Vec::new(),
             disks,
+            block,
         }
     }
 }
 
 impl QmpContext for Appliance {
     fn drain_events(&mut self, out: &mut Vec<Event>) {
+        self.block.drain_events(out);
         out.append(&mut self.events);
+    }
+}
+
+impl BlockContext for Appliance {
+    fn block_layer(&mut self) -> &mut BlockLayer {
+        &mut self.block
     }
 }
 
@@ -63,6 +74,7 @@ impl Monitor {
         let (major, minor, micro) = QEMU_COMPAT;
         let mut commands = Dispatcher::new();
         crate::disks::register(&mut commands);
+        block::commands::register(&mut commands);
         Self {
             // SAFETY: COM2 is the monitor's port; only this module drives it.
             uart: unsafe { Uart::new(COM2) },
@@ -132,6 +144,20 @@ impl Monitor {
     /// `quit` was executed.
     pub fn halt_requested(&self) -> Option<crate::halt::Reason> {
         self.quit.then_some(crate::halt::Reason::HostQmpQuit)
+    }
+
+    /// Writes out events raised outside any command (block jobs, quorum,
+    /// exports), as they happen.
+    pub fn flush_events(&mut self) {
+        let mut events = Vec::new();
+        self.ctx.drain_events(&mut events);
+        for e in &events {
+            self.session.emit(e);
+        }
+        if !events.is_empty() {
+            let out = self.session.take_output();
+            self.queue(&out);
+        }
     }
 
     /// Emits `SHUTDOWN` (after the `quit` reply, as QEMU does) and writes

@@ -36,7 +36,7 @@ pub fn to_dot(graph: &Value) -> String {
             "block-export" => ("house", format!("export\\n{name}")),
             _ => ("ellipse", name.to_string()),
         };
-        if let Some(driver) = node["driver"].as_str() {
+        if let Some(driver) = node["drv"].as_str().or(node["driver"].as_str()) {
             let _ = write!(label, "\\n{driver}");
         }
         if let Some(refcnt) = node["refcount"].as_u64() {
@@ -131,7 +131,7 @@ mod tests {
         let g = json!({
             "nodes": [
                 {"id": 1, "type": "block-backend", "name": "exp0"},
-                {"id": 2, "type": "block-driver", "name": "fmt", "driver": "qcow2", "refcount": 2},
+                {"id": 2, "type": "block-driver", "name": "fmt", "drv": "qcow2", "refcount": 2},
                 {"id": 3, "type": "block-driver", "name": "disk", "driver": "virtio-blk", "refcount": 1}
             ],
             "edges": [

@@ -24,8 +24,9 @@ pub struct RunArgs {
     /// Guest memory.
     #[arg(long, default_value = "256M")]
     memory: String,
-    /// Extra kernel command line (e.g. "loglevel=debug").
-    #[arg(long, default_value = "")]
+    /// Extra kernel command line (e.g. "loglevel=debug" or
+    /// "--blockdev null-co,node-name=n0").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     append: String,
     /// Boot the debug build instead of the release build.
     #[arg(long)]
