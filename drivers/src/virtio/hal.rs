@@ -15,6 +15,23 @@ use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE, PhysAddr};
 /// DMA pages currently allocated through [`IdentityHal`].
 pub static HAL_PAGES: AtomicUsize = AtomicUsize::new(0);
 
+#[cfg(test)]
+std::thread_local! {
+    /// Pages allocated minus freed by this thread (host tests run in
+    /// parallel threads, so the global count cannot be compared).
+    pub static THREAD_PAGES: core::cell::Cell<isize> = const { core::cell::Cell::new(0) };
+}
+
+fn count(delta: isize) {
+    if delta >= 0 {
+        HAL_PAGES.fetch_add(delta as usize, Ordering::Relaxed);
+    } else {
+        HAL_PAGES.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
+    #[cfg(test)]
+    THREAD_PAGES.with(|c| c.set(c.get() + delta));
+}
+
 /// The HAL used by every virtio device in blockhaus.
 pub struct IdentityHal;
 
@@ -34,7 +51,7 @@ unsafe impl Hal for IdentityHal {
         let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
         match NonNull::new(ptr) {
             Some(p) => {
-                HAL_PAGES.fetch_add(pages, Ordering::Relaxed);
+                count(pages as isize);
                 (p.as_ptr() as PhysAddr, p)
             }
             // virtio-drivers treats physical address 0 as allocation failure.
@@ -49,7 +66,7 @@ unsafe impl Hal for IdentityHal {
         // SAFETY: the caller passes back what `dma_alloc` returned for
         // `pages`, so `vaddr` came from `alloc_zeroed(layout)`.
         unsafe { alloc::alloc::dealloc(vaddr.as_ptr(), layout) };
-        HAL_PAGES.fetch_sub(pages, Ordering::Relaxed);
+        count(-(pages as isize));
         0
     }
 

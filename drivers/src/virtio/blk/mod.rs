@@ -72,6 +72,7 @@ impl<T: Transport> VirtioBlk<T> {
     pub fn new(mut transport: T) -> Result<VirtioBlk<T>, Error> {
         let negotiated = transport::negotiate(&mut transport, features::WANTED | F_INDIRECT_DESC)?;
         let indirect = negotiated & F_INDIRECT_DESC != 0;
+        log::debug!("virtio-blk: negotiated features {negotiated:#x}");
         let mut queue = Queue::new(&mut transport, REQUEST_QUEUE, indirect)
             .map_err(|_| Error::Setup("cannot set up the request queue"))?;
         // Completions are polled: no interrupts.

@@ -354,3 +354,23 @@ fn device_errors_and_refusals() {
         Error::Unsupported
     );
 }
+
+#[test]
+fn releasing_the_device_frees_its_dma_memory() {
+    use crate::virtio::hal::THREAD_PAGES;
+    let before = THREAD_PAGES.with(|c| c.get());
+    let disk = Disk::default();
+    let (mut b, state) = blk(ALL, &disk, 65536, 8);
+    assert!(
+        THREAD_PAGES.with(|c| c.get()) > before,
+        "the ring is DMA memory"
+    );
+    state.borrow_mut().auto = false;
+    b.submit(Op::Read {
+        offset: 0,
+        buf: vec![0; 4096],
+    })
+    .unwrap();
+    drop(b);
+    assert_eq!(THREAD_PAGES.with(|c| c.get()), before);
+}

@@ -98,6 +98,7 @@ impl<T: Transport> VirtioScsi<T> {
     pub fn new(mut transport: T) -> Result<VirtioScsi<T>, Error> {
         let negotiated = transport::negotiate(&mut transport, F_INDIRECT_DESC)?;
         let indirect = negotiated & F_INDIRECT_DESC != 0;
+        log::debug!("virtio-scsi: negotiated features {negotiated:#x}");
         let num_queues = config_u32(&transport, offset::NUM_QUEUES);
         if num_queues == 0 {
             return Err(Error::Setup(
