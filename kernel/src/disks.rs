@@ -55,6 +55,8 @@ pub struct Disk {
     pub transport: Transport,
     /// The PCI function of the device (or of the SCSI controller).
     pub pci: Address,
+    /// The node that holds the disk (a disk is claimed by at most one).
+    pub claimed_by: Option<String>,
     controller: usize,
     /// LUN index within a SCSI controller.
     lun: usize,
@@ -149,6 +151,7 @@ impl Disks {
                 info: b.info().clone(),
                 transport: Transport::VirtioBlk,
                 pci,
+                claimed_by: None,
                 controller,
                 lun: 0,
             }),
@@ -167,6 +170,7 @@ impl Disks {
                             lun: l.lun,
                         },
                         pci,
+                        claimed_by: None,
                         controller,
                         lun: i,
                     });
@@ -187,6 +191,50 @@ impl Disks {
     /// The disk with `serial`.
     pub fn find(&self, serial: &str) -> Option<usize> {
         self.disks.iter().position(|d| d.info.serial == serial)
+    }
+
+    /// The virtio-blk disk at PCI address `pci`.
+    pub fn find_blk(&self, pci: Address) -> Option<usize> {
+        self.disks
+            .iter()
+            .position(|d| d.pci == pci && d.transport == Transport::VirtioBlk)
+    }
+
+    /// The SCSI LUN `target`:`lun`, on the controller at `pci` (any
+    /// controller when `None`, if only one has such a LUN).
+    pub fn find_scsi(&self, pci: Option<Address>, target: u8, lun: u16) -> Option<usize> {
+        let mut matches = self.disks.iter().enumerate().filter(|(_, d)| {
+            d.transport == (Transport::VirtioScsi { target, lun }) && pci.is_none_or(|p| p == d.pci)
+        });
+        match (matches.next(), matches.next()) {
+            (Some((i, _)), None) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// Claims disk `index` for `owner` (a node name). A disk has at most one
+    /// owner; the error names the current one.
+    #[allow(dead_code)] // for the protocol nodes (issue 4 §5)
+    pub fn claim(&mut self, index: usize, owner: &str) -> Result<(), String> {
+        let disk = self.disks.get_mut(index).ok_or("no such disk")?;
+        match &disk.claimed_by {
+            Some(other) => Err(format!(
+                "Disk '{}' is already in use by node '{other}'",
+                disk.info.serial
+            )),
+            None => {
+                disk.claimed_by = Some(owner.into());
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives disk `index` back (its node closed).
+    #[allow(dead_code)] // for the protocol nodes (issue 4 §5)
+    pub fn release(&mut self, index: usize) {
+        if let Some(d) = self.disks.get_mut(index) {
+            d.claimed_by = None;
+        }
     }
 
     /// Queues `op` on disk `index`.
@@ -288,6 +336,9 @@ fn disk_json(d: &Disk) -> Value {
             "queue-size": l.queue_size,
         },
     });
+    if let Some(owner) = &d.claimed_by {
+        v["claimed-by"] = json!(owner);
+    }
     if let Transport::VirtioScsi { target, lun } = d.transport {
         v["target"] = json!(target);
         v["lun"] = json!(lun);
@@ -316,15 +367,19 @@ fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
     })
 }
 
-/// `x-blockhaus-disk-io`: `serial`, `op` (read, write, flush, discard,
-/// write-zeroes), `offset`, `length`, `pattern` (the byte written, or
+/// `x-blockhaus-disk-io`: the disk (`serial`, or `pci-addr` of a
+/// virtio-blk, or `pci-addr`, `target` and `lun` of a SCSI LUN), `op`
+/// (read, write, flush, discard, write-zeroes), `offset`, `length`, `pattern` (the byte written, or
 /// expected by a read), `chunk` (bytes per request, all in flight at
 /// once; default: the whole range), `fua`, `may-unmap`. Returns the
 /// requests made, the most in flight at once, the time taken (`ns`, from
 /// the first submit to the last completion), and for reads the FNV-1a
 /// checksum and the first offset that differs from `pattern`.
 fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
-    let serial = args.str("serial")?;
+    let serial = args.opt_str("serial")?;
+    let pci_addr = args.opt_str("pci-addr")?;
+    let target = args.opt_u64("target")?;
+    let lun = args.opt_u64("lun")?;
     let op = args.enum_str("op", &["read", "write", "flush", "discard", "write-zeroes"])?;
     let offset = args.opt_u64("offset")?.unwrap_or(0);
     let length = args.opt_u64("length")?.unwrap_or(0);
@@ -337,6 +392,9 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     let may_unmap = args.opt_bool("may-unmap")?.unwrap_or(false);
     args.check_known(&[
         "serial",
+        "pci-addr",
+        "target",
+        "lun",
         "op",
         "offset",
         "length",
@@ -354,9 +412,7 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
         return Err(QmpError::missing_parameter("pattern"));
     }
     let disks = &mut app.disks;
-    let index = disks
-        .find(serial)
-        .ok_or_else(|| QmpError::device_not_found(format!("No disk with serial '{serial}'")))?;
+    let index = find_disk(disks, serial, pci_addr, target, lun)?;
 
     let mut pieces: Vec<(u64, u64)> = Vec::new();
     if op == "flush" {
@@ -431,6 +487,41 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
         ret["mismatch"] = json!(mismatch);
     }
     Ok(ret)
+}
+
+/// The disk named by `serial`, or by `pci-addr` (a virtio-blk) with
+/// `target` and `lun` (a SCSI LUN on the controller there).
+fn find_disk(
+    disks: &Disks,
+    serial: Option<&str>,
+    pci_addr: Option<&str>,
+    target: Option<u64>,
+    lun: Option<u64>,
+) -> Result<usize, QmpError> {
+    if let Some(serial) = serial {
+        return disks
+            .find(serial)
+            .ok_or_else(|| QmpError::device_not_found(format!("No disk with serial '{serial}'")));
+    }
+    let Some(text) = pci_addr else {
+        return Err(QmpError::missing_parameter("serial"));
+    };
+    let pci = Address::parse(text)
+        .ok_or_else(|| QmpError::invalid_parameter_value("pci-addr", "a PCI address BB:DD.F"))?;
+    match (target, lun) {
+        (None, None) => disks
+            .find_blk(pci)
+            .ok_or_else(|| QmpError::device_not_found(format!("No virtio-blk disk at {pci}"))),
+        (t, l) => {
+            let t = u8::try_from(t.unwrap_or(0))
+                .map_err(|_| QmpError::invalid_parameter_value("target", "uint8"))?;
+            let l = u16::try_from(l.unwrap_or(0))
+                .map_err(|_| QmpError::invalid_parameter_value("lun", "uint16"))?;
+            disks.find_scsi(Some(pci), t, l).ok_or_else(|| {
+                QmpError::device_not_found(format!("No SCSI disk at {pci} target {t} lun {l}"))
+            })
+        }
+    }
 }
 
 /// Polls until every ticket completed; returns the completions in ticket

@@ -489,6 +489,34 @@ fn errors_are_clear_and_change_nothing() {
         "read failed: virtio-scsi: no such target or LUN (VIRTIO_SCSI_S_BAD_TARGET)"
     );
 
+    // Disks addressed by where they are rather than by serial.
+    let blk_pci = device(&list, "disk0")["pci-address"].clone();
+    let scsi_pci = device(&list, "scsi0")["pci-address"].clone();
+    let r = disk_io(
+        &mut a,
+        json!({"pci-addr": blk_pci, "op": "read", "offset": 0, "length": 4096, "pattern": 0x11}),
+    );
+    assert_eq!(r["mismatch"], Value::Null, "{r}");
+    let r = disk_io(
+        &mut a,
+        json!({"pci-addr": scsi_pci, "target": 0, "lun": 0, "op": "read",
+               "offset": 0, "length": 4096, "pattern": 0x22}),
+    );
+    assert_eq!(r["mismatch"], Value::Null, "{r}");
+    let e = disk_io_error(
+        &mut a,
+        json!({"pci-addr": scsi_pci, "target": 9, "lun": 0, "op": "read",
+               "offset": 0, "length": 4096}),
+    );
+    assert_eq!(e["class"], "DeviceNotFound");
+    assert_eq!(
+        e["desc"],
+        format!(
+            "No SCSI disk at {} target 9 lun 0",
+            scsi_pci.as_str().unwrap()
+        )
+    );
+
     // Still serving.
     verify(&mut a, "disk0", 0, MIB, 0x11);
     verify(&mut a, "scsi0", 0, MIB, 0x22);
