@@ -5,6 +5,7 @@
 
 pub mod appliance;
 pub mod image;
+pub mod nbd_server;
 pub mod qemu;
 pub mod qmp;
 

@@ -1,0 +1,528 @@
+//! A small std TCP adapter around the sans-IO NBD engine
+//! (`block::nbd::Connection`), so real clients (qemu-io, qemu-img,
+//! nbdinfo, nbdcopy, nbdsh) can probe the very code the appliance runs.
+//!
+//! It listens on 127.0.0.1 on an ephemeral port and runs one thread per
+//! connection: read bytes, feed them to the engine, execute the requests
+//! it issues against a [`Backing`] (in memory with 4 KiB allocation
+//! clusters, or a file), complete each batch in reverse order (so replies
+//! really go out of order), write the engine's output, close when it says
+//! so. [`NbdServer`] stops everything when dropped, even if a test panics.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use block::io::{BlockStatus, IoError, ReqFlags};
+use block::nbd::{Completion, Connection, Export, Features, Limits, Op, ReadChunk};
+
+/// Allocation cluster of the in-memory backing.
+pub const CLUSTER: u64 = 4096;
+
+/// What an export's bytes live in.
+pub enum Backing {
+    /// A sparse in-memory disk: unwritten or trimmed clusters are holes
+    /// that read as zeroes, so block status and `OFFSET_HOLE` are real.
+    Memory {
+        /// Size in bytes.
+        size: u64,
+    },
+    /// An existing file (no holes reported; fast zero refused).
+    File(File),
+}
+
+/// The state of an in-memory disk.
+struct MemDisk {
+    data: Vec<u8>,
+    allocated: Vec<bool>,
+}
+
+impl MemDisk {
+    fn new(size: u64) -> MemDisk {
+        MemDisk {
+            data: vec![0; size as usize],
+            allocated: vec![false; size.div_ceil(CLUSTER) as usize],
+        }
+    }
+
+    fn range(offset: u64, len: u64) -> std::ops::Range<usize> {
+        offset as usize..(offset + len) as usize
+    }
+
+    fn set_allocated(&mut self, offset: u64, len: u64, on: bool) {
+        let (first, end) = if on {
+            (offset / CLUSTER, (offset + len).div_ceil(CLUSTER))
+        } else {
+            // Only clusters entirely inside the range become holes.
+            (offset.div_ceil(CLUSTER), (offset + len) / CLUSTER)
+        };
+        for c in first..end.max(first) {
+            self.allocated[c as usize] = on;
+        }
+    }
+
+    /// Consecutive runs of (allocated, length) over `[offset, offset+len)`.
+    fn runs(&self, offset: u64, len: u64) -> Vec<(bool, u64)> {
+        let end = offset + len;
+        let mut runs: Vec<(bool, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let c = pos / CLUSTER;
+            let a = self.allocated[c as usize];
+            let n = ((c + 1) * CLUSTER).min(end) - pos;
+            match runs.last_mut() {
+                Some((la, ln)) if *la == a => *ln += n,
+                _ => runs.push((a, n)),
+            }
+            pos += n;
+        }
+        runs
+    }
+
+    fn execute(&mut self, op: Op) -> Completion {
+        match op {
+            Op::Read { offset, len } => {
+                let mut pos = offset as usize;
+                let mut chunks = Vec::new();
+                for (a, n) in self.runs(offset, len) {
+                    let n_us = n as usize;
+                    chunks.push(if a {
+                        ReadChunk::Data(self.data[pos..pos + n_us].to_vec())
+                    } else {
+                        ReadChunk::Zero(n)
+                    });
+                    pos += n_us;
+                }
+                if let [ReadChunk::Data(_)] = chunks.as_slice()
+                    && let Some(ReadChunk::Data(v)) = chunks.pop()
+                {
+                    return Completion::Data(v);
+                }
+                Completion::Chunks(chunks)
+            }
+            Op::Write { offset, data, .. } => {
+                let len = data.len() as u64;
+                self.data[Self::range(offset, len)].copy_from_slice(&data);
+                self.set_allocated(offset, len, true);
+                Completion::Done
+            }
+            Op::Flush | Op::Cache { .. } => Completion::Done,
+            Op::Trim { offset, len, .. } => {
+                // Only whole clusters are discarded (they then read as
+                // zeroes); the rest of the range is left alone, as a
+                // discard may.
+                let first = offset.div_ceil(CLUSTER) * CLUSTER;
+                let end = (offset + len) / CLUSTER * CLUSTER;
+                if end > first {
+                    self.data[Self::range(first, end - first)].fill(0);
+                }
+                self.set_allocated(offset, len, false);
+                Completion::Done
+            }
+            Op::WriteZeroes { offset, len, flags } => {
+                self.data[Self::range(offset, len)].fill(0);
+                if flags.contains(ReqFlags::MAY_UNMAP) {
+                    self.set_allocated(offset, len, false);
+                } else {
+                    self.set_allocated(offset, len, true);
+                }
+                Completion::Done
+            }
+            Op::BlockStatus { offset, len, .. } => {
+                let extents = self
+                    .runs(offset, len)
+                    .into_iter()
+                    .map(|(a, n)| BlockStatus {
+                        data: a,
+                        zero: !a,
+                        allocated: a,
+                        len: n,
+                    })
+                    .collect();
+                Completion::Extents(extents)
+            }
+        }
+    }
+}
+
+enum Store {
+    Memory(Mutex<MemDisk>),
+    File(File),
+}
+
+fn io_error(e: &io::Error) -> IoError {
+    e.raw_os_error().map_or(IoError::Eio, IoError::from_errno)
+}
+
+impl Store {
+    fn execute(&self, op: Op) -> Completion {
+        match self {
+            Store::Memory(m) => m.lock().unwrap_or_else(PoisonError::into_inner).execute(op),
+            Store::File(f) => match file_op(f, op) {
+                Ok(c) => c,
+                Err(e) => Completion::Error(io_error(&e)),
+            },
+        }
+    }
+}
+
+fn file_op(f: &File, op: Op) -> io::Result<Completion> {
+    Ok(match op {
+        Op::Read { offset, len } => {
+            let mut buf = vec![0; len as usize];
+            f.read_exact_at(&mut buf, offset)?;
+            Completion::Data(buf)
+        }
+        Op::Write {
+            offset,
+            data,
+            flags,
+        } => {
+            f.write_all_at(&data, offset)?;
+            if flags.contains(ReqFlags::FUA) {
+                f.sync_data()?;
+            }
+            Completion::Done
+        }
+        Op::Flush => {
+            f.sync_data()?;
+            Completion::Done
+        }
+        Op::Trim { .. } | Op::Cache { .. } => Completion::Done,
+        Op::WriteZeroes { offset, len, flags } => {
+            if flags.contains(ReqFlags::NO_FALLBACK) {
+                // Writing zeroes to a file is no faster than writing data.
+                return Ok(Completion::Error(IoError::Enotsup));
+            }
+            let zeroes = vec![0; len.min(1 << 20) as usize];
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+                f.write_all_at(&zeroes[..n], pos)?;
+                pos += n as u64;
+            }
+            if flags.contains(ReqFlags::FUA) {
+                f.sync_data()?;
+            }
+            Completion::Done
+        }
+        Op::BlockStatus { len, .. } => Completion::Extent(BlockStatus::data(len)),
+    })
+}
+
+/// What a test can learn about the server afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections accepted.
+    pub connections: usize,
+    /// Connections that reached transmission.
+    pub transmissions: usize,
+    /// Requests executed, by kind (`read`, `write`, `write+fua`, `flush`,
+    /// `trim`, `write-zeroes`, `cache`, `block-status`).
+    pub ops: BTreeMap<String, usize>,
+    /// The most requests one connection had outstanding at once.
+    pub max_batch: usize,
+    /// Why each connection ended (`CloseReason` text).
+    pub closes: Vec<String>,
+}
+
+impl Stats {
+    /// Requests executed of `kind`.
+    pub fn op(&self, kind: &str) -> usize {
+        self.ops.get(kind).copied().unwrap_or(0)
+    }
+}
+
+fn op_kind(op: &Op) -> &'static str {
+    match op {
+        Op::Read { .. } => "read",
+        Op::Write { flags, .. } if flags.contains(ReqFlags::FUA) => "write+fua",
+        Op::Write { .. } => "write",
+        Op::Flush => "flush",
+        Op::Trim { .. } => "trim",
+        Op::WriteZeroes { .. } => "write-zeroes",
+        Op::Cache { .. } => "cache",
+        Op::BlockStatus { .. } => "block-status",
+    }
+}
+
+struct Shared {
+    exports: Vec<Export>,
+    stores: Vec<Store>,
+    stats: Mutex<Stats>,
+    streams: Mutex<Vec<TcpStream>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running server; dropping it closes every connection and joins every
+/// thread.
+pub struct NbdServer {
+    port: u16,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+    workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl NbdServer {
+    /// Serve `exports` on 127.0.0.1, an ephemeral port.
+    pub fn start(exports: Vec<(Export, Backing)>) -> io::Result<NbdServer> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let (exports, stores) = exports
+            .into_iter()
+            .map(|(e, b)| {
+                let store = match b {
+                    Backing::Memory { size } => Store::Memory(Mutex::new(MemDisk::new(size))),
+                    Backing::File(f) => Store::File(f),
+                };
+                (e, store)
+            })
+            .unzip();
+        let shared = Arc::new(Shared {
+            exports,
+            stores,
+            stats: Mutex::new(Stats::default()),
+            streams: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let workers = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = {
+            let shared = shared.clone();
+            let workers = workers.clone();
+            thread::spawn(move || accept_loop(listener, shared, workers))
+        };
+        Ok(NbdServer {
+            port,
+            shared,
+            acceptor: Some(acceptor),
+            workers,
+        })
+    }
+
+    /// A writable in-memory export with every feature.
+    pub fn memory_export(name: &str, size: u64) -> (Export, Backing) {
+        (Export::new(name, size), Backing::Memory { size })
+    }
+
+    /// A file export (flush and FUA reach the file with `fdatasync`).
+    pub fn file_export(name: &str, path: &Path, read_only: bool) -> io::Result<(Export, Backing)> {
+        let file = File::options().read(true).write(!read_only).open(path)?;
+        let size = file.metadata()?.len();
+        let mut e = Export::new(name, size);
+        e.features = Features {
+            read_only,
+            ..Features::all()
+        };
+        Ok((e, Backing::File(file)))
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `nbd://127.0.0.1:PORT/NAME`.
+    pub fn uri(&self, name: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// The bytes of an in-memory export.
+    pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
+        let i = self.shared.exports.iter().position(|e| e.name == name)?;
+        match &self.shared.stores[i] {
+            Store::Memory(m) => Some(
+                m.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .data
+                    .clone(),
+            ),
+            Store::File(_) => None,
+        }
+    }
+
+    /// Fill part of an in-memory export (allocating it).
+    pub fn fill(&self, name: &str, offset: u64, data: &[u8]) {
+        if let Some(i) = self.shared.exports.iter().position(|e| e.name == name)
+            && let Store::Memory(m) = &self.shared.stores[i]
+        {
+            let mut m = m.lock().unwrap_or_else(PoisonError::into_inner);
+            m.execute(Op::Write {
+                offset,
+                data: data.to_vec(),
+                flags: ReqFlags::NONE,
+            });
+        }
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats().clone()
+    }
+
+    /// Wait until `n` connections have ended (the client side may exit
+    /// before the server thread has recorded why), at most 10 s.
+    pub fn wait_closes(&self, n: usize) -> Stats {
+        for _ in 0..1000 {
+            let s = self.stats();
+            if s.closes.len() >= n {
+                return s;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.stats()
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        for s in self
+            .shared
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let workers =
+            std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                shared.stats().connections += 1;
+                let Ok(clone) = stream.try_clone() else {
+                    continue;
+                };
+                shared
+                    .streams
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(clone);
+                let shared = shared.clone();
+                let w = thread::spawn(move || {
+                    let reason = serve(stream, &shared);
+                    shared.stats().closes.push(reason);
+                });
+                workers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(w);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Run one connection to its end; returns why it ended.
+fn serve(mut stream: TcpStream, shared: &Shared) -> String {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let mut conn = Connection::new(Limits::default());
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut tmp = vec![0u8; 256 * 1024];
+    let mut counted = false;
+    loop {
+        // 1. Send what is owed.
+        while !conn.output().is_empty() {
+            let slices: Vec<io::IoSlice<'_>> = conn
+                .output()
+                .chunks()
+                .take(64)
+                .map(io::IoSlice::new)
+                .collect();
+            match stream.write_vectored(&slices) {
+                Ok(0) | Err(_) => {
+                    conn.closed();
+                    break;
+                }
+                Ok(n) => conn.consume_output(n),
+            }
+        }
+        if conn.should_close() {
+            break;
+        }
+        if !counted && conn.export().is_some() {
+            counted = true;
+            shared.stats().transmissions += 1;
+        }
+        // 2. Feed what was read and not yet taken.
+        let mut progress = false;
+        if !inbuf.is_empty() {
+            let n = conn.receive(&inbuf, &shared.exports);
+            inbuf.drain(..n);
+            progress |= n > 0;
+        }
+        // 3. Execute everything issued, completing in reverse order.
+        let mut batch = Vec::new();
+        while let Some(r) = conn.next_request() {
+            batch.push(r);
+        }
+        if !batch.is_empty() {
+            progress = true;
+            let store = conn
+                .export()
+                .and_then(|e| shared.exports.iter().position(|x| x.name == e.name))
+                .map(|i| &shared.stores[i]);
+            {
+                let mut stats = shared.stats();
+                stats.max_batch = stats.max_batch.max(batch.len());
+                for r in &batch {
+                    *stats.ops.entry(op_kind(&r.op).to_string()).or_default() += 1;
+                }
+            }
+            while let Some(r) = batch.pop() {
+                let c = match store {
+                    Some(s) => s.execute(r.op),
+                    None => Completion::Error(IoError::Enomedium),
+                };
+                let _ = conn.complete(r.id, c);
+            }
+        }
+        if progress {
+            continue;
+        }
+        // 4. Need more input.
+        match stream.read(&mut tmp) {
+            Ok(0) | Err(_) => {
+                conn.closed();
+                break;
+            }
+            Ok(n) => inbuf.extend_from_slice(&tmp[..n]),
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+    conn.close_reason()
+        .map_or_else(|| "closed".to_string(), |r| r.to_string())
+}
