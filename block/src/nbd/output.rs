@@ -109,11 +109,17 @@ impl Output {
 
     /// Every queued byte range in order, for vectored writes.
     pub fn chunks(&self) -> Chunks<'_> {
-        let first = self.chunk();
+        let (first, zeroes) = match self.segments.front() {
+            Some(Segment::Zeroes(n)) => (None, *n - self.sent),
+            _ => {
+                let first = self.chunk();
+                ((!first.is_empty()).then_some(first), 0)
+            }
+        };
         Chunks {
-            first: (!first.is_empty()).then_some(first),
+            first,
             rest: self.segments.iter().skip(1),
-            zeroes: 0,
+            zeroes,
         }
     }
 
@@ -193,5 +199,60 @@ impl<'a> Iterator for Chunks<'a> {
                 Segment::Zeroes(n) => self.zeroes = *n,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn all(o: &Output) -> Vec<u8> {
+        o.chunks().flatten().copied().collect()
+    }
+
+    #[test]
+    fn chunks_and_consume_agree_across_segment_kinds() {
+        let mut o = Output::new();
+        o.write(|b| b.extend_from_slice(b"head"));
+        o.zeroes(10_000);
+        o.payload(vec![7; 5000]);
+        o.write(|b| b.extend_from_slice(b"tail"));
+        o.write(|b| b.extend_from_slice(b"+more"));
+        let mut want = b"head".to_vec();
+        want.extend(vec![0; 10_000]);
+        want.extend(vec![7; 5000]);
+        want.extend_from_slice(b"tail+more");
+        assert_eq!(o.len(), want.len() as u64);
+        assert_eq!(all(&o), want);
+        // Drain in odd steps, from the middle of the zero run too.
+        let mut sent = Vec::new();
+        for step in [3usize, 1, 4097, 8000, 1, 2999, 100_000] {
+            assert_eq!(all(&o), want[sent.len()..]);
+            let c = o.chunk();
+            let n = step.min(c.len()).max(usize::from(!c.is_empty()));
+            sent.extend_from_slice(&c[..n]);
+            o.consume(n as u64);
+            let rest: Vec<u8> = o.chunks().flatten().copied().collect();
+            assert_eq!(rest.len() as u64, o.len());
+        }
+        while !o.is_empty() {
+            let c = o.chunk().to_vec();
+            sent.extend_from_slice(&c);
+            o.consume(c.len() as u64);
+        }
+        assert_eq!(sent, want);
+        assert!(o.chunks().next().is_none());
+    }
+
+    #[test]
+    fn header_buffers_are_reused() {
+        let mut o = Output::new();
+        for _ in 0..100 {
+            o.write(|b| b.extend_from_slice(&[1; 16]));
+            o.consume(16);
+        }
+        assert!(o.is_empty());
+        assert!(o.spare.len() <= SPARE_BUFFERS);
     }
 }

@@ -51,6 +51,11 @@ pub struct Limits {
     pub max_option_len: u32,
     /// Options after which a haggling client is disconnected.
     pub max_options: u32,
+    /// No new request is read while the payloads of writes queued or in
+    /// flight add up to this (one more payload may be in progress). With
+    /// `max_requests` and `output_high_water` this bounds the memory a
+    /// client can make the host hold.
+    pub max_write_bytes: u64,
 }
 
 impl Default for Limits {
@@ -60,6 +65,7 @@ impl Default for Limits {
             output_high_water: 4 * 1024 * 1024,
             max_option_len: 16 * 1024,
             max_options: 1024,
+            max_write_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -254,6 +260,8 @@ pub struct Connection {
     pub(super) slots: Vec<Slot>,
     pub(super) free_slots: Vec<u32>,
     pub(super) busy: usize,
+    /// Payload bytes of writes being received, queued or in flight.
+    pub(super) write_bytes: u64,
     pub(super) ready: VecDeque<Request>,
     pub(super) out: Output,
     pub(super) shutting_down: bool,
@@ -293,6 +301,7 @@ impl Connection {
             slots: Vec::new(),
             free_slots: Vec::new(),
             busy: 0,
+            write_bytes: 0,
             ready: VecDeque::new(),
             out,
             shutting_down: false,
@@ -393,12 +402,21 @@ impl Connection {
         }
     }
 
-    /// Whether input must wait (at a request boundary only).
+    /// Whether input must wait (at a message boundary only).
     pub(super) fn blocked(&self) -> bool {
-        matches!(self.rx, Rx::RequestHeader)
-            && self.hdr_fill == 0
-            && (self.busy >= self.limits.max_requests
-                || self.out.len() > self.limits.output_high_water)
+        if self.hdr_fill != 0 {
+            return false;
+        }
+        let output_full = self.out.len() > self.limits.output_high_water;
+        match self.rx {
+            Rx::OptionHeader => output_full,
+            Rx::RequestHeader => {
+                output_full
+                    || self.busy >= self.limits.max_requests
+                    || self.write_bytes >= self.limits.max_write_bytes
+            }
+            _ => false,
+        }
     }
 
     /// Feed bytes from the client; returns how many were taken (see the
@@ -546,6 +564,9 @@ impl Connection {
             self.close_reason = Some(CloseReason::PeerClosed);
         }
         self.state = State::Closed;
+        if let Rx::WritePayload { pending } = &self.rx {
+            self.write_bytes = self.write_bytes.saturating_sub(pending.header.len);
+        }
         self.rx = Rx::Stopped;
         while let Some(r) = self.ready.pop_front() {
             let _ = self.release(r.id);
@@ -632,6 +653,9 @@ impl Connection {
         s.generation = s.generation.wrapping_add(1);
         self.free_slots.push(id.slot);
         self.busy -= 1;
+        if header.command == Command::Write {
+            self.write_bytes = self.write_bytes.saturating_sub(header.len);
+        }
         Ok(header)
     }
 }

@@ -290,6 +290,7 @@ impl Connection {
                 len: h.len,
             },
             Command::Write => {
+                self.write_bytes += h.len;
                 self.rx = Rx::WritePayload {
                     pending: PendingWrite {
                         header: h,

@@ -575,3 +575,43 @@ fn block_status_extents_from_a_single_completion() {
     assert_eq!(get_u32(&payload, 4..8), (MIB - 4096) as u32);
     assert_eq!(get_u32(&payload, 8..12), 0);
 }
+
+#[test]
+fn input_stops_while_too_many_write_bytes_are_held() {
+    let limits = Limits {
+        max_write_bytes: 8192,
+        ..Limits::default()
+    };
+    let mut p = Peer::with_limits(disk(), limits);
+    p.connect("disk", false, false);
+    for c in 0..4 {
+        p.write(0, c, c * 4096, &[c as u8 + 1; 4096]);
+    }
+    assert_eq!(p.take_requests(), 2);
+    assert_eq!(p.conn.input_state(), InputState::Blocked);
+    p.run();
+    let mut cookies: Vec<u64> = (0..4).map(|_| p.reply().cookie()).collect();
+    cookies.sort();
+    assert_eq!(cookies, [0, 1, 2, 3]);
+    assert_eq!(p.disk.data[3 * 4096], 4);
+}
+
+#[test]
+fn option_replies_pile_up_no_further_than_the_high_water_mark() {
+    let limits = Limits {
+        output_high_water: 100,
+        ..Limits::default()
+    };
+    let mut p = Peer::with_limits(disk(), limits);
+    p.greet(1);
+    // Send ten unknown options without reading the replies.
+    let mut opts = Vec::new();
+    for _ in 0..10 {
+        opts.extend_from_slice(b"IHAVEOPT");
+        opts.extend_from_slice(&[0, 0, 0, 99, 0, 0, 0, 0]);
+    }
+    let n = p.conn.receive(&opts, &p.exports);
+    assert!(n < opts.len(), "stopped at the high-water mark");
+    assert_eq!(p.conn.input_state(), InputState::Blocked);
+    assert!(p.conn.output().len() <= 100 + 64);
+}

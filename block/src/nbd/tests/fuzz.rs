@@ -135,6 +135,7 @@ fn drive(rng: &mut Rng, input: &[u8]) -> usize {
         max_option_len: 64 + rng.below(4096) as u32,
         max_options: 64,
         output_high_water: 1 << 16,
+        max_write_bytes: 4096 + rng.below(1 << 17),
     };
     let mut conn = Connection::new(limits);
     let mut disk = MemDisk::new(1 << 20);
@@ -197,6 +198,8 @@ fn drive(rng: &mut Rng, input: &[u8]) -> usize {
         let _ = conn.complete(r.id, Completion::Done);
     }
     assert_eq!(conn.in_flight(), 0, "nothing leaks");
+    conn.closed();
+    assert_eq!(conn.write_bytes, 0, "write accounting balances");
     issued
 }
 
