@@ -155,13 +155,30 @@ impl Queue {
     }
 }
 
+/// Buffers a chain keeps inline; longer chains spill to the heap.
+const INLINE: usize = 4;
+
 /// The buffers of one request, device-readable first, then
 /// device-writable, as virtio lays out a descriptor chain. Empty buffers
-/// are left out (a descriptor cannot be empty).
-#[derive(Debug, Default)]
+/// are left out (a descriptor cannot be empty). Up to [`INLINE`] buffers
+/// need no allocation (the per-request path: header, data, status).
+#[derive(Debug)]
 pub struct Chain {
-    readable: Vec<(*const u8, usize)>,
-    writable: Vec<(*mut u8, usize)>,
+    inline: [(*mut u8, usize); INLINE],
+    spill: Vec<(*mut u8, usize)>,
+    len: usize,
+    readable: usize,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            inline: [(core::ptr::null_mut(), 0); INLINE],
+            spill: Vec::new(),
+            len: 0,
+            readable: 0,
+        }
+    }
 }
 
 impl Chain {
@@ -169,10 +186,26 @@ impl Chain {
         Chain::default()
     }
 
-    /// Adds a buffer the device reads.
+    fn push(&mut self, ptr: *mut u8, len: usize) {
+        if self.len < INLINE {
+            self.inline[self.len] = (ptr, len);
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.inline);
+            }
+            self.spill.push((ptr, len));
+        }
+        self.len += 1;
+    }
+
+    /// Adds a buffer the device reads. Readable buffers come first.
     pub fn readable(&mut self, buf: &[u8]) -> &mut Self {
+        debug_assert_eq!(self.readable, self.len, "readable after writable");
         if !buf.is_empty() {
-            self.readable.push((buf.as_ptr(), buf.len()));
+            // The device never writes through it: the cast only gives
+            // every entry one type.
+            self.push(buf.as_ptr().cast_mut(), buf.len());
+            self.readable += 1;
         }
         self
     }
@@ -180,45 +213,66 @@ impl Chain {
     /// Adds a buffer the device writes.
     pub fn writable(&mut self, buf: &mut [u8]) -> &mut Self {
         if !buf.is_empty() {
-            self.writable.push((buf.as_mut_ptr(), buf.len()));
+            self.push(buf.as_mut_ptr(), buf.len());
         }
         self
     }
 
     /// Number of buffers (descriptors without indirection).
     pub fn len(&self) -> usize {
-        self.readable.len() + self.writable.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     /// Ring slots the chain needs: one with indirect descriptors.
     pub fn slots(&self, indirect: bool) -> usize {
-        if indirect && self.len() > 1 {
+        if indirect && self.len > 1 {
             1
         } else {
-            self.len()
+            self.len
         }
     }
 
+    fn entries(&self) -> &[(*mut u8, usize)] {
+        if self.len <= INLINE {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    /// Calls `f` with the chain as the slices virtio-drivers takes.
+    ///
     /// # Safety
     /// Every buffer recorded is still allocated and not otherwise accessed.
-    unsafe fn slices<'a>(&self) -> (Vec<&'a [u8]>, Vec<&'a mut [u8]>) {
-        let inputs = self
-            .readable
-            .iter()
-            // SAFETY: the caller guarantees each (pointer, length) is live.
-            .map(|&(p, n)| unsafe { core::slice::from_raw_parts(p, n) })
-            .collect();
-        let outputs = self
-            .writable
-            .iter()
-            // SAFETY: as above, and nothing else holds a reference to them.
-            .map(|&(p, n)| unsafe { core::slice::from_raw_parts_mut(p, n) })
-            .collect();
-        (inputs, outputs)
+    unsafe fn with_slices<R>(
+        &self,
+        f: impl for<'a> FnOnce(&'a [&'a [u8]], &'a mut [&'a mut [u8]]) -> R,
+    ) -> R {
+        let (r, w) = self.entries().split_at(self.readable);
+        // SAFETY: the caller guarantees each (pointer, length) is live.
+        let input =
+            |&(p, n): &(*mut u8, usize)| unsafe { core::slice::from_raw_parts(p.cast_const(), n) };
+        // SAFETY: as above, and nothing else holds a reference to them.
+        let output = |&(p, n): &(*mut u8, usize)| unsafe { core::slice::from_raw_parts_mut(p, n) };
+        if self.len <= INLINE {
+            let mut ins: [&[u8]; INLINE] = [&[]; INLINE];
+            let mut outs: [&mut [u8]; INLINE] = core::array::from_fn(|_| &mut [][..]);
+            for (slot, e) in ins.iter_mut().zip(r) {
+                *slot = input(e);
+            }
+            for (slot, e) in outs.iter_mut().zip(w) {
+                *slot = output(e);
+            }
+            f(&ins[..r.len()], &mut outs[..w.len()])
+        } else {
+            let ins: Vec<&[u8]> = r.iter().map(input).collect();
+            let mut outs: Vec<&mut [u8]> = w.iter().map(output).collect();
+            f(&ins, &mut outs)
+        }
     }
 
     /// Puts the chain on `queue`; returns its token.
@@ -227,10 +281,8 @@ impl Chain {
     /// The buffers stay allocated, unmoved and untouched by the driver until
     /// [`Chain::reclaim`] for the returned token succeeds.
     pub unsafe fn submit(&self, queue: &mut Queue) -> virtio_drivers::Result<u16> {
-        // SAFETY: forwarded to the caller.
-        let (inputs, mut outputs) = unsafe { self.slices() };
-        // SAFETY: forwarded to the caller.
-        unsafe { queue.add(&inputs, &mut outputs) }
+        // SAFETY: forwarded to the caller (twice: the slices, and `add`).
+        unsafe { self.with_slices(|i, o| queue.add(i, o)) }
     }
 
     /// Takes the chain back from the used ring, where it must be next.
@@ -238,16 +290,37 @@ impl Chain {
     /// # Safety
     /// This chain was submitted and got `token`, and its buffers are live.
     pub unsafe fn reclaim(&self, queue: &mut Queue, token: u16) -> virtio_drivers::Result<u32> {
-        // SAFETY: forwarded to the caller.
-        let (inputs, mut outputs) = unsafe { self.slices() };
-        // SAFETY: the same buffers as submitted with `token`.
-        unsafe { queue.pop_used(token, &inputs, &mut outputs) }
+        // SAFETY: the same buffers as submitted with `token`, still live.
+        unsafe { self.with_slices(|i, o| queue.pop_used(token, i, o)) }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::pick_size;
+
+    #[test]
+    fn chains_keep_readable_before_writable_and_spill_past_inline() {
+        use super::Chain;
+        let (a, mut b, mut c) = ([1u8; 16], [0u8; 512], [0u8; 1]);
+        let mut chain = Chain::new();
+        chain
+            .readable(&a)
+            .readable(&[])
+            .writable(&mut b)
+            .writable(&mut c);
+        assert_eq!(chain.len(), 3, "empty buffers are left out");
+        assert_eq!(chain.slots(true), 1);
+        assert_eq!(chain.slots(false), 3);
+        let mut bufs: std::vec::Vec<[u8; 8]> = std::vec![[0; 8]; 6];
+        let mut long = Chain::new();
+        for b in &mut bufs {
+            long.writable(b);
+        }
+        assert_eq!(long.len(), 6);
+        assert_eq!(long.entries().len(), 6);
+        assert_eq!(long.entries()[5].0, bufs[5].as_mut_ptr());
+    }
 
     #[test]
     fn picks_largest_power_of_two_offered() {

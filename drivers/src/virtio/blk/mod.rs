@@ -45,9 +45,14 @@ struct Pending {
 struct InFlight {
     id: RequestId,
     chain: Chain,
-    _header: Box<[u8; 16]>,
-    _segment: Option<Box<[u8; 16]>>,
-    status: Box<[u8; 1]>,
+    io: Box<Io>,
+}
+
+/// The driver-owned parts of a request, in one allocation.
+struct Io {
+    header: [u8; 16],
+    segment: [u8; 16],
+    status: [u8; 1],
 }
 
 /// One virtio-blk device.
@@ -199,7 +204,7 @@ impl<T: Transport> VirtioBlk<T> {
             }
             self.in_flight -= 1;
             progress = true;
-            let result = request::status_result(done.status[0]);
+            let result = request::status_result(done.io.status[0]);
             if let Some(open) = self.requests.finish_part(done.id, result) {
                 self.complete(done.id, open, out);
             }
@@ -270,13 +275,15 @@ impl<T: Transport> VirtioBlk<T> {
 
     /// The chain and memory for one device request.
     fn build(&mut self, id: RequestId, part: &Part) -> Option<InFlight> {
-        let header = Box::new(request::header(part.kind, part.sector));
-        let segment = part.segment.map(Box::new);
-        let mut status = Box::new([0xffu8]);
+        let mut io = Box::new(Io {
+            header: request::header(part.kind, part.sector),
+            segment: part.segment.unwrap_or_default(),
+            status: [0xff],
+        });
         let mut chain = Chain::new();
-        chain.readable(&header[..]);
-        if let Some(seg) = &segment {
-            chain.readable(&seg[..]);
+        chain.readable(&io.header);
+        if part.segment.is_some() {
+            chain.readable(&io.segment);
         }
         let max_segment = self.info.limits.max_segment;
         // `None` if the request is no longer open (cannot happen).
@@ -292,14 +299,8 @@ impl<T: Transport> VirtioBlk<T> {
                 }
             }
         }
-        chain.writable(&mut status[..]);
-        Some(InFlight {
-            id,
-            chain,
-            _header: header,
-            _segment: segment,
-            status,
-        })
+        chain.writable(&mut io.status);
+        Some(InFlight { id, chain, io })
     }
 
     /// GET_ID, synchronously (used once, at bring-up).
