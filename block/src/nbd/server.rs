@@ -21,6 +21,23 @@
 //!    are dropped cleanly; [`Connection::in_flight`] says how many the host
 //!    still owes.
 //!
+//! A cooperative task per connection (the kernel's shape) looks like:
+//!
+//! ```text
+//! loop {
+//!     while let Some(chunk) = nonempty(conn.output().chunk()) {   // 4
+//!         let n = socket.send_slice(chunk)?; if n == 0 { break }
+//!         conn.consume_output(n);
+//!     }
+//!     if conn.should_close() { socket.close(); break }             // 5
+//!     socket.recv(|buf| { let n = conn.receive(buf, &exports); (n, ()) });  // 1
+//!     while let Some(req) = conn.next_request() { spawn(execute(req)) }     // 2
+//!     // ... each finished future: conn.complete(id, completion)          // 3
+//!     if socket.peer_gone() { conn.closed() }
+//!     yield until the socket, a completion or a timer wakes the task;
+//! }
+//! ```
+//!
 //! The phases follow the spec: the fixed newstyle handshake
 //! ([`super::handshake`]), then transmission ([`super::transmission`],
 //! replies in [`super::reply`]), then closing.
