@@ -247,8 +247,16 @@ impl<T: Transport> VirtioBlk<T> {
             let id = pending.id;
             let part = pending.part.clone();
             let Some(flight) = self.build(id, &part) else {
-                // The request vanished (cannot happen): drop the part.
+                // Its buffer does not cover the part (cannot happen): fail
+                // the part rather than leave the request open forever.
                 self.backlog.pop_front();
+                if let Some(open) = self.requests.finish_part(id, Err(Error::Io)) {
+                    self.ready.push(Completion {
+                        id,
+                        result: open.result(),
+                        buf: open.buf,
+                    });
+                }
                 continue;
             };
             if self.queue.available_desc() < flight.chain.slots(self.indirect) {

@@ -253,7 +253,18 @@ impl<T: Transport> VirtioScsi<T> {
             };
             let flight = match self.build(pending) {
                 Ok(f) => f,
-                Err(_) => continue,
+                // Its buffer does not cover the command (cannot happen):
+                // fail it rather than leave the request open forever.
+                Err(id) => {
+                    if let Some(open) = self.requests.finish_part(id, Err(Error::Io)) {
+                        self.ready.push(Completion {
+                            id,
+                            result: open.result(),
+                            buf: open.buf,
+                        });
+                    }
+                    continue;
+                }
             };
             if self.queue.available_desc() < flight.chain.slots(self.indirect) {
                 self.backlog.push_front(flight.pending);
@@ -280,9 +291,10 @@ impl<T: Transport> VirtioScsi<T> {
         added
     }
 
-    /// The chain for one command. Fails (dropping the command) only if
-    /// its request vanished, which cannot happen.
-    fn build(&mut self, mut pending: Pending) -> Result<InFlight, ()> {
+    /// The chain for one command. Fails (with the request's id) only if
+    /// the request's buffer does not cover the command's data.
+    fn build(&mut self, mut pending: Pending) -> Result<InFlight, RequestId> {
+        let id = pending.id;
         let tag = self.next_tag;
         self.next_tag += 1;
         let req = wire::request(
@@ -295,13 +307,13 @@ impl<T: Transport> VirtioScsi<T> {
         let mut resp = vec![0u8; wire::RESP_HEADER + self.sense_size];
         let mut chain = Chain::new();
         chain.readable(&req);
-        let buf = self.requests.buf(pending.id).ok_or(())?;
+        let buf = self.requests.buf(id).ok_or(id)?;
         match &mut pending.cmd.data {
             Data::None => {
                 chain.writable(&mut resp);
             }
             Data::Out(start, len) => {
-                chain.readable(buf.get(*start..*start + *len).ok_or(())?);
+                chain.readable(buf.get(*start..*start + *len).ok_or(id)?);
                 chain.writable(&mut resp);
             }
             Data::OutOwned(params) => {
@@ -310,7 +322,7 @@ impl<T: Transport> VirtioScsi<T> {
             }
             Data::In(start, len) => {
                 chain.writable(&mut resp);
-                chain.writable(buf.get_mut(*start..*start + *len).ok_or(())?);
+                chain.writable(buf.get_mut(*start..*start + *len).ok_or(id)?);
             }
         }
         Ok(InFlight {
