@@ -11,8 +11,9 @@
 //! QMP:
 //! - `x-query-devices`: every disk found, claimed or not.
 //! - `x-blockhaus-disk-io` (debug, for tests until the block graph is
-//!   wired): runs one operation on a disk by serial through the driver,
-//!   split into `chunk`-sized requests all in flight at once, and waits.
+//!   wired): runs one operation on a disk (by serial or address) through
+//!   the driver, split into `chunk`-sized requests all in flight at once,
+//!   and waits.
 
 use crate::monitor::Appliance;
 use alloc::collections::BTreeMap;
@@ -36,10 +37,6 @@ const SCSI_IDS: [u16; 2] = [0x1004, 0x1048];
 enum Driver {
     Blk(VirtioBlk),
     Scsi(VirtioScsi),
-}
-
-struct Controller {
-    driver: Driver,
 }
 
 /// How a disk is reached.
@@ -72,7 +69,7 @@ pub struct Ticket {
 /// Every disk found at boot, claimed or not.
 #[derive(Default)]
 pub struct Disks {
-    controllers: Vec<Controller>,
+    controllers: Vec<Driver>,
     disks: Vec<Disk>,
     completed: BTreeMap<Ticket, Completion>,
     scratch: Vec<Completion>,
@@ -177,7 +174,7 @@ impl Disks {
                 }
             }
         }
-        self.controllers.push(Controller { driver });
+        self.controllers.push(driver);
         for d in self.disks.iter().filter(|d| d.controller == controller) {
             log_disk(d);
         }
@@ -241,7 +238,7 @@ impl Disks {
     pub fn submit(&mut self, index: usize, op: Op) -> Result<Ticket, Error> {
         let disk = self.disks.get(index).ok_or(Error::Setup("no such disk"))?;
         let (controller, lun) = (disk.controller, disk.lun);
-        let id = match &mut self.controllers[controller].driver {
+        let id = match &mut self.controllers[controller] {
             Driver::Blk(b) => b.submit(op)?,
             Driver::Scsi(s) => s.submit(lun, op)?,
         };
@@ -257,7 +254,7 @@ impl Disks {
     pub fn in_flight(&self) -> usize {
         self.controllers
             .iter()
-            .map(|c| match &c.driver {
+            .map(|c| match c {
                 Driver::Blk(b) => b.in_flight(),
                 Driver::Scsi(s) => s.in_flight(),
             })
@@ -268,7 +265,7 @@ impl Disks {
     pub fn poll(&mut self) -> bool {
         let mut progress = false;
         for (i, c) in self.controllers.iter_mut().enumerate() {
-            progress |= match &mut c.driver {
+            progress |= match c {
                 Driver::Blk(b) => b.poll(&mut self.scratch),
                 Driver::Scsi(s) => s.poll(&mut self.scratch),
             };
