@@ -727,3 +727,18 @@ fn qemu_io_obeys_advertised_block_sizes() {
     assert!(disk[700..710].iter().all(|&b| b == 0x5a));
     assert!(disk[710..MIB as usize].iter().all(|&b| b == 0xa5));
 }
+
+#[test]
+fn nbdinfo_content_probes_the_data_through_the_server() {
+    let s = server(MIB);
+    s.fill("disk", 510, &[0x55, 0xaa]);
+    let j: Value = serde_json::from_str(&ok(Command::new("nbdinfo").args([
+        "--json",
+        "--content",
+        &s.uri("disk"),
+    ])))
+    .unwrap();
+    let content = j["exports"][0]["content"].as_str().unwrap_or_default();
+    assert!(content.starts_with("DOS/MBR boot sector"), "{j}");
+    assert!(s.stats().op("read") >= 1);
+}

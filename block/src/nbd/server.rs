@@ -624,13 +624,14 @@ impl Connection {
         }
     }
 
-    /// Hard disconnect for a protocol violation: queued requests are
-    /// dropped, pending output is still offered.
+    /// Hard disconnect for a protocol violation: nothing more is read and
+    /// nothing is waited for. Pending output is still offered, and requests
+    /// received whole before the violation stay valid (so the outcome does
+    /// not depend on how the input was chunked): the host may still take
+    /// and complete them until it closes the socket and calls
+    /// [`Connection::closed`].
     pub(super) fn protocol_error(&mut self, e: ProtocolError) {
         log::warn!("nbd: {e}");
-        while let Some(r) = self.ready.pop_front() {
-            let _ = self.release(r.id);
-        }
         self.drain_then_close = false;
         self.begin_close(CloseReason::Protocol(e), false);
         self.rx = Rx::Stopped;
