@@ -43,7 +43,9 @@ pub struct Features {
 
 impl Features {
     /// A writable export that can do everything (the host's node honours
-    /// flush, FUA, trim, zeroes, fast zeroes and cache).
+    /// flush, FUA, trim, zeroes, fast zeroes and cache). `multi_conn` is
+    /// set: right when every connection reaches the same node with no
+    /// per-connection cache, as in blockhaus; clear it otherwise.
     pub const fn all() -> Features {
         Features {
             read_only: false,
