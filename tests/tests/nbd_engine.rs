@@ -742,3 +742,32 @@ fn nbdinfo_content_probes_the_data_through_the_server() {
     assert!(content.starts_with("DOS/MBR boot sector"), "{j}");
     assert!(s.stats().op("read") >= 1);
 }
+
+#[test]
+fn fio_random_writes_at_queue_depth_32_verify() {
+    let s = server(16 * MIB);
+    let out = ok(Command::new("fio").args([
+        "--name=nbd-verify",
+        "--ioengine=nbd",
+        &format!("--uri={}", s.uri("disk")),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=16M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--output-format=json",
+    ]));
+    let j: Value = serde_json::from_str(&out[out.find('{').unwrap_or(0)..]).expect("fio JSON");
+    let job = &j["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    assert_eq!(job["write"]["io_bytes"], 16 * MIB, "{job}");
+    assert_eq!(
+        job["read"]["io_bytes"],
+        16 * MIB,
+        "verified by reading back: {job}"
+    );
+    let st = s.stats();
+    assert!(st.max_batch > 1, "requests were in flight together: {st:?}");
+}
