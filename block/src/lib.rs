@@ -25,6 +25,7 @@ pub mod io;
 pub mod job;
 pub mod keyval;
 pub mod layer;
+pub mod nbd;
 pub mod node;
 pub mod object;
 pub mod open;
@@ -32,7 +33,6 @@ pub mod options;
 pub mod permission;
 pub mod qemu_io;
 pub mod qmp;
-pub mod nbd;
 pub mod query;
 pub mod registry;
 #[cfg(test)]
