@@ -757,6 +757,7 @@ fn fio_random_writes_at_queue_depth_32_verify() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     ]));
     let j: Value = serde_json::from_str(&out[out.find('{').unwrap_or(0)..]).expect("fio JSON");
