@@ -19,6 +19,7 @@
 //! The port-I/O address/data pair is not atomic: the one CPU and the
 //! absence of PCI access from interrupt handlers make it safe here.
 
+pub mod dsdt;
 pub mod mcfg;
 
 use crate::acpi::PhysMem;
@@ -144,32 +145,122 @@ pub enum Cam {
     Ecam(EcamCam),
 }
 
+/// How configuration space is reached, and (when the firmware left BAR
+/// assignment to us) where BARs may go.
+pub struct Platform {
+    pub cam: Cam,
+    /// Memory windows of the host bridge from the DSDT, below the
+    /// identity-mapped limit; empty when the firmware assigned the BARs.
+    pub windows: Vec<(u64, u64)>,
+}
+
 impl Cam {
     /// ECAM when the MCFG (found from `rsdp`, or by scanning the BIOS area)
     /// lists a region for segment 0 starting at bus 0 below `mapped_end`;
-    /// port I/O otherwise.
+    /// else ECAM at the host bridge's `_CBA` from the DSDT, with the
+    /// bridge's memory windows for BAR assignment (QEMU's microvm: no MCFG,
+    /// and its firmware assigns no BARs); port I/O otherwise.
     ///
     /// # Safety
     /// The caller owns PCI configuration space, and `mem` reads physical
     /// memory.
-    pub unsafe fn detect(mem: &dyn PhysMem, rsdp: Option<u64>, mapped_end: u64) -> Cam {
+    pub unsafe fn detect(mem: &dyn PhysMem, rsdp: Option<u64>, mapped_end: u64) -> Platform {
+        let below = |r: &mcfg::EcamRegion| {
+            let end = r.base + ((u64::from(r.end_bus) + 1) << 20);
+            r.segment == 0 && r.start_bus == 0 && end <= mapped_end
+        };
+        let rsdp = rsdp.or_else(|| mcfg::find_rsdp(mem));
         let region = rsdp
-            .or_else(|| mcfg::find_rsdp(mem))
             .map(|r| mcfg::ecam_regions(mem, r))
             .unwrap_or_default()
             .into_iter()
-            .find(|r| {
-                let end = r.base + ((u64::from(r.end_bus) + 1) << 20);
-                r.segment == 0 && r.start_bus == 0 && end <= mapped_end
-            });
-        match region {
-            // SAFETY: the firmware's MCFG describes this ECAM space; it is
-            // below the identity-mapped limit; the caller owns PCI config.
-            Some(r) => Cam::Ecam(unsafe { EcamCam::new(r) }),
+            .find(below);
+        if let Some(r) = region {
+            return Platform {
+                // SAFETY: the firmware's MCFG describes this ECAM space; it
+                // is below the identity-mapped limit; the caller owns PCI
+                // configuration space.
+                cam: Cam::Ecam(unsafe { EcamCam::new(r) }),
+                windows: Vec::new(),
+            };
+        }
+        let bridge = rsdp
+            .and_then(|r| mcfg::dsdt(mem, r))
+            .and_then(|d| dsdt::host_bridge(mem, d));
+        if let Some(hb) = bridge
+            && let Some(base) = hb.ecam
+        {
+            let (start_bus, end_bus) = hb.buses.unwrap_or((0, 0xff));
+            let r = mcfg::EcamRegion {
+                base,
+                segment: 0,
+                start_bus,
+                end_bus,
+            };
+            if below(&r) {
+                return Platform {
+                    // SAFETY: the DSDT's `_CBA` names this ECAM space; as
+                    // above.
+                    cam: Cam::Ecam(unsafe { EcamCam::new(r) }),
+                    windows: hb
+                        .windows
+                        .into_iter()
+                        .filter(|&(b, n)| b.saturating_add(n) <= mapped_end)
+                        .collect(),
+                };
+            }
+        }
+        Platform {
             // SAFETY: forwarded to the caller.
-            None => Cam::Port(unsafe { PortIoCam::new() }),
+            cam: Cam::Port(unsafe { PortIoCam::new() }),
+            windows: Vec::new(),
         }
     }
+}
+
+/// Places BARs the firmware left unassigned in the host bridge's windows:
+/// naturally aligned (a BAR's size is a power of two), clear of every BAR
+/// already in place. Pure: returns (function index, BAR index, address).
+pub fn plan_bars(functions: &[Function], windows: &[(u64, u64)]) -> Vec<(usize, u8, u64)> {
+    let mut used: Vec<(u64, u64)> = functions
+        .iter()
+        .flat_map(|f| &f.bars)
+        .filter(|b| b.kind != BarKind::Io && b.address != 0)
+        .map(|b| (b.address, b.size))
+        .collect();
+    let mut todo: Vec<(usize, &Bar)> = functions
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| !f.bridge)
+        .flat_map(|(i, f)| f.bars.iter().map(move |b| (i, b)))
+        .filter(|(_, b)| b.kind != BarKind::Io && b.address == 0 && b.size.is_power_of_two())
+        .collect();
+    // Largest first packs naturally aligned ranges without holes.
+    todo.sort_by_key(|(_, b)| core::cmp::Reverse(b.size));
+    let mut out = Vec::new();
+    for (i, bar) in todo {
+        let fits = |w: &(u64, u64)| {
+            let mut at = w.0.next_multiple_of(bar.size);
+            while at + bar.size <= w.0 + w.1 {
+                match used.iter().find(|&&(s, n)| at < s + n && s < at + bar.size) {
+                    None => return Some(at),
+                    Some(&(s, n)) => at = (s + n).next_multiple_of(bar.size),
+                }
+            }
+            None
+        };
+        // A 32-bit BAR needs an address below 4 GiB.
+        let Some(at) = windows
+            .iter()
+            .filter_map(fits)
+            .find(|&a| bar.kind == BarKind::Mem64 || a + bar.size <= 1 << 32)
+        else {
+            continue;
+        };
+        used.push((at, bar.size));
+        out.push((i, bar.index, at));
+    }
+    out
 }
 
 impl fmt::Display for Cam {
@@ -215,17 +306,19 @@ impl ConfigurationAccess for Cam {
 pub struct Bus {
     root: PciRoot<Cam>,
     reader: Cam,
+    windows: Vec<(u64, u64)>,
 }
 
 impl Bus {
     /// # Safety
     /// As [`Cam::detect`]: the caller owns PCI configuration space.
-    pub unsafe fn new(cam: Cam) -> Bus {
+    pub unsafe fn new(platform: Platform) -> Bus {
         // SAFETY: the clone only reads (see `Bus::read`).
-        let reader = unsafe { cam.unsafe_clone() };
+        let reader = unsafe { platform.cam.unsafe_clone() };
         Bus {
-            root: PciRoot::new(cam),
+            root: PciRoot::new(platform.cam),
             reader,
+            windows: platform.windows,
         }
     }
 
@@ -262,6 +355,12 @@ impl Bus {
             self.root.set_command(function, command);
         }
         out
+    }
+
+    /// The host bridge windows unassigned BARs are placed in (empty when
+    /// the firmware assigned them).
+    pub fn windows(&self) -> &[(u64, u64)] {
+        &self.windows
     }
 
     /// How configuration space is reached.
@@ -440,7 +539,9 @@ fn scan(bus_access: &mut Bus) -> Vec<Function> {
                 if secondary != 0 {
                     pending.push(secondary);
                 }
-            } else if bars.iter().any(|b| b.kind != BarKind::Io) {
+            } else if bars.iter().any(|b| b.kind != BarKind::Io)
+                && bars.iter().all(|b| b.kind == BarKind::Io || b.address != 0)
+            {
                 let (_, command) = bus_access.root.get_status_command(df);
                 let wanted = command | Command::MEMORY_SPACE | Command::BUS_MASTER;
                 if wanted != command {
@@ -460,7 +561,39 @@ fn scan(bus_access: &mut Bus) -> Vec<Function> {
         }
     }
     found.sort_by_key(|f| f.address);
+    if !bus_access.windows.is_empty() {
+        assign_bars(bus_access, &mut found);
+    }
     found
+}
+
+/// Writes the BARs [`plan_bars`] placed, then turns on memory decoding
+/// and bus mastering for the functions whose memory BARs are all in place.
+fn assign_bars(bus_access: &mut Bus, found: &mut [Function]) {
+    let plan = plan_bars(found, &bus_access.windows);
+    for &(i, index, at) in &plan {
+        let df = found[i].address.device_function();
+        let Some(bar) = found[i].bars.iter_mut().find(|b| b.index == index) else {
+            continue;
+        };
+        bus_access.with_decode_off(df, |root| match bar.kind {
+            BarKind::Mem64 => root.set_bar_64(df, index, at),
+            _ => root.set_bar_32(df, index, at as u32),
+        });
+        bar.address = at;
+    }
+    for f in found.iter().filter(|f| !f.bridge) {
+        let memory = || f.bars.iter().filter(|b| b.kind != BarKind::Io);
+        if memory().count() == 0 || memory().any(|b| b.address == 0) {
+            continue;
+        }
+        let df = f.address.device_function();
+        let (_, command) = bus_access.root.get_status_command(df);
+        let wanted = command | Command::MEMORY_SPACE | Command::BUS_MASTER;
+        if wanted != command {
+            bus_access.root.set_command(df, wanted);
+        }
+    }
 }
 
 /// The functions present on `bus`. Unlike virtio-drivers' iterator, only
@@ -536,6 +669,57 @@ mod tests {
             ),
             0x8000_0000
         );
+    }
+
+    fn function(device: u8, bars: &[(u8, BarKind, u64, u64)]) -> Function {
+        Function {
+            address: Address {
+                bus: 0,
+                device,
+                function: 0,
+            },
+            vendor_id: 0x1af4,
+            device_id: 0x1001,
+            class: 1,
+            subclass: 0,
+            prog_if: 0,
+            bridge: false,
+            bars: bars
+                .iter()
+                .map(|&(index, kind, address, size)| Bar {
+                    index,
+                    kind,
+                    address,
+                    size,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn unassigned_bars_are_placed_aligned_and_clear_of_others() {
+        let fs = [
+            function(
+                1,
+                &[
+                    (0, BarKind::Io, 0, 0x80),
+                    (1, BarKind::Mem32, 0, 0x1000),
+                    (4, BarKind::Mem64, 0, 0x4000),
+                ],
+            ),
+            // Already placed by firmware at the window's start.
+            function(2, &[(1, BarKind::Mem32, 0xc000_0000, 0x1000)]),
+        ];
+        let plan = plan_bars(&fs, &[(0xc000_0000, 0x2000_0000)]);
+        assert_eq!(
+            plan,
+            alloc::vec![(0, 4, 0xc000_4000), (0, 1, 0xc000_1000)],
+            "largest first, aligned, clear of 0xc0000000+0x1000, no I/O BARs"
+        );
+        assert!(plan_bars(&fs, &[]).is_empty());
+        // A 32-bit BAR never lands above 4 GiB.
+        let high = [(0x80_0000_0000, 0x1000_0000)];
+        assert_eq!(plan_bars(&fs, &high), alloc::vec![(0, 4, 0x80_0000_0000)]);
     }
 
     #[test]

@@ -91,6 +91,9 @@ impl Disks {
         };
         let functions = bus.scan();
         info!("PCI configuration through {}", bus.cam());
+        for (base, size) in bus.windows() {
+            info!("PCI: placing unassigned BARs in {base:#x}+{size:#x} (host bridge _CRS)");
+        }
         for f in &functions {
             info!("PCI {f}");
         }

@@ -603,3 +603,47 @@ fn pc_machine_reaches_configuration_space_through_port_io() {
         &["read -P 0x3c 0 1M".into(), "read -P 0xc3 1M 1M".into()],
     );
 }
+
+#[test]
+fn microvm_disks_get_their_bars_from_the_dsdt() {
+    // QEMU's microvm has no MCFG and its firmware assigns no BARs: the
+    // appliance finds ECAM (`_CBA`) and the host bridge's window (`_CRS`)
+    // in the DSDT and places the BARs itself.
+    let dir = tempfile::tempdir().unwrap();
+    let (b, s) = (dir.path().join("b.img"), dir.path().join("s.img"));
+    create(&b, 8 * MIB);
+    create(&s, 8 * MIB);
+    qemu_io(&b, &["write -P 0x6b 0 1M".into()]);
+    qemu_io(&s, &["write -P 0xb6 0 1M".into()]);
+    let cfg = QemuConfig {
+        disks: vec![b.clone()],
+        extra: args(&[
+            "-device",
+            "virtio-scsi-pci,id=scsi0",
+            "-drive",
+            &format!("file={},if=none,id=s,format=raw", s.display()),
+            "-device",
+            "scsi-hd,bus=scsi0.0,drive=s,scsi-id=0,lun=0,serial=mv-scsi",
+        ]),
+        ..QemuConfig::default().machine(harness::Machine::Microvm)
+    };
+    let mut a = Appliance::boot(&cfg);
+    let console = a.console();
+    assert!(
+        console.contains("PCI configuration through ECAM"),
+        "{console}"
+    );
+    assert!(console.contains("placing unassigned BARs"), "{console}");
+    verify(&mut a, "disk0", 0, MIB, 0x6b);
+    verify(&mut a, "mv-scsi", 0, MIB, 0xb6);
+    disk_io(
+        &mut a,
+        json!({"serial": "mv-scsi", "op": "write", "offset": MIB, "length": MIB,
+               "pattern": 0x7e, "chunk": 65536}),
+    );
+    quit(a);
+    qemu_io(
+        &s,
+        &["read -P 0xb6 0 1M".into(), "read -P 0x7e 1M 1M".into()],
+    );
+}

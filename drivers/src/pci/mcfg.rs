@@ -31,12 +31,13 @@ pub fn find_rsdp(mem: &dyn PhysMem) -> Option<u64> {
     })
 }
 
-/// The ECAM regions the MCFG lists (empty without an MCFG).
-pub fn ecam_regions(mem: &dyn PhysMem, rsdp: u64) -> Vec<EcamRegion> {
-    let mut sig = [0u8; 8];
-    mem.read(rsdp, &mut sig);
-    if &sig != b"RSD PTR " {
-        return Vec::new();
+/// The address of the ACPI table with signature `sig` (through the XSDT,
+/// or the RSDT for ACPI 1.0).
+pub fn table(mem: &dyn PhysMem, rsdp: u64, sig: &[u8; 4]) -> Option<u64> {
+    let mut rsdp_sig = [0u8; 8];
+    mem.read(rsdp, &mut rsdp_sig);
+    if &rsdp_sig != b"RSD PTR " {
+        return None;
     }
     let revision = mem.read_u8(rsdp + 15);
     let xsdt = if revision >= 2 {
@@ -49,7 +50,29 @@ pub fn ecam_regions(mem: &dyn PhysMem, rsdp: u64) -> Vec<EcamRegion> {
     } else {
         (u64::from(mem.read_u32(rsdp + 16)), 4)
     };
-    let Some(mcfg) = find_table(mem, sdt, entry, b"MCFG") else {
+    find_table(mem, sdt, entry, sig)
+}
+
+/// The DSDT's address, from the FADT (X_DSDT when set).
+pub fn dsdt(mem: &dyn PhysMem, rsdp: u64) -> Option<u64> {
+    let fadt = table(mem, rsdp, b"FACP")?;
+    let len = mem.read_u32(fadt + 4);
+    let x = if len >= 148 {
+        mem.read_u64(fadt + 140)
+    } else {
+        0
+    };
+    let dsdt = if x != 0 {
+        x
+    } else {
+        u64::from(mem.read_u32(fadt + 40))
+    };
+    (dsdt != 0).then_some(dsdt)
+}
+
+/// The ECAM regions the MCFG lists (empty without an MCFG).
+pub fn ecam_regions(mem: &dyn PhysMem, rsdp: u64) -> Vec<EcamRegion> {
+    let Some(mcfg) = table(mem, rsdp, b"MCFG") else {
         return Vec::new();
     };
     let len = u64::from(mem.read_u32(mcfg + 4)).min(4096);
