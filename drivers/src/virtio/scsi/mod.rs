@@ -109,9 +109,15 @@ impl<T: Transport> VirtioScsi<T> {
             .map_err(|_| Error::Setup("cannot set up the request queue"))?;
         // Completions are polled: no interrupts.
         queue.set_dev_notify(false);
+        // Our CDBs are up to 16 bytes: a smaller CDB area is raised to the
+        // default (the field is driver-writable).
         let cdb_size = match config_u32(&transport, offset::CDB_SIZE) as usize {
-            0 => wire::DEFAULT_CDB_SIZE,
-            n => n.max(16),
+            n if n >= 16 => n,
+            _ => {
+                let _ =
+                    transport.write_config_space(offset::CDB_SIZE, wire::DEFAULT_CDB_SIZE as u32);
+                wire::DEFAULT_CDB_SIZE
+            }
         };
         let sense_size = match config_u32(&transport, offset::SENSE_SIZE) as usize {
             0 => wire::DEFAULT_SENSE_SIZE,
