@@ -6,13 +6,15 @@
 //! A disk takes a request and answers later:
 //!
 //! 1. `submit(Op) -> Result<RequestId, Error>` checks the request (block
-//!    alignment, range, read-only) and queues it. It never waits: what does
-//!    not fit in the virtqueue now waits in the driver's backlog and goes
-//!    out as slots free up. A request larger than the device's limits is
+//!    alignment, range, read-only) and queues it in the driver's backlog.
+//!    It never waits and never touches the device: the next `poll` moves
+//!    what fits onto the virtqueue, so requests submitted together reach
+//!    the device with one notification. A request larger than the device's limits is
 //!    split; its parts run in parallel and it completes once, when the last
 //!    part does, with the first error any part had.
 //! 2. `poll(&mut Vec<Completion>) -> bool` reaps the used ring, refills the
-//!    virtqueue from the backlog, notifies the device once per batch, and
+//!    virtqueue from the backlog, notifies the device when it runs low or
+//!    a batch is waiting (every notification is a VM exit), and
 //!    appends one [`Completion`] per finished request (id, result, and the
 //!    request's buffer back). It returns whether anything happened.
 //!

@@ -161,6 +161,19 @@ impl Queue {
     }
 }
 
+/// Whether to notify the device now, with `in_flight` chains on the ring
+/// of which `unkicked` were added since the last notification.
+///
+/// Every notification is a VM exit (expensive under nested
+/// virtualisation), so additions are batched: notify when the device is
+/// running low (fewer than a quarter of the ring notified) or when a
+/// quarter of the ring is waiting; otherwise the device is busy with
+/// enough work and the next poll decides again.
+pub fn want_kick(in_flight: usize, unkicked: usize, size: u16) -> bool {
+    let quarter = (usize::from(size) / 4).max(1);
+    unkicked > 0 && (in_flight.saturating_sub(unkicked) < quarter || unkicked >= quarter)
+}
+
 /// Buffers a chain keeps inline; longer chains spill to the heap.
 const INLINE: usize = 4;
 
@@ -326,6 +339,17 @@ mod tests {
         assert_eq!(long.len(), 6);
         assert_eq!(long.entries().len(), 6);
         assert_eq!(long.entries()[5].0, bufs[5].as_mut_ptr());
+    }
+
+    #[test]
+    fn kicks_when_the_device_runs_low_or_a_batch_waits() {
+        use super::want_kick;
+        assert!(!want_kick(100, 0, 256), "nothing new");
+        assert!(want_kick(1, 1, 256), "idle device: at once");
+        assert!(want_kick(70, 10, 256), "60 notified < 64");
+        assert!(!want_kick(100, 10, 256), "90 notified: batch more");
+        assert!(want_kick(200, 64, 256), "a quarter of the ring waits");
+        assert!(want_kick(2, 1, 2));
     }
 
     #[test]

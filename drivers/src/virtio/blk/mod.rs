@@ -20,7 +20,7 @@ pub mod request;
 #[cfg(test)]
 mod tests;
 
-use super::queue::{Chain, Queue};
+use super::queue::{Chain, Queue, want_kick};
 use super::requests::{Open, Requests};
 use super::transport::{self, F_INDIRECT_DESC, config_u8, config_u16, config_u32, config_u64};
 use super::{Completion, DiskInfo, Error, Op, RequestId};
@@ -67,6 +67,8 @@ pub struct VirtioBlk<T: Transport = PciTransport> {
     /// In-flight device requests by token (descriptor head).
     slots: Vec<Option<InFlight>>,
     in_flight: usize,
+    /// Chains added since the device was last notified.
+    unkicked: usize,
     backlog: VecDeque<Pending>,
     /// Requests that completed without reaching the device.
     ready: Vec<Completion>,
@@ -107,6 +109,7 @@ impl<T: Transport> VirtioBlk<T> {
             requests: Requests::default(),
             slots,
             in_flight: 0,
+            unkicked: 0,
             backlog: VecDeque::new(),
             ready: Vec::new(),
         };
@@ -174,7 +177,6 @@ impl<T: Transport> VirtioBlk<T> {
         }
         self.backlog
             .extend(parts.into_iter().map(|part| Pending { id, part }));
-        self.dispatch();
         Ok(id)
     }
 
@@ -236,8 +238,9 @@ impl<T: Transport> VirtioBlk<T> {
         });
     }
 
-    /// Moves backlog requests onto the ring while there is room; notifies
-    /// the device once. Returns whether anything was added.
+    /// Moves backlog requests onto the ring while there is room, and
+    /// notifies the device as [`want_kick`] says. Returns whether anything
+    /// was added.
     fn dispatch(&mut self) -> bool {
         let mut added = false;
         while let Some(pending) = self.backlog.front() {
@@ -269,14 +272,20 @@ impl<T: Transport> VirtioBlk<T> {
                 Ok(token) => {
                     self.slots[usize::from(token)] = Some(flight);
                     self.in_flight += 1;
+                    self.unkicked += 1;
                     self.backlog.pop_front();
                     added = true;
                 }
                 Err(_) => break,
             }
         }
-        if added && self.queue.should_notify() {
-            self.transport.notify(REQUEST_QUEUE);
+        if want_kick(self.in_flight, self.unkicked, self.queue.size()) {
+            // A device that asked not to be notified looks at the ring
+            // anyway.
+            if self.queue.should_notify() {
+                self.transport.notify(REQUEST_QUEUE);
+            }
+            self.unkicked = 0;
         }
         added
     }

@@ -240,8 +240,11 @@ fn more_requests_than_ring_slots_wait_in_the_backlog() {
         })
         .unwrap();
     }
-    assert_eq!(b.in_flight(), 256, "the ring is full, one slot per request");
     let mut out = Vec::new();
+    assert_eq!(b.in_flight(), 0, "submit only queues; poll sends");
+    b.poll(&mut out);
+    assert_eq!(b.in_flight(), 256, "the ring is full, one slot per request");
+    assert_eq!(state.borrow().notifies, 2, "GET_ID, then one batch");
     let mut rounds = 0;
     while out.len() < 300 && rounds < 10 {
         state.borrow_mut().complete_all_reversed();
@@ -265,9 +268,10 @@ fn fua_write_is_followed_by_a_flush_after_its_data() {
         fua: true,
     })
     .unwrap();
+    let mut out = Vec::new();
+    b.poll(&mut out);
     assert_eq!(state.borrow().held(), 2, "both data parts, no flush yet");
     state.borrow_mut().complete(&[0, 1]);
-    let mut out = Vec::new();
     b.poll(&mut out);
     assert!(out.is_empty(), "not complete before the flush");
     assert_eq!(state.borrow().held(), 1);

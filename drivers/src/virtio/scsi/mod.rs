@@ -30,7 +30,7 @@ pub mod sense;
 mod tests;
 pub mod wire;
 
-use super::queue::{Chain, Queue};
+use super::queue::{Chain, Queue, want_kick};
 use super::requests::Requests;
 use super::transport::{self, F_INDIRECT_DESC, config_u16, config_u32};
 use super::{Completion, DiskInfo, Error, Op, RequestId};
@@ -88,6 +88,8 @@ pub struct VirtioScsi<T: Transport = PciTransport> {
     requests: Requests,
     slots: Vec<Option<InFlight>>,
     in_flight: usize,
+    /// Chains added since the device was last notified.
+    unkicked: usize,
     backlog: VecDeque<Pending>,
     ready: Vec<Completion>,
     next_tag: u64,
@@ -140,6 +142,7 @@ impl<T: Transport> VirtioScsi<T> {
             requests: Requests::default(),
             slots,
             in_flight: 0,
+            unkicked: 0,
             backlog: VecDeque::new(),
             ready: Vec::new(),
             next_tag: 1,
@@ -202,7 +205,6 @@ impl<T: Transport> VirtioScsi<T> {
             cmd,
             retries: 0,
         }));
-        self.dispatch();
         id
     }
 
@@ -248,6 +250,9 @@ impl<T: Transport> VirtioScsi<T> {
         progress
     }
 
+    /// Moves backlog commands onto the ring while there is room, and
+    /// notifies the device as [`want_kick`] says. Returns whether anything
+    /// was added.
     fn dispatch(&mut self) -> bool {
         let mut added = false;
         while !self.backlog.is_empty() {
@@ -283,6 +288,7 @@ impl<T: Transport> VirtioScsi<T> {
                 Ok(token) => {
                     self.slots[usize::from(token)] = Some(flight);
                     self.in_flight += 1;
+                    self.unkicked += 1;
                     added = true;
                 }
                 Err(_) => {
@@ -291,8 +297,13 @@ impl<T: Transport> VirtioScsi<T> {
                 }
             }
         }
-        if added && self.queue.should_notify() {
-            self.transport.notify(wire::FIRST_REQUEST_QUEUE);
+        if want_kick(self.in_flight, self.unkicked, self.queue.size()) {
+            // A device that asked not to be notified looks at the ring
+            // anyway.
+            if self.queue.should_notify() {
+                self.transport.notify(wire::FIRST_REQUEST_QUEUE);
+            }
+            self.unkicked = 0;
         }
         added
     }
