@@ -9,7 +9,14 @@
 //! with [`Disks::take`]. The block graph's protocol nodes sit on this API.
 //!
 //! QMP:
-//! - `x-query-devices`: every disk found, claimed or not.
+//! - `x-query-devices`: every disk found, claimed or not: `serial`,
+//!   `transport` (`virtio-blk`, `virtio-scsi`), `pci-address` (`BB:DD.F`
+//!   of the device or its controller), `target`/`lun`/`model` (SCSI only),
+//!   `size`, `block-size`, `physical-block-size`, `read-only`,
+//!   `write-cache`, `claimed-by` (when a node holds it), and `limits`
+//!   (`max-transfer`, `max-segment`, `max-segments`, `max-discard`,
+//!   `discard-alignment`, `max-write-zeroes`, `optimal-transfer`,
+//!   `queue-size`; bytes, 0 = not supported).
 //! - `x-blockhaus-disk-io` (debug, for tests until the block graph is
 //!   wired): runs one operation on a disk (by serial or address) through
 //!   the driver, split into `chunk`-sized requests all in flight at once,
