@@ -364,6 +364,8 @@ fn query_devices(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError
 
 /// Largest range `x-blockhaus-disk-io` moves in one command.
 const DEBUG_IO_MAX: u64 = 64 << 20;
+/// Most requests `x-blockhaus-disk-io` makes in one command.
+const DEBUG_IO_MAX_REQUESTS: u64 = 1 << 15;
 /// How long `x-blockhaus-disk-io` waits for the device.
 const DEBUG_IO_TIMEOUT_NS: u64 = 120_000_000_000;
 
@@ -413,6 +415,12 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     if length > DEBUG_IO_MAX {
         return Err(QmpError::generic(format!(
             "length {length} is above this command's limit of {DEBUG_IO_MAX}"
+        )));
+    }
+    if length.div_ceil(chunk) > DEBUG_IO_MAX_REQUESTS {
+        return Err(QmpError::generic(format!(
+            "{} requests of {chunk} bytes are above this command's limit of {DEBUG_IO_MAX_REQUESTS}",
+            length.div_ceil(chunk)
         )));
     }
     if op == "write" && pattern.is_none() {
