@@ -231,8 +231,14 @@ impl<T: Transport> VirtioScsi<T> {
             }
             self.in_flight -= 1;
             progress = true;
-            let (result, retry) = outcome(&done.resp);
+            let (mut result, retry) = outcome(&done.resp);
             let mut pending = done.pending;
+            // A READ or WRITE that moved less than asked did not do its job
+            // (for INQUIRY and friends a residual is normal).
+            let rw = matches!(pending.cmd.cdb.opcode(), cdb::READ_16 | cdb::WRITE_16);
+            if rw && result.is_ok() && wire::parse_response(&done.resp).residual != 0 {
+                result = Err(Error::Io);
+            }
             if retry && pending.retries < MAX_RETRIES {
                 pending.retries += 1;
                 self.backlog.push_front(pending);

@@ -34,6 +34,8 @@ struct Targets {
     unit_attention: BTreeSet<u8>,
     /// LBA that fails reads with MEDIUM ERROR.
     bad_lba: Option<u64>,
+    /// READs return half their data, GOOD, with the residual set.
+    short_reads: bool,
     /// (target, lun, CDB) of every command.
     log: Vec<(u8, u16, Vec<u8>)>,
 }
@@ -179,6 +181,11 @@ impl Model for Scsi {
                 _ => check(5, 0x20),
             }
         };
+        if op == cdb::READ_16 && t.short_reads && status == 0 {
+            let half = data_in.len() / 2;
+            data_in.truncate(half);
+            resp[4..8].copy_from_slice(&(half as u32).to_le_bytes());
+        }
         resp_with((status, sense), resp, data_in, data_in_len)
     }
 }
@@ -433,4 +440,21 @@ fn sense_data_becomes_clear_errors() {
         done[0].result,
         Err(Error::Transport(wire::Response::BadTarget))
     );
+}
+
+#[test]
+fn a_short_read_is_an_error() {
+    let mut t = two_targets();
+    t.short_reads = true;
+    let (mut s, _state, _model) = controller(t);
+    s.submit(
+        0,
+        Op::Read {
+            offset: 0,
+            buf: vec![0; 4096],
+        },
+    )
+    .unwrap();
+    let done = fake::collect(1, |out| s.poll(out));
+    assert_eq!(done[0].result, Err(Error::Io));
 }
