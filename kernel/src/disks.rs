@@ -369,6 +369,18 @@ const DEBUG_IO_MAX_REQUESTS: u64 = 1 << 15;
 /// How long `x-blockhaus-disk-io` waits for the device.
 const DEBUG_IO_TIMEOUT_NS: u64 = 120_000_000_000;
 
+/// Fisher-Yates with a fixed xorshift seed: the same "random" order on
+/// every run, so benchmark figures compare.
+fn shuffle<T>(items: &mut [T]) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..items.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        items.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+}
+
 /// 64-bit FNV-1a, so a test can compare what was read with the file.
 fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(hash, |h, &b| {
@@ -380,10 +392,12 @@ fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
 /// virtio-blk, or `pci-addr`, `target` and `lun` of a SCSI LUN), `op`
 /// (read, write, flush, discard, write-zeroes), `offset`, `length`, `pattern` (the byte written, or
 /// expected by a read), `chunk` (bytes per request, all in flight at
-/// once; default: the whole range), `fua`, `may-unmap`. Returns the
+/// once; default: the whole range), `random` (issue the chunks in a fixed
+/// pseudo-random order), `fua`, `may-unmap`. Returns the
 /// requests made, the most in flight at once, the time taken (`ns`, from
 /// the first submit to the last completion), and for reads the FNV-1a
-/// checksum and the first offset that differs from `pattern`.
+/// checksum (over the chunks in the order issued) and the lowest offset
+/// that differs from `pattern`.
 fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     let serial = args.opt_str("serial")?;
     let pci_addr = args.opt_str("pci-addr")?;
@@ -399,6 +413,7 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     let chunk = args.opt_u64("chunk")?.unwrap_or(length).max(1);
     let fua = args.opt_bool("fua")?.unwrap_or(false);
     let may_unmap = args.opt_bool("may-unmap")?.unwrap_or(false);
+    let random = args.opt_bool("random")?.unwrap_or(false);
     args.check_known(&[
         "serial",
         "pci-addr",
@@ -411,6 +426,7 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
         "chunk",
         "fua",
         "may-unmap",
+        "random",
     ])?;
     if length > DEBUG_IO_MAX {
         return Err(QmpError::generic(format!(
@@ -439,6 +455,9 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
             pieces.push((at, n));
             at += n;
         }
+    }
+    if random {
+        shuffle(&mut pieces);
     }
     let started = crate::clock::monotonic_ns();
     let mut tickets = Vec::with_capacity(pieces.len());
@@ -483,8 +502,11 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
         }
         if op == "read" {
             hash = fnv1a(hash, &c.buf);
-            if let (None, Some(p)) = (mismatch, pattern) {
-                mismatch = c.buf.iter().position(|&b| b != p).map(|i| at + i as u64);
+            if let Some(p) = pattern
+                && let Some(i) = c.buf.iter().position(|&b| b != p)
+            {
+                let off = at + i as u64;
+                mismatch = Some(mismatch.map_or(off, |m: u64| m.min(off)));
             }
         }
     }
@@ -557,7 +579,7 @@ fn wait(disks: &mut Disks, tickets: &[(u64, Ticket)]) -> Result<(Vec<Completion>
             // Reading the clock may trap under nested virtualisation:
             // look at it only now and then.
             idle = idle.wrapping_add(1);
-            if idle % 4096 == 0 && crate::clock::monotonic_ns() > deadline {
+            if idle.is_multiple_of(4096) && crate::clock::monotonic_ns() > deadline {
                 return Err(format!(
                     "{} request(s) still pending after 120 s",
                     pending.len()
