@@ -1,0 +1,581 @@
+//! Guest requests on the image (QEMU: `qcow2_co_preadv_part`,
+//! `qcow2_co_pwritev_part` with `qcow2_alloc_host_offset` and
+//! `perform_cow`, `qcow2_co_pwrite_zeroes`, `qcow2_co_pdiscard`,
+//! `qcow2_co_block_status`, `qcow2_co_truncate`).
+//!
+//! All of them run under the image lock. Writes go in three steps: plan
+//! each cluster (allocate a host cluster and read what copy-on-write needs
+//! from the old mapping: the backing file, zeroes or a compressed cluster),
+//! write the data of host-contiguous clusters in one request, and only then
+//! change their L2 entries in the cache — data before the entry that points
+//! to it. Clusters that stop being referenced are freed after the next
+//! durable L2 write-back ([`State::flush_caches`]).
+//!
+//! Discard (QEMU's guest `discard` with `pass-discard-request=on`): full
+//! clusters (full subclusters with extended L2 entries) become zero clusters
+//! in v3 images — or unallocated ones in v2 images, which lets a backing
+//! file show through as QEMU does — and their host clusters are freed and
+//! discarded in the file. With `discard-no-unref=on` the host cluster stays
+//! allocated to the guest cluster (it only reads as zeroes), which avoids
+//! fragmentation, as QEMU's option of that name. Partial clusters are left
+//! alone (discard is advisory).
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::child::Child;
+use crate::io::{BlockStatus, IoError, IoResult, ReqFlags};
+
+use super::cluster::{ALL_ALLOC, ALL_ZEROES, COPIED, L2Entry, Sub, ZERO};
+use super::state::State;
+
+enum Src {
+    File(u64),
+    Backing(u64),
+    Zero,
+    Compressed(L2Entry, u64),
+}
+
+fn push_run(runs: &mut Vec<(usize, usize, Src)>, pos: usize, n: usize, src: Src) {
+    if let Some((_, ln, last)) = runs.last_mut() {
+        let n0 = *ln as u64;
+        let merge = match (&*last, &src) {
+            (Src::File(a), Src::File(b)) => a + n0 == *b,
+            (Src::Backing(a), Src::Backing(b)) => a + n0 == *b,
+            (Src::Zero, Src::Zero) => true,
+            _ => false,
+        };
+        if merge {
+            *ln += n;
+            return;
+        }
+    }
+    runs.push((pos, n, src));
+}
+
+/// One cluster's part of a write.
+struct Plan {
+    host: u64,
+    bytes: Vec<u8>,
+    update: Option<L2Entry>,
+    free: Option<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct Batch {
+    host: u64,
+    buf: Vec<u8>,
+    updates: Vec<(u64, L2Entry)>,
+    frees: Vec<(u64, u64)>,
+}
+
+fn bits(u0: u64, u1: u64) -> u64 {
+    let mut b = 0;
+    for u in u0..=u1 {
+        b |= 1 << u;
+    }
+    b
+}
+
+impl State {
+    /// Reads guest bytes `[g, g+len)`.
+    pub async fn read(
+        &mut self,
+        f: &Child,
+        backing: Option<&Child>,
+        g: u64,
+        len: usize,
+    ) -> IoResult<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let mut runs: Vec<(usize, usize, Src)> = Vec::new();
+        let mut pos = 0usize;
+        while pos < len {
+            let go = g + pos as u64;
+            let e = self.entry(f, go).await?;
+            let in_cl = go % self.cs;
+            let n_cl = core::cmp::min((len - pos) as u64, self.cs - in_cl);
+            let mut p = 0u64;
+            while p < n_cl {
+                let off = in_cl + p;
+                let u = if self.ext { off / self.unit } else { 0 };
+                let unit_end = if self.ext { (u + 1) * self.unit } else { self.cs };
+                let n = core::cmp::min(n_cl - p, unit_end - off);
+                let src = match self.sub(e, u)? {
+                    Sub::Unallocated => match backing {
+                        Some(_) => Src::Backing(go + p),
+                        None => Src::Zero,
+                    },
+                    Sub::Zero => Src::Zero,
+                    Sub::Data(h) => Src::File(h + off - u * self.unit),
+                    Sub::Compressed => Src::Compressed(e, off),
+                };
+                push_run(&mut runs, pos + p as usize, n as usize, src);
+                p += n;
+            }
+            pos += n_cl as usize;
+        }
+        for (pos, n, src) in runs {
+            let dst = &mut out[pos..pos + n];
+            match src {
+                Src::Zero => {}
+                Src::File(h) => dst.copy_from_slice(&self.pread(f, h, n).await?),
+                Src::Backing(go) => {
+                    if let Some(b) = backing {
+                        dst.copy_from_slice(&b.read(go, n, ReqFlags::NONE).await?);
+                    }
+                }
+                Src::Compressed(e, off) => {
+                    let d = self.decompress(f, e).await?;
+                    let o = off as usize;
+                    dst.copy_from_slice(d.get(o..o + n).ok_or(IoError::Eio)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether unit `u` of `e` is shared with a snapshot (refcount > 1).
+    async fn shared(&mut self, f: &Child, e: L2Entry, host: u64) -> IoResult<bool> {
+        if e.word & COPIED != 0 {
+            return Ok(false);
+        }
+        Ok(self.refcount(f, host / self.cs).await? != 1)
+    }
+
+    /// Plans the write of `chunk` at `a` inside the guest cluster `gcl`.
+    async fn plan(
+        &mut self,
+        f: &Child,
+        backing: Option<&Child>,
+        gcl: u64,
+        e: L2Entry,
+        a: u64,
+        chunk: &[u8],
+    ) -> IoResult<Plan> {
+        let cs = self.cs;
+        let end = a + chunk.len() as u64;
+        let host = self.host(e);
+        let compressed = self.is_compressed(e);
+        if !self.ext || compressed {
+            let s = self.sub(e, 0)?;
+            if let Sub::Data(h) = s
+                && !self.shared(f, e, h).await?
+            {
+                let update = (e.word & COPIED == 0).then_some(L2Entry {
+                    word: e.word | COPIED,
+                    bitmap: e.bitmap,
+                });
+                return Ok(Plan {
+                    host: h + a,
+                    bytes: chunk.to_vec(),
+                    update,
+                    free: None,
+                });
+            }
+            // A whole new cluster (or a preallocated zero cluster reused):
+            // copy-on-write of what the write does not cover.
+            let reuse = s == Sub::Zero && host != 0 && !self.shared(f, e, host).await?;
+            let mut bytes = Vec::with_capacity(cs as usize);
+            if compressed {
+                let old = self.decompress(f, e).await?;
+                bytes.extend_from_slice(&old);
+                bytes[a as usize..end as usize].copy_from_slice(chunk);
+            } else if s == Sub::Zero {
+                bytes.resize(cs as usize, 0);
+                bytes[a as usize..end as usize].copy_from_slice(chunk);
+            } else {
+                bytes.extend_from_slice(&self.read(f, backing, gcl, a as usize).await?);
+                bytes.extend_from_slice(chunk);
+                bytes.extend_from_slice(&self.read(f, backing, gcl + end, (cs - end) as usize).await?);
+            }
+            let free = if compressed {
+                Some(self.compressed_extent(e))
+            } else if host != 0 && !reuse {
+                Some((host, cs))
+            } else {
+                None
+            };
+            let new = if reuse {
+                host
+            } else {
+                self.alloc_clusters(f, 1).await?
+            };
+            let bitmap = if self.ext { ALL_ALLOC } else { 0 };
+            return Ok(Plan {
+                host: new,
+                bytes,
+                update: Some(L2Entry {
+                    word: new | COPIED,
+                    bitmap,
+                }),
+                free,
+            });
+        }
+        // Extended L2: only the touched subclusters become allocated;
+        // partial ones are completed from their old content.
+        let unit = self.unit;
+        let shared = host != 0 && self.shared(f, e, host).await?;
+        if shared {
+            // Snapshot-shared clusters are refused at open; never here.
+            return Err(self.corruption("extended L2 cluster shared with a snapshot"));
+        }
+        let new = host == 0;
+        let u0 = a / unit;
+        let u1 = (end - 1) / unit;
+        self.sub(e, u0)?;
+        self.sub(e, u1)?;
+        let alloc0 = e.bitmap & (1 << u0) != 0;
+        let alloc1 = e.bitmap & (1 << u1) != 0;
+        let rs = if alloc0 { a } else { u0 * unit };
+        let re = if alloc1 { end } else { (u1 + 1) * unit };
+        let mut bytes = Vec::with_capacity((re - rs) as usize);
+        if rs < a {
+            bytes.extend_from_slice(&self.read(f, backing, gcl + rs, (a - rs) as usize).await?);
+        }
+        bytes.extend_from_slice(chunk);
+        if end < re {
+            bytes.extend_from_slice(&self.read(f, backing, gcl + end, (re - end) as usize).await?);
+        }
+        let h = if new {
+            self.alloc_clusters(f, 1).await?
+        } else {
+            host
+        };
+        let b = bits(u0, u1);
+        let bitmap = (e.bitmap | b) & !(b << 32);
+        let word = h | COPIED;
+        Ok(Plan {
+            host: h + rs,
+            bytes,
+            update: (word != e.word || bitmap != e.bitmap).then_some(L2Entry { word, bitmap }),
+            free: None,
+        })
+    }
+
+    async fn commit(&mut self, f: &Child, b: &mut Batch) -> IoResult<()> {
+        if !b.buf.is_empty() {
+            let buf = core::mem::take(&mut b.buf);
+            self.pwrite(f, b.host, buf).await?;
+        }
+        for (g, e) in core::mem::take(&mut b.updates) {
+            self.set_entry(f, g, e).await?;
+        }
+        for (off, len) in core::mem::take(&mut b.frees) {
+            self.free_later(off, len);
+        }
+        Ok(())
+    }
+
+    /// Writes guest bytes at `g`.
+    pub async fn write(
+        &mut self,
+        f: &Child,
+        backing: Option<&Child>,
+        g: u64,
+        data: &[u8],
+    ) -> IoResult<()> {
+        self.check_writable()?;
+        let mut batch = Batch::default();
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let go = g + pos as u64;
+            let in_cl = go % self.cs;
+            let n = core::cmp::min((data.len() - pos) as u64, self.cs - in_cl) as usize;
+            let gcl = go - in_cl;
+            let e = self.entry(f, gcl).await?;
+            let p = self
+                .plan(f, backing, gcl, e, in_cl, &data[pos..pos + n])
+                .await?;
+            if !batch.buf.is_empty() && batch.host + batch.buf.len() as u64 != p.host {
+                self.commit(f, &mut batch).await?;
+            }
+            if batch.buf.is_empty() {
+                batch.host = p.host;
+            }
+            batch.buf.extend_from_slice(&p.bytes);
+            if let Some(u) = p.update {
+                batch.updates.push((gcl, u));
+            }
+            if let Some(fr) = p.free {
+                batch.frees.push(fr);
+            }
+            pos += n;
+        }
+        self.commit(f, &mut batch).await
+    }
+
+    /// Whether unit `u` of `e` reads as zeroes without a backing file
+    /// showing through.
+    fn reads_zero(&mut self, e: L2Entry, u: u64, backing: bool) -> IoResult<bool> {
+        Ok(match self.sub(e, u)? {
+            Sub::Zero => true,
+            Sub::Unallocated => !backing,
+            _ => false,
+        })
+    }
+
+    /// Writes zeroes over `[g, g+len)` (QEMU: `qcow2_co_pwrite_zeroes` and
+    /// `qcow2_subcluster_zeroize`): zero flags for whole (sub)clusters,
+    /// freeing the host cluster with `may_unmap`; explicit zeroes for the
+    /// partial ones that do not already read as zeroes. ENOTSUP for v2
+    /// images, which have no zero flag (the node then writes zeroes).
+    pub async fn write_zeroes(
+        &mut self,
+        f: &Child,
+        backing: Option<&Child>,
+        g: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> IoResult<()> {
+        self.check_writable()?;
+        if self.h.version < 3 {
+            return Err(IoError::Enotsup);
+        }
+        let may_unmap = flags.contains(ReqFlags::MAY_UNMAP);
+        let end = g + len;
+        let mut pos = g;
+        while pos < end {
+            let in_cl = pos % self.cs;
+            let n = core::cmp::min(end - pos, self.cs - in_cl);
+            let gcl = pos - in_cl;
+            let e = self.entry(f, gcl).await?;
+            if n == self.cs {
+                let (new, free) = self.zero_whole(e, may_unmap);
+                if new != e {
+                    self.set_entry(f, gcl, new).await?;
+                }
+                if let Some((o, l)) = free {
+                    self.free_later(o, l);
+                }
+            } else if !self.ext || self.is_compressed(e) {
+                if !self.reads_zero(e, 0, backing.is_some())? {
+                    self.write(f, backing, pos, &vec![0u8; n as usize]).await?;
+                }
+            } else {
+                // Whole subclusters get the zero bit, partial ones zeroes.
+                let unit = self.unit;
+                let first_full = in_cl.div_ceil(unit);
+                let end_full = (in_cl + n) / unit;
+                let head_end = core::cmp::min(first_full * unit, in_cl + n);
+                if in_cl < head_end && !self.reads_zero(e, in_cl / unit, backing.is_some())? {
+                    let buf = vec![0u8; (head_end - in_cl) as usize];
+                    self.write(f, backing, pos, &buf).await?;
+                }
+                if end_full >= first_full && end_full * unit < in_cl + n {
+                    let tail = end_full * unit;
+                    if !self.reads_zero(e, end_full, backing.is_some())? {
+                        let buf = vec![0u8; (in_cl + n - tail) as usize];
+                        self.write(f, backing, gcl + tail, &buf).await?;
+                    }
+                }
+                if end_full > first_full {
+                    let e = self.entry(f, gcl).await?;
+                    let b = bits(first_full, end_full - 1);
+                    let new = L2Entry {
+                        word: e.word,
+                        bitmap: (e.bitmap & !b) | (b << 32),
+                    };
+                    if new != e {
+                        self.set_entry(f, gcl, new).await?;
+                    }
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// The entry of a whole cluster made zero, and what to free.
+    fn zero_whole(&self, e: L2Entry, unmap: bool) -> (L2Entry, Option<(u64, u64)>) {
+        if self.is_compressed(e) {
+            return (self.zero_entry(), Some(self.compressed_extent(e)));
+        }
+        let host = self.host(e);
+        if host == 0 {
+            return (self.zero_entry(), None);
+        }
+        if unmap {
+            return (self.zero_entry(), Some((host, self.cs)));
+        }
+        if self.ext {
+            (
+                L2Entry {
+                    word: e.word,
+                    bitmap: ALL_ZEROES,
+                },
+                None,
+            )
+        } else {
+            (
+                L2Entry {
+                    word: e.word | ZERO,
+                    bitmap: 0,
+                },
+                None,
+            )
+        }
+    }
+
+    fn zero_entry(&self) -> L2Entry {
+        if self.ext {
+            L2Entry {
+                word: 0,
+                bitmap: ALL_ZEROES,
+            }
+        } else {
+            L2Entry {
+                word: ZERO,
+                bitmap: 0,
+            }
+        }
+    }
+
+    /// Discards whole (sub)clusters of `[g, g+len)` (see the module doc).
+    pub async fn discard(
+        &mut self,
+        f: &Child,
+        has_backing: bool,
+        g: u64,
+        len: u64,
+        no_unref: bool,
+    ) -> IoResult<()> {
+        self.check_writable()?;
+        let unit = self.unit;
+        let mut pos = g.div_ceil(unit) * unit;
+        let end = (g + len) / unit * unit;
+        while pos < end {
+            let in_cl = pos % self.cs;
+            let n = core::cmp::min(end - pos, self.cs - in_cl);
+            let gcl = pos - in_cl;
+            let e = self.entry(f, gcl).await?;
+            let allocated = e.word != 0 || e.bitmap != 0;
+            let (new, free) = if n < self.cs {
+                // Whole subclusters of an extended L2 entry become zero.
+                let b = bits(in_cl / unit, (in_cl + n) / unit - 1);
+                (
+                    L2Entry {
+                        word: e.word,
+                        bitmap: (e.bitmap & !b) | (b << 32),
+                    },
+                    None,
+                )
+            } else if no_unref && self.h.version >= 3 && !self.is_compressed(e) {
+                self.zero_whole(e, false)
+            } else if self.is_compressed(e) || self.host(e) != 0 {
+                let free = if self.is_compressed(e) {
+                    self.compressed_extent(e)
+                } else {
+                    (self.host(e), self.cs)
+                };
+                let new = if self.h.version >= 3 {
+                    self.zero_entry()
+                } else {
+                    L2Entry::default()
+                };
+                (new, Some(free))
+            } else if allocated || has_backing {
+                let new = if self.h.version >= 3 {
+                    self.zero_entry()
+                } else {
+                    L2Entry::default()
+                };
+                (new, None)
+            } else {
+                (e, None)
+            };
+            if new != e {
+                self.set_entry(f, gcl, new).await?;
+            }
+            if let Some((o, l)) = free {
+                self.free_later(o, l);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn class(s: Sub) -> u8 {
+        match s {
+            Sub::Unallocated => 0,
+            Sub::Zero => 1,
+            Sub::Data(_) | Sub::Compressed => 2,
+        }
+    }
+
+    /// The status of the extent at `g`, at most `len` bytes, from the L2
+    /// tables (QEMU: `qcow2_co_block_status`); unallocated extents report
+    /// the backing file's data/zero status, as `bdrv_block_status_above`.
+    pub async fn block_status(
+        &mut self,
+        f: &Child,
+        backing: Option<&Child>,
+        g: u64,
+        len: u64,
+    ) -> IoResult<BlockStatus> {
+        let e = self.entry(f, g).await?;
+        let in_cl = g % self.cs;
+        let u = if self.ext { in_cl / self.unit } else { 0 };
+        let class = Self::class(self.sub(e, u)?);
+        let unit_end = if self.ext { (u + 1) * self.unit } else { self.cs };
+        let mut n = unit_end - in_cl;
+        // Extend over following units and clusters of the same kind, up to
+        // the end of this L2 table.
+        let limit = core::cmp::min(len, self.cs * self.l2_entries);
+        while n < limit {
+            let next = g + n;
+            let e2 = self.entry(f, next).await?;
+            let o = next % self.cs;
+            let u2 = if self.ext { o / self.unit } else { 0 };
+            if Self::class(self.sub(e2, u2)?) != class {
+                break;
+            }
+            n += if self.ext { self.unit } else { self.cs };
+        }
+        let n = core::cmp::min(n, len);
+        Ok(match class {
+            2 => BlockStatus::data(n),
+            1 => BlockStatus::zero(n),
+            _ => {
+                let below = match backing {
+                    Some(b) => Some(b.block_status(g, n).await?),
+                    None => None,
+                };
+                match below {
+                    Some(s) if s.len > 0 => BlockStatus {
+                        data: s.data,
+                        zero: s.zero,
+                        allocated: false,
+                        len: core::cmp::min(s.len, n),
+                    },
+                    _ => BlockStatus {
+                        data: false,
+                        zero: true,
+                        allocated: false,
+                        len: n,
+                    },
+                }
+            }
+        })
+    }
+
+    /// Grows the virtual size (QEMU: `qcow2_co_truncate`; shrinking is
+    /// refused with ENOTSUP). Written through: nothing stays dirty.
+    pub async fn truncate(&mut self, f: &Child, size: u64) -> IoResult<()> {
+        self.check_writable()?;
+        if size < self.h.size {
+            return Err(IoError::Enotsup);
+        }
+        if size % 512 != 0 {
+            return Err(IoError::Einval);
+        }
+        let entries = self.l1_entries_for(size);
+        self.grow_l1(f, entries).await?;
+        self.flush_caches(f).await?;
+        f.flush().await?;
+        self.write_header_field(f, super::header::field::SIZE, size.to_be_bytes().to_vec())
+            .await?;
+        f.flush().await?;
+        self.h.size = size;
+        Ok(())
+    }
+}

@@ -1,0 +1,301 @@
+//! `qcow2` (QEMU: `block/qcow2.c` and friends), byte-compatible with QEMU:
+//! images QEMU writes open here, images written here pass `qemu-img check`.
+//!
+//! ```text
+//! blockdev-add {"driver": "qcow2", "node-name": "disk0", "file": "vda"}
+//! blockdev-add {"driver": "qcow2", "node-name": "top", "file": "f1",
+//!               "backing": {"driver": "qcow2", "file": "f0", "backing": null}}
+//! --blockdev qcow2,node-name=disk0,file=vda          (boot option)
+//! ```
+//!
+//! The `file` child is any node (a virtio disk, `raw` with an offset, a
+//! memory node in tests). The backing file is the `backing` option — a
+//! node-name or a nested definition, or `null`/`""` for none. Without the
+//! option, the header's backing file name is looked up as a node-name
+//! (blockhaus has no file system); if no such node exists the open fails
+//! and says so. Chains of any depth are nested definitions or references;
+//! a chain that loops is refused by the graph ("would create a cycle").
+//!
+//! Options: `discard-no-unref` (see [`io`]), `lazy-refcounts` (accepted,
+//! never used: refcounts are always updated in order), `pass-discard-request`
+//! (freed clusters are discarded in the file unless `off`),
+//! `l2-cache-size` and `refcount-cache-size` (bytes).
+//!
+//! Supported: versions 2 and 3, cluster sizes 512 B to 2 MiB, refcount
+//! widths 1 to 64 bits, extended L2 entries (subclusters), zero clusters,
+//! zlib-compressed clusters (read; a write rewrites the cluster
+//! uncompressed), backing files, growing. Refused, with a message: external
+//! data files, encryption, zstd compression, unknown incompatible features
+//! (named from the image's feature table), shrinking; read-only only:
+//! corrupt or dirty images and images with internal snapshots.
+//!
+//! The concerns: [`header`] (header, extensions, feature bits), [`open`]
+//! (validation at open), [`state`] (the open image and its write-back
+//! order), [`cache`] (L2 and refcount block caches), [`cluster`] (L1/L2
+//! mapping, subclusters, compressed clusters), [`refcount`] (refcounts and
+//! allocation), [`io`] (requests), [`inflate`] (zlib), [`create`]
+//! (`blockdev-create`), [`commands`] (the QMP commands).
+
+pub mod cache;
+pub mod check;
+pub mod cluster;
+pub mod commands;
+pub mod create;
+pub mod header;
+pub mod inflate;
+pub mod io;
+pub mod open;
+pub mod refcount;
+pub mod state;
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::Cell;
+
+use serde_json::{Value, json};
+
+use crate::child::Child;
+use crate::driver::BlockDriver;
+use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
+use crate::node::Node;
+use crate::open::{DriverClass, DriverOpts, Opener};
+use crate::permission::{ChildRole, Perm, default_perms};
+use crate::qmp::QmpError;
+
+use self::open::BackingOpt;
+use self::state::{CoLock, State};
+
+/// `qcow2`.
+pub fn class() -> DriverClass {
+    DriverClass::new("qcow2", parse)
+}
+
+/// The role of the `file` child: data and metadata.
+pub fn file_role() -> ChildRole {
+    ChildRole::DATA | ChildRole::METADATA | ChildRole::PRIMARY
+}
+
+fn parse(d: &mut DriverOpts<'_, '_>) -> Result<Opener, QmpError> {
+    d.child("file", file_role())?;
+    let backing = match d.opts.get("backing") {
+        None => BackingOpt::FromHeader,
+        Some(Value::Null) => BackingOpt::None,
+        Some(Value::String(s)) if s.is_empty() => BackingOpt::None,
+        Some(_) => {
+            d.child("backing", ChildRole::COW)?;
+            BackingOpt::Child
+        }
+    };
+    let discard_no_unref = d.opts.bool_or("discard-no-unref", false)?;
+    let _lazy = d.opts.opt_bool("lazy-refcounts")?;
+    let pass_discard = d.opts.bool_or("pass-discard-request", true)?;
+    let l2_cache = d.opts.opt_size("l2-cache-size")?;
+    let rb_cache = d.opts.opt_size("refcount-cache-size")?;
+    if d.opts.has("data-file") {
+        return Err(QmpError::generic(
+            "qcow2: external data files are not supported by blockhaus",
+        ));
+    }
+    Ok(Box::new(move |_ctx| {
+        Ok(Box::new(Qcow2 {
+            st: CoLock::new(None),
+            size: Cell::new(0),
+            backing,
+            discard_no_unref,
+            pass_discard,
+            l2_cache,
+            rb_cache,
+            info: core::cell::RefCell::new(Value::Null),
+        }) as Box<dyn BlockDriver>)
+    }))
+}
+
+/// One qcow2 node.
+pub struct Qcow2 {
+    st: CoLock<Option<State>>,
+    size: Cell<u64>,
+    backing: BackingOpt,
+    discard_no_unref: bool,
+    pass_discard: bool,
+    l2_cache: Option<u64>,
+    rb_cache: Option<u64>,
+    info: core::cell::RefCell<Value>,
+}
+
+fn file(node: &Node) -> IoResult<Rc<Child>> {
+    node.file().ok_or(IoError::Enomedium)
+}
+
+impl Qcow2 {
+    /// Checks the image's refcounts against its metadata (see [`check`]).
+    pub async fn check(&self, node: &Node) -> IoResult<check::CheckReport> {
+        let f = file(node)?;
+        let mut guard = self.st.lock().await;
+        let st = guard.as_mut().ok_or(IoError::Enomedium)?;
+        st.check(&f).await
+    }
+
+    async fn do_open(&self, node: &Rc<Node>) -> Result<(), String> {
+        let f = file(node).map_err(|_| String::from("qcow2: no file child"))?;
+        let mut st = open::load(&f, node.name(), node.read_only())
+            .await
+            .map_err(|e| format!("qcow2 node '{}': {e}", node.name()))?;
+        st.pass_discard = self.pass_discard;
+        if let Some(b) = self.l2_cache {
+            st.l2c = cache::Cache::new((b / st.cs) as usize);
+        }
+        if let Some(b) = self.rb_cache {
+            st.rbc = cache::Cache::new((b / st.cs) as usize);
+        }
+        if self.backing == BackingOpt::FromHeader
+            && let Some(name) = st.h.backing_file.clone()
+        {
+            open::attach_backing_from_header(node, &name)
+                .map_err(|e| format!("qcow2 node '{}': {e}", node.name()))?;
+        }
+        self.size.set(st.h.size);
+        *self.info.borrow_mut() = json!({
+            "compat": if st.h.version >= 3 { "1.1" } else { "0.10" },
+            "lazy-refcounts": st.h.compatible & header::compat::LAZY_REFCOUNTS != 0,
+            "refcount-bits": st.h.refcount_bits(),
+            "corrupt": st.h.incompatible & header::incompat::CORRUPT != 0,
+            "extended-l2": st.ext,
+            "cluster-size": st.cs,
+        });
+        *self.st.lock().await = Some(st);
+        Ok(())
+    }
+}
+
+/// Runs `f` on the open state under the image lock.
+macro_rules! with_state {
+    ($self:ident, $node:ident, |$st:ident, $f:ident| $body:expr) => {
+        Box::pin(async move {
+            let $f = file($node)?;
+            let mut guard = $self.st.lock().await;
+            let Some($st) = guard.as_mut() else {
+                return Err(IoError::Enomedium);
+            };
+            $body
+        })
+    };
+}
+
+impl BlockDriver for Qcow2 {
+    fn format_name(&self) -> &str {
+        "qcow2"
+    }
+
+    fn open<'a>(&'a self, node: &'a Rc<Node>) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.do_open(node))
+    }
+
+    fn get_length(&self, _: &Node) -> IoResult<u64> {
+        Ok(self.size.get())
+    }
+
+    fn read<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: usize,
+        _: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
+        with_state!(self, node, |st, f| {
+            let b = node.child("backing");
+            st.read(&f, b.as_deref(), offset, len).await
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        _: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        with_state!(self, node, |st, f| {
+            let b = node.child("backing");
+            st.write(&f, b.as_deref(), offset, &data).await
+        })
+    }
+
+    fn supported_write_flags(&self) -> ReqFlags {
+        ReqFlags::MAY_UNMAP
+    }
+
+    fn flush<'a>(&'a self, node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
+        with_state!(self, node, |st, f| {
+            if st.read_only {
+                return Ok(());
+            }
+            st.flush_caches(&f).await
+        })
+    }
+
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
+        let no_unref = self.discard_no_unref;
+        with_state!(self, node, |st, f| {
+            let has_backing = node.child("backing").is_some();
+            st.discard(&f, has_backing, offset, len, no_unref).await
+        })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        with_state!(self, node, |st, f| {
+            let b = node.child("backing");
+            st.write_zeroes(&f, b.as_deref(), offset, len, flags).await
+        })
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
+        with_state!(self, node, |st, f| {
+            let b = node.child("backing");
+            st.block_status(&f, b.as_deref(), offset, len).await
+        })
+    }
+
+    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
+        with_state!(self, node, |st, f| {
+            st.truncate(&f, size).await?;
+            self.size.set(size);
+            Ok(())
+        })
+    }
+
+    fn close(&self, node: &Node) {
+        if let Some(mut st) = self.st.try_get()
+            && let Some(s) = st.as_ref()
+            && !s.read_only
+            && (s.l2c.any_dirty() || s.rbc.any_dirty() || !s.pending_free.is_empty())
+        {
+            log::error!(
+                "qcow2 node '{}': closed with metadata not written back (the final flush failed)",
+                node.name()
+            );
+            *st = None;
+        }
+    }
+
+    fn child_perm(&self, node: &Node, child: &Child, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        default_perms(child.role(), !node.read_only(), perm, shared)
+    }
+
+    fn query_info(&self, _: &Node) -> Option<Value> {
+        Some(self.info.borrow().clone())
+    }
+}

@@ -1,0 +1,178 @@
+//! Opening an image (QEMU: `qcow2_do_open`): header, feature checks, table
+//! validation, the L1 and refcount tables, and the backing file.
+//!
+//! Every table is checked before it is used (QEMU: `qcow2_validate_table`
+//! plus blockhaus's own bounds): aligned to a cluster, not in the header
+//! cluster, inside the image file, not absurdly large. Nothing is written
+//! to the image unless it opens read-write and every check passed; a
+//! corrupt image, a dirty one (lazy refcounts after a crash: repair with
+//! `qemu-img check -r all`) and one with internal snapshots open read-only
+//! only.
+
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec;
+
+use crate::child::{Child, attach_node_child};
+use crate::io::ReqFlags;
+use crate::node::Node;
+use crate::permission::ChildRole;
+
+use super::header::{
+    Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, field, incompat,
+};
+use super::refcount::decode_table;
+use super::state::State;
+
+/// Where the backing file comes from (the `backing` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingOpt {
+    /// Not given: the header's backing file name, as a node-name.
+    FromHeader,
+    /// `null` or `""`: no backing file.
+    None,
+    /// A node reference or definition, attached as the `backing` child.
+    Child,
+}
+
+fn validate(off: u64, bytes: u64, cs: u64, file_len: u64, max: u64, what: &str) -> Result<(), String> {
+    if bytes > max {
+        return Err(format!("{what} too large"));
+    }
+    if off % cs != 0 || off.checked_add(bytes).is_none() {
+        return Err(format!("{what} offset invalid"));
+    }
+    if bytes > 0 && off < cs {
+        return Err(format!("{what} offset invalid: it overlaps the image header"));
+    }
+    if off + bytes > file_len {
+        return Err(format!(
+            "{what} offset invalid: the table ends past the end of the image file ({:#x} > {file_len:#x})",
+            off + bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Reads and checks the image behind `f`; the returned state is ready.
+pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, String> {
+    let rd = |e: crate::io::IoError| format!("Could not read qcow2 header: {e}");
+    let file_len = f.node().get_length().map_err(rd)?;
+    if file_len < 72 {
+        return Err(String::from("Image is not in qcow2 format"));
+    }
+    let probe = f.read(0, Header::PROBE_LEN, ReqFlags::NONE).await.map_err(rd)?;
+    let cs = Header::probe(&probe).map_err(|e| e.to_string())?;
+    let first = f.read(0, cs as usize, ReqFlags::NONE).await.map_err(rd)?;
+    let h = Header::parse(&first).map_err(|e| e.to_string())?;
+    if !read_only {
+        if h.incompatible & incompat::CORRUPT != 0 {
+            return Err(String::from(
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        if h.incompatible & incompat::DIRTY != 0 {
+            return Err(String::from(
+                "qcow2: Image is dirty (refcounts may be inconsistent); repair it with 'qemu-img check -r all' or open it read-only",
+            ));
+        }
+        if h.nb_snapshots > 0 {
+            return Err(String::from(
+                "qcow2: images with internal snapshots can only be opened read-only by blockhaus",
+            ));
+        }
+    }
+    if h.refcount_table_clusters == 0 {
+        return Err(String::from(
+            "Image does not contain a reference count table",
+        ));
+    }
+    let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+    validate(
+        h.refcount_table_offset,
+        rt_bytes,
+        cs,
+        file_len,
+        MAX_REFTABLE_BYTES,
+        "Reference count table",
+    )?;
+    if h.nb_snapshots > MAX_SNAPSHOTS {
+        return Err(String::from("Too many snapshots"));
+    }
+    if h.nb_snapshots > 0 && (h.snapshots_offset % cs != 0 || h.snapshots_offset < cs) {
+        return Err(String::from("Snapshot table offset invalid"));
+    }
+    let l1_bytes = u64::from(h.l1_size) * 8;
+    if l1_bytes > MAX_L1_BYTES {
+        return Err(String::from("Active L1 table too large"));
+    }
+    let l2_entries = if h.extended_l2() { cs / 16 } else { cs / 8 };
+    let needed = h.size.div_ceil(cs * l2_entries);
+    if u64::from(h.l1_size) < needed {
+        return Err(String::from("L1 table is too small"));
+    }
+    validate(
+        h.l1_table_offset,
+        l1_bytes,
+        cs,
+        file_len,
+        MAX_L1_BYTES,
+        "Active L1 table",
+    )?;
+    let rt = f
+        .read(h.refcount_table_offset, rt_bytes as usize, ReqFlags::NONE)
+        .await
+        .map_err(|e| format!("Could not read the reference count table: {e}"))?;
+    let l1 = if l1_bytes > 0 {
+        f.read(h.l1_table_offset, l1_bytes as usize, ReqFlags::NONE)
+            .await
+            .map_err(|e| format!("Could not read the L1 table: {e}"))?
+    } else {
+        vec![]
+    };
+    let autoclear = h.autoclear;
+    let mut st = State::new(name, h, decode_table(&l1), decode_table(&rt), file_len, read_only);
+    for (i, e) in st.reftable.clone().iter().enumerate() {
+        let off = e & super::state::OFFSET_MASK;
+        if off != 0 && (off % cs != 0 || off < cs || off + cs > file_len) {
+            return Err(format!(
+                "Refcount block {i} at offset {off:#x} is outside the image file or unaligned"
+            ));
+        }
+    }
+    if !read_only && autoclear != 0 {
+        // Features this driver does not maintain (bitmaps) are marked
+        // inconsistent before the first write, as the spec requires.
+        st.write_header_field(f, field::AUTOCLEAR, vec![0u8; 8])
+            .await
+            .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
+        f.flush()
+            .await
+            .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
+        st.h.autoclear = 0;
+    }
+    Ok(st)
+}
+
+/// Attaches the header's backing file by node-name (blockhaus has no file
+/// system to open it by name). Returns whether a backing child exists now.
+pub fn attach_backing_from_header(node: &Rc<Node>, backing_file: &str) -> Result<(), String> {
+    let reg = node
+        .registry()
+        .ok_or_else(|| String::from("qcow2: no registry"))?;
+    let Some(b) = reg.find_node(backing_file) else {
+        return Err(format!(
+            "Could not open backing file '{backing_file}': blockhaus opens backing files as nodes only; \
+             add a node named '{backing_file}' first, or give 'backing' (a node-name or definition, or null)"
+        ));
+    };
+    b.ref_();
+    match attach_node_child(node, "backing", ChildRole::COW, &b) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            b.unref_nonfinal();
+            Err(format!("Could not open backing file '{backing_file}': {e}"))
+        }
+    }
+}
