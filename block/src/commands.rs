@@ -122,4 +122,5 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
     for (i, h) in handlers.into_iter().enumerate() {
         d.register(COMMANDS[i].0, h);
     }
+    crate::drivers::qcow2::commands::register(d);
 }

@@ -60,6 +60,15 @@ pub trait BlockDriver: core::any::Any {
     /// The node's length in bytes (QEMU: `bdrv_co_getlength`).
     fn get_length(&self, node: &Node) -> IoResult<u64>;
 
+    /// Finishes opening once the node exists with its children attached
+    /// (QEMU: a format driver's `bdrv_open`, which runs in a coroutine and
+    /// reads its metadata through `bs->file`). An error closes the node
+    /// again and fails the open with that text.
+    fn open<'a>(&'a self, node: &'a alloc::rc::Rc<Node>) -> BoxFuture<'a, Result<(), String>> {
+        let _ = node;
+        ready(Ok(()))
+    }
+
     /// Reads `len` bytes at `offset` (within the length; the generic layer
     /// zero-fills what lies beyond). Must return exactly `len` bytes.
     fn read<'a>(

@@ -309,7 +309,15 @@ pub fn open_blockdev(
             }
         };
         match result {
-            Ok(node) => Ok(node),
+            // The driver's own asynchronous open (QEMU: `drv->bdrv_open`
+            // in a coroutine); on failure closing the node drops its edges.
+            Ok(node) => match node.driver().open(&node).await {
+                Ok(()) => Ok(node),
+                Err(e) => {
+                    unref(node).await;
+                    Err(e)
+                }
+            },
             Err(e) => {
                 for (_, _, c) in children.into_iter().rev() {
                     unref(c).await;

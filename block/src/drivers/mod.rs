@@ -6,6 +6,7 @@
 pub mod blkdebug;
 pub mod copy_on_read;
 pub mod null;
+pub mod qcow2;
 pub mod quorum;
 pub mod raw;
 pub mod throttle;
@@ -22,6 +23,7 @@ pub fn builtin() -> Vec<DriverClass> {
         null::null_co(),
         null::null_aio(),
         raw::class(),
+        qcow2::class(),
         blkdebug::class(),
         copy_on_read::class(),
         throttle::class(),

@@ -12,6 +12,7 @@ mod graph;
 mod harness;
 mod job;
 mod mem;
+mod qcow2;
 mod qmp;
 mod quorum;
 mod wire;
