@@ -406,6 +406,9 @@ fn errors_are_clear_and_change_nothing() {
     let ro_scsi = imgs.ro.with_file_name("ro-scsi.img");
     create(&ro_scsi, 8 * MIB);
     qemu_io(&ro_scsi, &["write -P 0x99 0 8M".into()]);
+    let high_lun = imgs.ro.with_file_name("lun300.img");
+    create(&high_lun, 4 * MIB);
+    qemu_io(&high_lun, &["write -P 0x3c 0 1M".into()]);
     cfg.extra.extend(args(&[
         "-drive",
         &format!(
@@ -414,6 +417,11 @@ fn errors_are_clear_and_change_nothing() {
         ),
         "-device",
         "scsi-hd,bus=scsi0.0,drive=s2,scsi-id=2,lun=3,serial=scsi-ro",
+        // A LUN above 255: flat-space addressing.
+        "-drive",
+        &format!("file={},if=none,format=raw,id=s3", high_lun.display()),
+        "-device",
+        "scsi-hd,bus=scsi0.0,drive=s3,scsi-id=2,lun=300,serial=lun300",
     ]));
     let mut a = Appliance::boot(&cfg);
     let list = a.qmp().cmd("x-query-devices", Value::Null).unwrap();
@@ -424,6 +432,12 @@ fn errors_are_clear_and_change_nothing() {
         (json!(2), json!(3))
     );
     verify(&mut a, "scsi-ro", 0, 8 * MIB, 0x99);
+    let high = device(&list, "lun300");
+    assert_eq!(
+        (high["target"].clone(), high["lun"].clone()),
+        (json!(2), json!(300))
+    );
+    verify(&mut a, "lun300", 0, MIB, 0x3c);
 
     for serial in ["ro0", "scsi-ro"] {
         for op in [

@@ -82,6 +82,8 @@ impl<T: Transport> VirtioScsi<T> {
                 Some((Err(Error::Transport(Response::BadTarget)), _)) => continue,
                 Some((Ok(()), buf)) => {
                     let mut l = inquiry::parse_report_luns(&buf);
+                    l.sort_unstable();
+                    l.dedup();
                     l.retain(|&n| u32::from(n) <= self.max_lun);
                     if l.is_empty() { vec![0] } else { l }
                 }
