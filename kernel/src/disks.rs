@@ -271,6 +271,38 @@ impl Disks {
             .sum()
     }
 
+    /// Flushes every writable disk with a write cache and waits (the halt
+    /// path: nothing acknowledged is lost). Returns each disk's serial and
+    /// outcome.
+    pub fn flush_all(&mut self) -> Vec<(String, Result<(), Error>)> {
+        let writable: Vec<usize> = (0..self.disks.len())
+            .filter(|&i| self.disks[i].info.flush && !self.disks[i].info.read_only)
+            .collect();
+        let targets: Vec<(usize, Result<Ticket, Error>)> = writable
+            .into_iter()
+            .map(|i| (i, self.submit(i, Op::Flush)))
+            .collect();
+        let tickets: Vec<(u64, Ticket)> = targets
+            .iter()
+            .filter_map(|(_, t)| t.as_ref().ok().map(|t| (0, *t)))
+            .collect();
+        // A timeout leaves the results short: those disks report EIO.
+        let results: Vec<Result<(), Error>> = wait(self, &tickets)
+            .map(|(done, _)| done.into_iter().map(|c| c.result).collect())
+            .unwrap_or_default();
+        let mut done = results.into_iter();
+        targets
+            .into_iter()
+            .map(|(i, t)| {
+                let result = match t {
+                    Ok(_) => done.next().unwrap_or(Err(Error::Io)),
+                    Err(e) => Err(e),
+                };
+                (self.disks[i].info.serial.clone(), result)
+            })
+            .collect()
+    }
+
     /// Polls device completion rings; returns whether anything completed.
     pub fn poll(&mut self) -> bool {
         let mut progress = false;
@@ -390,7 +422,8 @@ fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
 
 /// `x-blockhaus-disk-io`: the disk (`serial`, or `pci-addr` of a
 /// virtio-blk, or `pci-addr`, `target` and `lun` of a SCSI LUN), `op`
-/// (read, write, flush, discard, write-zeroes), `offset`, `length`, `pattern` (the byte written, or
+/// (read, write, flush, discard, write-zeroes; or flush-all, which needs
+/// no disk and returns `flushed`, one entry per disk flushed), `offset`, `length`, `pattern` (the byte written, or
 /// expected by a read), `chunk` (bytes per request, all in flight at
 /// once; default: the whole range), `random` (issue the chunks in a fixed
 /// pseudo-random order), `fua`, `may-unmap`. Returns the
@@ -403,7 +436,17 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     let pci_addr = args.opt_str("pci-addr")?;
     let target = args.opt_u64("target")?;
     let lun = args.opt_u64("lun")?;
-    let op = args.enum_str("op", &["read", "write", "flush", "discard", "write-zeroes"])?;
+    let op = args.enum_str(
+        "op",
+        &[
+            "read",
+            "write",
+            "flush",
+            "discard",
+            "write-zeroes",
+            "flush-all",
+        ],
+    )?;
     let offset = args.opt_u64("offset")?.unwrap_or(0);
     let length = args.opt_u64("length")?.unwrap_or(0);
     let pattern = match args.opt_u64("pattern")? {
@@ -443,6 +486,18 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
         return Err(QmpError::missing_parameter("pattern"));
     }
     let disks = &mut app.disks;
+    if op == "flush-all" {
+        // What the halt path does: every writable disk with a cache.
+        let flushed: Vec<Value> = disks
+            .flush_all()
+            .into_iter()
+            .map(|(serial, r)| match r {
+                Ok(()) => json!({"serial": serial}),
+                Err(e) => json!({"serial": serial, "error": format!("{e}")}),
+            })
+            .collect();
+        return Ok(json!({ "flushed": flushed }));
+    }
     let index = find_disk(disks, serial, pci_addr, target, lun)?;
 
     let mut pieces: Vec<(u64, u64)> = Vec::new();

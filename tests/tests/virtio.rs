@@ -335,6 +335,13 @@ fn drivers_find_every_disk_and_move_real_data_both_ways() {
     for serial in ["disk0", "scsi0", "scsi1"] {
         disk_io(&mut a, json!({"serial": serial, "op": "flush"}));
     }
+    // The halt path's flush: every writable disk with a cache, once.
+    let r = disk_io(&mut a, json!({"op": "flush-all"}));
+    assert_eq!(
+        r,
+        json!({"flushed": [{"serial": "disk0"}, {"serial": "scsi0"}, {"serial": "scsi1"}]}),
+        "the read-only ro0 is not flushed"
+    );
     quit(a);
 
     // Every byte, checked on the host.
