@@ -6,7 +6,9 @@
 //! logs each disk. Every disk gets an index; I/O goes through
 //! [`Disks::submit`] (a [`Ticket`] back), completions are collected by
 //! [`Disks::poll`] (the main loop calls it every iteration) and picked up
-//! with [`Disks::take`]. The block graph's protocol nodes sit on this API.
+//! with [`Disks::take`], or awaited with [`Disks::poll_completion`] (its
+//! waker is woken by `poll`). The block graph's protocol nodes sit on
+//! this API.
 //!
 //! QMP:
 //! - `x-query-devices`: every disk found, claimed or not: `serial`,
@@ -29,6 +31,7 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use block::qmp::{Args, Dispatcher, QmpError};
+use core::task::{Context, Poll, Waker};
 use drivers::pci::{self, Address};
 use drivers::virtio::blk::VirtioBlk;
 use drivers::virtio::scsi::VirtioScsi;
@@ -79,6 +82,8 @@ pub struct Disks {
     controllers: Vec<Driver>,
     disks: Vec<Disk>,
     completed: BTreeMap<Ticket, Completion>,
+    /// Futures waiting for a ticket ([`Disks::poll_completion`]).
+    wakers: BTreeMap<Ticket, Waker>,
     scratch: Vec<Completion>,
 }
 
@@ -260,6 +265,22 @@ impl Disks {
         self.completed.remove(&ticket)
     }
 
+    /// For a request's future: the completion if it is there, else the
+    /// waker is kept and woken when [`Disks::poll`] sees the completion.
+    #[allow(dead_code)] // for the protocol nodes (issue 4 §5)
+    pub fn poll_completion(&mut self, ticket: Ticket, cx: &mut Context<'_>) -> Poll<Completion> {
+        match self.completed.remove(&ticket) {
+            Some(c) => {
+                self.wakers.remove(&ticket);
+                Poll::Ready(c)
+            }
+            None => {
+                self.wakers.insert(ticket, cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
     /// Device requests in flight on all controllers.
     pub fn in_flight(&self) -> usize {
         self.controllers
@@ -312,13 +333,14 @@ impl Disks {
                 Driver::Scsi(s) => s.poll(&mut self.scratch),
             };
             for done in self.scratch.drain(..) {
-                self.completed.insert(
-                    Ticket {
-                        controller: i,
-                        id: done.id,
-                    },
-                    done,
-                );
+                let ticket = Ticket {
+                    controller: i,
+                    id: done.id,
+                };
+                if let Some(w) = self.wakers.remove(&ticket) {
+                    w.wake();
+                }
+                self.completed.insert(ticket, done);
             }
         }
         progress
