@@ -21,6 +21,8 @@ pub enum TestFault {
 pub struct Config {
     pub log_level: Option<LevelFilter>,
     pub test_fault: Option<TestFault>,
+    /// `ip=ADDR/PREFIX[,gw=GW]` for the network interface.
+    pub ip: Option<String>,
     /// qemu-storage-daemon options in order, e.g. `("blockdev", "driver=...")`.
     pub options: Vec<(String, Option<String>)>,
 }
@@ -58,6 +60,7 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
                     }
                 })
             }
+            "ip" => cfg.ip = Some(value.to_string()),
             "blockhaus.test-fault" => {
                 cfg.test_fault = Some(match value {
                     "page-fault" => TestFault::PageFault,

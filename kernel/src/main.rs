@@ -5,6 +5,10 @@
 
 extern crate alloc;
 
+use alloc::rc::Rc;
+use alloc::string::ToString;
+use core::cell::RefCell;
+
 mod clock;
 mod cmdline;
 mod console;
@@ -13,6 +17,7 @@ mod halt;
 mod heap;
 mod interrupts;
 mod monitor;
+mod net;
 mod storage;
 
 use log::{LevelFilter, info, warn};
@@ -92,23 +97,36 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     }
 
     let disks = disks::Disks::probe();
-    let block = storage::new_block_layer();
+    let net = Rc::new(RefCell::new(net::Network::default()));
+    let block = storage::new_block_layer(net.clone());
+    match net::Network::probe(config.ip.as_deref(), block.registry().clone()) {
+        Ok(n) => *net.borrow_mut() = n,
+        Err(e) => {
+            log::error!("network: {e}");
+            halt_bad_config(&block);
+        }
+    }
+    let mut app = monitor::Appliance::new(disks, block, net);
     // qemu-storage-daemon's options, in order, before the QMP greeting.
     for (name, value) in &config.options {
         let value = value.as_deref().unwrap_or("");
-        match block.apply_boot_option(name, value) {
+        let applied = match app.block.apply_boot_option(name, value) {
+            Ok(false) => net::apply_boot_option(&mut app, name, value),
+            other => other.map_err(|e| e.to_string()),
+        };
+        match applied {
             Ok(true) => info!("--{name} {value}: applied"),
             Ok(false) => {
                 log::error!("--{name}: option not supported");
-                halt_bad_config(&block);
+                halt_bad_config(&app.block);
             }
             Err(e) => {
                 log::error!("{e}");
-                halt_bad_config(&block);
+                halt_bad_config(&app.block);
             }
         }
     }
-    let mut monitor = monitor::Monitor::new(monitor::Appliance::new(disks, block));
+    let mut monitor = monitor::Monitor::new(app);
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
     info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
     monitor.start();
@@ -118,6 +136,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     loop {
         let mut busy = monitor.appliance().disks.poll();
         busy |= storage::run(&monitor.appliance().block);
+        busy |= monitor.appliance().net.borrow_mut().poll();
         busy |= monitor.poll();
         monitor.flush_events();
         let now = clock::monotonic_ns();
@@ -129,6 +148,8 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         }
         if let Some(reason) = halt_reason {
             monitor.shutdown(reason);
+            monitor.appliance().net.borrow_mut().close_exports();
+            monitor.flush_events();
             close_all(&monitor.appliance().block);
             halt::halt(reason, reason.source());
         }

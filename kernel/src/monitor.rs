@@ -2,10 +2,13 @@
 //! main loop. Output is queued and written as the UART takes it, so a
 //! client that stops reading never stalls the appliance.
 
+use crate::net::Network;
 use alloc::collections::VecDeque;
+use alloc::rc::Rc;
 use alloc::vec::Vec;
 use block::layer::{BlockContext, BlockLayer};
 use block::qmp::{Action, Dispatcher, Event, Limits, QmpContext, Session, Timestamp, VersionInfo};
+use core::cell::RefCell;
 use drivers::uart::{COM2, Uart};
 
 /// The QEMU version whose qemu-storage-daemon QMP shapes blockhaus follows.
@@ -27,14 +30,18 @@ pub struct Appliance {
     pub disks: crate::disks::Disks,
     /// The block graph (QEMU's block layer).
     pub block: BlockLayer,
+    /// The network and the NBD server (shared with the block layer's
+    /// platform, which polls it while a command waits).
+    pub net: Rc<RefCell<Network>>,
 }
 
 impl Appliance {
-    pub fn new(disks: crate::disks::Disks, block: BlockLayer) -> Self {
+    pub fn new(disks: crate::disks::Disks, block: BlockLayer, net: Rc<RefCell<Network>>) -> Self {
         Self {
             events: Vec::new(),
             disks,
             block,
+            net,
         }
     }
 }
@@ -75,6 +82,7 @@ impl Monitor {
         let mut commands = Dispatcher::new();
         crate::disks::register(&mut commands);
         block::commands::register(&mut commands);
+        crate::net::register(&mut commands);
         Self {
             // SAFETY: COM2 is the monitor's port; only this module drives it.
             uart: unsafe { Uart::new(COM2) },

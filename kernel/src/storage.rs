@@ -3,10 +3,12 @@
 //! synchronous callers (QMP handlers, the halt path) wait for I/O, as QEMU's
 //! monitor waits in a nested `AIO_WAIT_WHILE`.
 
+use crate::net::Network;
 use alloc::rc::Rc;
 use block::exec::{Executor, Platform};
 use block::layer::BlockLayer;
 use block::timer::Clock;
+use core::cell::RefCell;
 
 /// Wall-clock nanoseconds since the Unix epoch: monotonic (the RTC is read
 /// once at boot, the TSC does the rest).
@@ -19,11 +21,17 @@ impl Clock for KernelClock {
 }
 
 /// Polls what can complete a request while a synchronous caller waits.
-pub struct KernelPlatform;
+pub struct KernelPlatform {
+    net: Rc<RefCell<Network>>,
+}
 
 impl Platform for KernelPlatform {
     fn poll(&self, exec: &Executor, _may_halt: bool) -> bool {
         exec.timers().fire_expired(crate::clock::wall_clock_ns());
+        // Skipped if the waiting command itself is using the network.
+        if let Ok(mut net) = self.net.try_borrow_mut() {
+            net.poll();
+        }
         // A waiting QMP command busy-polls: its I/O completes in micro- to
         // milliseconds, and halting would add a timer tick to every request.
         core::hint::spin_loop();
@@ -31,12 +39,13 @@ impl Platform for KernelPlatform {
     }
 }
 
-/// A block layer with the built-in drivers, on a fresh executor.
-pub fn new_block_layer() -> BlockLayer {
+/// A block layer with the built-in drivers, on a fresh executor, whose
+/// waits also poll `net`.
+pub fn new_block_layer(net: Rc<RefCell<Network>>) -> BlockLayer {
     BlockLayer::new(
         Executor::new(),
         Rc::new(KernelClock),
-        Rc::new(KernelPlatform),
+        Rc::new(KernelPlatform { net }),
     )
 }
 
