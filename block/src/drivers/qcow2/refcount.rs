@@ -164,9 +164,9 @@ impl State {
                 let rc = self.refcount(f, c).await?;
                 self.set_refcount(f, c, rc + 1).await?;
             }
-            if start == self.free_index {
-                self.free_index = start + n;
-            }
+            // As QEMU's `free_cluster_index`: past the run, even if free
+            // clusters were skipped (a later free brings the hint back).
+            self.free_index = start + n;
             return Ok(start * self.cs);
         }
     }
