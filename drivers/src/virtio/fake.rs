@@ -59,6 +59,8 @@ pub struct State {
     pub max_queue_size: u32,
     /// Complete requests as soon as they are notified.
     pub auto: bool,
+    /// Queues whose buffers wait for [`State::fire`] (an event queue).
+    pub hold: Vec<u16>,
     pub notifies: usize,
     /// Every chain the device took, in order.
     pub seen: Vec<SeenChain>,
@@ -87,6 +89,7 @@ pub fn device(
         config,
         max_queue_size: 256,
         auto: true,
+        hold: Vec::new(),
         notifies: 0,
         seen: Vec::new(),
         queues: BTreeMap::new(),
@@ -133,6 +136,17 @@ impl State {
             }
         }
         self.held = taken.into_iter().flatten().collect();
+    }
+
+    /// Completes the oldest buffer held on `queue` with `answer` (an
+    /// event the device reports); false if none is there.
+    pub fn fire(&mut self, queue: u16, answer: &[u8]) -> bool {
+        let Some(i) = self.held.iter().position(|c| c.queue == queue) else {
+            return false;
+        };
+        let c = self.held.remove(i);
+        self.finish_with(&c, Some(answer.to_vec()));
+        true
     }
 
     /// Completes every held request, newest first.
@@ -208,6 +222,10 @@ impl State {
     }
 
     fn finish(&mut self, c: &SeenChain) {
+        self.finish_with(c, None);
+    }
+
+    fn finish_with(&mut self, c: &SeenChain, answer: Option<Vec<u8>>) {
         let (bufs, _) = self.walk(c.queue, c.head);
         let mut input = Vec::new();
         let mut out_len = 0;
@@ -219,7 +237,10 @@ impl State {
                 input.extend(unsafe { read(addr, len as usize) });
             }
         }
-        let answer = self.model.handle(c.queue, &input, out_len);
+        let answer = match answer {
+            Some(a) => a,
+            None => self.model.handle(c.queue, &input, out_len),
+        };
         let mut at = 0;
         for &(addr, len, w) in &bufs {
             if !w || at >= answer.len() {
@@ -266,7 +287,9 @@ impl Transport for FakeTransport {
         s.notifies += 1;
         s.take_avail(queue);
         if s.auto {
-            let all: Vec<usize> = (0..s.held.len()).collect();
+            let all: Vec<usize> = (0..s.held.len())
+                .filter(|&i| !s.hold.contains(&s.held[i].queue))
+                .collect();
             s.complete(&all);
         }
     }

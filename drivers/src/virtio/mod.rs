@@ -132,6 +132,8 @@ pub enum Error {
     ScsiStatus(u8),
     /// The virtio-scsi transport failed the command (response code).
     Transport(scsi::wire::Response),
+    /// The LUN was hot-unplugged.
+    Gone,
     /// Setting the device up failed.
     Setup(&'static str),
 }
@@ -150,7 +152,7 @@ impl Error {
             Error::ReadOnly => EROFS,
             Error::Misaligned { .. } | Error::OutOfRange { .. } => EINVAL,
             Error::Sense(s) => s.errno(),
-            Error::Transport(scsi::wire::Response::BadTarget) => ENODEV,
+            Error::Transport(scsi::wire::Response::BadTarget) | Error::Gone => ENODEV,
             Error::Transport(_) => EIO,
         }
     }
@@ -173,6 +175,7 @@ impl fmt::Display for Error {
             Error::Sense(s) => write!(f, "{s}"),
             Error::ScsiStatus(s) => write!(f, "SCSI status {s:#04x}"),
             Error::Transport(r) => write!(f, "virtio-scsi: {r}"),
+            Error::Gone => f.write_str("the LUN was removed (hot-unplugged)"),
             Error::Setup(what) => write!(f, "device setup failed: {what}"),
         }
     }

@@ -15,6 +15,11 @@
 //!   UNIT ATTENTION (the first command to each target after a reset gets
 //!   one) and BUSY are retried; other CHECK CONDITIONs complete with the
 //!   decoded sense ([`sense`]).
+//! - Hot-plug ([`events`]): with `VIRTIO_SCSI_F_HOTPLUG` the event queue
+//!   reports LUNs plugged in and out; [`VirtioScsi::take_events`] hands
+//!   them over, [`VirtioScsi::rescan`] brings a new LUN up and
+//!   [`VirtioScsi::remove`] marks one gone (its requests then fail with
+//!   [`Error::Gone`]).
 //!
 //! Pure parts, tested on the host: [`wire`] (request/response layouts, LUN
 //! addressing), [`cdb`] (CDB builders), [`sense`] (sense decoding),
@@ -23,6 +28,7 @@
 
 pub mod cdb;
 pub mod command;
+pub mod events;
 pub mod inquiry;
 mod scan;
 pub mod sense;
@@ -56,6 +62,8 @@ pub struct Lun {
     pub lun: u16,
     pub info: DiskInfo,
     pub caps: Caps,
+    /// Hot-unplugged: requests fail with [`Error::Gone`].
+    pub gone: bool,
 }
 
 struct Pending {
@@ -93,12 +101,17 @@ pub struct VirtioScsi<T: Transport = PciTransport> {
     backlog: VecDeque<Pending>,
     ready: Vec<Completion>,
     next_tag: u64,
+    max_sectors: u32,
+    /// The event queue, when the device offers hot-plug.
+    events: Option<events::Events>,
+    /// Events reaped and not yet taken by [`VirtioScsi::take_events`].
+    reported: Vec<events::Event>,
 }
 
 impl<T: Transport> VirtioScsi<T> {
     /// Brings the controller up and scans it for disks.
     pub fn new(mut transport: T) -> Result<VirtioScsi<T>, Error> {
-        let negotiated = transport::negotiate(&mut transport, F_INDIRECT_DESC)?;
+        let negotiated = transport::negotiate(&mut transport, F_INDIRECT_DESC | events::F_HOTPLUG)?;
         let indirect = negotiated & F_INDIRECT_DESC != 0;
         log::debug!("virtio-scsi: negotiated features {negotiated:#x}");
         let num_queues = config_u32(&transport, offset::NUM_QUEUES);
@@ -128,7 +141,13 @@ impl<T: Transport> VirtioScsi<T> {
         let max_target = config_u16(&transport, offset::MAX_TARGET).min(255);
         let max_lun = config_u32(&transport, offset::MAX_LUN).min(16383);
         let max_sectors = config_u32(&transport, offset::MAX_SECTORS);
+        let mut events = (negotiated & events::F_HOTPLUG != 0)
+            .then(|| events::Events::new(&mut transport, indirect))
+            .flatten();
         transport.finish_init();
+        if let Some(e) = &mut events {
+            e.notify(&mut transport);
+        }
         let slots = (0..queue.size()).map(|_| None).collect();
         let mut scsi = VirtioScsi {
             transport,
@@ -146,8 +165,11 @@ impl<T: Transport> VirtioScsi<T> {
             backlog: VecDeque::new(),
             ready: Vec::new(),
             next_tag: 1,
+            max_sectors,
+            events,
+            reported: Vec::new(),
         };
-        scsi.scan(max_sectors)?;
+        scsi.scan()?;
         Ok(scsi)
     }
 
@@ -166,9 +188,52 @@ impl<T: Transport> VirtioScsi<T> {
         !self.requests.is_empty() || !self.ready.is_empty()
     }
 
+    /// Hot-plug events reported since the last call (see [`events`]); the
+    /// caller answers them with [`VirtioScsi::rescan`] and
+    /// [`VirtioScsi::remove`].
+    pub fn take_events(&mut self) -> Vec<events::Event> {
+        core::mem::take(&mut self.reported)
+    }
+
+    /// Probes `target`:`lun` again (it was plugged in): returns the index
+    /// of its entry in [`VirtioScsi::luns`] (reused if it was there
+    /// before), or `None` if no disk answers there. Runs synchronously.
+    pub fn rescan(&mut self, target: u8, lun: u16) -> Result<Option<usize>, Error> {
+        let Some(found) = self.probe_lun(target, lun, self.max_sectors)? else {
+            return Ok(None);
+        };
+        match self
+            .luns
+            .iter()
+            .position(|l| l.target == target && l.lun == lun)
+        {
+            Some(i) => {
+                self.luns[i] = found;
+                Ok(Some(i))
+            }
+            None => {
+                self.luns.push(found);
+                Ok(Some(self.luns.len() - 1))
+            }
+        }
+    }
+
+    /// Marks `target`:`lun` as unplugged; returns its index.
+    pub fn remove(&mut self, target: u8, lun: u16) -> Option<usize> {
+        let i = self
+            .luns
+            .iter()
+            .position(|l| l.target == target && l.lun == lun)?;
+        self.luns[i].gone = true;
+        Some(i)
+    }
+
     /// Queues `op` for LUN `index` of [`VirtioScsi::luns`].
     pub fn submit(&mut self, index: usize, op: Op) -> Result<RequestId, Error> {
         let lun = self.luns.get(index).ok_or(Error::Setup("no such LUN"))?;
+        if lun.gone {
+            return Err(Error::Gone);
+        }
         lun.info.check(&op)?;
         let cmds = command::plan(&op, &lun.caps);
         let (target, l) = (lun.target, lun.lun);
@@ -212,6 +277,12 @@ impl<T: Transport> VirtioScsi<T> {
     /// ring; returns whether anything happened.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> bool {
         let mut progress = !self.ready.is_empty();
+        if let Some(e) = &mut self.events
+            && e.reap(&mut self.reported)
+        {
+            e.notify(&mut self.transport);
+            progress = true;
+        }
         out.append(&mut self.ready);
         while let Some(token) = self.queue.peek_used() {
             let Some(done) = self

@@ -62,7 +62,8 @@ impl<T: Transport> VirtioScsi<T> {
         c.result.map(|()| c.buf)
     }
 
-    pub(super) fn scan(&mut self, max_sectors: u32) -> Result<(), Error> {
+    pub(super) fn scan(&mut self) -> Result<(), Error> {
+        let max_sectors = self.max_sectors;
         const REPORT_LUNS_BYTES: usize = 8 + 8 * 512;
         let targets: Vec<u8> = (0..=self.max_target).map(|t| t as u8).collect();
         let ids: Vec<RequestId> = targets
@@ -104,7 +105,12 @@ impl<T: Transport> VirtioScsi<T> {
         Ok(())
     }
 
-    fn probe_lun(&mut self, t: u8, l: u16, max_sectors: u32) -> Result<Option<Lun>, Error> {
+    pub(super) fn probe_lun(
+        &mut self,
+        t: u8,
+        l: u16,
+        max_sectors: u32,
+    ) -> Result<Option<Lun>, Error> {
         let inq = inquiry::parse_inquiry(&self.command_in(t, l, cdb::inquiry(None, 96), 96)?);
         if !inq.present() {
             return Ok(None);
@@ -206,6 +212,7 @@ impl<T: Transport> VirtioScsi<T> {
             lun: l,
             info,
             caps,
+            gone: false,
         }))
     }
 }

@@ -216,10 +216,12 @@ fn controller(targets: Targets) -> (VirtioScsi<FakeTransport>, Shared, Scsi) {
     let model = Scsi(Rc::new(RefCell::new(targets)));
     let (t, state) = fake::device(
         DeviceType::ScsiHost,
-        F_VERSION_1 | F_INDIRECT_DESC,
+        F_VERSION_1 | F_INDIRECT_DESC | super::events::F_HOTPLUG,
         c,
         model.clone(),
     );
+    // The event queue's buffers wait for events.
+    state.borrow_mut().hold = vec![super::events::EVENT_QUEUE];
     let s = VirtioScsi::new(t).expect("bring-up");
     (s, state, model)
 }
@@ -271,10 +273,15 @@ fn scan_finds_every_lun_and_retries_unit_attention() {
         "8 targets, then 2 retries"
     );
     assert!(m.unit_attention.is_empty());
-    assert!(state.borrow().seen[..8].iter().all(|c| c.indirect));
+    let seen = state.borrow().seen.clone();
+    let events: Vec<_> = seen.iter().filter(|c| c.queue == 1).collect();
+    assert_eq!(events.len(), 8, "event buffers armed");
+    assert!(events.iter().all(|c| c.buffers == vec![(16, true)]));
+    let requests: Vec<_> = seen.iter().filter(|c| c.queue == 2).collect();
+    assert!(requests[..8].iter().all(|c| c.indirect));
     // Request header + CDB (51), response + sense (108), data-in.
     assert_eq!(
-        state.borrow().seen[0].buffers,
+        requests[0].buffers,
         vec![(51, false), (108, true), (4104, true)]
     );
 }
@@ -457,4 +464,66 @@ fn a_short_read_is_an_error() {
     .unwrap();
     let done = fake::collect(1, |out| s.poll(out));
     assert_eq!(done[0].result, Err(Error::Io));
+}
+
+fn event(reason: u32, target: u8, lun: u16) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&1u32.to_le_bytes());
+    b[4..12].copy_from_slice(&wire::lun_field(target, lun));
+    b[12..16].copy_from_slice(&reason.to_le_bytes());
+    b
+}
+
+#[test]
+fn hot_plugged_luns_come_and_go() {
+    use super::events::Event;
+    let (mut s, state, model) = controller(two_targets());
+    assert_eq!(s.luns().len(), 3);
+    model.0.borrow_mut().luns.insert(
+        (5, 1),
+        Lun {
+            data: vec![0x5a; 64 * BS],
+            serial: "hot",
+            read_only: false,
+        },
+    );
+    assert!(state.borrow_mut().fire(1, &event(1, 5, 1)));
+    let mut out = Vec::new();
+    s.poll(&mut out);
+    assert_eq!(s.take_events(), vec![Event::Added { target: 5, lun: 1 }]);
+    let i = s.rescan(5, 1).unwrap().expect("a disk answers");
+    assert_eq!(i, 3);
+    assert_eq!(s.luns()[i].info.serial, "hot");
+    s.submit(
+        i,
+        Op::Read {
+            offset: 0,
+            buf: vec![0; 512],
+        },
+    )
+    .unwrap();
+    let done = fake::collect(1, |out| s.poll(out));
+    assert!(done[0].buf.iter().all(|&b| b == 0x5a));
+
+    model.0.borrow_mut().luns.remove(&(5, 1));
+    assert!(state.borrow_mut().fire(1, &event(2, 5, 1)));
+    s.poll(&mut out);
+    assert_eq!(s.take_events(), vec![Event::Removed { target: 5, lun: 1 }]);
+    assert_eq!(s.remove(5, 1), Some(3));
+    let e = s
+        .submit(
+            i,
+            Op::Read {
+                offset: 0,
+                buf: vec![0; 512],
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e, Error::Gone);
+    assert_eq!(e.to_string(), "the LUN was removed (hot-unplugged)");
+    // The buffers went back on the event queue.
+    assert_eq!(
+        state.borrow().seen.iter().filter(|c| c.queue == 1).count(),
+        10
+    );
 }
