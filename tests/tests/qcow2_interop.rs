@@ -1,0 +1,525 @@
+//! The qcow2 driver (`block::drivers::qcow2`) against QEMU's own tools:
+//! images made by `qemu-img create`/`convert` and `qemu-io` (compressed,
+//! extended L2, v2, refcount widths, backing chains) open and read exactly
+//! as `qemu-img convert -O raw` reads them; images the driver creates and
+//! writes pass `qemu-img check` (no errors, no leaks) and `qemu-img compare`
+//! equal to a flat model, for several cluster sizes.
+//!
+//! The driver runs over a small std file-backed protocol driver (`file`,
+//! defined here), inside a `BlockLayer` on a simulated platform.
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::rc::Rc;
+
+use block::driver::{BlockDriver, ready};
+use block::exec::{Executor, SimulatedPlatform};
+use block::io::{BoxFuture, IoError, IoResult, ReqFlags};
+use block::layer::BlockLayer;
+use block::node::Node;
+use block::open::DriverClass;
+use block::qmp::{Args, Dispatcher, QmpError};
+use block::timer::ManualClock;
+use serde_json::{Map, Value, json};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+/// `file`: a host file as a protocol node (QEMU: `file-posix`, minus
+/// everything but I/O). Writes past the end grow the file.
+struct FileNode {
+    file: RefCell<File>,
+    name: String,
+}
+
+fn eio(e: std::io::Error) -> IoError {
+    eprintln!("file I/O: {e}");
+    IoError::Eio
+}
+
+impl BlockDriver for FileNode {
+    fn format_name(&self) -> &str {
+        "file"
+    }
+    fn get_length(&self, _: &Node) -> IoResult<u64> {
+        self.file.borrow().metadata().map(|m| m.len()).map_err(eio)
+    }
+    fn read<'a>(
+        &'a self,
+        _: &'a Node,
+        offset: u64,
+        len: usize,
+        _: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
+        let mut buf = vec![0u8; len];
+        let r = self.file.borrow().read_exact_at(&mut buf, offset).map_err(eio);
+        ready(r.map(|()| buf))
+    }
+    fn write<'a>(
+        &'a self,
+        _: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        _: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        ready(self.file.borrow().write_all_at(&data, offset).map_err(eio))
+    }
+    fn truncate<'a>(&'a self, _: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
+        ready(self.file.borrow().set_len(size).map_err(eio))
+    }
+    fn filename(&self, _: &Node) -> Option<String> {
+        Some(self.name.clone())
+    }
+}
+
+fn file_class() -> DriverClass {
+    DriverClass::new("file", |d| {
+        let name = d.opts.str("filename")?.to_string();
+        Ok(Box::new(move |_| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&name)
+                .map_err(|e| format!("Could not open '{name}': {e}"))?;
+            Ok(Box::new(FileNode {
+                file: RefCell::new(file),
+                name,
+            }) as Box<dyn BlockDriver>)
+        }))
+    })
+}
+
+/// A block layer with the `file` driver and the QMP commands.
+struct Layer {
+    bl: BlockLayer,
+    d: Dispatcher<BlockLayer>,
+}
+
+impl Layer {
+    fn new() -> Layer {
+        let clock = Rc::new(ManualClock::new());
+        let platform = Rc::new(SimulatedPlatform::new(clock.clone()));
+        let mut bl = BlockLayer::new(Executor::new(), clock, platform);
+        bl.register_driver(file_class());
+        let mut d = Dispatcher::new();
+        block::commands::register(&mut d);
+        Layer { bl, d }
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Result<Value, QmpError> {
+        let map = match args {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let h = self.d.get(name).unwrap_or_else(|| panic!("no command {name}"));
+        h(&mut self.bl, &Args::new(&map))
+    }
+
+    fn ok(&mut self, name: &str, args: Value) -> Value {
+        match self.cmd(name, args.clone()) {
+            Ok(v) => v,
+            Err(e) => panic!("{name} {args}: {}", e.desc),
+        }
+    }
+
+    fn node(&self, name: &str) -> Rc<Node> {
+        self.bl
+            .registry()
+            .find_node(name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    fn read(&self, name: &str, off: u64, len: usize) -> Vec<u8> {
+        let n = self.node(name);
+        match self.bl.wait(async move { n.read(off, len, ReqFlags::NONE).await }) {
+            Ok(Ok(v)) => v,
+            e => panic!("read {name} {off}+{len}: {e:?}"),
+        }
+    }
+
+    fn write(&self, name: &str, off: u64, data: Vec<u8>) {
+        let n = self.node(name);
+        let r = self.bl.wait(async move { n.write(off, data, ReqFlags::NONE).await });
+        assert!(matches!(r, Ok(Ok(()))), "write {name} {off}");
+    }
+
+    fn zero(&self, name: &str, off: u64, len: u64, unmap: bool) {
+        let n = self.node(name);
+        let f = if unmap { ReqFlags::MAY_UNMAP } else { ReqFlags::NONE };
+        let r = self.bl.wait(async move { n.write_zeroes(off, len, f).await });
+        assert!(matches!(r, Ok(Ok(()))), "zero {name} {off}");
+    }
+
+    fn discard(&self, name: &str, off: u64, len: u64) {
+        let n = self.node(name);
+        let r = self.bl.wait(async move { n.discard(off, len).await });
+        assert!(matches!(r, Ok(Ok(()))), "discard {name} {off}");
+    }
+
+    /// Waits for the `blockdev-create` job `id`, dismisses it.
+    fn create(&mut self, options: Value) {
+        self.ok("blockdev-create", json!({"job-id": "c", "options": options}));
+        while self.bl.executor().run_ready() {}
+        let jobs = self.ok("query-jobs", json!({}));
+        assert_eq!(jobs[0]["status"], "concluded", "{jobs}");
+        assert!(jobs[0].get("error").is_none(), "{jobs}");
+        self.ok("job-dismiss", json!({"id": "c"}));
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let text = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let text = format!("{cmd:?}");
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "{text}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    ok(Command::new("qemu-img").args(args))
+}
+
+fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg("qcow2");
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(img);
+    let out = ok(&mut c);
+    assert!(!out.contains("failed"), "{out}");
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// The image's content as QEMU reads it.
+fn raw_of(img: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join("ref.raw");
+    qemu_img(&["convert", "-O", "raw", p(img), p(&out)]);
+    std::fs::read(&out).expect("read ref.raw")
+}
+
+/// `qemu-img check`: exit 0 (clean), with its text for the message.
+fn assert_clean(img: &Path) {
+    let o = run(Command::new("qemu-img").args(["check", "-f", "qcow2", p(img)]));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "qemu-img check {}: {text}", img.display());
+    assert!(text.contains("No errors were found on the image."), "{text}");
+}
+
+fn assert_compare(img: &Path, model: &[u8], dir: &Path) {
+    let raw = dir.join("model.raw");
+    std::fs::write(&raw, model).expect("write model");
+    let o = run(Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw", p(img), p(&raw)]));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "qemu-img compare {}: {text}", img.display());
+}
+
+fn file_ref(path: &Path) -> Value {
+    json!({"driver": "file", "filename": p(path)})
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Compares a node's whole content with `want`, in 1 MiB reads.
+fn assert_reads(l: &Layer, node: &str, want: &[u8], what: &str) {
+    let mut off = 0usize;
+    while off < want.len() {
+        let n = (want.len() - off).min(MIB as usize);
+        let got = l.read(node, off as u64, n);
+        if got[..] != want[off..off + n] {
+            let i = (0..n).find(|i| got[*i] != want[off + i]).unwrap_or(0);
+            panic!("{what}: first difference at byte {}", off + i);
+        }
+        off += n;
+    }
+}
+
+#[test]
+fn qemu_made_images_read_back_identically() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let variants: &[(&str, &[&str])] = &[
+        ("v3-64k", &["-o", "cluster_size=65536"]),
+        ("v3-512", &["-o", "cluster_size=512"]),
+        ("v3-4k-rc1", &["-o", "cluster_size=4096,refcount_bits=1"]),
+        ("v3-2m-rc64", &["-o", "cluster_size=2097152,refcount_bits=64"]),
+        ("v2-64k", &["-o", "compat=0.10"]),
+        ("extl2-64k", &["-o", "extended_l2=on"]),
+        ("extl2-32k", &["-o", "extended_l2=on,cluster_size=32768"]),
+    ];
+    for (name, opts) in variants {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        let mut args = vec!["create", "-f", "qcow2"];
+        args.extend_from_slice(opts);
+        args.push(p(&img));
+        args.push("8M");
+        qemu_img(&args);
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x11 0 100k",
+                "write -P 0x22 1000 3000",
+                "write -z 200k 64k",
+                "write -P 0x33 1M 5k",
+                "write -P 0x44 3M 1M",
+                "write -z -u 3M 512k",
+                "discard 3584k 64k",
+                "write -P 0x55 8388096 512",
+            ],
+        );
+        let want = raw_of(&img, dir.path());
+        let mut l = Layer::new();
+        l.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q", "read-only": true, "file": file_ref(&img)}),
+        );
+        assert_reads(&l, "q", &want, name);
+        // Allocation from the L2 tables matches qemu-img map.
+        let map = l.ok(
+            "human-monitor-command",
+            json!({"command-line": "qemu-io q \"map\""}),
+        );
+        assert!(map.as_str().unwrap_or("").contains("allocated at offset 0 bytes"), "{name}: {map}");
+    }
+}
+
+#[test]
+fn compressed_images_read_and_rewrite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 4 * MIB as usize;
+    let mut src = vec![0u8; size];
+    // Compressible text, incompressible noise and zeroes.
+    for (i, b) in src.iter_mut().enumerate().take(MIB as usize) {
+        *b = b"the quick brown fox jumps over the lazy dog "[i % 44];
+    }
+    src[MIB as usize..2 * MIB as usize].copy_from_slice(&pattern(7, MIB as usize));
+    for (i, b) in src[3 * MIB as usize..].iter_mut().enumerate() {
+        *b = (i / 4096) as u8;
+    }
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &src).expect("write src");
+    for cs in ["4096", "65536", "2097152"] {
+        let img = dir.path().join(format!("c{cs}.qcow2"));
+        qemu_img(&[
+            "convert", "-c", "-O", "qcow2", "-o", &format!("cluster_size={cs}"), p(&raw), p(&img),
+        ]);
+        let mut l = Layer::new();
+        l.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q", "discard": "unmap", "file": file_ref(&img)}),
+        );
+        assert_reads(&l, "q", &src, &format!("compressed {cs}"));
+        // Writes into compressed clusters rewrite them uncompressed and
+        // free the compressed bytes.
+        let mut model = src.clone();
+        let data = pattern(9, 10_000);
+        model[5000..15_000].copy_from_slice(&data);
+        l.write("q", 5000, data);
+        model[3 * MIB as usize..3 * MIB as usize + 200_000].fill(0);
+        l.zero("q", 3 * MIB, 200_000, true);
+        assert_reads(&l, "q", &model, &format!("rewritten {cs}"));
+        l.ok("blockdev-del", json!({"node-name": "q"}));
+        assert_clean(&img);
+        assert_compare(&img, &model, dir.path());
+    }
+}
+
+#[test]
+fn qemu_made_backing_chain_through_nested_definitions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.qcow2");
+    let mid = dir.path().join("mid.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&base), "4M"]);
+    qemu_io(&base, &["write -P 0xa1 0 4M"]);
+    qemu_img(&["create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", p(&base), "-F", "qcow2", p(&mid)]);
+    qemu_io(&mid, &["write -P 0xb2 100k 100k", "write -z 1M 64k"]);
+    qemu_img(&["create", "-f", "qcow2", "-o", "extended_l2=on", "-b", p(&mid), "-F", "qcow2", p(&top)]);
+    qemu_io(&top, &["write -P 0xc3 150k 3k", "discard 3M 64k"]);
+    let mut want = raw_of(&top, dir.path());
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "discard": "unmap", "file": file_ref(&top),
+               "backing": {"driver": "qcow2", "node-name": "mid", "file": file_ref(&mid),
+                           "backing": {"driver": "qcow2", "node-name": "base", "file": file_ref(&base),
+                                       "backing": null}}}),
+    );
+    assert_reads(&l, "top", &want, "chain");
+    // Copy-on-write from two layers down, into subclusters.
+    let data = pattern(3, 70_000);
+    want[60_000..130_000].copy_from_slice(&data);
+    l.write("top", 60_000, data);
+    assert_reads(&l, "top", &want, "chain after writes");
+    l.ok("blockdev-del", json!({"node-name": "top"}));
+    assert_clean(&top);
+    assert_eq!(raw_of(&top, dir.path()), want, "QEMU reads what blockhaus wrote");
+}
+
+/// xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Random writes, zeroes and discards into `node`, mirrored in `model`.
+fn random_ops(l: &Layer, node: &str, model: &mut [u8], seed: u64, ops: usize, unit: u64) {
+    let mut rng = Rng(seed);
+    let size = model.len() as u64;
+    for _ in 0..ops {
+        let off = rng.below(size - 1);
+        let len = 1 + rng.below((256 * KIB).min(size - off));
+        match rng.below(8) {
+            0..=4 => {
+                let data = pattern(rng.next(), len as usize);
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                l.write(node, off, data);
+            }
+            5 | 6 => {
+                model[off as usize..(off + len) as usize].fill(0);
+                l.zero(node, off, len, rng.below(2) == 0);
+            }
+            _ => {
+                let a = off.div_ceil(unit) * unit;
+                let b = (off + len) / unit * unit;
+                if a < b {
+                    model[a as usize..b as usize].fill(0);
+                }
+                l.discard(node, off, len);
+            }
+        }
+    }
+}
+
+#[test]
+fn images_written_by_blockhaus_pass_qemu_img_check_and_compare() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: &[(&str, Value, u64)] = &[
+        ("64k", json!({}), 65536),
+        ("512", json!({"cluster-size": 512}), 512),
+        ("4k-v2", json!({"cluster-size": 4096, "version": "v2"}), 4096),
+        ("2m", json!({"cluster-size": 2 * MIB}), 2 * MIB),
+        ("extl2", json!({"extended-l2": true}), 2048),
+        ("rc1-16k", json!({"cluster-size": 16384, "refcount-bits": 1, "lazy-refcounts": true}), 16384),
+    ];
+    for (i, (name, extra, unit)) in cases.iter().enumerate() {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        File::create(&img).expect("create file");
+        let size = 12 * MIB;
+        let mut l = Layer::new();
+        l.ok("blockdev-add", json!({"driver": "file", "node-name": "f", "filename": p(&img)}));
+        let mut o = json!({"driver": "qcow2", "file": "f", "size": size});
+        if let (Value::Object(m), Value::Object(e)) = (&mut o, extra.clone()) {
+            m.extend(e);
+        }
+        l.create(o);
+        l.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "q", "file": "f", "discard": "unmap"}));
+        let mut model = vec![0u8; size as usize];
+        random_ops(&l, "q", &mut model, 100 + i as u64, 120, *unit);
+        assert_reads(&l, "q", &model, name);
+        l.ok("blockdev-del", json!({"node-name": "q"}));
+        l.ok("blockdev-del", json!({"node-name": "f"}));
+        assert_clean(&img);
+        assert_compare(&img, &model, dir.path());
+        let info = qemu_img(&["info", "--output=json", p(&img)]);
+        let info: Value = serde_json::from_str(&info).expect("json");
+        assert_eq!(info["virtual-size"], size, "{name}");
+        // And QEMU's writes on top of ours still check clean.
+        qemu_io(&img, &["write -P 0x99 5M 300k"]);
+        assert_clean(&img);
+    }
+}
+
+#[test]
+fn blockhaus_overlay_on_a_qemu_base_and_growth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-f", "qcow2", "-o", "cluster_size=4096", p(&base), "6M"]);
+    qemu_io(&base, &["write -P 0x5a 0 6M"]);
+    File::create(&top).expect("create file");
+    let mut l = Layer::new();
+    l.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+                                "file": file_ref(&base), "backing": null}));
+    l.ok("blockdev-add", json!({"driver": "file", "node-name": "tf", "filename": p(&top)}));
+    l.create(json!({"driver": "qcow2", "file": "tf", "size": 6 * MIB,
+                    "backing-file": p(&base), "backing-fmt": "qcow2", "cluster-size": 65536}));
+    l.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "top", "file": "tf",
+                                "backing": "base", "discard": "unmap"}));
+    let mut model = raw_of(&base, dir.path());
+    random_ops(&l, "top", &mut model, 77, 100, 65536);
+    assert_reads(&l, "top", &model, "overlay");
+    // Grow by 40 MiB: the new area reads as zeroes.
+    l.ok("block_resize", json!({"node-name": "top", "size": 46 * MIB}));
+    model.resize(46 * MIB as usize, 0);
+    let tail = pattern(5, 100_000);
+    model[45 * MIB as usize..45 * MIB as usize + 100_000].copy_from_slice(&tail);
+    l.write("top", 45 * MIB, tail);
+    assert_reads(&l, "top", &model, "grown");
+    l.ok("blockdev-del", json!({"node-name": "top"}));
+    l.ok("blockdev-del", json!({"node-name": "tf"}));
+    assert_clean(&top);
+    assert_compare(&top, &model, dir.path());
+    let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", p(&top)])).expect("json");
+    assert_eq!(info["backing-filename"], p(&base));
+    assert_eq!(info["backing-filename-format"], "qcow2");
+}
+
+#[test]
+fn qemu_refusals_and_bad_images() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("bad.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&img), "1M"]);
+    // Make the image truncated in the middle of its L1 table.
+    let f = OpenOptions::new().write(true).open(&img).expect("open");
+    f.set_len(0x30004).expect("truncate");
+    drop(f);
+    let mut l = Layer::new();
+    let e = l
+        .cmd("blockdev-add", json!({"driver": "qcow2", "node-name": "bad", "file": file_ref(&img)}))
+        .expect_err("truncated image");
+    assert!(e.desc.starts_with("qcow2 node 'bad': Active L1 table offset invalid"), "{}", e.desc);
+    let zstd = dir.path().join("zstd.qcow2");
+    let o = run(Command::new("qemu-img").args(["create", "-f", "qcow2", "-o", "compression_type=zstd", p(&zstd), "1M"]));
+    if o.status.success() {
+        let e = l
+            .cmd("blockdev-add", json!({"driver": "qcow2", "node-name": "z", "file": file_ref(&zstd)}))
+            .expect_err("zstd");
+        assert!(e.desc.contains("zstd"), "{}", e.desc);
+    }
+}
