@@ -10,8 +10,12 @@
 //! waker is woken by `poll`). The block graph's protocol nodes sit on
 //! this API.
 //!
+//! Hot-plug: a SCSI LUN plugged in later is scanned and listed when the
+//! controller reports it; one unplugged is left out of `x-query-devices`
+//! and its requests fail ("the LUN was removed").
+//!
 //! QMP:
-//! - `x-query-devices`: every disk found, claimed or not: `serial`,
+//! - `x-query-devices`: every disk present, claimed or not: `serial`,
 //!   `transport` (`virtio-blk`, `virtio-scsi`), `pci-address` (`BB:DD.F`
 //!   of the device or its controller), `target`/`lun`/`model` (SCSI only),
 //!   `size`, `block-size`, `physical-block-size`, `read-only`,
@@ -35,6 +39,7 @@ use core::task::{Context, Poll, Waker};
 use drivers::pci::{self, Address};
 use drivers::virtio::blk::VirtioBlk;
 use drivers::virtio::scsi::VirtioScsi;
+use drivers::virtio::scsi::events::Event as ScsiEvent;
 use drivers::virtio::{Completion, DiskInfo, Error, Op, RequestId};
 use log::{info, warn};
 use serde_json::{Value, json};
@@ -64,6 +69,8 @@ pub struct Disk {
     pub pci: Address,
     /// The node that holds the disk (a disk is claimed by at most one).
     pub claimed_by: Option<String>,
+    /// False once the disk was hot-unplugged (a SCSI LUN).
+    pub present: bool,
     controller: usize,
     /// LUN index within a SCSI controller.
     lun: usize,
@@ -79,7 +86,8 @@ pub struct Ticket {
 /// Every disk found at boot, claimed or not.
 #[derive(Default)]
 pub struct Disks {
-    controllers: Vec<Driver>,
+    /// Each controller's PCI address and driver.
+    controllers: Vec<(Address, Driver)>,
     disks: Vec<Disk>,
     completed: BTreeMap<Ticket, Completion>,
     /// Futures waiting for a ticket ([`Disks::poll_completion`]).
@@ -164,6 +172,7 @@ impl Disks {
                 transport: Transport::VirtioBlk,
                 pci,
                 claimed_by: None,
+                present: true,
                 controller,
                 lun: 0,
             }),
@@ -183,13 +192,14 @@ impl Disks {
                         },
                         pci,
                         claimed_by: None,
+                        present: true,
                         controller,
                         lun: i,
                     });
                 }
             }
         }
-        self.controllers.push(driver);
+        self.controllers.push((pci, driver));
         for d in self.disks.iter().filter(|d| d.controller == controller) {
             log_disk(d);
         }
@@ -202,7 +212,12 @@ impl Disks {
 
     /// The disk with `serial`.
     pub fn find(&self, serial: &str) -> Option<usize> {
-        self.disks.iter().position(|d| d.info.serial == serial)
+        let matching = |present: bool| {
+            self.disks
+                .iter()
+                .position(|d| d.info.serial == serial && d.present == present)
+        };
+        matching(true).or_else(|| matching(false))
     }
 
     /// The virtio-blk disk at PCI address `pci`.
@@ -253,7 +268,7 @@ impl Disks {
     pub fn submit(&mut self, index: usize, op: Op) -> Result<Ticket, Error> {
         let disk = self.disks.get(index).ok_or(Error::Setup("no such disk"))?;
         let (controller, lun) = (disk.controller, disk.lun);
-        let id = match &mut self.controllers[controller] {
+        let id = match &mut self.controllers[controller].1 {
             Driver::Blk(b) => b.submit(op)?,
             Driver::Scsi(s) => s.submit(lun, op)?,
         };
@@ -285,7 +300,7 @@ impl Disks {
     pub fn in_flight(&self) -> usize {
         self.controllers
             .iter()
-            .map(|c| match c {
+            .map(|(_, c)| match c {
                 Driver::Blk(b) => b.in_flight(),
                 Driver::Scsi(s) => s.in_flight(),
             })
@@ -297,7 +312,10 @@ impl Disks {
     /// outcome.
     pub fn flush_all(&mut self) -> Vec<(String, Result<(), Error>)> {
         let writable: Vec<usize> = (0..self.disks.len())
-            .filter(|&i| self.disks[i].info.flush && !self.disks[i].info.read_only)
+            .filter(|&i| {
+                let d = &self.disks[i];
+                d.present && d.info.flush && !d.info.read_only
+            })
             .collect();
         let targets: Vec<(usize, Result<Ticket, Error>)> = writable
             .into_iter()
@@ -327,10 +345,14 @@ impl Disks {
     /// Polls device completion rings; returns whether anything completed.
     pub fn poll(&mut self) -> bool {
         let mut progress = false;
-        for (i, c) in self.controllers.iter_mut().enumerate() {
+        for (i, (pci, c)) in self.controllers.iter_mut().enumerate() {
             progress |= match c {
                 Driver::Blk(b) => b.poll(&mut self.scratch),
-                Driver::Scsi(s) => s.poll(&mut self.scratch),
+                Driver::Scsi(s) => {
+                    let p = s.poll(&mut self.scratch);
+                    hotplug(&mut self.disks, i, *pci, s);
+                    p
+                }
             };
             for done in self.scratch.drain(..) {
                 let ticket = Ticket {
@@ -344,6 +366,64 @@ impl Disks {
             }
         }
         progress
+    }
+}
+
+/// Answers a SCSI controller's hot-plug events: a LUN plugged in is
+/// scanned and listed (or listed again), one unplugged is marked absent.
+fn hotplug(disks: &mut Vec<Disk>, controller: usize, pci: Address, s: &mut VirtioScsi) {
+    for event in s.take_events() {
+        match event {
+            ScsiEvent::Added { target, lun } => match s.rescan(target, lun) {
+                Ok(Some(index)) => {
+                    let info = s.luns()[index].info.clone();
+                    let known = disks
+                        .iter_mut()
+                        .find(|d| d.controller == controller && d.lun == index);
+                    let disk = match known {
+                        Some(d) => {
+                            d.info = info;
+                            d.present = true;
+                            d
+                        }
+                        None => {
+                            disks.push(Disk {
+                                info,
+                                transport: Transport::VirtioScsi { target, lun },
+                                pci,
+                                claimed_by: None,
+                                present: true,
+                                controller,
+                                lun: index,
+                            });
+                            let last = disks.len() - 1;
+                            &mut disks[last]
+                        }
+                    };
+                    info!("hot-plugged:");
+                    log_disk(disk);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!("{pci} virtio-scsi {target}:{lun}: hot-plugged but not usable: {e}")
+                }
+            },
+            ScsiEvent::Removed { target, lun } => {
+                if let Some(index) = s.remove(target, lun)
+                    && let Some(d) = disks
+                        .iter_mut()
+                        .find(|d| d.controller == controller && d.lun == index)
+                {
+                    d.present = false;
+                    info!(
+                        "disk '{}': {pci} virtio-scsi {target}:{lun} was unplugged",
+                        d.info.serial
+                    );
+                }
+            }
+            ScsiEvent::Missed => warn!("{pci} virtio-scsi: hot-plug events were lost"),
+            ScsiEvent::Other(..) => {}
+        }
     }
 }
 
@@ -411,8 +491,14 @@ fn disk_json(d: &Disk) -> Value {
 /// `x-query-devices`: every disk found, claimed or not.
 fn query_devices(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     args.check_known(&[])?;
+    app.disks.poll();
     Ok(Value::Array(
-        app.disks.list().iter().map(disk_json).collect(),
+        app.disks
+            .list()
+            .iter()
+            .filter(|d| d.present)
+            .map(disk_json)
+            .collect(),
     ))
 }
 
@@ -508,6 +594,8 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
         return Err(QmpError::missing_parameter("pattern"));
     }
     let disks = &mut app.disks;
+    // Take in hot-plug events that arrived since the last main-loop pass.
+    disks.poll();
     if op == "flush-all" {
         // What the halt path does: every writable disk with a cache.
         let flushed: Vec<Value> = disks

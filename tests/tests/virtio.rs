@@ -507,8 +507,51 @@ fn errors_are_clear_and_change_nothing() {
     );
     assert_eq!(
         e["desc"],
-        "read failed: virtio-scsi: no such target or LUN (VIRTIO_SCSI_S_BAD_TARGET)"
+        "read failed: the LUN was removed (hot-unplugged)"
     );
+    let list = a.qmp().cmd("x-query-devices", Value::Null).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["serial"] != "scsi1"),
+        "an unplugged LUN is not listed: {list}"
+    );
+    assert!(a.console().contains("disk 'scsi1': "), "{}", a.console());
+    assert!(a.console().contains("was unplugged"), "{}", a.console());
+
+    // A LUN plugged in while running is scanned and usable.
+    let hot = imgs.ro.with_file_name("hot.img");
+    create(&hot, 4 * MIB);
+    qemu_io(&hot, &["write -P 0x4d 0 1M".into()]);
+    qemu.cmd(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "hot0",
+               "file": {"driver": "file", "filename": hot.display().to_string()}}),
+    )
+    .unwrap();
+    qemu.cmd(
+        "device_add",
+        json!({"driver": "scsi-hd", "id": "hotsd", "bus": "scsi0.0", "scsi-id": 6,
+               "lun": 0, "drive": "hot0", "serial": "hot"}),
+    )
+    .unwrap();
+    let mut found = false;
+    for _ in 0..100 {
+        let list = a.qmp().cmd("x-query-devices", Value::Null).unwrap();
+        if list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["serial"] == "hot")
+        {
+            found = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(found, "hot-plugged LUN never listed:\n{}", a.console());
+    verify(&mut a, "hot", 0, MIB, 0x4d);
 
     // Disks addressed by where they are rather than by serial.
     let blk_pci = device(&list, "disk0")["pci-address"].clone();
