@@ -55,7 +55,11 @@ impl BlockDriver for FileNode {
         _: ReqFlags,
     ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
         let mut buf = vec![0u8; len];
-        let r = self.file.borrow().read_exact_at(&mut buf, offset).map_err(eio);
+        let r = self
+            .file
+            .borrow()
+            .read_exact_at(&mut buf, offset)
+            .map_err(eio);
         ready(r.map(|()| buf))
     }
     fn write<'a>(
@@ -114,7 +118,10 @@ impl Layer {
             Value::Object(m) => m,
             _ => Map::new(),
         };
-        let h = self.d.get(name).unwrap_or_else(|| panic!("no command {name}"));
+        let h = self
+            .d
+            .get(name)
+            .unwrap_or_else(|| panic!("no command {name}"));
         h(&mut self.bl, &Args::new(&map))
     }
 
@@ -134,7 +141,10 @@ impl Layer {
 
     fn read(&self, name: &str, off: u64, len: usize) -> Vec<u8> {
         let n = self.node(name);
-        match self.bl.wait(async move { n.read(off, len, ReqFlags::NONE).await }) {
+        match self
+            .bl
+            .wait(async move { n.read(off, len, ReqFlags::NONE).await })
+        {
             Ok(Ok(v)) => v,
             e => panic!("read {name} {off}+{len}: {e:?}"),
         }
@@ -142,14 +152,22 @@ impl Layer {
 
     fn write(&self, name: &str, off: u64, data: Vec<u8>) {
         let n = self.node(name);
-        let r = self.bl.wait(async move { n.write(off, data, ReqFlags::NONE).await });
+        let r = self
+            .bl
+            .wait(async move { n.write(off, data, ReqFlags::NONE).await });
         assert!(matches!(r, Ok(Ok(()))), "write {name} {off}");
     }
 
     fn zero(&self, name: &str, off: u64, len: u64, unmap: bool) {
         let n = self.node(name);
-        let f = if unmap { ReqFlags::MAY_UNMAP } else { ReqFlags::NONE };
-        let r = self.bl.wait(async move { n.write_zeroes(off, len, f).await });
+        let f = if unmap {
+            ReqFlags::MAY_UNMAP
+        } else {
+            ReqFlags::NONE
+        };
+        let r = self
+            .bl
+            .wait(async move { n.write_zeroes(off, len, f).await });
         assert!(matches!(r, Ok(Ok(()))), "zero {name} {off}");
     }
 
@@ -161,7 +179,10 @@ impl Layer {
 
     /// Waits for the `blockdev-create` job `id`, dismisses it.
     fn create(&mut self, options: Value) {
-        self.ok("blockdev-create", json!({"job-id": "c", "options": options}));
+        self.ok(
+            "blockdev-create",
+            json!({"job-id": "c", "options": options}),
+        );
         while self.bl.executor().run_ready() {}
         let jobs = self.ok("query-jobs", json!({}));
         assert_eq!(jobs[0]["status"], "concluded", "{jobs}");
@@ -218,17 +239,40 @@ fn raw_of(img: &Path, dir: &Path) -> Vec<u8> {
 /// `qemu-img check`: exit 0 (clean), with its text for the message.
 fn assert_clean(img: &Path) {
     let o = run(Command::new("qemu-img").args(["check", "-f", "qcow2", p(img)]));
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "qemu-img check {}: {text}", img.display());
-    assert!(text.contains("No errors were found on the image."), "{text}");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "qemu-img check {}: {text}",
+        img.display()
+    );
+    assert!(
+        text.contains("No errors were found on the image."),
+        "{text}"
+    );
 }
 
 fn assert_compare(img: &Path, model: &[u8], dir: &Path) {
     let raw = dir.join("model.raw");
     std::fs::write(&raw, model).expect("write model");
-    let o = run(Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw", p(img), p(&raw)]));
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "qemu-img compare {}: {text}", img.display());
+    let o = run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        p(img),
+        p(&raw),
+    ]));
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "qemu-img compare {}: {text}",
+        img.display()
+    );
 }
 
 fn file_ref(path: &Path) -> Value {
@@ -268,7 +312,10 @@ fn qemu_made_images_read_back_identically() {
         ("v3-64k", &["-o", "cluster_size=65536"]),
         ("v3-512", &["-o", "cluster_size=512"]),
         ("v3-4k-rc1", &["-o", "cluster_size=4096,refcount_bits=1"]),
-        ("v3-2m-rc64", &["-o", "cluster_size=2097152,refcount_bits=64"]),
+        (
+            "v3-2m-rc64",
+            &["-o", "cluster_size=2097152,refcount_bits=64"],
+        ),
         ("v2-64k", &["-o", "compat=0.10"]),
         ("extl2-64k", &["-o", "extended_l2=on"]),
         ("extl2-32k", &["-o", "extended_l2=on,cluster_size=32768"]),
@@ -305,7 +352,12 @@ fn qemu_made_images_read_back_identically() {
             "human-monitor-command",
             json!({"command-line": "qemu-io q \"map\""}),
         );
-        assert!(map.as_str().unwrap_or("").contains("allocated at offset 0 bytes"), "{name}: {map}");
+        assert!(
+            map.as_str()
+                .unwrap_or("")
+                .contains("allocated at offset 0 bytes"),
+            "{name}: {map}"
+        );
     }
 }
 
@@ -327,7 +379,14 @@ fn compressed_images_read_and_rewrite() {
     for cs in ["4096", "65536", "2097152"] {
         let img = dir.path().join(format!("c{cs}.qcow2"));
         qemu_img(&[
-            "convert", "-c", "-O", "qcow2", "-o", &format!("cluster_size={cs}"), p(&raw), p(&img),
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            p(&raw),
+            p(&img),
         ]);
         let mut l = Layer::new();
         l.ok(
@@ -358,9 +417,31 @@ fn qemu_made_backing_chain_through_nested_definitions() {
     let top = dir.path().join("top.qcow2");
     qemu_img(&["create", "-f", "qcow2", p(&base), "4M"]);
     qemu_io(&base, &["write -P 0xa1 0 4M"]);
-    qemu_img(&["create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", p(&base), "-F", "qcow2", p(&mid)]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        p(&base),
+        "-F",
+        "qcow2",
+        p(&mid),
+    ]);
     qemu_io(&mid, &["write -P 0xb2 100k 100k", "write -z 1M 64k"]);
-    qemu_img(&["create", "-f", "qcow2", "-o", "extended_l2=on", "-b", p(&mid), "-F", "qcow2", p(&top)]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        p(&mid),
+        "-F",
+        "qcow2",
+        p(&top),
+    ]);
     qemu_io(&top, &["write -P 0xc3 150k 3k", "discard 3M 64k"]);
     let mut want = raw_of(&top, dir.path());
     let mut l = Layer::new();
@@ -379,7 +460,11 @@ fn qemu_made_backing_chain_through_nested_definitions() {
     assert_reads(&l, "top", &want, "chain after writes");
     l.ok("blockdev-del", json!({"node-name": "top"}));
     assert_clean(&top);
-    assert_eq!(raw_of(&top, dir.path()), want, "QEMU reads what blockhaus wrote");
+    assert_eq!(
+        raw_of(&top, dir.path()),
+        want,
+        "QEMU reads what blockhaus wrote"
+    );
 }
 
 /// xorshift64*.
@@ -432,23 +517,37 @@ fn images_written_by_blockhaus_pass_qemu_img_check_and_compare() {
     let cases: &[(&str, Value, u64)] = &[
         ("64k", json!({}), 65536),
         ("512", json!({"cluster-size": 512}), 512),
-        ("4k-v2", json!({"cluster-size": 4096, "version": "v2"}), 4096),
+        (
+            "4k-v2",
+            json!({"cluster-size": 4096, "version": "v2"}),
+            4096,
+        ),
         ("2m", json!({"cluster-size": 2 * MIB}), 2 * MIB),
         ("extl2", json!({"extended-l2": true}), 2048),
-        ("rc1-16k", json!({"cluster-size": 16384, "refcount-bits": 1, "lazy-refcounts": true}), 16384),
+        (
+            "rc1-16k",
+            json!({"cluster-size": 16384, "refcount-bits": 1, "lazy-refcounts": true}),
+            16384,
+        ),
     ];
     for (i, (name, extra, unit)) in cases.iter().enumerate() {
         let img = dir.path().join(format!("{name}.qcow2"));
         File::create(&img).expect("create file");
         let size = 12 * MIB;
         let mut l = Layer::new();
-        l.ok("blockdev-add", json!({"driver": "file", "node-name": "f", "filename": p(&img)}));
+        l.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "f", "filename": p(&img)}),
+        );
         let mut o = json!({"driver": "qcow2", "file": "f", "size": size});
         if let (Value::Object(m), Value::Object(e)) = (&mut o, extra.clone()) {
             m.extend(e);
         }
         l.create(o);
-        l.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "q", "file": "f", "discard": "unmap"}));
+        l.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q", "file": "f", "discard": "unmap"}),
+        );
         let mut model = vec![0u8; size as usize];
         random_ops(&l, "q", &mut model, 100 + i as u64, 120, *unit);
         assert_reads(&l, "q", &model, name);
@@ -470,22 +569,42 @@ fn blockhaus_overlay_on_a_qemu_base_and_growth() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
-    qemu_img(&["create", "-f", "qcow2", "-o", "cluster_size=4096", p(&base), "6M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        p(&base),
+        "6M",
+    ]);
     qemu_io(&base, &["write -P 0x5a 0 6M"]);
     File::create(&top).expect("create file");
     let mut l = Layer::new();
-    l.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "base", "read-only": true,
-                                "file": file_ref(&base), "backing": null}));
-    l.ok("blockdev-add", json!({"driver": "file", "node-name": "tf", "filename": p(&top)}));
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+                                "file": file_ref(&base), "backing": null}),
+    );
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "tf", "filename": p(&top)}),
+    );
     l.create(json!({"driver": "qcow2", "file": "tf", "size": 6 * MIB,
                     "backing-file": p(&base), "backing-fmt": "qcow2", "cluster-size": 65536}));
-    l.ok("blockdev-add", json!({"driver": "qcow2", "node-name": "top", "file": "tf",
-                                "backing": "base", "discard": "unmap"}));
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "file": "tf",
+                                "backing": "base", "discard": "unmap"}),
+    );
     let mut model = raw_of(&base, dir.path());
     random_ops(&l, "top", &mut model, 77, 100, 65536);
     assert_reads(&l, "top", &model, "overlay");
     // Grow by 40 MiB: the new area reads as zeroes.
-    l.ok("block_resize", json!({"node-name": "top", "size": 46 * MIB}));
+    l.ok(
+        "block_resize",
+        json!({"node-name": "top", "size": 46 * MIB}),
+    );
     model.resize(46 * MIB as usize, 0);
     let tail = pattern(5, 100_000);
     model[45 * MIB as usize..45 * MIB as usize + 100_000].copy_from_slice(&tail);
@@ -495,7 +614,8 @@ fn blockhaus_overlay_on_a_qemu_base_and_growth() {
     l.ok("blockdev-del", json!({"node-name": "tf"}));
     assert_clean(&top);
     assert_compare(&top, &model, dir.path());
-    let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", p(&top)])).expect("json");
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", p(&top)])).expect("json");
     assert_eq!(info["backing-filename"], p(&base));
     assert_eq!(info["backing-filename-format"], "qcow2");
 }
@@ -511,14 +631,33 @@ fn qemu_refusals_and_bad_images() {
     drop(f);
     let mut l = Layer::new();
     let e = l
-        .cmd("blockdev-add", json!({"driver": "qcow2", "node-name": "bad", "file": file_ref(&img)}))
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "bad", "file": file_ref(&img)}),
+        )
         .expect_err("truncated image");
-    assert!(e.desc.starts_with("qcow2 node 'bad': Active L1 table offset invalid"), "{}", e.desc);
+    assert!(
+        e.desc
+            .starts_with("qcow2 node 'bad': Active L1 table offset invalid"),
+        "{}",
+        e.desc
+    );
     let zstd = dir.path().join("zstd.qcow2");
-    let o = run(Command::new("qemu-img").args(["create", "-f", "qcow2", "-o", "compression_type=zstd", p(&zstd), "1M"]));
+    let o = run(Command::new("qemu-img").args([
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        p(&zstd),
+        "1M",
+    ]));
     if o.status.success() {
         let e = l
-            .cmd("blockdev-add", json!({"driver": "qcow2", "node-name": "z", "file": file_ref(&zstd)}))
+            .cmd(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "z", "file": file_ref(&zstd)}),
+            )
             .expect_err("zstd");
         assert!(e.desc.contains("zstd"), "{}", e.desc);
     }

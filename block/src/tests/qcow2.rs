@@ -35,7 +35,10 @@ fn mem(q: &mut Qmp, file: &str, file_size: u64) {
 
 /// Runs `blockdev-create` and waits for the job; returns its error.
 fn create(q: &mut Qmp, options: Value) -> Option<String> {
-    q.ok("blockdev-create", json!({"job-id": "c", "options": options}));
+    q.ok(
+        "blockdev-create",
+        json!({"job-id": "c", "options": options}),
+    );
     q.settle();
     let jobs = q.ok("query-jobs", json!({}));
     assert_eq!(jobs[0]["status"], "concluded", "{jobs}");
@@ -86,7 +89,10 @@ fn file_bytes(q: &Qmp, file: &str) -> Vec<u8> {
 
 fn read(q: &Qmp, name: &str, off: u64, len: usize) -> Vec<u8> {
     let n = node(q, name);
-    match q.bl.wait(async move { n.read(off, len, ReqFlags::NONE).await }) {
+    match q
+        .bl
+        .wait(async move { n.read(off, len, ReqFlags::NONE).await })
+    {
         Ok(Ok(d)) => d,
         e => panic!("read {name} {off}+{len}: {e:?}"),
     }
@@ -94,10 +100,9 @@ fn read(q: &Qmp, name: &str, off: u64, len: usize) -> Vec<u8> {
 
 fn write(q: &Qmp, name: &str, off: u64, data: Vec<u8>) {
     let n = node(q, name);
-    if let Ok(Err(e)) | Err(e) = q
-        .bl
-        .wait(async move { n.write(off, data, ReqFlags::NONE).await })
-        .map_err(|e| panic!("{}", e.desc))
+    if let Ok(Err(e)) | Err(e) =
+        q.bl.wait(async move { n.write(off, data, ReqFlags::NONE).await })
+            .map_err(|e| panic!("{}", e.desc))
     {
         panic!("write {name} {off}: {e}");
     }
@@ -121,7 +126,11 @@ fn create_writes_qemus_layout() {
     assert_eq!(be32(&b, 20), 16, "64 KiB clusters");
     assert_eq!(be64(&b, 24), 16 * MIB);
     assert_eq!(be32(&b, 36), 1, "one L1 entry covers 512 MiB");
-    assert_eq!(be64(&b, 40), 0x30000, "L1 after header, refcount table and block");
+    assert_eq!(
+        be64(&b, 40),
+        0x30000,
+        "L1 after header, refcount table and block"
+    );
     assert_eq!(be64(&b, 48), 0x10000);
     assert_eq!(be32(&b, 56), 1);
     assert_eq!(be32(&b, 96), 4, "16-bit refcounts");
@@ -145,11 +154,26 @@ fn create_refuses_bad_options_with_qemus_texts() {
     let mut q = Qmp::new();
     mem(&mut q, "f", 4 * MIB);
     let cases = [
-        (json!({"cluster-size": 1000}), "Cluster size must be a power of two between 512 and 2048k"),
-        (json!({"extended-l2": true, "cluster-size": 4096}), "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"),
-        (json!({"version": "v2", "lazy-refcounts": true}), "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"),
-        (json!({"backing-fmt": "qcow2"}), "Backing format cannot be used without backing file"),
-        (json!({"refcount-bits": 3}), "Refcount width must be a power of two and may not exceed 64 bits"),
+        (
+            json!({"cluster-size": 1000}),
+            "Cluster size must be a power of two between 512 and 2048k",
+        ),
+        (
+            json!({"extended-l2": true, "cluster-size": 4096}),
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+        ),
+        (
+            json!({"version": "v2", "lazy-refcounts": true}),
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+        ),
+        (
+            json!({"backing-fmt": "qcow2"}),
+            "Backing format cannot be used without backing file",
+        ),
+        (
+            json!({"refcount-bits": 3}),
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ),
     ];
     for (extra, text) in cases {
         let mut o = json!({"driver": "qcow2", "file": "f", "size": MIB});
@@ -172,17 +196,29 @@ fn write_read_and_allocation_for_every_cluster_size() {
         let mut q = Qmp::new();
         image(&mut q, "f", 8 * MIB, json!({"cluster-size": cs}));
         open(&mut q, "q", json!({"file": "f"}));
-        assert!(q.io("q", "write -P 0x5a 1000 5000").starts_with("wrote 5000/5000"));
-        assert!(q.io("q", "read -P 0x5a 1000 5000").starts_with("read 5000/5000"));
+        assert!(
+            q.io("q", "write -P 0x5a 1000 5000")
+                .starts_with("wrote 5000/5000")
+        );
+        assert!(
+            q.io("q", "read -P 0x5a 1000 5000")
+                .starts_with("read 5000/5000")
+        );
         assert!(q.io("q", "read -P 0 0 1000").starts_with("read 1000/1000"));
-        assert!(q.io("q", "read -P 0 6000 4000").starts_with("read 4000/4000"));
+        assert!(
+            q.io("q", "read -P 0 6000 4000")
+                .starts_with("read 4000/4000")
+        );
         let map = q.io("q", "map");
         assert!(map.contains("allocated at offset 0 bytes"), "{bits}: {map}");
         assert!(check(&q, "q").leaks.is_empty());
         q.ok("blockdev-del", json!({"node-name": "q"}));
         open(&mut q, "q", json!({"file": "f"}));
         assert!(check(&q, "q").is_clean(), "{bits}: {:?}", check(&q, "q"));
-        assert!(q.io("q", "read -P 0x5a 1000 5000").starts_with("read 5000/5000"));
+        assert!(
+            q.io("q", "read -P 0x5a 1000 5000")
+                .starts_with("read 5000/5000")
+        );
     }
 }
 
@@ -190,7 +226,12 @@ fn write_read_and_allocation_for_every_cluster_size() {
 fn refcount_widths_from_1_to_64_bits() {
     for rb in [1u32, 2, 4, 8, 16, 32, 64] {
         let mut q = Qmp::new();
-        image(&mut q, "f", 4 * MIB, json!({"cluster-size": 512, "refcount-bits": rb}));
+        image(
+            &mut q,
+            "f",
+            4 * MIB,
+            json!({"cluster-size": 512, "refcount-bits": rb}),
+        );
         open(&mut q, "q", json!({"file": "f"}));
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + rb) as u8).collect();
         write(&q, "q", 777, data.clone());
@@ -247,26 +288,27 @@ fn zero_writes_and_discard_set_zero_flags_and_free_clusters() {
     assert!(r.is_clean(), "{r:?}");
     // Block status from the L2 table.
     let n = node(&q, "q");
-    let s = q
-        .bl
-        .wait(async move { n.block_status(0, 4 * MIB).await })
-        .unwrap()
-        .unwrap();
+    let s =
+        q.bl.wait(async move { n.block_status(0, 4 * MIB).await })
+            .unwrap()
+            .unwrap();
     assert!(s.data && s.allocated && s.len == 64 << 10);
     let n = node(&q, "q");
-    let s = q
-        .bl
-        .wait(async move { n.block_status(64 << 10, 4 * MIB).await })
-        .unwrap()
-        .unwrap();
+    let s =
+        q.bl.wait(async move { n.block_status(64 << 10, 4 * MIB).await })
+            .unwrap()
+            .unwrap();
     assert!(s.zero && !s.data && s.allocated, "{s:?}");
-    assert_eq!(s.len, 192 << 10, "zero, zero-unmapped and discarded clusters");
+    assert_eq!(
+        s.len,
+        192 << 10,
+        "zero, zero-unmapped and discarded clusters"
+    );
     let n = node(&q, "q");
-    let s = q
-        .bl
-        .wait(async move { n.block_status(MIB, 3 * MIB).await })
-        .unwrap()
-        .unwrap();
+    let s =
+        q.bl.wait(async move { n.block_status(MIB, 3 * MIB).await })
+            .unwrap()
+            .unwrap();
     assert!(!s.allocated && s.zero && s.len == 3 * MIB, "{s:?}");
     // The freed clusters are reused.
     let used = file_bytes(&q, "f").len();
@@ -301,7 +343,12 @@ fn discard_no_unref_keeps_the_host_cluster() {
 fn backing_chain_cow_and_header_backing_name() {
     let mut q = Qmp::new();
     image(&mut q, "f0", 4 * MIB, json!({}));
-    image(&mut q, "f1", 4 * MIB, json!({"backing-file": "base", "backing-fmt": "qcow2"}));
+    image(
+        &mut q,
+        "f1",
+        4 * MIB,
+        json!({"backing-file": "base", "backing-fmt": "qcow2"}),
+    );
     open(&mut q, "base", json!({"file": "f0"}));
     q.io("base", "write -P 0x33 0 1M");
     q.ok("blockdev-del", json!({"node-name": "base"}));
@@ -316,11 +363,10 @@ fn backing_chain_cow_and_header_backing_name() {
     assert!(q.io("top", "read -P 0 1M 1M").starts_with("read"));
     // Unallocated extents report the backing file's status.
     let n = node(&q, "top");
-    let s = q
-        .bl
-        .wait(async move { n.block_status(64 << 10, 4 * MIB).await })
-        .unwrap()
-        .unwrap();
+    let s =
+        q.bl.wait(async move { n.block_status(64 << 10, 4 * MIB).await })
+            .unwrap()
+            .unwrap();
     assert!(!s.allocated && s.data, "{s:?}");
     // A zero write hides the backing file.
     q.io("top", "write -z 64k 64k");
@@ -329,12 +375,21 @@ fn backing_chain_cow_and_header_backing_name() {
     // Without such a node the open fails and says why.
     q.ok("blockdev-del", json!({"node-name": "top"}));
     q.ok("blockdev-del", json!({"node-name": "base"}));
-    let e = q.err("blockdev-add", json!({"driver": "qcow2", "node-name": "top", "file": "f1"}));
-    assert!(e.contains("qcow2 node 'top': Could not open backing file 'base'"), "{e}");
+    let e = q.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "file": "f1"}),
+    );
+    assert!(
+        e.contains("qcow2 node 'top': Could not open backing file 'base'"),
+        "{e}"
+    );
     assert!(!q.node_names().contains(&String::from("top")));
     // `backing: null` opens the overlay alone.
     open(&mut q, "top", json!({"file": "f1", "backing": null}));
-    assert!(q.io("top", "read -P 0x33 0 1000").starts_with("read"), "copied on write");
+    assert!(
+        q.io("top", "read -P 0x33 0 1000").starts_with("read"),
+        "copied on write"
+    );
     assert!(q.io("top", "read -P 0 128k 64k").starts_with("read"));
 }
 
@@ -386,11 +441,20 @@ fn flush_writes_refcounts_before_l2_and_frees_after() {
     let l2 = (be64(&before, 0x30000) & 0x00ff_ffff_ffff_fe00) as usize;
     q.io("q", "write -P 0x12 64k 64k");
     let mid = file_bytes(&q, "f");
-    assert!(before[..0x30000] == mid[..0x30000], "refcounts wait in the cache");
-    assert!(before[l2..l2 + 0x10000] == mid[l2..l2 + 0x10000], "so does the L2 entry");
+    assert!(
+        before[..0x30000] == mid[..0x30000],
+        "refcounts wait in the cache"
+    );
+    assert!(
+        before[l2..l2 + 0x10000] == mid[l2..l2 + 0x10000],
+        "so does the L2 entry"
+    );
     q.io("q", "flush");
     let after = file_bytes(&q, "f");
-    assert!(before[0x20000..0x30000] != after[0x20000..0x30000], "refcounts written");
+    assert!(
+        before[0x20000..0x30000] != after[0x20000..0x30000],
+        "refcounts written"
+    );
     assert_ne!(be64(&after, l2 + 8), 0, "L2 entry written");
     // A discard frees its cluster only at the next flush, after the L2
     // table no longer points to it.
@@ -400,7 +464,10 @@ fn flush_writes_refcounts_before_l2_and_frees_after() {
     q.io("q", "flush");
     let done = file_bytes(&q, "f");
     assert_eq!(be64(&done, l2) & 1, 1, "zero flag");
-    assert!(freed[0x20000..0x30000] != done[0x20000..0x30000], "refcount dropped");
+    assert!(
+        freed[0x20000..0x30000] != done[0x20000..0x30000],
+        "refcount dropped"
+    );
     assert!(check(&q, "q").is_clean());
     q.ok("blockdev-del", json!({"node-name": "q"}));
 }
@@ -422,10 +489,12 @@ fn compressed_clusters_inflate() {
     assert!(crate::drivers::qcow2::inflate::inflate(&[0xff; 8], &mut out).is_err());
     // A dynamic-Huffman block.
     let dynamic = [
-        5u8, 193, 9, 14, 0, 16, 12, 4, 192, 183, 174, 58, 86, 66, 85, 74, 125, 223, 12, 88, 61,
-        44, 65, 93, 31, 214, 217, 185, 220, 140, 185, 104, 42, 13, 189, 135, 4, 249, 10, 198, 7,
+        5u8, 193, 9, 14, 0, 16, 12, 4, 192, 183, 174, 58, 86, 66, 85, 74, 125, 223, 12, 88, 61, 44,
+        65, 93, 31, 214, 217, 185, 220, 140, 185, 104, 42, 13, 189, 135, 4, 249, 10, 198, 7,
     ];
-    let want: Vec<u8> = (0..40u32).map(|i| ((i * i * 7 + i / 3) % 23 + 97) as u8).collect();
+    let want: Vec<u8> = (0..40u32)
+        .map(|i| ((i * i * 7 + i / 3) % 23 + 97) as u8)
+        .collect();
     let mut out = [0u8; 40];
     crate::drivers::qcow2::inflate::inflate(&dynamic, &mut out).unwrap();
     assert!(out[..] == want[..]);
@@ -456,30 +525,64 @@ fn corrupt_and_open(mutate: impl Fn(&mut Vec<u8>), read_only: bool) -> String {
             format!("opened; read: {out} write: {w}")
         }
     };
-    assert_eq!(before, file_bytes(&q, "f"), "nothing written to a bad image");
+    assert_eq!(
+        before,
+        file_bytes(&q, "f"),
+        "nothing written to a bad image"
+    );
     text
 }
 
 #[test]
 fn bad_images_give_clear_errors_and_are_never_written() {
-    let set32 = |at: usize, v: u32| move |b: &mut Vec<u8>| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    let set64 = |at: usize, v: u64| move |b: &mut Vec<u8>| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-    let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
-        (Box::new(set32(0, 0)), "qcow2 node 'bad': Image is not in qcow2 format"),
+    let set32 =
+        |at: usize, v: u32| move |b: &mut Vec<u8>| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let set64 =
+        |at: usize, v: u64| move |b: &mut Vec<u8>| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(Mutation, &str)> = vec![
+        (
+            Box::new(set32(0, 0)),
+            "qcow2 node 'bad': Image is not in qcow2 format",
+        ),
         (Box::new(set32(4, 4)), "Unsupported qcow2 version 4"),
         (Box::new(set32(20, 22)), "Unsupported cluster size: 2^22"),
-        (Box::new(set64(72, 1 << 20)), "Unsupported qcow2 feature(s): Unknown incompatible feature: 100000"),
-        (Box::new(set64(72, 2)), "qcow2: Image is corrupt; cannot be opened read/write"),
+        (
+            Box::new(set64(72, 1 << 20)),
+            "Unsupported qcow2 feature(s): Unknown incompatible feature: 100000",
+        ),
+        (
+            Box::new(set64(72, 2)),
+            "qcow2: Image is corrupt; cannot be opened read/write",
+        ),
         (Box::new(set64(72, 4)), "external data file"),
         (Box::new(set32(32, 2)), "Encrypted qcow2 images"),
         (Box::new(set32(36, 0x100_0000)), "Active L1 table too large"),
         (Box::new(set32(36, 0)), "L1 table is too small"),
-        (Box::new(set64(40, 0)), "Active L1 table offset invalid: it overlaps the image header"),
-        (Box::new(set64(40, 0x7000_0000)), "Active L1 table offset invalid: the table ends past the end"),
-        (Box::new(set64(40, 0x30001)), "Active L1 table offset invalid"),
-        (Box::new(set32(56, 0)), "Image does not contain a reference count table"),
-        (Box::new(set64(48, 0x7000_0000)), "Reference count table offset invalid"),
-        (Box::new(set32(96, 7)), "Reference count entry width too large"),
+        (
+            Box::new(set64(40, 0)),
+            "Active L1 table offset invalid: it overlaps the image header",
+        ),
+        (
+            Box::new(set64(40, 0x7000_0000)),
+            "Active L1 table offset invalid: the table ends past the end",
+        ),
+        (
+            Box::new(set64(40, 0x30001)),
+            "Active L1 table offset invalid",
+        ),
+        (
+            Box::new(set32(56, 0)),
+            "Image does not contain a reference count table",
+        ),
+        (
+            Box::new(set64(48, 0x7000_0000)),
+            "Reference count table offset invalid",
+        ),
+        (
+            Box::new(set32(96, 7)),
+            "Reference count entry width too large",
+        ),
         (Box::new(set32(100, 100)), "qcow2 header too short"),
     ];
     for (m, text) in cases {
@@ -491,13 +594,19 @@ fn bad_images_give_clear_errors_and_are_never_written() {
         |b| {
             b[72..80].copy_from_slice(&(1u64 << 7).to_be_bytes());
             // Rename the table's entry for bit 4 to bit 7.
-            let at = b.windows(19).position(|w| w == b"extended L2 entries").unwrap();
+            let at = b
+                .windows(19)
+                .position(|w| w == b"extended L2 entries")
+                .unwrap();
             b[at - 1] = 7;
             b[at..at + 19].copy_from_slice(b"shiny new feature!!");
         },
         false,
     );
-    assert!(e.contains("Unsupported qcow2 feature(s): shiny new feature!!"), "{e}");
+    assert!(
+        e.contains("Unsupported qcow2 feature(s): shiny new feature!!"),
+        "{e}"
+    );
     // L2 table pointing into the header / past the end: read errors.
     for l2 in [0x200u64, 0x7000_0000] {
         let e = corrupt_and_open(
@@ -523,7 +632,12 @@ fn refcount_underflow_marks_the_image_corrupt() {
     // driver's back, then the cluster is discarded: freeing it would take
     // the refcount below zero.
     let mut q = Qmp::new();
-    image(&mut q, "f", 4 * MIB, json!({"cluster-size": 512, "refcount-bits": 1}));
+    image(
+        &mut q,
+        "f",
+        4 * MIB,
+        json!({"cluster-size": 512, "refcount-bits": 1}),
+    );
     open(&mut q, "q", json!({"file": "f"}));
     q.io("q", "write -P 0x11 0 512");
     q.ok("blockdev-del", json!({"node-name": "q"}));
@@ -555,7 +669,10 @@ fn backing_loops_are_refused() {
     let mut q = Qmp::new();
     image(&mut q, "f0", MIB, json!({"backing-file": "a"}));
     // The image names itself as its backing file.
-    let e = q.err("blockdev-add", json!({"driver": "qcow2", "node-name": "a", "file": "f0"}));
+    let e = q.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "a", "file": "f0"}),
+    );
     assert!(e.contains("would create a cycle"), "{e}");
     image(&mut q, "f1", MIB, json!({}));
     open(&mut q, "b", json!({"file": "f1", "backing": null}));
@@ -571,11 +688,17 @@ fn blockdev_snapshot_makes_an_overlay() {
     open(&mut q, "base", json!({"file": "f0"}));
     q.io("base", "write -P 0x12 0 128k");
     open(&mut q, "ovl", json!({"file": "f1", "backing": null}));
-    q.ok("blockdev-snapshot", json!({"node": "base", "overlay": "ovl"}));
+    q.ok(
+        "blockdev-snapshot",
+        json!({"node": "base", "overlay": "ovl"}),
+    );
     assert!(q.io("ovl", "read -P 0x12 0 128k").starts_with("read"));
     q.io("ovl", "write -P 0x13 0 4k");
     assert!(q.io("base", "read -P 0x12 0 4k").starts_with("read"));
-    let e = q.err("blockdev-snapshot", json!({"node": "base", "overlay": "ovl"}));
+    let e = q.err(
+        "blockdev-snapshot",
+        json!({"node": "base", "overlay": "ovl"}),
+    );
     assert!(e.contains("already has a backing image"), "{e}");
 }
 
@@ -596,7 +719,11 @@ impl Rng {
 
 fn model_run(seed: u64, cs: u64, extra: Value) {
     let size = 2 * MIB;
-    let unit = if extra["extended-l2"] == json!(true) { cs / 32 } else { cs };
+    let unit = if extra["extended-l2"] == json!(true) {
+        cs / 32
+    } else {
+        cs
+    };
     let mut q = Qmp::new();
     let mut model = vec![0u8; size as usize];
     let mut rng = Rng(seed);
@@ -613,9 +740,17 @@ fn model_run(seed: u64, cs: u64, extra: Value) {
             // The layer below becomes read-only backing.
             let below = names[layer - 1];
             let below_file = format!("f{}", layer - 1);
-            let below_backing = if layer == 1 { Value::Null } else { json!(names[layer - 2]) };
+            let below_backing = if layer == 1 {
+                Value::Null
+            } else {
+                json!(names[layer - 2])
+            };
             q.ok("blockdev-del", json!({"node-name": below}));
-            open(&mut q, below, json!({"file": below_file, "read-only": true, "backing": below_backing}));
+            open(
+                &mut q,
+                below,
+                json!({"file": below_file, "read-only": true, "backing": below_backing}),
+            );
         }
         open(&mut q, name, json!({"file": file, "backing": backing}));
         for step in 0..150 {
@@ -631,9 +766,15 @@ fn model_run(seed: u64, cs: u64, extra: Value) {
                     write(&q, name, off, data);
                 }
                 6 | 7 => {
-                    let flags = if rng.below(2) == 0 { ReqFlags::MAY_UNMAP } else { ReqFlags::NONE };
+                    let flags = if rng.below(2) == 0 {
+                        ReqFlags::MAY_UNMAP
+                    } else {
+                        ReqFlags::NONE
+                    };
                     model[off as usize..(off + len) as usize].fill(0);
-                    let r = q.bl.wait(async move { n.write_zeroes(off, len, flags).await }).unwrap();
+                    let r =
+                        q.bl.wait(async move { n.write_zeroes(off, len, flags).await })
+                            .unwrap();
                     assert_eq!(r, Ok(()), "seed {seed} step {step}");
                 }
                 8 if extra["version"] == json!("v2") && layer > 0 => {
@@ -653,14 +794,23 @@ fn model_run(seed: u64, cs: u64, extra: Value) {
                     assert_eq!(r, Ok(()));
                 }
             }
-            let got = read(&q, name, off.saturating_sub(cs), (len + 2 * cs).min(size - off.saturating_sub(cs)) as usize);
+            let got = read(
+                &q,
+                name,
+                off.saturating_sub(cs),
+                (len + 2 * cs).min(size - off.saturating_sub(cs)) as usize,
+            );
             let s = off.saturating_sub(cs) as usize;
             assert!(
                 got == model[s..s + got.len()],
                 "seed {seed} layer {layer} step {step}: read differs from the model"
             );
         }
-        assert_eq!(read(&q, name, 0, size as usize), model, "seed {seed} layer {layer}");
+        assert_eq!(
+            read(&q, name, 0, size as usize),
+            model,
+            "seed {seed} layer {layer}"
+        );
         let r = check(&q, name);
         assert!(r.corruptions.is_empty(), "seed {seed} layer {layer}: {r:?}");
     }
@@ -668,10 +818,22 @@ fn model_run(seed: u64, cs: u64, extra: Value) {
     q.ok("blockdev-del", json!({"node-name": "l2"}));
     q.ok("blockdev-del", json!({"node-name": "l1"}));
     q.ok("blockdev-del", json!({"node-name": "l0"}));
-    open(&mut q, "l0", json!({"file": "f0", "read-only": true, "backing": null}));
-    open(&mut q, "l1", json!({"file": "f1", "read-only": true, "backing": "l0"}));
+    open(
+        &mut q,
+        "l0",
+        json!({"file": "f0", "read-only": true, "backing": null}),
+    );
+    open(
+        &mut q,
+        "l1",
+        json!({"file": "f1", "read-only": true, "backing": "l0"}),
+    );
     open(&mut q, "l2", json!({"file": "f2", "backing": "l1"}));
-    assert_eq!(read(&q, "l2", 0, size as usize), model, "seed {seed} after reopen");
+    assert_eq!(
+        read(&q, "l2", 0, size as usize),
+        model,
+        "seed {seed} after reopen"
+    );
     for name in names {
         let r = check(&q, name);
         assert!(r.is_clean(), "seed {seed} {name}: {r:?}");
@@ -702,5 +864,9 @@ fn model_chain_of_three_extended_l2() {
     for seed in [31u64, 32] {
         model_run(seed, 65536, json!({"extended-l2": true}));
     }
-    model_run(33, 16384, json!({"extended-l2": true, "cluster-size": 16384}));
+    model_run(
+        33,
+        16384,
+        json!({"extended-l2": true, "cluster-size": 16384}),
+    );
 }

@@ -68,7 +68,7 @@ impl State {
             return Ok(Sub::Compressed);
         }
         let host = self.host(e);
-        if host % self.cs != 0 {
+        if !host.is_multiple_of(self.cs) {
             return Err(self.corruption(&format!("Cluster allocation offset {host:#x} unaligned")));
         }
         if self.ext {

@@ -66,7 +66,7 @@ impl CreateOpts {
                 "Cluster size must be a power of two between 512 and 2048k",
             ));
         }
-        if self.size % 512 != 0 {
+        if !self.size.is_multiple_of(512) {
             return Err(String::from("Image size must be a multiple of 512 bytes"));
         }
         if self.version == 2 && self.lazy_refcounts {
@@ -177,10 +177,7 @@ impl JobDriver for CreateJob {
         "create"
     }
 
-    fn run(
-        self: Rc<Self>,
-        job: Rc<Job>,
-    ) -> crate::io::BoxFuture<'static, Result<(), String>> {
+    fn run(self: Rc<Self>, job: Rc<Job>) -> crate::io::BoxFuture<'static, Result<(), String>> {
         alloc::boxed::Box::pin(async move {
             let blk = job
                 .add_backend(

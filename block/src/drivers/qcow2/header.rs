@@ -135,7 +135,10 @@ impl fmt::Display for HeaderError {
             HeaderError::Extension(t) => write!(f, "Header extension too large (type {t:#x})"),
             HeaderError::Unsupported(s) => write!(f, "Unsupported qcow2 feature(s): {s}"),
             HeaderError::RefcountOrder(o) => {
-                write!(f, "Reference count entry width too large; may not exceed 64 bits (order {o})")
+                write!(
+                    f,
+                    "Reference count entry width too large; may not exceed 64 bits (order {o})"
+                )
             }
             HeaderError::Encrypted(m) => write!(
                 f,
@@ -145,9 +148,9 @@ impl fmt::Display for HeaderError {
                 f.write_str("Unsupported compression type 'zstd': blockhaus reads zlib only")
             }
             HeaderError::Compression(t) => write!(f, "Unknown compression type {t}"),
-            HeaderError::ExtL2ClusterSize => {
-                f.write_str("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
-            }
+            HeaderError::ExtL2ClusterSize => f.write_str(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ),
         }
     }
 }
@@ -297,7 +300,7 @@ impl Header {
             h.autoclear = be64(b, 88);
             h.refcount_order = be32(b, 96);
             h.header_length = be32(b, 100);
-            if h.header_length < 104 || h.header_length % 8 != 0 {
+            if h.header_length < 104 || !h.header_length.is_multiple_of(8) {
                 return Err(HeaderError::TooShort);
             }
             if u64::from(h.header_length) > cs {
@@ -339,7 +342,7 @@ impl Header {
                 ext::DATA_FILE => h.data_file = Some(text(data)),
                 ext::BITMAPS => h.has_bitmaps = true,
                 ext::FEATURE_TABLE => {
-                    for e in data.chunks_exact(48) {
+                    for e in data.as_chunks::<48>().0 {
                         let name = e[2..].split(|c| *c == 0).next().unwrap_or(&[]);
                         h.feature_names.push(FeatureName {
                             kind: e[0],
@@ -450,7 +453,7 @@ fn put_ext(b: &mut Vec<u8>, kind: u32, data: &[u8]) {
     put32(b, kind);
     put32(b, data.len() as u32);
     b.extend_from_slice(data);
-    while b.len() % 8 != 0 {
+    while !b.len().is_multiple_of(8) {
         b.push(0);
     }
 }

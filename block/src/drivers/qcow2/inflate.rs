@@ -243,7 +243,9 @@ pub fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), InflateError> {
                     return Err(InflateError::Malformed);
                 }
                 b.pos += 4;
-                let data = input.get(b.pos..b.pos + len).ok_or(InflateError::Truncated)?;
+                let data = input
+                    .get(b.pos..b.pos + len)
+                    .ok_or(InflateError::Truncated)?;
                 b.pos += len;
                 for &c in data {
                     o.push(c);

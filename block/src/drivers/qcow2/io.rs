@@ -98,7 +98,11 @@ impl State {
             while p < n_cl {
                 let off = in_cl + p;
                 let u = if self.ext { off / self.unit } else { 0 };
-                let unit_end = if self.ext { (u + 1) * self.unit } else { self.cs };
+                let unit_end = if self.ext {
+                    (u + 1) * self.unit
+                } else {
+                    self.cs
+                };
                 let n = core::cmp::min(n_cl - p, unit_end - off);
                 let src = match self.sub(e, u)? {
                     Sub::Unallocated => match backing {
@@ -186,7 +190,11 @@ impl State {
             } else {
                 bytes.extend_from_slice(&self.read(f, backing, gcl, a as usize).await?);
                 bytes.extend_from_slice(chunk);
-                bytes.extend_from_slice(&self.read(f, backing, gcl + end, (cs - end) as usize).await?);
+                bytes.extend_from_slice(
+                    &self
+                        .read(f, backing, gcl + end, (cs - end) as usize)
+                        .await?,
+                );
             }
             let free = if compressed {
                 Some(self.compressed_extent(e))
@@ -234,7 +242,11 @@ impl State {
         }
         bytes.extend_from_slice(chunk);
         if end < re {
-            bytes.extend_from_slice(&self.read(f, backing, gcl + end, (re - end) as usize).await?);
+            bytes.extend_from_slice(
+                &self
+                    .read(f, backing, gcl + end, (re - end) as usize)
+                    .await?,
+            );
         }
         let h = if new {
             self.alloc_clusters(f, 1).await?
@@ -516,7 +528,11 @@ impl State {
         let in_cl = g % self.cs;
         let u = if self.ext { in_cl / self.unit } else { 0 };
         let class = Self::class(self.sub(e, u)?);
-        let unit_end = if self.ext { (u + 1) * self.unit } else { self.cs };
+        let unit_end = if self.ext {
+            (u + 1) * self.unit
+        } else {
+            self.cs
+        };
         let mut n = unit_end - in_cl;
         // Extend over following units and clusters of the same kind, up to
         // the end of this L2 table.
@@ -565,7 +581,7 @@ impl State {
         if size < self.h.size {
             return Err(IoError::Enotsup);
         }
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(IoError::Einval);
         }
         let entries = self.l1_entries_for(size);

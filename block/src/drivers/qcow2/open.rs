@@ -19,9 +19,7 @@ use crate::io::ReqFlags;
 use crate::node::Node;
 use crate::permission::ChildRole;
 
-use super::header::{
-    Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, field, incompat,
-};
+use super::header::{Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, field, incompat};
 use super::refcount::decode_table;
 use super::state::State;
 
@@ -36,15 +34,24 @@ pub enum BackingOpt {
     Child,
 }
 
-fn validate(off: u64, bytes: u64, cs: u64, file_len: u64, max: u64, what: &str) -> Result<(), String> {
+fn validate(
+    off: u64,
+    bytes: u64,
+    cs: u64,
+    file_len: u64,
+    max: u64,
+    what: &str,
+) -> Result<(), String> {
     if bytes > max {
         return Err(format!("{what} too large"));
     }
-    if off % cs != 0 || off.checked_add(bytes).is_none() {
+    if !off.is_multiple_of(cs) || off.checked_add(bytes).is_none() {
         return Err(format!("{what} offset invalid"));
     }
     if bytes > 0 && off < cs {
-        return Err(format!("{what} offset invalid: it overlaps the image header"));
+        return Err(format!(
+            "{what} offset invalid: it overlaps the image header"
+        ));
     }
     if off + bytes > file_len {
         return Err(format!(
@@ -62,7 +69,10 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
     if file_len < 72 {
         return Err(String::from("Image is not in qcow2 format"));
     }
-    let probe = f.read(0, Header::PROBE_LEN, ReqFlags::NONE).await.map_err(rd)?;
+    let probe = f
+        .read(0, Header::PROBE_LEN, ReqFlags::NONE)
+        .await
+        .map_err(rd)?;
     let cs = Header::probe(&probe).map_err(|e| e.to_string())?;
     let first = f.read(0, cs as usize, ReqFlags::NONE).await.map_err(rd)?;
     let h = Header::parse(&first).map_err(|e| e.to_string())?;
@@ -132,10 +142,17 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
         vec![]
     };
     let autoclear = h.autoclear;
-    let mut st = State::new(name, h, decode_table(&l1), decode_table(&rt), file_len, read_only);
+    let mut st = State::new(
+        name,
+        h,
+        decode_table(&l1),
+        decode_table(&rt),
+        file_len,
+        read_only,
+    );
     for (i, e) in st.reftable.clone().iter().enumerate() {
         let off = e & super::state::OFFSET_MASK;
-        if off != 0 && (off % cs != 0 || off < cs || off + cs > file_len) {
+        if off != 0 && (!off.is_multiple_of(cs) || off < cs || off + cs > file_len) {
             return Err(format!(
                 "Refcount block {i} at offset {off:#x} is outside the image file or unaligned"
             ));

@@ -108,10 +108,9 @@ impl State {
         let ti = c / self.rb_entries;
         let rb = self.rb_offset(ti);
         if rb == 0 {
-            return Err(self.corruption(&format!(
-                "no refcount block for cluster {:#x}",
-                c * self.cs
-            )));
+            return Err(
+                self.corruption(&format!("no refcount block for cluster {:#x}", c * self.cs))
+            );
         }
         let i = self.load_rb(f, rb).await?;
         let bits = self.rc_bits();
@@ -339,7 +338,11 @@ mod tests {
         for order in 0..=6u32 {
             let bits = 1u32 << order;
             let mut b = vec![0u8; 64];
-            let max = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            };
             rc_set(&mut b, 3, bits, max);
             rc_set(&mut b, 4, bits, 1);
             assert_eq!(rc_get(&b, 3, bits), max);

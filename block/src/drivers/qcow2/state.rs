@@ -221,7 +221,7 @@ impl State {
     /// Checks a metadata table offset: aligned, not in the header cluster,
     /// inside the file.
     pub fn check_table(&mut self, offset: u64, what: &str) -> IoResult<()> {
-        if offset % self.cs != 0 {
+        if !offset.is_multiple_of(self.cs) {
             return Err(self.corruption(&format!("{what} offset {offset:#x} unaligned")));
         }
         if offset < self.cs {
