@@ -851,3 +851,42 @@ fn crash_at_any_write_leaves_no_corruption_and_keeps_flushed_data() {
     crash_run(dir.path(), "extl2", json!({"extended-l2": true}), 2048, 2);
     crash_run(dir.path(), "512", json!({"cluster-size": 512}), 512, 3);
 }
+
+#[test]
+fn internal_snapshots_open_read_only_and_bitmaps_are_invalidated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("snap.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&img), "4M"]);
+    qemu_io(&img, &["write -P 0x11 0 1M"]);
+    qemu_img(&["snapshot", "-c", "s1", p(&img)]);
+    qemu_io(&img, &["write -P 0x22 0 64k"]);
+    let want = raw_of(&img, dir.path());
+    let mut l = Layer::new();
+    let e = l
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "s", "file": file_ref(&img)}),
+        )
+        .expect_err("read-write with snapshots");
+    assert!(e.desc.contains("internal snapshots"), "{}", e.desc);
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "s", "read-only": true, "file": file_ref(&img)}),
+    );
+    assert_reads(&l, "s", &want, "active layer of an image with snapshots");
+    // A persistent bitmap: blockhaus does not maintain bitmaps, so it
+    // clears their autoclear bit before writing (the spec's rule); QEMU
+    // then ignores them and the image stays free of corruption.
+    let bm = dir.path().join("bitmap.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&bm), "4M"]);
+    qemu_img(&["bitmap", "--add", p(&bm), "b0"]);
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "b", "file": file_ref(&bm)}),
+    );
+    l.write("b", 0, vec![0x33; 70_000]);
+    l.ok("blockdev-del", json!({"node-name": "b"}));
+    let o = run(Command::new("qemu-img").args(["check", "-f", "qcow2", p(&bm)]));
+    assert!(matches!(o.status.code(), Some(0) | Some(3)), "{o:?}");
+    assert_eq!(raw_of(&bm, dir.path())[..70_000], vec![0x33; 70_000][..]);
+}

@@ -556,6 +556,7 @@ fn bad_images_give_clear_errors_and_are_never_written() {
             "qcow2: Image is corrupt; cannot be opened read/write",
         ),
         (Box::new(set64(72, 4)), "external data file"),
+        (Box::new(set64(72, 1)), "qcow2: Image is dirty"),
         (Box::new(set32(32, 2)), "Encrypted qcow2 images"),
         (Box::new(set32(36, 0x100_0000)), "Active L1 table too large"),
         (Box::new(set32(36, 0)), "L1 table is too small"),
@@ -616,6 +617,9 @@ fn bad_images_give_clear_errors_and_are_never_written() {
         assert!(e.contains("read failed: Input/output error"), "{e}");
         assert!(e.contains("write failed: Input/output error"), "{e}");
     }
+    // A dirty image opens read-only.
+    let e = corrupt_and_open(|b| b[72..80].copy_from_slice(&1u64.to_be_bytes()), true);
+    assert!(e.starts_with("opened; read: read 65536/65536"), "{e}");
     // A corrupt image opens read-only.
     let e = corrupt_and_open(|b| b[72..80].copy_from_slice(&2u64.to_be_bytes()), true);
     assert!(e.starts_with("opened; read: read 65536/65536"), "{e}");
@@ -869,4 +873,19 @@ fn model_chain_of_three_extended_l2() {
         16384,
         json!({"extended-l2": true, "cluster-size": 16384}),
     );
+}
+
+#[test]
+fn boot_option_opens_qcow2_over_a_node() {
+    let mut q = Qmp::new();
+    image(&mut q, "f", 4 * MIB, json!({"backing-file": "nothing"}));
+    q.bl.apply_boot_option("blockdev", "qcow2,node-name=q,file=f,backing=")
+        .unwrap();
+    assert!(q.io("q", "read -P 0 0 64k").starts_with("read"));
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    let e =
+        q.bl.apply_boot_option("blockdev", "qcow2,node-name=r,file=f")
+            .unwrap_err();
+    let e = alloc::format!("{e:?}");
+    assert!(e.contains("Could not open backing file 'nothing'"), "{e}");
 }
