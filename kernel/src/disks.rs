@@ -241,7 +241,6 @@ impl Disks {
 
     /// Claims disk `index` for `owner` (a node name). A disk has at most one
     /// owner; the error names the current one.
-    #[allow(dead_code)] // for the protocol nodes (issue 4 §5)
     pub fn claim(&mut self, index: usize, owner: &str) -> Result<(), String> {
         let disk = self.disks.get_mut(index).ok_or("no such disk")?;
         match &disk.claimed_by {
@@ -257,7 +256,6 @@ impl Disks {
     }
 
     /// Gives disk `index` back (its node closed).
-    #[allow(dead_code)] // for the protocol nodes (issue 4 §5)
     pub fn release(&mut self, index: usize) {
         if let Some(d) = self.disks.get_mut(index) {
             d.claimed_by = None;
@@ -282,7 +280,6 @@ impl Disks {
 
     /// For a request's future: the completion if it is there, else the
     /// waker is kept and woken when [`Disks::poll`] sees the completion.
-    #[allow(dead_code)] // for the protocol nodes (issue 4 §5)
     pub fn poll_completion(&mut self, ticket: Ticket, cx: &mut Context<'_>) -> Poll<Completion> {
         match self.completed.remove(&ticket) {
             Some(c) => {
@@ -491,9 +488,10 @@ fn disk_json(d: &Disk) -> Value {
 /// `x-query-devices`: every disk found, claimed or not.
 fn query_devices(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     args.check_known(&[])?;
-    app.disks.poll();
+    let mut disks = app.disks.borrow_mut();
+    disks.poll();
     Ok(Value::Array(
-        app.disks
+        disks
             .list()
             .iter()
             .filter(|d| d.present)
@@ -593,7 +591,8 @@ fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
     if op == "write" && pattern.is_none() {
         return Err(QmpError::missing_parameter("pattern"));
     }
-    let disks = &mut app.disks;
+    let mut disks = app.disks.borrow_mut();
+    let disks = &mut *disks;
     // Take in hot-plug events that arrived since the last main-loop pass.
     disks.poll();
     if op == "flush-all" {

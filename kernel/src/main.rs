@@ -12,6 +12,7 @@ use core::cell::RefCell;
 mod clock;
 mod cmdline;
 mod console;
+mod disk_node;
 mod disks;
 mod halt;
 mod heap;
@@ -96,9 +97,12 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         cmdline::trigger(fault);
     }
 
-    let disks = disks::Disks::probe();
+    let disks = Rc::new(RefCell::new(disks::Disks::probe()));
     let net = Rc::new(RefCell::new(net::Network::default()));
-    let block = storage::new_block_layer(net.clone());
+    let mut block = storage::new_block_layer(disks.clone(), net.clone());
+    for class in disk_node::classes(&disks) {
+        block.register_driver(class);
+    }
     match net::Network::probe(config.ip.as_deref(), block.registry().clone()) {
         Ok(n) => *net.borrow_mut() = n,
         Err(e) => {
@@ -134,7 +138,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     let mut last_activity = clock::monotonic_ns();
     let mut last_button_poll = 0;
     loop {
-        let mut busy = monitor.appliance().disks.poll();
+        let mut busy = monitor.appliance().disks.borrow_mut().poll();
         busy |= storage::run(&monitor.appliance().block);
         busy |= monitor.appliance().net.borrow_mut().poll();
         busy |= monitor.poll();
@@ -151,6 +155,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             monitor.appliance().net.borrow_mut().close_exports();
             monitor.flush_events();
             close_all(&monitor.appliance().block);
+            flush_devices(&monitor.appliance().disks);
             halt::halt(reason, reason.source());
         }
         if busy {
@@ -179,6 +184,18 @@ fn close_all(block: &block::layer::BlockLayer) -> bool {
         Err(e) => {
             println!("=== block layer close-all FAILED: {} ===", e.desc);
             false
+        }
+    }
+}
+
+/// Flushes every writable disk's cache (the nodes flushed theirs when they
+/// closed; this also covers disks written outside the graph) and reports
+/// each device.
+fn flush_devices(disks: &disk_node::SharedDisks) {
+    for (serial, result) in disks.borrow_mut().flush_all() {
+        match result {
+            Ok(()) => println!("device '{serial}': flushed"),
+            Err(e) => println!("device '{serial}': FLUSH FAILED: {e}"),
         }
     }
 }

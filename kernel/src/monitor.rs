@@ -27,7 +27,7 @@ const LIMITS: Limits = Limits {
 pub struct Appliance {
     /// Events raised by commands, written before their reply.
     pub events: Vec<Event>,
-    pub disks: crate::disks::Disks,
+    pub disks: crate::disk_node::SharedDisks,
     /// The block graph (QEMU's block layer).
     pub block: BlockLayer,
     /// The network and the NBD server (shared with the block layer's
@@ -36,7 +36,11 @@ pub struct Appliance {
 }
 
 impl Appliance {
-    pub fn new(disks: crate::disks::Disks, block: BlockLayer, net: Rc<RefCell<Network>>) -> Self {
+    pub fn new(
+        disks: crate::disk_node::SharedDisks,
+        block: BlockLayer,
+        net: Rc<RefCell<Network>>,
+    ) -> Self {
         Self {
             events: Vec::new(),
             disks,

@@ -3,6 +3,7 @@
 //! synchronous callers (QMP handlers, the halt path) wait for I/O, as QEMU's
 //! monitor waits in a nested `AIO_WAIT_WHILE`.
 
+use crate::disk_node::SharedDisks;
 use crate::net::Network;
 use alloc::rc::Rc;
 use block::exec::{Executor, Platform};
@@ -22,13 +23,17 @@ impl Clock for KernelClock {
 
 /// Polls what can complete a request while a synchronous caller waits.
 pub struct KernelPlatform {
+    disks: SharedDisks,
     net: Rc<RefCell<Network>>,
 }
 
 impl Platform for KernelPlatform {
     fn poll(&self, exec: &Executor, _may_halt: bool) -> bool {
         exec.timers().fire_expired(crate::clock::wall_clock_ns());
-        // Skipped if the waiting command itself is using the network.
+        // Each is skipped if the waiting command itself is using it.
+        if let Ok(mut disks) = self.disks.try_borrow_mut() {
+            disks.poll();
+        }
         if let Ok(mut net) = self.net.try_borrow_mut() {
             net.poll();
         }
@@ -40,12 +45,12 @@ impl Platform for KernelPlatform {
 }
 
 /// A block layer with the built-in drivers, on a fresh executor, whose
-/// waits also poll `net`.
-pub fn new_block_layer(net: Rc<RefCell<Network>>) -> BlockLayer {
+/// waits also poll the disks and the network.
+pub fn new_block_layer(disks: SharedDisks, net: Rc<RefCell<Network>>) -> BlockLayer {
     BlockLayer::new(
         Executor::new(),
         Rc::new(KernelClock),
-        Rc::new(KernelPlatform { net }),
+        Rc::new(KernelPlatform { disks, net }),
     )
 }
 

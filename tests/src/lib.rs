@@ -4,6 +4,7 @@
 //! and the integration tests in `tests/tests/` both use it.
 
 pub mod appliance;
+pub mod host;
 pub mod image;
 pub mod nbd_server;
 pub mod qemu;

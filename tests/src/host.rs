@@ -1,0 +1,147 @@
+//! Host-side tools for the tests: real images made with `qemu-img`,
+//! patterns written and checked with `qemu-io`, `qemu-img map` extents, and
+//! the standard disk set (virtio-blk, read-only virtio-blk, two scsi-hd).
+
+use crate::QemuConfig;
+use serde_json::Value;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const MIB: u64 = 1 << 20;
+
+/// Runs a command; panics with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+pub fn create(path: &Path, size: u64) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg(size.to_string()));
+}
+
+/// Runs `qemu-io` commands on a raw file; panics if one fails or a
+/// pattern check does not match.
+pub fn qemu_io(path: &Path, cmds: &[String]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(path);
+    let out = run(&mut cmd);
+    for bad in ["verification failed", "failed:", "error"] {
+        assert!(
+            !out.to_lowercase().contains(bad),
+            "qemu-io {cmds:?} on {}:\n{out}",
+            path.display()
+        );
+    }
+    out
+}
+
+/// `qemu-img map` extents as (start, length, data, zero).
+pub fn map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
+    let out = run(Command::new("qemu-img")
+        .args(["map", "-f", "raw", "--output=json"])
+        .arg(path));
+    let v: Value = serde_json::from_str(&out).expect("qemu-img map JSON");
+    v.as_array()
+        .expect("extent list")
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["data"].as_bool().unwrap(),
+                e["zero"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Whether `[start, start + len)` is a hole that reads as zeroes.
+pub fn is_zero_hole(path: &Path, start: u64, len: u64) -> bool {
+    map(path)
+        .iter()
+        .filter(|&&(s, l, _, _)| s < start + len && start < s + l)
+        .all(|&(_, _, data, zero)| zero && !data)
+}
+
+pub fn args(list: &[&str]) -> Vec<OsString> {
+    list.iter().map(OsString::from).collect()
+}
+
+/// The standard disk set: raw images with the host's patterns.
+pub struct Images {
+    pub _dir: tempfile::TempDir,
+    pub blk: PathBuf,
+    pub scsi_direct: PathBuf,
+    pub scsi_writeback: PathBuf,
+    pub ro: PathBuf,
+}
+
+pub fn images() -> Images {
+    let dir = tempfile::Builder::new()
+        .prefix("blockhaus-virtio-")
+        .tempdir()
+        .expect("tempdir");
+    let p = |n: &str| dir.path().join(n);
+    let imgs = Images {
+        blk: p("blk.img"),
+        scsi_direct: p("scsi-direct.img"),
+        scsi_writeback: p("scsi-wb.img"),
+        ro: p("ro.img"),
+        _dir: dir,
+    };
+    create(&imgs.blk, 64 * MIB);
+    create(&imgs.scsi_direct, 64 * MIB);
+    create(&imgs.scsi_writeback, 32 * MIB);
+    create(&imgs.ro, 16 * MIB);
+    // Distinct patterns, written by the host before boot.
+    qemu_io(&imgs.blk, &["write -P 0x11 0 24M".into()]);
+    qemu_io(&imgs.scsi_direct, &["write -P 0x22 0 24M".into()]);
+    qemu_io(&imgs.scsi_writeback, &["write -P 0x33 0 8M".into()]);
+    qemu_io(&imgs.ro, &["write -P 0x44 0 1M".into()]);
+    imgs
+}
+
+/// One virtio-blk (serial disk0), one read-only virtio-blk (ro0), and a
+/// virtio-scsi controller with two scsi-hd: `cache=none` (scsi0, target
+/// 0) and writeback (scsi1, target 1).
+pub fn config(imgs: &Images) -> QemuConfig {
+    let drive = |p: &Path, rest: &str| format!("file={},if=none,format=raw,{rest}", p.display());
+    let extra = args(&[
+        "-drive",
+        &drive(&imgs.ro, "id=ro,readonly=on"),
+        "-device",
+        "virtio-blk-pci,drive=ro,serial=ro0",
+        "-device",
+        "virtio-scsi-pci,id=scsi0",
+        "-drive",
+        &drive(
+            &imgs.scsi_direct,
+            "id=s0,discard=unmap,cache=none,aio=threads",
+        ),
+        "-device",
+        "scsi-hd,bus=scsi0.0,drive=s0,scsi-id=0,lun=0,serial=scsi0,id=sd0",
+        "-drive",
+        &drive(&imgs.scsi_writeback, "id=s1,discard=unmap,cache=writeback"),
+        "-device",
+        "scsi-hd,bus=scsi0.0,drive=s1,scsi-id=1,lun=0,serial=scsi1,id=sd1",
+    ]);
+    QemuConfig {
+        disks: vec![imgs.blk.clone()],
+        extra,
+        ..QemuConfig::default()
+    }
+}
