@@ -138,7 +138,11 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     let mut last_activity = clock::monotonic_ns();
     let mut last_button_poll = 0;
     loop {
-        let mut busy = monitor.appliance().disks.borrow_mut().poll();
+        let mut busy = {
+            let mut disks = monitor.appliance().disks.borrow_mut();
+            // Requests in flight: keep polling rather than wait for a tick.
+            disks.poll() || disks.in_flight() > 0
+        };
         busy |= storage::run(&monitor.appliance().block);
         busy |= monitor.appliance().net.borrow_mut().poll();
         busy |= monitor.poll();
