@@ -1,6 +1,13 @@
-//! Networking and the NBD server (issue 5). Placeholder: no network yet.
+//! Networking and the NBD server (issue 5).
 //!
-//! Hooks the rest of the kernel calls (keep these signatures):
+//! A request's path, top to bottom: virtio-net RX ring ([`drivers::net`])
+//! → smoltcp ([`stack`]) → the client's TCP socket → its
+//! `block::nbd::Connection` ([`conn`]) → a task per request on the
+//! export's backend ([`export`]) → the graph → the reply bytes back the
+//! same way. [`server`] keeps sockets listening; [`qmp`] holds the commands
+//! and boot options; [`config`] the `ip=` setting.
+//!
+//! Hooks the rest of the kernel calls:
 //! - [`Network::probe`] at boot, with the `ip=` setting of the command line;
 //! - [`Network::poll`] from the main loop and from the block layer's
 //!   platform while a QMP command waits (returns whether anything happened);
@@ -8,46 +15,220 @@
 //! - [`register`] for the QMP commands;
 //! - [`Network::close_exports`] first in the halt path, before close-all.
 
-use crate::monitor::Appliance;
+mod config;
+mod conn;
+mod export;
+mod qmp;
+mod server;
+mod stack;
+
+use alloc::format;
 use alloc::rc::Rc;
-use block::qmp::Dispatcher;
+use alloc::string::String;
+use alloc::vec::Vec;
+use block::exec::Executor;
 use block::registry::Registry;
+use drivers::net::NetDevice;
+use drivers::net::smoltcp::wire::IpAddress;
+use drivers::pci;
+use log::{info, warn};
+
+use conn::Conn;
+use export::ExportTable;
+use server::Server;
+use stack::Stack;
+
+pub use qmp::{apply_boot_option, register};
+
+/// virtio's PCI vendor.
+const VIRTIO_VENDOR: u16 = 0x1af4;
+/// virtio-net: transitional and modern device ids.
+const NET_IDS: [u16; 2] = [0x1000, 0x1041];
+
+/// Where `nbd-server-start` listens.
+pub struct ServerConfig {
+    pub host: Option<IpAddress>,
+    pub port: u16,
+    pub max_connections: u32,
+}
 
 /// The network stack and the NBD server.
 #[derive(Default)]
-pub struct Network {}
+pub struct Network {
+    stack: Option<Stack>,
+    exports: Option<Rc<ExportTable>>,
+    server: Option<Server>,
+    conns: Vec<Conn>,
+    exec: Option<Executor>,
+}
+
+/// Finds the first virtio-net function and brings it up.
+fn find_device() -> Result<Option<NetDevice>, String> {
+    let mapped = boot::paging::mapped_end();
+    // SAFETY: boot is single-threaded; the disks' probe has finished with
+    // PCI configuration space and nothing else touches it; ACPI tables are
+    // identity-mapped memory.
+    let mut bus = unsafe {
+        pci::Bus::new(pci::Cam::detect(
+            &drivers::acpi::IdentityMapped,
+            None,
+            mapped,
+        ))
+    };
+    let functions = bus.scan();
+    let Some(f) = functions
+        .iter()
+        .find(|f| f.vendor_id == VIRTIO_VENDOR && NET_IDS.contains(&f.device_id))
+    else {
+        return Ok(None);
+    };
+    if let Some(bar) = f
+        .bars
+        .iter()
+        .find(|b| b.kind != pci::BarKind::Io && b.address + b.size > mapped)
+    {
+        return Err(format!(
+            "{}: {bar} lies above the identity map ({mapped:#x})",
+            f.address
+        ));
+    }
+    let df = f.address.device_function();
+    let transport = bus
+        .with_decode_off(df, |root| drivers::virtio::transport::open(root, df))
+        .map_err(|e| format!("{}: {e}", f.address))?;
+    let dev = NetDevice::new(transport).map_err(|e| format!("{}: {e}", f.address))?;
+    info!(
+        "{} virtio-net: MAC {}, {} RX/TX buffers",
+        f.address,
+        dev.mac(),
+        drivers::net::QUEUE_SIZE
+    );
+    Ok(Some(dev))
+}
 
 impl Network {
     /// Finds a virtio-net device and brings the interface up; `ip` is the
     /// command line's `ip=ADDR/PREFIX[,gw=GW]` (QEMU user-network defaults
-    /// when absent).
-    pub fn probe(
-        _ip: Option<&str>,
-        _registry: Rc<Registry>,
-    ) -> Result<Self, alloc::string::String> {
-        Ok(Self {})
+    /// when absent). No device is not an error: the appliance then runs
+    /// without a network.
+    pub fn probe(ip: Option<&str>, registry: Rc<Registry>) -> Result<Self, String> {
+        let ip = config::parse(ip)?;
+        let stack = match find_device()? {
+            Some(dev) => {
+                let s = Stack::new(dev, ip);
+                info!(
+                    "network: {}/{} gw {:?}, gratuitous ARP sent",
+                    ip.addr, ip.prefix, ip.gateway
+                );
+                Some(s)
+            }
+            None => {
+                info!("network: no virtio-net device");
+                None
+            }
+        };
+        Ok(Self {
+            stack,
+            exec: Some(registry.executor().clone()),
+            exports: Some(ExportTable::new(registry)),
+            server: None,
+            conns: Vec::new(),
+        })
     }
 
-    /// Moves frames, runs TCP, serves NBD connections (spawning their tasks
-    /// on the registry's executor). Returns whether anything happened.
+    fn start_server(&mut self, cfg: ServerConfig) -> Result<(), String> {
+        if self.server.is_some() {
+            return Err("NBD server already running".into());
+        }
+        if self.stack.is_none() {
+            warn!("NBD server started without a network device: no client can reach it");
+        }
+        self.server = Some(Server::new(cfg.host, cfg.port, cfg.max_connections));
+        self.poll();
+        Ok(())
+    }
+
+    /// `nbd-server-stop`: stops listening and closes every export (QEMU:
+    /// `blk_exp_close_all_type(NBD)`); connections drain in the background.
+    fn stop_server(&mut self) -> Result<(), String> {
+        let Some(mut server) = self.server.take() else {
+            return Err("NBD server not running".into());
+        };
+        if let Some(stack) = &mut self.stack {
+            server.close(&mut stack.sockets);
+        }
+        if let Some(exports) = &self.exports {
+            for e in exports.all() {
+                e.request_shutdown(true);
+            }
+        }
+        self.poll();
+        Ok(())
+    }
+
+    /// Moves frames, runs TCP, serves NBD connections (spawning their
+    /// request tasks on the registry's executor). Returns whether anything
+    /// happened.
     pub fn poll(&mut self) -> bool {
-        false
+        let Network {
+            stack,
+            exports,
+            server,
+            conns,
+            exec,
+        } = self;
+        let mut busy = false;
+        if let (Some(stack), Some(exports), Some(exec)) = (stack, exports.as_ref(), exec) {
+            busy |= stack.poll();
+            if let Some(server) = server {
+                let room = match server.max_connections {
+                    0 => usize::MAX,
+                    m => (m as usize).saturating_sub(conns.len()),
+                };
+                for h in server.accept(&mut stack.sockets, room) {
+                    conns.push(Conn::new(h));
+                    busy = true;
+                }
+            }
+            for c in conns.iter_mut() {
+                busy |= c.service(&mut stack.sockets, exports, exec);
+            }
+            conns.retain_mut(|c| {
+                if c.finished(&stack.sockets) {
+                    stack.sockets.remove(c.handle);
+                    false
+                } else {
+                    true
+                }
+            });
+            if busy {
+                stack.poll();
+            }
+        }
+        if let Some(exports) = exports {
+            busy |= exports.reap();
+        }
+        busy
     }
 
-    /// Halt path: closes every export (each emits `BLOCK_EXPORT_DELETED`)
-    /// and lets in-flight requests finish.
-    pub fn close_exports(&mut self) {}
+    /// Halt path: closes every export (each emits `BLOCK_EXPORT_DELETED`),
+    /// tells clients the server is going away; requests in flight finish
+    /// while close-all drains the backends.
+    pub fn close_exports(&mut self) {
+        if let (Some(server), Some(stack)) = (&mut self.server, &mut self.stack) {
+            server.close(&mut stack.sockets);
+        }
+        self.server = None;
+        for c in &mut self.conns {
+            c.shutdown();
+        }
+        if let Some(exports) = &self.exports {
+            exports.close_all();
+        }
+        for _ in 0..8 {
+            if !self.poll() {
+                break;
+            }
+        }
+    }
 }
-
-/// `--nbd-server` and `--export`: `Ok(true)` when applied, `Ok(false)` when
-/// the option is not a network one.
-pub fn apply_boot_option(
-    _app: &mut Appliance,
-    _name: &str,
-    _value: &str,
-) -> Result<bool, alloc::string::String> {
-    Ok(false)
-}
-
-/// Registers the NBD QMP commands.
-pub fn register(_commands: &mut Dispatcher<Appliance>) {}

@@ -1,0 +1,218 @@
+//! One NBD client: its TCP socket, its `block::nbd::Connection`, and the
+//! requests it has in flight as executor tasks.
+//!
+//! The network poll moves bytes both ways ([`Conn::service`]); each request
+//! the engine issues runs as its own task against the export's backend and
+//! completes into the engine whenever it finishes, so replies go out of
+//! order. A client that vanishes only makes the engine drop the results
+//! of its requests, which still run to the end (a write lands or fails
+//! cleanly); the connection is forgotten once none is left.
+
+use alloc::rc::Rc;
+use block::backend::Backend;
+use block::exec::Executor;
+use block::io::{BlockStatus, IoResult, ReqFlags};
+use block::nbd::{Completion, Connection, Limits, Op, State};
+use core::cell::RefCell;
+use drivers::net::smoltcp::iface::{SocketHandle, SocketSet};
+use drivers::net::smoltcp::socket::tcp;
+
+use super::export::{ExportTable, NbdExport};
+
+/// A client connection.
+pub struct Conn {
+    pub handle: SocketHandle,
+    engine: Rc<RefCell<Connection>>,
+    export: Option<Rc<NbdExport>>,
+    shutdown_sent: bool,
+    peer_closed: bool,
+}
+
+impl Conn {
+    pub fn new(handle: SocketHandle) -> Conn {
+        Conn {
+            handle,
+            engine: Rc::new(RefCell::new(Connection::new(Limits::default()))),
+            export: None,
+            shutdown_sent: false,
+            peer_closed: false,
+        }
+    }
+
+    /// The server is going away: the engine answers ESHUTDOWN, lets
+    /// requests in flight finish, then closes.
+    pub fn shutdown(&mut self) {
+        if !self.shutdown_sent {
+            self.shutdown_sent = true;
+            self.engine.borrow_mut().shutdown();
+        }
+    }
+
+    /// Moves bytes between the socket and the engine, starts the requests
+    /// it issues. Returns whether anything moved.
+    pub fn service(
+        &mut self,
+        sockets: &mut SocketSet<'_>,
+        exports: &Rc<ExportTable>,
+        exec: &Executor,
+    ) -> bool {
+        if self
+            .export
+            .as_ref()
+            .is_some_and(|e| e.shutting_down.get() && e.hard.get())
+        {
+            self.shutdown();
+        }
+        let sock = sockets.get_mut::<tcp::Socket>(self.handle);
+        let mut progress = false;
+        loop {
+            let mut moved = false;
+            {
+                let mut eng = self.engine.borrow_mut();
+                while sock.can_send() {
+                    let chunk = eng.output().chunk();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    match sock.send_slice(chunk) {
+                        Ok(n) if n > 0 => {
+                            eng.consume_output(n);
+                            moved = true;
+                        }
+                        _ => break,
+                    }
+                }
+                if sock.can_recv() && !self.peer_closed {
+                    let table: &ExportTable = exports;
+                    let taken = sock
+                        .recv(|buf| {
+                            let n = eng.receive(buf, table);
+                            (n, n)
+                        })
+                        .unwrap_or(0);
+                    moved |= taken > 0;
+                }
+            }
+            self.bind_export(exports);
+            moved |= self.start_requests(exec);
+            if !moved {
+                break;
+            }
+            progress = true;
+        }
+        let mut eng = self.engine.borrow_mut();
+        if eng.should_close() && sock.is_open() {
+            sock.close();
+            progress = true;
+        }
+        let gone = !sock.is_open()
+            || (!sock.may_recv() && !sock.can_recv() && eng.state() != State::Closing);
+        if gone && !self.peer_closed {
+            self.peer_closed = true;
+            eng.closed();
+            if sock.is_open() {
+                sock.close();
+            }
+            progress = true;
+        }
+        progress
+    }
+
+    /// Counts the client on its export once it has chosen one.
+    fn bind_export(&mut self, exports: &ExportTable) {
+        if self.export.is_some() {
+            return;
+        }
+        let name = match self.engine.borrow().export() {
+            Some(e) => e.name.clone(),
+            None => return,
+        };
+        match exports.by_name(&name) {
+            Some(e) => {
+                e.clients.set(e.clients.get() + 1);
+                self.export = Some(e);
+            }
+            None => self.shutdown(),
+        }
+    }
+
+    fn start_requests(&mut self, exec: &Executor) -> bool {
+        let mut any = false;
+        loop {
+            let Some(req) = self.engine.borrow_mut().next_request() else {
+                break;
+            };
+            any = true;
+            let engine = self.engine.clone();
+            let backend = self.export.as_ref().map(|e| e.backend.clone());
+            exec.spawn(async move {
+                let completion = match backend {
+                    Some(b) => execute(&b, req.op).await,
+                    None => Completion::Error(block::io::IoError::Enomedium),
+                };
+                // Refused harmlessly if the client has gone.
+                let _ = engine.borrow_mut().complete(req.id, completion);
+            });
+        }
+        any
+    }
+
+    /// Whether the connection is over: the socket is closed and no request
+    /// is left running. Releases the client's hold on its export.
+    pub fn finished(&mut self, sockets: &SocketSet<'_>) -> bool {
+        let sock = sockets.get::<tcp::Socket>(self.handle);
+        if !matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+            return false;
+        }
+        let mut eng = self.engine.borrow_mut();
+        if !self.peer_closed {
+            self.peer_closed = true;
+            eng.closed();
+        }
+        if eng.in_flight() > 0 {
+            return false;
+        }
+        if let Some(e) = self.export.take() {
+            e.clients.set(e.clients.get().saturating_sub(1));
+        }
+        true
+    }
+}
+
+fn done(r: IoResult<()>) -> Completion {
+    match r {
+        Ok(()) => Completion::Done,
+        Err(e) => Completion::Error(e),
+    }
+}
+
+/// Runs one request against the export's backend.
+async fn execute(b: &Backend, op: Op) -> Completion {
+    match op {
+        Op::Read { offset, len } => match b.read(offset, len as usize).await {
+            Ok(data) => Completion::Data(data),
+            Err(e) => Completion::Error(e),
+        },
+        Op::Write {
+            offset,
+            data,
+            flags,
+        } => done(b.write(offset, data, flags).await),
+        Op::Flush => done(b.flush().await),
+        Op::Trim { offset, len, flags } => {
+            let r = b.discard(offset, len).await;
+            if r.is_ok() && flags.contains(ReqFlags::FUA) {
+                done(b.flush().await)
+            } else {
+                done(r)
+            }
+        }
+        Op::WriteZeroes { offset, len, flags } => done(b.write_zeroes(offset, len, flags).await),
+        Op::Cache { .. } => Completion::Done,
+        Op::BlockStatus { offset, len, .. } => match b.block_status(offset, len).await {
+            Ok(s) if s.len > 0 => Completion::Extent(s),
+            // No allocation information: all data.
+            _ => Completion::Extent(BlockStatus::data(len)),
+        },
+    }
+}

@@ -1,0 +1,372 @@
+//! The NBD QMP commands and boot options, in qemu-storage-daemon's shapes
+//! and with QEMU's error texts: `nbd-server-start`/`-stop`,
+//! `block-export-add`/`-del`, `query-block-exports`, the legacy
+//! `nbd-server-add`/`-remove`, and `--nbd-server`/`--export`.
+//!
+//! Arguments are read from a JSON object either as QMP sends them (typed)
+//! or as `keyval` option strings give them (every value a string), so the
+//! command and the boot option share one parser.
+
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use block::qmp::{Args, Dispatcher, QmpError};
+use drivers::net::smoltcp::wire::IpAddress;
+use serde_json::{Map, Value, json};
+
+use super::export::{ExportTable, NewExport};
+use super::{Network, ServerConfig};
+use crate::monitor::Appliance;
+
+type Res = Result<Value, QmpError>;
+
+/// One object of arguments, typed (QMP) or all strings (keyval).
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(map: &'a Map<String, Value>) -> Obj<'a> {
+        Obj {
+            map,
+            path: String::new(),
+        }
+    }
+
+    fn name(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.into()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn check_known(&self, known: &[&str]) -> Result<(), QmpError> {
+        match self.map.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(QmpError::unexpected_parameter(&self.name(k))),
+            None => Ok(()),
+        }
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&'a str>, QmpError> {
+        match self.map.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(QmpError::invalid_parameter_type(&self.name(key), "string")),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<&'a str, QmpError> {
+        self.opt_str(key)?
+            .ok_or_else(|| QmpError::missing_parameter(&self.name(key)))
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, QmpError> {
+        match self.map.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) => match s.as_str() {
+                "on" | "yes" | "true" | "y" => Ok(Some(true)),
+                "off" | "no" | "false" | "n" => Ok(Some(false)),
+                _ => Err(QmpError::invalid_parameter_value(
+                    &self.name(key),
+                    "'on' or 'off'",
+                )),
+            },
+            Some(_) => Err(QmpError::invalid_parameter_type(&self.name(key), "boolean")),
+        }
+    }
+
+    fn opt_u64(&self, key: &str) -> Result<Option<u64>, QmpError> {
+        match self.map.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| QmpError::invalid_parameter_value(&self.name(key), "uint64")),
+            Some(Value::String(s)) => s.parse().map(Some).map_err(|_| {
+                QmpError::invalid_parameter_value(&self.name(key), "a non-negative number")
+            }),
+            Some(_) => Err(QmpError::invalid_parameter_type(&self.name(key), "integer")),
+        }
+    }
+
+    fn opt_obj(&self, key: &str) -> Result<Option<Obj<'a>>, QmpError> {
+        match self.map.get(key) {
+            None => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(Obj {
+                map: m,
+                path: self.name(key),
+            })),
+            Some(_) => Err(QmpError::invalid_parameter_type(&self.name(key), "object")),
+        }
+    }
+}
+
+/// `addr`: a flat `SocketAddress` (`{type, host, port}`, qemu-storage-daemon
+/// and keyval) or a legacy one (`{type, data: {host, port}}`, QMP).
+fn parse_addr(addr: &Obj<'_>) -> Result<(Option<IpAddress>, u16), QmpError> {
+    let kind = addr.str("type")?;
+    if kind != "inet" {
+        return Err(QmpError::generic(format!(
+            "blockhaus serves NBD over TCP only ('inet'), not '{kind}'"
+        )));
+    }
+    let data = match addr.opt_obj("data")? {
+        Some(d) => {
+            addr.check_known(&["type", "data"])?;
+            d
+        }
+        None => Obj {
+            map: addr.map,
+            path: addr.path.clone(),
+        },
+    };
+    data.check_known(&[
+        "type",
+        "host",
+        "port",
+        "numeric",
+        "to",
+        "ipv4",
+        "ipv6",
+        "keep-alive",
+    ])?;
+    let host = data.str("host")?;
+    let port_text = match data.map.get("port") {
+        Some(Value::Number(n)) => format!("{n}"),
+        _ => String::from(data.str("port")?),
+    };
+    let port: u16 = port_text
+        .parse()
+        .map_err(|_| QmpError::generic(format!("Port '{port_text}' is not a number")))?;
+    let host = match host {
+        "" | "0.0.0.0" | "::" | "[::]" | "localhost" => None,
+        h => Some(IpAddress::Ipv4(h.parse().map_err(|_| {
+            QmpError::generic(format!(
+                "address resolution failed for {h}:{port}: Name or service not known"
+            ))
+        })?)),
+    };
+    Ok((host, port))
+}
+
+fn server_start(net: &mut Network, args: &Obj<'_>) -> Result<(), QmpError> {
+    args.check_known(&["addr", "tls-creds", "tls-authz", "max-connections"])?;
+    let Some(addr) = args.opt_obj("addr")? else {
+        return Err(QmpError::missing_parameter("addr"));
+    };
+    let (host, port) = parse_addr(&addr)?;
+    if args.opt_str("tls-creds")?.is_some() || args.opt_str("tls-authz")?.is_some() {
+        return Err(QmpError::generic("TLS is not supported by blockhaus"));
+    }
+    let max = args.opt_u64("max-connections")?.unwrap_or(0);
+    let max = u32::try_from(max)
+        .map_err(|_| QmpError::invalid_parameter_value("max-connections", "uint32"))?;
+    net.start_server(ServerConfig {
+        host,
+        port,
+        max_connections: max,
+    })
+    .map_err(QmpError::generic)
+}
+
+fn export_add(app: &Appliance, args: &Obj<'_>) -> Result<(), QmpError> {
+    args.check_known(&[
+        "type",
+        "id",
+        "node-name",
+        "writable",
+        "writethrough",
+        "iothread",
+        "fixed-iothread",
+        "name",
+        "description",
+        "bitmaps",
+        "allocation-depth",
+    ])?;
+    let kind = args.str("type")?;
+    if kind != "nbd" {
+        return Err(QmpError::generic(
+            "No driver found for the requested export type",
+        ));
+    }
+    let id = args.str("id")?;
+    let node_name = args.str("node-name")?;
+    let writable = args.opt_bool("writable")?.unwrap_or(false);
+    let _ = args.opt_bool("writethrough")?;
+    if args.map.contains_key("iothread") {
+        return Err(QmpError::generic(format!(
+            "iothread \"{}\" not found",
+            args.opt_str("iothread")?.unwrap_or("")
+        )));
+    }
+    if args.map.contains_key("bitmaps") {
+        return Err(QmpError::generic("blockhaus exports no dirty bitmaps"));
+    }
+    let exports = running_exports(app)?;
+    exports
+        .add(NewExport {
+            id,
+            node_name,
+            name: args.opt_str("name")?,
+            description: args.opt_str("description")?,
+            writable,
+            on_eject: None,
+        })
+        .map(|_| ())
+        .map_err(QmpError::generic)
+}
+
+/// The export table, if the NBD server runs (QEMU's check in
+/// `nbd_export_create`).
+fn running_exports(app: &Appliance) -> Result<Rc<ExportTable>, QmpError> {
+    let net = app.net.borrow();
+    match (&net.server, &net.exports) {
+        (Some(_), Some(e)) => Ok(e.clone()),
+        _ => Err(QmpError::generic("NBD server not running")),
+    }
+}
+
+fn exports(app: &Appliance) -> Result<Rc<ExportTable>, QmpError> {
+    app.net
+        .borrow()
+        .exports
+        .clone()
+        .ok_or_else(|| QmpError::generic("NBD server not running"))
+}
+
+fn export_del(app: &Appliance, id: &str, mode: Option<&str>) -> Res {
+    let exports = exports(app)?;
+    let Some(e) = exports.by_id(id) else {
+        return Err(QmpError::generic(format!("Export '{id}' is not found")));
+    };
+    if e.shutting_down.get() {
+        return Err(QmpError::generic(format!(
+            "Export '{id}' is already shutting down"
+        )));
+    }
+    let hard = mode == Some("hard");
+    if !hard && e.clients.get() > 0 {
+        return Err(QmpError::generic(format!("export '{id}' still in use")));
+    }
+    e.request_shutdown(hard);
+    exports.reap();
+    Ok(json!({}))
+}
+
+fn nbd_server_start(app: &mut Appliance, args: &Args<'_>) -> Res {
+    server_start(&mut app.net.borrow_mut(), &Obj::new(args.map()))?;
+    Ok(json!({}))
+}
+
+fn nbd_server_stop(app: &mut Appliance, args: &Args<'_>) -> Res {
+    args.check_known(&[])?;
+    app.net
+        .borrow_mut()
+        .stop_server()
+        .map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
+
+fn block_export_add(app: &mut Appliance, args: &Args<'_>) -> Res {
+    export_add(app, &Obj::new(args.map()))?;
+    Ok(json!({}))
+}
+
+fn block_export_del(app: &mut Appliance, args: &Args<'_>) -> Res {
+    let id = args.str("id")?;
+    let mode = args.opt_enum_str("mode", &["safe", "hard"])?;
+    args.check_known(&["id", "mode"])?;
+    export_del(app, id, mode)
+}
+
+fn nbd_server_remove(app: &mut Appliance, args: &Args<'_>) -> Res {
+    let name = args.str("name")?;
+    let mode = args.opt_enum_str("mode", &["safe", "hard"])?;
+    args.check_known(&["name", "mode"])?;
+    export_del(app, name, mode)
+}
+
+/// Legacy `nbd-server-add`: `device` is a backend or node name; the id
+/// and the NBD name default to it; a read-only node is quietly exported
+/// read-only; an export of a named backend follows its medium (eject
+/// shuts the export down).
+fn nbd_server_add(app: &mut Appliance, args: &Args<'_>) -> Res {
+    let device = args.str("device")?;
+    let name = args.opt_str("name")?.unwrap_or(device);
+    let description = args.opt_str("description")?;
+    let writable = args.opt_bool("writable")?.unwrap_or(false);
+    if args.has("bitmap") {
+        return Err(QmpError::generic("blockhaus exports no dirty bitmaps"));
+    }
+    args.check_known(&["device", "name", "description", "writable", "bitmap"])?;
+    let exports = running_exports(app)?;
+    let reg = app.block.registry().clone();
+    let node = reg
+        .lookup(Some(device), Some(device))
+        .map_err(QmpError::generic)?;
+    let node_name = String::from(node.name());
+    exports
+        .add(NewExport {
+            id: name,
+            node_name: &node_name,
+            name: Some(name),
+            description,
+            writable: writable && !node.read_only(),
+            on_eject: reg.find_backend(device),
+        })
+        .map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
+
+fn query_block_exports(app: &mut Appliance, args: &Args<'_>) -> Res {
+    args.check_known(&[])?;
+    let list: Vec<Value> = match &app.net.borrow().exports {
+        Some(t) => t
+            .all()
+            .iter()
+            .map(|e| {
+                json!({
+                    "type": "nbd",
+                    "id": e.id,
+                    "node-name": e.node_name,
+                    "shutting-down": e.shutting_down.get(),
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(Value::Array(list))
+}
+
+/// `--nbd-server` and `--export` (keyval strings).
+pub fn apply_boot_option(app: &mut Appliance, name: &str, value: &str) -> Result<bool, String> {
+    let parse = |v: &str| block::keyval::keyval_parse(v, None).map_err(|e| format!("{e}"));
+    match name {
+        "nbd-server" => {
+            let map = parse(value)?;
+            server_start(&mut app.net.borrow_mut(), &Obj::new(&map)).map_err(|e| e.desc)?;
+            Ok(true)
+        }
+        "export" => {
+            let map = parse(value)?;
+            export_add(app, &Obj::new(&map)).map_err(|e| e.desc)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Registers the NBD QMP commands.
+pub fn register(commands: &mut Dispatcher<Appliance>) {
+    commands.register("nbd-server-start", nbd_server_start);
+    commands.register("nbd-server-stop", nbd_server_stop);
+    commands.register("nbd-server-add", nbd_server_add);
+    commands.register("nbd-server-remove", nbd_server_remove);
+    commands.register("block-export-add", block_export_add);
+    commands.register("block-export-del", block_export_del);
+    commands.register("query-block-exports", query_block_exports);
+}

@@ -1,0 +1,74 @@
+//! The TCP/IP stack: smoltcp's interface over the virtio-net device, and
+//! the TCP sockets the NBD server uses.
+//!
+//! Sockets get large buffers (window scaling turns on by itself above
+//! 64 KiB), Nagle and delayed ACK off (a request/response protocol must not
+//! wait for either), Reno congestion control, and keep-alive so a client
+//! that vanished without a word is noticed.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use drivers::net::NetDevice;
+use drivers::net::smoltcp::iface::{Config, Interface, PollResult, SocketSet};
+use drivers::net::smoltcp::socket::tcp;
+use drivers::net::smoltcp::time::{Duration, Instant};
+use drivers::net::smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+
+use super::config::IpConfig;
+
+/// Receive buffer of a TCP socket (a client's writes land here).
+pub const RX_BUFFER: usize = 2 << 20;
+/// Transmit buffer of a TCP socket (read replies wait here).
+pub const TX_BUFFER: usize = 2 << 20;
+
+/// The interface, its device and the sockets.
+pub struct Stack {
+    pub device: NetDevice,
+    pub iface: Interface,
+    pub sockets: SocketSet<'static>,
+}
+
+pub fn now() -> Instant {
+    Instant::from_micros((crate::clock::monotonic_ns() / 1000) as i64)
+}
+
+impl Stack {
+    /// Brings the interface up with a static address and announces it.
+    pub fn new(mut device: NetDevice, ip: IpConfig) -> Stack {
+        let mut config = Config::new(HardwareAddress::Ethernet(device.mac()));
+        config.random_seed = crate::clock::monotonic_ns() ^ 0x9e37_79b9_7f4a_7c15;
+        let mut iface = Interface::new(config, &mut device, now());
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(ip.addr), ip.prefix));
+        });
+        if let Some(gw) = ip.gateway {
+            let _ = iface.routes_mut().add_default_ipv4_route(gw);
+        }
+        device.announce(ip.addr);
+        Stack {
+            device,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+        }
+    }
+
+    /// Moves frames and runs TCP; returns whether anything happened.
+    pub fn poll(&mut self) -> bool {
+        let r = self.iface.poll(now(), &mut self.device, &mut self.sockets);
+        self.device.maintain();
+        self.device.take_activity() | (r == PollResult::SocketStateChanged)
+    }
+}
+
+/// A TCP socket set up for NBD.
+pub fn nbd_socket() -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]);
+    let tx = tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]);
+    let mut s = tcp::Socket::new(rx, tx);
+    s.set_nagle_enabled(false);
+    s.set_ack_delay(None);
+    s.set_congestion_control(tcp::CongestionControl::Reno);
+    s.set_keep_alive(Some(Duration::from_secs(10)));
+    s.set_timeout(Some(Duration::from_secs(60)));
+    s
+}
