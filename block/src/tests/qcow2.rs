@@ -889,3 +889,99 @@ fn boot_option_opens_qcow2_over_a_node() {
     let e = alloc::format!("{e:?}");
     assert!(e.contains("Could not open backing file 'nothing'"), "{e}");
 }
+
+/// A memory file whose reads wait at a gate while `armed`.
+struct SlowReads {
+    data: Rc<core::cell::RefCell<Vec<u8>>>,
+    gate: Rc<super::mem::Gate>,
+    armed: Rc<core::cell::Cell<bool>>,
+}
+
+impl crate::driver::BlockDriver for SlowReads {
+    fn format_name(&self) -> &str {
+        "slowreads"
+    }
+    fn get_length(&self, _: &Node) -> crate::io::IoResult<u64> {
+        Ok(self.data.borrow().len() as u64)
+    }
+    fn read<'a>(
+        &'a self,
+        _: &'a Node,
+        offset: u64,
+        len: usize,
+        _: ReqFlags,
+    ) -> crate::io::BoxFuture<'a, crate::io::IoResult<Vec<u8>>> {
+        Box::pin(async move {
+            if self.armed.get() {
+                self.gate.pass().await;
+            }
+            let o = offset as usize;
+            Ok(self.data.borrow()[o..o + len].to_vec())
+        })
+    }
+    fn write<'a>(
+        &'a self,
+        _: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        _: ReqFlags,
+    ) -> crate::io::BoxFuture<'a, crate::io::IoResult<()>> {
+        let o = offset as usize;
+        self.data.borrow_mut()[o..o + data.len()].copy_from_slice(&data);
+        crate::driver::ready(Ok(()))
+    }
+}
+
+#[test]
+fn a_freed_cluster_is_not_reused_while_a_read_of_it_is_in_flight() {
+    let mut q = Qmp::new();
+    let data = Rc::new(core::cell::RefCell::new(vec![0u8; 16 << 20]));
+    let gate = super::mem::Gate::closed();
+    let armed = Rc::new(core::cell::Cell::new(false));
+    let (d2, g2, a2) = (data.clone(), gate.clone(), armed.clone());
+    q.bl.register_driver(crate::open::DriverClass::new("slowreads", move |_| {
+        let (data, gate, armed) = (d2.clone(), g2.clone(), a2.clone());
+        Ok(Box::new(move |_| {
+            Ok(Box::new(SlowReads { data, gate, armed }) as Box<dyn crate::driver::BlockDriver>)
+        }))
+    }));
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "slowreads", "node-name": "f"}),
+    );
+    assert_eq!(
+        create(
+            &mut q,
+            json!({"driver": "qcow2", "file": "f", "size": 4 * MIB})
+        ),
+        None
+    );
+    open(&mut q, "q", json!({"file": "f"}));
+    q.io("q", "write -P 0x11 0 64k");
+    q.io("q", "flush");
+    armed.set(true);
+    let exec = q.bl.executor().clone();
+    let n = node(&q, "q");
+    let reader = exec.spawn(async move { n.read(0, 65536, ReqFlags::NONE).await });
+    q.settle();
+    assert!(
+        !reader.is_finished() && gate.waiting() == 1,
+        "the read waits at the file"
+    );
+    let n = node(&q, "q");
+    let writer = exec.spawn(async move {
+        n.discard(0, 65536).await?;
+        n.flush().await?;
+        n.write(MIB, vec![0x22; 65536], ReqFlags::NONE).await
+    });
+    q.settle();
+    assert!(!writer.is_finished(), "the free waits for the read");
+    gate.open();
+    q.settle();
+    assert_eq!(reader.try_take(), Some(Ok(vec![0x11; 65536])));
+    assert_eq!(writer.try_take(), Some(Ok(())));
+    armed.set(false);
+    assert!(q.io("q", "read -P 0 0 64k").starts_with("read"));
+    assert!(q.io("q", "read -P 0x22 1M 64k").starts_with("read"));
+    assert!(check(&q, "q").is_clean());
+}

@@ -29,14 +29,22 @@ use crate::io::{BlockStatus, IoError, IoResult, ReqFlags};
 use super::cluster::{ALL_ALLOC, ALL_ZEROES, COPIED, L2Entry, Sub, ZERO};
 use super::state::State;
 
-enum Src {
+/// Where a run of guest bytes comes from.
+pub enum Src {
+    /// The image file at this offset.
     File(u64),
+    /// The backing file at this guest offset.
     Backing(u64),
+    /// Zeroes.
     Zero,
-    Compressed(L2Entry, u64),
+    /// Already decompressed bytes.
+    Bytes(Vec<u8>),
 }
 
-fn push_run(runs: &mut Vec<(usize, usize, Src)>, pos: usize, n: usize, src: Src) {
+/// A read plan: `(position in the request, length, source)`.
+pub type Runs = Vec<(usize, usize, Src)>;
+
+fn push_run(runs: &mut Runs, pos: usize, n: usize, src: Src) {
     if let Some((_, ln, last)) = runs.last_mut() {
         let n0 = *ln as u64;
         let merge = match (&*last, &src) {
@@ -51,6 +59,30 @@ fn push_run(runs: &mut Vec<(usize, usize, Src)>, pos: usize, n: usize, src: Src)
         }
     }
     runs.push((pos, n, src));
+}
+
+/// Executes a read plan; needs no lock (see [`super::state::Inflight`]).
+pub async fn exec_read(
+    runs: Runs,
+    f: &Child,
+    backing: Option<&Child>,
+    len: usize,
+) -> IoResult<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    for (pos, n, src) in runs {
+        let dst = &mut out[pos..pos + n];
+        match src {
+            Src::Zero => {}
+            Src::File(h) => dst.copy_from_slice(&f.read(h, n, ReqFlags::NONE).await?),
+            Src::Backing(go) => {
+                if let Some(b) = backing {
+                    dst.copy_from_slice(&b.read(go, n, ReqFlags::NONE).await?);
+                }
+            }
+            Src::Bytes(b) => dst.copy_from_slice(&b),
+        }
+    }
+    Ok(out)
 }
 
 /// One cluster's part of a write.
@@ -78,16 +110,17 @@ fn bits(u0: u64, u1: u64) -> u64 {
 }
 
 impl State {
-    /// Reads guest bytes `[g, g+len)`.
-    pub async fn read(
+    /// Plans the read of guest bytes `[g, g+len)`: the mapping is looked
+    /// up (and compressed clusters decompressed) now, the data I/O can run
+    /// later without the lock.
+    pub async fn map_read(
         &mut self,
         f: &Child,
-        backing: Option<&Child>,
+        has_backing: bool,
         g: u64,
         len: usize,
-    ) -> IoResult<Vec<u8>> {
-        let mut out = vec![0u8; len];
-        let mut runs: Vec<(usize, usize, Src)> = Vec::new();
+    ) -> IoResult<Runs> {
+        let mut runs: Runs = Vec::new();
         let mut pos = 0usize;
         while pos < len {
             let go = g + pos as u64;
@@ -105,37 +138,70 @@ impl State {
                 };
                 let n = core::cmp::min(n_cl - p, unit_end - off);
                 let src = match self.sub(e, u)? {
-                    Sub::Unallocated => match backing {
-                        Some(_) => Src::Backing(go + p),
-                        None => Src::Zero,
-                    },
-                    Sub::Zero => Src::Zero,
+                    Sub::Unallocated if has_backing => Src::Backing(go + p),
+                    Sub::Unallocated | Sub::Zero => Src::Zero,
                     Sub::Data(h) => Src::File(h + off - u * self.unit),
-                    Sub::Compressed => Src::Compressed(e, off),
+                    Sub::Compressed => {
+                        let d = self.decompress(f, e).await?;
+                        let o = off as usize;
+                        Src::Bytes(d.get(o..o + n as usize).ok_or(IoError::Eio)?.to_vec())
+                    }
                 };
                 push_run(&mut runs, pos + p as usize, n as usize, src);
                 p += n;
             }
             pos += n_cl as usize;
         }
-        for (pos, n, src) in runs {
-            let dst = &mut out[pos..pos + n];
-            match src {
-                Src::Zero => {}
-                Src::File(h) => dst.copy_from_slice(&self.pread(f, h, n).await?),
-                Src::Backing(go) => {
-                    if let Some(b) = backing {
-                        dst.copy_from_slice(&b.read(go, n, ReqFlags::NONE).await?);
-                    }
-                }
-                Src::Compressed(e, off) => {
-                    let d = self.decompress(f, e).await?;
-                    let o = off as usize;
-                    dst.copy_from_slice(d.get(o..o + n).ok_or(IoError::Eio)?);
+        Ok(runs)
+    }
+
+    /// Reads guest bytes `[g, g+len)` under the lock (copy-on-write).
+    pub async fn read(
+        &mut self,
+        f: &Child,
+        backing: Option<&Child>,
+        g: u64,
+        len: usize,
+    ) -> IoResult<Vec<u8>> {
+        let runs = self.map_read(f, backing.is_some(), g, len).await?;
+        exec_read(runs, f, backing, len).await
+    }
+
+    /// The host extents of a write that changes no metadata (every
+    /// touched (sub)cluster already holds data with refcount 1), or `None`
+    /// (QEMU: the `QCOW2_SUBCLUSTER_NORMAL` fast path of
+    /// `qcow2_alloc_host_offset`): `(host offset, position, length)`.
+    pub async fn map_in_place(
+        &mut self,
+        f: &Child,
+        g: u64,
+        len: usize,
+    ) -> IoResult<Option<Vec<(u64, usize, usize)>>> {
+        let mut out: Vec<(u64, usize, usize)> = Vec::new();
+        let mut pos = 0usize;
+        while pos < len {
+            let go = g + pos as u64;
+            let e = self.entry(f, go).await?;
+            let in_cl = go % self.cs;
+            let n = core::cmp::min((len - pos) as u64, self.cs - in_cl) as usize;
+            if e.word & COPIED == 0 || self.is_compressed(e) {
+                return Ok(None);
+            }
+            let u0 = in_cl / self.unit;
+            let u1 = (in_cl + n as u64 - 1) / self.unit;
+            for u in u0..=u1 {
+                if !matches!(self.sub(e, u)?, Sub::Data(_)) {
+                    return Ok(None);
                 }
             }
+            let host = self.host(e) + in_cl;
+            match out.last_mut() {
+                Some((h, _, l)) if *h + *l as u64 == host => *l += n,
+                _ => out.push((host, pos, n)),
+            }
+            pos += n;
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Whether unit `u` of `e` is shared with a snapshot (refcount > 1).

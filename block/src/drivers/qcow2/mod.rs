@@ -204,9 +204,16 @@ impl BlockDriver for Qcow2 {
         len: usize,
         _: ReqFlags,
     ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
-        with_state!(self, node, |st, f| {
+        Box::pin(async move {
+            let f = file(node)?;
             let b = node.child("backing");
-            st.read(&f, b.as_deref(), offset, len).await
+            let (runs, _busy) = {
+                let mut guard = self.st.lock().await;
+                let st = guard.as_mut().ok_or(IoError::Enomedium)?;
+                let runs = st.map_read(&f, b.is_some(), offset, len).await?;
+                (runs, st.inflight.begin())
+            };
+            io::exec_read(runs, &f, b.as_deref(), len).await
         })
     }
 
@@ -217,9 +224,29 @@ impl BlockDriver for Qcow2 {
         data: Vec<u8>,
         _: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
-        with_state!(self, node, |st, f| {
-            let b = node.child("backing");
-            st.write(&f, b.as_deref(), offset, &data).await
+        Box::pin(async move {
+            let f = file(node)?;
+            let (extents, _busy) = {
+                let mut guard = self.st.lock().await;
+                let st = guard.as_mut().ok_or(IoError::Enomedium)?;
+                st.check_writable()?;
+                match st.map_in_place(&f, offset, data.len()).await? {
+                    Some(x) => (x, st.inflight.begin()),
+                    None => {
+                        let b = node.child("backing");
+                        return st.write(&f, b.as_deref(), offset, &data).await;
+                    }
+                }
+            };
+            // Only data changes: no lock, as QEMU drops `s->lock` here.
+            if let [(host, _, _)] = extents[..] {
+                return f.write(host, data, ReqFlags::NONE).await;
+            }
+            for (host, pos, n) in extents {
+                f.write(host, data[pos..pos + n].to_vec(), ReqFlags::NONE)
+                    .await?;
+            }
+            Ok(())
         })
     }
 

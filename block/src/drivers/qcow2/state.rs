@@ -20,6 +20,7 @@
 //! never a cluster in use with a refcount too small.
 
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -100,6 +101,42 @@ impl<T> Drop for CoGuard<'_, T> {
     }
 }
 
+/// Data requests running without the image lock (reads of allocated
+/// clusters, writes that change no metadata). Freed clusters are handed
+/// back only once these are done, so a request never reads or writes a
+/// cluster that was reused in the meantime.
+#[derive(Default)]
+pub struct Inflight {
+    count: Cell<u32>,
+    idle: WaitQueue,
+}
+
+/// One request counted in [`Inflight`].
+pub struct InflightGuard(Rc<Inflight>);
+
+impl Inflight {
+    /// Counts a request until the guard is dropped.
+    pub fn begin(self: &Rc<Self>) -> InflightGuard {
+        self.count.set(self.count.get() + 1);
+        InflightGuard(self.clone())
+    }
+
+    /// Waits until no request is counted.
+    pub async fn drain(&self) {
+        self.idle.wait_until(|| self.count.get() == 0).await;
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let n = self.0.count.get().saturating_sub(1);
+        self.0.count.set(n);
+        if n == 0 {
+            self.0.idle.wake_all();
+        }
+    }
+}
+
 /// Reads a big-endian u64 at `at` (0 past the end).
 pub fn get64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
@@ -155,6 +192,8 @@ pub struct State {
     pub zcache: Option<(u64, Vec<u8>)>,
     /// Discard freed clusters in the file (`pass-discard-request`).
     pub pass_discard: bool,
+    /// Data requests running without the lock.
+    pub inflight: Rc<Inflight>,
 }
 
 impl State {
@@ -189,6 +228,7 @@ impl State {
             corrupt: false,
             zcache: None,
             pass_discard: true,
+            inflight: Rc::default(),
             h,
         }
     }
@@ -350,8 +390,11 @@ impl State {
         }
         self.write_dirty_l2(f).await?;
         if !self.pending_free.is_empty() {
-            // The L2 tables that dropped these clusters must be durable.
+            // The L2 tables that dropped these clusters must be durable, and
+            // no request may still be using them.
             f.flush().await?;
+            let inflight = self.inflight.clone();
+            inflight.drain().await;
             let frees = core::mem::take(&mut self.pending_free);
             for (off, len) in frees {
                 self.free_now(f, off, len).await?;
