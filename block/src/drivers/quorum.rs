@@ -105,7 +105,13 @@ fn parse(d: &mut DriverOpts<'_, '_>) -> Result<Opener, QmpError> {
 
 fn sectors(offset: u64, len: u64) -> (u64, u64) {
     let start = offset / 512;
-    (start, offset.saturating_add(len).div_ceil(512).saturating_sub(start))
+    (
+        start,
+        offset
+            .saturating_add(len)
+            .div_ceil(512)
+            .saturating_sub(start),
+    )
 }
 
 /// The child edges that are quorum members.
