@@ -985,3 +985,56 @@ fn a_freed_cluster_is_not_reused_while_a_read_of_it_is_in_flight() {
     assert!(q.io("q", "read -P 0x22 1M 64k").starts_with("read"));
     assert!(check(&q, "q").is_clean());
 }
+
+#[test]
+fn random_metadata_corruption_never_panics_or_hangs() {
+    let size = 4 * MIB;
+    let mut q = Qmp::new();
+    image(&mut q, "f", size, json!({"cluster-size": 4096}));
+    open(&mut q, "q", json!({"file": "f"}));
+    q.io("q", "write -P 0x11 0 100k");
+    q.io("q", "write -P 0x22 2M 8k");
+    q.io("q", "write -z 1M 64k");
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    let mut good = file_bytes(&q, "f");
+    good.truncate(8 << 20);
+    let mut rng = Rng(2024);
+    for iter in 0..200 {
+        let mut q = Qmp::new();
+        mem(&mut q, "f", good.len() as u64);
+        {
+            let f = node(&q, "f");
+            let m = Env::mem_driver(&f);
+            let mut d = m.data.borrow_mut();
+            d.copy_from_slice(&good);
+            for _ in 0..1 + rng.below(8) {
+                let at = rng.below(64 << 10) as usize;
+                d[at] = match rng.below(3) {
+                    0 => rng.next() as u8,
+                    1 => 0xff,
+                    _ => 0,
+                };
+            }
+        }
+        let read_only = iter % 4 == 0;
+        let r = q.cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q", "file": "f", "discard": "unmap",
+                   "read-only": read_only}),
+        );
+        if r.is_err() {
+            continue;
+        }
+        let _ = q.io("q", "read 0 1M");
+        let _ = q.io("q", "read 2M 64k");
+        if !read_only {
+            let off = rng.below(size - 70_000);
+            let _ = q.io("q", &format!("write -P 0x33 {off} 70000"));
+            let _ = q.io("q", &format!("write -z {} 9000", rng.below(size - 9000)));
+            let _ = q.io("q", &format!("discard {} 65536", rng.below(size - 65536)));
+            let _ = q.io("q", "flush");
+            let _ = q.io("q", "write -P 0x44 3M 4k");
+        }
+        let _ = q.cmd("blockdev-del", json!({"node-name": "q"}));
+    }
+}

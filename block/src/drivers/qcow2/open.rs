@@ -13,6 +13,7 @@ use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec;
+use alloc::vec::Vec;
 
 use crate::child::{Child, attach_node_child};
 use crate::io::ReqFlags;
@@ -60,6 +61,26 @@ fn validate(
         ));
     }
     Ok(())
+}
+
+/// Reads a table of big-endian entries in pieces, into memory reserved
+/// without aborting: a table too large for this machine is an error.
+async fn read_table(f: &Child, off: u64, bytes: u64, what: &str) -> Result<Vec<u64>, String> {
+    let n = (bytes / 8) as usize;
+    let mut t: Vec<u64> = Vec::new();
+    t.try_reserve_exact(n)
+        .map_err(|_| format!("Could not allocate memory for the {what} ({bytes} bytes)"))?;
+    let mut done = 0u64;
+    while done < bytes {
+        let chunk = (bytes - done).min(64 << 10);
+        let b = f
+            .read(off + done, chunk as usize, ReqFlags::NONE)
+            .await
+            .map_err(|e| format!("Could not read the {what}: {e}"))?;
+        t.extend(decode_table(&b));
+        done += chunk;
+    }
+    Ok(t)
 }
 
 /// Reads and checks the image behind `f`; the returned state is ready.
@@ -130,31 +151,27 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
         MAX_L1_BYTES,
         "Active L1 table",
     )?;
-    let rt = f
-        .read(h.refcount_table_offset, rt_bytes as usize, ReqFlags::NONE)
-        .await
-        .map_err(|e| format!("Could not read the reference count table: {e}"))?;
-    let l1 = if l1_bytes > 0 {
-        f.read(h.l1_table_offset, l1_bytes as usize, ReqFlags::NONE)
-            .await
-            .map_err(|e| format!("Could not read the L1 table: {e}"))?
-    } else {
-        vec![]
-    };
+    let rt = read_table(
+        f,
+        h.refcount_table_offset,
+        rt_bytes,
+        "reference count table",
+    )
+    .await?;
+    let l1 = read_table(f, h.l1_table_offset, l1_bytes, "L1 table").await?;
     let autoclear = h.autoclear;
-    let mut st = State::new(
-        name,
-        h,
-        decode_table(&l1),
-        decode_table(&rt),
-        file_len,
-        read_only,
-    );
-    for (i, e) in st.reftable.clone().iter().enumerate() {
+    let mut st = State::new(name, h, l1, rt, file_len, read_only);
+    let mut seen = alloc::collections::BTreeSet::new();
+    for (i, e) in st.reftable.iter().enumerate() {
         let off = e & super::state::OFFSET_MASK;
         if off != 0 && (!off.is_multiple_of(cs) || off < cs || off + cs > file_len) {
             return Err(format!(
                 "Refcount block {i} at offset {off:#x} is outside the image file or unaligned"
+            ));
+        }
+        if off != 0 && !seen.insert(off) {
+            return Err(format!(
+                "Refcount block {i} at offset {off:#x} is used twice in the refcount table"
             ));
         }
     }

@@ -128,9 +128,20 @@ impl State {
         let mut start = self.free_index;
         let mut run = 0;
         let mut c = self.free_index;
+        // Past the end of the file every cluster is free in a sound image;
+        // refcounts that say otherwise must not send this loop to 2^56.
+        let limit = (self.file_len / self.cs)
+            .max(self.free_index)
+            .saturating_add(n + self.rb_entries + 1);
         while run < n {
             if c.saturating_mul(self.cs) >= MAX_HOST {
                 return Err(IoError::Enospc);
+            }
+            if c > limit {
+                return Err(self.corruption(&format!(
+                    "refcounts claim clusters up to {:#x}, past the end of the image file",
+                    c * self.cs
+                )));
             }
             if self.refcount(f, c).await? == 0 {
                 if run == 0 {
@@ -216,7 +227,12 @@ impl State {
         let want = min_entries.max(old_len + old_len / 2 + 1);
         let mut clusters = want.div_ceil(per_cluster);
         let mut k = 0u64;
+        let mut rounds = 0;
         let (start, missing) = loop {
+            rounds += 1;
+            if rounds > 64 {
+                return Err(self.corruption("the refcount table cannot be grown"));
+            }
             let total = clusters + k;
             let start = self.find_free(f, total).await?;
             let first_ti = start / self.rb_entries;
