@@ -1038,3 +1038,22 @@ fn random_metadata_corruption_never_panics_or_hangs() {
         let _ = q.cmd("blockdev-del", json!({"node-name": "q"}));
     }
 }
+
+#[test]
+fn zeroing_an_empty_terabyte_allocates_nothing() {
+    let mut q = Qmp::new();
+    image(&mut q, "f", 1 << 40, json!({}));
+    open(&mut q, "q", json!({"file": "f"}));
+    let before = file_bytes(&q, "f");
+    let n = node(&q, "q");
+    let r = q.bl.wait(async move {
+        n.write_zeroes(0, 1 << 40, ReqFlags::MAY_UNMAP).await?;
+        n.discard(0, 1 << 40).await
+    });
+    assert_eq!(r.unwrap(), Ok(()));
+    q.io("q", "flush");
+    assert!(before == file_bytes(&q, "f"), "no metadata was needed");
+    assert!(q.io("q", "write -P 0x7 512G 4k").starts_with("wrote"));
+    assert!(q.io("q", "read -P 0x7 512G 4k").starts_with("read"));
+    assert!(check(&q, "q").is_clean());
+}

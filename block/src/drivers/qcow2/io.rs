@@ -413,11 +413,20 @@ impl State {
         let end = g + len;
         let mut pos = g;
         while pos < end {
+            if backing.is_none()
+                && let Some(next) = self.skip_unmapped(pos, end)
+            {
+                // No L2 table and no backing file: already zeroes.
+                pos = next;
+                continue;
+            }
             let in_cl = pos % self.cs;
             let n = core::cmp::min(end - pos, self.cs - in_cl);
             let gcl = pos - in_cl;
             let e = self.entry(f, gcl).await?;
-            if n == self.cs {
+            if n == self.cs && backing.is_none() && e == L2Entry::default() {
+                // Unallocated without a backing file reads as zeroes.
+            } else if n == self.cs {
                 let (new, free) = self.zero_whole(e, may_unmap);
                 if new != e {
                     self.set_entry(f, gcl, new).await?;
@@ -522,6 +531,10 @@ impl State {
         let mut pos = g.div_ceil(unit) * unit;
         let end = (g + len) / unit * unit;
         while pos < end {
+            if !has_backing && let Some(next) = self.skip_unmapped(pos, end) {
+                pos = next;
+                continue;
+            }
             let in_cl = pos % self.cs;
             let n = core::cmp::min(end - pos, self.cs - in_cl);
             let gcl = pos - in_cl;
@@ -570,6 +583,17 @@ impl State {
             pos += n;
         }
         Ok(())
+    }
+
+    /// If guest offset `pos` lies under an L1 entry without an L2 table,
+    /// the end of that entry's range (at most `end`).
+    fn skip_unmapped(&self, pos: u64, end: u64) -> Option<u64> {
+        let (l1i, _) = self.indices(pos);
+        if self.l1.get(l1i as usize).copied().unwrap_or(0) & super::state::OFFSET_MASK != 0 {
+            return None;
+        }
+        let span = self.cs * self.l2_entries;
+        Some(core::cmp::min(end, (l1i + 1) * span))
     }
 
     fn class(s: Sub) -> u8 {
