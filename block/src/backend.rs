@@ -302,6 +302,16 @@ impl Backend {
         }
     }
 
+    /// Re-points the root to a new edge without ejecting (QEMU:
+    /// `bdrv_replace_child_noperm` on a BlockBackend's root, as
+    /// `bdrv_replace_node` does when a mirror pivots): no notifier fires and
+    /// the user never sees ENOMEDIUM. The caller attached `edge` (see
+    /// [`crate::child::attach_backend_root`]) and detaches the returned old
+    /// edge, dropping its reference.
+    pub(crate) fn swap_root(&self, edge: Rc<Child>) -> Option<Rc<Child>> {
+        self.root.borrow_mut().replace(edge)
+    }
+
     /// Ejects the root (QEMU: `blk_remove_bs`): remove notifiers, drain,
     /// detach, drop the reference (which may close the tree). Returns
     /// whether there was a root.

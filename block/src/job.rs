@@ -218,6 +218,35 @@ pub trait JobDriver {
             job.id()
         ))
     }
+
+    /// A cancel request (QEMU: `JobDriver.cancel`): returns whether it is
+    /// a forced cancel. A job without its own rule is always force-cancelled;
+    /// a ready mirror cancelled without `force` completes without pivoting.
+    fn cancel(&self, job: &Job, force: bool) -> bool {
+        let _ = (job, force);
+        true
+    }
+
+    /// Commits the job's result when it finalizes successfully (QEMU:
+    /// `JobDriver.prepare`, e.g. a mirror's pivot); an error aborts it.
+    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+        let _ = job;
+        Box::pin(core::future::ready(Ok(())))
+    }
+
+    /// Undoes what the job did when it fails or is cancelled (QEMU:
+    /// `JobDriver.abort`).
+    fn abort(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, ()> {
+        let _ = job;
+        Box::pin(core::future::ready(()))
+    }
+
+    /// Cleans up after `prepare` or `abort`, before the job's backends go
+    /// (QEMU: `JobDriver.clean`, e.g. removing a filter node).
+    fn clean(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, ()> {
+        let _ = job;
+        Box::pin(core::future::ready(()))
+    }
 }
 
 /// How a job is created.
@@ -250,7 +279,10 @@ pub struct Job {
     user_paused: Cell<bool>,
     progress: Cell<(u64, u64)>,
     speed: Cell<u64>,
-    auto_dismiss: bool,
+    auto_dismiss: Cell<bool>,
+    auto_finalize: Cell<bool>,
+    finalize_requested: Cell<bool>,
+    io_status: Cell<&'static str>,
     error: RefCell<Option<String>>,
     backends: RefCell<Vec<Rc<Backend>>>,
     wake: WaitQueue,
@@ -284,7 +316,10 @@ impl Registry {
             user_paused: Cell::new(false),
             progress: Cell::new((0, 0)),
             speed: Cell::new(opts.speed),
-            auto_dismiss: opts.auto_dismiss,
+            auto_dismiss: Cell::new(opts.auto_dismiss),
+            auto_finalize: Cell::new(true),
+            finalize_requested: Cell::new(false),
+            io_status: Cell::new("ok"),
             error: RefCell::new(None),
             backends: RefCell::new(Vec::new()),
             wake: WaitQueue::new(),
@@ -313,9 +348,71 @@ impl Job {
         self.status.get()
     }
 
-    /// Whether the job was cancelled.
+    /// Whether a cancel was requested: the job's body stops (QEMU:
+    /// `job_cancel_requested`).
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.get()
+    }
+
+    /// Whether the job was force-cancelled, so that it ends as cancelled
+    /// rather than completed (QEMU: `job_is_cancelled`).
+    pub fn is_force_cancelled(&self) -> bool {
+        self.cancelled.get() && self.force.get()
+    }
+
+    /// Whether the job was started.
+    pub fn is_started(&self) -> bool {
+        self.started.get()
+    }
+
+    /// Whether the user paused the job (QEMU: `job->user_paused`).
+    pub fn is_user_paused(&self) -> bool {
+        self.user_paused.get()
+    }
+
+    /// `auto-finalize` (QEMU default: true).
+    pub fn auto_finalize(&self) -> bool {
+        self.auto_finalize.get()
+    }
+
+    /// `auto-dismiss` (QEMU default: true).
+    pub fn auto_dismiss(&self) -> bool {
+        self.auto_dismiss.get()
+    }
+
+    /// Sets `auto-finalize` and `auto-dismiss`; call before [`Job::start`].
+    pub fn set_auto(&self, finalize: bool, dismiss: bool) {
+        self.auto_finalize.set(finalize);
+        self.auto_dismiss.set(dismiss);
+    }
+
+    /// The QAPI `BlockDeviceIoStatus` of the job (`ok`, `failed`,
+    /// `nospace`; QEMU: `BlockJob.iostatus`).
+    pub fn io_status(&self) -> &'static str {
+        self.io_status.get()
+    }
+
+    /// Records an I/O error that stopped the job (QEMU:
+    /// `block_job_iostatus_set_err`); the first error sticks until resume.
+    pub fn set_io_status(&self, status: &'static str) {
+        if self.io_status.get() == "ok" {
+            self.io_status.set(status);
+        }
+    }
+
+    /// Pauses the job as `job-pause` would (QEMU: `job_pause` with
+    /// `user_paused`, what the `stop` error policy does); a no-op if the
+    /// user already paused it.
+    pub fn pause_for_error(&self) {
+        if !self.user_paused.get() {
+            self.user_paused.set(true);
+            self.pause_count.set(self.pause_count.get() + 1);
+        }
+    }
+
+    /// Wakes the job if it sleeps (QEMU: `job_enter`).
+    pub fn enter(&self) {
+        self.wake.wake_all();
     }
 
     /// `(current, total)` progress.
@@ -343,7 +440,8 @@ impl Job {
         self.backends.borrow().clone()
     }
 
-    fn registry(&self) -> Option<Rc<Registry>> {
+    /// The registry the job belongs to.
+    pub fn registry(&self) -> Option<Rc<Registry>> {
         self.registry.upgrade()
     }
 
@@ -416,39 +514,72 @@ impl Job {
         let Some(r) = self.registry() else { return };
         let job = self.clone();
         r.executor().spawn(async move {
-            if !job.cancelled.get() {
+            let ran = !job.cancelled.get();
+            if ran {
                 job.transition(JobStatus::Running);
                 let res = job.driver.clone().run(job.clone()).await;
                 if let Err(e) = res {
                     *job.error.borrow_mut() = Some(e);
                 }
             }
-            job.finish().await;
+            job.finish(ran).await;
         });
     }
 
-    async fn finish(self: &Rc<Self>) {
+    fn failed(&self) -> bool {
+        self.is_force_cancelled() || self.error.borrow().is_some()
+    }
+
+    /// The end of a job (QEMU: `job_completed` → `job_completed_txn_success`
+    /// → `job_do_finalize` → `job_finalize_single`, or
+    /// `job_completed_txn_abort`): waiting → pending → (job-finalize unless
+    /// auto-finalize) → prepare → clean → `BLOCK_JOB_COMPLETED`; or aborting
+    /// → abort → clean → `BLOCK_JOB_CANCELLED` / `BLOCK_JOB_COMPLETED` with
+    /// the error. Then concluded, and null with auto-dismiss.
+    async fn finish(self: &Rc<Self>, ran: bool) {
         let r = self.registry();
+        if !self.failed() && ran {
+            self.transition(JobStatus::Waiting);
+            self.transition(JobStatus::Pending);
+            if !self.auto_finalize.get() {
+                if let Some(r) = &r {
+                    r.emit(
+                        "BLOCK_JOB_PENDING",
+                        json!({"type": self.job_type(), "id": self.id}),
+                    );
+                }
+                self.wake
+                    .wait_until(|| self.finalize_requested.get() || self.cancelled.get())
+                    .await;
+                if self.cancelled.get() {
+                    // Cancelling a pending job aborts it (QEMU: job_cancel
+                    // of a pending job is always forced).
+                    self.force.set(true);
+                }
+            }
+            if !self.failed()
+                && let Err(e) = self.driver.clone().prepare(self.clone()).await
+            {
+                *self.error.borrow_mut() = Some(e);
+            }
+        }
+        let failed = self.failed() || !ran;
+        if failed {
+            self.transition(JobStatus::Aborting);
+            self.driver.clone().abort(self.clone()).await;
+        }
+        self.driver.clone().clean(self.clone()).await;
         let (offset, len) = self.progress.get();
         let mut data = json!({
             "type": self.job_type(), "device": self.id, "len": len, "offset": offset, "speed": self.speed.get(),
         });
-        if self.cancelled.get() || self.error.borrow().is_some() {
-            self.transition(JobStatus::Aborting);
-            if let Some(r) = &r {
-                if self.cancelled.get() && self.error.borrow().is_none() {
-                    r.emit("BLOCK_JOB_CANCELLED", data);
-                } else {
-                    if let (Some(e), Value::Object(m)) = (self.error.borrow().clone(), &mut data) {
-                        m.insert("error".into(), Value::String(e));
-                    }
-                    r.emit("BLOCK_JOB_COMPLETED", data);
+        if let Some(r) = &r {
+            if failed && self.error.borrow().is_none() {
+                r.emit("BLOCK_JOB_CANCELLED", data);
+            } else {
+                if let (Some(e), Value::Object(m)) = (self.error.borrow().clone(), &mut data) {
+                    m.insert("error".into(), Value::String(e));
                 }
-            }
-        } else {
-            self.transition(JobStatus::Waiting);
-            self.transition(JobStatus::Pending);
-            if let Some(r) = &r {
                 r.emit("BLOCK_JOB_COMPLETED", data);
             }
         }
@@ -458,9 +589,20 @@ impl Job {
             b.delete().await;
         }
         self.transition(JobStatus::Concluded);
-        if self.auto_dismiss {
+        if self.auto_dismiss.get() {
             self.dismiss_now();
         }
+    }
+
+    /// Drops a job that was created but could not be set up (QEMU:
+    /// `job_early_fail`): releases its backends and goes to null without
+    /// running.
+    pub async fn early_fail(self: &Rc<Self>) {
+        let backends = core::mem::take(&mut *self.backends.borrow_mut());
+        for b in backends {
+            b.delete().await;
+        }
+        self.dismiss_now();
     }
 
     fn dismiss_now(&self) {
@@ -473,12 +615,9 @@ impl Job {
     /// `job-cancel` (QEMU: `job_cancel`). `force` also cancels a ready
     /// mirror without completing it. Cancelling a concluded job dismisses it.
     pub fn cancel(self: &Rc<Self>, force: bool) -> Result<(), JobError> {
-        if self.status.get() == JobStatus::Concluded {
-            self.dismiss_now();
-            return Ok(());
-        }
         self.check_verb(JobVerb::Cancel)?;
         let never_started = !self.started.get();
+        let force = self.driver.cancel(self, force) || self.status.get() == JobStatus::Pending;
         self.cancelled.set(true);
         self.force.set(self.force.get() || force);
         if self.user_paused.get() {
@@ -520,7 +659,13 @@ impl Job {
         }
         self.user_paused.set(true);
         self.pause_count.set(self.pause_count.get() + 1);
+        self.wake.wake_all();
         Ok(())
+    }
+
+    /// Whether a pause was requested (QEMU: `job_should_pause`).
+    pub fn pause_requested(&self) -> bool {
+        self.pause_count.get() > 0 && !self.cancelled.get()
     }
 
     /// `job-resume` (QEMU: `job_user_resume`).
@@ -532,6 +677,16 @@ impl Job {
         self.user_paused.set(false);
         self.pause_count
             .set(self.pause_count.get().saturating_sub(1));
+        self.io_status.set("ok");
+        self.wake.wake_all();
+        Ok(())
+    }
+
+    /// `job-finalize` (QEMU: `job_finalize`): lets a pending job without
+    /// auto-finalize run its prepare step and conclude.
+    pub fn finalize(&self) -> Result<(), JobError> {
+        self.check_verb(JobVerb::Finalize)?;
+        self.finalize_requested.set(true);
         self.wake.wake_all();
         Ok(())
     }
@@ -539,7 +694,15 @@ impl Job {
     /// `job-complete`.
     pub fn complete(&self) -> Result<(), JobError> {
         self.check_verb(JobVerb::Complete)?;
-        self.driver.complete(self).map_err(JobError::Driver)
+        if self.cancelled.get() {
+            return Err(JobError::Driver(format!(
+                "The active block job '{}' cannot be completed",
+                self.id
+            )));
+        }
+        self.driver.complete(self).map_err(JobError::Driver)?;
+        self.wake.wake_all();
+        Ok(())
     }
 
     /// `job-dismiss`.
@@ -598,7 +761,9 @@ impl Job {
         let deadline = clock.now_ns().saturating_add(ns);
         let mut sleep = Box::pin(r.executor().timers().sleep_until(clock, deadline));
         core::future::poll_fn(|cx| {
-            if self.cancelled.get() {
+            // Cut short by a cancel or a pause request (QEMU: job_enter
+            // deletes the sleep timer).
+            if self.cancelled.get() || self.pause_count.get() > 0 {
                 return Poll::Ready(());
             }
             self.wake.register(cx.waker());

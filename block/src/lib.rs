@@ -23,6 +23,7 @@ pub mod event;
 pub mod exec;
 pub mod io;
 pub mod job;
+pub mod jobs;
 pub mod keyval;
 pub mod layer;
 pub mod nbd;

@@ -1,0 +1,266 @@
+//! `blockdev-backup` (QEMU: `block/backup.c`, `backup_job_create`,
+//! `backup_run`, `backup_loop`).
+//!
+//! The job attaches its backends on the source and the target, then puts a
+//! `copy-before-write` filter above the source ([`super::copy_before_write`]):
+//! from that moment on the target receives the source *as it was then*.
+//! The job copies every chunk still marked (at most [`MAX_IN_FLIGHT`] at
+//! once, at `speed`); `sync=top` skips what the source does not hold itself,
+//! `sync=none` copies nothing and only keeps old data safe until cancelled
+//! (image fleecing). A failed copy follows `on-source-error` /
+//! `on-target-error` (report fails the job; ignore and stop retry the
+//! chunk, stop after `job-resume`). At the end the filter goes and every
+//! user writes straight to the source again.
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use core::cell::RefCell;
+
+use crate::io::BoxFuture;
+use crate::job::{Job, JobDriver};
+use crate::node::Node;
+use crate::permission::Perm;
+
+use super::copy::{CopyError, MAX_IN_FLIGHT, Pool};
+use super::copy_before_write::{BlockCopy, CbwHook};
+use super::filter::{insert_filter, remove_filter};
+use super::mirror::{DEFAULT_GRANULARITY, MAX_CHUNK, SyncMode};
+use super::on_error::{ErrorAction, OnError, error_action};
+use super::rate_limit::RateLimit;
+
+/// How a backup is set up.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// `sync`.
+    pub sync: SyncMode,
+    /// `on-source-error`.
+    pub on_source_error: OnError,
+    /// `on-target-error`.
+    pub on_target_error: OnError,
+    /// `filter-node-name`.
+    pub filter_node_name: Option<String>,
+}
+
+/// Why a backup could not be started (QEMU's texts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupError {
+    /// Source and target are one node.
+    Same,
+    /// Different lengths.
+    Size,
+    /// A length could not be read.
+    Length(String),
+}
+
+impl core::fmt::Display for BackupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            BackupError::Same => f.write_str("Source and target cannot be the same"),
+            BackupError::Size => f.write_str("Source and target image have different sizes"),
+            BackupError::Length(e) => write!(f, "Unable to get length for '{e}'"),
+        }
+    }
+}
+
+/// One backup job.
+pub struct Backup {
+    opts: BackupOptions,
+    bcs: RefCell<Option<Rc<BlockCopy>>>,
+    filter: RefCell<Option<Rc<Node>>>,
+}
+
+/// Creates and starts backup job `id` of `source` into `target`.
+pub async fn start_backup(
+    id: &str,
+    source: &Rc<Node>,
+    target: &Rc<Node>,
+    opts: BackupOptions,
+    setup: super::JobSetup,
+) -> Result<Rc<Job>, String> {
+    let reg = source
+        .registry()
+        .ok_or_else(|| String::from("no registry"))?;
+    super::check_job_id(&reg, id)?;
+    if Rc::ptr_eq(source, target) {
+        return Err(BackupError::Same.to_string());
+    }
+    let len = source
+        .get_length()
+        .map_err(|_| BackupError::Length(source.name().into()).to_string())?;
+    let tlen = target
+        .get_length()
+        .map_err(|_| BackupError::Length(target.name().into()).to_string())?;
+    if len != tlen {
+        return Err(BackupError::Size.to_string());
+    }
+    let filter_name = opts.filter_node_name.clone();
+    let sync = opts.sync;
+    let drv = Rc::new(Backup {
+        opts,
+        bcs: RefCell::new(None),
+        filter: RefCell::new(None),
+    });
+    let job = reg
+        .create_job(id, drv.clone(), setup.job_options())
+        .map_err(|e| e.to_string())?;
+    let backends = job
+        .add_backend(source, Perm::CONSISTENT_READ, Perm::ALL.minus(Perm::RESIZE))
+        .and_then(|s| {
+            job.add_backend(
+                target,
+                Perm::WRITE,
+                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            )
+            .map(|t| (s, t))
+        });
+    let (src, tgt) = match backends {
+        Ok(x) => x,
+        Err(e) => {
+            job.early_fail().await;
+            return Err(e.to_string());
+        }
+    };
+    let top_of = (sync == SyncMode::Top).then(|| source.clone());
+    let keep = [src.clone()];
+    let bcs = BlockCopy::new(len, DEFAULT_GRANULARITY, src, tgt, top_of);
+    let hook = Rc::new(CbwHook { bcs: bcs.clone() });
+    let filter = match insert_filter(
+        source,
+        filter_name.as_deref(),
+        "copy-before-write",
+        "file",
+        hook,
+        &keep,
+    )
+    .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            job.early_fail().await;
+            return Err(e);
+        }
+    };
+    *drv.bcs.borrow_mut() = Some(bcs);
+    *drv.filter.borrow_mut() = Some(filter);
+    job.set_auto(setup.auto_finalize, setup.auto_dismiss);
+    job.start();
+    Ok(job)
+}
+
+type ChunkResult = (u64, u64, Result<u64, CopyError>);
+
+impl Backup {
+    async fn run_loop(&self, job: &Job) -> Result<(), String> {
+        let bcs = self
+            .bcs
+            .borrow()
+            .clone()
+            .ok_or_else(|| String::from("backup job without copy state"))?;
+        let total = bcs.remaining();
+        job.set_progress(0, total);
+        if self.opts.sync == SyncMode::None {
+            // Fleecing: the filter copies what is overwritten; the job
+            // waits to be cancelled (QEMU: backup_run's job_yield loop).
+            bcs.clear_all();
+            while !job.is_cancelled() {
+                job.sleep_ns(super::rate_limit::SLICE_NS).await;
+            }
+            return Ok(());
+        }
+        let clock = job
+            .registry()
+            .map(|r| r.clock())
+            .ok_or_else(|| String::from("no registry"))?;
+        let mut rate = RateLimit::new();
+        let mut pool: Pool<'_, ChunkResult> = Pool::new();
+        let mut from = 0u64;
+        let mut failure = None;
+        let chunk = MAX_CHUNK.max(bcs.granularity());
+        loop {
+            if job.is_cancelled() || failure.is_some() {
+                while pool.next().await.is_some() {}
+                break;
+            }
+            if pool.is_empty() {
+                job.pause_point().await;
+            }
+            let mut delay = 0;
+            while pool.len() < MAX_IN_FLIGHT && !job.pause_requested() && !job.is_cancelled() {
+                let Some((off, len)) = bcs.next_dirty(from, chunk) else {
+                    break;
+                };
+                let d = rate.delay_ns(clock.now_ns(), job.speed(), len);
+                if d > 0 {
+                    delay = d;
+                    break;
+                }
+                from = off + len;
+                let b = bcs.clone();
+                pool.push(Box::pin(
+                    async move { (off, len, b.copy_range(off, len).await) },
+                ));
+            }
+            if pool.is_empty() {
+                if delay > 0 {
+                    job.sleep_ns(delay).await;
+                    continue;
+                }
+                if job.pause_requested() {
+                    continue;
+                }
+                if bcs.remaining() == 0 {
+                    break;
+                }
+                // Chunks re-marked after an error: go round again.
+                from = 0;
+                crate::exec::yield_now().await;
+                continue;
+            }
+            if let Some((off, len, r)) = pool.next().await {
+                match r {
+                    Ok(_) => {}
+                    Err(e) => {
+                        let policy = if e.is_read() {
+                            self.opts.on_source_error
+                        } else {
+                            self.opts.on_target_error
+                        };
+                        match error_action(job, policy, e.is_read(), e.error()) {
+                            ErrorAction::Report => failure = Some(e.error().to_string()),
+                            ErrorAction::Ignore | ErrorAction::Stop => {
+                                from = from.min(off);
+                                let _ = len;
+                            }
+                        }
+                    }
+                }
+                job.set_progress(total - bcs.remaining().min(total), total);
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl JobDriver for Backup {
+    fn job_type(&self) -> &str {
+        "backup"
+    }
+
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move { self.run_loop(&job).await })
+    }
+
+    fn clean(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let filter = self.filter.borrow_mut().take();
+            if let Some(f) = filter {
+                remove_filter(f).await;
+            }
+            self.bcs.borrow_mut().take();
+        })
+    }
+}

@@ -1,0 +1,589 @@
+//! The job commands of QMP (QEMU: `blockdev.c`'s `qmp_blockdev_mirror`,
+//! `qmp_blockdev_backup`, `qmp_block_stream`, `qmp_block_commit`,
+//! `qmp_block_job_*`, and `job-qmp.c`'s `qmp_job_*`), with QEMU's argument
+//! names, defaults and error texts.
+//!
+//! ```text
+//! blockdev-mirror {"job-id"?, "device", "target", "sync": "full"|"top"|"none",
+//!                  "speed"?, "granularity"?, "buf-size"?, "on-source-error"?,
+//!                  "on-target-error"?, "filter-node-name"?, "copy-mode"?: "background",
+//!                  "unmap"?, "auto-finalize"?, "auto-dismiss"?}
+//! blockdev-backup {"job-id"?, "device", "target", "sync": "full"|"top"|"none",
+//!                  "speed"?, "compress"?: false, "on-source-error"?, "on-target-error"?,
+//!                  "filter-node-name"?, "auto-finalize"?, "auto-dismiss"?}
+//! block-stream    {"job-id"?, "device", "base"? | "base-node"?, "backing-file"?,
+//!                  "speed"?, "on-error"?, "filter-node-name"?, "auto-finalize"?, "auto-dismiss"?}
+//! block-commit    {"job-id"?, "device", "top"? | "top-node"?, "base"? | "base-node"?,
+//!                  "backing-file"?, "speed"?, "on-error"?, "filter-node-name"?,
+//!                  "auto-finalize"?, "auto-dismiss"?}
+//! job-pause | job-resume | job-cancel | job-complete | job-finalize | job-dismiss {"id"}
+//! block-job-pause | block-job-resume | block-job-complete {"device"}
+//! block-job-cancel {"device", "force"?}     block-job-set-speed {"device", "speed"}
+//! block-job-finalize | block-job-dismiss {"id"}
+//! query-jobs, query-block-jobs
+//! ```
+//! `job-cancel` is a forced cancel, as in QEMU; `block-job-cancel` without
+//! `force` lets a ready mirror complete without pivoting.
+
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use serde_json::{Value, json};
+
+use crate::job::{Job, JobStatus};
+use crate::layer::{BlockContext, BlockLayer};
+use crate::node::Node;
+use crate::qmp::{Args, Dispatcher, QmpError};
+
+use super::JobSetup;
+use super::backup::{BackupOptions, start_backup};
+use super::chain::{backing, chain, chain_contains, find_base};
+use super::commit::start_commit;
+use super::mirror::{DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY, MirrorOptions, SyncMode, start_mirror};
+use super::on_error::OnError;
+use super::stream::start_stream;
+
+type Res = Result<Value, QmpError>;
+
+fn ok() -> Res {
+    Ok(json!({}))
+}
+
+fn generic(e: impl ToString) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+/// `speed`, `auto-finalize`, `auto-dismiss`.
+fn job_setup(args: &Args<'_>) -> Result<JobSetup, QmpError> {
+    let speed = args.opt_i64("speed")?.unwrap_or(0);
+    if speed < 0 {
+        return Err(QmpError::invalid_parameter("speed"));
+    }
+    Ok(JobSetup {
+        speed: speed as u64,
+        auto_finalize: args.opt_bool("auto-finalize")?.unwrap_or(true),
+        auto_dismiss: args.opt_bool("auto-dismiss")?.unwrap_or(true),
+    })
+}
+
+/// The node `device` names: a backend's root or a node-name (QEMU:
+/// `bdrv_lookup_bs(device, device)`).
+fn lookup(bl: &BlockLayer, device: &str) -> Result<Rc<Node>, QmpError> {
+    bl.registry()
+        .lookup(Some(device), Some(device))
+        .map_err(QmpError::generic)
+}
+
+/// QEMU's `qmp_get_root_bs`: the node must have no parent node.
+fn root_node(bl: &BlockLayer, device: &str) -> Result<Rc<Node>, QmpError> {
+    let n = lookup(bl, device)?;
+    if n.parents().iter().any(|p| p.parent_node().is_some()) {
+        return Err(QmpError::generic("Need a root block node"));
+    }
+    Ok(n)
+}
+
+/// `job-id`, defaulting to the device's backend name (QEMU:
+/// `block_job_create`).
+fn job_id<'a>(bl: &BlockLayer, args: &Args<'a>, device: &'a str) -> Result<String, QmpError> {
+    match args.opt_str("job-id")? {
+        Some(id) => Ok(id.into()),
+        None if bl.registry().find_backend(device).is_some() => Ok(device.into()),
+        None => Err(QmpError::generic(
+            "An explicit job ID is required for this node",
+        )),
+    }
+}
+
+fn sync_mode(args: &Args<'_>) -> Result<SyncMode, QmpError> {
+    match args.enum_str("sync", &["top", "full", "none", "incremental", "bitmap"])? {
+        "top" => Ok(SyncMode::Top),
+        "full" => Ok(SyncMode::Full),
+        "none" => Ok(SyncMode::None),
+        other => Err(QmpError::generic(format!(
+            "Sync mode '{other}' not supported"
+        ))),
+    }
+}
+
+/// `blockdev-mirror` (QEMU: `qmp_blockdev_mirror` →
+/// `blockdev_mirror_common`).
+pub fn blockdev_mirror(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    args.check_known(&[
+        "job-id",
+        "device",
+        "target",
+        "replaces",
+        "sync",
+        "speed",
+        "granularity",
+        "buf-size",
+        "on-source-error",
+        "on-target-error",
+        "filter-node-name",
+        "copy-mode",
+        "unmap",
+        "auto-finalize",
+        "auto-dismiss",
+    ])?;
+    let device = args.str("device")?;
+    let target_name = args.str("target")?;
+    let sync = sync_mode(args)?;
+    let setup = job_setup(args)?;
+    let granularity = args.opt_u32("granularity")?.map_or(0, u64::from);
+    if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
+        return Err(QmpError::invalid_parameter_value(
+            "granularity",
+            "a value in range [512B, 64MB]",
+        ));
+    }
+    if granularity & granularity.wrapping_sub(1) != 0 {
+        return Err(QmpError::invalid_parameter_value(
+            "granularity",
+            "a power of 2",
+        ));
+    }
+    let buf_size = match args.opt_i64("buf-size")? {
+        Some(b) if b <= 0 => return Err(QmpError::invalid_parameter("buf-size")),
+        Some(b) => b as u64,
+        None => DEFAULT_BUF_SIZE,
+    };
+    if args.opt_str("replaces")?.is_some() {
+        return Err(QmpError::generic("'replaces' is not supported"));
+    }
+    if let Some(m) = args.opt_enum_str("copy-mode", &["background", "write-blocking"])?
+        && m != "background"
+    {
+        return Err(QmpError::generic(
+            "copy-mode 'write-blocking' is not supported",
+        ));
+    }
+    let _unmap = args.opt_bool("unmap")?;
+    let on_source_error = OnError::parse(args, "on-source-error")?;
+    let on_target_error = OnError::parse(args, "on-target-error")?;
+    let filter = args.opt_str("filter-node-name")?;
+    let source = root_node(bl, device)?;
+    let target = lookup(bl, target_name)?;
+    if Rc::ptr_eq(&source, &target) {
+        return Err(QmpError::generic("Can't mirror node into itself"));
+    }
+    let id = job_id(bl, args, device)?;
+    let opts = MirrorOptions {
+        sync,
+        granularity: if granularity == 0 {
+            DEFAULT_GRANULARITY
+        } else {
+            granularity
+        },
+        buf_size,
+        on_source_error,
+        on_target_error,
+        filter_node_name: filter.map(String::from),
+        commit_base: None,
+    };
+    bl.wait(start_mirror(&id, "mirror", &source, &target, opts, setup))?
+        .map_err(QmpError::generic)?;
+    ok()
+}
+
+/// `blockdev-backup` (QEMU: `qmp_blockdev_backup` → `backup_job_create`).
+pub fn blockdev_backup(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    args.check_known(&[
+        "job-id",
+        "device",
+        "target",
+        "sync",
+        "speed",
+        "compress",
+        "on-source-error",
+        "on-target-error",
+        "filter-node-name",
+        "auto-finalize",
+        "auto-dismiss",
+    ])?;
+    let device = args.str("device")?;
+    let target_name = args.str("target")?;
+    let sync = sync_mode(args)?;
+    let setup = job_setup(args)?;
+    if args.opt_bool("compress")? == Some(true) {
+        return Err(QmpError::generic(
+            "Compression is not supported for this drive",
+        ));
+    }
+    let opts = BackupOptions {
+        sync,
+        on_source_error: OnError::parse(args, "on-source-error")?,
+        on_target_error: OnError::parse(args, "on-target-error")?,
+        filter_node_name: args.opt_str("filter-node-name")?.map(String::from),
+    };
+    let source = lookup(bl, device)?;
+    let target = lookup(bl, target_name)?;
+    let id = job_id(bl, args, device)?;
+    bl.wait(start_backup(&id, &source, &target, opts, setup))?
+        .map_err(QmpError::generic)?;
+    ok()
+}
+
+/// A chain member by file name or node-name (QEMU:
+/// `bdrv_find_backing_image`).
+fn find_backing_image(top: &Rc<Node>, name: &str) -> Option<Rc<Node>> {
+    chain(top)
+        .into_iter()
+        .skip(1)
+        .find(|n| n.name() == name || n.filename() == name)
+}
+
+/// `block-stream` (QEMU: `qmp_block_stream`).
+pub fn block_stream(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    args.check_known(&[
+        "job-id",
+        "device",
+        "base",
+        "base-node",
+        "backing-file",
+        "backing-mask-protocol",
+        "speed",
+        "on-error",
+        "filter-node-name",
+        "auto-finalize",
+        "auto-dismiss",
+    ])?;
+    let device = args.str("device")?;
+    let base = args.opt_str("base")?;
+    let base_node = args.opt_str("base-node")?;
+    let _backing_file = args.opt_str("backing-file")?;
+    let _mask = args.opt_bool("backing-mask-protocol")?;
+    let setup = job_setup(args)?;
+    let on_error = OnError::parse(args, "on-error")?;
+    let filter = args.opt_str("filter-node-name")?;
+    if base.is_some() && base_node.is_some() {
+        return Err(QmpError::generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    let top = lookup(bl, device)?;
+    let base_bs =
+        match (base, base_node) {
+            (Some(b), _) => Some(find_backing_image(&top, b).ok_or_else(|| {
+                QmpError::generic(format!("Can't find '{b}' in the backing chain"))
+            })?),
+            (None, Some(b)) => {
+                let n = bl
+                    .registry()
+                    .lookup(None, Some(b))
+                    .map_err(QmpError::generic)?;
+                if Rc::ptr_eq(&n, &top) || !chain_contains(&top, &n) {
+                    return Err(QmpError::generic(format!(
+                        "Node '{b}' is not a backing image of '{device}'"
+                    )));
+                }
+                Some(n)
+            }
+            (None, None) => None,
+        };
+    let id = job_id(bl, args, device)?;
+    bl.wait(start_stream(&id, &top, base_bs, on_error, filter, setup))?
+        .map_err(QmpError::generic)?;
+    ok()
+}
+
+/// `block-commit` (QEMU: `qmp_block_commit`).
+pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    args.check_known(&[
+        "job-id",
+        "device",
+        "base-node",
+        "base",
+        "top-node",
+        "top",
+        "backing-file",
+        "backing-mask-protocol",
+        "speed",
+        "on-error",
+        "filter-node-name",
+        "auto-finalize",
+        "auto-dismiss",
+    ])?;
+    let device = args.str("device")?;
+    let base = args.opt_str("base")?;
+    let base_node = args.opt_str("base-node")?;
+    let top = args.opt_str("top")?;
+    let top_node = args.opt_str("top-node")?;
+    let _backing_file = args.opt_str("backing-file")?;
+    let _mask = args.opt_bool("backing-mask-protocol")?;
+    let setup = job_setup(args)?;
+    let on_error = OnError::parse(args, "on-error")?;
+    let filter = args.opt_str("filter-node-name")?;
+    if base.is_some() && base_node.is_some() {
+        return Err(QmpError::generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    if top.is_some() && top_node.is_some() {
+        return Err(QmpError::generic(
+            "'top' and 'top-node' cannot be specified at the same time",
+        ));
+    }
+    let bs = lookup(bl, device)?;
+    let reg = bl.registry();
+    let top_bs = match (top, top_node) {
+        (_, Some(t)) => {
+            let n = reg.lookup(None, Some(t)).map_err(QmpError::generic)?;
+            if !chain_contains(&bs, &n) {
+                return Err(QmpError::generic(format!(
+                    "'{t}' is not in this backing file chain"
+                )));
+            }
+            n
+        }
+        (Some(t), None) => {
+            if bs.name() == t || bs.filename() == t {
+                bs.clone()
+            } else {
+                find_backing_image(&bs, t)
+                    .ok_or_else(|| QmpError::generic(format!("Top image file {t} not found")))?
+            }
+        }
+        (None, None) => bs.clone(),
+    };
+    let base_bs = match (base, base_node) {
+        (_, Some(b)) => {
+            let n = reg.lookup(None, Some(b)).map_err(QmpError::generic)?;
+            if !chain_contains(&top_bs, &n) {
+                return Err(QmpError::generic(format!(
+                    "'{b}' is not in this backing file chain"
+                )));
+            }
+            n
+        }
+        (Some(b), None) => find_backing_image(&top_bs, b)
+            .ok_or_else(|| QmpError::generic(format!("Can't find '{b}' in the backing chain")))?,
+        (None, None) => find_base(&top_bs),
+    };
+    if Rc::ptr_eq(&top_bs, &base_bs) {
+        return Err(QmpError::generic("cannot commit an image into itself"));
+    }
+    if backing(&top_bs).is_none() {
+        return Err(QmpError::generic(format!(
+            "Top image '{}' has no backing file",
+            top_bs.name()
+        )));
+    }
+    let id = job_id(bl, args, device)?;
+    if Rc::ptr_eq(&top_bs, &bs) {
+        // Active commit (QEMU: commit_active_start).
+        let opts = MirrorOptions {
+            sync: SyncMode::Full,
+            on_source_error: on_error,
+            on_target_error: on_error,
+            filter_node_name: filter.map(String::from),
+            commit_base: Some(base_bs.clone()),
+            ..MirrorOptions::default()
+        };
+        bl.wait(start_mirror(&id, "commit", &bs, &base_bs, opts, setup))?
+            .map_err(QmpError::generic)?;
+    } else {
+        bl.wait(start_commit(&id, &bs, &top_bs, &base_bs, on_error, setup))?
+            .map_err(QmpError::generic)?;
+    }
+    ok()
+}
+
+// ---- the job verbs ----
+
+fn find_job(bl: &BlockLayer, id: &str) -> Result<Rc<Job>, QmpError> {
+    bl.registry()
+        .find_job(id)
+        .ok_or_else(|| QmpError::generic("Job not found"))
+}
+
+/// Whether a job is a block job (QEMU: `is_block_job`); `create` is not.
+fn is_block_job(j: &Job) -> bool {
+    j.job_type() != "create"
+}
+
+/// QEMU's `find_block_job_locked`.
+fn find_block_job(bl: &BlockLayer, id: &str) -> Result<Rc<Job>, QmpError> {
+    bl.registry()
+        .find_job(id)
+        .filter(|j| is_block_job(j))
+        .ok_or_else(|| QmpError::device_not_active(format!("Block job '{id}' not found")))
+}
+
+fn verb(r: Result<(), crate::job::JobError>) -> Res {
+    r.map_err(generic)?;
+    ok()
+}
+
+macro_rules! job_verb {
+    ($name:ident, $doc:literal, $key:literal, $find:ident, |$j:ident| $body:expr) => {
+        #[doc = $doc]
+        pub fn $name(bl: &BlockLayer, args: &Args<'_>) -> Res {
+            let id = args.str($key)?;
+            args.check_known(&[$key])?;
+            let $j = $find(bl, id)?;
+            verb($body)
+        }
+    };
+}
+
+job_verb!(job_pause, "`job-pause`.", "id", find_job, |j| j.pause());
+job_verb!(job_resume, "`job-resume`.", "id", find_job, |j| j.resume());
+job_verb!(
+    job_cancel,
+    "`job-cancel` (always forced, as QEMU's).",
+    "id",
+    find_job,
+    |j| j.cancel(true)
+);
+job_verb!(job_complete, "`job-complete`.", "id", find_job, |j| j
+    .complete());
+job_verb!(job_finalize, "`job-finalize`.", "id", find_job, |j| j
+    .finalize());
+job_verb!(job_dismiss, "`job-dismiss`.", "id", find_job, |j| j
+    .dismiss());
+job_verb!(
+    block_job_pause,
+    "`block-job-pause`.",
+    "device",
+    find_block_job,
+    |j| j.pause()
+);
+job_verb!(
+    block_job_resume,
+    "`block-job-resume`.",
+    "device",
+    find_block_job,
+    |j| j.resume()
+);
+job_verb!(
+    block_job_complete,
+    "`block-job-complete`.",
+    "device",
+    find_block_job,
+    |j| j.complete()
+);
+job_verb!(
+    block_job_finalize,
+    "`block-job-finalize`.",
+    "id",
+    find_block_job,
+    |j| j.finalize()
+);
+job_verb!(
+    block_job_dismiss,
+    "`block-job-dismiss`.",
+    "id",
+    find_block_job,
+    |j| j.dismiss()
+);
+
+/// `block-job-cancel` (`force` default false: a ready mirror completes
+/// without pivoting).
+pub fn block_job_cancel(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    let device = args.str("device")?;
+    let force = args.opt_bool("force")?.unwrap_or(false);
+    args.check_known(&["device", "force"])?;
+    let job = find_block_job(bl, device)?;
+    verb(job.cancel(force))
+}
+
+/// `block-job-set-speed`.
+pub fn block_job_set_speed(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    let device = args.str("device")?;
+    let speed = args.i64("speed")?;
+    args.check_known(&["device", "speed"])?;
+    let job = find_block_job(bl, device)?;
+    if speed < 0 {
+        return Err(QmpError::invalid_parameter("speed"));
+    }
+    verb(job.set_speed(speed as u64))
+}
+
+/// `query-jobs` (QEMU: `JobInfo`).
+pub fn query_jobs(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    args.check_known(&[])?;
+    Ok(Value::Array(
+        bl.registry().jobs().iter().map(|j| j.info()).collect(),
+    ))
+}
+
+/// One `BlockJobInfo`.
+pub fn block_job_info(j: &Job) -> Value {
+    let (offset, len) = j.progress();
+    let mut v = json!({
+        "type": j.job_type(), "device": j.id(), "len": len, "offset": offset,
+        "busy": j.status() == JobStatus::Running,
+        "paused": matches!(j.status(), JobStatus::Paused | JobStatus::Standby),
+        "speed": j.speed(), "io-status": j.io_status(),
+        "ready": matches!(j.status(), JobStatus::Ready | JobStatus::Standby),
+        "status": j.status().as_str(),
+        "auto-finalize": j.auto_finalize(), "auto-dismiss": j.auto_dismiss(),
+    });
+    if let (Some(e), Value::Object(m)) = (j.error(), &mut v) {
+        m.insert("error".into(), Value::String(e));
+    }
+    v
+}
+
+/// `query-block-jobs`.
+pub fn query_block_jobs(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    args.check_known(&[])?;
+    let jobs: Vec<Value> = bl
+        .registry()
+        .jobs()
+        .iter()
+        .filter(|j| is_block_job(j))
+        .map(|j| block_job_info(j))
+        .collect();
+    Ok(Value::Array(jobs))
+}
+
+/// A command over the block layer.
+pub type Command = fn(&BlockLayer, &Args<'_>) -> Res;
+
+/// Every job command, by name.
+pub const COMMANDS: [(&str, Command); 19] = [
+    ("blockdev-mirror", blockdev_mirror),
+    ("blockdev-backup", blockdev_backup),
+    ("block-stream", block_stream),
+    ("block-commit", block_commit),
+    ("query-jobs", query_jobs),
+    ("query-block-jobs", query_block_jobs),
+    ("job-pause", job_pause),
+    ("job-resume", job_resume),
+    ("job-cancel", job_cancel),
+    ("job-complete", job_complete),
+    ("job-finalize", job_finalize),
+    ("job-dismiss", job_dismiss),
+    ("block-job-pause", block_job_pause),
+    ("block-job-resume", block_job_resume),
+    ("block-job-complete", block_job_complete),
+    ("block-job-finalize", block_job_finalize),
+    ("block-job-dismiss", block_job_dismiss),
+    ("block-job-cancel", block_job_cancel),
+    ("block-job-set-speed", block_job_set_speed),
+];
+
+macro_rules! handlers {
+    ($($i:literal),*) => {{
+        [$({
+            fn h<C: BlockContext>(c: &mut C, a: &Args<'_>) -> Res {
+                (COMMANDS[$i].1)(c.block_layer(), a)
+            }
+            h::<C> as crate::qmp::Handler<C>
+        }),*]
+    }};
+}
+
+/// Registers every job command on `d`.
+pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
+    let handlers: [crate::qmp::Handler<C>; 19] = handlers!(
+        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
+    );
+    for (i, h) in handlers.into_iter().enumerate() {
+        d.register(COMMANDS[i].0, h);
+    }
+}

@@ -1,0 +1,186 @@
+//! `block-commit` (QEMU: `block/commit.c`, `commit_start`, `commit_run`,
+//! `bdrv_drop_intermediate`; active commit is `commit_active_start` in
+//! `block/mirror.c`).
+//!
+//! *Intermediate* commit (`top` below the active layer): copy every extent
+//! allocated in `top` or between it and `base` into `base`, then make
+//! `base` the backing file of `top`'s overlay; `top` and the images between
+//! leave the chain. Nobody writes to those layers (they are backing files),
+//! so the copy needs no filter; what a reader sees never changes.
+//!
+//! *Active* commit (`top` is the active layer): a mirror from the active
+//! layer into `base` with `base` as the bound of what is copied (see
+//! [`super::mirror`]); it becomes ready, and `job-complete` pivots every
+//! user of the active layer to `base`. Its job type is `commit`.
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use core::cell::RefCell;
+
+use crate::backend::Backend;
+use crate::io::{BoxFuture, IoError, ReqFlags};
+use crate::job::{Job, JobDriver};
+use crate::node::Node;
+use crate::permission::Perm;
+
+use super::chain::{allocated_above, find_overlay};
+use super::on_error::{ErrorAction, OnError, error_action};
+use super::rate_limit::RateLimit;
+use super::stream::set_backing;
+
+/// QEMU's `COMMIT_BUFFER_SIZE`: 512 KiB.
+pub const COMMIT_CHUNK: u64 = 512 << 10;
+
+/// One intermediate commit job.
+pub struct Commit {
+    active: Rc<Node>,
+    top: Rc<Node>,
+    base: Rc<Node>,
+    on_error: OnError,
+    blks: RefCell<Option<(Rc<Backend>, Rc<Backend>)>>,
+}
+
+/// Creates and starts an intermediate commit of `top` (below `active`)
+/// into `base`.
+pub async fn start_commit(
+    id: &str,
+    active: &Rc<Node>,
+    top: &Rc<Node>,
+    base: &Rc<Node>,
+    on_error: OnError,
+    setup: super::JobSetup,
+) -> Result<Rc<Job>, String> {
+    let reg = top.registry().ok_or_else(|| String::from("no registry"))?;
+    super::check_job_id(&reg, id)?;
+    let len = top.get_length().map_err(|e| e.to_string())?;
+    let blen = base.get_length().map_err(|e| e.to_string())?;
+    if blen < len {
+        return Err(String::from("Top and base image have different sizes"));
+    }
+    let drv = Rc::new(Commit {
+        active: active.clone(),
+        top: top.clone(),
+        base: base.clone(),
+        on_error,
+        blks: RefCell::new(None),
+    });
+    let job = reg
+        .create_job(id, drv.clone(), setup.job_options())
+        .map_err(|e| e.to_string())?;
+    let r = job
+        .add_backend(top, Perm::CONSISTENT_READ, Perm::ALL)
+        .and_then(|t| {
+            job.add_backend(base, Perm::WRITE, Perm::ALL.minus(Perm::RESIZE))
+                .map(|b| (t, b))
+        });
+    match r {
+        Ok(x) => *drv.blks.borrow_mut() = Some(x),
+        Err(e) => {
+            job.early_fail().await;
+            return Err(e.to_string());
+        }
+    }
+    job.set_auto(setup.auto_finalize, setup.auto_dismiss);
+    job.start();
+    Ok(job)
+}
+
+impl Commit {
+    async fn chunk(
+        &self,
+        top: &Backend,
+        base: &Backend,
+        off: u64,
+        n: u64,
+    ) -> Result<u64, (bool, IoError)> {
+        let (alloc, n) = allocated_above(&self.top, Some(&self.base), off, n)
+            .await
+            .map_err(|e| (true, e))?;
+        if alloc {
+            let data = top.read(off, n as usize).await.map_err(|e| (true, e))?;
+            base.write(off, data, ReqFlags::NONE)
+                .await
+                .map_err(|e| (false, e))?;
+        }
+        Ok(n)
+    }
+
+    async fn run_loop(&self, job: &Job) -> Result<(), String> {
+        let (top, base) = self
+            .blks
+            .borrow()
+            .clone()
+            .ok_or_else(|| String::from("commit job without backends"))?;
+        let len = top.get_length().map_err(|e| e.to_string())?;
+        let clock = job
+            .registry()
+            .map(|r| r.clock())
+            .ok_or_else(|| String::from("no registry"))?;
+        let mut rate = RateLimit::new();
+        let mut ignored = None;
+        let mut off = 0;
+        job.set_progress(0, len);
+        while off < len {
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            let n = COMMIT_CHUNK.min(len - off);
+            let d = rate.delay_ns(clock.now_ns(), job.speed(), n);
+            if d > 0 {
+                job.sleep_ns(d).await;
+                continue;
+            }
+            job.pause_point().await;
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            match self.chunk(&top, &base, off, n).await {
+                Ok(done) => {
+                    off += done;
+                    job.set_progress(off, len);
+                }
+                Err((is_read, e)) => match error_action(job, self.on_error, is_read, e) {
+                    ErrorAction::Stop => continue,
+                    ErrorAction::Report => return Err(e.to_string()),
+                    ErrorAction::Ignore => {
+                        ignored.get_or_insert(e);
+                        off += n;
+                    }
+                },
+            }
+            crate::exec::yield_now().await;
+        }
+        if let Err(e) = base.flush().await {
+            return Err(e.to_string());
+        }
+        match ignored {
+            Some(e) => Err(e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl JobDriver for Commit {
+    fn job_type(&self) -> &str {
+        "commit"
+    }
+
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move { self.run_loop(&job).await })
+    }
+
+    /// QEMU's `commit_prepare` → `bdrv_drop_intermediate`: `top`'s overlay
+    /// gets `base` as its backing file.
+    fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move {
+            let Some(overlay) = find_overlay(&self.active, &self.top) else {
+                return Err(alloc::format!(
+                    "Node '{}' is no longer in the backing chain",
+                    self.top.name()
+                ));
+            };
+            set_backing(&overlay, Some(&self.base)).await
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! The filter node a job inserts above the node it works on (QEMU:
+//! `mirror_top`, `commit_top`, `copy-before-write`, and the `copy-on-read`
+//! filter of `block-stream`), and its insertion and removal.
+//!
+//! Every write-like request (write, write-zeroes, discard) that a user of
+//! the node sends passes the filter, which lets the job see it: a
+//! [`WriteHook`] runs before the request goes down (backup copies the old
+//! data out; stream and commit wait for a copy of the same range) and after
+//! it completes (mirror marks the range dirty). Reads, flushes and
+//! block-status pass through.
+//!
+//! [`insert_filter`] opens the filter over the node and moves every parent
+//! of the node onto it ([`super::replace::replace_node`]);
+//! [`remove_filter`] moves them back and drops the job's reference, which
+//! closes the filter. Both run in a drained section of the node.
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::any::Any;
+
+use serde_json::{Map, Value};
+
+use crate::backend::Backend;
+use crate::child::Child;
+use crate::driver::{BlockDriver, forward};
+use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
+use crate::node::{Drained, Node, NodeOptions, unref};
+use crate::permission::{ChildRole, Perm, filter_default_perms};
+
+use super::replace::replace_node;
+
+/// What a request holds while it runs (a range lock, …).
+pub type Guard = Box<dyn Any>;
+
+/// A job's view of the writes that reach its node.
+pub trait WriteHook {
+    /// Runs before a write-like request on `[offset, offset + len)` goes
+    /// down; the guard lives until the request completes. An error fails
+    /// the request (QEMU: copy-before-write's `on-cbw-error=break-guest-write`).
+    fn before_write<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, IoResult<Guard>>;
+
+    /// Runs after a write-like request completed (or failed).
+    fn after_write(&self, offset: u64, len: u64);
+}
+
+/// The filter driver.
+pub struct HookFilter {
+    name: &'static str,
+    hook: Rc<dyn WriteHook>,
+}
+
+impl HookFilter {
+    async fn hooked<F>(&self, offset: u64, len: u64, req: F) -> IoResult<()>
+    where
+        F: core::future::Future<Output = IoResult<()>>,
+    {
+        let guard = self.hook.before_write(offset, len).await?;
+        let r = req.await;
+        self.hook.after_write(offset, len);
+        drop(guard);
+        r
+    }
+}
+
+impl BlockDriver for HookFilter {
+    fn format_name(&self) -> &str {
+        self.name
+    }
+
+    fn get_length(&self, node: &Node) -> IoResult<u64> {
+        forward::get_length(node)
+    }
+
+    fn read<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: usize,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
+        forward::read(node, offset, len, flags)
+    }
+
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        let len = data.len() as u64;
+        Box::pin(self.hooked(offset, len, forward::write(node, offset, data, flags)))
+    }
+
+    fn supported_write_flags(&self) -> ReqFlags {
+        ReqFlags::FUA | ReqFlags::MAY_UNMAP | ReqFlags::WRITE_UNCHANGED
+    }
+
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
+        Box::pin(self.hooked(offset, len, forward::discard(node, offset, len)))
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        Box::pin(self.hooked(offset, len, forward::write_zeroes(node, offset, len, flags)))
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
+        forward::block_status(node, offset, len)
+    }
+
+    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
+        let _ = (node, size);
+        // A job's node keeps its length while the job runs (QEMU: the job
+        // does not share RESIZE).
+        crate::driver::ready(Err(IoError::Eperm))
+    }
+
+    fn child_perm(&self, _: &Node, _: &Child, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        filter_default_perms(perm, shared)
+    }
+
+    fn is_filter(&self) -> bool {
+        true
+    }
+}
+
+/// Opens a filter (driver name `fmt`, node-name `name` or an implicit one)
+/// over `node`, as its child `child_name`, and moves every parent of `node`
+/// onto it, except the root edges of the backends in `keep` (the job's
+/// own). Returns the filter; the caller owns one reference on it.
+pub async fn insert_filter(
+    node: &Rc<Node>,
+    name: Option<&str>,
+    fmt: &'static str,
+    child_name: &str,
+    hook: Rc<dyn WriteHook>,
+    keep: &[Rc<Backend>],
+) -> Result<Rc<Node>, String> {
+    let reg = node
+        .registry()
+        .ok_or_else(|| String::from("node without a registry"))?;
+    let opts = NodeOptions {
+        read_only: node.read_only(),
+        ..NodeOptions::default()
+    };
+    let mut open_options = Map::new();
+    open_options.insert("driver".into(), Value::String(fmt.into()));
+    open_options.insert(child_name.into(), Value::String(node.name().into()));
+    node.ref_();
+    let filter = match reg.open_node(
+        name,
+        Box::new(HookFilter { name: fmt, hook }),
+        opts,
+        open_options,
+        alloc::vec![(
+            child_name.to_string(),
+            ChildRole::FILTERED | ChildRole::PRIMARY,
+            node.clone()
+        )],
+    ) {
+        Ok(f) => f,
+        Err(e) => {
+            node.unref_nonfinal();
+            return Err(e.to_string());
+        }
+    };
+    let drained = Drained::begin(node).await;
+    let r = replace_node(node, &filter, |e| {
+        e.parent_backend()
+            .is_some_and(|b| keep.iter().any(|k| Rc::ptr_eq(k, &b)))
+    })
+    .await;
+    drained.end();
+    match r {
+        Ok(_) => Ok(filter),
+        Err(e) => {
+            unref(filter).await;
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Moves the filter's parents back to its child and drops the caller's
+/// reference on the filter, which closes it (QEMU: `bdrv_drop_filter`).
+pub async fn remove_filter(filter: Rc<Node>) {
+    if let Some(child) = filter.file().map(|c| c.node().clone()) {
+        let drained = Drained::begin(&child).await;
+        if let Err(e) = replace_node(&filter, &child, |_| false).await {
+            log::error!(
+                "job filter '{}': could not give its users back: {e}",
+                filter.name()
+            );
+        }
+        drained.end();
+    }
+    unref(filter).await;
+}

@@ -1,0 +1,82 @@
+//! The block jobs (QEMU: `block/mirror.c`, `block/backup.c`,
+//! `block/copy-before-write.c`, `block/stream.c`, `block/commit.c`) on the
+//! job framework of [`crate::job`].
+//!
+//! Each job holds its nodes through its own backends and, where it must see
+//! its users' writes, through a filter node it inserts above the node it
+//! works on ([`filter`]): `mirror_top` marks writes dirty for
+//! [`mirror`] (and active [`commit`]), `copy-before-write` saves old data
+//! for [`backup`], a stream's filter keeps its copies and the users' writes
+//! apart. The filter goes when the job ends, by its refcount, whether the
+//! job completed, failed or was cancelled — so close-all, which cancels
+//! every job first, still finds every node closed.
+//!
+//! Shared pieces: [`dirty_bitmap`], [`copy`] (copies in flight, range
+//! locks), [`rate_limit`] (`speed`), [`on_error`] (`on-*-error`,
+//! `BLOCK_JOB_ERROR`), [`replace`] (`bdrv_replace_node`), [`chain`]
+//! (backing chains). The QMP commands are in [`commands`].
+
+pub mod backup;
+pub mod chain;
+pub mod commands;
+pub mod commit;
+pub mod copy;
+pub mod copy_before_write;
+pub mod dirty_bitmap;
+pub mod filter;
+pub mod mirror;
+pub mod on_error;
+pub mod rate_limit;
+pub mod replace;
+pub mod stream;
+
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+
+use crate::job::JobOptions;
+use crate::registry::{Registry, id_wellformed};
+
+/// The options every block job command takes (QEMU: `speed`,
+/// `auto-finalize`, `auto-dismiss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobSetup {
+    /// `speed` in bytes per second (0: unlimited).
+    pub speed: u64,
+    /// `auto-finalize` (default true).
+    pub auto_finalize: bool,
+    /// `auto-dismiss` (default true).
+    pub auto_dismiss: bool,
+}
+
+impl Default for JobSetup {
+    fn default() -> Self {
+        JobSetup {
+            speed: 0,
+            auto_finalize: true,
+            auto_dismiss: true,
+        }
+    }
+}
+
+impl JobSetup {
+    /// The framework's options.
+    pub fn job_options(&self) -> JobOptions {
+        JobOptions {
+            auto_dismiss: self.auto_dismiss,
+            speed: self.speed,
+        }
+    }
+}
+
+/// Refuses a malformed or taken job id before anything changes (QEMU:
+/// the checks of `job_create`).
+pub fn check_job_id(reg: &Rc<Registry>, id: &str) -> Result<(), String> {
+    if !id_wellformed(id) {
+        return Err(format!("Invalid job ID '{id}'"));
+    }
+    if reg.find_job(id).is_some() {
+        return Err(format!("Job ID '{id}' already in use"));
+    }
+    Ok(())
+}

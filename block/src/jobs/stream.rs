@@ -1,0 +1,264 @@
+//! `block-stream` (QEMU: `block/stream.c`, `stream_run`, `stream_prepare`):
+//! pull the data of a backing chain into the top image, down to `base`
+//! (exclusive; none: the whole chain), then make `base` the top's backing
+//! file.
+//!
+//! The job walks the image in chunks; a chunk the top does not hold itself
+//! but some layer above `base` does is read through the top (which reads
+//! through the chain) and written into the top. Its users keep writing
+//! meanwhile: a `stream_top` filter above the top (QEMU inserts a
+//! `copy-on-read` filter) makes every user write and every copy of the same
+//! range wait for each other, and the job asks allocation only once it
+//! holds the range, so a copy never overwrites newer data. At the end the
+//! intermediate images leave the chain and close by their refcount unless
+//! someone else (the monitor) still holds them. The image header's backing
+//! file name is not rewritten (blockhaus has no file names; the data no
+//! longer depends on the intermediates either way).
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use core::cell::{Cell, RefCell};
+
+use crate::backend::Backend;
+use crate::child::{attach_node_child, detach_child};
+use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
+use crate::job::{Job, JobDriver};
+use crate::node::{Drained, Node, unref};
+use crate::permission::{ChildRole, Perm};
+
+use super::chain::{allocated_above, backing};
+use super::copy::RangeLock;
+use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
+use super::on_error::{ErrorAction, OnError, error_action};
+use super::rate_limit::RateLimit;
+
+/// QEMU's `STREAM_CHUNK`: 512 KiB.
+pub const STREAM_CHUNK: u64 = 512 << 10;
+
+/// The filter's hook: user writes take the range lock.
+pub struct LockHook {
+    /// The ranges in use.
+    pub locks: Rc<RangeLock>,
+}
+
+impl WriteHook for LockHook {
+    fn before_write<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, IoResult<Guard>> {
+        Box::pin(async move { Ok(Box::new(self.locks.lock(offset, len).await) as Guard) })
+    }
+
+    fn after_write(&self, _: u64, _: u64) {}
+}
+
+/// One stream job.
+pub struct Stream {
+    top: Rc<Node>,
+    base: Option<Rc<Node>>,
+    on_error: OnError,
+    locks: Rc<RangeLock>,
+    blk: RefCell<Option<Rc<Backend>>>,
+    filter: RefCell<Option<Rc<Node>>>,
+    copied: Cell<u64>,
+}
+
+/// Creates and starts stream job `id` pulling the chain of `top` above
+/// `base` into `top`.
+pub async fn start_stream(
+    id: &str,
+    top: &Rc<Node>,
+    base: Option<Rc<Node>>,
+    on_error: OnError,
+    filter_node_name: Option<&str>,
+    setup: super::JobSetup,
+) -> Result<Rc<Job>, String> {
+    let reg = top.registry().ok_or_else(|| String::from("no registry"))?;
+    super::check_job_id(&reg, id)?;
+    let locks = RangeLock::new();
+    let drv = Rc::new(Stream {
+        top: top.clone(),
+        base,
+        on_error,
+        locks: locks.clone(),
+        blk: RefCell::new(None),
+        filter: RefCell::new(None),
+        copied: Cell::new(0),
+    });
+    let job = reg
+        .create_job(id, drv.clone(), setup.job_options())
+        .map_err(|e| e.to_string())?;
+    let blk = match job.add_backend(
+        top,
+        Perm::CONSISTENT_READ | Perm::WRITE,
+        Perm::ALL.minus(Perm::RESIZE),
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            job.early_fail().await;
+            return Err(e.to_string());
+        }
+    };
+    let keep = [blk.clone()];
+    let filter = match insert_filter(
+        top,
+        filter_node_name,
+        "stream_top",
+        "file",
+        Rc::new(LockHook { locks }),
+        &keep,
+    )
+    .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            job.early_fail().await;
+            return Err(e);
+        }
+    };
+    *drv.blk.borrow_mut() = Some(blk);
+    *drv.filter.borrow_mut() = Some(filter);
+    job.set_auto(setup.auto_finalize, setup.auto_dismiss);
+    job.start();
+    Ok(job)
+}
+
+/// Copies what a chunk needs, under its lock; returns bytes written.
+async fn stream_chunk(
+    top: &Rc<Node>,
+    base: Option<&Rc<Node>>,
+    blk: &Backend,
+    locks: &Rc<RangeLock>,
+    off: u64,
+    len: u64,
+) -> Result<(u64, u64), (bool, IoError)> {
+    let _g = locks.lock(off, len).await;
+    let st = top.block_status(off, len).await.map_err(|e| (true, e))?;
+    let n = st.len.clamp(1, len);
+    if st.allocated {
+        return Ok((n, 0));
+    }
+    let Some(below) = backing(top) else {
+        return Ok((n, 0));
+    };
+    let (alloc, n) = allocated_above(&below, base, off, n)
+        .await
+        .map_err(|e| (true, e))?;
+    if !alloc {
+        return Ok((n, 0));
+    }
+    let data = blk.read(off, n as usize).await.map_err(|e| (true, e))?;
+    blk.write(off, data, ReqFlags::WRITE_UNCHANGED)
+        .await
+        .map_err(|e| (false, e))?;
+    Ok((n, n))
+}
+
+impl Stream {
+    async fn run_loop(&self, job: &Job) -> Result<(), String> {
+        let blk = self
+            .blk
+            .borrow()
+            .clone()
+            .ok_or_else(|| String::from("stream job without backend"))?;
+        let len = blk.get_length().map_err(|e| e.to_string())?;
+        let clock = job
+            .registry()
+            .map(|r| r.clock())
+            .ok_or_else(|| String::from("no registry"))?;
+        let mut rate = RateLimit::new();
+        let mut ignored: Option<IoError> = None;
+        let mut off = 0;
+        job.set_progress(0, len);
+        while off < len {
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            let n = STREAM_CHUNK.min(len - off);
+            let d = rate.delay_ns(clock.now_ns(), job.speed(), n);
+            if d > 0 {
+                job.sleep_ns(d).await;
+                continue;
+            }
+            job.pause_point().await;
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            match stream_chunk(&self.top, self.base.as_ref(), &blk, &self.locks, off, n).await {
+                Ok((done, copied)) => {
+                    self.copied.set(self.copied.get() + copied);
+                    off += done;
+                    job.set_progress(off, len);
+                }
+                Err((is_read, e)) => match error_action(job, self.on_error, is_read, e) {
+                    ErrorAction::Stop => continue,
+                    ErrorAction::Report => return Err(e.to_string()),
+                    ErrorAction::Ignore => {
+                        ignored.get_or_insert(e);
+                        off += n;
+                    }
+                },
+            }
+            crate::exec::yield_now().await;
+        }
+        // QEMU: "Do not remove the backing file if an error was there but
+        // ignored."
+        match ignored {
+            Some(e) => Err(e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Makes `base` (or nothing) the backing file of `node` in place of its
+/// current one, in a drained section (QEMU: `bdrv_set_backing_hd`). The
+/// old chain loses `node`'s reference and closes unless held elsewhere.
+pub async fn set_backing(node: &Rc<Node>, base: Option<&Rc<Node>>) -> Result<(), String> {
+    let Some(old) = node.child("backing") else {
+        return Ok(());
+    };
+    if base.is_some_and(|b| Rc::ptr_eq(b, old.node())) {
+        return Ok(());
+    }
+    let drained = Drained::begin(node).await;
+    detach_child(&old);
+    if let Some(b) = base {
+        b.ref_();
+        if let Err(e) = attach_node_child(node, "backing", ChildRole::COW, b) {
+            b.unref_nonfinal();
+            if let Err(e2) = attach_node_child(node, "backing", ChildRole::COW, old.node()) {
+                log::error!(
+                    "could not restore the backing file of '{}': {e2}",
+                    node.name()
+                );
+            }
+            drained.end();
+            return Err(e.to_string());
+        }
+    }
+    drained.end();
+    unref(old.node().clone()).await;
+    Ok(())
+}
+
+impl JobDriver for Stream {
+    fn job_type(&self) -> &str {
+        "stream"
+    }
+
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move { self.run_loop(&job).await })
+    }
+
+    /// QEMU's `stream_prepare`: the top's backing file becomes `base`.
+    fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move { set_backing(&self.top, self.base.as_ref()).await })
+    }
+
+    fn clean(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let filter = self.filter.borrow_mut().take();
+            if let Some(f) = filter {
+                remove_filter(f).await;
+            }
+        })
+    }
+}
