@@ -64,6 +64,10 @@ pub struct QemuConfig {
     pub qmp_wait: bool,
     /// Extra raw arguments.
     pub extra: Vec<OsString>,
+    /// NBD from the host: a virtio-net device on QEMU's user network, with
+    /// 127.0.0.1:PORT forwarded to the guest's port 10809 ([`free_port`]
+    /// picks one). The guest is 10.0.2.15/24, the gateway 10.0.2.2.
+    pub nbd_port: Option<u16>,
 }
 
 impl Default for QemuConfig {
@@ -76,6 +80,7 @@ impl Default for QemuConfig {
             disks: Vec::new(),
             qmp_wait: true,
             extra: Vec::new(),
+            nbd_port: None,
         }
     }
 }
@@ -137,9 +142,27 @@ impl QemuConfig {
             cmd.arg("-device")
                 .arg(format!("virtio-blk-pci,drive=disk{i},serial=disk{i}"));
         }
+        if let Some(port) = self.nbd_port {
+            cmd.arg("-netdev").arg(format!(
+                "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{NBD_GUEST_PORT}"
+            ));
+            cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
+        }
         cmd.args(&self.extra);
         cmd
     }
+}
+
+/// The port the appliance's NBD server listens on in the guest.
+pub const NBD_GUEST_PORT: u16 = 10809;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound, then
+/// released), for [`QemuConfig::nbd_port`].
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
 }
 
 /// QEMU's own QMP monitor socket, next to the appliance's COM2 socket.

@@ -26,7 +26,13 @@ pub struct Conn {
     export: Option<Rc<NbdExport>>,
     shutdown_sent: bool,
     peer_closed: bool,
+    /// When we sent our FIN (monotonic ns).
+    closed_at: Option<u64>,
 }
+
+/// How long a socket we closed may wait for the peer's FIN before it is
+/// reset (a client that never closes its side holds no export meanwhile).
+const LINGER_NS: u64 = 10_000_000_000;
 
 impl Conn {
     pub fn new(handle: SocketHandle) -> Conn {
@@ -36,6 +42,7 @@ impl Conn {
             export: None,
             shutdown_sent: false,
             peer_closed: false,
+            closed_at: None,
         }
     }
 
@@ -101,8 +108,9 @@ impl Conn {
             progress = true;
         }
         let mut eng = self.engine.borrow_mut();
-        if eng.should_close() && sock.is_open() {
+        if eng.should_close() && self.closed_at.is_none() {
             sock.close();
+            self.closed_at = Some(crate::clock::monotonic_ns());
             progress = true;
         }
         let gone = !sock.is_open()
@@ -158,24 +166,30 @@ impl Conn {
     }
 
     /// Whether the connection is over: the socket is closed and no request
-    /// is left running. Releases the client's hold on its export.
-    pub fn finished(&mut self, sockets: &SocketSet<'_>) -> bool {
-        let sock = sockets.get::<tcp::Socket>(self.handle);
-        if !matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
-            return false;
-        }
+    /// is left running. The client's hold on its export ends as soon as
+    /// either side has closed and nothing is in flight.
+    pub fn finished(&mut self, sockets: &mut SocketSet<'_>) -> bool {
+        let sock = sockets.get_mut::<tcp::Socket>(self.handle);
         let mut eng = self.engine.borrow_mut();
-        if !self.peer_closed {
+        let socket_closed = matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait);
+        if socket_closed && !self.peer_closed {
             self.peer_closed = true;
             eng.closed();
         }
-        if eng.in_flight() > 0 {
-            return false;
-        }
-        if let Some(e) = self.export.take() {
+        let idle = eng.in_flight() == 0;
+        if idle
+            && (self.peer_closed || self.closed_at.is_some())
+            && let Some(e) = self.export.take()
+        {
             e.clients.set(e.clients.get().saturating_sub(1));
         }
-        true
+        if let Some(t) = self.closed_at
+            && !socket_closed
+            && crate::clock::monotonic_ns().saturating_sub(t) > LINGER_NS
+        {
+            sock.abort();
+        }
+        socket_closed && idle
     }
 }
 

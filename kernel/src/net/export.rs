@@ -224,6 +224,7 @@ impl ExportTable {
             if let Some((named, id)) = e.on_eject.borrow_mut().take() {
                 named.remove_notifier(id);
             }
+            log::info!("NBD export '{}' closed", e.id);
             self.registry
                 .emit("BLOCK_EXPORT_DELETED", json!({ "id": e.id }));
         }

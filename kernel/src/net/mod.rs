@@ -194,7 +194,7 @@ impl Network {
                 busy |= c.service(&mut stack.sockets, exports, exec);
             }
             conns.retain_mut(|c| {
-                if c.finished(&stack.sockets) {
+                if c.finished(&mut stack.sockets) {
                     stack.sockets.remove(c.handle);
                     false
                 } else {

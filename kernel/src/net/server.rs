@@ -15,8 +15,9 @@ use drivers::net::smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::stack::nbd_socket;
 
-/// Sockets kept listening.
-pub const BACKLOG: usize = 2;
+/// Sockets kept listening: a SYN that finds none is reset, so this is
+/// how many clients may connect at the same instant (the listen backlog).
+pub const BACKLOG: usize = 8;
 
 /// A running NBD server.
 pub struct Server {

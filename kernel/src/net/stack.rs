@@ -17,9 +17,9 @@ use drivers::net::smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 use super::config::IpConfig;
 
 /// Receive buffer of a TCP socket (a client's writes land here).
-pub const RX_BUFFER: usize = 2 << 20;
+pub const RX_BUFFER: usize = 1 << 20;
 /// Transmit buffer of a TCP socket (read replies wait here).
-pub const TX_BUFFER: usize = 2 << 20;
+pub const TX_BUFFER: usize = 1 << 20;
 
 /// The interface, its device and the sockets.
 pub struct Stack {
