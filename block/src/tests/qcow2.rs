@@ -1057,3 +1057,174 @@ fn zeroing_an_empty_terabyte_allocates_nothing() {
     assert!(q.io("q", "read -P 0x7 512G 4k").starts_with("read"));
     assert!(check(&q, "q").is_clean());
 }
+
+/// A memory file whose every request yields to other tasks a few times
+/// before it completes, so that concurrent requests interleave.
+struct Yielding {
+    data: Rc<core::cell::RefCell<Vec<u8>>>,
+    tick: core::cell::Cell<u64>,
+}
+
+impl Yielding {
+    async fn pause(&self) {
+        let t = self
+            .tick
+            .get()
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.tick.set(t);
+        for _ in 0..(t >> 61) {
+            crate::exec::yield_now().await;
+        }
+    }
+}
+
+impl crate::driver::BlockDriver for Yielding {
+    fn format_name(&self) -> &str {
+        "yielding"
+    }
+    fn get_length(&self, _: &Node) -> crate::io::IoResult<u64> {
+        Ok(self.data.borrow().len() as u64)
+    }
+    fn read<'a>(
+        &'a self,
+        _: &'a Node,
+        offset: u64,
+        len: usize,
+        _: ReqFlags,
+    ) -> crate::io::BoxFuture<'a, crate::io::IoResult<Vec<u8>>> {
+        Box::pin(async move {
+            self.pause().await;
+            let o = offset as usize;
+            Ok(self.data.borrow()[o..o + len].to_vec())
+        })
+    }
+    fn write<'a>(
+        &'a self,
+        _: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        _: ReqFlags,
+    ) -> crate::io::BoxFuture<'a, crate::io::IoResult<()>> {
+        Box::pin(async move {
+            self.pause().await;
+            let o = offset as usize;
+            self.data.borrow_mut()[o..o + data.len()].copy_from_slice(&data);
+            Ok(())
+        })
+    }
+    fn flush<'a>(&'a self, _: &'a Node) -> crate::io::BoxFuture<'a, crate::io::IoResult<()>> {
+        Box::pin(async move {
+            self.pause().await;
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn concurrent_requests_on_shared_clusters_match_the_model() {
+    const TASKS: u64 = 4;
+    const CS: u64 = 4096;
+    const SIZE: u64 = 2 * MIB;
+    let mut q = Qmp::new();
+    let data = Rc::new(core::cell::RefCell::new(vec![0u8; 16 << 20]));
+    let d2 = data.clone();
+    q.bl.register_driver(crate::open::DriverClass::new("yielding", move |_| {
+        let data = d2.clone();
+        Ok(Box::new(move |_| {
+            Ok(Box::new(Yielding {
+                data,
+                tick: core::cell::Cell::new(1),
+            }) as Box<dyn crate::driver::BlockDriver>)
+        }))
+    }));
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "yielding", "node-name": "f"}),
+    );
+    let o = json!({"driver": "qcow2", "file": "f", "size": SIZE, "cluster-size": CS});
+    q.ok("blockdev-create", json!({"job-id": "c", "options": o}));
+    let exec = q.bl.executor().clone();
+    let r = q.bl.wait(async {
+        for _ in 0..100 {
+            crate::exec::yield_now().await;
+        }
+    });
+    assert!(r.is_ok());
+    q.ok("job-dismiss", json!({"id": "c"}));
+    open(&mut q, "q", json!({"file": "f"}));
+    // Even clusters are shared sector by sector (sector s belongs to task
+    // s % TASKS), odd clusters belong whole to task (c / 2) % TASKS.
+    let model = Rc::new(core::cell::RefCell::new(vec![0u8; SIZE as usize]));
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let n = node(&q, "q");
+        let model = model.clone();
+        handles.push(exec.spawn(async move {
+            let mut rng = Rng(1000 + t);
+            for step in 0..1000 {
+                let c = rng.below(SIZE / CS);
+                let own_cluster = c % 2 == 1 && (c / 2) % TASKS == t;
+                let op = rng.below(6);
+                if c % 2 == 0 {
+                    // One owned sector of a shared cluster.
+                    let s = c * 8 + t + TASKS * rng.below(8 / TASKS);
+                    let off = s * 512;
+                    if op < 4 {
+                        let b = (rng.next() as u8) | 1;
+                        model.borrow_mut()[off as usize..off as usize + 512].fill(b);
+                        n.write(off, vec![b; 512], ReqFlags::NONE).await?;
+                    } else {
+                        let got = n.read(off, 512, ReqFlags::NONE).await?;
+                        let want = model.borrow()[off as usize..off as usize + 512].to_vec();
+                        assert!(got == want, "task {t} step {step}: sector {s}");
+                    }
+                } else if own_cluster {
+                    let off = c * CS;
+                    match op {
+                        0 | 1 => {
+                            let b = (rng.next() as u8) | 1;
+                            model.borrow_mut()[off as usize..(off + CS) as usize].fill(b);
+                            n.write(off, vec![b; CS as usize], ReqFlags::NONE).await?;
+                        }
+                        2 => {
+                            model.borrow_mut()[off as usize..(off + CS) as usize].fill(0);
+                            n.write_zeroes(off, CS, ReqFlags::MAY_UNMAP).await?;
+                        }
+                        3 => {
+                            model.borrow_mut()[off as usize..(off + CS) as usize].fill(0);
+                            n.discard(off, CS).await?;
+                        }
+                        4 => n.flush().await?,
+                        _ => {
+                            let got = n.read(off, CS as usize, ReqFlags::NONE).await?;
+                            let want = model.borrow()[off as usize..(off + CS) as usize].to_vec();
+                            assert!(got == want, "task {t} step {step}: cluster {c}");
+                        }
+                    }
+                }
+            }
+            Ok::<(), crate::io::IoError>(())
+        }));
+    }
+    let r = q.bl.wait(async move {
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await);
+        }
+        out
+    });
+    for x in r.unwrap() {
+        assert_eq!(x, Ok(()));
+    }
+    let want = model.borrow().clone();
+    assert!(want.iter().filter(|b| **b != 0).count() > (SIZE / 4) as usize);
+    assert!(read(&q, "q", 0, SIZE as usize) == want);
+    assert!(check(&q, "q").corruptions.is_empty());
+    q.io("q", "flush");
+    assert!(check(&q, "q").is_clean(), "{:?}", check(&q, "q"));
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    open(&mut q, "q", json!({"file": "f"}));
+    assert!(read(&q, "q", 0, SIZE as usize) == want);
+    assert!(check(&q, "q").is_clean());
+}
