@@ -1166,7 +1166,7 @@ fn concurrent_requests_on_shared_clusters_match_the_model() {
                 let c = rng.below(SIZE / CS);
                 let own_cluster = c % 2 == 1 && (c / 2) % TASKS == t;
                 let op = rng.below(6);
-                if c % 2 == 0 {
+                if c.is_multiple_of(2) {
                     // One owned sector of a shared cluster.
                     let s = c * 8 + t + TASKS * rng.below(8 / TASKS);
                     let off = s * 512;
