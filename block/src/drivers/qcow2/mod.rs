@@ -163,7 +163,7 @@ impl Qcow2 {
             "refcount-bits": st.h.refcount_bits(),
             "corrupt": st.h.incompatible & header::incompat::CORRUPT != 0,
             "extended-l2": st.ext,
-            "cluster-size": st.cs,
+            "compression-type": "zlib",
         });
         *self.st.lock().await = Some(st);
         Ok(())
