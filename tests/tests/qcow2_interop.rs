@@ -376,8 +376,10 @@ fn compressed_images_read_and_rewrite() {
     }
     let raw = dir.path().join("src.raw");
     std::fs::write(&raw, &src).expect("write src");
-    for cs in ["4096", "65536", "2097152"] {
-        let img = dir.path().join(format!("c{cs}.qcow2"));
+    for cs in ["4096", "65536", "2097152", "32768,extended_l2=on"] {
+        let img = dir
+            .path()
+            .join(format!("c{}.qcow2", cs.replace([',', '='], "-")));
         qemu_img(&[
             "convert",
             "-c",
