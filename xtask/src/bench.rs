@@ -21,6 +21,9 @@ pub enum Which {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// NBD throughput and IOPS: blockhaus next to qemu-nbd and
+    /// qemu-storage-daemon on the same image, with the same clients.
+    Nbd(crate::bench_nbd::NbdArgs),
 }
 
 pub fn bench(which: Which) -> Result<(), String> {
@@ -28,6 +31,7 @@ pub fn bench(which: Which) -> Result<(), String> {
     match which {
         Which::Boot { runs } => boot(runs.max(1)),
         Which::Idle { seconds } => idle(seconds.max(1)),
+        Which::Nbd(args) => crate::bench_nbd::bench(args),
     }
 }
 

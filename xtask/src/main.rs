@@ -5,9 +5,11 @@
 //!   socket, and says how to connect.
 //! - `test`: formatting, clippy, host unit tests, then the QEMU tests.
 //! - `graph`: the live block graph as Graphviz.
-//! - `bench boot|idle`: boot time against a do-nothing PVH image; idle CPU.
+//! - `bench boot|idle|nbd`: boot time against a do-nothing PVH image; idle
+//!   CPU; NBD against qemu-nbd and qemu-storage-daemon.
 
 mod bench;
+mod bench_nbd;
 mod deps;
 mod floor;
 mod graph;
