@@ -1228,3 +1228,52 @@ fn concurrent_requests_on_shared_clusters_match_the_model() {
     assert!(read(&q, "q", 0, SIZE as usize) == want);
     assert!(check(&q, "q").is_clean());
 }
+
+#[test]
+fn blockdev_snapshot_moves_the_users_to_the_overlay() {
+    use crate::backend::BackendOptions;
+    use crate::permission::Perm;
+    let mut q = Qmp::new();
+    image(&mut q, "f0", 4 * MIB, json!({}));
+    image(&mut q, "f1", 4 * MIB, json!({"backing-file": "base"}));
+    open(&mut q, "base", json!({"file": "f0"}));
+    q.io("base", "write -P 0x12 0 128k");
+    let reg = q.bl.registry().clone();
+    let opts = BackendOptions {
+        name: Some("drv".into()),
+        ..Default::default()
+    };
+    let blk = reg
+        .new_backend(opts, Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL)
+        .unwrap();
+    blk.insert(&node(&q, "base")).unwrap();
+    open(&mut q, "ovl", json!({"file": "f1", "backing": null}));
+    q.ok(
+        "blockdev-snapshot",
+        json!({"node": "base", "overlay": "ovl"}),
+    );
+    assert_eq!(blk.root_node().unwrap().name(), "ovl");
+    let b = blk.clone();
+    let r = q.bl.wait(async move {
+        b.write(4096, vec![0x13; 4096], ReqFlags::NONE).await?;
+        b.read(0, 8192).await
+    });
+    let got = r.unwrap().unwrap();
+    assert!(got[..4096] == [0x12; 4096] && got[4096..] == [0x13; 4096]);
+    assert!(
+        q.io("base", "read -P 0x12 0 128k").starts_with("read"),
+        "base unchanged"
+    );
+    let e = q.err("blockdev-del", json!({"node-name": "ovl"}));
+    assert!(e.contains("in use"), "{e}");
+    // A second overlay on the in-use base is refused: it has one.
+    let e = q.err(
+        "blockdev-snapshot",
+        json!({"node": "base", "overlay": "ovl"}),
+    );
+    assert!(e.contains("already"), "{e}");
+    let b = blk.clone();
+    q.bl.wait(async move { b.delete().await }).unwrap();
+    q.ok("blockdev-del", json!({"node-name": "ovl"}));
+    assert!(check(&q, "base").is_clean());
+}

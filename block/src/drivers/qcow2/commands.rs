@@ -4,10 +4,12 @@
 //! `bdrv_append`).
 //!
 //! `blockdev-snapshot` attaches `node` as the backing file of `overlay`
-//! (which must be a qcow2 node opened with `"backing": null`). QEMU then
-//! replaces `node` by `overlay` in all of `node`'s users; blockhaus does
-//! that only when `node` has no users besides the monitor (the graph
-//! cannot yet re-point an edge), and otherwise refuses, changing nothing.
+//! (which must be a qcow2 node opened with `"backing": null` and not in
+//! use), then replaces `node` by `overlay` in all of `node`'s users —
+//! backends (an NBD export, a job) and parent nodes — inside a drained
+//! section, so the overlay becomes the active layer without any user
+//! seeing an eject (QEMU: `bdrv_append`). If a user refuses the overlay
+//! (permissions), nothing changes.
 
 use alloc::format;
 use alloc::rc::Rc;
@@ -15,9 +17,11 @@ use alloc::string::{String, ToString};
 
 use serde_json::{Value, json};
 
-use crate::child::attach_node_child;
+use crate::child::{attach_node_child, detach_child};
 use crate::job::JobOptions;
+use crate::jobs::replace::replace_node;
 use crate::layer::{BlockContext, BlockLayer};
+use crate::node::{Drained, Node};
 use crate::permission::ChildRole;
 use crate::qmp::{Args, Dispatcher, QmpError};
 
@@ -158,15 +162,33 @@ pub fn blockdev_snapshot(bl: &BlockLayer, args: &Args<'_>) -> Res {
             "The overlay '{overlay_name}' already has a backing image"
         )));
     }
-    if !node.parents().is_empty() {
-        return Err(QmpError::generic(format!(
-            "Node '{name}' is in use: replacing it by the overlay in its users is not supported yet"
-        )));
-    }
-    node.ref_();
-    if let Err(e) = attach_node_child(&overlay, "backing", ChildRole::COW, &node) {
-        node.unref_nonfinal();
-        return Err(QmpError::generic(e.to_string()));
-    }
+    let (node2, overlay2) = (node.clone(), overlay.clone());
+    let r = bl.wait(async move {
+        let drained = Drained::begin(&node2).await;
+        let r = append(&node2, &overlay2).await;
+        drained.end();
+        r
+    })?;
+    r.map_err(QmpError::generic)?;
     Ok(json!({}))
+}
+
+/// QEMU's `bdrv_append`: `node` becomes the backing file of `overlay`, and
+/// `overlay` takes `node`'s place in every user.
+async fn append(node: &Rc<Node>, overlay: &Rc<Node>) -> Result<(), String> {
+    node.ref_();
+    let edge = match attach_node_child(overlay, "backing", ChildRole::COW, node) {
+        Ok(e) => e,
+        Err(e) => {
+            node.unref_nonfinal();
+            return Err(e.to_string());
+        }
+    };
+    // The new backing edge stays (its parent is the overlay itself).
+    if let Err(e) = replace_node(node, overlay, |_| false).await {
+        detach_child(&edge);
+        node.unref_nonfinal();
+        return Err(e.to_string());
+    }
+    Ok(())
 }
