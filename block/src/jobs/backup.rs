@@ -132,6 +132,7 @@ pub async fn start_backup(
         "file",
         hook,
         &keep,
+        true,
     )
     .await
     {

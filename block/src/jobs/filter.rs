@@ -19,11 +19,12 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::any::Any;
+use core::cell::Cell;
 
 use serde_json::{Map, Value};
 
 use crate::backend::Backend;
-use crate::child::Child;
+use crate::child::{Child, set_child_perm};
 use crate::driver::{BlockDriver, forward};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
 use crate::node::{Drained, Node, NodeOptions, unref};
@@ -49,6 +50,10 @@ pub trait WriteHook {
 pub struct HookFilter {
     name: &'static str,
     hook: Rc<dyn WriteHook>,
+    /// Set once the filter holds every user of its child: until then it
+    /// shares everything, so that it can be attached next to them (QEMU:
+    /// `bdrv_mirror_top_child_perm` without a job).
+    unshare_write: Cell<bool>,
 }
 
 impl HookFilter {
@@ -128,8 +133,16 @@ impl BlockDriver for HookFilter {
         crate::driver::ready(Err(IoError::Eperm))
     }
 
+    /// Passthrough; a filter that must see every write of its child
+    /// (mirror, backup) does not let anyone else write there (QEMU:
+    /// `cbw_child_perm` unshares WRITE and RESIZE on `file`).
     fn child_perm(&self, _: &Node, _: &Child, perm: Perm, shared: Perm) -> (Perm, Perm) {
-        filter_default_perms(perm, shared)
+        let (p, s) = filter_default_perms(perm, shared);
+        if self.unshare_write.get() {
+            (p, s.minus(Perm::WRITE | Perm::RESIZE))
+        } else {
+            (p, s.minus(Perm::RESIZE))
+        }
     }
 
     fn is_filter(&self) -> bool {
@@ -140,7 +153,9 @@ impl BlockDriver for HookFilter {
 /// Opens a filter (driver name `fmt`, node-name `name` or an implicit one)
 /// over `node`, as its child `child_name`, and moves every parent of `node`
 /// onto it, except the root edges of the backends in `keep` (the job's
-/// own). Returns the filter; the caller owns one reference on it.
+/// own). With `unshare_write` nobody may write to `node` except through
+/// the filter from now on. Returns the filter; the caller owns one
+/// reference on it.
 pub async fn insert_filter(
     node: &Rc<Node>,
     name: Option<&str>,
@@ -148,6 +163,7 @@ pub async fn insert_filter(
     child_name: &str,
     hook: Rc<dyn WriteHook>,
     keep: &[Rc<Backend>],
+    unshare_write: bool,
 ) -> Result<Rc<Node>, String> {
     let reg = node
         .registry()
@@ -162,7 +178,11 @@ pub async fn insert_filter(
     node.ref_();
     let filter = match reg.open_node(
         name,
-        Box::new(HookFilter { name: fmt, hook }),
+        Box::new(HookFilter {
+            name: fmt,
+            hook,
+            unshare_write: Cell::new(false),
+        }),
         opts,
         open_options,
         alloc::vec![(
@@ -183,14 +203,55 @@ pub async fn insert_filter(
             .is_some_and(|b| keep.iter().any(|k| Rc::ptr_eq(k, &b)))
     })
     .await;
+    let r = match r {
+        Ok(_) if unshare_write => lock_child(&filter),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
     drained.end();
     match r {
-        Ok(_) => Ok(filter),
+        Ok(()) => Ok(filter),
         Err(e) => {
+            if let Some(child) = filter.file().map(|c| c.node().clone()) {
+                let _ = replace_node(&filter, &child, |_| false).await;
+            }
             unref(filter).await;
-            Err(e.to_string())
+            Err(e)
         }
     }
+}
+
+/// Shares WRITE on the filter's child edge again, so that its users can
+/// go back to the child.
+fn share_child(filter: &Rc<Node>) {
+    let Some(hf) = (filter.driver() as &dyn Any).downcast_ref::<HookFilter>() else {
+        return;
+    };
+    let Some(edge) = filter.file() else { return };
+    hf.unshare_write.set(false);
+    let (perm, shared) = filter.cumulative_perms();
+    let (p, s) = hf.child_perm(filter, &edge, perm, shared);
+    if let Err(e) = set_child_perm(&edge, p, s) {
+        log::warn!("job filter '{}': {e}", filter.name());
+    }
+}
+
+/// Stops sharing WRITE on the filter's child edge, now that every writer
+/// goes through the filter.
+fn lock_child(filter: &Rc<Node>) -> Result<(), String> {
+    let Some(hf) = (filter.driver() as &dyn Any).downcast_ref::<HookFilter>() else {
+        return Ok(());
+    };
+    let Some(edge) = filter.file() else {
+        return Ok(());
+    };
+    hf.unshare_write.set(true);
+    let (perm, shared) = filter.cumulative_perms();
+    let (p, s) = hf.child_perm(filter, &edge, perm, shared);
+    set_child_perm(&edge, p, s).map_err(|e| {
+        hf.unshare_write.set(false);
+        e.to_string()
+    })
 }
 
 /// Moves the filter's parents back to its child and drops the caller's
@@ -198,6 +259,7 @@ pub async fn insert_filter(
 pub async fn remove_filter(filter: Rc<Node>) {
     if let Some(child) = filter.file().map(|c| c.node().clone()) {
         let drained = Drained::begin(&child).await;
+        share_child(&filter);
         if let Err(e) = replace_node(&filter, &child, |_| false).await {
             log::error!(
                 "job filter '{}': could not give its users back: {e}",

@@ -202,6 +202,7 @@ pub async fn start_mirror(
         "backing",
         hook.clone(),
         &[],
+        true,
     )
     .await?;
     let drv = Rc::new(Mirror {

@@ -105,6 +105,7 @@ pub async fn start_stream(
         "file",
         Rc::new(LockHook { locks }),
         &keep,
+        false,
     )
     .await
     {

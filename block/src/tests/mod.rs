@@ -11,6 +11,8 @@ mod drivers;
 mod graph;
 mod harness;
 mod job;
+mod jobs_mirror;
+mod jobs_util;
 mod mem;
 mod qcow2;
 mod qmp;
