@@ -1277,3 +1277,40 @@ fn blockdev_snapshot_moves_the_users_to_the_overlay() {
     q.ok("blockdev-del", json!({"node-name": "ovl"}));
     assert!(check(&q, "base").is_clean());
 }
+
+#[test]
+fn change_backing_file_rewrites_the_header_and_keeps_extensions() {
+    let mut q = Qmp::new();
+    image(
+        &mut q,
+        "f",
+        4 * MIB,
+        json!({"backing-file": "old", "backing-fmt": "raw"}),
+    );
+    open(&mut q, "q", json!({"file": "f", "backing": null}));
+    q.io("q", "write -P 0x21 0 64k");
+    let n = node(&q, "q");
+    let r = q.bl.wait(async move {
+        drv(&n)
+            .change_backing_file(&n, Some("new-base"), Some("qcow2"))
+            .await
+    });
+    assert_eq!(r.unwrap(), Ok(()));
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    let b = file_bytes(&q, "f");
+    let h = crate::drivers::qcow2::header::Header::parse(&b[..65536]).unwrap();
+    assert_eq!(h.backing_file.as_deref(), Some("new-base"));
+    assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+    assert!(h.feature_names.len() == 8, "the feature table survived");
+    open(&mut q, "q", json!({"file": "f", "backing": null}));
+    assert!(check(&q, "q").is_clean());
+    assert!(q.io("q", "read -P 0x21 0 64k").starts_with("read"));
+    let n = node(&q, "q");
+    let r =
+        q.bl.wait(async move { drv(&n).change_backing_file(&n, None, None).await });
+    assert_eq!(r.unwrap(), Ok(()));
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    let h = crate::drivers::qcow2::header::Header::parse(&file_bytes(&q, "f")[..65536]).unwrap();
+    assert_eq!(h.backing_file, None);
+    assert_eq!(h.backing_format, None);
+}

@@ -215,6 +215,9 @@ pub struct Header {
     pub feature_names: Vec<FeatureName>,
     /// Whether a bitmaps extension is present.
     pub has_bitmaps: bool,
+    /// Every extension as found, in order (kept when the header is
+    /// rewritten).
+    pub extensions: Vec<(u32, Vec<u8>)>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -337,6 +340,7 @@ impl Header {
                 return Err(HeaderError::Extension(kind));
             }
             let data = &b[at..at + len];
+            h.extensions.push((kind, data.to_vec()));
             match kind {
                 ext::BACKING_FORMAT => h.backing_format = Some(text(data)),
                 ext::DATA_FILE => h.data_file = Some(text(data)),
@@ -405,6 +409,47 @@ impl Header {
         }
         Ok(())
     }
+}
+
+/// The first cluster of `h`'s image with a new backing file name and
+/// format (QEMU: `qcow2_change_backing_file` → `qcow2_update_header`):
+/// the fixed header from `current`, every other extension as it was, the
+/// backing format extension, the end marker, the name. `None` if it does
+/// not fit in the cluster.
+pub fn with_backing(
+    h: &Header,
+    current: &[u8],
+    file: Option<&str>,
+    format: Option<&str>,
+) -> Option<Vec<u8>> {
+    let cs = h.cluster_size() as usize;
+    let mut b = current.get(..h.header_length as usize)?.to_vec();
+    for (kind, data) in &h.extensions {
+        if *kind != ext::BACKING_FORMAT {
+            put_ext(&mut b, *kind, data);
+        }
+    }
+    if let (Some(f), Some(_)) = (format, file) {
+        put_ext(&mut b, ext::BACKING_FORMAT, f.as_bytes());
+    }
+    put32(&mut b, ext::END);
+    put32(&mut b, 0);
+    let (off, len) = match file {
+        Some(name) if name.len() <= MAX_BACKING_NAME as usize => {
+            let off = b.len() as u64;
+            b.extend_from_slice(name.as_bytes());
+            (off, name.len() as u32)
+        }
+        Some(_) => return None,
+        None => (0, 0),
+    };
+    b[8..16].copy_from_slice(&off.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
+    if b.len() > cs {
+        return None;
+    }
+    b.resize(cs, 0);
+    Some(b)
 }
 
 /// What [`build`] writes into a new image's first cluster.

@@ -130,6 +130,43 @@ fn file(node: &Node) -> IoResult<Rc<Child>> {
 }
 
 impl Qcow2 {
+    /// Rewrites the backing file name and format in the header (QEMU:
+    /// `bdrv_change_backing_file`, which stream and commit call when they
+    /// drop layers). `None` removes the backing file from the header. The
+    /// node's `backing` edge is the caller's business.
+    pub async fn change_backing_file(
+        &self,
+        node: &Node,
+        file: Option<&str>,
+        format: Option<&str>,
+    ) -> IoResult<()> {
+        let f = file(node)?;
+        let mut guard = self.st.lock().await;
+        let st = guard.as_mut().ok_or(IoError::Enomedium)?;
+        st.check_writable()?;
+        let current = f.read(0, st.cs as usize, ReqFlags::NONE).await?;
+        let Some(new) = header::with_backing(&st.h, &current, file, format) else {
+            log::error!(
+                "qcow2 node '{}': the backing file name does not fit in the header cluster",
+                node.name()
+            );
+            return Err(IoError::Einval);
+        };
+        // Everything the new header could make reachable is durable first.
+        st.flush_caches(&f).await?;
+        f.flush().await?;
+        st.write_header_field(&f, 0, new.clone()).await?;
+        f.flush().await?;
+        if let Ok(h) = header::Header::parse(&new) {
+            st.h.backing_file = h.backing_file;
+            st.h.backing_format = h.backing_format;
+            st.h.backing_file_offset = h.backing_file_offset;
+            st.h.backing_file_size = h.backing_file_size;
+            st.h.extensions = h.extensions;
+        }
+        Ok(())
+    }
+
     /// Checks the image's refcounts against its metadata (see [`check`]).
     pub async fn check(&self, node: &Node) -> IoResult<check::CheckReport> {
         let f = file(node)?;
