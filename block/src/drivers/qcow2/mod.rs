@@ -137,7 +137,7 @@ impl Qcow2 {
     pub async fn change_backing_file(
         &self,
         node: &Node,
-        file: Option<&str>,
+        backing_file: Option<&str>,
         format: Option<&str>,
     ) -> IoResult<()> {
         let f = file(node)?;
@@ -145,7 +145,7 @@ impl Qcow2 {
         let st = guard.as_mut().ok_or(IoError::Enomedium)?;
         st.check_writable()?;
         let current = f.read(0, st.cs as usize, ReqFlags::NONE).await?;
-        let Some(new) = header::with_backing(&st.h, &current, file, format) else {
+        let Some(new) = header::with_backing(&st.h, &current, backing_file, format) else {
             log::error!(
                 "qcow2 node '{}': the backing file name does not fit in the header cluster",
                 node.name()
