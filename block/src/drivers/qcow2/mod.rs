@@ -27,14 +27,32 @@
 //! uncompressed), backing files, growing. Refused, with a message: external
 //! data files, encryption, zstd compression, unknown incompatible features
 //! (named from the image's feature table), shrinking; read-only only:
-//! corrupt or dirty images and images with internal snapshots.
+//! corrupt or dirty images and images with internal snapshots. A bitmaps
+//! extension is left in place but its autoclear bit is cleared before the
+//! first write (blockhaus does not update bitmaps), as the spec requires.
+//!
+//! The image file does not grow by itself on a fixed-size protocol node (a
+//! virtio disk): an image used there needs room behind its last cluster
+//! (e.g. the host file truncated larger); a write that needs a cluster past
+//! the end fails with ENOSPC, as with QEMU on a block device.
+//!
+//! Requests: one at a time changes metadata (the image lock, QEMU's
+//! `s->lock`); reads and writes that change no metadata do their data I/O
+//! without it, and clusters freed meanwhile are only handed back once that
+//! I/O is done ([`state::Inflight`]).
+//!
+//! QMP: `blockdev-create` (`driver: qcow2`, a job to dismiss) and
+//! `blockdev-snapshot` ([`commands`]). Jobs that drop layers rewrite the
+//! header's backing file with [`Qcow2::change_backing_file`];
+//! [`Qcow2::check`] recomputes refcounts like `qemu-img check`.
 //!
 //! The concerns: [`header`] (header, extensions, feature bits), [`open`]
 //! (validation at open), [`state`] (the open image and its write-back
 //! order), [`cache`] (L2 and refcount block caches), [`cluster`] (L1/L2
 //! mapping, subclusters, compressed clusters), [`refcount`] (refcounts and
 //! allocation), [`io`] (requests), [`inflate`] (zlib), [`create`]
-//! (`blockdev-create`), [`commands`] (the QMP commands).
+//! (`blockdev-create`), [`check`] (consistency check), [`commands`] (the
+//! QMP commands).
 
 pub mod cache;
 pub mod check;
