@@ -163,7 +163,6 @@ impl Backup {
         if self.opts.sync == SyncMode::None {
             // Fleecing: the filter copies what is overwritten; the job
             // waits to be cancelled (QEMU: backup_run's job_yield loop).
-            bcs.clear_all();
             while !job.is_cancelled() {
                 job.sleep_ns(super::rate_limit::SLICE_NS).await;
             }
@@ -239,6 +238,7 @@ impl Backup {
                 job.set_progress(total - bcs.remaining().min(total), total);
             }
         }
+        job.set_progress(total - bcs.remaining().min(total), total);
         match failure {
             Some(e) => Err(e),
             None => Ok(()),

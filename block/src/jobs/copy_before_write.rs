@@ -71,12 +71,6 @@ impl BlockCopy {
         self.bitmap.borrow().next_dirty(from, max)
     }
 
-    /// Unmarks everything (sync=none: the job copies nothing itself).
-    pub fn clear_all(&self) {
-        let len = self.bitmap.borrow().len();
-        self.bitmap.borrow_mut().reset(0, len);
-    }
-
     /// Copies every marked chunk of `[offset, offset + len)` (QEMU:
     /// `block_copy`); returns the bytes handled (copied or skipped).
     pub async fn copy_range(&self, offset: u64, len: u64) -> Result<u64, CopyError> {

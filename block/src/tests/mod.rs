@@ -11,6 +11,7 @@ mod drivers;
 mod graph;
 mod harness;
 mod job;
+mod jobs_backup;
 mod jobs_mirror;
 mod jobs_util;
 mod mem;
