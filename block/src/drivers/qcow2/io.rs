@@ -91,14 +91,42 @@ struct Plan {
     bytes: Vec<u8>,
     update: Option<L2Entry>,
     free: Option<(u64, u64)>,
+    allocated: Option<u64>,
 }
 
+/// One host-contiguous data write and the L2 entries (and frees) that
+/// follow it.
 #[derive(Default)]
-struct Batch {
+pub struct Batch {
     host: u64,
     buf: Vec<u8>,
     updates: Vec<(u64, L2Entry)>,
     frees: Vec<(u64, u64)>,
+    allocated: Vec<u64>,
+}
+
+/// A planned write (QEMU: the `QCowL2Meta` list of an allocating write):
+/// clusters allocated and copy-on-write data gathered; the data writes can
+/// run without the lock, the L2 updates follow under it.
+#[derive(Default)]
+pub struct WritePlan {
+    batches: Vec<Batch>,
+}
+
+impl WritePlan {
+    /// Writes the data (no lock needed: only new clusters, or clusters of
+    /// this request's own guest clusters, are written).
+    pub async fn write_data(&mut self, f: &Child) -> IoResult<u64> {
+        let mut end = 0;
+        for b in &mut self.batches {
+            if !b.buf.is_empty() {
+                let buf = core::mem::take(&mut b.buf);
+                end = end.max(b.host + buf.len() as u64);
+                f.write(b.host, buf, ReqFlags::NONE).await?;
+            }
+        }
+        Ok(end)
+    }
 }
 
 fn bits(u0: u64, u1: u64) -> u64 {
@@ -240,6 +268,7 @@ impl State {
                     bytes: chunk.to_vec(),
                     update,
                     free: None,
+                    allocated: None,
                 });
             }
             // A whole new cluster (or a preallocated zero cluster reused):
@@ -283,6 +312,7 @@ impl State {
                     bitmap,
                 }),
                 free,
+                allocated: (!reuse).then_some(new),
             });
         }
         // Extended L2: only the touched subclusters become allocated;
@@ -327,33 +357,20 @@ impl State {
             bytes,
             update: (word != e.word || bitmap != e.bitmap).then_some(L2Entry { word, bitmap }),
             free: None,
+            allocated: new.then_some(h),
         })
     }
 
-    async fn commit(&mut self, f: &Child, b: &mut Batch) -> IoResult<()> {
-        if !b.buf.is_empty() {
-            let buf = core::mem::take(&mut b.buf);
-            self.pwrite(f, b.host, buf).await?;
-        }
-        for (g, e) in core::mem::take(&mut b.updates) {
-            self.set_entry(f, g, e).await?;
-        }
-        for (off, len) in core::mem::take(&mut b.frees) {
-            self.free_later(off, len);
-        }
-        Ok(())
-    }
-
-    /// Writes guest bytes at `g`.
-    pub async fn write(
+    /// Plans the write of `data` at guest offset `g` (see [`WritePlan`]).
+    pub async fn plan_write(
         &mut self,
         f: &Child,
         backing: Option<&Child>,
         g: u64,
         data: &[u8],
-    ) -> IoResult<()> {
+    ) -> IoResult<WritePlan> {
         self.check_writable()?;
-        let mut batch = Batch::default();
+        let mut plan = WritePlan::default();
         let mut pos = 0usize;
         while pos < data.len() {
             let go = g + pos as u64;
@@ -364,22 +381,77 @@ impl State {
             let p = self
                 .plan(f, backing, gcl, e, in_cl, &data[pos..pos + n])
                 .await?;
-            if !batch.buf.is_empty() && batch.host + batch.buf.len() as u64 != p.host {
-                self.commit(f, &mut batch).await?;
+            let contiguous = plan
+                .batches
+                .last()
+                .is_some_and(|b| b.host + b.buf.len() as u64 == p.host);
+            if !contiguous {
+                plan.batches.push(Batch {
+                    host: p.host,
+                    ..Default::default()
+                });
             }
-            if batch.buf.is_empty() {
-                batch.host = p.host;
-            }
-            batch.buf.extend_from_slice(&p.bytes);
-            if let Some(u) = p.update {
-                batch.updates.push((gcl, u));
-            }
-            if let Some(fr) = p.free {
-                batch.frees.push(fr);
+            if let Some(b) = plan.batches.last_mut() {
+                b.buf.extend_from_slice(&p.bytes);
+                if let Some(u) = p.update {
+                    b.updates.push((gcl, u));
+                }
+                if let Some(fr) = p.free {
+                    b.frees.push(fr);
+                }
+                b.allocated.extend(p.allocated);
             }
             pos += n;
         }
-        self.commit(f, &mut batch).await
+        Ok(plan)
+    }
+
+    /// Links the written clusters into the L2 tables and queues the frees
+    /// (QEMU: `qcow2_alloc_cluster_link_l2`). `data_end` is where the data
+    /// writes ended in the file; `ok` whether they all succeeded (if not,
+    /// the new clusters are freed again and nothing is linked).
+    pub async fn finish_write(
+        &mut self,
+        f: &Child,
+        plan: WritePlan,
+        data_end: u64,
+        ok: bool,
+    ) -> IoResult<()> {
+        self.file_len = self.file_len.max(data_end);
+        for b in plan.batches {
+            if !ok {
+                // Never referenced: they go back at the next write-back.
+                for host in b.allocated {
+                    self.free_later(host, self.cs);
+                }
+                continue;
+            }
+            for (g, e) in b.updates {
+                self.set_entry(f, g, e).await?;
+            }
+            for (off, len) in b.frees {
+                self.free_later(off, len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes guest bytes at `g`, all under the lock.
+    pub async fn write(
+        &mut self,
+        f: &Child,
+        backing: Option<&Child>,
+        g: u64,
+        data: &[u8],
+    ) -> IoResult<()> {
+        let mut plan = self.plan_write(f, backing, g, data).await?;
+        if self.corrupt {
+            return Err(IoError::Eio);
+        }
+        let r = plan.write_data(f).await;
+        let end = *r.as_ref().unwrap_or(&0);
+        self.finish_write(f, plan, end, r.is_ok()).await?;
+        r.map(|_| ())
     }
 
     /// Whether unit `u` of `e` reads as zeroes without a backing file
