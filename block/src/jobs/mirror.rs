@@ -202,7 +202,9 @@ pub async fn start_mirror(
         "backing",
         hook.clone(),
         &[],
-        true,
+        // An active commit's filter shares WRITE like QEMU's commit_top:
+        // the base below must stay writable for the job.
+        opts.commit_base.is_none(),
     )
     .await?;
     let drv = Rc::new(Mirror {

@@ -12,6 +12,7 @@ mod graph;
 mod harness;
 mod job;
 mod jobs_backup;
+mod jobs_chain;
 mod jobs_mirror;
 mod jobs_util;
 mod mem;

@@ -1,0 +1,217 @@
+//! `block-stream` and `block-commit` over qcow2 backing chains in memory:
+//! base ← mid ← top, a guest writing to top.
+
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+
+use serde_json::json;
+
+use super::harness::Qmp;
+use super::jobs_util::*;
+use crate::jobs::chain::backing;
+use crate::node::Node;
+
+const SIZE: u64 = 2 * MIB;
+
+/// base: 0x0a over [0, 1 MiB); mid: 0x0b over [256 KiB, 512 KiB);
+/// top: 0x0c over [768 KiB, 832 KiB). Returns (base, mid, top) and the
+/// merged view.
+fn chain3(q: &mut Qmp) -> (Rc<Node>, Rc<Node>, Rc<Node>, Vec<u8>) {
+    let base = qcow2(q, "base", "f0", SIZE, None);
+    io_write(q, "base", 0, MIB, 0x0a);
+    let mid = qcow2(q, "mid", "f1", SIZE, Some("base"));
+    io_write(q, "mid", 256 * KIB, 256 * KIB, 0x0b);
+    let top = qcow2(q, "top", "f2", SIZE, Some("mid"));
+    io_write(q, "top", 768 * KIB, 64 * KIB, 0x0c);
+    let mut view = alloc::vec![0u8; SIZE as usize];
+    view[..MIB as usize].fill(0x0a);
+    view[256 * 1024..512 * 1024].fill(0x0b);
+    view[768 * 1024..832 * 1024].fill(0x0c);
+    assert_eq!(read_all(q, &top), view);
+    q.events();
+    (base, mid, top, view)
+}
+
+#[test]
+fn stream_to_a_base_pulls_the_layers_above_it_while_the_guest_writes() {
+    let mut q = Qmp::new();
+    let (base, mid, top, view) = chain3(&mut q);
+    let drv = guest(&q, "drv", &top);
+    let w = start_writer(&q, &drv, view, 100, 4 * KIB, 21);
+    q.ok(
+        "block-stream",
+        json!({"job-id": "s0", "device": "top", "base-node": "base", "speed": 4 * MIB}),
+    );
+    run_until(&q, "stream", || status(&q, "s0") == "gone");
+    run_until(&q, "writer", || w.done.get() == 100);
+    assert!(Rc::ptr_eq(&backing(&top).unwrap(), &base));
+    // mid left the chain; the monitor still holds it.
+    assert_eq!(mid.refcnt(), 1);
+    assert_eq!(read_all(&q, &top), *w.model.borrow());
+    let ev = q.events();
+    assert!(event_trail(&ev).contains(&"BLOCK_JOB_COMPLETED".into()));
+    assert_eq!(event(&ev, "BLOCK_JOB_COMPLETED")["type"], "stream");
+    assert!(core::ptr::eq(&*drv.root_node().unwrap(), &*top));
+    close_all_clean(&q);
+}
+
+#[test]
+fn stream_of_the_whole_chain_drops_the_backing_file() {
+    let mut q = Qmp::new();
+    let (_base, _mid, top, view) = chain3(&mut q);
+    q.ok("block-stream", json!({"device": "top", "job-id": "s0"}));
+    run_until(&q, "stream", || status(&q, "s0") == "gone");
+    assert!(backing(&top).is_none());
+    assert_eq!(read_all(&q, &top), view);
+    close_all_clean(&q);
+}
+
+#[test]
+fn stream_refusals() {
+    let mut q = Qmp::new();
+    chain3(&mut q);
+    assert_eq!(
+        q.err(
+            "block-stream",
+            json!({"job-id": "s", "device": "top", "base": "x", "base-node": "base"})
+        ),
+        "'base' and 'base-node' cannot be specified at the same time"
+    );
+    assert_eq!(
+        q.err(
+            "block-stream",
+            json!({"job-id": "s", "device": "mid", "base-node": "top"})
+        ),
+        "Node 'top' is not a backing image of 'mid'"
+    );
+    assert_eq!(
+        q.err(
+            "block-stream",
+            json!({"job-id": "s", "device": "top", "base": "nope"})
+        ),
+        "Can't find 'nope' in the backing chain"
+    );
+    assert!(q.bl.registry().jobs().is_empty());
+    close_all_clean(&q);
+}
+
+#[test]
+fn intermediate_commit_moves_mid_into_base() {
+    let mut q = Qmp::new();
+    let (base, mid, top, view) = chain3(&mut q);
+    let drv = guest(&q, "drv", &top);
+    let w = start_writer(&q, &drv, view, 50, 4 * KIB, 33);
+    q.ok(
+        "block-commit",
+        json!({"job-id": "c0", "device": "top", "top-node": "mid", "base-node": "base"}),
+    );
+    run_until(&q, "commit", || status(&q, "c0") == "gone");
+    run_until(&q, "writer", || w.done.get() == 50);
+    assert!(Rc::ptr_eq(&backing(&top).unwrap(), &base));
+    assert_eq!(mid.refcnt(), 1);
+    assert_eq!(read_all(&q, &top), *w.model.borrow());
+    let b = read_all(&q, &base);
+    assert!(b[256 * 1024..512 * 1024].iter().all(|x| *x == 0x0b));
+    assert_eq!(event(&q.events(), "BLOCK_JOB_COMPLETED")["type"], "commit");
+    close_all_clean(&q);
+}
+
+#[test]
+fn active_commit_becomes_ready_and_pivots_to_base() {
+    let mut q = Qmp::new();
+    let (base, _mid, top, view) = chain3(&mut q);
+    let drv = guest(&q, "drv", &top);
+    let w = start_writer(&q, &drv, view, 200, 4 * KIB, 44);
+    q.ok(
+        "block-commit",
+        json!({"job-id": "c0", "device": "top", "base-node": "base"}),
+    );
+    assert_eq!(drv.root_node().unwrap().driver_name(), "commit_top");
+    run_until(&q, "ready", || status(&q, "c0") == "ready");
+    let ev = q.events();
+    assert_eq!(event(&ev, "BLOCK_JOB_READY")["type"], "commit");
+    run_until(&q, "writer", || w.done.get() == 200);
+    q.ok("job-complete", json!({"id": "c0"}));
+    run_until(&q, "pivot", || status(&q, "c0") == "gone");
+    assert!(core::ptr::eq(&*drv.root_node().unwrap(), &*base));
+    assert_eq!(read_all(&q, &base), *w.model.borrow());
+    // top and mid still exist (monitor-owned), unused.
+    assert_eq!(top.refcnt(), 1);
+    close_all_clean(&q);
+}
+
+#[test]
+fn active_commit_cancelled_leaves_top_in_place() {
+    let mut q = Qmp::new();
+    let (_base, _mid, top, _) = chain3(&mut q);
+    let drv = guest(&q, "drv", &top);
+    q.ok(
+        "block-commit",
+        json!({"job-id": "c0", "device": "top", "base-node": "base", "speed": MIB}),
+    );
+    q.settle();
+    q.ok("job-cancel", json!({"id": "c0"}));
+    run_until(&q, "cancel", || status(&q, "c0") == "gone");
+    assert!(core::ptr::eq(&*drv.root_node().unwrap(), &*top));
+    close_all_clean(&q);
+}
+
+#[test]
+fn commit_refusals() {
+    let mut q = Qmp::new();
+    chain3(&mut q);
+    assert_eq!(
+        q.err(
+            "block-commit",
+            json!({"job-id": "c", "device": "top", "top-node": "top", "base-node": "top"})
+        ),
+        "cannot commit an image into itself"
+    );
+    assert_eq!(
+        q.err(
+            "block-commit",
+            json!({"job-id": "c", "device": "mid", "top-node": "top"})
+        ),
+        "'top' is not in this backing file chain"
+    );
+    assert_eq!(
+        q.err(
+            "block-commit",
+            json!({"job-id": "c", "device": "top", "top": "a", "top-node": "mid"})
+        ),
+        "'top' and 'top-node' cannot be specified at the same time"
+    );
+    assert_eq!(
+        q.err(
+            "block-commit",
+            json!({"job-id": "c", "device": "top", "top-node": "base"})
+        ),
+        "cannot commit an image into itself"
+    );
+    assert!(q.bl.registry().jobs().is_empty());
+    close_all_clean(&q);
+}
+
+#[test]
+fn close_all_during_stream_and_commit() {
+    let mut q = Qmp::new();
+    let (_base, _mid, top, view) = chain3(&mut q);
+    let drv = guest(&q, "drv", &top);
+    let _w = start_writer(&q, &drv, view, 1000, 4 * KIB, 8);
+    q.ok(
+        "block-stream",
+        json!({"job-id": "s0", "device": "top", "base-node": "base", "speed": MIB}),
+    );
+    let b2 = qcow2(&mut q, "b2", "g0", SIZE, None);
+    let t2 = qcow2(&mut q, "t2", "g1", SIZE, Some("b2"));
+    io_write(&mut q, "t2", 0, MIB, 0x5a);
+    let _g2 = guest(&q, "drv2", &t2);
+    q.ok(
+        "block-commit",
+        json!({"job-id": "c0", "device": "t2", "base-node": "b2", "speed": MIB}),
+    );
+    let _ = b2;
+    q.settle();
+    let r = close_all_clean(&q);
+    assert_eq!(r.jobs_cancelled, ["s0", "c0"]);
+}
