@@ -13,6 +13,14 @@
 //! one Ethernet frame of at most 1514 bytes (MTU 1500; no offloads are
 //! negotiated, so smoltcp computes checksums on transmit and the virtual
 //! link's are trusted on receive).
+//!
+//! Neighbour learning: smoltcp fills its ARP cache only from ARP. A host
+//! that learnt our MAC from the gratuitous ARP never asks, so the first
+//! reply to it would be dropped while smoltcp resolves it (a lost ping, a
+//! SYN-ACK retransmitted a second later). So when an IPv4 frame arrives
+//! from a neighbour on our subnet that smoltcp has not heard from lately,
+//! the device first hands smoltcp a synthetic ARP request from that
+//! neighbour (its addresses taken from the frame), then the frame itself.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -89,6 +97,46 @@ pub struct NetDevice {
     stats: Stats,
     /// Frames moved since the last [`NetDevice::take_activity`].
     activity: bool,
+    /// Our address and prefix (after [`NetDevice::announce`]).
+    ip: Option<(Ipv4Address, u8)>,
+    neighbours: Neighbours,
+    /// A received frame held back while its synthetic ARP goes first.
+    held: Option<(usize, usize, usize)>,
+    /// The synthetic ARP request.
+    arp: [u8; ARP_FRAME],
+}
+
+/// An Ethernet frame carrying an IPv4 ARP packet.
+const ARP_FRAME: usize = 42;
+/// How often a neighbour is re-introduced to smoltcp (its cache keeps an
+/// entry 60 s).
+const NEIGHBOUR_REFRESH_MS: i64 = 20_000;
+/// Neighbours remembered.
+const NEIGHBOURS: usize = 32;
+
+/// Neighbours smoltcp was told about: (IPv4, MAC, when, ms).
+#[derive(Default)]
+struct Neighbours(Vec<([u8; 4], [u8; 6], i64)>);
+
+impl Neighbours {
+    /// Whether `(ip, mac)` should be introduced now; records it if so.
+    fn introduce(&mut self, ip: [u8; 4], mac: [u8; 6], now_ms: i64) -> bool {
+        if let Some(e) = self.0.iter_mut().find(|e| e.0 == ip) {
+            if e.1 == mac && now_ms - e.2 < NEIGHBOUR_REFRESH_MS {
+                return false;
+            }
+            *e = (ip, mac, now_ms);
+            return true;
+        }
+        if self.0.len() >= NEIGHBOURS {
+            // Forget the stalest.
+            if let Some(i) = (0..self.0.len()).min_by_key(|&i| self.0[i].2) {
+                self.0.swap_remove(i);
+            }
+        }
+        self.0.push((ip, mac, now_ms));
+        true
+    }
 }
 
 fn pool(n: usize) -> Vec<Box<[u8]>> {
@@ -117,6 +165,10 @@ impl NetDevice {
             },
             stats: Stats::default(),
             activity: false,
+            ip: None,
+            neighbours: Neighbours::default(),
+            held: None,
+            arp: [0; ARP_FRAME],
         };
         for i in 0..QUEUE_SIZE {
             dev.post_rx(i).map_err(Error::Post)?;
@@ -167,7 +219,8 @@ impl NetDevice {
 
     /// Announces `ip` with a gratuitous ARP (a broadcast request for our
     /// own address), so a host bridge or tap learns our MAC at once.
-    pub fn announce(&mut self, ip: Ipv4Address) {
+    pub fn announce(&mut self, ip: Ipv4Address, prefix: u8) {
+        self.ip = Some((ip, prefix));
         let mac = self.mac();
         let arp = ArpRepr::EthernetIpv4 {
             operation: ArpOperation::Request,
@@ -209,12 +262,11 @@ fn reclaim_tx(raw: &mut Raw, tx: &mut TxPool) {
     }
 }
 
-/// A received frame lent to smoltcp.
+/// A received frame lent to smoltcp: a pool buffer (posted again once
+/// smoltcp is done with it) or the synthetic ARP request.
 pub struct RxToken<'a> {
-    pool: &'a mut RxPool,
-    index: usize,
-    start: usize,
-    len: usize,
+    frame: &'a [u8],
+    recycle: Option<(&'a mut Vec<usize>, usize)>,
 }
 
 impl phy::RxToken for RxToken<'_> {
@@ -222,16 +274,62 @@ impl phy::RxToken for RxToken<'_> {
     where
         F: FnOnce(&[u8]) -> R,
     {
-        let buf = &self.pool.bufs[self.index];
-        let end = (self.start + self.len).min(buf.len());
-        f(&buf[self.start.min(end)..end])
+        f(self.frame)
     }
 }
 
 impl Drop for RxToken<'_> {
     fn drop(&mut self) {
-        self.pool.recycle.push(self.index);
+        if let Some((list, index)) = self.recycle.take() {
+            list.push(index);
+        }
     }
+}
+
+/// A frame's slice of a pool buffer.
+fn frame_of(buf: &[u8], start: usize, len: usize) -> &[u8] {
+    let end = start.saturating_add(len).min(buf.len());
+    &buf[start.min(end)..end]
+}
+
+/// The sender of an IPv4 frame sent to `mac` from our subnet: (IPv4, MAC).
+fn ipv4_sender(frame: &[u8], mac: [u8; 6], ours: (Ipv4Address, u8)) -> Option<([u8; 4], [u8; 6])> {
+    if frame.len() < 34 || frame[0..6] != mac || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let src: [u8; 4] = frame[26..30].try_into().ok()?;
+    let sender: [u8; 6] = frame[6..12].try_into().ok()?;
+    let (ip, prefix) = ours;
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    let same_subnet = u32::from_be_bytes(src) & mask == u32::from_be_bytes(ip.octets()) & mask;
+    let unicast = sender[0] & 1 == 0 && src != [0; 4] && src != ip.octets();
+    (same_subnet && unicast).then_some((src, sender))
+}
+
+/// An ARP request from `(ip, mac)` for `target`, as if that neighbour had
+/// asked for us.
+fn synthetic_arp(
+    out: &mut [u8; ARP_FRAME],
+    ours: EthernetAddress,
+    target: Ipv4Address,
+    ip: [u8; 4],
+    mac: [u8; 6],
+) {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(mac),
+        source_protocol_addr: Ipv4Address::from(ip),
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(mac),
+        dst_addr: ours,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut frame = EthernetFrame::new_unchecked(&mut out[..]);
+    eth.emit(&mut frame);
+    arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
 }
 
 /// Room for one frame to send.
@@ -275,38 +373,61 @@ impl phy::Device for NetDevice {
     type RxToken<'a> = RxToken<'a>;
     type TxToken<'a> = TxToken<'a>;
 
-    fn receive(&mut self, _timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+    fn receive(&mut self, timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         self.maintain();
         // A reply may be needed: deliver a frame only with a buffer free.
         if self.tx.free.is_empty() {
             self.stats.tx_full += 1;
             return None;
         }
-        let token = self.raw.poll_receive()?;
-        let index = self
-            .rx
-            .by_token
-            .get_mut(usize::from(token))
-            .and_then(Option::take)?;
-        // SAFETY: `index` is the buffer `receive_begin` was given for this
-        // token, which the device has now used.
-        let done = unsafe { self.raw.receive_complete(token, &mut self.rx.bufs[index]) };
-        self.activity = true;
-        let (start, len) = match done {
-            Ok(v) => v,
-            Err(_) => {
-                // A runt: post the buffer again, report nothing this time.
-                self.rx.recycle.push(index);
-                return None;
+        let (index, start, len) = match self.held.take() {
+            Some(h) => h,
+            None => {
+                let token = self.raw.poll_receive()?;
+                let index = self
+                    .rx
+                    .by_token
+                    .get_mut(usize::from(token))
+                    .and_then(Option::take)?;
+                // SAFETY: `index` is the buffer `receive_begin` was given
+                // for this token, which the device has now used.
+                let done = unsafe { self.raw.receive_complete(token, &mut self.rx.bufs[index]) };
+                self.activity = true;
+                let Ok((start, len)) = done else {
+                    // A runt: post the buffer again, report nothing.
+                    self.rx.recycle.push(index);
+                    return None;
+                };
+                self.stats.rx_frames += 1;
+                // A neighbour smoltcp has not heard from lately: its
+                // synthetic ARP request goes first, the frame next time.
+                let frame = frame_of(&self.rx.bufs[index], start, len);
+                if let Some(ours) = self.ip
+                    && let Some((ip, mac)) = ipv4_sender(frame, self.raw.mac_address(), ours)
+                    && self.neighbours.introduce(ip, mac, timestamp.total_millis())
+                {
+                    self.held = Some((index, start, len));
+                    let me = self.mac();
+                    synthetic_arp(&mut self.arp, me, ours.0, ip, mac);
+                    return Some((
+                        RxToken {
+                            frame: &self.arp,
+                            recycle: None,
+                        },
+                        TxToken {
+                            raw: &mut self.raw,
+                            pool: &mut self.tx,
+                            stats: &mut self.stats,
+                        },
+                    ));
+                }
+                (index, start, len)
             }
         };
-        self.stats.rx_frames += 1;
         Some((
             RxToken {
-                pool: &mut self.rx,
-                index,
-                start,
-                len,
+                frame: frame_of(&self.rx.bufs[index], start, len),
+                recycle: Some((&mut self.rx.recycle, index)),
             },
             TxToken {
                 raw: &mut self.raw,

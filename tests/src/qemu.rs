@@ -68,6 +68,10 @@ pub struct QemuConfig {
     /// 127.0.0.1:PORT forwarded to the guest's port 10809 ([`free_port`]
     /// picks one). The guest is 10.0.2.15/24, the gateway 10.0.2.2.
     pub nbd_port: Option<u16>,
+    /// The fast path: QEMU runs inside this network namespace with a
+    /// virtio-net device on its tap ([`NetnsTap`]); clients reach the guest
+    /// at [`NetnsTap::GUEST_IP`] from inside the namespace.
+    pub netns_tap: Option<NetnsTap>,
 }
 
 impl Default for QemuConfig {
@@ -81,6 +85,7 @@ impl Default for QemuConfig {
             qmp_wait: true,
             extra: Vec::new(),
             nbd_port: None,
+            netns_tap: None,
         }
     }
 }
@@ -98,7 +103,10 @@ impl QemuConfig {
 
     /// The QEMU command. COM1 goes to QEMU's stdout; COM2 to `qmp_socket`.
     pub fn command(&self, image: &Path, qmp_socket: &Path) -> Command {
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = match &self.netns_tap {
+            Some(t) => t.exec("qemu-system-x86_64"),
+            None => Command::new("qemu-system-x86_64"),
+        };
         let machine = match self.machine {
             // microvm: PCI (for virtio-pci devices), the ACPI GED for
             // poweroff, and the RTC (off by default under KVM) for wall time.
@@ -148,8 +156,90 @@ impl QemuConfig {
             ));
             cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
         }
+        if self.netns_tap.is_some() {
+            cmd.arg("-netdev").arg(format!(
+                "tap,id=t0,ifname={},script=no,downscript=no",
+                NetnsTap::TAP
+            ));
+            cmd.args(["-device", "virtio-net-pci,netdev=t0"]);
+        }
         cmd.args(&self.extra);
         cmd
+    }
+}
+
+/// A network namespace holding a tap device (`ip netns add`, `ip tuntap
+/// add mode tap`; needs root), deleted with everything in it on drop. QEMU
+/// started inside it ([`QemuConfig::netns_tap`]) attaches to the tap;
+/// the namespace's side is [`NetnsTap::HOST_IP`], the guest is
+/// [`NetnsTap::GUEST_IP`] (boot it with `ip=10.0.3.15/24`).
+#[derive(Clone, Debug)]
+pub struct NetnsTap {
+    pub netns: String,
+    _owner: std::sync::Arc<NetnsGuard>,
+}
+
+#[derive(Debug)]
+struct NetnsGuard(String);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+impl NetnsTap {
+    pub const TAP: &'static str = "bhtap0";
+    pub const HOST_IP: &'static str = "10.0.3.1";
+    pub const GUEST_IP: &'static str = "10.0.3.15";
+    /// The kernel command-line setting for the guest's address.
+    pub const GUEST_IP_SETTING: &'static str = "ip=10.0.3.15/24";
+
+    /// Creates the namespace and its tap; `Err` without root or tun.
+    pub fn create() -> Result<NetnsTap, String> {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let netns = format!("blockhaus-{}-{n}", std::process::id());
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        ip(&["netns", "add", &netns])?;
+        let me = NetnsTap {
+            _owner: std::sync::Arc::new(NetnsGuard(netns.clone())),
+            netns,
+        };
+        let ns = me.netns.as_str();
+        let host_cidr = format!("{}/24", Self::HOST_IP);
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", ns, "tuntap", "add", "dev", Self::TAP, "mode", "tap"])?;
+        ip(&["-n", ns, "addr", "add", &host_cidr, "dev", Self::TAP])?;
+        ip(&["-n", ns, "link", "set", Self::TAP, "up"])?;
+        // Learn the guest from its gratuitous ARP (Linux ignores unsolicited
+        // ARP for unknown neighbours otherwise).
+        let _ = me
+            .exec("sysctl")
+            .args(["-q", &format!("net.ipv4.conf.{}.arp_accept=1", Self::TAP)])
+            .status();
+        Ok(me)
+    }
+
+    /// `program`, run inside the namespace.
+    pub fn exec(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns, program]);
+        c
     }
 }
 

@@ -681,3 +681,81 @@ fn eject_under_legacy_export_deletes_it() {
     );
     quit(a);
 }
+
+/// The fast path: a tap device in a network namespace (needs root; skipped
+/// with a note otherwise). The guest announces itself with a gratuitous
+/// ARP, answers ping, and serves NBD to clients in the namespace.
+#[test]
+fn tap_in_a_netns_gratuitous_arp_ping_and_nbd() {
+    let tap = match harness::qemu::NetnsTap::create() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipped: no network namespace with a tap here: {e}");
+            return;
+        }
+    };
+    let cfg = QemuConfig {
+        append: format!(
+            "{} --blockdev driver=null-co,node-name=n0,size=67108864,read-zeroes=on \
+             {NBD_SERVER} --export type=nbd,id=e0,node-name=n0,name=disk,writable=on",
+            harness::qemu::NetnsTap::GUEST_IP_SETTING
+        ),
+        netns_tap: Some(tap.clone()),
+        ..QemuConfig::default()
+    };
+    let a = Appliance::boot(&cfg);
+    let guest = harness::qemu::NetnsTap::GUEST_IP;
+    // The namespace learns the guest's MAC without asking.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = output(tap.exec("ip").args(["neigh", "show", guest]));
+        if text(&o).contains("52:54:00:12:34:56") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no neighbour entry from the gratuitous ARP: {}",
+            text(&o)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // ICMP echo (no ping binary needed: a raw socket in Python).
+    let echo = format!(
+        "import socket,struct,sys\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_ICMP)\n\
+         s.settimeout(5)\n\
+         def ck(b):\n\
+         \x20b+=b'\\0'*(len(b)%2)\n\
+         \x20t=sum(struct.unpack('!%dH'%(len(b)//2),b))\n\
+         \x20t=(t>>16)+(t&0xffff);t+=t>>16\n\
+         \x20return ~t&0xffff\n\
+         for seq in range(3):\n\
+         \x20p=struct.pack('!BBHHH',8,0,0,0x4242,seq)+b'blockhaus'\n\
+         \x20p=p[:2]+struct.pack('!H',ck(p))+p[4:]\n\
+         \x20s.sendto(p,('{guest}',0))\n\
+         \x20while True:\n\
+         \x20\x20d,a=s.recvfrom(2048)\n\
+         \x20\x20h=(d[0]&15)*4\n\
+         \x20\x20if a[0]=='{guest}' and d[h]==0 and d[h+6:h+8]==struct.pack('!H',seq): break\n\
+         print('3 echo replies')\n"
+    );
+    let out = client(&a, tap.exec("/usr/bin/python3").args(["-c", &echo]));
+    assert!(out.contains("3 echo replies"), "{out}");
+    let u = format!("nbd://{guest}/disk");
+    client(&a, tap.exec("nbdinfo").arg(&u));
+    client(
+        &a,
+        tap.exec("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 0 8M",
+                "-c",
+                "read -P 0 0 8M",
+            ])
+            .arg(&u),
+    );
+    client(&a, tap.exec("nbdcopy").arg(&u).arg("null:"));
+    quit(a);
+}

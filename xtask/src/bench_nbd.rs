@@ -3,8 +3,11 @@
 //!
 //! Servers: `qemu-nbd` and `qemu-storage-daemon` serving the raw image
 //! natively on 127.0.0.1, and blockhaus (TCG) exporting the same file as a
-//! virtio-blk disk through virtio-net and QEMU's user network (`hostfwd`:
-//! slirp, no TCP window scaling). The host servers skip the VM boundary
+//! virtio-blk disk through virtio-net, once on QEMU's user network
+//! (`blockhaus`: slirp `hostfwd`, no TCP window scaling) and once on a tap
+//! device in a network namespace (`bh-tap`: QEMU's userspace virtio-net
+//! backend, no vhost-net here; needs root, skipped otherwise), with the
+//! clients run inside that namespace. The host servers skip the VM boundary
 //! and the guest's TCP stack, so the ratios measure blockhaus *plus* QEMU's
 //! network path against a native server: read them as "what a client sees".
 //!
@@ -13,6 +16,7 @@
 //! write at QD 32 and random read at QD 1. Figures are printed, never
 //! asserted: the machine is shared and noisy.
 
+use harness::qemu::NetnsTap;
 use harness::{Appliance, QemuConfig};
 use serde_json::Value;
 use std::net::TcpStream;
@@ -29,7 +33,7 @@ pub struct NbdArgs {
     /// Seconds per fio run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Only these servers (comma-separated: qemu-nbd, qsd, blockhaus).
+    /// Only these servers (comma-separated: qemu-nbd, qsd, blockhaus, bh-tap).
     #[arg(long)]
     only: Option<String>,
 }
@@ -40,6 +44,21 @@ const MIB: u64 = 1 << 20;
 enum Running {
     Host(Child),
     Appliance(Box<Appliance>),
+}
+
+/// Where clients reach a server: a URI, run inside a namespace or not.
+struct Target {
+    uri: String,
+    netns: Option<NetnsTap>,
+}
+
+impl Target {
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(t) => t.exec(program),
+            None => Command::new(program),
+        }
+    }
 }
 
 impl Drop for Running {
@@ -76,8 +95,16 @@ fn spawn(cmd: &mut Command) -> Result<Child, String> {
         .map_err(|e| format!("{cmd:?}: {e}"))
 }
 
-fn start(server: &str, img: &Path, port: u16) -> Result<Running, String> {
-    match server {
+const APPEND: &str = "loglevel=warn --blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
+    --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809,max-connections=16 \
+    --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on";
+
+fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), String> {
+    let local = Target {
+        uri: format!("nbd://127.0.0.1:{port}/disk"),
+        netns: None,
+    };
+    let running = match server {
         "qemu-nbd" => {
             let child = spawn(
                 Command::new("qemu-nbd")
@@ -87,7 +114,7 @@ fn start(server: &str, img: &Path, port: u16) -> Result<Running, String> {
                     .arg(img),
             )?;
             wait_port(port, Duration::from_secs(10))?;
-            Ok(Running::Host(child))
+            Running::Host(child)
         }
         "qsd" => {
             let child = spawn(
@@ -108,25 +135,40 @@ fn start(server: &str, img: &Path, port: u16) -> Result<Running, String> {
                     ]),
             )?;
             wait_port(port, Duration::from_secs(10))?;
-            Ok(Running::Host(child))
+            Running::Host(child)
         }
         "blockhaus" => {
             let image = harness::image::build(true)?;
             let cfg = QemuConfig {
                 disks: vec![img.to_path_buf()],
                 nbd_port: Some(port),
-                append: "loglevel=warn --blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
-                    --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809,max-connections=16 \
-                    --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on"
-                    .into(),
+                append: APPEND.into(),
                 ..QemuConfig::default()
             };
             let mut a = Appliance::start(&image, &cfg)?;
             a.qmp().negotiate()?;
-            Ok(Running::Appliance(Box::new(a)))
+            Running::Appliance(Box::new(a))
         }
-        other => Err(format!("unknown server '{other}'")),
-    }
+        "bh-tap" => {
+            let image = harness::image::build(true)?;
+            let tap = NetnsTap::create()?;
+            let cfg = QemuConfig {
+                disks: vec![img.to_path_buf()],
+                netns_tap: Some(tap.clone()),
+                append: format!("{} {APPEND}", NetnsTap::GUEST_IP_SETTING),
+                ..QemuConfig::default()
+            };
+            let mut a = Appliance::start(&image, &cfg)?;
+            a.qmp().negotiate()?;
+            let target = Target {
+                uri: format!("nbd://{}/disk", NetnsTap::GUEST_IP),
+                netns: Some(tap),
+            };
+            return Ok((Running::Appliance(Box::new(a)), target));
+        }
+        other => return Err(format!("unknown server '{other}'")),
+    };
+    Ok((running, local))
 }
 
 fn run_timed(cmd: &mut Command) -> Result<Duration, String> {
@@ -143,10 +185,11 @@ fn run_timed(cmd: &mut Command) -> Result<Duration, String> {
 }
 
 /// fio 4 KiB random I/O for `seconds`: IOPS.
-fn fio(uri: &str, rw: &str, depth: u32, seconds: u64) -> Result<f64, String> {
-    let out = Command::new("fio")
+fn fio(t: &Target, rw: &str, depth: u32, seconds: u64) -> Result<f64, String> {
+    let out = t
+        .command("fio")
         .args(["--name=bench", "--ioengine=nbd", "--bs=4k", "--direct=1"])
-        .arg(format!("--uri={uri}"))
+        .arg(format!("--uri={}", t.uri))
         .arg(format!("--rw={rw}"))
         .arg(format!("--iodepth={depth}"))
         .arg(format!("--runtime={seconds}"))
@@ -181,16 +224,16 @@ const COLUMNS: [&str; 5] = [
     "randread QD1 IOPS",
 ];
 
-fn measure(uri: &str, src: &Path, size: u64, seconds: u64) -> Result<Row, String> {
+fn measure(t: &Target, src: &Path, size: u64, seconds: u64) -> Result<Row, String> {
     let mb = size as f64 / 1e6;
-    let read = run_timed(Command::new("nbdcopy").arg(uri).arg("null:"))?;
-    let write = run_timed(Command::new("nbdcopy").arg("--flush").arg(src).arg(uri))?;
+    let read = run_timed(t.command("nbdcopy").arg(&t.uri).arg("null:"))?;
+    let write = run_timed(t.command("nbdcopy").arg("--flush").arg(src).arg(&t.uri))?;
     Ok([
         mb / read.as_secs_f64(),
         mb / write.as_secs_f64(),
-        fio(uri, "randread", 32, seconds)?,
-        fio(uri, "randwrite", 32, seconds)?,
-        fio(uri, "randread", 1, seconds)?,
+        fio(t, "randread", 32, seconds)?,
+        fio(t, "randwrite", 32, seconds)?,
+        fio(t, "randread", 1, seconds)?,
     ])
 }
 
@@ -229,7 +272,9 @@ pub fn bench(args: NbdArgs) -> Result<(), String> {
     let seconds = args.seconds.max(1);
     let servers: Vec<String> = match &args.only {
         Some(list) => list.split(',').map(String::from).collect(),
-        None => ["qemu-nbd", "qsd", "blockhaus"].map(String::from).to_vec(),
+        None => ["qemu-nbd", "qsd", "blockhaus", "bh-tap"]
+            .map(String::from)
+            .to_vec(),
     };
     let dir = scratch()?;
     let result = (|| {
@@ -238,16 +283,22 @@ pub fn bench(args: NbdArgs) -> Result<(), String> {
             "NBD benchmark: {} MiB raw image, fio {seconds} s per run, 127.0.0.1",
             size / MIB
         );
-        println!(
-            "blockhaus: TCG, virtio-blk disk, virtio-net on QEMU user networking (slirp hostfwd)"
-        );
+        println!("blockhaus: TCG, virtio-blk disk; virtio-net on QEMU user networking (slirp");
+        println!("  hostfwd); bh-tap: virtio-net on a tap in a network namespace (no vhost-net)");
         let mut rows: Vec<(String, Row)> = Vec::new();
         for s in &servers {
             let port = harness::qemu::free_port();
-            let running = start(s, &img, port)?;
-            let uri = format!("nbd://127.0.0.1:{port}/disk");
-            let row = measure(&uri, &src, size, seconds);
+            let (running, target) = match start(s, &img, port) {
+                Ok(r) => r,
+                Err(e) if s == "bh-tap" => {
+                    println!("  {s}: skipped ({e})");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let row = measure(&target, &src, size, seconds);
             drop(running);
+            drop(target);
             let row = row.map_err(|e| format!("{s}: {e}"))?;
             println!("  {s}: done");
             rows.push((s.clone(), row));

@@ -44,7 +44,7 @@ impl Stack {
         if let Some(gw) = ip.gateway {
             let _ = iface.routes_mut().add_default_ipv4_route(gw);
         }
-        device.announce(ip.addr);
+        device.announce(ip.addr, ip.prefix);
         Stack {
             device,
             iface,
