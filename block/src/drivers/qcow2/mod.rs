@@ -148,6 +148,26 @@ fn file(node: &Node) -> IoResult<Rc<Child>> {
 }
 
 impl Qcow2 {
+    /// The image lock, once no guest cluster of `[offset, offset+len)` is
+    /// being allocated by a write in flight.
+    async fn lock_range(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> IoResult<state::CoGuard<'_, Option<State>>> {
+        loop {
+            let guard = self.st.lock().await;
+            let st = guard.as_ref().ok_or(IoError::Enomedium)?;
+            let (c0, c1) = st.cluster_range(offset, len);
+            if !st.inflight.busy(c0, c1) {
+                return Ok(guard);
+            }
+            let inflight = st.inflight.clone();
+            drop(guard);
+            inflight.wait_allocated(c0, c1).await;
+        }
+    }
+
     /// Rewrites the backing file name and format in the header (QEMU:
     /// `bdrv_change_backing_file`, which stream and commit call when they
     /// drop layers). `None` removes the backing file from the header. The
@@ -281,27 +301,47 @@ impl BlockDriver for Qcow2 {
     ) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(async move {
             let f = file(node)?;
-            let (extents, _busy) = {
+            let b = node.child("backing");
+            loop {
                 let mut guard = self.st.lock().await;
                 let st = guard.as_mut().ok_or(IoError::Enomedium)?;
                 st.check_writable()?;
-                match st.map_in_place(&f, offset, data.len()).await? {
-                    Some(x) => (x, st.inflight.begin()),
-                    None => {
-                        let b = node.child("backing");
-                        return st.write(&f, b.as_deref(), offset, &data).await;
-                    }
+                let (c0, c1) = st.cluster_range(offset, data.len() as u64);
+                if st.inflight.busy(c0, c1) {
+                    let inflight = st.inflight.clone();
+                    drop(guard);
+                    inflight.wait_allocated(c0, c1).await;
+                    continue;
                 }
-            };
-            // Only data changes: no lock, as QEMU drops `s->lock` here.
-            if let [(host, _, _)] = extents[..] {
-                return f.write(host, data, ReqFlags::NONE).await;
+                if let Some(extents) = st.map_in_place(&f, offset, data.len()).await? {
+                    // Only data changes: no lock, as QEMU drops `s->lock`.
+                    let _busy = st.inflight.begin();
+                    drop(guard);
+                    if let [(host, _, _)] = extents[..] {
+                        return f.write(host, data, ReqFlags::NONE).await;
+                    }
+                    for (host, pos, n) in extents {
+                        f.write(host, data[pos..pos + n].to_vec(), ReqFlags::NONE)
+                            .await?;
+                    }
+                    return Ok(());
+                }
+                // Allocating write: plan under the lock, write the data
+                // without it, link the clusters under it again.
+                let mut plan = st.plan_write(&f, b.as_deref(), offset, &data).await?;
+                let _marks = st.inflight.mark(c0, c1);
+                let busy = st.inflight.begin();
+                drop(guard);
+                let r = plan.write_data(&f).await;
+                // Done with the file before waiting for the lock: a flush
+                // holding the lock may be waiting for this I/O to end.
+                drop(busy);
+                let mut guard = self.st.lock().await;
+                let st = guard.as_mut().ok_or(IoError::Enomedium)?;
+                let end = *r.as_ref().unwrap_or(&0);
+                st.finish_write(&f, plan, end, r.is_ok()).await?;
+                return r.map(|_| ());
             }
-            for (host, pos, n) in extents {
-                f.write(host, data[pos..pos + n].to_vec(), ReqFlags::NONE)
-                    .await?;
-            }
-            Ok(())
         })
     }
 
@@ -320,7 +360,10 @@ impl BlockDriver for Qcow2 {
 
     fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
         let no_unref = self.discard_no_unref;
-        with_state!(self, node, |st, f| {
+        Box::pin(async move {
+            let f = file(node)?;
+            let mut guard = self.lock_range(offset, len).await?;
+            let st = guard.as_mut().ok_or(IoError::Enomedium)?;
             let has_backing = node.child("backing").is_some();
             st.discard(&f, has_backing, offset, len, no_unref).await
         })
@@ -333,7 +376,10 @@ impl BlockDriver for Qcow2 {
         len: u64,
         flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
-        with_state!(self, node, |st, f| {
+        Box::pin(async move {
+            let f = file(node)?;
+            let mut guard = self.lock_range(offset, len).await?;
+            let st = guard.as_mut().ok_or(IoError::Enomedium)?;
             let b = node.child("backing");
             st.write_zeroes(&f, b.as_deref(), offset, len, flags).await
         })

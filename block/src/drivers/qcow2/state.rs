@@ -19,6 +19,7 @@
 //! never set: after a crash `qemu-img check` may find leaked clusters but
 //! never a cluster in use with a refcount too small.
 
+use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
@@ -102,17 +103,30 @@ impl<T> Drop for CoGuard<'_, T> {
 }
 
 /// Data requests running without the image lock (reads of allocated
-/// clusters, writes that change no metadata). Freed clusters are handed
-/// back only once these are done, so a request never reads or writes a
-/// cluster that was reused in the meantime.
+/// clusters, in-place writes, the data of allocating writes). Freed
+/// clusters are handed back only once these are done, so a request never
+/// reads or writes a cluster that was reused in the meantime. Guest
+/// clusters whose allocating write is between its data write and its L2
+/// update are marked; other writes, zero writes and discards of them wait
+/// (QEMU: the dependencies between `QCowL2Meta` of overlapping
+/// allocations).
 #[derive(Default)]
 pub struct Inflight {
     count: Cell<u32>,
     idle: WaitQueue,
+    allocating: RefCell<BTreeSet<u64>>,
+    allocated: WaitQueue,
 }
 
 /// One request counted in [`Inflight`].
 pub struct InflightGuard(Rc<Inflight>);
+
+/// Guest clusters marked as being allocated; unmarked when dropped.
+pub struct AllocGuard {
+    owner: Rc<Inflight>,
+    first: u64,
+    last: u64,
+}
 
 impl Inflight {
     /// Counts a request until the guard is dropped.
@@ -125,6 +139,30 @@ impl Inflight {
     pub async fn drain(&self) {
         self.idle.wait_until(|| self.count.get() == 0).await;
     }
+
+    /// Whether a guest cluster in `first..=last` is being allocated.
+    pub fn busy(&self, first: u64, last: u64) -> bool {
+        self.allocating
+            .borrow()
+            .range(first..=last)
+            .next()
+            .is_some()
+    }
+
+    /// Waits until no guest cluster in `first..=last` is being allocated.
+    pub async fn wait_allocated(&self, first: u64, last: u64) {
+        self.allocated.wait_until(|| !self.busy(first, last)).await;
+    }
+
+    /// Marks guest clusters `first..=last` as being allocated.
+    pub fn mark(self: &Rc<Self>, first: u64, last: u64) -> AllocGuard {
+        self.allocating.borrow_mut().extend(first..=last);
+        AllocGuard {
+            owner: self.clone(),
+            first,
+            last,
+        }
+    }
 }
 
 impl Drop for InflightGuard {
@@ -134,6 +172,17 @@ impl Drop for InflightGuard {
         if n == 0 {
             self.0.idle.wake_all();
         }
+    }
+}
+
+impl Drop for AllocGuard {
+    fn drop(&mut self) {
+        let mut set = self.owner.allocating.borrow_mut();
+        for c in self.first..=self.last {
+            set.remove(&c);
+        }
+        drop(set);
+        self.owner.allocated.wake_all();
     }
 }
 
@@ -401,6 +450,11 @@ impl State {
             }
         }
         self.write_dirty_rbs(f).await
+    }
+
+    /// The guest clusters `[g, g+len)` touches, first and last (len > 0).
+    pub fn cluster_range(&self, g: u64, len: u64) -> (u64, u64) {
+        (g / self.cs, (g + len.max(1) - 1) / self.cs)
     }
 
     /// A zeroed cluster buffer.
