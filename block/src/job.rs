@@ -694,7 +694,7 @@ impl Job {
     /// `job-complete`.
     pub fn complete(&self) -> Result<(), JobError> {
         self.check_verb(JobVerb::Complete)?;
-        if self.cancelled.get() {
+        if self.cancelled.get() || self.pause_count.get() > 0 {
             return Err(JobError::Driver(format!(
                 "The active block job '{}' cannot be completed",
                 self.id

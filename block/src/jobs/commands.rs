@@ -85,18 +85,22 @@ fn root_node(bl: &BlockLayer, device: &str) -> Result<Rc<Node>, QmpError> {
     Ok(n)
 }
 
-/// `job-id`, defaulting to the device's backend name (QEMU:
-/// `block_job_create`).
-fn job_id<'a>(bl: &BlockLayer, args: &Args<'a>, device: &'a str) -> Result<String, QmpError> {
+/// `job-id`, defaulting to the name of the node's named backend, else
+/// `""` which `job_create` refuses (QEMU: `block_job_create` with
+/// `bdrv_get_device_name`).
+fn job_id(args: &Args<'_>, node: &Node) -> Result<String, QmpError> {
     match args.opt_str("job-id")? {
         Some(id) => Ok(id.into()),
-        None if bl.registry().find_backend(device).is_some() => Ok(device.into()),
-        None => Err(QmpError::generic(
-            "An explicit job ID is required for this node",
-        )),
+        None => Ok(node
+            .parents()
+            .iter()
+            .filter_map(|p| p.parent_backend())
+            .find_map(|b| b.name().map(String::from))
+            .unwrap_or_default()),
     }
 }
 
+/// `sync` of a mirror (QEMU: `mirror_start`'s refusal of bitmap modes).
 fn sync_mode(args: &Args<'_>) -> Result<SyncMode, QmpError> {
     match args.enum_str("sync", &["top", "full", "none", "incremental", "bitmap"])? {
         "top" => Ok(SyncMode::Top),
@@ -169,7 +173,13 @@ pub fn blockdev_mirror(bl: &BlockLayer, args: &Args<'_>) -> Res {
     if Rc::ptr_eq(&source, &target) {
         return Err(QmpError::generic("Can't mirror node into itself"));
     }
-    let id = job_id(bl, args, device)?;
+    let id = job_id(args, &source)?;
+    // QEMU: sync=top without a backing file is sync=full.
+    let sync = if sync == SyncMode::Top && backing(&source).is_none() {
+        SyncMode::Full
+    } else {
+        sync
+    };
     let opts = MirrorOptions {
         sync,
         granularity: if granularity == 0 {
@@ -205,7 +215,16 @@ pub fn blockdev_backup(bl: &BlockLayer, args: &Args<'_>) -> Res {
     ])?;
     let device = args.str("device")?;
     let target_name = args.str("target")?;
-    let sync = sync_mode(args)?;
+    let sync = match args.enum_str("sync", &["top", "full", "none", "incremental", "bitmap"])? {
+        "top" => SyncMode::Top,
+        "full" => SyncMode::Full,
+        "none" => SyncMode::None,
+        other => {
+            return Err(QmpError::generic(format!(
+                "must provide a valid bitmap name for '{other}' sync mode"
+            )));
+        }
+    };
     let setup = job_setup(args)?;
     if args.opt_bool("compress")? == Some(true) {
         return Err(QmpError::generic(
@@ -220,7 +239,7 @@ pub fn blockdev_backup(bl: &BlockLayer, args: &Args<'_>) -> Res {
     };
     let source = lookup(bl, device)?;
     let target = lookup(bl, target_name)?;
-    let id = job_id(bl, args, device)?;
+    let id = job_id(args, &source)?;
     bl.wait(start_backup(&id, &source, &target, opts, setup))?
         .map_err(QmpError::generic)?;
     ok()
@@ -253,7 +272,7 @@ pub fn block_stream(bl: &BlockLayer, args: &Args<'_>) -> Res {
     let device = args.str("device")?;
     let base = args.opt_str("base")?;
     let base_node = args.opt_str("base-node")?;
-    let _backing_file = args.opt_str("backing-file")?;
+    let backing_file = args.opt_str("backing-file")?;
     let _mask = args.opt_bool("backing-mask-protocol")?;
     let setup = job_setup(args)?;
     let on_error = OnError::parse(args, "on-error")?;
@@ -283,7 +302,12 @@ pub fn block_stream(bl: &BlockLayer, args: &Args<'_>) -> Res {
             }
             (None, None) => None,
         };
-    let id = job_id(bl, args, device)?;
+    if base_bs.is_none() && backing_file.is_some() {
+        return Err(QmpError::generic(
+            "backing file specified, but streaming the entire chain",
+        ));
+    }
+    let id = job_id(args, &top)?;
     bl.wait(start_stream(&id, &top, base_bs, on_error, filter, setup))?
         .map_err(QmpError::generic)?;
     ok()
@@ -311,22 +335,26 @@ pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
     let base_node = args.opt_str("base-node")?;
     let top = args.opt_str("top")?;
     let top_node = args.opt_str("top-node")?;
-    let _backing_file = args.opt_str("backing-file")?;
+    let backing_file = args.opt_str("backing-file")?;
     let _mask = args.opt_bool("backing-mask-protocol")?;
     let setup = job_setup(args)?;
     let on_error = OnError::parse(args, "on-error")?;
     let filter = args.opt_str("filter-node-name")?;
-    if base.is_some() && base_node.is_some() {
-        return Err(QmpError::generic(
-            "'base' and 'base-node' cannot be specified at the same time",
-        ));
-    }
+    // QEMU looks the device up first: libvirt probes for DeviceNotFound.
+    let bs = match root_node(bl, device) {
+        Ok(n) => n,
+        Err(e) if bl.registry().lookup(Some(device), Some(device)).is_ok() => return Err(e),
+        Err(_) => {
+            return Err(QmpError::device_not_found(format!(
+                "Device '{device}' not found"
+            )));
+        }
+    };
     if top.is_some() && top_node.is_some() {
         return Err(QmpError::generic(
-            "'top' and 'top-node' cannot be specified at the same time",
+            "'top-node' and 'top' are mutually exclusive",
         ));
     }
-    let bs = lookup(bl, device)?;
     let reg = bl.registry();
     let top_bs = match (top, top_node) {
         (_, Some(t)) => {
@@ -348,6 +376,11 @@ pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
         }
         (None, None) => bs.clone(),
     };
+    if base.is_some() && base_node.is_some() {
+        return Err(QmpError::generic(
+            "'base-node' and 'base' are mutually exclusive",
+        ));
+    }
     let base_bs = match (base, base_node) {
         (_, Some(b)) => {
             let n = reg.lookup(None, Some(b)).map_err(QmpError::generic)?;
@@ -365,14 +398,18 @@ pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
     if Rc::ptr_eq(&top_bs, &base_bs) {
         return Err(QmpError::generic("cannot commit an image into itself"));
     }
-    if backing(&top_bs).is_none() {
-        return Err(QmpError::generic(format!(
-            "Top image '{}' has no backing file",
-            top_bs.name()
-        )));
+    let id = job_id(args, &bs)?;
+    // QEMU: active commit when top is the active layer or has a writer.
+    let (top_perm, _) = top_bs.cumulative_perms();
+    let active = Rc::ptr_eq(&top_bs, &bs) || top_perm.contains(crate::permission::Perm::WRITE);
+    if active && backing_file.is_some() {
+        return Err(QmpError::generic(if Rc::ptr_eq(&top_bs, &bs) {
+            "'backing-file' specified, but 'top' is the active layer"
+        } else {
+            "'backing-file' specified, but 'top' has a writer on it"
+        }));
     }
-    let id = job_id(bl, args, device)?;
-    if Rc::ptr_eq(&top_bs, &bs) {
+    if active {
         // Active commit (QEMU: commit_active_start).
         let opts = MirrorOptions {
             sync: SyncMode::Full,
@@ -382,7 +419,7 @@ pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
             commit_base: Some(base_bs.clone()),
             ..MirrorOptions::default()
         };
-        bl.wait(start_mirror(&id, "commit", &bs, &base_bs, opts, setup))?
+        bl.wait(start_mirror(&id, "commit", &top_bs, &base_bs, opts, setup))?
             .map_err(QmpError::generic)?;
     } else {
         bl.wait(start_commit(&id, &bs, &top_bs, &base_bs, on_error, setup))?
@@ -487,6 +524,11 @@ pub fn block_job_cancel(bl: &BlockLayer, args: &Args<'_>) -> Res {
     let force = args.opt_bool("force")?.unwrap_or(false);
     args.check_known(&["device", "force"])?;
     let job = find_block_job(bl, device)?;
+    if job.is_user_paused() && !force {
+        return Err(QmpError::generic(format!(
+            "The block job for device '{device}' is currently paused"
+        )));
+    }
     verb(job.cancel(force))
 }
 

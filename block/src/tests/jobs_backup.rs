@@ -199,7 +199,7 @@ fn target_errors_fail_the_job_or_the_guest_write() {
             "blockdev-backup",
             json!({"job-id": "b1", "device": "src", "target": "tgt", "sync": "bitmap"})
         ),
-        "Sync mode 'bitmap' not supported"
+        "must provide a valid bitmap name for 'bitmap' sync mode"
     );
     close_all_clean(&q);
 }

@@ -167,19 +167,36 @@ fn commit_refusals() {
         ),
         "cannot commit an image into itself"
     );
+    mem_node(&mut q, "other", SIZE, 0);
     assert_eq!(
         q.err(
             "block-commit",
-            json!({"job-id": "c", "device": "mid", "top-node": "top"})
+            json!({"job-id": "c", "device": "top", "top-node": "other"})
         ),
-        "'top' is not in this backing file chain"
+        "'other' is not in this backing file chain"
     );
+    assert_eq!(
+        q.err("block-commit", json!({"job-id": "c", "device": "mid"})),
+        "Need a root block node"
+    );
+    let e = q
+        .cmd("block-commit", json!({"job-id": "c", "device": "nope"}))
+        .unwrap_err();
+    assert_eq!(e.class, crate::qmp::ErrorClass::DeviceNotFound);
+    assert_eq!(e.desc, "Device 'nope' not found");
     assert_eq!(
         q.err(
             "block-commit",
             json!({"job-id": "c", "device": "top", "top": "a", "top-node": "mid"})
         ),
-        "'top' and 'top-node' cannot be specified at the same time"
+        "'top-node' and 'top' are mutually exclusive"
+    );
+    assert_eq!(
+        q.err(
+            "block-commit",
+            json!({"job-id": "c", "device": "top", "backing-file": "x"})
+        ),
+        "'backing-file' specified, but 'top' is the active layer"
     );
     assert_eq!(
         q.err(
@@ -189,6 +206,38 @@ fn commit_refusals() {
         "cannot commit an image into itself"
     );
     assert!(q.bl.registry().jobs().is_empty());
+    close_all_clean(&q);
+}
+
+#[test]
+fn mirror_sync_top_copies_only_the_top_layer() {
+    let mut q = Qmp::new();
+    let (_base, _mid, top, view) = chain3(&mut q);
+    let copy = qcow2(&mut q, "copy", "f3", SIZE, Some("mid"));
+    let drv = guest(&q, "drv", &top);
+    q.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "top", "target": "copy", "sync": "top"}),
+    );
+    run_until(&q, "ready", || status(&q, "m0") == "ready");
+    q.ok("job-complete", json!({"id": "m0"}));
+    run_until(&q, "done", || status(&q, "m0") == "gone");
+    assert!(core::ptr::eq(&*drv.root_node().unwrap(), &*copy));
+    assert_eq!(read_all(&q, &copy), view);
+    // Only the top layer's extent was copied into the copy itself.
+    for (off, allocated) in [
+        (0, false),
+        (300 * KIB, false),
+        (600 * KIB, false),
+        (800 * KIB, true),
+    ] {
+        let c = copy.clone();
+        let st =
+            q.bl.wait(async move { c.block_status(off, 4 * KIB).await })
+                .unwrap()
+                .unwrap();
+        assert_eq!(st.allocated, allocated, "at {off}");
+    }
     close_all_clean(&q);
 }
 
