@@ -1123,9 +1123,16 @@ impl crate::driver::BlockDriver for Yielding {
 
 #[test]
 fn concurrent_requests_on_shared_clusters_match_the_model() {
+    concurrent_run(4096, false);
+    concurrent_run(16384, true);
+}
+
+fn concurrent_run(cs: u64, ext: bool) {
     const TASKS: u64 = 4;
-    const CS: u64 = 4096;
     const SIZE: u64 = 2 * MIB;
+    #[allow(non_snake_case)]
+    let CS = cs;
+    let sectors = CS / 512;
     let mut q = Qmp::new();
     let data = Rc::new(core::cell::RefCell::new(vec![0u8; 16 << 20]));
     let d2 = data.clone();
@@ -1142,7 +1149,7 @@ fn concurrent_requests_on_shared_clusters_match_the_model() {
         "blockdev-add",
         json!({"driver": "yielding", "node-name": "f"}),
     );
-    let o = json!({"driver": "qcow2", "file": "f", "size": SIZE, "cluster-size": CS});
+    let o = json!({"driver": "qcow2", "file": "f", "size": SIZE, "cluster-size": CS, "extended-l2": ext});
     q.ok("blockdev-create", json!({"job-id": "c", "options": o}));
     let exec = q.bl.executor().clone();
     let r = q.bl.wait(async {
@@ -1168,9 +1175,12 @@ fn concurrent_requests_on_shared_clusters_match_the_model() {
                 let op = rng.below(6);
                 if c.is_multiple_of(2) {
                     // One owned sector of a shared cluster.
-                    let s = c * 8 + t + TASKS * rng.below(8 / TASKS);
+                    let s = c * sectors + t + TASKS * rng.below(sectors / TASKS);
                     let off = s * 512;
-                    if op < 4 {
+                    if op == 3 {
+                        model.borrow_mut()[off as usize..off as usize + 512].fill(0);
+                        n.write_zeroes(off, 512, ReqFlags::MAY_UNMAP).await?;
+                    } else if op < 3 {
                         let b = (rng.next() as u8) | 1;
                         model.borrow_mut()[off as usize..off as usize + 512].fill(b);
                         n.write(off, vec![b; 512], ReqFlags::NONE).await?;
