@@ -1324,3 +1324,29 @@ fn change_backing_file_rewrites_the_header_and_keeps_extensions() {
     assert_eq!(h.backing_file, None);
     assert_eq!(h.backing_format, None);
 }
+
+#[test]
+fn growing_over_a_longer_backing_file_reads_zeroes() {
+    for version in ["v3", "v2"] {
+        let mut q = Qmp::new();
+        image(&mut q, "f0", 4 * MIB, json!({}));
+        image(&mut q, "f1", MIB, json!({"version": version}));
+        open(&mut q, "base", json!({"file": "f0"}));
+        q.io("base", "write -P 0x61 0 4M");
+        q.ok("blockdev-del", json!({"node-name": "base"}));
+        open(&mut q, "base", json!({"file": "f0", "read-only": true}));
+        open(&mut q, "top", json!({"file": "f1", "backing": "base"}));
+        assert!(q.io("top", "read -P 0x61 0 1M").starts_with("read"));
+        q.ok("block_resize", json!({"node-name": "top", "size": 3 * MIB}));
+        assert_eq!(node(&q, "top").get_length(), Ok(3 * MIB), "{version}");
+        assert!(q.io("top", "read -P 0x61 0 1M").starts_with("read"));
+        assert!(
+            q.io("top", "read -P 0 1M 2M").starts_with("read"),
+            "{version}"
+        );
+        q.ok("blockdev-del", json!({"node-name": "top"}));
+        open(&mut q, "top", json!({"file": "f1", "backing": "base"}));
+        assert!(q.io("top", "read -P 0 1M 2M").starts_with("read"));
+        assert!(check(&q, "top").is_clean());
+    }
+}

@@ -399,8 +399,33 @@ impl BlockDriver for Qcow2 {
 
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
         with_state!(self, node, |st, f| {
+            let old = st.h.size;
             st.truncate(&f, size).await?;
             self.size.set(size);
+            // A longer backing file must not show through the new area
+            // (QEMU: the zero-fill in `bdrv_co_truncate`).
+            let b = node.child("backing");
+            if let Some(bk) = &b {
+                let end = bk.node().get_length()?.min(size);
+                if end > old {
+                    match st
+                        .write_zeroes(&f, b.as_deref(), old, end - old, ReqFlags::NONE)
+                        .await
+                    {
+                        Err(IoError::Enotsup) => {
+                            let mut pos = old;
+                            while pos < end {
+                                let n = (end - pos).min(1 << 20);
+                                st.write(&f, b.as_deref(), pos, &alloc::vec![0u8; n as usize])
+                                    .await?;
+                                pos += n;
+                            }
+                        }
+                        r => r?,
+                    }
+                    st.flush_caches(&f).await?;
+                }
+            }
             Ok(())
         })
     }
