@@ -13,6 +13,7 @@ mod harness;
 mod job;
 mod jobs_backup;
 mod jobs_chain;
+mod jobs_framework;
 mod jobs_mirror;
 mod jobs_util;
 mod mem;

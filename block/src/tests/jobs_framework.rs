@@ -1,0 +1,131 @@
+//! The job framework as the block jobs use it: manual finalize and
+//! dismiss, cancel while pending, verbs refused in the wrong state, and a
+//! mirror onto `null-co`.
+
+use serde_json::json;
+
+use super::harness::Qmp;
+use super::jobs_util::*;
+
+fn ready_mirror(q: &mut Qmp, extra: serde_json::Value) {
+    mem_node(q, "src", MIB, 1);
+    mem_node(q, "tgt", MIB, 0);
+    let mut a = json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full"});
+    if let (Some(m), serde_json::Value::Object(e)) = (a.as_object_mut(), extra) {
+        m.extend(e);
+    }
+    q.ok("blockdev-mirror", a);
+    run_until(q, "ready", || status(q, "m0") == "ready");
+    q.events();
+}
+
+#[test]
+fn cancel_while_pending_aborts() {
+    let mut q = Qmp::new();
+    ready_mirror(&mut q, json!({"auto-finalize": false}));
+    q.ok("block-job-complete", json!({"device": "m0"}));
+    run_until(&q, "pending", || status(&q, "m0") == "pending");
+    q.ok("job-cancel", json!({"id": "m0"}));
+    run_until(&q, "gone", || status(&q, "m0") == "gone");
+    assert_eq!(
+        event_trail(&q.events()),
+        [
+            "waiting",
+            "pending",
+            "BLOCK_JOB_PENDING",
+            "aborting",
+            "BLOCK_JOB_CANCELLED",
+            "concluded",
+            "null"
+        ]
+    );
+    // No pivot happened: the source is still where it was.
+    assert_eq!(node(&q, "src").refcnt(), 1);
+    assert_eq!(node(&q, "tgt").refcnt(), 1);
+    close_all_clean(&q);
+}
+
+#[test]
+fn block_job_finalize_and_dismiss() {
+    let mut q = Qmp::new();
+    ready_mirror(
+        &mut q,
+        json!({"auto-finalize": false, "auto-dismiss": false}),
+    );
+    q.ok("job-complete", json!({"id": "m0"}));
+    run_until(&q, "pending", || status(&q, "m0") == "pending");
+    q.ok("block-job-finalize", json!({"id": "m0"}));
+    run_until(&q, "concluded", || status(&q, "m0") == "concluded");
+    let bj = q.ok("query-block-jobs", json!({}));
+    assert_eq!(bj[0]["status"], "concluded");
+    assert_eq!(bj[0]["auto-dismiss"], false);
+    q.ok("job-dismiss", json!({"id": "m0"}));
+    assert_eq!(
+        event_trail(&q.events()),
+        [
+            "waiting",
+            "pending",
+            "BLOCK_JOB_PENDING",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    close_all_clean(&q);
+}
+
+#[test]
+fn verbs_refused_with_qemus_texts() {
+    let mut q = Qmp::new();
+    ready_mirror(&mut q, json!({}));
+    q.ok("job-pause", json!({"id": "m0"}));
+    // The pause is pending until the job reaches a pause point.
+    assert_eq!(
+        q.err("job-complete", json!({"id": "m0"})),
+        "The active block job 'm0' cannot be completed"
+    );
+    run_until(&q, "standby", || status(&q, "m0") == "standby");
+    assert_eq!(
+        q.err("job-complete", json!({"id": "m0"})),
+        "Job 'm0' in state 'standby' cannot accept command verb 'complete'"
+    );
+    assert_eq!(
+        q.err("block-job-cancel", json!({"device": "m0"})),
+        "The block job for device 'm0' is currently paused"
+    );
+    let bj = q.ok("query-block-jobs", json!({}));
+    assert_eq!(bj[0]["paused"], true);
+    assert_eq!(bj[0]["ready"], true);
+    q.ok("job-resume", json!({"id": "m0"}));
+    run_until(&q, "ready", || status(&q, "m0") == "ready");
+    assert_eq!(
+        q.err("job-dismiss", json!({"id": "m0"})),
+        "Job 'm0' in state 'ready' cannot accept command verb 'dismiss'"
+    );
+    q.ok("block-job-cancel", json!({"device": "m0", "force": true}));
+    run_until(&q, "gone", || status(&q, "m0") == "gone");
+    assert!(event_trail(&q.events()).contains(&"BLOCK_JOB_CANCELLED".into()));
+    close_all_clean(&q);
+}
+
+#[test]
+fn mirror_onto_null_co() {
+    let mut q = Qmp::new();
+    let src = mem_node(&mut q, "src", MIB, 3);
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "null", "size": MIB}),
+    );
+    let drv = guest(&q, "drv", &src);
+    q.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "src", "target": "null", "sync": "full", "speed": 4 * MIB}),
+    );
+    run_until(&q, "ready", || status(&q, "m0") == "ready");
+    let ev = q.events();
+    assert_eq!(event(&ev, "BLOCK_JOB_READY")["len"], MIB);
+    q.ok("job-complete", json!({"id": "m0"}));
+    run_until(&q, "gone", || status(&q, "m0") == "gone");
+    assert_eq!(drv.root_node().unwrap().name(), "null");
+    close_all_clean(&q);
+}
