@@ -1350,3 +1350,32 @@ fn growing_over_a_longer_backing_file_reads_zeroes() {
         assert!(check(&q, "top").is_clean());
     }
 }
+
+#[test]
+fn close_all_writes_everything_back() {
+    let mut q = Qmp::new();
+    image(&mut q, "f", 8 * MIB, json!({"cluster-size": 4096}));
+    open(&mut q, "q", json!({"file": "f"}));
+    q.io("q", "write -P 0x5 0 3M");
+    q.io("q", "discard 1M 1M");
+    q.io("q", "write -z 2M 4k");
+    let f = node(&q, "f");
+    let report = q.bl.close_all().unwrap().unwrap();
+    assert!(
+        alloc::format!("{report}").contains("nodes closed"),
+        "{report}"
+    );
+    let bytes = Env::mem_driver(&f).data.borrow().clone();
+    let mut q = Qmp::new();
+    mem(&mut q, "f", bytes.len() as u64);
+    Env::mem_driver(&node(&q, "f"))
+        .data
+        .borrow_mut()
+        .copy_from_slice(&bytes);
+    open(&mut q, "q", json!({"file": "f"}));
+    assert!(check(&q, "q").is_clean(), "{:?}", check(&q, "q"));
+    assert!(q.io("q", "read -P 0x5 0 1M").starts_with("read"));
+    assert!(q.io("q", "read -P 0 1M 1M").starts_with("read"));
+    assert!(q.io("q", "read -P 0 2M 4k").starts_with("read"));
+    assert!(q.io("q", "read -P 0x5 2052k 1020k").starts_with("read"));
+}
