@@ -585,12 +585,14 @@ fn bad_clients_do_not_harm_other_connections() {
     burst.s.shutdown(Shutdown::Both).unwrap();
     drop(burst);
 
-    // Another one not reading its replies, then killed.
+    // Another one asking for 2 GiB of reads (64 × 32 MiB, 8 times the
+    // appliance's RAM) without reading the replies, then killed.
     let mut deaf = Raw::connect(port);
     deaf.go("disk").unwrap();
     for i in 0..64u64 {
-        deaf.request(0, i, 0, 1 << 20, &[]);
+        deaf.request(0, i, (i % 2) * 32 * MIB, 32 << 20, &[]);
     }
+    thread::sleep(Duration::from_millis(500));
     drop(deaf);
 
     // The good connection carries on.
@@ -630,7 +632,19 @@ fn bad_clients_do_not_harm_other_connections() {
         &["read -P 0x5a 0 4k", "read -P 0x6b 4k 4k", "flush"],
     );
     drop(good);
-    quit(a);
+    let console = quit(a);
+    // Nothing the bad clients made it allocate is left: the heap holds the
+    // listening sockets' buffers (16 MiB), not hundreds of MiB.
+    let used_kib: u64 = console
+        .lines()
+        .find_map(|l| l.strip_prefix("heap: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no heap line in the halt report:\n{console}"));
+    assert!(
+        used_kib < 40 * 1024,
+        "heap still holds {used_kib} KiB:\n{console}"
+    );
     // The half-sent write never landed.
     let mut checks: Vec<String> = vec![
         "read -P 0x5a 0 4k".into(),

@@ -7,17 +7,77 @@
 //! order. A client that vanishes only makes the engine drop the results
 //! of its requests, which still run to the end (a write lands or fails
 //! cleanly); the connection is forgotten once none is left.
+//!
+//! Memory: the engine bounds what one client makes it hold (requests,
+//! write payloads, queued output: [`LIMITS`]); the buffers of reads being
+//! executed are bounded across all clients by an [`IoBudget`] (a request
+//! that does not fit waits in its connection's queue). A client stalled
+//! in the middle of a message for [`STALL_NS`] is dropped.
 
+use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use block::backend::Backend;
 use block::exec::Executor;
 use block::io::{BlockStatus, IoResult, ReqFlags};
-use block::nbd::{Completion, Connection, Limits, Op, State};
-use core::cell::RefCell;
+use block::nbd::{Completion, Connection, InputState, Limits, Op, Request, State};
+use core::cell::{Cell, RefCell};
 use drivers::net::smoltcp::iface::{SocketHandle, SocketSet};
 use drivers::net::smoltcp::socket::tcp;
 
 use super::export::{ExportTable, NbdExport};
+
+/// Per-connection engine limits: smaller than the engine's defaults, as
+/// a 256 MiB appliance serves many clients (one write payload of up to
+/// 32 MiB may still be in progress beyond `max_write_bytes`).
+pub const LIMITS: Limits = Limits {
+    max_requests: 64,
+    output_high_water: 2 * 1024 * 1024,
+    max_option_len: 16 * 1024,
+    max_options: 1024,
+    max_write_bytes: 8 * 1024 * 1024,
+};
+
+/// A client stalled mid-message this long is dropped.
+pub const STALL_NS: u64 = 60_000_000_000;
+
+/// Bytes of read buffers all connections may have in execution at once.
+pub struct IoBudget {
+    used: Cell<u64>,
+    limit: u64,
+}
+
+impl IoBudget {
+    pub fn new(limit: u64) -> Rc<IoBudget> {
+        Rc::new(IoBudget {
+            used: Cell::new(0),
+            limit,
+        })
+    }
+
+    /// Takes `n` bytes if they fit (or if nothing is taken: a single
+    /// request always runs).
+    fn take(&self, n: u64) -> bool {
+        let used = self.used.get();
+        if used == 0 || used + n <= self.limit {
+            self.used.set(used + n);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn give(&self, n: u64) {
+        self.used.set(self.used.get().saturating_sub(n));
+    }
+}
+
+/// The read buffer a request needs while it executes.
+fn buffer_bytes(op: &Op) -> u64 {
+    match op {
+        Op::Read { len, .. } => *len,
+        _ => 0,
+    }
+}
 
 /// A client connection.
 pub struct Conn {
@@ -28,6 +88,10 @@ pub struct Conn {
     peer_closed: bool,
     /// When we sent our FIN (monotonic ns).
     closed_at: Option<u64>,
+    /// Requests issued by the engine, waiting for the budget.
+    queued: VecDeque<Request>,
+    /// When input last moved, and whether the engine was mid-message.
+    last_input: u64,
 }
 
 /// How long a socket we closed may wait for the peer's FIN before it is
@@ -38,11 +102,13 @@ impl Conn {
     pub fn new(handle: SocketHandle) -> Conn {
         Conn {
             handle,
-            engine: Rc::new(RefCell::new(Connection::new(Limits::default()))),
+            engine: Rc::new(RefCell::new(Connection::new(LIMITS))),
             export: None,
             shutdown_sent: false,
             peer_closed: false,
             closed_at: None,
+            queued: VecDeque::new(),
+            last_input: crate::clock::monotonic_ns(),
         }
     }
 
@@ -62,6 +128,7 @@ impl Conn {
         sockets: &mut SocketSet<'_>,
         exports: &Rc<ExportTable>,
         exec: &Executor,
+        budget: &Rc<IoBudget>,
     ) -> bool {
         if self
             .export
@@ -97,11 +164,14 @@ impl Conn {
                             (n, n)
                         })
                         .unwrap_or(0);
-                    moved |= taken > 0;
+                    if taken > 0 {
+                        moved = true;
+                        self.last_input = crate::clock::monotonic_ns();
+                    }
                 }
             }
             self.bind_export(exports);
-            moved |= self.start_requests(exec);
+            moved |= self.start_requests(exec, budget);
             if !moved {
                 break;
             }
@@ -112,6 +182,12 @@ impl Conn {
             sock.close();
             self.closed_at = Some(crate::clock::monotonic_ns());
             progress = true;
+        }
+        let stalled = matches!(eng.input_state(), InputState::Partial { .. })
+            && crate::clock::monotonic_ns().saturating_sub(self.last_input) > STALL_NS;
+        if stalled && sock.is_open() {
+            log::warn!("nbd: dropping a client stalled mid-message");
+            sock.abort();
         }
         let gone = !sock.is_open()
             || (!sock.may_recv() && !sock.can_recv() && eng.state() != State::Closing);
@@ -144,20 +220,30 @@ impl Conn {
         }
     }
 
-    fn start_requests(&mut self, exec: &Executor) -> bool {
+    /// Starts the engine's requests as tasks, as far as the budget allows.
+    fn start_requests(&mut self, exec: &Executor, budget: &Rc<IoBudget>) -> bool {
         let mut any = false;
-        loop {
-            let Some(req) = self.engine.borrow_mut().next_request() else {
+        while let Some(req) = self.engine.borrow_mut().next_request() {
+            self.queued.push_back(req);
+        }
+        while let Some(req) = self.queued.front() {
+            let bytes = buffer_bytes(&req.op);
+            if !budget.take(bytes) {
+                break;
+            }
+            let Some(req) = self.queued.pop_front() else {
                 break;
             };
             any = true;
             let engine = self.engine.clone();
             let backend = self.export.as_ref().map(|e| e.backend.clone());
+            let budget = budget.clone();
             exec.spawn(async move {
                 let completion = match backend {
                     Some(b) => execute(&b, req.op).await,
                     None => Completion::Error(block::io::IoError::Enomedium),
                 };
+                budget.give(bytes);
                 // Refused harmlessly if the client has gone.
                 let _ = engine.borrow_mut().complete(req.id, completion);
             });
@@ -175,6 +261,12 @@ impl Conn {
         if socket_closed && !self.peer_closed {
             self.peer_closed = true;
             eng.closed();
+        }
+        if self.peer_closed {
+            // Not started, never will be: their results could not be sent.
+            for req in self.queued.drain(..) {
+                let _ = eng.complete(req.id, Completion::Error(block::io::IoError::Eio));
+            }
         }
         let idle = eng.in_flight() == 0;
         if idle

@@ -33,7 +33,7 @@ use drivers::net::smoltcp::wire::IpAddress;
 use drivers::pci;
 use log::{info, warn};
 
-use conn::Conn;
+use conn::{Conn, IoBudget};
 use export::ExportTable;
 use server::Server;
 use stack::Stack;
@@ -60,7 +60,11 @@ pub struct Network {
     server: Option<Server>,
     conns: Vec<Conn>,
     exec: Option<Executor>,
+    budget: Option<Rc<IoBudget>>,
 }
+
+/// Read buffers all NBD requests may hold while they execute.
+const IO_BUDGET: u64 = 64 << 20;
 
 /// Finds the first virtio-net function and brings it up.
 fn find_device() -> Result<Option<NetDevice>, String> {
@@ -133,6 +137,7 @@ impl Network {
             exports: Some(ExportTable::new(registry)),
             server: None,
             conns: Vec::new(),
+            budget: Some(IoBudget::new(IO_BUDGET)),
         })
     }
 
@@ -176,9 +181,12 @@ impl Network {
             server,
             conns,
             exec,
+            budget,
         } = self;
         let mut busy = false;
-        if let (Some(stack), Some(exports), Some(exec)) = (stack, exports.as_ref(), exec) {
+        if let (Some(stack), Some(exports), Some(exec), Some(budget)) =
+            (stack, exports.as_ref(), exec, budget)
+        {
             busy |= stack.poll();
             if let Some(server) = server {
                 let room = match server.max_connections {
@@ -191,7 +199,7 @@ impl Network {
                 }
             }
             for c in conns.iter_mut() {
-                busy |= c.service(&mut stack.sockets, exports, exec);
+                busy |= c.service(&mut stack.sockets, exports, exec, budget);
             }
             conns.retain_mut(|c| {
                 if c.finished(&mut stack.sockets) {
