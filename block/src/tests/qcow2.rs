@@ -1379,3 +1379,25 @@ fn close_all_writes_everything_back() {
     assert!(q.io("q", "read -P 0 2M 4k").starts_with("read"));
     assert!(q.io("q", "read -P 0x5 2052k 1020k").starts_with("read"));
 }
+
+#[test]
+fn requests_past_the_end_are_refused_without_harm() {
+    let mut q = Qmp::new();
+    image(&mut q, "f", MIB, json!({}));
+    open(&mut q, "q", json!({"file": "f"}));
+    let n = node(&q, "q");
+    let r = q.bl.wait(async move {
+        (
+            n.write(MIB - 512, vec![1; 1024], ReqFlags::NONE).await,
+            n.write_zeroes(MIB, 512, ReqFlags::NONE).await,
+            n.discard(MIB - 65536, 1 << 30).await,
+            n.write(0, vec![2; 512], ReqFlags::NONE).await,
+        )
+    });
+    let (a, b, c, d) = r.unwrap();
+    assert_eq!(a, Err(crate::io::IoError::Einval));
+    assert_eq!(b, Err(crate::io::IoError::Einval));
+    assert_eq!(c, Ok(()));
+    assert_eq!(d, Ok(()), "the image is not marked corrupt");
+    assert!(check(&q, "q").leaks.is_empty());
+}

@@ -148,6 +148,15 @@ fn file(node: &Node) -> IoResult<Rc<Child>> {
 }
 
 impl Qcow2 {
+    /// Refuses a request past the virtual size (QEMU's generic layer does
+    /// the same for format drivers).
+    fn in_range(&self, offset: u64, len: u64) -> IoResult<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size.get() => Ok(()),
+            _ => Err(IoError::Einval),
+        }
+    }
+
     /// The image lock, once no guest cluster of `[offset, offset+len)` is
     /// being allocated by a write in flight.
     async fn lock_range(
@@ -300,6 +309,7 @@ impl BlockDriver for Qcow2 {
         _: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(async move {
+            self.in_range(offset, data.len() as u64)?;
             let f = file(node)?;
             let b = node.child("backing");
             loop {
@@ -361,6 +371,11 @@ impl BlockDriver for Qcow2 {
     fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
         let no_unref = self.discard_no_unref;
         Box::pin(async move {
+            // Discard is advisory: what lies past the end is ignored.
+            let len = len.min(self.size.get().saturating_sub(offset));
+            if len == 0 {
+                return Ok(());
+            }
             let f = file(node)?;
             let mut guard = self.lock_range(offset, len).await?;
             let st = guard.as_mut().ok_or(IoError::Enomedium)?;
@@ -377,6 +392,7 @@ impl BlockDriver for Qcow2 {
         flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(async move {
+            self.in_range(offset, len)?;
             let f = file(node)?;
             let mut guard = self.lock_range(offset, len).await?;
             let st = guard.as_mut().ok_or(IoError::Enomedium)?;
