@@ -308,19 +308,39 @@ fn assert_reads(l: &Layer, node: &str, want: &[u8], what: &str) {
 #[test]
 fn qemu_made_images_read_back_identically() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let variants: &[(&str, &[&str])] = &[
-        ("v3-64k", &["-o", "cluster_size=65536"]),
-        ("v3-512", &["-o", "cluster_size=512"]),
-        ("v3-4k-rc1", &["-o", "cluster_size=4096,refcount_bits=1"]),
+    // (name, qemu-img create options, discard unit)
+    let variants: &[(&str, &[&str], u64)] = &[
+        ("v3-64k", &["-o", "cluster_size=65536"], 65536),
+        ("v3-512", &["-o", "cluster_size=512"], 512),
+        (
+            "v3-4k-rc1",
+            &["-o", "cluster_size=4096,refcount_bits=1"],
+            4096,
+        ),
         (
             "v3-2m-rc64",
             &["-o", "cluster_size=2097152,refcount_bits=64"],
+            2 * MIB,
         ),
-        ("v2-64k", &["-o", "compat=0.10"]),
-        ("extl2-64k", &["-o", "extended_l2=on"]),
-        ("extl2-32k", &["-o", "extended_l2=on,cluster_size=32768"]),
+        ("v2-64k", &["-o", "compat=0.10"], 65536),
+        ("extl2-64k", &["-o", "extended_l2=on"], 2048),
+        (
+            "extl2-32k",
+            &["-o", "extended_l2=on,cluster_size=32768"],
+            1024,
+        ),
+        (
+            "prealloc-metadata",
+            &["-o", "preallocation=metadata"],
+            65536,
+        ),
+        (
+            "extl2-prealloc",
+            &["-o", "extended_l2=on,preallocation=metadata"],
+            2048,
+        ),
     ];
-    for (name, opts) in variants {
+    for (i, (name, opts, unit)) in variants.iter().enumerate() {
         let img = dir.path().join(format!("{name}.qcow2"));
         let mut args = vec!["create", "-f", "qcow2"];
         args.extend_from_slice(opts);
@@ -338,6 +358,9 @@ fn qemu_made_images_read_back_identically() {
                 "write -z -u 3M 512k",
                 "discard 3584k 64k",
                 "write -P 0x55 8388096 512",
+                "write -P 0x66 5M 192k",
+                "write -z 5M 64k",
+                "write -z 5184k 4k",
             ],
         );
         let want = raw_of(&img, dir.path());
@@ -358,6 +381,18 @@ fn qemu_made_images_read_back_identically() {
                 .contains("allocated at offset 0 bytes"),
             "{name}: {map}"
         );
+        // blockhaus writes on QEMU's layout; QEMU checks and compares.
+        l.ok("blockdev-del", json!({"node-name": "q"}));
+        l.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q", "discard": "unmap", "file": file_ref(&img)}),
+        );
+        let mut model = want.clone();
+        random_ops(&l, "q", &mut model, 500 + i as u64, 60, *unit);
+        assert_reads(&l, "q", &model, name);
+        l.ok("blockdev-del", json!({"node-name": "q"}));
+        assert_clean(&img);
+        assert_compare(&img, &model, dir.path());
     }
 }
 
