@@ -134,7 +134,17 @@ impl DiskNode {
         Ok(buf[from..from + len].to_vec())
     }
 
+    /// A disk cannot grow: writing past its end is ENOSPC, as on a host
+    /// block device (a qcow2 image that needs more room than its disk).
+    fn check_room(&self, offset: u64, len: u64) -> IoResult<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.info.capacity => Ok(()),
+            _ => Err(IoError::Enospc),
+        }
+    }
+
     async fn write_at(&self, offset: u64, data: Vec<u8>, fua: bool) -> IoResult<()> {
+        self.check_room(offset, data.len() as u64)?;
         if self.aligned(offset, data.len() as u64) {
             return self
                 .run(Op::Write {
@@ -238,6 +248,7 @@ impl BlockDriver for DiskNode {
         flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(async move {
+            self.check_room(offset, len)?;
             if !self.aligned(offset, len) {
                 return Err(IoError::Enotsup); // the generic layer writes zeroes
             }

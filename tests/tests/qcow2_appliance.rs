@@ -1,0 +1,251 @@
+//! qcow2 in the booted appliance (issue 6): QEMU iotest 117's scenario — a
+//! qcow2 node over a disk node, both in use when the appliance halts —
+//! and `blockdev-create` formatting a blank disk; after `quit` the host's
+//! `qemu-img check` is clean and `qemu-io` reads the data back.
+
+use harness::host::{MIB, create, run};
+use harness::{Appliance, QemuConfig};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn hmp_ok(a: &mut Appliance, node: &str, cmd: &str) -> String {
+    let r = a
+        .qmp()
+        .execute(
+            "human-monitor-command",
+            json!({"command-line": format!("qemu-io {node} \"{cmd}\"")}),
+        )
+        .unwrap();
+    let out = r["return"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{cmd}: {r}"))
+        .to_string();
+    let lower = out.to_lowercase();
+    assert!(
+        !lower.contains("error") && !lower.contains("fail"),
+        "qemu-io {node} {cmd}: {out}"
+    );
+    out
+}
+
+fn qcow2_io(path: &Path, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    let out = run(cmd.arg(path));
+    assert!(!out.to_lowercase().contains("fail"), "{cmds:?}: {out}");
+    out
+}
+
+fn check_clean(path: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path));
+    assert!(
+        out.contains("No errors were found on the image."),
+        "qemu-img check:\n{out}"
+    );
+    assert!(!out.contains("leaked"), "qemu-img check:\n{out}");
+}
+
+fn quit(mut a: Appliance) -> String {
+    assert_eq!(
+        a.qmp().execute("quit", Value::Null).unwrap(),
+        json!({"return": {}})
+    );
+    let status = a.wait_exit(Duration::from_secs(60)).expect("QEMU exits");
+    let console = a.console();
+    assert_eq!(status.code(), Some(0), "{console}");
+    console
+}
+
+#[test]
+fn iotest_117_qcow2_over_a_disk_node_both_in_use_at_halt() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M"));
+    qcow2_io(&img, &["write -P 0x11 0 1M"]);
+    // A disk has a fixed size (unlike a host file, it cannot grow when qcow2
+    // allocates clusters): give the device room, as a preallocated volume.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(80 * MIB)
+        .unwrap();
+
+    let cfg = QemuConfig {
+        disks: vec![img.clone()],
+        append: "--blockdev driver=virtio-blk,node-name=file0,serial=disk0".into(),
+        ..QemuConfig::default()
+    };
+    let mut a = Appliance::boot(&cfg);
+    // The file node stays monitor-owned and the qcow2 node holds it too.
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "fmt0", "file": "file0"}),
+        )
+        .unwrap();
+    let nodes = a
+        .qmp()
+        .cmd("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let fmt0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "fmt0")
+        .unwrap();
+    assert_eq!(fmt0["drv"], "qcow2", "{fmt0}");
+    assert_eq!(fmt0["image"]["virtual-size"], json!(64 * MIB), "{fmt0}");
+
+    hmp_ok(&mut a, "fmt0", "read -P 0x11 0 1M");
+    hmp_ok(&mut a, "fmt0", "write -P 0x22 1M 2M");
+    hmp_ok(&mut a, "fmt0", "write -P 0x33 3000 5000");
+    hmp_ok(&mut a, "fmt0", "write -z 8M 1M");
+    hmp_ok(&mut a, "fmt0", "write -P 0x44 60M 4M");
+    hmp_ok(&mut a, "fmt0", "read -P 0x22 1M 2M");
+
+    let console = quit(a);
+    let fmt_at = console
+        .find("closed node 'fmt0'")
+        .unwrap_or_else(|| panic!("{console}"));
+    let file_at = console
+        .find("closed node 'file0'")
+        .unwrap_or_else(|| panic!("{console}"));
+    assert!(
+        fmt_at < file_at,
+        "qcow2 closes (and flushes) before its file:\n{console}"
+    );
+    assert!(console.contains("all 2 nodes closed"), "{console}");
+
+    check_clean(&img);
+    qcow2_io(
+        &img,
+        &[
+            "read -P 0x11 0 3000",
+            "read -P 0x33 3000 5000",
+            "read -P 0x11 8000 1040576",
+            "read -P 0x22 1M 2M",
+            "read -P 0 8M 1M",
+            "read -P 0x44 60M 4M",
+        ],
+    );
+}
+
+#[test]
+fn blockdev_create_formats_a_blank_disk_as_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("blank.img");
+    create(&raw, 64 * MIB);
+    let cfg = QemuConfig {
+        disks: vec![raw.clone()],
+        ..QemuConfig::default()
+    };
+    let mut a = Appliance::boot(&cfg);
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "virtio-blk", "node-name": "file1", "serial": "disk0"}),
+        )
+        .unwrap();
+    a.qmp()
+        .cmd(
+            "blockdev-create",
+            json!({"job-id": "c1", "options": {"driver": "qcow2", "file": "file1", "size": 32 * MIB, "cluster-size": 65536}}),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = a.qmp().cmd("query-jobs", Value::Null).unwrap();
+        let job = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == "c1")
+            .cloned();
+        match job {
+            Some(j) if j["status"] == "concluded" => {
+                assert!(j.get("error").is_none(), "blockdev-create failed: {j}");
+                break;
+            }
+            Some(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            other => panic!("job c1 did not conclude: {other:?}"),
+        }
+    }
+    a.qmp().cmd("job-dismiss", json!({"id": "c1"})).unwrap();
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "fmt1", "file": "file1"}),
+        )
+        .unwrap();
+    hmp_ok(&mut a, "fmt1", "write -P 0x5a 0 256k");
+    quit(a);
+
+    let info = run(Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&raw));
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"], json!(32 * MIB), "{info}");
+    assert_eq!(info["cluster-size"], json!(65536), "{info}");
+    check_clean(&raw);
+    qcow2_io(&raw, &["read -P 0x5a 0 256k", "read -P 0 256k 1M"]);
+}
+
+#[test]
+fn a_qcow2_that_outgrows_its_disk_fails_writes_with_enospc_and_stays_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M"));
+    let cfg = QemuConfig {
+        disks: vec![img.clone()],
+        append: "--blockdev driver=virtio-blk,node-name=file0,serial=disk0 --blockdev qcow2,node-name=fmt0,file=file0"
+            .into(),
+        ..QemuConfig::default()
+    };
+    let mut a = Appliance::boot(&cfg);
+    let r = a
+        .qmp()
+        .execute(
+            "human-monitor-command",
+            json!({"command-line": "qemu-io fmt0 \"write -P 0x66 0 4M\""}),
+        )
+        .unwrap();
+    let out = r["return"].as_str().unwrap().to_string();
+    assert!(out.contains("No space left on device"), "{out}");
+    // The appliance keeps serving.
+    assert_eq!(
+        a.qmp().cmd("query-status", Value::Null).unwrap()["status"],
+        "running"
+    );
+    quit(a);
+    // No corruption (clusters allocated for the failed write may leak, as in QEMU).
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)),
+        "qemu-img check: {text}"
+    );
+    assert!(
+        !text.contains("ERROR") && !text.contains("corrupt"),
+        "qemu-img check: {text}"
+    );
+}
