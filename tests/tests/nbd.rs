@@ -773,3 +773,115 @@ fn tap_in_a_netns_gratuitous_arp_ping_and_nbd() {
     client(&a, tap.exec("nbdcopy").arg(&u).arg("null:"));
     quit(a);
 }
+
+/// Data ranges `(start, end)` of `nbdinfo --map` output, merged.
+fn data_ranges_of_map(map: &str) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for line in map.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        let (Ok(start), Ok(len), Ok(kind)) = (
+            f[0].parse::<u64>(),
+            f[1].parse::<u64>(),
+            f[2].parse::<u32>(),
+        ) else {
+            continue;
+        };
+        if kind & 1 == 0 {
+            match out.last_mut() {
+                Some(last) if last.1 == start => last.1 = start + len,
+                _ => out.push((start, start + len)),
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn qcow2_export_block_status_matches_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    client_host(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("64M"),
+    );
+    client_host(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x61 0 1M",
+                "-c",
+                "write -P 0x62 8M 3M",
+            ])
+            .args(["-c", "write -P 0x63 40M 64k"])
+            .arg(&img),
+    );
+    let (a, port) = boot(
+        &format!(
+            "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
+             --blockdev driver=qcow2,node-name=q,file=vblk {NBD_SERVER} \
+             --export type=nbd,id=e0,node-name=q,name=disk"
+        ),
+        vec![img.clone()],
+    );
+    let u = uri(port, "disk");
+    let map = client(&a, Command::new("nbdinfo").args(["--map", &u]));
+    assert_eq!(
+        data_ranges_of_map(&map),
+        [(0, MIB), (8 * MIB, 11 * MIB), (40 * MIB, 40 * MIB + 65536)],
+        "nbdinfo --map:\n{map}"
+    );
+    client(
+        &a,
+        Command::new("qemu-img")
+            .args(["compare", "-U", "-f", "qcow2", "-F", "raw"])
+            .arg(&img)
+            .arg(&u),
+    );
+    quit(a);
+}
+
+fn client_host(cmd: &mut Command) {
+    let o = output(cmd);
+    assert!(o.status.success(), "{cmd:?}: {}", text(&o));
+}
+
+#[test]
+fn max_connections_makes_further_clients_wait() {
+    let (a, port) = boot(
+        &format!(
+            "--blockdev driver=null-co,node-name=n0,size=1048576,read-zeroes=on \
+             {NBD_SERVER},max-connections=1 --export type=nbd,id=e0,node-name=n0,name=disk"
+        ),
+        Vec::new(),
+    );
+    let mut first = Raw::connect(port);
+    assert_eq!(first.go("disk"), Ok(MIB));
+    // The second client is accepted by TCP but served only when the first
+    // has gone (QEMU stops accepting at max-connections).
+    let mut second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    assert!(
+        second.read_exact(&mut greeting).is_err(),
+        "served beyond max-connections"
+    );
+    drop(first);
+    second
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    second
+        .read_exact(&mut greeting)
+        .expect("greeting once a slot is free");
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    drop(second);
+    quit(a);
+}
