@@ -467,3 +467,92 @@ impl phy::Device for NetDevice {
         caps
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OURS: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const HOST: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+
+    fn ipv4_frame(dst: [u8; 6], src_mac: [u8; 6], src_ip: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[0..6].copy_from_slice(&dst);
+        f[6..12].copy_from_slice(&src_mac);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[26..30].copy_from_slice(&src_ip);
+        f[30..34].copy_from_slice(&[10, 0, 3, 15]);
+        f
+    }
+
+    #[test]
+    fn senders_on_our_subnet_are_recognised() {
+        let ours = (Ipv4Address::new(10, 0, 3, 15), 24);
+        let f = ipv4_frame(OURS, HOST, [10, 0, 3, 1]);
+        assert_eq!(ipv4_sender(&f, OURS, ours), Some(([10, 0, 3, 1], HOST)));
+        // Off the subnet (reached through a gateway), to another MAC, not
+        // IPv4, from a multicast MAC, or from ourselves: nothing learnt.
+        assert_eq!(
+            ipv4_sender(&ipv4_frame(OURS, HOST, [10, 0, 4, 1]), OURS, ours),
+            None
+        );
+        assert_eq!(
+            ipv4_sender(&ipv4_frame(HOST, HOST, [10, 0, 3, 1]), OURS, ours),
+            None
+        );
+        let mut arp = f.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(ipv4_sender(&arp, OURS, ours), None);
+        let mut mc = HOST;
+        mc[0] |= 1;
+        assert_eq!(
+            ipv4_sender(&ipv4_frame(OURS, mc, [10, 0, 3, 1]), OURS, ours),
+            None
+        );
+        assert_eq!(
+            ipv4_sender(&ipv4_frame(OURS, HOST, [10, 0, 3, 15]), OURS, ours),
+            None
+        );
+        assert_eq!(ipv4_sender(&f[..20], OURS, ours), None);
+        // A /0 and a /32 prefix do not overflow the mask.
+        assert!(ipv4_sender(&f, OURS, (ours.0, 0)).is_some());
+        assert!(ipv4_sender(&f, OURS, (ours.0, 32)).is_none());
+    }
+
+    #[test]
+    fn neighbours_are_introduced_once_per_refresh_period() {
+        let mut n = Neighbours::default();
+        assert!(n.introduce([10, 0, 3, 1], HOST, 0));
+        assert!(!n.introduce([10, 0, 3, 1], HOST, 1_000));
+        assert!(n.introduce([10, 0, 3, 1], HOST, NEIGHBOUR_REFRESH_MS + 1));
+        // A new MAC for the same address is introduced at once.
+        assert!(n.introduce([10, 0, 3, 1], OURS, NEIGHBOUR_REFRESH_MS + 2));
+        for i in 0..100u8 {
+            n.introduce([10, 0, 3, i], HOST, 5);
+        }
+        assert!(n.0.len() <= NEIGHBOURS);
+    }
+
+    #[test]
+    fn the_synthetic_arp_request_parses_as_one_from_the_neighbour() {
+        let mut out = [0u8; ARP_FRAME];
+        let target = Ipv4Address::new(10, 0, 3, 15);
+        synthetic_arp(&mut out, EthernetAddress(OURS), target, [10, 0, 3, 1], HOST);
+        let frame = EthernetFrame::new_checked(&out[..]).unwrap();
+        assert_eq!(frame.src_addr(), EthernetAddress(HOST));
+        assert_eq!(frame.dst_addr(), EthernetAddress(OURS));
+        assert_eq!(frame.ethertype(), EthernetProtocol::Arp);
+        let arp = ArpRepr::parse(&ArpPacket::new_checked(frame.payload()).unwrap()).unwrap();
+        assert_eq!(
+            arp,
+            ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr: EthernetAddress(HOST),
+                source_protocol_addr: Ipv4Address::new(10, 0, 3, 1),
+                target_hardware_addr: EthernetAddress([0; 6]),
+                target_protocol_addr: target,
+            }
+        );
+    }
+}

@@ -885,3 +885,38 @@ fn max_connections_makes_further_clients_wait() {
     drop(second);
     quit(a);
 }
+
+#[test]
+fn a_scsi_hd_disk_exported_keeps_acknowledged_writes() {
+    let imgs = harness::host::images();
+    let mut cfg = harness::host::config(&imgs);
+    let port = free_port();
+    cfg.nbd_port = Some(port);
+    cfg.append = format!(
+        "--blockdev driver=virtio-scsi,node-name=sd0,serial=scsi0 {NBD_SERVER} \
+         --export type=nbd,id=e0,node-name=sd0,name=scsi,writable=on"
+    );
+    let a = Appliance::boot(&cfg);
+    let u = uri(port, "scsi");
+    qemu_io_nbd(
+        &a,
+        &u,
+        &[
+            "read -P 0x22 0 24M",
+            "write -P 0xb7 30M 2M",
+            "write -f -P 0xb8 33M 64k",
+            "discard 40M 1M",
+            "flush",
+        ],
+    );
+    client(&a, Command::new("nbdinfo").args(["--can", "trim", &u]));
+    quit(a);
+    qemu_io(
+        &imgs.scsi_direct,
+        &[
+            "read -P 0x22 0 24M".into(),
+            "read -P 0xb7 30M 2M".into(),
+            "read -P 0xb8 33M 64k".into(),
+        ],
+    );
+}
