@@ -927,3 +927,41 @@ fn internal_snapshots_open_read_only_and_bitmaps_are_invalidated() {
     assert!(matches!(o.status.code(), Some(0) | Some(3)), "{o:?}");
     assert_eq!(raw_of(&bm, dir.path())[..70_000], vec![0x33; 70_000][..]);
 }
+
+#[test]
+fn a_qemu_crash_with_lazy_refcounts_is_repaired_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("lazy.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on,cluster_size=4096",
+        p(&img),
+        "8M",
+    ]);
+    // qemu-io's `abort` crashes QEMU with the image dirty and refcounts
+    // not written.
+    let o = run(Command::new("qemu-io").args(["-c", "write -P 0x71 0 2M", "-c", "abort", p(&img)]));
+    assert!(!o.status.success());
+    let head = std::fs::read(&img).expect("read");
+    assert_eq!(head[79] & 1, 1, "left dirty");
+    let o = run(Command::new("qemu-img").args(["check", "-f", "qcow2", p(&img)]));
+    assert_eq!(o.status.code(), Some(2), "QEMU sees the refcount errors");
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
+    );
+    let mut model = vec![0u8; 8 * MIB as usize];
+    model[..2 * MIB as usize].fill(0x71);
+    let more = pattern(11, 1_000_000);
+    model[3 * MIB as usize..3 * MIB as usize + 1_000_000].copy_from_slice(&more);
+    l.write("q", 3 * MIB, more);
+    assert_reads(&l, "q", &model, "repaired");
+    l.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_clean(&img);
+    assert_compare(&img, &model, dir.path());
+    assert_eq!(std::fs::read(&img).expect("read")[79] & 1, 0, "clean");
+}

@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use crate::child::Child;
 use crate::io::IoResult;
 
-use super::cluster::{COPIED, Sub};
+use super::cluster::COPIED;
 use super::state::{OFFSET_MASK, State};
 
 /// What a check found.
@@ -44,9 +44,13 @@ impl State {
         }
     }
 
-    /// Checks the image (the caches are used, not written).
-    pub async fn check(&mut self, f: &Child) -> IoResult<CheckReport> {
-        let mut r = CheckReport::default();
+    /// Every cluster's refcount as the metadata implies it, and the
+    /// COPIED flags to verify: `(what, cluster offset, flag set)`.
+    #[allow(clippy::type_complexity)]
+    async fn references(
+        &mut self,
+        f: &Child,
+    ) -> IoResult<(BTreeMap<u64, u64>, Vec<(String, u64, bool)>)> {
         let mut want: BTreeMap<u64, u64> = BTreeMap::new();
         let cs = self.cs;
         self.count(&mut want, 0, cs);
@@ -79,12 +83,54 @@ impl State {
                 continue;
             }
             let _ = self.sub(e, 0)?;
-            let is_data = matches!(self.sub(e, 0)?, Sub::Data(_) | Sub::Zero) || self.ext;
-            if is_data {
-                self.count(&mut want, host, cs);
-                copied_checks.push((format!("L2 entry for {g:#x}"), host, e.word & COPIED != 0));
+            self.count(&mut want, host, cs);
+            copied_checks.push((format!("L2 entry for {g:#x}"), host, e.word & COPIED != 0));
+        }
+        Ok((want, copied_checks))
+    }
+
+    /// Repairs the refcounts of an image left dirty by lazy refcounts
+    /// (QEMU: `qcow2_check` with `BDRV_FIX_ERRORS | BDRV_FIX_LEAKS` at
+    /// open, then `qcow2_mark_clean`). Clusters in use are reserved while
+    /// missing refcount blocks are allocated. Returns how many refcounts
+    /// changed.
+    pub async fn repair(&mut self, f: &Child) -> IoResult<u64> {
+        let (want, _) = self.references(f).await?;
+        self.reserved = want.keys().copied().collect();
+        let end = want
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(self.file_len.div_ceil(self.cs));
+        let mut fixed = 0;
+        let mut c = 0;
+        while c <= end {
+            let have = self.refcount(f, c).await?;
+            let need = want.get(&c).copied().unwrap_or(0);
+            if have != need {
+                self.force_refcount(f, c, need).await?;
+                fixed += 1;
+            }
+            c += 1;
+        }
+        self.reserved.clear();
+        // New refcount blocks count themselves; check once more.
+        let (want, _) = self.references(f).await?;
+        for (c, need) in want {
+            if self.refcount(f, c).await? < need {
+                self.force_refcount(f, c, need).await?;
             }
         }
+        self.free_index = 0;
+        Ok(fixed)
+    }
+
+    /// Checks the image (the caches are used, not written).
+    pub async fn check(&mut self, f: &Child) -> IoResult<CheckReport> {
+        let mut r = CheckReport::default();
+        let cs = self.cs;
+        let (want, copied_checks) = self.references(f).await?;
         let last = want.keys().next_back().copied().unwrap_or(0);
         let end = last.max(self.file_len.div_ceil(cs));
         for c in 0..=end {

@@ -5,9 +5,9 @@
 //! plus blockhaus's own bounds): aligned to a cluster, not in the header
 //! cluster, inside the image file, not absurdly large. Nothing is written
 //! to the image unless it opens read-write and every check passed; a
-//! corrupt image, a dirty one (lazy refcounts after a crash: repair with
-//! `qemu-img check -r all`) and one with internal snapshots open read-only
-//! only.
+//! corrupt image and one with internal snapshots open read-only only. A
+//! dirty image (lazy refcounts, not closed cleanly) opened read-write has
+//! its refcounts rebuilt from the L1/L2 tables first, as QEMU does.
 
 use alloc::format;
 use alloc::rc::Rc;
@@ -103,11 +103,6 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        if h.incompatible & incompat::DIRTY != 0 {
-            return Err(String::from(
-                "qcow2: Image is dirty (refcounts may be inconsistent); repair it with 'qemu-img check -r all' or open it read-only",
-            ));
-        }
         if h.nb_snapshots > 0 {
             return Err(String::from(
                 "qcow2: images with internal snapshots can only be opened read-only by blockhaus",
@@ -174,6 +169,32 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
                 "Refcount block {i} at offset {off:#x} is used twice in the refcount table"
             ));
         }
+    }
+    if !read_only && st.h.incompatible & incompat::DIRTY != 0 {
+        // Lazy refcounts were in use and the image was not closed: rebuild
+        // the refcounts before anything else is written (QEMU repairs at
+        // open the same way).
+        let n = st
+            .repair(f)
+            .await
+            .map_err(|e| format!("Could not repair dirty image: {e}"))?;
+        st.flush_caches(f)
+            .await
+            .map_err(|e| format!("Could not repair dirty image: {e}"))?;
+        f.flush()
+            .await
+            .map_err(|e| format!("Could not repair dirty image: {e}"))?;
+        let clean = st.h.incompatible & !incompat::DIRTY;
+        st.write_header_field(f, field::INCOMPAT, clean.to_be_bytes().to_vec())
+            .await
+            .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
+        f.flush()
+            .await
+            .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
+        st.h.incompatible = clean;
+        log::info!(
+            "qcow2 node '{name}': repaired {n} refcounts of an image that was not closed cleanly"
+        );
     }
     if !read_only && autoclear != 0 {
         // Features this driver does not maintain (bitmaps) are marked

@@ -143,7 +143,7 @@ impl State {
                     c * self.cs
                 )));
             }
-            if self.refcount(f, c).await? == 0 {
+            if self.refcount(f, c).await? == 0 && !self.reserved.contains(&c) {
                 if run == 0 {
                     start = c;
                 }
@@ -294,6 +294,26 @@ impl State {
         }
         self.free_later(old_off, old_clusters * self.cs);
         Ok(())
+    }
+
+    /// Sets the refcount of cluster index `c` to `v`, creating its refcount
+    /// block if needed (repairs only).
+    pub async fn force_refcount(&mut self, f: &Child, c: u64, v: u64) -> IoResult<()> {
+        let ti = c / self.rb_entries;
+        if self.rb_offset(ti) == 0 {
+            if v == 0 {
+                return Ok(());
+            }
+            let mut rounds = 0;
+            while self.rb_offset(ti) == 0 {
+                rounds += 1;
+                if rounds > 16 {
+                    return Err(self.corruption("cannot create a refcount block"));
+                }
+                self.ensure_refblock(f, ti).await?;
+            }
+        }
+        self.set_refcount(f, c, v).await
     }
 
     /// Queues clusters to free once their references are durably gone.

@@ -243,6 +243,9 @@ pub struct State {
     pub pass_discard: bool,
     /// Data requests running without the lock.
     pub inflight: Rc<Inflight>,
+    /// Clusters never to allocate, whatever their refcount says (in use
+    /// while a repair rebuilds refcounts).
+    pub reserved: BTreeSet<u64>,
 }
 
 impl State {
@@ -278,6 +281,7 @@ impl State {
             zcache: None,
             pass_discard: true,
             inflight: Rc::default(),
+            reserved: BTreeSet::new(),
             h,
         }
     }
