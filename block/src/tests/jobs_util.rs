@@ -96,7 +96,10 @@ pub fn guest(q: &Qmp, name: &str, node: &Rc<Node>) -> Rc<Backend> {
 /// with its own byte; the model keeps what the disk must contain.
 pub struct Writer {
     pub done: Rc<Cell<u32>>,
+    /// What the disk holds after every acknowledged write.
     pub model: Rc<core::cell::RefCell<Vec<u8>>>,
+    /// The write in flight, if any: `(offset, len)`.
+    pub inflight: Rc<Cell<Option<(u64, u64)>>>,
 }
 
 pub fn start_writer(
@@ -109,7 +112,8 @@ pub fn start_writer(
 ) -> Writer {
     let done = Rc::new(Cell::new(0));
     let model = Rc::new(core::cell::RefCell::new(model));
-    let (d, m, b) = (done.clone(), model.clone(), b.clone());
+    let inflight = Rc::new(Cell::new(None));
+    let (d, m, b, inf) = (done.clone(), model.clone(), b.clone(), inflight.clone());
     let timers = q.bl.executor().timers().clone();
     let clock: Rc<dyn Clock> = q.clock.clone();
     let size = m.borrow().len() as u64;
@@ -122,16 +126,25 @@ pub fn start_writer(
             let off = (x % (size / len)) * len;
             let byte = (i as u8).wrapping_mul(31).wrapping_add(seed as u8) | 1;
             let data = vec![byte; len as usize];
-            m.borrow_mut()[off as usize..(off + len) as usize].fill(byte);
-            if let Err(e) = b.write(off, data, ReqFlags::NONE).await {
-                panic!("guest write at {off}: {e}");
+            inf.set(Some((off, len)));
+            match b.write(off, data, ReqFlags::NONE).await {
+                Ok(()) => {}
+                // The halt path ejected the disk under the guest.
+                Err(crate::io::IoError::Enomedium) => return,
+                Err(e) => panic!("guest write at {off}: {e}"),
             }
+            m.borrow_mut()[off as usize..(off + len) as usize].fill(byte);
+            inf.set(None);
             d.set(i + 1);
             let t = clock.now_ns() + 1_000_000;
             timers.sleep_until(clock.clone(), t).await;
         }
     });
-    Writer { done, model }
+    Writer {
+        done,
+        model,
+        inflight,
+    }
 }
 
 /// Runs tasks and advances simulated time (to the next timer) until

@@ -15,6 +15,7 @@ mod jobs_backup;
 mod jobs_chain;
 mod jobs_framework;
 mod jobs_mirror;
+mod jobs_seeded;
 mod jobs_util;
 mod mem;
 mod qcow2;
