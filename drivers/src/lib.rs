@@ -4,8 +4,9 @@
 //! device or table: [`uart`] (COM1 console, COM2 QMP), [`acpi`] (RSDP → FADT
 //! → S5 poweroff), [`time`] (TSC calibrated against the PIT, CMOS RTC),
 //! [`lapic`] (the local APIC timer that wakes an idle CPU), [`pic`] (masking
-//! the legacy 8259s). The pure parts (table parsing, time arithmetic) are
-//! tested on the host.
+//! the legacy 8259s), [`net`] (virtio-net as a smoltcp device). The pure
+//! parts (table parsing, time arithmetic, neighbour learning) are tested on
+//! the host.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
