@@ -9,6 +9,15 @@
 //!
 //! States and transitions follow QEMU's `JobSTT`; the verbs a state accepts
 //! follow `JobVerbTable`, with QEMU's refusal text.
+//!
+//! The end of a job follows `job_completed`: a successful body goes
+//! waiting → pending, waits there for `job-finalize` unless
+//! auto-finalize (`BLOCK_JOB_PENDING`), runs [`JobDriver::prepare`] (a
+//! mirror's pivot) and [`JobDriver::clean`]; a failed or force-cancelled
+//! one goes aborting and runs [`JobDriver::abort`] and `clean`. A cancel
+//! without force is the driver's to interpret ([`JobDriver::cancel`]: a
+//! ready mirror completes without pivoting). The block jobs themselves
+//! are in [`crate::jobs`].
 
 use alloc::boxed::Box;
 use alloc::format;
