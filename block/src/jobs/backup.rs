@@ -85,6 +85,8 @@ pub async fn start_backup(
     if Rc::ptr_eq(source, target) {
         return Err(BackupError::Same.to_string());
     }
+    super::check_not_busy(&reg, source)?;
+    super::check_not_busy(&reg, target)?;
     let len = source
         .get_length()
         .map_err(|_| BackupError::Length(source.name().into()).to_string())?;

@@ -53,6 +53,9 @@ pub async fn start_commit(
 ) -> Result<Rc<Job>, String> {
     let reg = top.registry().ok_or_else(|| String::from("no registry"))?;
     super::check_job_id(&reg, id)?;
+    for n in [active, top, base] {
+        super::check_not_busy(&reg, n)?;
+    }
     let len = top.get_length().map_err(|e| e.to_string())?;
     let blen = base.get_length().map_err(|e| e.to_string())?;
     if blen < len {

@@ -174,6 +174,8 @@ pub async fn start_mirror(
         .registry()
         .ok_or_else(|| String::from("no registry"))?;
     super::check_job_id(&reg, id)?;
+    super::check_not_busy(&reg, source)?;
+    super::check_not_busy(&reg, target)?;
     let len = source
         .get_length()
         .map_err(|e| MirrorError::Length(e.to_string()).to_string())?;

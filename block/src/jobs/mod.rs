@@ -35,6 +35,7 @@ use alloc::rc::Rc;
 use alloc::string::String;
 
 use crate::job::JobOptions;
+use crate::node::Node;
 use crate::registry::{Registry, id_wellformed};
 
 /// The options every block job command takes (QEMU: `speed`,
@@ -67,6 +68,25 @@ impl JobSetup {
             speed: self.speed,
         }
     }
+}
+
+/// Refuses a node another job works on (QEMU: the op blockers that
+/// `block_job_add_bdrv` sets on every node of a job, `bdrv_op_is_blocked`).
+pub fn check_not_busy(reg: &Rc<Registry>, node: &Rc<Node>) -> Result<(), String> {
+    for job in reg.jobs() {
+        let uses = job
+            .backends()
+            .iter()
+            .any(|b| b.root_node().is_some_and(|n| Rc::ptr_eq(&n, node)));
+        if uses {
+            return Err(format!(
+                "Node '{}' is busy: block device is in use by block job: {}",
+                node.name(),
+                job.job_type()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a malformed or taken job id before anything changes (QEMU:

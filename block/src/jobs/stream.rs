@@ -73,6 +73,12 @@ pub async fn start_stream(
 ) -> Result<Rc<Job>, String> {
     let reg = top.registry().ok_or_else(|| String::from("no registry"))?;
     super::check_job_id(&reg, id)?;
+    for n in super::chain::chain(top) {
+        if base.as_ref().is_some_and(|b| Rc::ptr_eq(b, &n)) {
+            break;
+        }
+        super::check_not_busy(&reg, &n)?;
+    }
     let locks = RangeLock::new();
     let drv = Rc::new(Stream {
         top: top.clone(),

@@ -102,6 +102,14 @@ fn verbs_refused_with_qemus_texts() {
         q.err("job-dismiss", json!({"id": "m0"})),
         "Job 'm0' in state 'ready' cannot accept command verb 'dismiss'"
     );
+    // The nodes of a job are busy for other jobs.
+    assert_eq!(
+        q.err(
+            "blockdev-backup",
+            json!({"job-id": "b0", "device": "tgt", "target": "src", "sync": "full"})
+        ),
+        "Node 'tgt' is busy: block device is in use by block job: mirror"
+    );
     q.ok("block-job-cancel", json!({"device": "m0", "force": true}));
     run_until(&q, "gone", || status(&q, "m0") == "gone");
     assert!(event_trail(&q.events()).contains(&"BLOCK_JOB_CANCELLED".into()));
