@@ -164,7 +164,8 @@ impl JobVerb {
             JobVerb::Pause | JobVerb::Resume | JobVerb::SetSpeed => {
                 [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
             }
-            JobVerb::Complete => [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+            // QEMU 6.2+: a job on standby may be completed too.
+            JobVerb::Complete => [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
             JobVerb::Finalize => [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
             JobVerb::Dismiss => [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
             JobVerb::Change => [0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0],
@@ -703,7 +704,7 @@ impl Job {
     /// `job-complete`.
     pub fn complete(&self) -> Result<(), JobError> {
         self.check_verb(JobVerb::Complete)?;
-        if self.cancelled.get() || self.pause_count.get() > 0 {
+        if self.cancelled.get() {
             return Err(JobError::Driver(format!(
                 "The active block job '{}' cannot be completed",
                 self.id
