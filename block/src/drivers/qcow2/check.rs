@@ -3,8 +3,8 @@
 //! metadata and compares it with the refcount blocks.
 //!
 //! Covers the header, the L1 table, L2 tables, data and compressed
-//! clusters, the refcount table and blocks. Images with internal snapshots
-//! (whose tables this does not walk) are not checked.
+//! clusters, the refcount table and blocks, and internal snapshots (their
+//! table, L1 tables and what those reference). Bitmaps are not walked.
 
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -14,8 +14,9 @@ use alloc::vec::Vec;
 use crate::child::Child;
 use crate::io::IoResult;
 
-use super::cluster::COPIED;
-use super::state::{OFFSET_MASK, State};
+use super::cluster::{COPIED, L2Entry};
+use super::state::{OFFSET_MASK, State, get64};
+use crate::io::ReqFlags;
 
 /// What a check found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,28 +66,92 @@ impl State {
             }
         }
         let mut copied_checks = Vec::new();
-        for (i, e) in self.l1.clone().iter().enumerate() {
-            let off = e & OFFSET_MASK;
-            if off != 0 {
-                self.count(&mut want, off, cs);
-                copied_checks.push((format!("L1 entry {i}"), off, e & COPIED != 0));
+        let l1 = self.l1.clone();
+        self.count_tree(f, &l1, &mut want, Some(&mut copied_checks))
+            .await?;
+        // Internal snapshots: their table, their L1 tables and everything
+        // those reference (QEMU counts a table shared with the active L1
+        // once per L1, and its clusters with it).
+        let mut at = self.h.snapshots_offset;
+        for _ in 0..self.h.nb_snapshots {
+            let e = f.read(at, 40, ReqFlags::NONE).await?;
+            let l1_off = get64(&e, 0);
+            let l1_size = u64::from(u32::from_be_bytes([e[8], e[9], e[10], e[11]]));
+            let id = u64::from(u16::from_be_bytes([e[12], e[13]]));
+            let name = u64::from(u16::from_be_bytes([e[14], e[15]]));
+            let extra = u64::from(u32::from_be_bytes([e[36], e[37], e[38], e[39]]));
+            at += (40 + extra + id + name).div_ceil(8) * 8;
+            if l1_size * 8 > super::header::MAX_L1_BYTES {
+                return Err(self.corruption("snapshot L1 table too large"));
             }
+            self.count(&mut want, l1_off, (l1_size * 8).div_ceil(cs) * cs);
+            let b = f
+                .read(l1_off, (l1_size * 8) as usize, ReqFlags::NONE)
+                .await?;
+            let snap_l1 = super::refcount::decode_table(&b);
+            self.count_tree(f, &snap_l1, &mut want, None).await?;
         }
-        for (g, e) in self.all_entries(f).await? {
-            if self.is_compressed(e) {
-                let (o, l) = self.compressed_extent(e);
-                self.count(&mut want, o, l);
-                continue;
-            }
-            let host = self.host(e);
-            if host == 0 {
-                continue;
-            }
-            let _ = self.sub(e, 0)?;
-            self.count(&mut want, host, cs);
-            copied_checks.push((format!("L2 entry for {g:#x}"), host, e.word & COPIED != 0));
+        if self.h.nb_snapshots > 0 {
+            let start = self.h.snapshots_offset;
+            self.count(&mut want, start, at - start);
         }
         Ok((want, copied_checks))
+    }
+
+    /// Counts the L2 tables of `l1` and the clusters they reference.
+    async fn count_tree(
+        &mut self,
+        f: &Child,
+        l1: &[u64],
+        want: &mut BTreeMap<u64, u64>,
+        mut copied: Option<&mut Vec<(String, u64, bool)>>,
+    ) -> IoResult<()> {
+        let cs = self.cs;
+        let per = if self.ext { 16 } else { 8 };
+        for (i, e) in l1.iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            self.count(want, off, cs);
+            if let Some(c) = copied.as_deref_mut() {
+                c.push((format!("L1 entry {i}"), off, e & COPIED != 0));
+            }
+            self.check_table(off, "L2 table")?;
+            let slot = self.load_l2(f, off).await?;
+            let table = self
+                .l2c
+                .slot(slot)
+                .map(|s| s.data.clone())
+                .unwrap_or_default();
+            for j in 0..self.l2_entries as usize {
+                let word = get64(&table, j * per);
+                let e = L2Entry {
+                    word,
+                    bitmap: if self.ext {
+                        get64(&table, j * per + 8)
+                    } else {
+                        0
+                    },
+                };
+                if self.is_compressed(e) {
+                    let (o, l) = self.compressed_extent(e);
+                    self.count(want, o, l);
+                    continue;
+                }
+                let host = self.host(e);
+                if host == 0 {
+                    continue;
+                }
+                let _ = self.sub(e, 0)?;
+                self.count(want, host, cs);
+                if let Some(c) = copied.as_deref_mut() {
+                    let g = (i as u64 * self.l2_entries + j as u64) * cs;
+                    c.push((format!("L2 entry for {g:#x}"), host, word & COPIED != 0));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Repairs the refcounts of an image left dirty by lazy refcounts

@@ -159,6 +159,10 @@ impl State {
             return Err(self.corruption(&format!("guest offset {g:#x} beyond the L1 table")));
         }
         let mut off = self.l2_offset(l1i)?;
+        let l1e = self.l1.get(l1i as usize).copied().unwrap_or(0);
+        if off != 0 && l1e & COPIED == 0 {
+            off = self.unshare_l2(f, l1i, off).await?;
+        }
         if off == 0 {
             off = self.alloc_clusters(f, 1).await?;
             // Refcounts first, then the zeroed table, then the L1 entry.
@@ -182,6 +186,47 @@ impl State {
                 put64(&mut s.data, at + 8, e.bitmap);
             }
             s.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Makes the L2 table of L1 index `l1i` private to the active L1
+    /// table before it changes (QEMU: `l2_allocate` copying a table shared
+    /// with an internal snapshot): a copy in a new cluster, then the L1
+    /// entry, then the old table's reference is dropped. Returns the
+    /// table's offset now.
+    async fn unshare_l2(&mut self, f: &Child, l1i: u64, off: u64) -> IoResult<u64> {
+        if self.refcount(f, off / self.cs).await? == 1 {
+            // Only the COPIED flag was missing.
+            return self
+                .write_l1_entry(f, l1i, off | COPIED)
+                .await
+                .map(|()| off);
+        }
+        let i = self.load_l2(f, off).await?;
+        let table = self
+            .l2c
+            .slot(i)
+            .map(|s| s.data.clone())
+            .ok_or(IoError::Eio)?;
+        let new = self.alloc_clusters(f, 1).await?;
+        // The copy's refcount first, then the copy, then the L1 entry.
+        self.write_dirty_rbs(f).await?;
+        self.pwrite(f, new, table).await?;
+        f.flush().await?;
+        self.write_l1_entry(f, l1i, new | COPIED).await?;
+        self.l2c.remove(new);
+        self.free_later(off, self.cs);
+        Ok(new)
+    }
+
+    async fn write_l1_entry(&mut self, f: &Child, l1i: u64, e: u64) -> IoResult<()> {
+        let mut b = vec![0u8; 8];
+        put64(&mut b, 0, e);
+        let at = self.h.l1_table_offset + l1i * 8;
+        self.pwrite(f, at, b).await?;
+        if let Some(x) = self.l1.get_mut(l1i as usize) {
+            *x = e;
         }
         Ok(())
     }

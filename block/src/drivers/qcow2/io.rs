@@ -254,9 +254,16 @@ impl State {
         let end = a + chunk.len() as u64;
         let host = self.host(e);
         let compressed = self.is_compressed(e);
-        if !self.ext || compressed {
-            let s = self.sub(e, 0)?;
+        // A cluster shared with an internal snapshot is copied whole.
+        let shared_ext = self.ext && !compressed && host != 0 && self.shared(f, e, host).await?;
+        if !self.ext || compressed || shared_ext {
+            let s = if shared_ext {
+                Sub::Data(host)
+            } else {
+                self.sub(e, 0)?
+            };
             if let Sub::Data(h) = s
+                && !shared_ext
                 && !self.shared(f, e, h).await?
             {
                 let update = (e.word & COPIED == 0).then_some(L2Entry {
@@ -273,13 +280,14 @@ impl State {
             }
             // A whole new cluster (or a preallocated zero cluster reused):
             // copy-on-write of what the write does not cover.
-            let reuse = s == Sub::Zero && host != 0 && !self.shared(f, e, host).await?;
+            let reuse =
+                !self.ext && s == Sub::Zero && host != 0 && !self.shared(f, e, host).await?;
             let mut bytes = Vec::with_capacity(cs as usize);
             if compressed {
                 let old = self.decompress(f, e).await?;
                 bytes.extend_from_slice(&old);
                 bytes[a as usize..end as usize].copy_from_slice(chunk);
-            } else if s == Sub::Zero {
+            } else if !self.ext && s == Sub::Zero {
                 bytes.resize(cs as usize, 0);
                 bytes[a as usize..end as usize].copy_from_slice(chunk);
             } else {
@@ -318,11 +326,6 @@ impl State {
         // Extended L2: only the touched subclusters become allocated;
         // partial ones are completed from their old content.
         let unit = self.unit;
-        let shared = host != 0 && self.shared(f, e, host).await?;
-        if shared {
-            // Snapshot-shared clusters are refused at open; never here.
-            return Err(self.corruption("extended L2 cluster shared with a snapshot"));
-        }
         let new = host == 0;
         let u0 = a / unit;
         let u1 = (end - 1) / unit;

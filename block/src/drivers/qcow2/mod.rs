@@ -27,7 +27,10 @@
 //! uncompressed), backing files, growing. Refused, with a message: external
 //! data files, encryption, zstd compression, unknown incompatible features
 //! (named from the image's feature table), shrinking; read-only only:
-//! corrupt or dirty images and images with internal snapshots. A bitmaps
+//! corrupt images. Internal snapshots are kept intact (clusters and L2
+//! tables shared with them are copied before a write) but cannot be
+//! created, applied or deleted. A dirty image (lazy refcounts, not closed
+//! cleanly) has its refcounts rebuilt when opened read-write. A bitmaps
 //! extension is left in place but its autoclear bit is cleared before the
 //! first write (blockhaus does not update bitmaps), as the spec requires.
 //!

@@ -5,7 +5,7 @@
 //! plus blockhaus's own bounds): aligned to a cluster, not in the header
 //! cluster, inside the image file, not absurdly large. Nothing is written
 //! to the image unless it opens read-write and every check passed; a
-//! corrupt image and one with internal snapshots open read-only only. A
+//! corrupt image opens read-only only. A
 //! dirty image (lazy refcounts, not closed cleanly) opened read-write has
 //! its refcounts rebuilt from the L1/L2 tables first, as QEMU does.
 
@@ -97,17 +97,10 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
     let cs = Header::probe(&probe).map_err(|e| e.to_string())?;
     let first = f.read(0, cs as usize, ReqFlags::NONE).await.map_err(rd)?;
     let h = Header::parse(&first).map_err(|e| e.to_string())?;
-    if !read_only {
-        if h.incompatible & incompat::CORRUPT != 0 {
-            return Err(String::from(
-                "qcow2: Image is corrupt; cannot be opened read/write",
-            ));
-        }
-        if h.nb_snapshots > 0 {
-            return Err(String::from(
-                "qcow2: images with internal snapshots can only be opened read-only by blockhaus",
-            ));
-        }
+    if !read_only && h.incompatible & incompat::CORRUPT != 0 {
+        return Err(String::from(
+            "qcow2: Image is corrupt; cannot be opened read/write",
+        ));
     }
     if h.refcount_table_clusters == 0 {
         return Err(String::from(
@@ -170,6 +163,17 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
             ));
         }
     }
+    if !read_only && autoclear != 0 {
+        // Features this driver does not maintain (bitmaps) are marked
+        // inconsistent before the first write, as the spec requires.
+        st.write_header_field(f, field::AUTOCLEAR, vec![0u8; 8])
+            .await
+            .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
+        f.flush()
+            .await
+            .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
+        st.h.autoclear = 0;
+    }
     if !read_only && st.h.incompatible & incompat::DIRTY != 0 {
         // Lazy refcounts were in use and the image was not closed: rebuild
         // the refcounts before anything else is written (QEMU repairs at
@@ -195,17 +199,6 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
         log::info!(
             "qcow2 node '{name}': repaired {n} refcounts of an image that was not closed cleanly"
         );
-    }
-    if !read_only && autoclear != 0 {
-        // Features this driver does not maintain (bitmaps) are marked
-        // inconsistent before the first write, as the spec requires.
-        st.write_header_field(f, field::AUTOCLEAR, vec![0u8; 8])
-            .await
-            .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
-        f.flush()
-            .await
-            .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
-        st.h.autoclear = 0;
     }
     Ok(st)
 }
