@@ -73,6 +73,7 @@ impl State {
         // those reference (QEMU counts a table shared with the active L1
         // once per L1, and its clusters with it).
         let mut at = self.h.snapshots_offset;
+        let mut budget: u64 = 64 << 20;
         for _ in 0..self.h.nb_snapshots {
             let e = f.read(at, 40, ReqFlags::NONE).await?;
             let l1_off = get64(&e, 0);
@@ -81,9 +82,22 @@ impl State {
             let name = u64::from(u16::from_be_bytes([e[14], e[15]]));
             let extra = u64::from(u32::from_be_bytes([e[36], e[37], e[38], e[39]]));
             at += (40 + extra + id + name).div_ceil(8) * 8;
-            if l1_size * 8 > super::header::MAX_L1_BYTES {
-                return Err(self.corruption("snapshot L1 table too large"));
+            if l1_size * 8 > super::header::MAX_L1_BYTES
+                || l1_off.saturating_add(l1_size * 8) > self.file_len
+                || at > self.file_len
+            {
+                return Err(self.corruption("snapshot table or snapshot L1 table invalid"));
             }
+            budget = match budget.checked_sub(l1_size * 8) {
+                Some(b) => b,
+                None => {
+                    log::error!(
+                        "qcow2 node '{}': snapshot L1 tables too large to walk",
+                        self.name
+                    );
+                    return Err(crate::io::IoError::Eio);
+                }
+            };
             self.count(&mut want, l1_off, (l1_size * 8).div_ceil(cs) * cs);
             let b = f
                 .read(l1_off, (l1_size * 8) as usize, ReqFlags::NONE)
