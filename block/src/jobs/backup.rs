@@ -17,12 +17,13 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
+use crate::exec::WaitQueue;
 use crate::io::BoxFuture;
 use crate::job::{Job, JobDriver};
 use crate::node::Node;
 use crate::permission::Perm;
 
-use super::copy::{CopyError, MAX_IN_FLIGHT, Pool};
+use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, until_stopped};
 use super::copy_before_write::{BlockCopy, CbwHook};
 use super::filter::{insert_filter, remove_filter};
 use super::mirror::{DEFAULT_GRANULARITY, MAX_CHUNK, SyncMode};
@@ -66,6 +67,7 @@ impl core::fmt::Display for BackupError {
 /// One backup job.
 pub struct Backup {
     opts: BackupOptions,
+    wq: WaitQueue,
     bcs: RefCell<Option<Rc<BlockCopy>>>,
     filter: RefCell<Option<Rc<Node>>>,
 }
@@ -100,6 +102,7 @@ pub async fn start_backup(
     let sync = opts.sync;
     let drv = Rc::new(Backup {
         opts,
+        wq: WaitQueue::new(),
         bcs: RefCell::new(None),
         filter: RefCell::new(None),
     });
@@ -181,7 +184,11 @@ impl Backup {
         let chunk = MAX_CHUNK.max(bcs.granularity());
         loop {
             if job.is_cancelled() || failure.is_some() {
-                while pool.next().await.is_some() {}
+                while !job.is_force_cancelled()
+                    && let Some(Some(_)) =
+                        until_stopped(pool.next(), &self.wq, || job.is_force_cancelled()).await
+                {
+                }
                 break;
             }
             if pool.is_empty() {
@@ -219,7 +226,8 @@ impl Backup {
                 crate::exec::yield_now().await;
                 continue;
             }
-            if let Some((off, len, r)) = pool.next().await {
+            let next = until_stopped(pool.next(), &self.wq, || job.is_force_cancelled()).await;
+            if let Some(Some((off, len, r))) = next {
                 match r {
                     Ok(_) => {}
                     Err(e) => {
@@ -255,6 +263,11 @@ impl JobDriver for Backup {
 
     fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async move { self.run_loop(&job).await })
+    }
+
+    fn cancel(&self, _job: &Job, _force: bool) -> bool {
+        self.wq.wake_all();
+        true
     }
 
     fn clean(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, ()> {

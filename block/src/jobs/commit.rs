@@ -19,12 +19,14 @@ use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
 use crate::backend::Backend;
+use crate::exec::WaitQueue;
 use crate::io::{BoxFuture, IoError, ReqFlags};
 use crate::job::{Job, JobDriver};
 use crate::node::Node;
 use crate::permission::Perm;
 
 use super::chain::{allocated_above, find_overlay};
+use super::copy::until_stopped;
 use super::on_error::{ErrorAction, OnError, error_action};
 use super::rate_limit::RateLimit;
 use super::stream::set_backing;
@@ -39,6 +41,7 @@ pub struct Commit {
     base: Rc<Node>,
     on_error: OnError,
     blks: RefCell<Option<(Rc<Backend>, Rc<Backend>)>>,
+    wq: WaitQueue,
 }
 
 /// Creates and starts an intermediate commit of `top` (below `active`)
@@ -67,6 +70,7 @@ pub async fn start_commit(
         base: base.clone(),
         on_error,
         blks: RefCell::new(None),
+        wq: WaitQueue::new(),
     });
     let job = reg
         .create_job(id, drv.clone(), setup.job_options())
@@ -138,7 +142,11 @@ impl Commit {
             if job.is_cancelled() {
                 return Ok(());
             }
-            match self.chunk(&top, &base, off, n).await {
+            let chunk = self.chunk(&top, &base, off, n);
+            let Some(r) = until_stopped(chunk, &self.wq, || job.is_cancelled()).await else {
+                return Ok(());
+            };
+            match r {
                 Ok(done) => {
                     off += done;
                     job.set_progress(off, len);
@@ -171,6 +179,11 @@ impl JobDriver for Commit {
 
     fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async move { self.run_loop(&job).await })
+    }
+
+    fn cancel(&self, _job: &Job, _force: bool) -> bool {
+        self.wq.wake_all();
+        true
     }
 
     /// QEMU's `commit_prepare` → `bdrv_drop_intermediate`: `top`'s overlay

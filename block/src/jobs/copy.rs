@@ -69,6 +69,29 @@ impl<'a, T> Pool<'a, T> {
     }
 }
 
+/// Runs `f` unless `stop()` turns true first, checked whenever `wq` is
+/// woken (QEMU: a force-cancelled job abandons its requests in flight,
+/// `bdrv_cancel_in_flight`). Dropping `f` is safe: drivers keep their
+/// buffers until the device is done.
+pub async fn until_stopped<F: core::future::Future>(
+    f: F,
+    wq: &WaitQueue,
+    stop: impl Fn() -> bool,
+) -> Option<F::Output> {
+    let mut f = core::pin::pin!(f);
+    core::future::poll_fn(|cx| {
+        if stop() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(v) = f.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        wq.register(cx.waker());
+        Poll::Pending
+    })
+    .await
+}
+
 /// Byte ranges in use; a new user of an overlapping range waits.
 #[derive(Default)]
 pub struct RangeLock {

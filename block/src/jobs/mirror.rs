@@ -36,7 +36,7 @@ use crate::node::{Drained, Node};
 use crate::permission::Perm;
 
 use super::chain::{allocated_above, backing};
-use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, copy_chunk};
+use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, copy_chunk, until_stopped};
 use super::dirty_bitmap::DirtyBitmap;
 use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
 use super::on_error::{ErrorAction, OnError, error_action};
@@ -362,7 +362,13 @@ impl Mirror {
             let next = self.hook.bitmap.borrow().next_dirty(0, self.chunk());
             let Some((off, len)) = next else { break };
             self.hook.bitmap.borrow_mut().reset(off, len);
-            match copy_chunk(src.clone(), tgt.clone(), off, len).await {
+            let copy = copy_chunk(src.clone(), tgt.clone(), off, len);
+            let Some(r) = until_stopped(copy, &self.hook.wq, || job.is_force_cancelled()).await
+            else {
+                drained.end();
+                return Ok(false);
+            };
+            match r {
                 Ok(n) => self.copied.set(self.copied.get() + n),
                 Err(e) => {
                     drained.end();
@@ -396,8 +402,13 @@ impl Mirror {
         loop {
             if job.is_cancelled() || failure.is_some() {
                 // Let the copies in flight finish (QEMU:
-                // mirror_wait_for_all_io) and stop.
-                while pool.next().await.is_some() {}
+                // mirror_wait_for_all_io) and stop; a forced cancel
+                // abandons them.
+                while !job.is_force_cancelled()
+                    && let Some(Some(_)) =
+                        until_stopped(pool.next(), &self.hook.wq, || job.is_force_cancelled()).await
+                {
+                }
                 break;
             }
             if pool.is_empty() {
@@ -471,7 +482,8 @@ impl Mirror {
                 self.idle(job).await;
                 continue;
             }
-            if let Some((off, len, res)) = pool.next().await {
+            let next = until_stopped(pool.next(), &self.hook.wq, || job.is_force_cancelled()).await;
+            if let Some(Some((off, len, res))) = next {
                 ranges.retain(|r| *r != (off, len));
                 match res {
                     Ok(n) => self.copied.set(self.copied.get() + n),

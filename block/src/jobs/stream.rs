@@ -22,13 +22,14 @@ use core::cell::{Cell, RefCell};
 
 use crate::backend::Backend;
 use crate::child::{attach_node_child, detach_child};
+use crate::exec::WaitQueue;
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
 use crate::job::{Job, JobDriver};
 use crate::node::{Drained, Node, unref};
 use crate::permission::{ChildRole, Perm};
 
 use super::chain::{allocated_above, backing};
-use super::copy::RangeLock;
+use super::copy::{RangeLock, until_stopped};
 use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
 use super::on_error::{ErrorAction, OnError, error_action};
 use super::rate_limit::RateLimit;
@@ -59,6 +60,7 @@ pub struct Stream {
     blk: RefCell<Option<Rc<Backend>>>,
     filter: RefCell<Option<Rc<Node>>>,
     copied: Cell<u64>,
+    wq: WaitQueue,
 }
 
 /// Creates and starts stream job `id` pulling the chain of `top` above
@@ -88,6 +90,7 @@ pub async fn start_stream(
         blk: RefCell::new(None),
         filter: RefCell::new(None),
         copied: Cell::new(0),
+        wq: WaitQueue::new(),
     });
     let job = reg
         .create_job(id, drv.clone(), setup.job_options())
@@ -189,7 +192,11 @@ impl Stream {
             if job.is_cancelled() {
                 return Ok(());
             }
-            match stream_chunk(&self.top, self.base.as_ref(), &blk, &self.locks, off, n).await {
+            let chunk = stream_chunk(&self.top, self.base.as_ref(), &blk, &self.locks, off, n);
+            let Some(r) = until_stopped(chunk, &self.wq, || job.is_cancelled()).await else {
+                return Ok(());
+            };
+            match r {
                 Ok((done, copied)) => {
                     self.copied.set(self.copied.get() + copied);
                     off += done;
@@ -253,6 +260,11 @@ impl JobDriver for Stream {
 
     fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async move { self.run_loop(&job).await })
+    }
+
+    fn cancel(&self, _job: &Job, _force: bool) -> bool {
+        self.wq.wake_all();
+        true
     }
 
     /// QEMU's `stream_prepare`: the top's backing file becomes `base`.

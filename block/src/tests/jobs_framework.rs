@@ -148,3 +148,34 @@ fn mirror_onto_null_co() {
     assert_eq!(drv.root_node().unwrap().name(), "null");
     close_all_clean(&q);
 }
+
+#[test]
+fn forced_cancel_abandons_requests_stuck_on_the_target() {
+    for kind in ["mirror", "backup"] {
+        let mut q = Qmp::new();
+        mem_node(&mut q, "src", MIB, 1);
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "mem", "node-name": "tgt", "label": "tgt", "size": MIB, "gated": true}),
+        );
+        let cmd = if kind == "mirror" {
+            "blockdev-mirror"
+        } else {
+            "blockdev-backup"
+        };
+        q.ok(
+            cmd,
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}),
+        );
+        q.settle();
+        assert!(super::mem::gate("tgt").waiting() > 0, "{kind}");
+        q.ok("job-cancel", json!({"id": "j"}));
+        run_until(&q, "cancelled", || status(&q, "j") == "gone");
+        assert!(
+            event_trail(&q.events()).contains(&"BLOCK_JOB_CANCELLED".into()),
+            "{kind}"
+        );
+        // The halt path closes everything although the target never answered.
+        close_all_clean(&q);
+    }
+}
