@@ -90,7 +90,7 @@ pub struct Conn {
     closed_at: Option<u64>,
     /// Requests issued by the engine, waiting for the budget.
     queued: VecDeque<Request>,
-    /// When input last moved, and whether the engine was mid-message.
+    /// When input last moved (monotonic ns).
     last_input: u64,
 }
 
