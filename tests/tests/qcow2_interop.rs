@@ -1000,3 +1000,37 @@ fn a_qemu_crash_with_lazy_refcounts_is_repaired_at_open() {
     assert_compare(&img, &model, dir.path());
     assert_eq!(std::fs::read(&img).expect("read")[79] & 1, 0, "clean");
 }
+
+#[test]
+fn shrinking_leaves_no_leaks_for_qemu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, opts) in [
+        ("shrink-64k", "cluster_size=65536"),
+        ("shrink-extl2", "extended_l2=on"),
+    ] {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        qemu_img(&["create", "-f", "qcow2", "-o", opts, p(&img), "16M"]);
+        qemu_io(
+            &img,
+            &[
+                "write -c -P 0x42 12M 1M",
+                "write -P 0x41 0 12M",
+                "write -P 0x41 13M 3M",
+            ],
+        );
+        let mut l = Layer::new();
+        l.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
+        );
+        let keep = 5 * MIB + 512;
+        l.ok("block_resize", json!({"node-name": "q", "size": keep}));
+        l.ok("blockdev-del", json!({"node-name": "q"}));
+        assert_clean(&img);
+        let model = vec![0x41u8; keep as usize];
+        assert_compare(&img, &model, dir.path());
+        let info: Value =
+            serde_json::from_str(&qemu_img(&["info", "--output=json", p(&img)])).expect("json");
+        assert_eq!(info["virtual-size"], keep, "{name}");
+    }
+}

@@ -1442,3 +1442,34 @@ fn a_dirty_image_has_its_refcounts_rebuilt_at_open() {
     assert!(check(&q, "q").is_clean());
     assert!(q.io("q", "read -P 0x32 5M 1M").starts_with("read"));
 }
+
+#[test]
+fn shrinking_frees_everything_past_the_end() {
+    for extra in [
+        json!({}),
+        json!({"cluster-size": 512}),
+        json!({"extended-l2": true}),
+    ] {
+        let mut q = Qmp::new();
+        image(&mut q, "f", 8 * MIB, extra.clone());
+        open(&mut q, "q", json!({"file": "f"}));
+        let data: Vec<u8> = (0..8 * MIB).map(|i| (i / 4096) as u8 | 1).collect();
+        write(&q, "q", 0, data.clone());
+        let keep = 3 * MIB + 512;
+        q.ok("block_resize", json!({"node-name": "q", "size": keep}));
+        assert_eq!(node(&q, "q").get_length(), Ok(keep));
+        assert!(
+            read(&q, "q", 0, keep as usize) == data[..keep as usize],
+            "{extra}"
+        );
+        let r = check(&q, "q");
+        assert!(r.is_clean(), "{extra}: {r:?}");
+        // Growing again shows zeroes, not the old data.
+        q.ok("block_resize", json!({"node-name": "q", "size": 8 * MIB}));
+        assert!(read(&q, "q", keep, 4 * MIB as usize) == vec![0; 4 * MIB as usize]);
+        q.ok("blockdev-del", json!({"node-name": "q"}));
+        open(&mut q, "q", json!({"file": "f"}));
+        assert!(check(&q, "q").is_clean());
+        assert!(read(&q, "q", 0, keep as usize) == data[..keep as usize]);
+    }
+}

@@ -220,6 +220,12 @@ impl State {
         Ok(new)
     }
 
+    /// Clears L1 entry `l1i` on disk (the table it pointed to is the
+    /// caller's to free).
+    pub async fn clear_l1_entry(&mut self, f: &Child, l1i: u64) -> IoResult<()> {
+        self.write_l1_entry(f, l1i, 0).await
+    }
+
     async fn write_l1_entry(&mut self, f: &Child, l1i: u64, e: u64) -> IoResult<()> {
         let mut b = vec![0u8; 8];
         put64(&mut b, 0, e);

@@ -152,7 +152,7 @@ pub async fn create(f: &Child, name: &str, o: &CreateOpts) -> Result<(), String>
     let mut st = super::open::load(f, name, false)
         .await
         .map_err(|e| format!("Could not open the new image: {e}"))?;
-    st.truncate(f, o.size)
+    st.truncate(f, None, o.size)
         .await
         .map_err(|e| format!("Could not resize image: {e}"))?;
     st.flush_caches(f)

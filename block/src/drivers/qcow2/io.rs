@@ -739,15 +739,98 @@ impl State {
         })
     }
 
-    /// Grows the virtual size (QEMU: `qcow2_co_truncate`; shrinking is
-    /// refused with ENOTSUP). Written through: nothing stays dirty.
-    pub async fn truncate(&mut self, f: &Child, size: u64) -> IoResult<()> {
-        self.check_writable()?;
-        if size < self.h.size {
-            return Err(IoError::Enotsup);
+    /// Drops every cluster past `size` (QEMU: the shrinking half of
+    /// `qcow2_co_truncate`, `qcow2_cluster_discard` with a full discard and
+    /// `qcow2_shrink_l1_table`): L2 tables wholly past it leave the L1
+    /// table, entries of the last table are cleared; everything they
+    /// referenced is freed once that is durable. The L1 table keeps its
+    /// size.
+    async fn shrink(&mut self, f: &Child, backing: Option<&Child>, size: u64) -> IoResult<()> {
+        // The part of the last kept cluster past the end reads as zeroes
+        // should the image grow again.
+        let tail_end = size.div_ceil(self.cs) * self.cs;
+        if tail_end > size {
+            let n = tail_end - size;
+            match self.write_zeroes(f, backing, size, n, ReqFlags::NONE).await {
+                Err(IoError::Enotsup) => {
+                    self.write(f, backing, size, &vec![0u8; n as usize]).await?
+                }
+                r => r?,
+            }
         }
+        let span = self.cs * self.l2_entries;
+        let first_whole_cluster = size.div_ceil(self.cs) * self.cs;
+        // The partially kept L2 table: clear its entries past the end.
+        let table_end = (size.div_ceil(span) * span).min(self.h.size.div_ceil(self.cs) * self.cs);
+        let mut g = first_whole_cluster;
+        while g < table_end {
+            let e = self.entry(f, g).await?;
+            if e != L2Entry::default() {
+                if self.is_compressed(e) {
+                    self.free_later_extent(self.compressed_extent(e));
+                } else if self.host(e) != 0 {
+                    self.free_later(self.host(e), self.cs);
+                }
+                self.set_entry(f, g, L2Entry::default()).await?;
+            }
+            g += self.cs;
+        }
+        // Whole tables past the end.
+        let first_l1 = size.div_ceil(span);
+        for l1i in first_l1..self.l1.len() as u64 {
+            let off = self.l1[l1i as usize] & super::state::OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            for l2i in 0..self.l2_entries {
+                let e = self
+                    .entry(f, (l1i * self.l2_entries + l2i) * self.cs)
+                    .await?;
+                if self.is_compressed(e) {
+                    self.free_later_extent(self.compressed_extent(e));
+                } else if self.host(e) != 0 {
+                    self.free_later(self.host(e), self.cs);
+                }
+            }
+            // The L2 changes made so far reach the disk before the table
+            // goes; the table is then dropped from the cache unwritten.
+            self.write_dirty_l2(f).await?;
+            self.clear_l1_entry(f, l1i).await?;
+            self.l2c.remove(off);
+            self.free_later(off, self.cs);
+        }
+        self.flush_caches(f).await?;
+        f.flush().await?;
+        self.write_header_field(f, super::header::field::SIZE, size.to_be_bytes().to_vec())
+            .await?;
+        f.flush().await?;
+        self.h.size = size;
+        Ok(())
+    }
+
+    fn free_later_extent(&mut self, (off, len): (u64, u64)) {
+        self.free_later(off, len);
+    }
+
+    /// Changes the virtual size (QEMU: `qcow2_co_truncate`; shrinking is
+    /// refused for images with internal snapshots, as QEMU does). Written
+    /// through: nothing stays dirty.
+    pub async fn truncate(
+        &mut self,
+        f: &Child,
+        backing: Option<&Child>,
+        size: u64,
+    ) -> IoResult<()> {
+        self.check_writable()?;
         if !size.is_multiple_of(512) {
             return Err(IoError::Einval);
+        }
+        if size < self.h.size {
+            if self.h.nb_snapshots > 0 {
+                // QEMU: "Can't resize an image which has snapshots".
+                return Err(IoError::Enotsup);
+            }
+            self.shrink(f, backing, size).await?;
         }
         let entries = self.l1_entries_for(size);
         self.grow_l1(f, entries).await?;

@@ -24,9 +24,10 @@
 //! Supported: versions 2 and 3, cluster sizes 512 B to 2 MiB, refcount
 //! widths 1 to 64 bits, extended L2 entries (subclusters), zero clusters,
 //! zlib-compressed clusters (read; a write rewrites the cluster
-//! uncompressed), backing files, growing. Refused, with a message: external
+//! uncompressed), backing files, growing and shrinking. Refused, with a message: external
 //! data files, encryption, zstd compression, unknown incompatible features
-//! (named from the image's feature table), shrinking; read-only only:
+//! (named from the image's feature table), shrinking an image with
+//! internal snapshots; read-only only:
 //! corrupt images. Internal snapshots are kept intact (clusters and L2
 //! tables shared with them are copied before a write) but cannot be
 //! created, applied or deleted. A dirty image (lazy refcounts, not closed
@@ -419,11 +420,11 @@ impl BlockDriver for Qcow2 {
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
         with_state!(self, node, |st, f| {
             let old = st.h.size;
-            st.truncate(&f, size).await?;
+            let b = node.child("backing");
+            st.truncate(&f, b.as_deref(), size).await?;
             self.size.set(size);
             // A longer backing file must not show through the new area
             // (QEMU: the zero-fill in `bdrv_co_truncate`).
-            let b = node.child("backing");
             if let Some(bk) = &b {
                 let end = bk.node().get_length()?.min(size);
                 if end > old {
