@@ -45,8 +45,8 @@ impl Server {
         }
     }
 
-    /// Keeps [`BACKLOG`] sockets listening; returns the sockets clients
-    /// have connected to, as many as `room` allows.
+    /// Keeps up to [`BACKLOG`] sockets listening; returns the sockets
+    /// clients have connected to, as many as `room` allows.
     pub fn accept(&mut self, sockets: &mut SocketSet<'static>, room: usize) -> Vec<SocketHandle> {
         let mut taken = Vec::new();
         let mut i = 0;
@@ -66,12 +66,14 @@ impl Server {
                 _ => i += 1,
             }
         }
-        while self.listeners.len() < BACKLOG {
+        // One new listener per call: each zeroes 2 MiB of buffers, which
+        // would otherwise delay `nbd-server-start` (and boot) by tens of
+        // milliseconds under TCG; the backlog fills over the next polls.
+        if self.listeners.len() < BACKLOG {
             let mut s = nbd_socket();
-            if s.listen(self.endpoint()).is_err() {
-                break;
+            if s.listen(self.endpoint()).is_ok() {
+                self.listeners.push(sockets.add(s));
             }
-            self.listeners.push(sockets.add(s));
         }
         taken
     }
