@@ -23,7 +23,7 @@ use crate::job::{Job, JobDriver};
 use crate::node::Node;
 use crate::permission::Perm;
 
-use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, until_stopped};
+use super::copy::{CopyError, MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, Pool, until_stopped};
 use super::copy_before_write::{BlockCopy, CbwHook};
 use super::filter::{insert_filter, remove_filter};
 use super::mirror::{DEFAULT_GRANULARITY, MAX_CHUNK, SyncMode};
@@ -182,6 +182,7 @@ impl Backup {
         let mut from = 0u64;
         let mut failure = None;
         let chunk = MAX_CHUNK.max(bcs.granularity());
+        let max_in_flight = ((MAX_BYTES_IN_FLIGHT / chunk) as usize).clamp(1, MAX_IN_FLIGHT);
         loop {
             if job.is_cancelled() || failure.is_some() {
                 while !job.is_force_cancelled()
@@ -195,7 +196,7 @@ impl Backup {
                 job.pause_point().await;
             }
             let mut delay = 0;
-            while pool.len() < MAX_IN_FLIGHT && !job.pause_requested() && !job.is_cancelled() {
+            while pool.len() < max_in_flight && !job.pause_requested() && !job.is_cancelled() {
                 let Some((off, len)) = bcs.next_dirty(from, chunk) else {
                     break;
                 };

@@ -17,6 +17,10 @@ use crate::io::{BoxFuture, IoError, ReqFlags};
 /// QEMU's `MAX_IN_FLIGHT`: copies a job runs at once.
 pub const MAX_IN_FLIGHT: usize = 16;
 
+/// Bytes of copy buffers a job keeps in flight by default (backup always,
+/// mirror unless `buf-size` says otherwise).
+pub const MAX_BYTES_IN_FLIGHT: u64 = 4 << 20;
+
 /// Futures polled together by the job's task; results come back in
 /// completion order.
 pub struct Pool<'a, T> {

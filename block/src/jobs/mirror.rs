@@ -42,8 +42,10 @@ use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
 use super::on_error::{ErrorAction, OnError, error_action};
 use super::rate_limit::{RateLimit, SLICE_NS};
 
-/// QEMU's `DEFAULT_MIRROR_BUF_SIZE`: 16 MiB.
-pub const DEFAULT_BUF_SIZE: u64 = 16 << 20;
+/// Default `buf-size`: 4 MiB of copies in flight (QEMU's
+/// `DEFAULT_MIRROR_BUF_SIZE` is 16 MiB; an appliance that runs in 28 MiB
+/// keeps the default within [`super::copy::MAX_BYTES_IN_FLIGHT`]).
+pub const DEFAULT_BUF_SIZE: u64 = super::copy::MAX_BYTES_IN_FLIGHT;
 /// Default dirty granularity: 64 KiB (QEMU: the image's cluster size,
 /// 64 KiB for qcow2 and when unknown).
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
