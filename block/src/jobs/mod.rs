@@ -15,6 +15,23 @@
 //! locks), [`rate_limit`] (`speed`), [`on_error`] (`on-*-error`,
 //! `BLOCK_JOB_ERROR`), [`replace`] (`bdrv_replace_node`), [`chain`]
 //! (backing chains). The QMP commands are in [`commands`].
+//!
+//! # Where blockhaus differs from QEMU
+//! - QEMU keeps a mirror's dirty bitmap on the source node itself, so any
+//!   writer is tracked. blockhaus sees writes in the job's filter, so while
+//!   a mirror or backup runs its filter does not share WRITE on the source:
+//!   a writer attached to the source *after* the job started (an export,
+//!   `qemu-io` on the node-name) is refused with a permission conflict.
+//!   Users attached before are moved onto the filter; a new user can
+//!   attach to the filter (`filter-node-name`).
+//! - Not supported: `replaces`, `copy-mode=write-blocking`, dirty bitmaps
+//!   (`sync=bitmap`/`incremental`, `bitmap`), `compress`, `bottom`.
+//! - `block-stream` and `block-commit` change the graph but not the image
+//!   header's backing file name (no driver hook yet; the data never depends
+//!   on the dropped layers). An active commit needs a base at least as
+//!   large as the top; a read-only base is refused, not reopened.
+//! - `blockdev-mirror` refuses a target of another size when the command
+//!   runs; the default `buf-size` is 4 MiB (QEMU: 16 MiB).
 
 pub mod backup;
 pub mod chain;
