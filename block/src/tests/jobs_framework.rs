@@ -179,3 +179,62 @@ fn forced_cancel_abandons_requests_stuck_on_the_target() {
         close_all_clean(&q);
     }
 }
+
+#[test]
+fn mirror_events_on_the_qmp_wire() {
+    use crate::qmp::{Session, VersionInfo};
+    let mut q = Qmp::new();
+    let mut s = Session::new(VersionInfo::new(7, 2, 0));
+    let mut feed = |q: &mut Qmp, input: &str| -> alloc::vec::Vec<alloc::string::String> {
+        let _ = s.feed(input.as_bytes(), &q.d, &mut q.bl);
+        let out = alloc::string::String::from_utf8(s.take_output()).unwrap_or_default();
+        out.split("\r\n")
+            .filter(|l| !l.is_empty())
+            .map(alloc::string::String::from)
+            .collect()
+    };
+    feed(&mut q, r#"{"execute": "qmp_capabilities"}"#);
+    for n in ["src", "tgt"] {
+        let cmd = alloc::format!(
+            r#"{{"execute": "blockdev-add", "arguments": {{"driver": "null-co", "node-name": "{n}", "size": 1048576}}}}"#
+        );
+        assert_eq!(feed(&mut q, &cmd), [r#"{"return": {}}"#]);
+    }
+    let out = feed(
+        &mut q,
+        r#"{"execute": "blockdev-mirror", "arguments": {"job-id": "m0", "device": "src", "target": "tgt", "sync": "full"}}"#,
+    );
+    assert_eq!(
+        out.last().map(alloc::string::String::as_str),
+        Some(r#"{"return": {}}"#)
+    );
+    run_until(&q, "ready", || status(&q, "m0") == "ready");
+    let out = feed(&mut q, r#"{"execute": "query-block-jobs"}"#);
+    let ready = out
+        .iter()
+        .find(|l| l.contains(r#""event": "BLOCK_JOB_READY""#))
+        .expect("BLOCK_JOB_READY on the wire");
+    assert!(
+        ready.contains(
+            r#""data": {"device": "m0", "len": 1048576, "offset": 1048576, "speed": 0, "type": "mirror"}"#
+        ),
+        "{ready}"
+    );
+    assert!(ready.contains(r#""timestamp": {"seconds": "#), "{ready}");
+    let out = feed(
+        &mut q,
+        r#"{"execute": "job-complete", "arguments": {"id": "m0"}}"#,
+    );
+    assert_eq!(out, [r#"{"return": {}}"#]);
+    run_until(&q, "gone", || status(&q, "m0") == "gone");
+    let out = feed(&mut q, r#"{"execute": "query-jobs"}"#);
+    assert!(
+        out.iter()
+            .any(|l| l.contains(r#""event": "BLOCK_JOB_COMPLETED""#)),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.last().map(alloc::string::String::as_str),
+        Some(r#"{"return": []}"#)
+    );
+}
