@@ -765,7 +765,14 @@ struct Durable {
     model: Vec<u8>,
 }
 
-fn crash_run(dir: &Path, name: &str, create: Value, unit: u64, seed: u64) {
+/// The image a crash run starts from: made by `blockdev-create` with these
+/// options, or QEMU's image with its content.
+enum Start {
+    Create(Value),
+    Image(Vec<u8>, Vec<u8>),
+}
+
+fn crash_run(dir: &Path, name: &str, start: Start, unit: u64, seed: u64) {
     let data = Rc::new(RefCell::new(Vec::new()));
     let log: OpLog = Rc::default();
     let mut l = Layer::new();
@@ -781,12 +788,23 @@ fn crash_run(dir: &Path, name: &str, create: Value, unit: u64, seed: u64) {
         json!({"driver": "recfile", "node-name": "f"}),
     );
     let size = 8 * MIB;
-    let mut o = json!({"driver": "qcow2", "file": "f", "size": size});
-    if let (Value::Object(m), Value::Object(e)) = (&mut o, create) {
-        m.extend(e);
+    let mut model = vec![0u8; size as usize];
+    let start_kind = matches!(start, Start::Image(..));
+    match start {
+        Start::Create(create) => {
+            let mut o = json!({"driver": "qcow2", "file": "f", "size": size});
+            if let (Value::Object(m), Value::Object(e)) = (&mut o, create) {
+                m.extend(e);
+            }
+            l.create(o);
+        }
+        Start::Image(bytes, content) => {
+            *data.borrow_mut() = bytes;
+            model = content;
+        }
     }
-    l.create(o);
     let initial = data.borrow().clone();
+    let at_snapshot = start_kind.then(|| model.clone());
     log.borrow_mut().clear();
     l.ok(
         "blockdev-add",
@@ -794,7 +812,6 @@ fn crash_run(dir: &Path, name: &str, create: Value, unit: u64, seed: u64) {
     );
     // Guest operations: (log index when it started, range it touched).
     let mut rng = Rng(seed);
-    let mut model = vec![0u8; size as usize];
     let mut durable = vec![Durable {
         log_len: 0,
         model: model.clone(),
@@ -878,15 +895,50 @@ fn crash_run(dir: &Path, name: &str, create: Value, unit: u64, seed: u64) {
             bad.is_none(),
             "{name} crash at {k}: flushed data lost at byte {bad:?}"
         );
+        if let Some(snap) = &at_snapshot
+            && trial % 5 == 0
+        {
+            qemu_img(&["snapshot", "-a", "s1", p(&path)]);
+            assert!(
+                raw_of(&path, dir) == *snap,
+                "{name} crash at {k}: the snapshot changed"
+            );
+        }
     }
 }
 
 #[test]
 fn crash_at_any_write_leaves_no_corruption_and_keeps_flushed_data() {
     let dir = tempfile::tempdir().expect("tempdir");
-    crash_run(dir.path(), "64k", json!({}), 65536, 1);
-    crash_run(dir.path(), "extl2", json!({"extended-l2": true}), 2048, 2);
-    crash_run(dir.path(), "512", json!({"cluster-size": 512}), 512, 3);
+    crash_run(dir.path(), "64k", Start::Create(json!({})), 65536, 1);
+    crash_run(
+        dir.path(),
+        "extl2",
+        Start::Create(json!({"extended-l2": true})),
+        2048,
+        2,
+    );
+    crash_run(
+        dir.path(),
+        "512",
+        Start::Create(json!({"cluster-size": 512})),
+        512,
+        3,
+    );
+    // A QEMU image with an internal snapshot: shared L2 tables and
+    // clusters are copied on the way.
+    for (name, opts, unit) in [
+        ("snap", "cluster_size=4096", 4096),
+        ("snap-extl2", "extended_l2=on,cluster_size=16384", 512),
+    ] {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        qemu_img(&["create", "-f", "qcow2", "-o", opts, p(&img), "8M"]);
+        qemu_io(&img, &["write -P 0x11 0 3M", "write -P 0x12 5M 1M"]);
+        qemu_img(&["snapshot", "-c", "s1", p(&img)]);
+        let content = raw_of(&img, dir.path());
+        let bytes = std::fs::read(&img).expect("read image");
+        crash_run(dir.path(), name, Start::Image(bytes, content), unit, 4);
+    }
 }
 
 #[test]
