@@ -24,16 +24,19 @@
 //! Supported: versions 2 and 3, cluster sizes 512 B to 2 MiB, refcount
 //! widths 1 to 64 bits, extended L2 entries (subclusters), zero clusters,
 //! zlib-compressed clusters (read; a write rewrites the cluster
-//! uncompressed), backing files, growing and shrinking. Refused, with a message: external
-//! data files, encryption, zstd compression, unknown incompatible features
-//! (named from the image's feature table), shrinking an image with
-//! internal snapshots; read-only only:
-//! corrupt images. Internal snapshots are kept intact (clusters and L2
-//! tables shared with them are copied before a write) but cannot be
-//! created, applied or deleted. A dirty image (lazy refcounts, not closed
-//! cleanly) has its refcounts rebuilt when opened read-write. A bitmaps
-//! extension is left in place but its autoclear bit is cleared before the
-//! first write (blockhaus does not update bitmaps), as the spec requires.
+//! uncompressed), backing files, growing and shrinking, images with
+//! internal snapshots (kept intact: clusters and L2 tables shared with a
+//! snapshot are copied before a change; snapshots cannot be created,
+//! applied or deleted here). A dirty image (lazy refcounts, not closed
+//! cleanly) has its refcounts rebuilt when opened read-write, as QEMU does.
+//! A bitmaps extension is left in place but its autoclear bit is cleared
+//! before the first write (blockhaus does not update bitmaps), as the spec
+//! requires.
+//!
+//! Refused, with a message: external data files, encryption, zstd
+//! compression, unknown incompatible features (named from the image's
+//! feature table), shrinking an image with internal snapshots, opening a
+//! corrupt image read-write.
 //!
 //! The image file does not grow by itself on a fixed-size protocol node (a
 //! virtio disk): an image used there needs room behind its last cluster
