@@ -2,6 +2,9 @@
 //! `bdrv_drop_intermediate`; active commit is `commit_active_start` in
 //! `block/mirror.c`).
 //!
+//! A base smaller than the top grows to the top's length first, as in
+//! QEMU.
+//!
 //! *Intermediate* commit (`top` below the active layer): copy every extent
 //! allocated in `top` or between it and `base` into `base`, then make
 //! `base` the backing file of `top`'s overlay; `top` and the images between
@@ -61,9 +64,6 @@ pub async fn start_commit(
     }
     let len = top.get_length().map_err(|e| e.to_string())?;
     let blen = base.get_length().map_err(|e| e.to_string())?;
-    if blen < len {
-        return Err(String::from("Top and base image have different sizes"));
-    }
     let drv = Rc::new(Commit {
         active: active.clone(),
         top: top.clone(),
@@ -78,7 +78,13 @@ pub async fn start_commit(
     let r = job
         .add_backend(top, Perm::CONSISTENT_READ, Perm::ALL)
         .and_then(|t| {
-            job.add_backend(base, Perm::WRITE, Perm::ALL.minus(Perm::RESIZE))
+            // QEMU: a base smaller than the top is grown first.
+            let perm = if blen < len {
+                Perm::WRITE | Perm::RESIZE
+            } else {
+                Perm::WRITE
+            };
+            job.add_backend(base, perm, Perm::ALL.minus(Perm::RESIZE))
                 .map(|b| (t, b))
         });
     match r {
@@ -120,6 +126,9 @@ impl Commit {
             .clone()
             .ok_or_else(|| String::from("commit job without backends"))?;
         let len = top.get_length().map_err(|e| e.to_string())?;
+        if base.get_length().map_err(|e| e.to_string())? < len {
+            base.truncate(len).await.map_err(|e| e.to_string())?;
+        }
         let clock = job
             .registry()
             .map(|r| r.clock())

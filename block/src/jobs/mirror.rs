@@ -187,9 +187,6 @@ pub async fn start_mirror(
     if opts.commit_base.is_none() && len != tlen {
         return Err(MirrorError::Size.to_string());
     }
-    if opts.commit_base.is_some() && tlen < len {
-        return Err(MirrorError::Size.to_string());
-    }
     let hook = Rc::new(MirrorHook {
         bitmap: RefCell::new(DirtyBitmap::new(len, opts.granularity)),
         wq: WaitQueue::new(),
@@ -245,8 +242,13 @@ pub async fn start_mirror(
     let r = job
         .add_backend(source, Perm::CONSISTENT_READ, Perm::ALL.minus(Perm::RESIZE))
         .and_then(|s| {
-            job.add_backend(target, Perm::WRITE, tgt_shared)
-                .map(|t| (s, t))
+            // QEMU: a base smaller than the top is grown first.
+            let perm = if commit && tlen < len {
+                Perm::WRITE | Perm::RESIZE
+            } else {
+                Perm::WRITE
+            };
+            job.add_backend(target, perm, tgt_shared).map(|t| (s, t))
         });
     match r {
         Ok((s, t)) => {
@@ -391,6 +393,10 @@ impl Mirror {
 
     async fn run_loop(&self, job: &Job) -> Result<(), String> {
         let (src, tgt) = self.backends()?;
+        let len = self.hook.bitmap.borrow().len();
+        if self.opts.commit_base.is_some() && tgt.get_length().map_err(|e| e.to_string())? < len {
+            tgt.truncate(len).await.map_err(|e| e.to_string())?;
+        }
         self.dirty_init(job).await?;
         self.update_progress(job, 0);
         let clock = job

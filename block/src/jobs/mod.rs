@@ -28,8 +28,7 @@
 //!   (`sync=bitmap`/`incremental`, `bitmap`), `compress`, `bottom`.
 //! - `block-stream` and `block-commit` change the graph but not the image
 //!   header's backing file name (no driver hook yet; the data never depends
-//!   on the dropped layers). An active commit needs a base at least as
-//!   large as the top; a read-only base is refused, not reopened.
+//!   on the dropped layers). A read-only base is refused, not reopened.
 //! - `blockdev-mirror` refuses a target of another size when the command
 //!   runs; the default `buf-size` is 4 MiB (QEMU: 16 MiB).
 

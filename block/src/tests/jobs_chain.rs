@@ -264,3 +264,41 @@ fn close_all_during_stream_and_commit() {
     let r = close_all_clean(&q);
     assert_eq!(r.jobs_cancelled, ["s0", "c0"]);
 }
+
+#[test]
+fn commit_grows_a_smaller_base() {
+    for active in [true, false] {
+        let mut q = Qmp::new();
+        let base = qcow2(&mut q, "base", "f0", MIB, None);
+        io_write(&mut q, "base", 0, MIB, 0x0a);
+        let mid = qcow2(&mut q, "mid", "f1", SIZE, Some("base"));
+        io_write(&mut q, "mid", 3 * MIB / 2, 4 * KIB, 0x0b);
+        let view = read_all(&q, &mid);
+        let top = if active {
+            // Active commit of mid into base.
+            q.ok(
+                "block-commit",
+                json!({"job-id": "c0", "device": "mid", "base-node": "base"}),
+            );
+            run_until(&q, "ready", || status(&q, "c0") == "ready");
+            q.ok("job-complete", json!({"id": "c0"}));
+            None
+        } else {
+            // Intermediate commit of mid (below top) into base.
+            let top = qcow2(&mut q, "top", "f2", SIZE, Some("mid"));
+            q.ok(
+                "block-commit",
+                json!({"job-id": "c0", "device": "top", "top-node": "mid", "base-node": "base"}),
+            );
+            Some(top)
+        };
+        run_until(&q, "gone", || status(&q, "c0") == "gone");
+        assert_eq!(base.get_length(), Ok(SIZE), "active {active}");
+        assert_eq!(read_all(&q, &base), view, "active {active}");
+        if let Some(top) = top {
+            assert_eq!(read_all(&q, &top), view);
+            assert!(Rc::ptr_eq(&backing(&top).unwrap(), &base));
+        }
+        close_all_clean(&q);
+    }
+}
