@@ -32,6 +32,9 @@ use smoltcp::wire::{
 };
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::{PhysAddr, Result as VirtioResult};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// The TCP/IP stack, for the kernel (one version for driver and stack).
 pub use smoltcp;
@@ -45,7 +48,83 @@ pub const BUFFER_LEN: usize = 2048;
 /// The largest Ethernet frame (without FCS) at MTU 1500.
 pub const MAX_FRAME: usize = 1514;
 
-type Raw = VirtIONetRaw<IdentityHal, PciTransport, QUEUE_SIZE>;
+type Raw = VirtIONetRaw<IdentityHal, NoEventIdx, QUEUE_SIZE>;
+
+/// `VIRTIO_RING_F_EVENT_IDX`.
+const F_EVENT_IDX: u64 = 1 << 29;
+
+/// The PCI transport with `VIRTIO_RING_F_EVENT_IDX` hidden from the
+/// driver, which would otherwise negotiate it. With it, QEMU's virtio-net
+/// re-arms the transmit notification at every pass (it moves
+/// `avail_event` up to the ring), so nearly every burst of frames costs a
+/// notification, i.e. an exit that takes QEMU's big lock while its main
+/// thread is busy moving frames. Without it, QEMU raises
+/// `VRING_USED_F_NO_NOTIFY` while it drains the ring and the driver stays
+/// quiet.
+pub struct NoEventIdx(PciTransport);
+
+impl Transport for NoEventIdx {
+    fn device_type(&self) -> DeviceType {
+        self.0.device_type()
+    }
+    fn read_device_features(&mut self) -> u64 {
+        self.0.read_device_features() & !F_EVENT_IDX
+    }
+    fn write_driver_features(&mut self, driver_features: u64) {
+        self.0.write_driver_features(driver_features & !F_EVENT_IDX)
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.0.max_queue_size(queue)
+    }
+    fn notify(&mut self, queue: u16) {
+        self.0.notify(queue)
+    }
+    fn get_status(&self) -> DeviceStatus {
+        self.0.get_status()
+    }
+    fn set_status(&mut self, status: DeviceStatus) {
+        self.0.set_status(status)
+    }
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.0.set_guest_page_size(guest_page_size)
+    }
+    fn requires_legacy_layout(&self) -> bool {
+        self.0.requires_legacy_layout()
+    }
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        self.0
+            .queue_set(queue, size, descriptors, driver_area, device_area)
+    }
+    fn queue_unset(&mut self, queue: u16) {
+        self.0.queue_unset(queue)
+    }
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.0.queue_used(queue)
+    }
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.0.ack_interrupt()
+    }
+    fn read_config_generation(&self) -> u32 {
+        self.0.read_config_generation()
+    }
+    fn read_config_space<T: FromBytes + IntoBytes>(&self, offset: usize) -> VirtioResult<T> {
+        self.0.read_config_space(offset)
+    }
+    fn write_config_space<T: IntoBytes + Immutable>(
+        &mut self,
+        offset: usize,
+        value: T,
+    ) -> VirtioResult<()> {
+        self.0.write_config_space(offset, value)
+    }
+}
 
 /// Why the device could not be brought up.
 #[derive(Debug)]
@@ -149,7 +228,7 @@ impl NetDevice {
     /// Negotiates the device, sets up both queues and posts every receive
     /// buffer.
     pub fn new(transport: PciTransport) -> Result<NetDevice, Error> {
-        let mut raw = Raw::new(transport).map_err(Error::Setup)?;
+        let mut raw = Raw::new(NoEventIdx(transport)).map_err(Error::Setup)?;
         raw.disable_interrupts();
         let mut dev = NetDevice {
             raw,
