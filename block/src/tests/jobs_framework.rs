@@ -238,3 +238,34 @@ fn mirror_events_on_the_qmp_wire() {
         Some(r#"{"return": []}"#)
     );
 }
+
+#[test]
+fn enospc_policy_stops_on_enospc_with_io_status_nospace() {
+    let mut q = Qmp::new();
+    let src = mem_node(&mut q, "src", MIB, 4);
+    let tgt = mem_node(&mut q, "tgt", MIB, 0);
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "blkdebug", "node-name": "tdbg", "image": "tgt",
+               "inject-error": [{"event": "write_aio", "iotype": ["write"], "errno": 28,
+                                 "sector": 1024, "once": true}]}),
+    );
+    q.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "src", "target": "tdbg", "sync": "full",
+               "on-target-error": "enospc"}),
+    );
+    run_until(&q, "stopped", || status(&q, "m0") == "paused");
+    let bj = q.ok("query-block-jobs", json!({}));
+    assert_eq!(bj[0]["io-status"], "nospace");
+    assert_eq!(
+        *event(&q.events(), "BLOCK_JOB_ERROR"),
+        json!({"device": "m0", "operation": "write", "action": "stop"})
+    );
+    q.ok("job-resume", json!({"id": "m0"}));
+    run_until(&q, "ready", || status(&q, "m0") == "ready");
+    q.ok("job-complete", json!({"id": "m0"}));
+    run_until(&q, "gone", || status(&q, "m0") == "gone");
+    assert_eq!(mem_bytes(&tgt), mem_bytes(&src));
+    close_all_clean(&q);
+}
