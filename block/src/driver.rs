@@ -143,6 +143,20 @@ pub trait BlockDriver: core::any::Any {
         ready(Ok(BlockStatus::data(len)))
     }
 
+    /// Rewrites the backing file name and format recorded in the image
+    /// (QEMU: `bdrv_change_backing_file`), as stream and commit do when
+    /// they drop layers; `None` records no backing file. ENOTSUP for
+    /// drivers without backing files.
+    fn change_backing_file<'a>(
+        &'a self,
+        node: &'a Node,
+        file: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        let _ = (node, file, format);
+        ready(Err(IoError::Enotsup))
+    }
+
     /// Changes the length (QEMU: `bdrv_co_truncate`).
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
         let _ = (node, size);

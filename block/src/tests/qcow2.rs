@@ -1304,7 +1304,7 @@ fn change_backing_file_rewrites_the_header_and_keeps_extensions() {
     q.io("q", "write -P 0x21 0 64k");
     let n = node(&q, "q");
     let r = q.bl.wait(async move {
-        drv(&n)
+        n.driver()
             .change_backing_file(&n, Some("new-base"), Some("qcow2"))
             .await
     });
@@ -1320,7 +1320,7 @@ fn change_backing_file_rewrites_the_header_and_keeps_extensions() {
     assert!(q.io("q", "read -P 0x21 0 64k").starts_with("read"));
     let n = node(&q, "q");
     let r =
-        q.bl.wait(async move { drv(&n).change_backing_file(&n, None, None).await });
+        q.bl.wait(async move { n.driver().change_backing_file(&n, None, None).await });
     assert_eq!(r.unwrap(), Ok(()));
     q.ok("blockdev-del", json!({"node-name": "q"}));
     let h = crate::drivers::qcow2::header::Header::parse(&file_bytes(&q, "f")[..65536]).unwrap();

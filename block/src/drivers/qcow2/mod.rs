@@ -50,7 +50,7 @@
 //!
 //! QMP: `blockdev-create` (`driver: qcow2`, a job to dismiss) and
 //! `blockdev-snapshot` ([`commands`]). Jobs that drop layers rewrite the
-//! header's backing file with [`Qcow2::change_backing_file`];
+//! header's backing file with [`BlockDriver::change_backing_file`];
 //! [`Qcow2::check`] recomputes refcounts like `qemu-img check`.
 //!
 //! The concerns: [`header`] (header, extensions, feature bits), [`open`]
@@ -185,10 +185,11 @@ impl Qcow2 {
     }
 
     /// Rewrites the backing file name and format in the header (QEMU:
-    /// `bdrv_change_backing_file`, which stream and commit call when they
-    /// drop layers). `None` removes the backing file from the header. The
-    /// node's `backing` edge is the caller's business.
-    pub async fn change_backing_file(
+    /// `qcow2_change_backing_file`, reached through
+    /// [`BlockDriver::change_backing_file`]). `None` removes the backing
+    /// file from the header. The node's `backing` edge is the caller's
+    /// business.
+    pub async fn rewrite_backing_file(
         &self,
         node: &Node,
         backing_file: Option<&str>,
@@ -451,6 +452,15 @@ impl BlockDriver for Qcow2 {
             }
             Ok(())
         })
+    }
+
+    fn change_backing_file<'a>(
+        &'a self,
+        node: &'a Node,
+        file: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        Box::pin(self.rewrite_backing_file(node, file, format))
     }
 
     fn close(&self, node: &Node) {
