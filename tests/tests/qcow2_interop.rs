@@ -655,6 +655,28 @@ fn blockhaus_overlay_on_a_qemu_base_and_growth() {
         serde_json::from_str(&qemu_img(&["info", "--output=json", p(&top)])).expect("json");
     assert_eq!(info["backing-filename"], p(&base));
     assert_eq!(info["backing-filename-format"], "qcow2");
+    // Re-pointing the header (what stream/commit do): QEMU follows it.
+    let copy = dir.path().join("base-copy.qcow2");
+    std::fs::copy(&base, &copy).expect("copy base");
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "backing": null, "file": file_ref(&top)}),
+    );
+    let n = l.node("top");
+    let c = p(&copy).to_string();
+    let r = l.bl.wait(async move {
+        n.driver()
+            .change_backing_file(&n, Some(&c), Some("qcow2"))
+            .await
+    });
+    assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+    l.ok("blockdev-del", json!({"node-name": "top"}));
+    let info: Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", p(&top)])).expect("json");
+    assert_eq!(info["backing-filename"], p(&copy));
+    assert_clean(&top);
+    assert_compare(&top, &model, dir.path());
 }
 
 #[test]
