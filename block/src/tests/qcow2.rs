@@ -1473,3 +1473,33 @@ fn shrinking_frees_everything_past_the_end() {
         assert!(read(&q, "q", 0, keep as usize) == data[..keep as usize]);
     }
 }
+
+#[test]
+fn partial_discard_of_a_compressed_extended_l2_cluster_is_ignored() {
+    let mut q = Qmp::new();
+    image(&mut q, "f", 4 * MIB, json!({"extended-l2": true}));
+    open(&mut q, "q", json!({"file": "f"}));
+    q.io("q", "write -P 0x51 0 64k");
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    {
+        // Mark the cluster compressed (its data is not deflate; this test
+        // only reads the L2 entry back).
+        let f = node(&q, "f");
+        let m = Env::mem_driver(&f);
+        let mut b = m.data.borrow_mut();
+        let l2 = (be64(&b, 0x30000) & 0x00ff_ffff_ffff_fe00) as usize;
+        let word = be64(&b, l2) & 0x00ff_ffff_ffff_fe00;
+        b[l2..l2 + 8].copy_from_slice(&(word | 1 << 62).to_be_bytes());
+        b[l2 + 8..l2 + 16].fill(0);
+    }
+    open(&mut q, "q", json!({"file": "f"}));
+    q.io("q", "discard 4k 8k");
+    q.io("q", "flush");
+    let b = file_bytes(&q, "f");
+    let l2 = (be64(&b, 0x30000) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert_eq!(
+        be64(&b, l2 + 8),
+        0,
+        "no subcluster bits on a compressed cluster"
+    );
+}

@@ -615,7 +615,11 @@ impl State {
             let gcl = pos - in_cl;
             let e = self.entry(f, gcl).await?;
             let allocated = e.word != 0 || e.bitmap != 0;
-            let (new, free) = if n < self.cs {
+            let (new, free) = if n < self.cs && self.is_compressed(e) {
+                // A compressed cluster has no subclusters: left alone
+                // (discard is advisory).
+                (e, None)
+            } else if n < self.cs {
                 // Whole subclusters of an extended L2 entry become zero.
                 let b = bits(in_cl / unit, (in_cl + n) / unit - 1);
                 (
