@@ -987,18 +987,29 @@ fn a_freed_cluster_is_not_reused_while_a_read_of_it_is_in_flight() {
 
 #[test]
 fn random_metadata_corruption_never_panics_or_hangs() {
+    fuzz_run(json!({"cluster-size": 4096}), 2024, 200, 64 << 10);
+    fuzz_run(
+        json!({"cluster-size": 16384, "extended-l2": true}),
+        2025,
+        100,
+        128 << 10,
+    );
+}
+
+fn fuzz_run(create: Value, seed: u64, iterations: u32, span: u64) {
     let size = 4 * MIB;
     let mut q = Qmp::new();
-    image(&mut q, "f", size, json!({"cluster-size": 4096}));
+    image(&mut q, "f", size, create);
     open(&mut q, "q", json!({"file": "f"}));
     q.io("q", "write -P 0x11 0 100k");
     q.io("q", "write -P 0x22 2M 8k");
     q.io("q", "write -z 1M 64k");
+    q.io("q", "write -P 0x23 1040k 3k");
     q.ok("blockdev-del", json!({"node-name": "q"}));
     let mut good = file_bytes(&q, "f");
     good.truncate(8 << 20);
-    let mut rng = Rng(2024);
-    for iter in 0..200 {
+    let mut rng = Rng(seed);
+    for iter in 0..iterations {
         let mut q = Qmp::new();
         mem(&mut q, "f", good.len() as u64);
         {
@@ -1011,7 +1022,7 @@ fn random_metadata_corruption_never_panics_or_hangs() {
                 d[79] |= 1;
             }
             for _ in 0..1 + rng.below(8) {
-                let at = rng.below(64 << 10) as usize;
+                let at = rng.below(span) as usize;
                 d[at] = match rng.below(3) {
                     0 => rng.next() as u8,
                     1 => 0xff,
