@@ -1108,3 +1108,37 @@ fn shrinking_leaves_no_leaks_for_qemu() {
         assert_eq!(info["virtual-size"], keep, "{name}");
     }
 }
+
+#[test]
+fn refcount_table_growth_on_a_qemu_layout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("grow.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        p(&img),
+        "32M",
+    ]);
+    qemu_io(&img, &["write -P 0x61 0 6M"]);
+    let mut model = raw_of(&img, dir.path());
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "discard": "unmap", "file": file_ref(&img)}),
+    );
+    // 20 MiB more data: the first refcount table cluster covers 8 MiB.
+    for i in 0..20u64 {
+        let d = pattern(i + 1, MIB as usize);
+        let off = (8 + i) * MIB + 512 * i;
+        model[off as usize..(off + MIB) as usize].copy_from_slice(&d);
+        l.write("q", off, d);
+    }
+    random_ops(&l, "q", &mut model, 31, 40, 512);
+    assert_reads(&l, "q", &model, "grown table");
+    l.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_clean(&img);
+    assert_compare(&img, &model, dir.path());
+}
