@@ -193,11 +193,14 @@ impl ExportTable {
     /// its backend goes (a task), then `BLOCK_EXPORT_DELETED`. Returns
     /// whether any went.
     pub fn reap(&self) -> bool {
+        let gone = |e: &Rc<NbdExport>| e.shutting_down.get() && e.clients.get() == 0;
+        // Called on every poll: nothing to do costs no allocation.
+        if !self.list.borrow().iter().any(gone) {
+            return false;
+        }
         let done: Vec<Rc<NbdExport>> = {
             let mut list = self.list.borrow_mut();
-            let (done, keep) = core::mem::take(&mut *list)
-                .into_iter()
-                .partition(|e| e.shutting_down.get() && e.clients.get() == 0);
+            let (done, keep) = core::mem::take(&mut *list).into_iter().partition(gone);
             *list = keep;
             done
         };
