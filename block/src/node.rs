@@ -100,10 +100,17 @@ pub struct Node {
     in_flight: Cell<u32>,
     idle: WaitQueue,
     write_gen: Cell<u64>,
+    write_notifiers: RefCell<Vec<(u64, WriteNotifier)>>,
+    next_write_notifier: Cell<u64>,
     flushed_gen: Cell<u64>,
     state: Cell<NodeState>,
     registry: Weak<Registry>,
 }
+
+/// Told the range of every write-like request that completed on a node,
+/// whichever parent sent it (QEMU: the dirty bitmaps that
+/// `bdrv_co_write_req_finish` marks; a mirror tracks its source with one).
+pub type WriteNotifier = Rc<dyn Fn(u64, u64)>;
 
 /// Counts a request as in flight while alive (QEMU: `bdrv_inc_in_flight`).
 struct InFlight<'a>(&'a Node);
@@ -153,6 +160,8 @@ impl Node {
             in_flight: Cell::new(0),
             idle: WaitQueue::new(),
             write_gen: Cell::new(0),
+            write_notifiers: RefCell::new(Vec::new()),
+            next_write_notifier: Cell::new(0),
             flushed_gen: Cell::new(0),
             state: Cell::new(NodeState::Open),
             registry,
@@ -358,6 +367,33 @@ impl Node {
         Ok(data)
     }
 
+    /// Registers `f` to hear of every completed write, write-zeroes and
+    /// discard on this node; returns an id for
+    /// [`remove_write_notifier`](Self::remove_write_notifier).
+    pub fn add_write_notifier(&self, f: WriteNotifier) -> u64 {
+        let id = self.next_write_notifier.get();
+        self.next_write_notifier.set(id + 1);
+        self.write_notifiers.borrow_mut().push((id, f));
+        id
+    }
+
+    /// Unregisters a write notifier.
+    pub fn remove_write_notifier(&self, id: u64) {
+        self.write_notifiers.borrow_mut().retain(|(i, _)| *i != id);
+    }
+
+    fn notify_write(&self, offset: u64, len: u64) {
+        let list: Vec<WriteNotifier> = self
+            .write_notifiers
+            .borrow()
+            .iter()
+            .map(|(_, f)| f.clone())
+            .collect();
+        for f in list {
+            f(offset, len);
+        }
+    }
+
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> IoResult<()> {
         let _g = InFlight::begin(self)?;
@@ -383,8 +419,10 @@ impl Node {
         } else {
             flags
         };
+        let len = data.len() as u64;
         let r = self.driver.write(self, offset, data, dflags).await;
         self.write_gen.set(self.write_gen.get() + 1);
+        self.notify_write(offset, len);
         r?;
         if emulate_fua {
             self.do_flush().await?;
@@ -441,6 +479,7 @@ impl Node {
             r => r,
         };
         self.write_gen.set(self.write_gen.get() + 1);
+        self.notify_write(offset, len);
         r?;
         if emulate_fua {
             self.do_flush().await?;
@@ -460,6 +499,7 @@ impl Node {
         }
         let r = self.driver.discard(self, offset, len).await;
         self.write_gen.set(self.write_gen.get() + 1);
+        self.notify_write(offset, len);
         match r {
             Err(IoError::Enotsup) => Ok(()),
             r => r,

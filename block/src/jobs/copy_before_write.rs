@@ -17,7 +17,7 @@ use alloc::rc::Rc;
 use core::cell::RefCell;
 
 use crate::backend::Backend;
-use crate::io::{BoxFuture, IoResult};
+use crate::io::{BoxFuture, IoResult, ReqFlags};
 use crate::node::Node;
 
 use super::chain::{allocated_above, backing};
@@ -137,7 +137,12 @@ pub struct CbwHook {
 }
 
 impl WriteHook for CbwHook {
-    fn before_write<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, IoResult<Guard>> {
+    fn before_write<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        _: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Guard>> {
         Box::pin(async move {
             self.bcs
                 .copy_range(offset, len)

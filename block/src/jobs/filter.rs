@@ -37,10 +37,16 @@ pub type Guard = Box<dyn Any>;
 
 /// A job's view of the writes that reach its node.
 pub trait WriteHook {
-    /// Runs before a write-like request on `[offset, offset + len)` goes
-    /// down; the guard lives until the request completes. An error fails
-    /// the request (QEMU: copy-before-write's `on-cbw-error=break-guest-write`).
-    fn before_write<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, IoResult<Guard>>;
+    /// Runs before a write-like request on `[offset, offset + len)` with
+    /// `flags` goes down; the guard lives until the request completes. An
+    /// error fails the request (QEMU: copy-before-write's
+    /// `on-cbw-error=break-guest-write`).
+    fn before_write<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Guard>>;
 
     /// Runs after a write-like request completed (or failed).
     fn after_write(&self, offset: u64, len: u64);
@@ -57,11 +63,11 @@ pub struct HookFilter {
 }
 
 impl HookFilter {
-    async fn hooked<F>(&self, offset: u64, len: u64, req: F) -> IoResult<()>
+    async fn hooked<F>(&self, offset: u64, len: u64, flags: ReqFlags, req: F) -> IoResult<()>
     where
         F: core::future::Future<Output = IoResult<()>>,
     {
-        let guard = self.hook.before_write(offset, len).await?;
+        let guard = self.hook.before_write(offset, len, flags).await?;
         let r = req.await;
         self.hook.after_write(offset, len);
         drop(guard);
@@ -96,7 +102,12 @@ impl BlockDriver for HookFilter {
         flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
         let len = data.len() as u64;
-        Box::pin(self.hooked(offset, len, forward::write(node, offset, data, flags)))
+        Box::pin(self.hooked(
+            offset,
+            len,
+            flags,
+            forward::write(node, offset, data, flags),
+        ))
     }
 
     fn supported_write_flags(&self) -> ReqFlags {
@@ -104,7 +115,12 @@ impl BlockDriver for HookFilter {
     }
 
     fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
-        Box::pin(self.hooked(offset, len, forward::discard(node, offset, len)))
+        Box::pin(self.hooked(
+            offset,
+            len,
+            ReqFlags::NONE,
+            forward::discard(node, offset, len),
+        ))
     }
 
     fn write_zeroes<'a>(
@@ -114,7 +130,12 @@ impl BlockDriver for HookFilter {
         len: u64,
         flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
-        Box::pin(self.hooked(offset, len, forward::write_zeroes(node, offset, len, flags)))
+        Box::pin(self.hooked(
+            offset,
+            len,
+            flags,
+            forward::write_zeroes(node, offset, len, flags),
+        ))
     }
 
     fn block_status<'a>(

@@ -3,8 +3,11 @@
 //! `mirror_exit_common`, the `mirror_top` / `commit_top` filter).
 //!
 //! The job inserts a filter above the source (named by `filter-node-name`,
-//! else implicit), so every write of the source's users marks the
-//! written chunks dirty in the job's [`DirtyBitmap`] once it completes.
+//! else implicit) and moves the source's users onto it, as QEMU does, and
+//! registers a write notifier on the source ([`Node::add_write_notifier`]):
+//! every write that completes on the source — through the filter or from
+//! a user that attached to the source directly — marks the written chunks
+//! dirty in the job's [`DirtyBitmap`].
 //! The initial bitmap is what `sync` asks for: everything (`full`), what
 //! the source holds itself (`top`), nothing (`none`), or for an active
 //! commit what lies above `base`. The job copies dirty chunks (at most
@@ -15,7 +18,8 @@
 //!
 //! `job-complete` makes it converge in a drained section of the source
 //! (no user write can start), flush the target, and at finalize *pivot*:
-//! every user of the source (the filter's parents) is moved to the target
+//! every user of the source (the filter's parents and any direct user) is
+//! moved to the target
 //! ([`super::replace::replace_node`]). `block-job-cancel` of a ready job
 //! (no `force`) completes without pivoting; any other cancel is forced and
 //! ends with `BLOCK_JOB_CANCELLED`. Either way the filter's users go back
@@ -30,7 +34,7 @@ use core::task::Poll;
 
 use crate::backend::Backend;
 use crate::exec::WaitQueue;
-use crate::io::{BoxFuture, IoResult};
+use crate::io::{BoxFuture, IoResult, ReqFlags};
 use crate::job::{Job, JobDriver, JobStatus};
 use crate::node::{Drained, Node};
 use crate::permission::Perm;
@@ -107,21 +111,26 @@ impl Default for MirrorOptions {
     }
 }
 
-/// What the filter shares with the job: the dirty bitmap.
+/// The dirty bitmap, marked by the source's write notifier.
 pub struct MirrorHook {
     bitmap: RefCell<DirtyBitmap>,
     wq: WaitQueue,
 }
 
-impl WriteHook for MirrorHook {
-    fn before_write<'a>(&'a self, _: u64, _: u64) -> BoxFuture<'a, IoResult<Guard>> {
-        crate::driver::ready(Ok(Box::new(()) as Guard))
-    }
-
-    fn after_write(&self, offset: u64, len: u64) {
+impl MirrorHook {
+    fn mark(&self, offset: u64, len: u64) {
         self.bitmap.borrow_mut().set(offset, len);
         self.wq.wake_all();
     }
+}
+
+/// The filter itself sees nothing the source's write notifier does not.
+impl WriteHook for MirrorHook {
+    fn before_write<'a>(&'a self, _: u64, _: u64, _: ReqFlags) -> BoxFuture<'a, IoResult<Guard>> {
+        crate::driver::ready(Ok(Box::new(()) as Guard))
+    }
+
+    fn after_write(&self, _: u64, _: u64) {}
 }
 
 /// One mirror (or active commit) job.
@@ -139,6 +148,7 @@ pub struct Mirror {
     drained: RefCell<Option<Drained>>,
     copied: Cell<u64>,
     rate: RefCell<RateLimit>,
+    notifier: Cell<Option<u64>>,
 }
 
 /// Why a mirror could not be started.
@@ -203,11 +213,17 @@ pub async fn start_mirror(
         "backing",
         hook.clone(),
         &[],
-        // An active commit's filter shares WRITE like QEMU's commit_top:
-        // the base below must stay writable for the job.
-        opts.commit_base.is_none(),
+        // Like QEMU's mirror_top and commit_top, the filter lets others
+        // write to the source: the write notifier sees them too.
+        false,
     )
     .await?;
+    let weak = Rc::downgrade(&hook);
+    let notifier = source.add_write_notifier(Rc::new(move |offset, len| {
+        if let Some(h) = weak.upgrade() {
+            h.mark(offset, len);
+        }
+    }));
     let drv = Rc::new(Mirror {
         opts,
         job_type,
@@ -222,10 +238,12 @@ pub async fn start_mirror(
         drained: RefCell::new(None),
         copied: Cell::new(0),
         rate: RefCell::new(RateLimit::new()),
+        notifier: Cell::new(Some(notifier)),
     });
     let job = match reg.create_job(id, drv.clone(), job_opts.job_options()) {
         Ok(j) => j,
         Err(e) => {
+            source.remove_write_notifier(notifier);
             remove_filter(filter).await;
             return Err(e.to_string());
         }
@@ -256,6 +274,7 @@ pub async fn start_mirror(
             *drv.tgt.borrow_mut() = Some(t);
         }
         Err(e) => {
+            source.remove_write_notifier(notifier);
             job.early_fail().await;
             remove_filter(filter).await;
             return Err(e.to_string());
@@ -557,8 +576,19 @@ impl JobDriver for Mirror {
             }
             super::replace::replace_node(&filter, &self.target, |_| false)
                 .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // Users that attached to the source itself meanwhile move too
+            // (QEMU replaces the source in every parent); the filter's edge
+            // and the job's own backend stay.
+            let job_blks = job.backends();
+            super::replace::replace_node(&self.source, &self.target, |e| {
+                e.parent_node().is_some_and(|p| Rc::ptr_eq(&p, &filter))
+                    || e.parent_backend()
+                        .is_some_and(|b| job_blks.iter().any(|j| Rc::ptr_eq(j, &b)))
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         })
     }
 
@@ -566,6 +596,9 @@ impl JobDriver for Mirror {
     /// and ends the drained section.
     fn clean(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
+            if let Some(id) = self.notifier.take() {
+                self.source.remove_write_notifier(id);
+            }
             let filter = self.filter.borrow_mut().take();
             if let Some(f) = filter {
                 remove_filter(f).await;

@@ -17,13 +17,16 @@
 //! (backing chains). The QMP commands are in [`commands`].
 //!
 //! # Where blockhaus differs from QEMU
-//! - QEMU keeps a mirror's dirty bitmap on the source node itself, so any
-//!   writer is tracked. blockhaus sees writes in the job's filter, so while
-//!   a mirror or backup runs its filter does not share WRITE on the source:
-//!   a writer attached to the source *after* the job started (an export,
-//!   `qemu-io` on the node-name) is refused with a permission conflict.
-//!   Users attached before are moved onto the filter; a new user can
-//!   attach to the filter (`filter-node-name`).
+//! - A mirror tracks every write to its source, as QEMU's dirty bitmap on
+//!   the node does ([`crate::node::Node::add_write_notifier`]), so users
+//!   may still attach to the source itself. Backup (like QEMU's
+//!   copy-before-write) and stream must see each write *before* it lands;
+//!   their filters do not share WRITE on the node, so a writer attached to
+//!   the node after the job started (an export, `qemu-io` on the
+//!   node-name) is refused with a permission conflict — QEMU accepts it
+//!   for stream (it serialises requests in the node). Users attached
+//!   before are moved onto the filter; a new one can attach to the filter
+//!   (`filter-node-name`).
 //! - Not supported: `replaces`, `copy-mode=write-blocking`, dirty bitmaps
 //!   (`sync=bitmap`/`incremental`, `bitmap`), `compress`, `bottom`.
 //! - `block-stream` and `block-commit` change the graph but not the image

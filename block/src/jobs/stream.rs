@@ -44,8 +44,20 @@ pub struct LockHook {
 }
 
 impl WriteHook for LockHook {
-    fn before_write<'a>(&'a self, offset: u64, len: u64) -> BoxFuture<'a, IoResult<Guard>> {
-        Box::pin(async move { Ok(Box::new(self.locks.lock(offset, len).await) as Guard) })
+    /// A user write waits for the job's copy of the range; the job's own
+    /// copies (WRITE_UNCHANGED, issued while it holds the range) pass.
+    fn before_write<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Guard>> {
+        Box::pin(async move {
+            if flags.contains(ReqFlags::WRITE_UNCHANGED) {
+                return Ok(Box::new(()) as Guard);
+            }
+            Ok(Box::new(self.locks.lock(offset, len).await) as Guard)
+        })
     }
 
     fn after_write(&self, _: u64, _: u64) {}
@@ -95,26 +107,16 @@ pub async fn start_stream(
     let job = reg
         .create_job(id, drv.clone(), setup.job_options())
         .map_err(|e| e.to_string())?;
-    let blk = match job.add_backend(
-        top,
-        Perm::CONSISTENT_READ | Perm::WRITE,
-        Perm::ALL.minus(Perm::RESIZE),
-    ) {
-        Ok(b) => b,
-        Err(e) => {
-            job.early_fail().await;
-            return Err(e.to_string());
-        }
-    };
-    let keep = [blk.clone()];
+    // Every writer of the top goes through the filter from now on, the
+    // job's own copies too (its backend sits on the filter).
     let filter = match insert_filter(
         top,
         filter_node_name,
         "stream_top",
         "file",
         Rc::new(LockHook { locks }),
-        &keep,
-        false,
+        &[],
+        true,
     )
     .await
     {
@@ -122,6 +124,18 @@ pub async fn start_stream(
         Err(e) => {
             job.early_fail().await;
             return Err(e);
+        }
+    };
+    let blk = match job.add_backend(
+        &filter,
+        Perm::CONSISTENT_READ | Perm::WRITE,
+        Perm::ALL.minus(Perm::RESIZE),
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            job.early_fail().await;
+            remove_filter(filter).await;
+            return Err(e.to_string());
         }
     };
     *drv.blk.borrow_mut() = Some(blk);

@@ -302,3 +302,24 @@ fn commit_grows_a_smaller_base() {
         close_all_clean(&q);
     }
 }
+
+#[test]
+fn stream_takes_every_write_through_its_filter() {
+    let mut q = Qmp::new();
+    let (_base, _mid, top, _view) = chain3(&mut q);
+    q.ok(
+        "block-stream",
+        json!({"job-id": "s0", "device": "top", "speed": MIB, "filter-node-name": "sf"}),
+    );
+    // A writer on the top itself could race the copies: blockhaus refuses
+    // it (QEMU serialises such requests in the node). The filter node
+    // takes writes.
+    let e = q.io("top", "write 0 512");
+    assert!(e.contains("Permission conflict on node 'top'"), "{e}");
+    let e = q.io("sf", "write -P 0x7e 0 512");
+    assert!(e.contains("wrote 512/512"), "{e}");
+    run_until(&q, "stream", || status(&q, "s0") == "gone");
+    assert!(read_all(&q, &top)[..512].iter().all(|b| *b == 0x7e));
+    assert!(backing(&top).is_none());
+    close_all_clean(&q);
+}
