@@ -5,9 +5,12 @@
 //! Every write-like request (write, write-zeroes, discard) that a user of
 //! the node sends passes the filter, which lets the job see it: a
 //! [`WriteHook`] runs before the request goes down (backup copies the old
-//! data out; stream and commit wait for a copy of the same range) and after
-//! it completes (mirror marks the range dirty). Reads, flushes and
-//! block-status pass through.
+//! data out; stream waits for its copy of the same range) and after it
+//! completes. A mirror's filter only holds the graph's shape (QEMU's
+//! `mirror_top`): the mirror hears writes through the node's write
+//! notifier. Reads, flushes and block-status pass through. A filter that
+//! must see every write first (backup, stream) stops sharing WRITE on the
+//! node once all its users moved onto the filter.
 //!
 //! [`insert_filter`] opens the filter over the node and moves every parent
 //! of the node onto it ([`super::replace::replace_node`]);
