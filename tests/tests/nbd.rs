@@ -546,6 +546,9 @@ fn bad_clients_do_not_harm_other_connections() {
         ),
         vec![img.clone()],
     );
+    // A client that connects and says nothing: dropped after 10 s.
+    let mut silent = Raw::connect(port);
+    let silent_since = Instant::now();
     let mut good = Raw::connect(port);
     assert_eq!(good.go("disk"), Ok(64 * MIB));
     good.write(1, 0, &[0x5a; 4096]);
@@ -630,6 +633,15 @@ fn bad_clients_do_not_harm_other_connections() {
         &a,
         &uri(port, "disk"),
         &["read -P 0x5a 0 4k", "read -P 0x6b 4k 4k", "flush"],
+    );
+    assert!(
+        silent.closed_within(Duration::from_secs(30)),
+        "a silent client must be dropped"
+    );
+    let waited = silent_since.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9),
+        "dropped too early: {waited:?}"
     );
     drop(good);
     let console = quit(a);

@@ -12,7 +12,8 @@
 //! write payloads, queued output: [`LIMITS`]); the buffers of reads being
 //! executed are bounded across all clients by an [`IoBudget`] (a request
 //! that does not fit waits in its connection's queue). A client stalled
-//! in the middle of a message for [`STALL_NS`] is dropped.
+//! in the middle of a message for [`STALL_NS`], or still negotiating
+//! [`HANDSHAKE_NS`] after connecting, is dropped.
 
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
@@ -39,6 +40,11 @@ pub const LIMITS: Limits = Limits {
 
 /// A client stalled mid-message this long is dropped.
 pub const STALL_NS: u64 = 60_000_000_000;
+
+/// A client that has not chosen an export this long after connecting is
+/// dropped (QEMU's `handshake-max-seconds` default), so silent clients
+/// cannot hold every slot of `max-connections`.
+pub const HANDSHAKE_NS: u64 = 10_000_000_000;
 
 /// Bytes of read buffers all connections may have in execution at once.
 pub struct IoBudget {
@@ -92,6 +98,8 @@ pub struct Conn {
     queued: VecDeque<Request>,
     /// When input last moved (monotonic ns).
     last_input: u64,
+    /// When the client connected (monotonic ns).
+    connected_at: u64,
 }
 
 /// How long a socket we closed may wait for the peer's FIN before it is
@@ -109,6 +117,7 @@ impl Conn {
             closed_at: None,
             queued: VecDeque::new(),
             last_input: crate::clock::monotonic_ns(),
+            connected_at: crate::clock::monotonic_ns(),
         }
     }
 
@@ -183,10 +192,20 @@ impl Conn {
             self.closed_at = Some(crate::clock::monotonic_ns());
             progress = true;
         }
+        let now = crate::clock::monotonic_ns();
         let stalled = matches!(eng.input_state(), InputState::Partial { .. })
-            && crate::clock::monotonic_ns().saturating_sub(self.last_input) > STALL_NS;
-        if stalled && sock.is_open() {
-            log::warn!("nbd: dropping a client stalled mid-message");
+            && now.saturating_sub(self.last_input) > STALL_NS;
+        let lingering =
+            eng.state() == State::Handshake && now.saturating_sub(self.connected_at) > HANDSHAKE_NS;
+        if (stalled || lingering) && sock.is_open() {
+            log::warn!(
+                "nbd: dropping a client {}",
+                if stalled {
+                    "stalled mid-message"
+                } else {
+                    "still negotiating after 10 s"
+                }
+            );
             sock.abort();
         }
         let gone = !sock.is_open()
