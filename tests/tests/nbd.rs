@@ -932,3 +932,71 @@ fn a_scsi_hd_disk_exported_keeps_acknowledged_writes() {
         ],
     );
 }
+
+/// `quit` while a client has writes in flight: the export closes first,
+/// requests in flight finish, and every write the client saw acknowledged
+/// is on the host image afterwards.
+#[test]
+fn quit_with_writes_in_flight_keeps_every_acknowledged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "disk.img", 64 * MIB);
+    let append = format!(
+        "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 {NBD_SERVER} \
+         --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on"
+    );
+    let (mut a, port) = boot(&append, vec![img.clone()]);
+    let mut c = Raw::connect(port);
+    c.go("disk").unwrap();
+    const N: u64 = 48;
+    let chunk = 256 * 1024u64;
+    let reader = {
+        let mut r = Raw {
+            s: c.s.try_clone().unwrap(),
+        };
+        thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut h = [0u8; 16];
+            while r.s.read_exact(&mut h).is_ok() {
+                let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+                let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+                if err == 0 {
+                    acked.push(cookie);
+                }
+            }
+            acked
+        })
+    };
+    for i in 0..N {
+        // FUA writes, each with its own pattern, at 16 MiB + i * 256 KiB.
+        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_FLAG_FUA
+        m.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+        m.extend_from_slice(&i.to_be_bytes());
+        m.extend_from_slice(&(16 * MIB + i * chunk).to_be_bytes());
+        m.extend_from_slice(&(chunk as u32).to_be_bytes());
+        m.extend(std::iter::repeat_n(0x80 + i as u8, chunk as usize));
+        if c.s.write_all(&m).is_err() {
+            break;
+        }
+        if i == N / 2 {
+            a.qmp().send_raw(b"{\"execute\": \"quit\"}\n").unwrap();
+        }
+    }
+    let status = a.wait_exit(Duration::from_secs(60)).expect("QEMU exits");
+    let console = a.console();
+    assert_eq!(status.code(), Some(0), "console:\n{console}");
+    let acked = reader.join().unwrap();
+    assert!(!acked.is_empty(), "no write was acknowledged before quit");
+    let checks: Vec<String> = acked
+        .iter()
+        .map(|&i| {
+            format!(
+                "read -P 0x{:02x} {} {chunk}",
+                0x80 + i as u8,
+                16 * MIB + i * chunk
+            )
+        })
+        .collect();
+    qemu_io(&img, &checks);
+    eprintln!("{} of {N} writes acknowledged before the halt", acked.len());
+}
