@@ -308,8 +308,16 @@ pub fn block_stream(bl: &BlockLayer, args: &Args<'_>) -> Res {
         ));
     }
     let id = job_id(args, &top)?;
-    bl.wait(start_stream(&id, &top, base_bs, on_error, filter, setup))?
-        .map_err(QmpError::generic)?;
+    bl.wait(start_stream(
+        &id,
+        &top,
+        base_bs,
+        on_error,
+        filter,
+        backing_file,
+        setup,
+    ))?
+    .map_err(QmpError::generic)?;
     ok()
 }
 
@@ -422,8 +430,16 @@ pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
         bl.wait(start_mirror(&id, "commit", &top_bs, &base_bs, opts, setup))?
             .map_err(QmpError::generic)?;
     } else {
-        bl.wait(start_commit(&id, &bs, &top_bs, &base_bs, on_error, setup))?
-            .map_err(QmpError::generic)?;
+        bl.wait(start_commit(
+            &id,
+            &bs,
+            &top_bs,
+            &base_bs,
+            on_error,
+            backing_file,
+            setup,
+        ))?
+        .map_err(QmpError::generic)?;
     }
     ok()
 }

@@ -32,7 +32,7 @@ use super::chain::{allocated_above, find_overlay};
 use super::copy::until_stopped;
 use super::on_error::{ErrorAction, OnError, error_action};
 use super::rate_limit::RateLimit;
-use super::stream::set_backing;
+use super::stream::{record_backing, set_backing};
 
 /// QEMU's `COMMIT_BUFFER_SIZE`: 512 KiB.
 pub const COMMIT_CHUNK: u64 = 512 << 10;
@@ -45,6 +45,7 @@ pub struct Commit {
     on_error: OnError,
     blks: RefCell<Option<(Rc<Backend>, Rc<Backend>)>>,
     wq: WaitQueue,
+    backing_file: Option<String>,
 }
 
 /// Creates and starts an intermediate commit of `top` (below `active`)
@@ -55,6 +56,7 @@ pub async fn start_commit(
     top: &Rc<Node>,
     base: &Rc<Node>,
     on_error: OnError,
+    backing_file: Option<&str>,
     setup: super::JobSetup,
 ) -> Result<Rc<Job>, String> {
     let reg = top.registry().ok_or_else(|| String::from("no registry"))?;
@@ -71,6 +73,7 @@ pub async fn start_commit(
         on_error,
         blks: RefCell::new(None),
         wq: WaitQueue::new(),
+        backing_file: backing_file.map(String::from),
     });
     let job = reg
         .create_job(id, drv.clone(), setup.job_options())
@@ -205,7 +208,13 @@ impl JobDriver for Commit {
                     self.top.name()
                 ));
             };
-            set_backing(&overlay, Some(&self.base)).await
+            set_backing(&overlay, Some(&self.base)).await?;
+            match &self.backing_file {
+                Some(name) => {
+                    record_backing(&overlay, Some(name), Some(self.base.driver_name())).await
+                }
+                None => Ok(()),
+            }
         })
     }
 }

@@ -29,9 +29,12 @@
 //!   (`filter-node-name`).
 //! - Not supported: `replaces`, `copy-mode=write-blocking`, dirty bitmaps
 //!   (`sync=bitmap`/`incremental`, `bitmap`), `compress`, `bottom`.
-//! - `block-stream` and `block-commit` change the graph but not the image
-//!   header's backing file name (no driver hook yet; the data never depends
-//!   on the dropped layers). A read-only base is refused, not reopened.
+//! - `block-stream` and `block-commit` record `base` in the image header
+//!   only under the name given as `backing-file` (QEMU defaults to the
+//!   base's file name, which blockhaus does not know); a full stream
+//!   records no backing file. Without `backing-file` the header keeps its
+//!   old name, which still reads the same data. A read-only base is
+//!   refused, not reopened.
 //! - `blockdev-mirror` refuses a target of another size when the command
 //!   runs; the default `buf-size` is 4 MiB (QEMU: 16 MiB).
 

@@ -11,9 +11,11 @@
 //! range wait for each other, and the job asks allocation only once it
 //! holds the range, so a copy never overwrites newer data. At the end the
 //! intermediate images leave the chain and close by their refcount unless
-//! someone else (the monitor) still holds them. The image header's backing
-//! file name is not rewritten (blockhaus has no file names; the data no
-//! longer depends on the intermediates either way).
+//! someone else (the monitor) still holds them. The image header then
+//! records no backing file (whole chain streamed) or the QMP
+//! `backing-file` name for `base` ([`record_backing`]); without one it
+//! keeps its old name: blockhaus does not know the host's file names, and
+//! the data no longer depends on the layers in between either way.
 
 use alloc::boxed::Box;
 use alloc::rc::Rc;
@@ -73,16 +75,19 @@ pub struct Stream {
     filter: RefCell<Option<Rc<Node>>>,
     copied: Cell<u64>,
     wq: WaitQueue,
+    backing_file: Option<String>,
 }
 
 /// Creates and starts stream job `id` pulling the chain of `top` above
-/// `base` into `top`.
+/// `base` into `top`; `backing_file` is the name to record in the top's
+/// header for `base` (QMP `backing-file`).
 pub async fn start_stream(
     id: &str,
     top: &Rc<Node>,
     base: Option<Rc<Node>>,
     on_error: OnError,
     filter_node_name: Option<&str>,
+    backing_file: Option<&str>,
     setup: super::JobSetup,
 ) -> Result<Rc<Job>, String> {
     let reg = top.registry().ok_or_else(|| String::from("no registry"))?;
@@ -103,6 +108,7 @@ pub async fn start_stream(
         filter: RefCell::new(None),
         copied: Cell::new(0),
         wq: WaitQueue::new(),
+        backing_file: backing_file.map(String::from),
     });
     let job = reg
         .create_job(id, drv.clone(), setup.job_options())
@@ -267,6 +273,23 @@ pub async fn set_backing(node: &Rc<Node>, base: Option<&Rc<Node>>) -> Result<(),
     Ok(())
 }
 
+/// Writes the backing file name into `node`'s image header (QEMU:
+/// `bdrv_change_backing_file`); drivers without backing files are left
+/// alone.
+pub async fn record_backing(
+    node: &Node,
+    name: Option<&str>,
+    format: Option<&str>,
+) -> Result<(), String> {
+    match node.driver().change_backing_file(node, name, format).await {
+        Ok(()) | Err(IoError::Enotsup) => Ok(()),
+        Err(e) => Err(alloc::format!(
+            "Could not change backing file to '{}': {e}",
+            name.unwrap_or("")
+        )),
+    }
+}
+
 impl JobDriver for Stream {
     fn job_type(&self) -> &str {
         "stream"
@@ -283,7 +306,18 @@ impl JobDriver for Stream {
 
     /// QEMU's `stream_prepare`: the top's backing file becomes `base`.
     fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
-        Box::pin(async move { set_backing(&self.top, self.base.as_ref()).await })
+        Box::pin(async move {
+            set_backing(&self.top, self.base.as_ref()).await?;
+            match &self.base {
+                None => record_backing(&self.top, None, None).await,
+                Some(b) => match &self.backing_file {
+                    Some(name) => {
+                        record_backing(&self.top, Some(name), Some(b.driver_name())).await
+                    }
+                    None => Ok(()),
+                },
+            }
+        })
     }
 
     fn clean(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, ()> {

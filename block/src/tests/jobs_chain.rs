@@ -323,3 +323,77 @@ fn stream_takes_every_write_through_its_filter() {
     assert!(backing(&top).is_none());
     close_all_clean(&q);
 }
+
+/// A qcow2 image whose header names `backing` (a node-name) as its
+/// backing file, opened over it.
+fn qcow2_named(q: &mut Qmp, name: &str, file: &str, backing: &str) -> Rc<Node> {
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "mem", "node-name": file, "label": file, "size": 64 * MIB}),
+    );
+    q.ok(
+        "blockdev-create",
+        json!({"job-id": "create", "options": {"driver": "qcow2", "file": file, "size": SIZE,
+               "backing-file": backing, "backing-fmt": "qcow2"}}),
+    );
+    run_until(q, "create", || status(q, "create") == "concluded");
+    q.ok("job-dismiss", json!({"id": "create"}));
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": name, "file": file, "backing": backing}),
+    );
+    node(q, name)
+}
+
+fn header_backing(file: &Node) -> (Option<alloc::string::String>, Option<alloc::string::String>) {
+    let b = mem_bytes(file);
+    match crate::drivers::qcow2::header::Header::parse(&b[..65536]) {
+        Ok(h) => (h.backing_file, h.backing_format),
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn stream_and_commit_record_the_backing_file_in_the_header() {
+    for case in [
+        "stream-all",
+        "stream-base",
+        "stream-base-named",
+        "commit-named",
+    ] {
+        let mut q = Qmp::new();
+        qcow2(&mut q, "base", "f0", SIZE, None);
+        io_write(&mut q, "base", 0, MIB, 0x0a);
+        qcow2_named(&mut q, "mid", "f1", "base");
+        io_write(&mut q, "mid", 0, 64 * KIB, 0x0b);
+        let top = qcow2_named(&mut q, "top", "f2", "mid");
+        let view = read_all(&q, &top);
+        let f2 = node(&q, "f2");
+        let args = match case {
+            "stream-all" => json!({"job-id": "j", "device": "top"}),
+            "stream-base" => json!({"job-id": "j", "device": "top", "base-node": "base"}),
+            "stream-base-named" => json!({"job-id": "j", "device": "top", "base-node": "base",
+                                          "backing-file": "base.qcow2"}),
+            _ => json!({"job-id": "j", "device": "top", "top-node": "mid", "base-node": "base",
+                        "backing-file": "base.qcow2"}),
+        };
+        let cmd = if case.starts_with("stream") {
+            "block-stream"
+        } else {
+            "block-commit"
+        };
+        q.ok(cmd, args);
+        run_until(&q, "job", || status(&q, "j") == "gone");
+        assert_eq!(read_all(&q, &top), view, "{case}");
+        close_all_clean(&q);
+        let (name, fmt) = header_backing(&f2);
+        match case {
+            "stream-all" => assert_eq!((name, fmt), (None, None), "{case}"),
+            "stream-base" => assert_eq!(name.as_deref(), Some("mid"), "{case}: unchanged"),
+            _ => {
+                assert_eq!(name.as_deref(), Some("base.qcow2"), "{case}");
+                assert_eq!(fmt.as_deref(), Some("qcow2"), "{case}");
+            }
+        }
+    }
+}
