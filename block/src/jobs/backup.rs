@@ -240,8 +240,10 @@ impl Backup {
                         match error_action(job, policy, e.is_read(), e.error()) {
                             ErrorAction::Report => failure = Some(e.error().to_string()),
                             ErrorAction::Ignore | ErrorAction::Stop => {
+                                // Retry the chunk, letting others run first.
                                 from = from.min(off);
                                 let _ = len;
+                                crate::exec::yield_now().await;
                             }
                         }
                     }

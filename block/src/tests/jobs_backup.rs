@@ -223,3 +223,30 @@ fn close_all_during_a_backup_leaves_no_node_open() {
     let r = close_all_clean(&q);
     assert_eq!(r.jobs_cancelled, ["b0"]);
 }
+
+#[test]
+fn ignored_read_errors_are_retried() {
+    let mut q = Qmp::new();
+    let src = mem_node(&mut q, "src", MIB, 5);
+    let tgt = mem_node(&mut q, "tgt", MIB, 0);
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "blkdebug", "node-name": "dbg", "image": "src",
+               "inject-error": [{"event": "read_aio", "iotype": ["read"], "errno": 5,
+                                 "sector": 100, "once": true}]}),
+    );
+    q.ok(
+        "blockdev-backup",
+        json!({"job-id": "b0", "device": "dbg", "target": "tgt", "sync": "full",
+               "on-source-error": "ignore"}),
+    );
+    run_until(&q, "backup", || status(&q, "b0") == "gone");
+    let ev = q.events();
+    assert_eq!(
+        *event(&ev, "BLOCK_JOB_ERROR"),
+        json!({"device": "b0", "operation": "read", "action": "ignore"})
+    );
+    assert!(event(&ev, "BLOCK_JOB_COMPLETED").get("error").is_none());
+    assert_eq!(mem_bytes(&tgt), mem_bytes(&src));
+    close_all_clean(&q);
+}
