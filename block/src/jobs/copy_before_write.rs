@@ -89,7 +89,9 @@ impl BlockCopy {
         let mut handled = 0;
         let mut pos = start;
         while pos < end {
-            let next = self.bitmap.borrow().next_dirty(pos, end - pos);
+            // At most 1 MiB per copy, whatever the length of the user's write.
+            let max = (end - pos).min(super::mirror::MAX_CHUNK.max(self.granularity()));
+            let next = self.bitmap.borrow().next_dirty(pos, max);
             let Some((o, l)) = next else { break };
             if o >= end {
                 break;

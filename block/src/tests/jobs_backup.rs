@@ -250,3 +250,27 @@ fn ignored_read_errors_are_retried() {
     assert_eq!(mem_bytes(&tgt), mem_bytes(&src));
     close_all_clean(&q);
 }
+
+#[test]
+fn a_large_guest_write_is_saved_chunk_by_chunk() {
+    let mut q = Qmp::new();
+    let src = mem_node(&mut q, "src", 8 * MIB, 3);
+    let tgt = mem_node(&mut q, "tgt", 8 * MIB, 0);
+    let drv = guest(&q, "drv", &src);
+    let before = mem_bytes(&src);
+    q.ok(
+        "blockdev-backup",
+        json!({"job-id": "b0", "device": "src", "target": "tgt", "sync": "full", "speed": MIB}),
+    );
+    q.bl.wait(drv.write(MIB + 512, vec![0x61; 5 * MIB as usize], ReqFlags::NONE))
+        .unwrap()
+        .unwrap();
+    run_until(&q, "backup", || status(&q, "b0") == "gone");
+    assert_eq!(mem_bytes(&tgt), before);
+    assert!(
+        mem_bytes(&src)[MIB as usize + 512..6 * MIB as usize + 512]
+            .iter()
+            .all(|b| *b == 0x61)
+    );
+    close_all_clean(&q);
+}
