@@ -149,6 +149,60 @@ impl Appliance {
         }
     }
 
+    /// `human-monitor-command` with `qemu-io NODE "CMD"`: qemu-io's output,
+    /// whatever it says.
+    pub fn qemu_io_output(&mut self, node: &str, cmd: &str) -> String {
+        let line = format!("qemu-io {node} \"{cmd}\"");
+        let r = self
+            .qmp()
+            .execute(
+                "human-monitor-command",
+                serde_json::json!({"command-line": line}),
+            )
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        match r["return"].as_str() {
+            Some(out) => out.to_string(),
+            None => panic!("{line}: {r}"),
+        }
+    }
+
+    /// `qemu-io NODE "CMD"` that must succeed (no error, no failed pattern
+    /// verification); returns its output.
+    pub fn qemu_io(&mut self, node: &str, cmd: &str) -> String {
+        let out = self.qemu_io_output(node, cmd);
+        let lower = out.to_lowercase();
+        assert!(
+            !lower.contains("error") && !lower.contains("fail"),
+            "qemu-io {node} \"{cmd}\": {out}\nconsole:\n{}",
+            self.console()
+        );
+        out
+    }
+
+    /// QMP `quit`: expects its reply, QEMU exit 0 and a block layer that
+    /// closed completely; returns the console.
+    pub fn quit(mut self) -> String {
+        let reply = self
+            .qmp()
+            .execute("quit", serde_json::Value::Null)
+            .expect("quit reply");
+        assert_eq!(reply, serde_json::json!({"return": {}}), "quit reply");
+        let status = self
+            .wait_exit(Duration::from_secs(60))
+            .expect("QEMU exits after quit");
+        let console = self.console();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "QEMU exit status; console:\n{console}"
+        );
+        assert!(
+            !console.contains("NODES LEFT OPEN") && !console.contains("close-all FAILED"),
+            "close-all left nodes open:\n{console}"
+        );
+        console
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

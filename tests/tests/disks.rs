@@ -10,29 +10,6 @@ use harness::host::{MIB, config, images, is_zero_hole, qemu_io};
 use serde_json::{Value, json};
 use std::time::Duration;
 
-fn hmp(a: &mut Appliance, line: &str) -> String {
-    let r = a
-        .qmp()
-        .execute("human-monitor-command", json!({"command-line": line}))
-        .unwrap();
-    r["return"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{line}: {r}"))
-        .to_string()
-}
-
-fn qemu_io_ok(a: &mut Appliance, node: &str, cmd: &str) -> String {
-    let out = hmp(a, &format!("qemu-io {node} \"{cmd}\""));
-    let lower = out.to_lowercase();
-    assert!(
-        !lower.contains("error")
-            && !lower.contains("failed")
-            && !lower.contains("pattern verification"),
-        "qemu-io {node} {cmd}: {out}"
-    );
-    out
-}
-
 fn add(a: &mut Appliance, args: Value) -> Result<Value, String> {
     a.qmp().cmd("blockdev-add", args)
 }
@@ -89,29 +66,29 @@ fn disk_nodes_carry_data_through_the_graph_and_halt_flushes_them() {
     assert_eq!(ro["ro"], true, "{ro}");
 
     // The host's patterns read back through the graph.
-    qemu_io_ok(&mut a, "vblk", "read -P 0x11 0 24M");
-    qemu_io_ok(&mut a, "sd0", "read -P 0x22 0 24M");
-    qemu_io_ok(&mut a, "fmt1", "read -P 0x33 0 8M");
-    qemu_io_ok(&mut a, "ro", "read -P 0x44 0 1M");
+    a.qemu_io("vblk", "read -P 0x11 0 24M");
+    a.qemu_io("sd0", "read -P 0x22 0 24M");
+    a.qemu_io("fmt1", "read -P 0x33 0 8M");
+    a.qemu_io("ro", "read -P 0x44 0 1M");
 
     // New patterns: large (split at the device's limits), FUA, and
     // unaligned (read-modify-write of the covering sectors).
-    qemu_io_ok(&mut a, "vblk", "write -P 0xa1 1048064 5M");
-    qemu_io_ok(&mut a, "sd0", "write -P 0xa2 -f 3M 9M");
-    qemu_io_ok(&mut a, "fmt1", "write -P 0xa3 1000 3000");
-    qemu_io_ok(&mut a, "vblk", "read -P 0xa1 1048064 5M");
-    qemu_io_ok(&mut a, "fmt1", "read -P 0x33 0 1000");
-    qemu_io_ok(&mut a, "fmt1", "read -P 0xa3 1000 3000");
-    qemu_io_ok(&mut a, "fmt1", "read -P 0x33 4000 4192");
+    a.qemu_io("vblk", "write -P 0xa1 1048064 5M");
+    a.qemu_io("sd0", "write -P 0xa2 -f 3M 9M");
+    a.qemu_io("fmt1", "write -P 0xa3 1000 3000");
+    a.qemu_io("vblk", "read -P 0xa1 1048064 5M");
+    a.qemu_io("fmt1", "read -P 0x33 0 1000");
+    a.qemu_io("fmt1", "read -P 0xa3 1000 3000");
+    a.qemu_io("fmt1", "read -P 0x33 4000 4192");
 
     // Discard and write-zeroes reach the files.
-    qemu_io_ok(&mut a, "vblk", "discard 32M 4M");
-    qemu_io_ok(&mut a, "sd0", "write -z -u 40M 4M");
-    qemu_io_ok(&mut a, "vblk", "write -z 48M 1M");
-    qemu_io_ok(&mut a, "vblk", "read -P 0 48M 1M");
+    a.qemu_io("vblk", "discard 32M 4M");
+    a.qemu_io("sd0", "write -z -u 40M 4M");
+    a.qemu_io("vblk", "write -z 48M 1M");
+    a.qemu_io("vblk", "read -P 0 48M 1M");
 
     // Writing the read-only device fails and changes nothing.
-    let out = hmp(&mut a, "qemu-io ro \"write -P 0x55 0 4k\"");
+    let out = a.qemu_io_output("ro", "write -P 0x55 0 4k");
     assert!(
         out.to_lowercase().contains("error")
             || out.contains("Permission denied")
@@ -253,12 +230,12 @@ fn disk_node_errors_are_clear_and_leave_the_appliance_running() {
     let mut qemu = a.qemu_monitor().unwrap();
     qemu.cmd("device_del", json!({"id": "sd1"})).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let out = hmp(&mut a, "qemu-io gone \"read 0 4k\"");
+    let out = a.qemu_io_output("gone", "read 0 4k");
     assert!(
         out.to_lowercase().contains("error") || out.contains("No such device"),
         "{out}"
     );
-    qemu_io_ok(&mut a, "b", "read -P 0x11 0 64k");
+    a.qemu_io("b", "read -P 0x11 0 64k");
 
     let r = a.qmp().execute("quit", Value::Null).unwrap();
     assert_eq!(r, json!({"return": {}}));

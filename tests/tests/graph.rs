@@ -22,15 +22,6 @@ fn node_names(a: &mut Appliance) -> Vec<String> {
     names
 }
 
-fn hmp(a: &mut Appliance, line: &str) -> String {
-    a.qmp()
-        .cmd("human-monitor-command", json!({"command-line": line}))
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn boot_options_and_qmp_build_a_graph_that_quit_closes_completely() {
     let cfg = QemuConfig::default().append(
@@ -106,14 +97,14 @@ fn boot_options_and_qmp_build_a_graph_that_quit_closes_completely() {
     );
 
     // Data through the graph with qemu-io.
-    let out = hmp(&mut a, "qemu-io q0 \"read -P 0 0 64k\"");
+    let out = a.qemu_io_output("q0", "read -P 0 0 64k");
     assert!(out.contains("read 65536/65536 bytes at offset 0"), "{out}");
-    let out = hmp(&mut a, "qemu-io fmt0 \"write -P 0xab 4096 8192\"");
+    let out = a.qemu_io_output("fmt0", "write -P 0xab 4096 8192");
     assert!(
         out.contains("wrote 8192/8192 bytes at offset 4096"),
         "{out}"
     );
-    let out = hmp(&mut a, "qemu-io fmt0 \"read 67108864 512\"");
+    let out = a.qemu_io_output("fmt0", "read 67108864 512");
     assert!(
         out.to_lowercase().contains("error") || out.contains("Input/output"),
         "read past the end must fail: {out}"

@@ -10,46 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn hmp_ok(a: &mut Appliance, node: &str, cmd: &str) -> String {
-    let r = a
-        .qmp()
-        .execute(
-            "human-monitor-command",
-            json!({"command-line": format!("qemu-io {node} \"{cmd}\"")}),
-        )
-        .unwrap();
-    let out = r["return"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{cmd}: {r}"))
-        .to_string();
-    let lower = out.to_lowercase();
-    assert!(
-        !lower.contains("error") && !lower.contains("fail"),
-        "qemu-io {node} {cmd}: {out}"
-    );
-    out
-}
-
 fn compare(a: &Path, b: &Path) -> String {
     run(Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(a)
         .arg(b))
-}
-
-fn quit(mut a: Appliance) -> String {
-    assert_eq!(
-        a.qmp().execute("quit", Value::Null).unwrap(),
-        json!({"return": {}})
-    );
-    let status = a.wait_exit(Duration::from_secs(60)).expect("QEMU exits");
-    let console = a.console();
-    assert_eq!(status.code(), Some(0), "{console}");
-    assert!(
-        console.contains("nodes closed") && !console.contains("NODES LEFT OPEN"),
-        "{console}"
-    );
-    console
 }
 
 fn wait_status(a: &mut Appliance, id: &str, status: &str) {
@@ -103,7 +68,7 @@ fn mirror_with_guest_writes_pivots_and_the_target_equals_the_source() {
     a.qmp().cmd("blockdev-mirror", job).unwrap();
     // Guest writes while the copy runs, through the job's filter (where a
     // user of `top` writes once the mirror has moved it above the filter).
-    hmp_ok(&mut a, "mt0", "write -P 0x33 1M 2M");
+    a.qemu_io("mt0", "write -P 0x33 1M 2M");
     let ready = a
         .qmp()
         .wait_event("BLOCK_JOB_READY", Duration::from_secs(60))
@@ -112,7 +77,7 @@ fn mirror_with_guest_writes_pivots_and_the_target_equals_the_source() {
     assert_eq!(ready["data"]["type"], "mirror", "{ready}");
     assert_eq!(ready["data"]["len"], ready["data"]["offset"], "{ready}");
     // And while it is ready: mirrored to both.
-    hmp_ok(&mut a, "mt0", "write -P 0x44 50M 1M");
+    a.qemu_io("mt0", "write -P 0x44 50M 1M");
     a.qmp().cmd("job-complete", json!({"id": "m0"})).unwrap();
     let done = a
         .qmp()
@@ -120,7 +85,7 @@ fn mirror_with_guest_writes_pivots_and_the_target_equals_the_source() {
         .unwrap();
     assert!(done["data"].get("error").is_none(), "{done}");
     wait_status(&mut a, "m0", "null");
-    let console = quit(a);
+    let console = a.quit();
     assert!(console.contains("jobs cancelled: none"), "{console}");
     let reads = [
         "read -P 0x33 1M 2M",
@@ -149,16 +114,16 @@ fn backup_shows_the_source_as_it_was_when_the_job_started() {
             json!({"job-id": "b0", "device": "src", "target": "tgt", "sync": "full", "speed": 32 * MIB}),
         )
         .unwrap();
-    hmp_ok(&mut a, "top", "write -P 0x66 0 4M");
-    hmp_ok(&mut a, "top", "write -P 0x77 44M 8M");
-    hmp_ok(&mut a, "top", "write -P 0x88 62M 2M");
+    a.qemu_io("top", "write -P 0x66 0 4M");
+    a.qemu_io("top", "write -P 0x77 44M 8M");
+    a.qemu_io("top", "write -P 0x88 62M 2M");
     let done = a
         .qmp()
         .wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60))
         .unwrap();
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["type"], "backup", "{done}");
-    quit(a);
+    a.quit();
     assert!(
         compare(&before, &tgt).contains("Images are identical."),
         "backup = source at job start"
@@ -181,8 +146,8 @@ fn quit_during_a_throttled_mirror_cancels_it_and_closes_everything() {
     let job = json!({"job-id": "m1", "device": "top", "target": "tgt", "sync": "full",
                      "speed": MIB, "filter-node-name": "mt1"});
     a.qmp().cmd("blockdev-mirror", job).unwrap();
-    hmp_ok(&mut a, "mt1", "write -P 0x99 5M 1M");
-    let console = quit(a);
+    a.qemu_io("mt1", "write -P 0x99 5M 1M");
+    let console = a.quit();
     assert!(console.contains("jobs cancelled: m1"), "{console}");
     // The three nodes and the job's filter.
     assert!(console.contains("all 4 nodes closed"), "{console}");
@@ -200,7 +165,7 @@ fn powerdown_during_a_backup_cancels_it_and_closes_everything() {
     let job =
         json!({"job-id": "b1", "device": "src", "target": "tgt", "sync": "full", "speed": MIB});
     a.qmp().cmd("blockdev-backup", job).unwrap();
-    hmp_ok(&mut a, "top", "write -P 0x98 7M 1M");
+    a.qemu_io("top", "write -P 0x98 7M 1M");
     a.qemu_monitor()
         .unwrap()
         .cmd("system_powerdown", Value::Null)
@@ -288,7 +253,7 @@ fn stream_pulls_the_chain_into_the_top_image() {
         .unwrap();
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["type"], "stream", "{done}");
-    quit(a);
+    a.quit();
     let info = qcow2_check(&top);
     assert!(
         info.get("backing-filename").is_none(),
@@ -312,7 +277,7 @@ fn active_commit_folds_the_top_into_the_base() {
     let dir = tempfile::tempdir().unwrap();
     let (base, top, cfg) = qcow2_chain(dir.path());
     let mut a = Appliance::boot(&cfg);
-    hmp_ok(&mut a, "top", "write -P 0x33 3M 512k");
+    a.qemu_io("top", "write -P 0x33 3M 512k");
     a.qmp()
         .cmd("block-commit", json!({"job-id": "c0", "device": "top"}))
         .unwrap();
@@ -327,7 +292,7 @@ fn active_commit_folds_the_top_into_the_base() {
         .wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60))
         .unwrap();
     assert!(done["data"].get("error").is_none(), "{done}");
-    quit(a);
+    a.quit();
     qcow2_check(&base);
     qcow2_check(&top);
     let reads = [

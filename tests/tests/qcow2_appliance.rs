@@ -10,26 +10,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn hmp_ok(a: &mut Appliance, node: &str, cmd: &str) -> String {
-    let r = a
-        .qmp()
-        .execute(
-            "human-monitor-command",
-            json!({"command-line": format!("qemu-io {node} \"{cmd}\"")}),
-        )
-        .unwrap();
-    let out = r["return"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{cmd}: {r}"))
-        .to_string();
-    let lower = out.to_lowercase();
-    assert!(
-        !lower.contains("error") && !lower.contains("fail"),
-        "qemu-io {node} {cmd}: {out}"
-    );
-    out
-}
-
 fn qcow2_io(path: &Path, cmds: &[&str]) -> String {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "qcow2"]);
@@ -50,17 +30,6 @@ fn check_clean(path: &Path) {
         "qemu-img check:\n{out}"
     );
     assert!(!out.contains("leaked"), "qemu-img check:\n{out}");
-}
-
-fn quit(mut a: Appliance) -> String {
-    assert_eq!(
-        a.qmp().execute("quit", Value::Null).unwrap(),
-        json!({"return": {}})
-    );
-    let status = a.wait_exit(Duration::from_secs(60)).expect("QEMU exits");
-    let console = a.console();
-    assert_eq!(status.code(), Some(0), "{console}");
-    console
 }
 
 #[test]
@@ -107,14 +76,14 @@ fn iotest_117_qcow2_over_a_disk_node_both_in_use_at_halt() {
     assert_eq!(fmt0["drv"], "qcow2", "{fmt0}");
     assert_eq!(fmt0["image"]["virtual-size"], json!(64 * MIB), "{fmt0}");
 
-    hmp_ok(&mut a, "fmt0", "read -P 0x11 0 1M");
-    hmp_ok(&mut a, "fmt0", "write -P 0x22 1M 2M");
-    hmp_ok(&mut a, "fmt0", "write -P 0x33 3000 5000");
-    hmp_ok(&mut a, "fmt0", "write -z 8M 1M");
-    hmp_ok(&mut a, "fmt0", "write -P 0x44 60M 4M");
-    hmp_ok(&mut a, "fmt0", "read -P 0x22 1M 2M");
+    a.qemu_io("fmt0", "read -P 0x11 0 1M");
+    a.qemu_io("fmt0", "write -P 0x22 1M 2M");
+    a.qemu_io("fmt0", "write -P 0x33 3000 5000");
+    a.qemu_io("fmt0", "write -z 8M 1M");
+    a.qemu_io("fmt0", "write -P 0x44 60M 4M");
+    a.qemu_io("fmt0", "read -P 0x22 1M 2M");
 
-    let console = quit(a);
+    let console = a.quit();
     let fmt_at = console
         .find("closed node 'fmt0'")
         .unwrap_or_else(|| panic!("{console}"));
@@ -188,8 +157,8 @@ fn blockdev_create_formats_a_blank_disk_as_qcow2() {
             json!({"driver": "qcow2", "node-name": "fmt1", "file": "file1"}),
         )
         .unwrap();
-    hmp_ok(&mut a, "fmt1", "write -P 0x5a 0 256k");
-    quit(a);
+    a.qemu_io("fmt1", "write -P 0x5a 0 256k");
+    a.quit();
 
     let info = run(Command::new("qemu-img")
         .args(["info", "--output=json"])
@@ -231,7 +200,7 @@ fn a_qcow2_that_outgrows_its_disk_fails_writes_with_enospc_and_stays_consistent(
         a.qmp().cmd("query-status", Value::Null).unwrap()["status"],
         "running"
     );
-    quit(a);
+    a.quit();
     // No corruption (clusters allocated for the failed write may leak, as in QEMU).
     let out = Command::new("qemu-img")
         .args(["check", "-f", "qcow2"])
@@ -275,11 +244,11 @@ fn crash_mid_writes_leaves_no_corruption_and_keeps_flushed_data() {
             ..QemuConfig::default()
         };
         let mut a = Appliance::boot(&cfg);
-        hmp_ok(&mut a, "fmt0", "write -P 0x11 0 8M");
-        hmp_ok(&mut a, "fmt0", "write -P 0x22 9000 3M");
-        hmp_ok(&mut a, "fmt0", "flush");
+        a.qemu_io("fmt0", "write -P 0x11 0 8M");
+        a.qemu_io("fmt0", "write -P 0x22 9000 3M");
+        a.qemu_io("fmt0", "flush");
         // Unflushed writes, then the kill while a large write is running.
-        hmp_ok(&mut a, "fmt0", "write -P 0x33 20M 4M");
+        a.qemu_io("fmt0", "write -P 0x33 20M 4M");
         let line = json!({"execute": "human-monitor-command",
                           "arguments": {"command-line": "qemu-io fmt0 \"write -P 0x44 30M 24M\""}});
         a.qmp().send_raw(format!("{line}\n").as_bytes()).unwrap();
