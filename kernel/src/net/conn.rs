@@ -35,7 +35,7 @@ pub const LIMITS: Limits = Limits {
     output_high_water: 2 * 1024 * 1024,
     max_option_len: 16 * 1024,
     max_options: 1024,
-    max_write_bytes: 8 * 1024 * 1024,
+    max_write_bytes: 4 * 1024 * 1024,
 };
 
 /// A client stalled mid-message this long is dropped.

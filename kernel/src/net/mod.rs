@@ -66,6 +66,13 @@ pub struct Network {
 /// Read buffers all NBD requests may hold while they execute.
 const IO_BUDGET: u64 = 64 << 20;
 
+/// Clients served at once whatever `max-connections` says (0 means no
+/// limit in QEMU): each holds 2 MiB of socket buffers and up to 4 MiB of
+/// write payloads, and a 256 MiB appliance must not run out of heap
+/// because many clients connected. Further clients wait, as they do at
+/// `max-connections`.
+const MAX_CLIENTS: usize = 24;
+
 /// Finds the first virtio-net function and brings it up.
 fn find_device() -> Result<Option<NetDevice>, String> {
     let mapped = boot::paging::mapped_end();
@@ -189,10 +196,11 @@ impl Network {
         {
             busy |= stack.poll();
             if let Some(server) = server {
-                let room = match server.max_connections {
-                    0 => usize::MAX,
-                    m => (m as usize).saturating_sub(conns.len()),
+                let max = match server.max_connections {
+                    0 => MAX_CLIENTS,
+                    m => (m as usize).min(MAX_CLIENTS),
                 };
+                let room = max.saturating_sub(conns.len());
                 for h in server.accept(&mut stack.sockets, room) {
                     conns.push(Conn::new(h));
                     busy = true;
