@@ -1,9 +1,17 @@
 //! The NBD server in the booted appliance (issue 5): virtio-net, smoltcp,
 //! the `block::nbd` engine and the exports, reached from the host through
-//! QEMU's user network (`hostfwd`) by real clients — qemu-io, qemu-img,
-//! nbdinfo, nbdcopy — and by a raw socket. Data disks are real raw images
-//! made with `qemu-img`; what a client saw acknowledged is checked on the
-//! host image after `quit`.
+//! QEMU's user network (`hostfwd`) — and through a tap device in a network
+//! namespace where root allows — by real clients (qemu-io, qemu-img,
+//! nbdinfo, nbdcopy) and by a raw socket. Data disks are real images made
+//! with `qemu-img` (virtio-blk, scsi-hd, qcow2 over virtio-blk); what a
+//! client saw acknowledged is checked on the host image after `quit`.
+//!
+//! Covered: boot options and QMP commands with QEMU's texts, the export
+//! lifecycle (safe/hard delete, `nbd-server-stop`, legacy add/remove),
+//! `block_resize` refused on an exported node, block status against the
+//! image's allocation, bad and vanishing clients next to a good one,
+//! eight clients at once, `max-connections`, the halt path with writes in
+//! flight, gratuitous ARP and ICMP echo on tap.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
