@@ -14,6 +14,7 @@ mod cmdline;
 mod console;
 mod disk_node;
 mod disks;
+mod drive;
 mod halt;
 mod heap;
 mod interrupts;
@@ -115,7 +116,10 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     for (name, value) in &config.options {
         let value = value.as_deref().unwrap_or("");
         let applied = match app.block.apply_boot_option(name, value) {
-            Ok(false) => net::apply_boot_option(&mut app, name, value),
+            Ok(false) => match drive::apply_boot_option(&app.block, name, value) {
+                Ok(false) => net::apply_boot_option(&mut app, name, value),
+                other => other,
+            },
             other => other.map_err(|e| e.to_string()),
         };
         match applied {
@@ -157,8 +161,10 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         if let Some(reason) = halt_reason {
             monitor.shutdown(reason);
             monitor.appliance().net.borrow_mut().close_exports();
-            monitor.flush_events();
+            monitor.write_out();
             close_all(&monitor.appliance().block);
+            // Events of the cancelled jobs, then nothing more.
+            monitor.write_out();
             flush_devices(&monitor.appliance().disks);
             halt::halt(reason, reason.source());
         }

@@ -87,6 +87,7 @@ impl Monitor {
         crate::disks::register(&mut commands);
         block::commands::register(&mut commands);
         crate::net::register(&mut commands);
+        crate::drive::register(&mut commands);
         Self {
             // SAFETY: COM2 is the monitor's port; only this module drives it.
             uart: unsafe { Uart::new(COM2) },
@@ -172,13 +173,18 @@ impl Monitor {
         }
     }
 
-    /// Emits `SHUTDOWN` (after the `quit` reply, as QEMU does) and writes
-    /// out everything still queued, waiting for the UART as needed.
+    /// Queues `SHUTDOWN` (after the `quit` reply, as QEMU does).
     pub fn shutdown(&mut self, reason: crate::halt::Reason) {
         let data = serde_json::json!({"guest": reason.by_guest(), "reason": reason.as_str()});
         self.session.event("SHUTDOWN", Some(data), timestamp());
         let out = self.session.take_output();
         self.queue(&out);
+    }
+
+    /// Writes out everything still queued (events of the halt path
+    /// included), waiting for the UART: the last thing before poweroff.
+    pub fn write_out(&mut self) {
+        self.flush_events();
         let (a, b) = self.outbox.as_slices();
         self.uart.write_bytes(a);
         self.uart.write_bytes(b);

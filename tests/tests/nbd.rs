@@ -683,20 +683,25 @@ fn bad_clients_do_not_harm_other_connections() {
 
 /// QEMU iotest 140: ejecting a named backend under a legacy
 /// `nbd-server-add` export deletes the export; new clients are told
-/// "export 'drv' not present". blockhaus has no way yet to create a named
-/// backend (qemu-storage-daemon has no `-drive`): enable this once one
-/// exists.
+/// "export 'drv' not present". The named backend is a `--drive`.
 #[test]
-#[ignore = "needs a named backend (QEMU's -drive id=drv); none can be created yet"]
 fn eject_under_legacy_export_deletes_it() {
     let (mut a, port) = boot(
-        &format!("--blockdev driver=null-co,node-name=n0,read-zeroes=on {NBD_SERVER}"),
+        &format!(
+            "--blockdev driver=null-co,node-name=n0,read-zeroes=on --drive id=drv,node-name=n0 {NBD_SERVER}"
+        ),
         Vec::new(),
     );
     a.qmp()
         .cmd("nbd-server-add", json!({"device": "drv"}))
         .unwrap();
-    qemu_io_nbd(&a, &uri(port, "drv"), &["read -P 0 0 64k"]);
+    // The legacy export is read-only by default: open it so.
+    client(
+        &a,
+        Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read -P 0 0 64k"])
+            .arg(uri(port, "drv")),
+    );
     a.qmp().cmd("eject", json!({"device": "drv"})).unwrap();
     let ev = a
         .qmp()
@@ -705,7 +710,7 @@ fn eject_under_legacy_export_deletes_it() {
     assert_eq!(ev["data"]["id"], "drv");
     let o = output(
         Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "read 0 512"])
+            .args(["-r", "-f", "raw", "-c", "read 0 512"])
             .arg(uri(port, "drv")),
     );
     assert!(
@@ -1007,4 +1012,33 @@ fn quit_with_writes_in_flight_keeps_every_acknowledged_one() {
         .collect();
     qemu_io(&img, &checks);
     eprintln!("{} of {N} writes acknowledged before the halt", acked.len());
+}
+
+/// The halt path closes the exports first: the QMP client sees `SHUTDOWN`,
+/// then `BLOCK_EXPORT_DELETED` for every export, before QEMU exits.
+#[test]
+fn quit_closes_exports_first_and_reports_each() {
+    let append = format!(
+        "--blockdev driver=null-co,node-name=n0 --blockdev driver=null-co,node-name=n1 {NBD_SERVER} \
+         --export type=nbd,id=e0,node-name=n0,name=a --export type=nbd,id=e1,node-name=n1,name=b"
+    );
+    let (mut a, _port) = boot(&append, Vec::new());
+    a.qmp().cmd("quit", Value::Null).unwrap();
+    let shutdown = a
+        .qmp()
+        .wait_event("SHUTDOWN", Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(shutdown["data"]["reason"], "host-qmp-quit");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let ev = a
+            .qmp()
+            .wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(20))
+            .unwrap();
+        ids.push(ev["data"]["id"].as_str().unwrap().to_string());
+    }
+    ids.sort();
+    assert_eq!(ids, ["e0", "e1"]);
+    let status = a.wait_exit(Duration::from_secs(30)).expect("QEMU exits");
+    assert_eq!(status.code(), Some(0), "{}", a.console());
 }

@@ -31,6 +31,10 @@ pub struct RunArgs {
     /// Boot the debug build instead of the release build.
     #[arg(long)]
     debug: bool,
+    /// Host port where the disks are exported over NBD (QEMU user
+    /// networking forwards 127.0.0.1:PORT to the appliance's 10809).
+    #[arg(long, default_value_t = 10809)]
+    nbd_port: u16,
     /// Where the default disk and the sockets live.
     #[arg(long, default_value = "target/blockhaus")]
     state_dir: PathBuf,
@@ -67,8 +71,9 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         machine: Machine::parse(&args.machine).ok_or("bad machine")?,
         accel: Accel::parse(&args.accel).ok_or("bad accel")?,
         memory: args.memory.clone(),
-        append: args.append.clone(),
-        disks,
+        append: storage_options(disks.len(), &args.append),
+        nbd_port: Some(args.nbd_port),
+        disks: disks.clone(),
         qmp_wait: true,
         ..QemuConfig::default()
     };
@@ -91,10 +96,19 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             return Err(e);
         }
     };
+    let exports: String = (0..disks.len())
+        .map(|i| {
+            format!(
+                "xtask: NBD:   nbdinfo nbd://127.0.0.1:{port}/disk{i}    qemu-img info nbd://127.0.0.1:{port}/disk{i}\n",
+                port = args.nbd_port
+            )
+        })
+        .collect();
     eprintln!(
         "\nxtask: blockhaus is booting ({} {}, image {}).\n\
          xtask: QMP:   socat - UNIX-CONNECT:{}\n\
          xtask:        then type {{\"execute\": \"qmp_capabilities\"}} and e.g. {{\"execute\": \"query-version\"}}\n\
+         {exports}\
          xtask: stop:  Ctrl-C here (sends QMP quit: the appliance runs its halt path) or QMP {{\"execute\": \"quit\"}}\n",
         args.machine,
         args.accel,
@@ -128,4 +142,21 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     } else {
         Err(format!("QEMU exited with {status}"))
     }
+}
+
+/// Every attached disk as a virtio-blk node `diskN`, exported writable over
+/// NBD under the same name; then the user's own `--append`.
+fn storage_options(disks: usize, user: &str) -> String {
+    let mut out = String::from("--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809");
+    for i in 0..disks {
+        out.push_str(&format!(
+            " --blockdev driver=virtio-blk,node-name=disk{i},serial=disk{i} \
+             --export type=nbd,id=disk{i},node-name=disk{i},name=disk{i},writable=on"
+        ));
+    }
+    if !user.is_empty() {
+        out.push(' ');
+        out.push_str(user);
+    }
+    out
 }

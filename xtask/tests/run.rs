@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 #[test]
 fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
     let state = tempfile::tempdir().unwrap();
+    let port = harness::qemu::free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["run", "--state-dir"])
+        .args(["run", "--nbd-port", &port.to_string(), "--state-dir"])
         .arg(state.path())
         .current_dir(harness::workspace_root())
         .stdin(Stdio::null())
@@ -59,6 +60,22 @@ fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
         "running"
     );
     drop(qmp);
+
+    // The default disk is exported over NBD.
+    let info = Command::new("qemu-img")
+        .args([
+            "info",
+            "--output=json",
+            &format!("nbd://127.0.0.1:{port}/disk0"),
+        ])
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        info["virtual-size"],
+        json!(1u64 << 30),
+        "qemu-img info over NBD: {info}"
+    );
 
     // Ctrl-C: xtask sends quit; the appliance halts cleanly.
     Command::new("kill")
