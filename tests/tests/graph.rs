@@ -171,3 +171,38 @@ fn a_bad_blockdev_option_stops_the_appliance_with_a_clear_error() {
         "{console}"
     );
 }
+
+#[test]
+fn a_node_whose_flush_fails_is_named_at_halt_and_the_sequence_finishes() {
+    let cfg = QemuConfig::default().append(
+        r#"--blockdev {"driver": "blkdebug", "node-name": "bad", "image": {"driver": "null-co", "node-name": "under"}, "inject-error": [{"event": "none", "iotype": ["flush"], "errno": 5}]} --blockdev null-co,node-name=good"#,
+    );
+    let mut a = Appliance::boot(&cfg);
+    // Unflushed data, so closing must flush (QEMU skips clean nodes).
+    a.qemu_io("bad", "write -P 0x5 0 4k");
+    a.qemu_io("good", "write -P 0x6 0 4k");
+    // A second quit right behind the first is dropped, not run twice.
+    a.qmp()
+        .send_raw(b"{\"execute\": \"quit\", \"id\": 1}\n{\"execute\": \"quit\", \"id\": 2}\n")
+        .unwrap();
+    let r = a.qmp().recv_reply().unwrap();
+    assert_eq!(r, json!({"return": {}, "id": 1}));
+    let status = a.wait_exit(Duration::from_secs(30)).expect("QEMU exits");
+    let console = a.console();
+    assert_eq!(status.code(), Some(0), "{console}");
+    let bad = console
+        .lines()
+        .find(|l| l.contains("closed node 'bad'"))
+        .unwrap_or_else(|| panic!("no line for 'bad':\n{console}"));
+    assert!(
+        bad.to_lowercase().contains("flush failed") || bad.contains("Input/output error"),
+        "{bad}"
+    );
+    assert!(console.contains("closed node 'good'"), "{console}");
+    assert!(console.contains("all 3 nodes closed"), "{console}");
+    assert_eq!(
+        console.matches("=== blockhaus halt report ===").count(),
+        1,
+        "{console}"
+    );
+}
