@@ -307,3 +307,69 @@ fn active_commit_folds_the_top_into_the_base() {
         .arg(&base));
     assert!(!out.contains("failed"), "{out}");
 }
+
+fn nbd_io(port: u16, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    run(cmd.arg(format!("nbd://127.0.0.1:{port}/vm")));
+}
+
+/// Mirror while an NBD client writes: the export follows the pivot, and at
+/// completion the target equals the source.
+#[test]
+fn mirror_while_an_nbd_client_writes_pivots_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt, mut cfg) = two_disks(dir.path());
+    let port = harness::qemu::free_port();
+    cfg.nbd_port = Some(port);
+    cfg.append = "--blockdev driver=virtio-blk,node-name=src,serial=disk0 \
+                  --blockdev driver=virtio-blk,node-name=tgt,serial=disk1 \
+                  --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
+                  --export type=nbd,id=e0,node-name=src,name=vm,writable=on"
+        .into();
+    let mut a = Appliance::boot(&cfg);
+    let job = json!({"job-id": "m2", "device": "src", "target": "tgt", "sync": "full", "speed": 64 * MIB});
+    a.qmp().cmd("blockdev-mirror", job).unwrap();
+    // The client writes while the copy runs (its requests are served by the
+    // appliance's main loop while this test waits on the host).
+    let writer = std::thread::spawn(move || {
+        nbd_io(
+            port,
+            &["write -P 0xc1 2M 1M", "write -P 0xc2 45M 2M", "flush"],
+        );
+    });
+    writer.join().unwrap();
+    a.qmp()
+        .wait_event("BLOCK_JOB_READY", Duration::from_secs(60))
+        .unwrap();
+    nbd_io(port, &["write -P 0xc3 10M 1M"]);
+    a.qmp().cmd("job-complete", json!({"id": "m2"})).unwrap();
+    let done = a
+        .qmp()
+        .wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60))
+        .unwrap();
+    assert!(done["data"].get("error").is_none(), "{done}");
+    wait_status(&mut a, "m2", "null");
+    // After the pivot the export serves the target.
+    nbd_io(port, &["write -P 0xc4 20M 1M", "read -P 0xc1 2M 1M"]);
+    a.quit();
+    qemu_io(
+        &tgt,
+        &[
+            "read -P 0xc1 2M 1M".into(),
+            "read -P 0xc2 45M 2M".into(),
+            "read -P 0xc3 10M 1M".into(),
+            "read -P 0xc4 20M 1M".into(),
+        ],
+    );
+    qemu_io(
+        &src,
+        &["read -P 0x11 20M 1M".into(), "read -P 0xc3 10M 1M".into()],
+    );
+    // Apart from the write after the pivot, target and source are equal.
+    qemu_io(&src, &["write -P 0xc4 20M 1M".into()]);
+    assert!(compare(&src, &tgt).contains("Images are identical."));
+}
