@@ -13,6 +13,8 @@ use drivers::uart::{COM2, Uart};
 
 /// The QEMU version whose qemu-storage-daemon QMP shapes blockhaus follows.
 const QEMU_COMPAT: (u64, u64, u64) = (7, 2, 0);
+/// How long the halt path waits for a QMP client to take its last output.
+const WRITE_OUT_NS: u64 = 2_000_000_000;
 /// Output kept for a client that does not read, before events are dropped.
 const OUTBOX_LIMIT: usize = 4 << 20;
 
@@ -183,11 +185,23 @@ impl Monitor {
 
     /// Writes out everything still queued (events of the halt path
     /// included), waiting for the UART: the last thing before poweroff.
+    /// A client that does not read gets at most [`WRITE_OUT_NS`] of waiting:
+    /// the halt path must finish whatever the client does.
     pub fn write_out(&mut self) {
         self.flush_events();
-        let (a, b) = self.outbox.as_slices();
-        self.uart.write_bytes(a);
-        self.uart.write_bytes(b);
-        self.outbox.clear();
+        let start = crate::clock::monotonic_ns();
+        while !self.outbox.is_empty() {
+            if !self.flush_some() {
+                if crate::clock::monotonic_ns().saturating_sub(start) > WRITE_OUT_NS {
+                    log::warn!(
+                        "QMP client is not reading: {} bytes of output dropped at halt",
+                        self.outbox.len()
+                    );
+                    self.outbox.clear();
+                    break;
+                }
+                core::hint::spin_loop();
+            }
+        }
     }
 }
