@@ -162,19 +162,20 @@ fn halt(mut a: Appliance, how: Halt) -> (Report, Vec<Value>) {
             "guest-shutdown"
         }
     };
-    let status = a.wait_exit(Duration::from_secs(90));
-    let console = a.console();
-    let status = status.unwrap_or_else(|| panic!("QEMU did not exit:\n{console}"));
-    assert_eq!(status.code(), Some(0), "{console}");
-    // Everything the appliance said before it stopped.
+    // A QMP client reads while the appliance stops: everything it says
+    // until the connection closes at poweroff.
     let q = a.qmp();
-    q.set_timeout(Duration::from_secs(5)).unwrap();
+    q.set_timeout(Duration::from_secs(90)).unwrap();
     let mut events: Vec<Value> = q.events.drain(..).collect();
     while let Ok(v) = q.recv() {
         if v.get("event").is_some() {
             events.push(v);
         }
     }
+    let status = a.wait_exit(Duration::from_secs(90));
+    let console = a.console();
+    let status = status.unwrap_or_else(|| panic!("QEMU did not exit:\n{console}"));
+    assert_eq!(status.code(), Some(0), "{console}");
     let shutdown = events
         .iter()
         .find(|e| e["event"] == "SHUTDOWN")
