@@ -24,6 +24,10 @@ pub enum Which {
     /// NBD throughput and IOPS: blockhaus next to qemu-nbd and
     /// qemu-storage-daemon on the same image, with the same clients.
     Nbd(crate::bench_nbd::NbdArgs),
+    /// Mirror and backup of a 1 GiB image next to qemu-img convert; halt time.
+    Jobs(crate::bench_jobs::JobsArgs),
+    /// 4 KiB writes into an empty qcow2 image next to qemu-img bench.
+    Qcow2(crate::bench_qcow2::Qcow2Args),
 }
 
 pub fn bench(which: Which) -> Result<(), String> {
@@ -32,6 +36,8 @@ pub fn bench(which: Which) -> Result<(), String> {
         Which::Boot { runs } => boot(runs.max(1)),
         Which::Idle { seconds } => idle(seconds.max(1)),
         Which::Nbd(args) => crate::bench_nbd::bench(args),
+        Which::Jobs(args) => crate::bench_jobs::bench(args),
+        Which::Qcow2(args) => crate::bench_qcow2::bench(args),
     }
 }
 

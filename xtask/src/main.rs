@@ -9,12 +9,15 @@
 //!   CPU; NBD against qemu-nbd and qemu-storage-daemon.
 
 mod bench;
+mod bench_jobs;
 mod bench_nbd;
+mod bench_qcow2;
 mod deps;
 mod floor;
 mod graph;
 mod proxy;
 mod run;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +47,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// Draw the live block graph of a running appliance (Graphviz).
     Graph(graph::GraphArgs),
+    /// The randomized halt test over many seeds.
+    Soak(soak::SoakArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::run(args),
         Cmd::Test(args) => test::test(args),
         Cmd::Graph(args) => graph::graph(args),
+        Cmd::Soak(args) => soak::soak(args),
         Cmd::Bench { which } => bench::bench(which),
     };
     match result {
