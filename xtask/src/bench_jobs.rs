@@ -181,7 +181,7 @@ pub fn bench(args: JobsArgs) -> Result<(), String> {
     let mib = (size / MIB) as f64;
     println!(
         "{:<34} {:>9} {:>11} {:>17}",
-        "copy", "time (s)", "MiB/s", "vs qemu-img convert"
+        "copy", "time (s)", "MiB/s", "time ÷ convert"
     );
     for (name, d) in [
         ("mirror (command → READY)", m),
