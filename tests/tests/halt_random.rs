@@ -14,10 +14,13 @@
 //!
 //! `BLOCKHAUS_SEED=S` replays one seed; `BLOCKHAUS_SOAK_COUNT=N` runs N
 //! seeds (default 5, or 1 with a seed given); `cargo xtask soak` sets them.
-//! `BLOCKHAUS_QCOW2_TARGETS=1` lets mirror and backup targets be qcow2
-//! too: that exposes a known bug (a force-cancelled job abandons its
-//! in-flight writes, and a qcow2 target is left with leaked clusters), so
-//! it is off by default.
+//! A qcow2 image a force-cancelled job was writing (a mirror's or backup's
+//! target, a stream's top, a commit's base) must show no errors; leaked
+//! clusters there are a known bug (the job abandons its in-flight qcow2
+//! writes, see `until_stopped` in block/src/jobs/copy.rs), reported on
+//! stderr and tolerated unless `BLOCKHAUS_STRICT_LEAKS=1`
+//! (`cargo xtask soak --strict-leaks`). Every other qcow2 image must be
+//! clean, leaks included.
 
 use harness::host::{MIB, create, run};
 use harness::{Appliance, Machine, QemuConfig};
@@ -173,13 +176,27 @@ fn read_image(path: &Path, fmt: Fmt, scratch: &Path) -> Vec<u8> {
     }
 }
 
-fn check_clean(path: &Path) {
-    let out = run(Command::new("qemu-img")
+/// `qemu-img check`: no errors, and no leaks unless `job_written` (the
+/// known bug above) and not `BLOCKHAUS_STRICT_LEAKS=1`.
+fn check_clean(path: &Path, job_written: bool) {
+    let out = Command::new("qemu-img")
         .args(["check", "-f", "qcow2"])
-        .arg(path));
+        .arg(path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let strict = std::env::var("BLOCKHAUS_STRICT_LEAKS").is_ok_and(|v| v == "1");
+    if out.status.code() == Some(3) && job_written && !strict {
+        eprintln!(
+            "KNOWN BUG: leaked clusters after a force-cancelled job on {}:\n{text}",
+            path.display()
+        );
+        return;
+    }
     assert!(
-        out.contains("No errors were found on the image.") && !out.contains("leaked"),
-        "qemu-img check {}:\n{out}",
+        out.status.success() && text.contains("No errors were found on the image."),
+        "qemu-img check {}:\n{text}",
         path.display()
     );
 }
@@ -353,10 +370,6 @@ fn one_seed(seed: u64) {
         order.swap(i, rng.next() as usize % (i + 1));
     }
     let mut target_of: Vec<Option<usize>> = vec![None; nv];
-    // A force-cancelled job abandons its in-flight writes; on a qcow2
-    // target that leaks clusters at a clean halt (a known bug), so qcow2
-    // targets only with BLOCKHAUS_QCOW2_TARGETS=1.
-    let qcow2_targets = std::env::var("BLOCKHAUS_QCOW2_TARGETS").is_ok_and(|v| v == "1");
     for &v in &order {
         if vols[v].role != Role::Writer(None) {
             continue;
@@ -373,7 +386,6 @@ fn one_seed(seed: u64) {
                         && vols[t].role == Role::Writer(None)
                         && !matches!(vols[t].kind, Kind::Chain(..))
                         && !target_of.contains(&Some(t))
-                        && (qcow2_targets || all_raw(&vols[t], &disks))
                 })
                 .collect();
             if free.is_empty() {
@@ -708,9 +720,20 @@ fn one_seed(seed: u64) {
     }
 
     // ---- the host's view ----
-    for d in &disks {
+    // Disks a job was writing when it was force-cancelled.
+    let mut job_written = vec![false; disks.len()];
+    for vol in &vols {
+        match (&vol.role, vol.kind) {
+            (Role::Target, Kind::Single(i)) => job_written[i] = true,
+            (Role::Target, Kind::Quorum(ids)) => ids.iter().for_each(|&i| job_written[i] = true),
+            (Role::Writer(Some((Job::Commit, _))), Kind::Chain(b, _)) => job_written[b] = true,
+            (Role::Writer(Some((Job::Stream, _))), Kind::Chain(_, t)) => job_written[t] = true,
+            _ => {}
+        }
+    }
+    for (i, d) in disks.iter().enumerate() {
         if d.fmt == Fmt::Qcow2 {
-            check_clean(&d.path);
+            check_clean(&d.path, job_written[i]);
         }
     }
     for (v, vol) in vols.iter().enumerate() {
@@ -727,10 +750,6 @@ fn one_seed(seed: u64) {
             compare(&format!("seed {seed}, volume {v}, disk{i}"), &got, vol);
         }
     }
-}
-
-fn all_raw(vol: &Vol, disks: &[Disk]) -> bool {
-    vol.kind_fmts(disks).iter().all(|f| *f == Fmt::Raw)
 }
 
 impl Vol {
