@@ -15,7 +15,6 @@ use crate::backend::{Backend, BackendOptions};
 use crate::child::{attach_node_child, detach_child};
 use crate::driver::ChildChangeError;
 use crate::io::IoError;
-use crate::job::Job;
 use crate::layer::BlockLayer;
 use crate::node::{Drained, unref};
 use crate::permission::{ChildRole, Perm};
@@ -269,62 +268,4 @@ pub fn eject(bl: &BlockLayer, args: &Args<'_>) -> Res {
     let blk = get_blk(bl, device, id)?;
     blk.set_tray_open(true);
     remove_medium(bl, &blk, device.or(id).unwrap_or(""))
-}
-
-fn find_job(bl: &BlockLayer, args: &Args<'_>) -> Result<Rc<Job>, QmpError> {
-    let id = args.str("id")?;
-    bl.registry()
-        .find_job(id)
-        .ok_or_else(|| QmpError::generic("Job not found"))
-}
-
-/// `query-jobs`.
-pub fn query_jobs(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    args.check_known(&[])?;
-    Ok(Value::Array(
-        bl.registry().jobs().iter().map(|j| j.info()).collect(),
-    ))
-}
-
-/// `job-cancel`.
-pub fn job_cancel(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    let job = find_job(bl, args)?;
-    args.check_known(&["id"])?;
-    job.cancel(false)
-        .map_err(|e| QmpError::generic(e.to_string()))?;
-    ok()
-}
-
-/// `job-pause`.
-pub fn job_pause(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    let job = find_job(bl, args)?;
-    args.check_known(&["id"])?;
-    job.pause().map_err(|e| QmpError::generic(e.to_string()))?;
-    ok()
-}
-
-/// `job-resume`.
-pub fn job_resume(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    let job = find_job(bl, args)?;
-    args.check_known(&["id"])?;
-    job.resume().map_err(|e| QmpError::generic(e.to_string()))?;
-    ok()
-}
-
-/// `job-complete`.
-pub fn job_complete(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    let job = find_job(bl, args)?;
-    args.check_known(&["id"])?;
-    job.complete()
-        .map_err(|e| QmpError::generic(e.to_string()))?;
-    ok()
-}
-
-/// `job-dismiss`.
-pub fn job_dismiss(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    let job = find_job(bl, args)?;
-    args.check_known(&["id"])?;
-    job.dismiss()
-        .map_err(|e| QmpError::generic(e.to_string()))?;
-    ok()
 }
