@@ -89,30 +89,6 @@ impl Report {
     }
 }
 
-fn hmp(a: &mut Appliance, node: &str, cmd: &str) -> String {
-    let r = a
-        .qmp()
-        .execute(
-            "human-monitor-command",
-            json!({"command-line": format!("qemu-io {node} \"{cmd}\"")}),
-        )
-        .unwrap();
-    r["return"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{cmd}: {r}"))
-        .to_string()
-}
-
-fn hmp_ok(a: &mut Appliance, node: &str, cmd: &str) -> String {
-    let out = hmp(a, node, cmd);
-    let lower = out.to_lowercase();
-    assert!(
-        !lower.contains("error") && !lower.contains("fail"),
-        "qemu-io {node} {cmd}: {out}"
-    );
-    out
-}
-
 /// One acknowledged write, to be found on the host afterwards.
 struct Write {
     pattern: u8,
@@ -126,14 +102,10 @@ fn writes(a: &mut Appliance, node: &str, list: &[(u8, u64, u64)]) -> Vec<Write> 
     let mut done = Vec::new();
     for (i, &(pattern, offset, len)) in list.iter().enumerate() {
         let fua = if i % 3 == 1 { "-f " } else { "" };
-        let out = hmp_ok(
-            a,
-            node,
-            &format!("write {fua}-P {pattern:#x} {offset} {len}"),
-        );
+        let out = a.qemu_io(node, &format!("write {fua}-P {pattern:#x} {offset} {len}"));
         assert!(out.contains(&format!("wrote {len}/{len} bytes")), "{out}");
         if i % 3 == 0 {
-            hmp_ok(a, node, "flush");
+            a.qemu_io(node, "flush");
         }
         done.push(Write {
             pattern,
@@ -591,7 +563,7 @@ fn active_commit_running(how: Halt) {
     let dir = tempfile::tempdir().unwrap();
     let (files, cfg) = chain(dir.path(), false);
     let mut a = Appliance::boot(&cfg);
-    hmp_ok(&mut a, "top", "write -P 0x44 16M 8M");
+    a.qemu_io("top", "write -P 0x44 16M 8M");
     a.qmp()
         .cmd(
             "block-commit",
@@ -692,8 +664,8 @@ fn iotest_117(how: Halt) {
         ],
     );
     // The second users read the disk under the qcow2 node meanwhile.
-    hmp_ok(&mut a, "peek0", "read 0 64k");
-    hmp_ok(&mut a, "file0", "read 0 4k");
+    a.qemu_io("peek0", "read 0 64k");
+    a.qemu_io("file0", "read 0 4k");
     ws.extend(writes(&mut a, "fmt0", &[(0x55, 10 * MIB, 100_000)]));
     let (report, events) = halt(a, how);
     jobs_accounted(&report, &events, &[]);
@@ -770,7 +742,7 @@ fn quorum_child_removed(how: Halt) {
             (0xe6, 20 * MIB, 300_000),
         ],
     );
-    hmp_ok(&mut a, "q0", "read -P 0xe4 12M 1M");
+    a.qemu_io("q0", "read -P 0xe4 12M 1M");
     let own = writes(&mut a, "d2", &[(0xe7, 24 * MIB, MIB)]);
     let (report, events) = halt(a, how);
     jobs_accounted(&report, &events, &[]);

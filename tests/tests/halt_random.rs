@@ -228,20 +228,6 @@ fn hmp_line(node: &str, cmd: &str) -> Value {
            "arguments": {"command-line": format!("qemu-io {node} \"{cmd}\"")}})
 }
 
-fn hmp_ok(a: &mut Appliance, node: &str, cmd: &str) -> String {
-    let r = a.qmp().request(&hmp_line(node, cmd)).unwrap();
-    let out = r["return"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{node} {cmd}: {r}"))
-        .to_string();
-    let lower = out.to_lowercase();
-    assert!(
-        !lower.contains("error") && !lower.contains("fail"),
-        "qemu-io {node} {cmd}: {out}"
-    );
-    out
-}
-
 /// The halt at the end of a run.
 #[derive(Debug, Clone, Copy)]
 enum Halt {
@@ -538,11 +524,11 @@ fn one_seed(seed: u64) {
         pattern = pattern.wrapping_add(1).max(0x20);
         let fua = if rng.chance(1, 4) { "-f " } else { "" };
         let root = vols[v].root().to_string();
-        let out = hmp_ok(a, &root, &format!("write {fua}-P {pattern:#x} {off} {len}"));
+        let out = a.qemu_io(&root, &format!("write {fua}-P {pattern:#x} {off} {len}"));
         assert!(out.contains(&format!("wrote {len}/{len}")), "{out}");
         vols[v].model[off as usize..(off + len) as usize].fill(pattern);
         if rng.chance(1, 4) {
-            hmp_ok(a, &root, "flush");
+            a.qemu_io(&root, "flush");
         }
     };
     for _ in 0..rng.range(0, 3) {
