@@ -15,10 +15,6 @@ pub struct SoakArgs {
     /// The first seed (the next ones follow it); default: from the clock.
     #[arg(long)]
     seed: Option<u64>,
-    /// Fail on leaked clusters in qcow2 images a force-cancelled job was
-    /// writing too (a known bug, tolerated and reported by default).
-    #[arg(long)]
-    strict_leaks: bool,
 }
 
 pub fn soak(args: SoakArgs) -> Result<(), String> {
@@ -38,9 +34,6 @@ pub fn soak(args: SoakArgs) -> Result<(), String> {
         ])
         .env("BLOCKHAUS_IMAGE", &image)
         .env("BLOCKHAUS_SOAK_COUNT", args.count.max(1).to_string());
-    if args.strict_leaks {
-        cmd.env("BLOCKHAUS_STRICT_LEAKS", "1");
-    }
     match args.seed {
         Some(s) => cmd.env("BLOCKHAUS_SEED", s.to_string()),
         None => cmd.env_remove("BLOCKHAUS_SEED"),

@@ -23,7 +23,7 @@ use crate::job::{Job, JobDriver};
 use crate::node::Node;
 use crate::permission::Perm;
 
-use super::copy::{CopyError, MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, Pool, until_stopped};
+use super::copy::{CopyError, MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, Pool, Writing};
 use super::copy_before_write::{BlockCopy, CbwHook};
 use super::filter::{insert_filter, remove_filter};
 use super::mirror::{DEFAULT_GRANULARITY, MAX_CHUNK, SyncMode};
@@ -185,11 +185,8 @@ impl Backup {
         let max_in_flight = ((MAX_BYTES_IN_FLIGHT / chunk) as usize).clamp(1, MAX_IN_FLIGHT);
         loop {
             if job.is_cancelled() || failure.is_some() {
-                while !job.is_force_cancelled()
-                    && let Some(Some(_)) =
-                        until_stopped(pool.next(), &self.wq, || job.is_force_cancelled()).await
-                {
-                }
+                let stop = || job.is_force_cancelled();
+                while let Some(Some(_)) = pool.next_until(job, &self.wq, stop).await {}
                 break;
             }
             if pool.is_empty() {
@@ -207,9 +204,12 @@ impl Backup {
                 }
                 from = off + len;
                 let b = bcs.clone();
-                pool.push(Box::pin(
-                    async move { (off, len, b.copy_range(off, len).await) },
-                ));
+                let writing = Writing::new();
+                let w = writing.clone();
+                pool.push(
+                    writing,
+                    Box::pin(async move { (off, len, b.copy_range(off, len, &w).await) }),
+                );
             }
             if pool.is_empty() {
                 if delay > 0 {
@@ -227,7 +227,8 @@ impl Backup {
                 crate::exec::yield_now().await;
                 continue;
             }
-            let next = until_stopped(pool.next(), &self.wq, || job.is_force_cancelled()).await;
+            let stop = || job.is_force_cancelled();
+            let next = pool.next_until(job, &self.wq, stop).await;
             if let Some(Some((off, len, r))) = next {
                 match r {
                     Ok(_) => {}

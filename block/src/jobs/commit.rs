@@ -29,7 +29,7 @@ use crate::node::Node;
 use crate::permission::Perm;
 
 use super::chain::{allocated_above, find_overlay};
-use super::copy::until_stopped;
+use super::copy::{Writing, until_stopped};
 use super::on_error::{ErrorAction, OnError, error_action};
 use super::rate_limit::RateLimit;
 use super::stream::{record_backing, set_backing};
@@ -109,12 +109,14 @@ impl Commit {
         base: &Backend,
         off: u64,
         n: u64,
+        writing: Writing,
     ) -> Result<u64, (bool, IoError)> {
         let (alloc, n) = allocated_above(&self.top, Some(&self.base), off, n)
             .await
             .map_err(|e| (true, e))?;
         if alloc {
             let data = top.read(off, n as usize).await.map_err(|e| (true, e))?;
+            let _w = writing.begin();
             base.write(off, data, ReqFlags::NONE)
                 .await
                 .map_err(|e| (false, e))?;
@@ -154,8 +156,10 @@ impl Commit {
             if job.is_cancelled() {
                 return Ok(());
             }
-            let chunk = self.chunk(&top, &base, off, n);
-            let Some(r) = until_stopped(chunk, &self.wq, || job.is_cancelled()).await else {
+            let writing = Writing::new();
+            let chunk = Box::pin(self.chunk(&top, &base, off, n, writing.clone()));
+            let stop = || job.is_cancelled();
+            let Some(r) = until_stopped(chunk, writing, job, &self.wq, stop).await else {
                 return Ok(());
             };
             match r {

@@ -13,6 +13,7 @@ use core::task::Poll;
 use crate::backend::Backend;
 use crate::exec::WaitQueue;
 use crate::io::{BoxFuture, IoError, ReqFlags};
+use crate::job::Job;
 
 /// QEMU's `MAX_IN_FLIGHT`: copies a job runs at once.
 pub const MAX_IN_FLIGHT: usize = 16;
@@ -21,10 +22,48 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// mirror unless `buf-size` says otherwise).
 pub const MAX_BYTES_IN_FLIGHT: u64 = 4 << 20;
 
+/// How long a stopped job waits for its writes in flight before it
+/// abandons them too: a target that never answers must not hang a halt.
+pub const WRITE_GRACE_NS: u64 = 5_000_000_000;
+
+/// Whether a copy is inside a write. A stopped job abandons a copy only
+/// outside its writes: a write cut short may leave an image's metadata
+/// half done (a qcow2 allocation between its refcount and L2 updates
+/// leaks clusters), while an abandoned read has no effect.
+#[derive(Clone, Default)]
+pub struct Writing(Rc<Cell<u32>>);
+
+/// A write in progress; dropping it ends it.
+pub struct InWrite(Rc<Cell<u32>>);
+
+impl Drop for InWrite {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+impl Writing {
+    /// A copy not writing.
+    pub fn new() -> Writing {
+        Writing::default()
+    }
+
+    /// Marks a write as started until the guard is dropped.
+    pub fn begin(&self) -> InWrite {
+        self.0.set(self.0.get() + 1);
+        InWrite(self.0.clone())
+    }
+
+    /// Whether a write is in progress.
+    pub fn active(&self) -> bool {
+        self.0.get() > 0
+    }
+}
+
 /// Futures polled together by the job's task; results come back in
 /// completion order.
 pub struct Pool<'a, T> {
-    futs: Vec<BoxFuture<'a, T>>,
+    futs: Vec<(BoxFuture<'a, T>, Writing)>,
 }
 
 impl<T> Default for Pool<'_, T> {
@@ -39,9 +78,9 @@ impl<'a, T> Pool<'a, T> {
         Pool::default()
     }
 
-    /// Adds a future.
-    pub fn push(&mut self, f: BoxFuture<'a, T>) {
-        self.futs.push(f);
+    /// Adds a future that marks its writes in `writing`.
+    pub fn push(&mut self, writing: Writing, f: BoxFuture<'a, T>) {
+        self.futs.push((f, writing));
     }
 
     /// Futures not yet complete.
@@ -54,46 +93,97 @@ impl<'a, T> Pool<'a, T> {
         self.futs.is_empty()
     }
 
-    /// The result of the next future to complete; `None` if the pool is
-    /// empty.
-    pub async fn next(&mut self) -> Option<T> {
-        if self.futs.is_empty() {
-            return None;
-        }
-        core::future::poll_fn(|cx| {
+    /// The result of the next future to complete: `Some(None)` if the
+    /// pool is empty, `None` once `stop()` is true, checked whenever `wq`
+    /// is woken (QEMU: a force-cancelled job abandons its requests,
+    /// `bdrv_cancel_in_flight`). A stopped pool is empty: see
+    /// [`Pool::abandon`].
+    pub async fn next_until(
+        &mut self,
+        job: &Job,
+        wq: &WaitQueue,
+        stop: impl Fn() -> bool,
+    ) -> Option<Option<T>> {
+        let r = core::future::poll_fn(|cx| {
+            if stop() {
+                return Poll::Ready(None);
+            }
             for i in 0..self.futs.len() {
-                if let Poll::Ready(v) = self.futs[i].as_mut().poll(cx) {
+                if let Poll::Ready(v) = self.futs[i].0.as_mut().poll(cx) {
                     drop(self.futs.swap_remove(i));
-                    return Poll::Ready(Some(v));
+                    return Poll::Ready(Some(Some(v)));
                 }
             }
+            if self.futs.is_empty() {
+                return Poll::Ready(Some(None));
+            }
+            wq.register(cx.waker());
             Poll::Pending
         })
-        .await
+        .await;
+        if r.is_none() {
+            self.abandon(job).await;
+        }
+        r
+    }
+
+    /// Empties the pool of a stopped job: a future outside a write is
+    /// dropped at once; one inside a write goes on until the write ends,
+    /// for at most [`WRITE_GRACE_NS`]. Dropping is safe: drivers keep their
+    /// buffers until the device is done. Returns how many writes were still
+    /// in flight when the grace ran out.
+    pub async fn abandon(&mut self, job: &Job) -> usize {
+        self.futs.retain(|(_, w)| w.active());
+        if self.futs.is_empty() {
+            return 0;
+        }
+        let mut grace = job.registry().map(|r| {
+            let clock = r.clock();
+            let deadline = clock.now_ns().saturating_add(WRITE_GRACE_NS);
+            r.executor().timers().sleep_until(clock, deadline)
+        });
+        core::future::poll_fn(|cx| {
+            let mut i = 0;
+            while i < self.futs.len() {
+                let (f, w) = &mut self.futs[i];
+                if f.as_mut().poll(cx).is_ready() || !w.active() {
+                    drop(self.futs.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            match &mut grace {
+                _ if self.futs.is_empty() => Poll::Ready(()),
+                Some(g) => core::pin::Pin::new(g).poll(cx),
+                None => Poll::Ready(()),
+            }
+        })
+        .await;
+        let left = self.futs.len();
+        if left > 0 {
+            log::warn!(
+                "job '{}': {left} write(s) still in flight after {} s, abandoned",
+                job.id(),
+                WRITE_GRACE_NS / 1_000_000_000
+            );
+        }
+        self.futs.clear();
+        left
     }
 }
 
-/// Runs `f` unless `stop()` turns true first, checked whenever `wq` is
-/// woken (QEMU: a force-cancelled job abandons its requests in flight,
-/// `bdrv_cancel_in_flight`). Dropping `f` is safe: drivers keep their
-/// buffers until the device is done.
-pub async fn until_stopped<F: core::future::Future>(
-    f: F,
+/// Runs `f`, which marks its writes in `writing`, unless `stop()` turns
+/// true first; then `f` is abandoned as [`Pool::abandon`] says.
+pub async fn until_stopped<T>(
+    f: BoxFuture<'_, T>,
+    writing: Writing,
+    job: &Job,
     wq: &WaitQueue,
     stop: impl Fn() -> bool,
-) -> Option<F::Output> {
-    let mut f = core::pin::pin!(f);
-    core::future::poll_fn(|cx| {
-        if stop() {
-            return Poll::Ready(None);
-        }
-        if let Poll::Ready(v) = f.as_mut().poll(cx) {
-            return Poll::Ready(Some(v));
-        }
-        wq.register(cx.waker());
-        Poll::Pending
-    })
-    .await
+) -> Option<T> {
+    let mut pool = Pool::new();
+    pool.push(writing, f);
+    pool.next_until(job, wq, stop).await.flatten()
 }
 
 /// Byte ranges in use; a new user of an overlapping range waits.
@@ -175,19 +265,22 @@ impl CopyError {
     }
 }
 
-/// Copies `[offset, offset + len)` from `src` to `dst`; a chunk of zeroes
-/// becomes a write-zeroes (QEMU: `mirror_co_read` / `block_copy_do_copy`).
+/// Copies `[offset, offset + len)` from `src` to `dst`, marking the write
+/// in `writing`; a chunk of zeroes becomes a write-zeroes (QEMU:
+/// `mirror_co_read` / `block_copy_do_copy`).
 pub fn copy_chunk(
     src: Rc<Backend>,
     dst: Rc<Backend>,
     offset: u64,
     len: u64,
+    writing: Writing,
 ) -> BoxFuture<'static, Result<u64, CopyError>> {
     Box::pin(async move {
         let data = src
             .read(offset, len as usize)
             .await
             .map_err(CopyError::Read)?;
+        let _w = writing.begin();
         let r = if data.iter().all(|b| *b == 0) {
             dst.write_zeroes(offset, len, ReqFlags::NONE).await
         } else {

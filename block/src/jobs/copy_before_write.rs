@@ -21,7 +21,7 @@ use crate::io::{BoxFuture, IoResult, ReqFlags};
 use crate::node::Node;
 
 use super::chain::{allocated_above, backing};
-use super::copy::{CopyError, RangeLock, copy_chunk};
+use super::copy::{CopyError, RangeLock, Writing, copy_chunk};
 use super::dirty_bitmap::DirtyBitmap;
 use super::filter::{Guard, WriteHook};
 
@@ -72,8 +72,14 @@ impl BlockCopy {
     }
 
     /// Copies every marked chunk of `[offset, offset + len)` (QEMU:
-    /// `block_copy`); returns the bytes handled (copied or skipped).
-    pub async fn copy_range(&self, offset: u64, len: u64) -> Result<u64, CopyError> {
+    /// `block_copy`), marking its writes in `writing`; returns the bytes
+    /// handled (copied or skipped).
+    pub async fn copy_range(
+        &self,
+        offset: u64,
+        len: u64,
+        writing: &Writing,
+    ) -> Result<u64, CopyError> {
         let g = self.granularity();
         let total = self.bitmap.borrow().len();
         let start = offset / g * g;
@@ -98,7 +104,7 @@ impl BlockCopy {
             }
             let l = l.min(end - o);
             self.bitmap.borrow_mut().reset(o, l);
-            let r = self.copy_extent(o, l).await;
+            let r = self.copy_extent(o, l, writing).await;
             if let Err(e) = r {
                 self.bitmap.borrow_mut().set(o, l);
                 return Err(e);
@@ -109,11 +115,17 @@ impl BlockCopy {
         Ok(handled)
     }
 
-    async fn copy_extent(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+    async fn copy_extent(&self, offset: u64, len: u64, writing: &Writing) -> Result<(), CopyError> {
         let Some(top) = &self.top_of else {
-            return copy_chunk(self.src.clone(), self.tgt.clone(), offset, len)
-                .await
-                .map(|_| ());
+            return copy_chunk(
+                self.src.clone(),
+                self.tgt.clone(),
+                offset,
+                len,
+                writing.clone(),
+            )
+            .await
+            .map(|_| ());
         };
         let base = backing(top);
         let mut off = offset;
@@ -124,7 +136,7 @@ impl BlockCopy {
                 .map_err(CopyError::Read)?;
             let n = n.min(end - off);
             if alloc {
-                copy_chunk(self.src.clone(), self.tgt.clone(), off, n).await?;
+                copy_chunk(self.src.clone(), self.tgt.clone(), off, n, writing.clone()).await?;
             }
             off += n;
         }
@@ -146,8 +158,9 @@ impl WriteHook for CbwHook {
         _: ReqFlags,
     ) -> BoxFuture<'a, IoResult<Guard>> {
         Box::pin(async move {
+            // A user's write is never abandoned, nor its copy.
             self.bcs
-                .copy_range(offset, len)
+                .copy_range(offset, len, &Writing::new())
                 .await
                 .map_err(CopyError::error)?;
             Ok(Box::new(()) as Guard)

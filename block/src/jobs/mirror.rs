@@ -40,7 +40,7 @@ use crate::node::{Drained, Node};
 use crate::permission::Perm;
 
 use super::chain::{allocated_above, backing};
-use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, copy_chunk, until_stopped};
+use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, Writing, copy_chunk, until_stopped};
 use super::dirty_bitmap::DirtyBitmap;
 use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
 use super::on_error::{ErrorAction, OnError, error_action};
@@ -385,9 +385,10 @@ impl Mirror {
             let next = self.hook.bitmap.borrow().next_dirty(0, self.chunk());
             let Some((off, len)) = next else { break };
             self.hook.bitmap.borrow_mut().reset(off, len);
-            let copy = copy_chunk(src.clone(), tgt.clone(), off, len);
-            let Some(r) = until_stopped(copy, &self.hook.wq, || job.is_force_cancelled()).await
-            else {
+            let writing = Writing::new();
+            let copy = copy_chunk(src.clone(), tgt.clone(), off, len, writing.clone());
+            let stop = || job.is_force_cancelled();
+            let Some(r) = until_stopped(copy, writing, job, &self.hook.wq, stop).await else {
                 drained.end();
                 return Ok(false);
             };
@@ -430,12 +431,9 @@ impl Mirror {
             if job.is_cancelled() || failure.is_some() {
                 // Let the copies in flight finish (QEMU:
                 // mirror_wait_for_all_io) and stop; a forced cancel
-                // abandons them.
-                while !job.is_force_cancelled()
-                    && let Some(Some(_)) =
-                        until_stopped(pool.next(), &self.hook.wq, || job.is_force_cancelled()).await
-                {
-                }
+                // abandons them, all but their writes.
+                let stop = || job.is_force_cancelled();
+                while let Some(Some(_)) = pool.next_until(job, &self.hook.wq, stop).await {}
                 break;
             }
             if pool.is_empty() {
@@ -483,10 +481,9 @@ impl Mirror {
                 self.hook.bitmap.borrow_mut().reset(off, len);
                 ranges.push((off, len));
                 from = off + len;
-                pool.push(Box::pin({
-                    let f = copy_chunk(src.clone(), tgt.clone(), off, len);
-                    async move { (off, len, f.await) }
-                }));
+                let writing = Writing::new();
+                let f = copy_chunk(src.clone(), tgt.clone(), off, len, writing.clone());
+                pool.push(writing, Box::pin(async move { (off, len, f.await) }));
             }
             let in_flight: u64 = ranges.iter().map(|(_, l)| l).sum();
             self.update_progress(job, in_flight);
@@ -509,7 +506,8 @@ impl Mirror {
                 self.idle(job).await;
                 continue;
             }
-            let next = until_stopped(pool.next(), &self.hook.wq, || job.is_force_cancelled()).await;
+            let stop = || job.is_force_cancelled();
+            let next = pool.next_until(job, &self.hook.wq, stop).await;
             if let Some(Some((off, len, res))) = next {
                 ranges.retain(|r| *r != (off, len));
                 match res {

@@ -31,7 +31,7 @@ use crate::node::{Drained, Node, unref};
 use crate::permission::{ChildRole, Perm};
 
 use super::chain::{allocated_above, backing};
-use super::copy::{RangeLock, until_stopped};
+use super::copy::{RangeLock, Writing, until_stopped};
 use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
 use super::on_error::{ErrorAction, OnError, error_action};
 use super::rate_limit::RateLimit;
@@ -151,14 +151,15 @@ pub async fn start_stream(
     Ok(job)
 }
 
-/// Copies what a chunk needs, under its lock; returns bytes written.
+/// Copies what a chunk needs, under its lock, marking its write in
+/// `writing`; returns bytes written.
 async fn stream_chunk(
     top: &Rc<Node>,
     base: Option<&Rc<Node>>,
     blk: &Backend,
     locks: &Rc<RangeLock>,
-    off: u64,
-    len: u64,
+    (off, len): (u64, u64),
+    writing: Writing,
 ) -> Result<(u64, u64), (bool, IoError)> {
     let _g = locks.lock(off, len).await;
     let st = top.block_status(off, len).await.map_err(|e| (true, e))?;
@@ -176,6 +177,7 @@ async fn stream_chunk(
         return Ok((n, 0));
     }
     let data = blk.read(off, n as usize).await.map_err(|e| (true, e))?;
+    let _w = writing.begin();
     blk.write(off, data, ReqFlags::WRITE_UNCHANGED)
         .await
         .map_err(|e| (false, e))?;
@@ -212,8 +214,19 @@ impl Stream {
             if job.is_cancelled() {
                 return Ok(());
             }
-            let chunk = stream_chunk(&self.top, self.base.as_ref(), &blk, &self.locks, off, n);
-            let Some(r) = until_stopped(chunk, &self.wq, || job.is_cancelled()).await else {
+            let writing = Writing::new();
+            let base = self.base.as_ref();
+            let w = writing.clone();
+            let chunk = Box::pin(stream_chunk(
+                &self.top,
+                base,
+                &blk,
+                &self.locks,
+                (off, n),
+                w,
+            ));
+            let stop = || job.is_cancelled();
+            let Some(r) = until_stopped(chunk, writing, job, &self.wq, stop).await else {
                 return Ok(());
             };
             match r {

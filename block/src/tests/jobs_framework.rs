@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::harness::Qmp;
 use super::jobs_util::*;
+use crate::timer::Clock;
 
 fn ready_mirror(q: &mut Qmp, extra: serde_json::Value) {
     mem_node(q, "src", MIB, 1);
@@ -169,13 +170,94 @@ fn forced_cancel_abandons_requests_stuck_on_the_target() {
         );
         q.settle();
         assert!(super::mem::gate("tgt").waiting() > 0, "{kind}");
+        let t0 = q.clock.now_ns();
         q.ok("job-cancel", json!({"id": "j"}));
         run_until(&q, "cancelled", || status(&q, "j") == "gone");
         assert!(
             event_trail(&q.events()).contains(&"BLOCK_JOB_CANCELLED".into()),
             "{kind}"
         );
+        // Its writes had their grace period first.
+        assert!(
+            q.clock.now_ns() - t0 >= crate::jobs::copy::WRITE_GRACE_NS,
+            "{kind}"
+        );
         // The halt path closes everything although the target never answered.
+        close_all_clean(&q);
+    }
+}
+
+/// The job `kind` copying `src` to `tgt`, full.
+fn start_copy(q: &mut Qmp, kind: &str) {
+    let cmd = match kind {
+        "mirror" => "blockdev-mirror",
+        _ => "blockdev-backup",
+    };
+    q.ok(
+        cmd,
+        json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}),
+    );
+    q.settle();
+}
+
+#[test]
+fn forced_cancel_lets_writes_in_flight_land() {
+    // A qcow2 target whose file holds every request at a gate: a write
+    // cut short between its refcount and L2 updates would leak clusters.
+    for kind in ["mirror", "backup"] {
+        let mut q = Qmp::new();
+        mem_node(&mut q, "src", MIB, 1);
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "mem", "node-name": "tf", "label": "tf", "size": 64 * MIB, "gated": true}),
+        );
+        let gate = super::mem::gate("tf");
+        gate.open();
+        q.ok(
+            "blockdev-create",
+            json!({"job-id": "c", "options": {"driver": "qcow2", "file": "tf", "size": MIB}}),
+        );
+        run_until(&q, "create", || status(&q, "c") == "concluded");
+        q.ok("job-dismiss", json!({"id": "c"}));
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "tgt", "file": "tf"}),
+        );
+        gate.close();
+        start_copy(&mut q, kind);
+        assert!(gate.waiting() > 0, "{kind}");
+        let t0 = q.clock.now_ns();
+        q.ok("block-job-cancel", json!({"device": "j", "force": true}));
+        q.settle();
+        assert_ne!(status(&q, "j"), "gone", "{kind}: writes abandoned");
+        gate.open();
+        run_until(&q, "cancelled", || status(&q, "j") == "gone");
+        assert_eq!(q.clock.now_ns(), t0, "{kind}: waited for a timer");
+        assert!(
+            event_trail(&q.events()).contains(&"BLOCK_JOB_CANCELLED".into()),
+            "{kind}"
+        );
+        let r = super::qcow2::check(&q, "tgt");
+        assert!(r.is_clean(), "{kind}: {r:?}");
+        close_all_clean(&q);
+    }
+}
+
+#[test]
+fn forced_cancel_abandons_reads_at_once() {
+    for kind in ["mirror", "backup"] {
+        let mut q = Qmp::new();
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "mem", "node-name": "src", "label": "src", "size": MIB, "gated": true}),
+        );
+        mem_node(&mut q, "tgt", MIB, 0);
+        start_copy(&mut q, kind);
+        assert!(super::mem::gate("src").waiting() > 0, "{kind}");
+        let t0 = q.clock.now_ns();
+        q.ok("block-job-cancel", json!({"device": "j", "force": true}));
+        run_until(&q, "cancelled", || status(&q, "j") == "gone");
+        assert_eq!(q.clock.now_ns(), t0, "{kind}: waited for a timer");
         close_all_clean(&q);
     }
 }

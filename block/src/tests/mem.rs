@@ -35,6 +35,9 @@ impl Gate {
         self.open.set(true);
         self.q.wake_all();
     }
+    pub fn close(&self) {
+        self.open.set(false);
+    }
     pub fn waiting(&self) -> u32 {
         self.waiting.get()
     }

@@ -74,7 +74,8 @@ fn node(q: &Qmp, name: &str) -> Rc<Node> {
     }
 }
 
-fn check(q: &Qmp, name: &str) -> CheckReport {
+/// `qemu-img check` of the qcow2 node `name`.
+pub fn check(q: &Qmp, name: &str) -> CheckReport {
     let n = node(q, name);
     let r = q.bl.wait(async move { drv(&n).check(&n).await });
     match r {
