@@ -15,6 +15,9 @@ pub enum TestFault {
     DivideByZero,
     StackOverflow,
     Panic,
+    /// Adds the QMP command `x-blockhaus-panic`, which panics inside the
+    /// monitor: a fatal error at a moment the test chooses.
+    PanicOnQmp,
 }
 
 #[derive(Debug, Default)]
@@ -68,9 +71,10 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
                     "divide-by-zero" => TestFault::DivideByZero,
                     "stack-overflow" => TestFault::StackOverflow,
                     "panic" => TestFault::Panic,
+                    "panic-on-qmp" => TestFault::PanicOnQmp,
                     other => {
                         return Err(alloc::format!(
-                            "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic)"
+                            "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic|panic-on-qmp)"
                         ));
                     }
                 })
@@ -87,6 +91,10 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
 
 /// Triggers the configured fault.
 pub fn trigger(fault: TestFault) {
+    if fault == TestFault::PanicOnQmp {
+        log::warn!("test fault: QMP command x-blockhaus-panic added");
+        return;
+    }
     log::warn!("triggering test fault {fault:?}");
     match fault {
         // SAFETY: a deliberate fault on an unmapped, canonical address; the
@@ -104,6 +112,7 @@ pub fn trigger(fault: TestFault) {
             recurse(0);
         }
         TestFault::Panic => panic!("test panic requested on the command line"),
+        TestFault::PanicOnQmp => {}
     }
 }
 

@@ -30,6 +30,16 @@ pub fn print(args: core::fmt::Arguments<'_>) {
     }
 }
 
+/// Frees the console's lock if the code that failed held it: the fatal
+/// path's last resort (that code never resumes).
+pub fn break_lock() {
+    if CONSOLE.is_locked() {
+        // SAFETY: called only on the fatal path, whose caller's stack never
+        // resumes: nothing else can be using the console.
+        unsafe { CONSOLE.force_unlock() };
+    }
+}
+
 /// Writes to COM1 without taking the console lock: for exception and panic
 /// reports, which may interrupt a holder of the lock.
 pub fn emergency(args: core::fmt::Arguments<'_>) {

@@ -1,8 +1,9 @@
-//! The one way out: [`halt`]. `quit`, a fatal error and (later) the ACPI
-//! power button all come here; it logs the halt report and powers off
-//! through ACPI S5 (QEMU exits 0), or, for a failure, through the
-//! `isa-debug-exit` device so tests see a distinct exit code.
-//! Later issues put the block layer's close-all into this same sequence.
+//! The one way out: [`halt`]. `quit`, the ACPI power button and a fatal
+//! error all end here, after the halt sequence (`halt_sequence` in
+//! main.rs; for a fatal error see [`crate::fatal`]); it logs the halt
+//! report and powers off through ACPI S5 (QEMU exits 0), or, for a
+//! failure, through the `isa-debug-exit` device so tests see a distinct
+//! exit code.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 use spin::Once;

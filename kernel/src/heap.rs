@@ -119,10 +119,19 @@ pub fn init(info: &boot::BootInfo) -> Summary {
     }
 }
 
+/// Whether the allocator's lock is held (on the fatal path: by the code
+/// that failed, which never resumes).
+pub fn is_locked() -> bool {
+    ALLOCATOR.state.is_locked()
+}
+
 /// Free and used bytes across all regions (blocks parked on the size-class
-/// free lists count as free).
+/// free lists count as free); zeroes if the lock is held (a fault inside
+/// the allocator).
 pub fn usage() -> (usize, usize) {
-    let state = ALLOCATOR.state.lock();
+    let Some(state) = ALLOCATOR.state.try_lock() else {
+        return (0, 0);
+    };
     let (free, used) = state
         .heaps
         .iter()

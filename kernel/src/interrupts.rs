@@ -249,12 +249,17 @@ extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
         frame.rbp,
     ));
     let guard = boot::paging::stack_guard();
-    if (frame.vector == 14 || frame.vector == 8) && (guard..guard + 4096).contains(&cr2) {
+    let overflow =
+        (frame.vector == 14 || frame.vector == 8) && (guard..guard + 4096).contains(&cr2);
+    if overflow {
         crate::console::emergency(format_args!(
             "  the boot stack overflowed into its guard page at {guard:#x}\n"
         ));
     }
-    crate::halt::fatal("CPU exception")
+    // A double fault runs on its own small stack and a machine check
+    // means broken hardware: neither runs the halt sequence.
+    let attempt = !overflow && !matches!(frame.vector, 8 | 18);
+    crate::fatal::stop("CPU exception", attempt)
 }
 
 /// Enables interrupts and waits for the next one (timer or device).

@@ -15,6 +15,7 @@ mod console;
 mod disk_node;
 mod disks;
 mod drive;
+mod fatal;
 mod halt;
 mod heap;
 mod interrupts;
@@ -135,9 +136,13 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         }
     }
     let mut monitor = monitor::Monitor::new(app);
+    if config.test_fault == Some(cmdline::TestFault::PanicOnQmp) {
+        monitor.add_test_panic_command();
+    }
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
     info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
     monitor.start();
+    fatal::register(&mut monitor);
 
     let mut last_activity = clock::monotonic_ns();
     let mut last_button_poll = 0;
@@ -159,14 +164,8 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             halt_reason = halt::poll_power_button();
         }
         if let Some(reason) = halt_reason {
-            monitor.shutdown(reason);
-            monitor.appliance().net.borrow_mut().close_exports();
-            monitor.write_out();
-            close_all(&monitor.appliance().block);
-            // Events of the cancelled jobs, then nothing more.
-            monitor.write_out();
-            flush_devices(&monitor.appliance().disks);
-            halt::halt(reason, reason.source());
+            fatal::halting();
+            halt_sequence(&mut monitor, reason, reason.source());
         }
         if busy {
             last_activity = now;
@@ -176,6 +175,22 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             core::hint::spin_loop();
         }
     }
+}
+
+/// The halt sequence of `quit`, the power button and a fatal error:
+/// `SHUTDOWN` (after `GUEST_PANICKED` for a fatal error), close every
+/// export, close-all (cancel jobs, eject backends, close every node),
+/// flush every device, then the halt report and poweroff (or the failure
+/// exit).
+fn halt_sequence(monitor: &mut monitor::Monitor, reason: halt::Reason, detail: &str) -> ! {
+    monitor.shutdown(reason);
+    monitor.appliance().net.borrow_mut().close_exports();
+    monitor.write_out();
+    close_all(&monitor.appliance().block);
+    // Events of the cancelled jobs, then nothing more.
+    monitor.write_out();
+    flush_devices(&monitor.appliance().disks);
+    halt::halt(reason, detail)
 }
 
 /// The block layer's close-all (QEMU's `bdrv_close_all`): cancel jobs,
@@ -220,5 +235,5 @@ fn halt_bad_config(block: &block::layer::BlockLayer) -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     console::emergency(format_args!("\nPANIC: {info}\n"));
-    halt::fatal("panic")
+    fatal::stop("panic", true)
 }

@@ -175,8 +175,24 @@ impl Monitor {
         }
     }
 
-    /// Queues `SHUTDOWN` (after the `quit` reply, as QEMU does).
+    /// `x-blockhaus-panic` (with `blockhaus.test-fault=panic-on-qmp`):
+    /// panics inside the command, for the tests of the fatal halt path.
+    pub fn add_test_panic_command(&mut self) {
+        self.commands.register("x-blockhaus-panic", |_, args| {
+            args.check_known(&[])?;
+            panic!("x-blockhaus-panic: test panic requested over QMP");
+        });
+    }
+
+    /// Queues `SHUTDOWN` (after the `quit` reply, as QEMU does); a fatal
+    /// error is announced first by `GUEST_PANICKED` with the action taken
+    /// (QEMU's `-action panic=exit-failure`: `poweroff`).
     pub fn shutdown(&mut self, reason: crate::halt::Reason) {
+        if reason == crate::halt::Reason::Fatal {
+            let data = serde_json::json!({"action": "poweroff"});
+            self.session
+                .event("GUEST_PANICKED", Some(data), timestamp());
+        }
         let data = serde_json::json!({"guest": reason.by_guest(), "reason": reason.as_str()});
         self.session.event("SHUTDOWN", Some(data), timestamp());
         let out = self.session.take_output();
@@ -192,6 +208,7 @@ impl Monitor {
         let start = crate::clock::monotonic_ns();
         while !self.outbox.is_empty() {
             if !self.flush_some() {
+                crate::fatal::check_watchdog();
                 if crate::clock::monotonic_ns().saturating_sub(start) > WRITE_OUT_NS {
                     log::warn!(
                         "QMP client is not reading: {} bytes of output dropped at halt",

@@ -29,6 +29,7 @@ pub struct KernelPlatform {
 
 impl Platform for KernelPlatform {
     fn poll(&self, exec: &Executor, _may_halt: bool) -> bool {
+        crate::fatal::check_watchdog();
         exec.timers().fire_expired(crate::clock::wall_clock_ns());
         // Each is skipped if the waiting command itself is using it.
         if let Ok(mut disks) = self.disks.try_borrow_mut() {

@@ -9,16 +9,20 @@
 //! as cancelled.
 
 use harness::host::{MIB, create, run};
+use harness::qemu::FAILURE_EXIT_STATUS;
 use harness::{Appliance, QemuConfig};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Halt {
     Quit,
     Powerdown,
+    /// A fatal error: the appliance panics inside a QMP command
+    /// (`x-blockhaus-panic`, there with `blockhaus.test-fault=panic-on-qmp`).
+    Panic,
 }
 
 /// The close-all report printed on the console, parsed.
@@ -133,6 +137,13 @@ fn halt(mut a: Appliance, how: Halt) -> (Report, Vec<Value>) {
                 .unwrap();
             "guest-shutdown"
         }
+        Halt::Panic => {
+            // No reply: the command never returns.
+            a.qmp()
+                .send_raw(b"{\"execute\": \"x-blockhaus-panic\"}\n")
+                .unwrap();
+            "guest-panic"
+        }
     };
     // A QMP client reads while the appliance stops: everything it says
     // until the connection closes at poweroff.
@@ -147,7 +158,17 @@ fn halt(mut a: Appliance, how: Halt) -> (Report, Vec<Value>) {
     let status = a.wait_exit(Duration::from_secs(90));
     let console = a.console();
     let status = status.unwrap_or_else(|| panic!("QEMU did not exit:\n{console}"));
-    assert_eq!(status.code(), Some(0), "{console}");
+    if how == Halt::Panic {
+        // The failure exit, after the whole sequence.
+        assert_eq!(status.code(), Some(FAILURE_EXIT_STATUS), "{console}");
+        assert!(console.contains("PANIC: "), "{console}");
+        let panicked = events.iter().position(|e| e["event"] == "GUEST_PANICKED");
+        let shutdown = events.iter().position(|e| e["event"] == "SHUTDOWN");
+        assert!(panicked.is_some() && panicked < shutdown, "{events:?}");
+        assert_eq!(events[panicked.unwrap()]["data"]["action"], "poweroff");
+    } else {
+        assert_eq!(status.code(), Some(0), "{console}");
+    }
     let shutdown = events
         .iter()
         .find(|e| e["event"] == "SHUTDOWN")
@@ -246,7 +267,7 @@ fn raw_disk(dir: &Path, name: &str, size: u64) -> PathBuf {
 fn cfg(disks: Vec<PathBuf>, append: &str) -> QemuConfig {
     QemuConfig {
         disks,
-        append: append.into(),
+        append: format!("blockhaus.test-fault=panic-on-qmp {append}"),
         ..QemuConfig::default()
     }
 }
@@ -304,6 +325,11 @@ fn quit_during_a_mirror_throttled_by_its_speed() {
 #[test]
 fn powerdown_during_a_mirror_throttled_by_its_speed() {
     throttled_mirror(Halt::Powerdown);
+}
+
+#[test]
+fn panic_during_a_mirror_throttled_by_its_speed() {
+    throttled_mirror(Halt::Panic);
 }
 
 /// The mirror's source is a `throttle` filter node in a `throttle-group`
@@ -365,6 +391,11 @@ fn powerdown_during_a_mirror_through_a_throttle_group() {
     mirror_through_a_throttle_group(Halt::Powerdown);
 }
 
+#[test]
+fn panic_during_a_mirror_through_a_throttle_group() {
+    mirror_through_a_throttle_group(Halt::Panic);
+}
+
 /// A throttled backup is running while the guest writes the source: the
 /// source has the new data, and the qcow2 target has the old data of
 /// every region the guest overwrote (copy-before-write) and is clean.
@@ -423,6 +454,11 @@ fn quit_during_a_backup() {
 #[test]
 fn powerdown_during_a_backup() {
     backup_running(Halt::Powerdown);
+}
+
+#[test]
+fn panic_during_a_backup() {
+    backup_running(Halt::Panic);
 }
 
 /// An unthrottled mirror or backup onto a fresh qcow2 image is allocating
@@ -560,6 +596,11 @@ fn powerdown_during_a_stream() {
     stream_running(Halt::Powerdown);
 }
 
+#[test]
+fn panic_during_a_stream() {
+    stream_running(Halt::Panic);
+}
+
 /// A throttled active `block-commit` of the top into the base is running
 /// while the guest writes the top.
 fn active_commit_running(how: Halt) {
@@ -593,6 +634,11 @@ fn quit_during_an_active_commit() {
 #[test]
 fn powerdown_during_an_active_commit() {
     active_commit_running(Halt::Powerdown);
+}
+
+#[test]
+fn panic_during_an_active_commit() {
+    active_commit_running(Halt::Panic);
 }
 
 /// A throttled intermediate `block-commit` (mid into base) under a top
@@ -629,6 +675,11 @@ fn quit_during_an_intermediate_commit() {
 #[test]
 fn powerdown_during_an_intermediate_commit() {
     intermediate_commit_running(Halt::Powerdown);
+}
+
+#[test]
+fn panic_during_an_intermediate_commit() {
+    intermediate_commit_running(Halt::Panic);
 }
 
 /// QEMU iotest 117: a qcow2 node over a disk node that has other users
@@ -697,6 +748,11 @@ fn quit_with_iotest_117_qcow2_over_a_shared_disk_node() {
 #[test]
 fn powerdown_with_iotest_117_qcow2_over_a_shared_disk_node() {
     iotest_117(Halt::Powerdown);
+}
+
+#[test]
+fn panic_with_iotest_117_qcow2_over_a_shared_disk_node() {
+    iotest_117(Halt::Panic);
 }
 
 /// A quorum of three virtio-blk disks; one child is removed at runtime
@@ -779,4 +835,9 @@ fn quit_with_a_quorum_child_removed_at_runtime() {
 #[test]
 fn powerdown_with_a_quorum_child_removed_at_runtime() {
     quorum_child_removed(Halt::Powerdown);
+}
+
+#[test]
+fn panic_with_a_quorum_child_removed_at_runtime() {
+    quorum_child_removed(Halt::Panic);
 }

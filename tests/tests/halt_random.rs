@@ -3,8 +3,9 @@
 //! chains, random `raw`/`throttle` layers, quorums of three), random jobs
 //! where they are valid (mirror, backup, stream, active commit) at random
 //! speeds, random qemu-io writers (plain, FUA, flushed), and a halt at a
-//! random moment by `quit` or the power button — sometimes while a write
-//! is still in flight. Then on the host: QEMU exited 0, every qcow2 image
+//! random moment by `quit`, the power button or a fatal error (a panic
+//! inside a QMP command) — sometimes while a write is still in flight.
+//! Then on the host: QEMU exited 0 (33 after the panic), every qcow2 image
 //! passes `qemu-img check` with no errors and no leaks, the close-all
 //! report closed every node and cancelled (or saw finish) every job, and
 //! each volume the writers used reads back exactly as the model says
@@ -20,6 +21,7 @@
 //! in flight land (`Pool::abandon` in block/src/jobs/copy.rs).
 
 use harness::host::{MIB, create, run};
+use harness::qemu::FAILURE_EXIT_STATUS;
 use harness::{Appliance, Machine, QemuConfig};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -225,6 +227,10 @@ enum Halt {
     QuitBehindWrite,
     /// A write sent, then the power button without waiting.
     PowerdownDuringWrite,
+    /// A fatal error: a panic inside a QMP command (`x-blockhaus-panic`).
+    Panic,
+    /// A write sent, the panicking command right behind it.
+    PanicBehindWrite,
 }
 
 fn one_seed(seed: u64) {
@@ -436,6 +442,7 @@ fn one_seed(seed: u64) {
     let cfg = QemuConfig {
         machine,
         disks: disks.iter().map(|d| d.path.clone()).collect(),
+        append: "blockhaus.test-fault=panic-on-qmp".into(),
         ..QemuConfig::default()
     };
     let mut a = Appliance::boot(&cfg);
@@ -578,10 +585,14 @@ fn one_seed(seed: u64) {
         Halt::Powerdown,
         Halt::QuitBehindWrite,
         Halt::PowerdownDuringWrite,
+        Halt::Panic,
+        Halt::PanicBehindWrite,
     ]);
     println!("  halt: {how:?}");
     let inflight = match how {
-        Halt::QuitBehindWrite | Halt::PowerdownDuringWrite if !writers.is_empty() => {
+        Halt::QuitBehindWrite | Halt::PowerdownDuringWrite | Halt::PanicBehindWrite
+            if !writers.is_empty() =>
+        {
             let v = *rng.pick(&writers);
             let (off, len) = random_range(&mut rng);
             let line = hmp_line(vols[v].root(), &format!("write -P 0xfe {off} {len}"));
@@ -602,6 +613,12 @@ fn one_seed(seed: u64) {
                 .unwrap();
             "guest-shutdown"
         }
+        Halt::Panic | Halt::PanicBehindWrite => {
+            a.qmp()
+                .send_raw(b"{\"execute\": \"x-blockhaus-panic\"}\n")
+                .unwrap();
+            "guest-panic"
+        }
     };
     // A QMP client reads while the appliance stops: everything it says
     // until the connection closes at poweroff.
@@ -619,7 +636,12 @@ fn one_seed(seed: u64) {
     let status = a.wait_exit(Duration::from_secs(90));
     let console = a.console();
     let status = status.unwrap_or_else(|| panic!("QEMU did not exit:\n{console}"));
-    assert_eq!(status.code(), Some(0), "{console}");
+    let expected = match how {
+        // The failure exit, after the whole halt sequence.
+        Halt::Panic | Halt::PanicBehindWrite => FAILURE_EXIT_STATUS,
+        _ => 0,
+    };
+    assert_eq!(status.code(), Some(expected), "{console}");
     if let Some((v, off, len)) = inflight {
         let acked = replies
             .first()
