@@ -93,6 +93,9 @@ pub struct Disks {
     /// Futures waiting for a ticket ([`Disks::poll_completion`]).
     wakers: BTreeMap<Ticket, Waker>,
     scratch: Vec<Completion>,
+    /// Bytes sent to the disks in write requests (write-zeroes count their
+    /// length), since boot.
+    bytes_written: u64,
 }
 
 impl Disks {
@@ -266,11 +269,22 @@ impl Disks {
     pub fn submit(&mut self, index: usize, op: Op) -> Result<Ticket, Error> {
         let disk = self.disks.get(index).ok_or(Error::Setup("no such disk"))?;
         let (controller, lun) = (disk.controller, disk.lun);
+        let bytes = match &op {
+            Op::Write { buf, .. } => buf.len() as u64,
+            Op::WriteZeroes { len, .. } => *len,
+            _ => 0,
+        };
         let id = match &mut self.controllers[controller].1 {
             Driver::Blk(b) => b.submit(op)?,
             Driver::Scsi(s) => s.submit(lun, op)?,
         };
+        self.bytes_written += bytes;
         Ok(Ticket { controller, id })
+    }
+
+    /// Bytes sent to the disks in write requests since boot.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
     }
 
     /// The completion of `ticket`, once [`Disks::poll`] has seen it.

@@ -183,13 +183,27 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
 /// flush every device, then the halt report and poweroff (or the failure
 /// exit).
 fn halt_sequence(monitor: &mut monitor::Monitor, reason: halt::Reason, detail: &str) -> ! {
+    let start = clock::monotonic_ns();
+    let written = monitor.appliance().disks.borrow().bytes_written();
     monitor.shutdown(reason);
-    monitor.appliance().net.borrow_mut().close_exports();
+    let exports = monitor.appliance().net.borrow_mut().close_exports();
     monitor.write_out();
     close_all(&monitor.appliance().block);
     // Events of the cancelled jobs, then nothing more.
     monitor.write_out();
     flush_devices(&monitor.appliance().disks);
+    let written = monitor.appliance().disks.borrow().bytes_written() - written;
+    let elapsed = clock::monotonic_ns().saturating_sub(start);
+    println!(
+        "=== halt sequence done ===\nexports closed: {}\nbytes written to disks while halting: {written}\nhalt sequence took {}.{:03} ms",
+        if exports.is_empty() {
+            alloc::string::String::from("none")
+        } else {
+            exports.join(", ")
+        },
+        elapsed / 1_000_000,
+        (elapsed / 1000) % 1000
+    );
     halt::halt(reason, detail)
 }
 

@@ -29,6 +29,9 @@ enum Halt {
 #[derive(Debug)]
 struct Report {
     jobs_cancelled: Vec<String>,
+    /// Bytes the halt sequence wrote to the disks (metadata write-back,
+    /// writes in flight).
+    bytes_written: u64,
     /// Node names in closing order.
     closed: Vec<String>,
     /// N of "all N nodes closed".
@@ -68,8 +71,19 @@ impl Report {
         }
         let all_closed = all.unwrap_or_else(|| panic!("no \"all N nodes closed\":\n{console}"));
         assert_eq!(all_closed, closed.len(), "{console}");
+        // The halt sequence's summary: written bytes and elapsed time.
+        let done = &section[section
+            .find("=== halt sequence done ===")
+            .unwrap_or_else(|| panic!("no halt sequence summary:\n{console}"))..];
+        let bytes_written = done
+            .lines()
+            .find_map(|l| l.strip_prefix("bytes written to disks while halting: "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no bytes written line:\n{console}"));
+        assert!(done.contains("halt sequence took "), "{console}");
         Report {
             jobs_cancelled: jobs.unwrap_or_else(|| panic!("no jobs line:\n{console}")),
+            bytes_written,
             closed,
             all_closed,
             console: console.to_string(),
@@ -721,10 +735,20 @@ fn iotest_117(how: Halt) {
     a.qemu_io("peek0", "read 0 64k");
     a.qemu_io("file0", "read 0 4k");
     ws.extend(writes(&mut a, "fmt0", &[(0x55, 10 * MIB, 100_000)]));
+    // Last, a plain write into a new cluster: its L2 entry is only in the
+    // qcow2 node's cache until the halt writes it back.
+    let out = a.qemu_io("fmt0", "write -P 0x66 16M 64k");
+    assert!(out.contains("wrote 65536/65536 bytes"), "{out}");
+    ws.push(Write {
+        pattern: 0x66,
+        offset: 16 * MIB,
+        len: 64 << 10,
+    });
     let (report, events) = halt(a, how);
     jobs_accounted(&report, &events, &[]);
     assert!(report.jobs_cancelled.is_empty(), "{}", report.console);
     assert_eq!(report.all_closed, 3, "{}", report.console);
+    assert!(report.bytes_written > 0, "{}", report.console);
     report.before("fmt0", "file0");
     report.before("peek0", "file0");
     check_clean(&img);

@@ -1040,5 +1040,19 @@ fn quit_closes_exports_first_and_reports_each() {
     ids.sort();
     assert_eq!(ids, ["e0", "e1"]);
     let status = a.wait_exit(Duration::from_secs(30)).expect("QEMU exits");
-    assert_eq!(status.code(), Some(0), "{}", a.console());
+    let console = a.console();
+    assert_eq!(status.code(), Some(0), "{console}");
+    // The halt report names them, after the block layer's close-all.
+    let report = &console[console
+        .find("=== halt sequence done ===")
+        .expect("halt report")..];
+    assert!(
+        report
+            .lines()
+            .any(|l| l.trim_end() == "exports closed: e0, e1"),
+        "{console}"
+    );
+    assert!(
+        console.find("=== block layer closed ===") < console.find("=== halt sequence done ===")
+    );
 }

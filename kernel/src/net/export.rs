@@ -220,8 +220,9 @@ impl ExportTable {
 
     /// The halt path: every export is gone at once, each with its event
     /// (close-all then ejects the backends, draining their requests).
-    pub fn close_all(&self) {
+    pub fn close_all(&self) -> Vec<String> {
         let list = core::mem::take(&mut *self.list.borrow_mut());
+        let mut closed = Vec::new();
         for e in list {
             e.request_shutdown(true);
             if let Some((named, id)) = e.on_eject.borrow_mut().take() {
@@ -230,7 +231,9 @@ impl ExportTable {
             log::info!("NBD export '{}' closed", e.id);
             self.registry
                 .emit("BLOCK_EXPORT_DELETED", json!({ "id": e.id }));
+            closed.push(e.id.clone());
         }
+        closed
     }
 }
 

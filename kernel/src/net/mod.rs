@@ -230,7 +230,7 @@ impl Network {
     /// Halt path: closes every export (each emits `BLOCK_EXPORT_DELETED`),
     /// tells clients the server is going away; requests in flight finish
     /// while close-all drains the backends.
-    pub fn close_exports(&mut self) {
+    pub fn close_exports(&mut self) -> Vec<String> {
         if let (Some(server), Some(stack)) = (&mut self.server, &mut self.stack) {
             server.close(&mut stack.sockets);
         }
@@ -238,13 +238,15 @@ impl Network {
         for c in &mut self.conns {
             c.shutdown();
         }
-        if let Some(exports) = &self.exports {
-            exports.close_all();
-        }
+        let closed = match &self.exports {
+            Some(exports) => exports.close_all(),
+            None => Vec::new(),
+        };
         for _ in 0..8 {
             if !self.poll() {
                 break;
             }
         }
+        closed
     }
 }
