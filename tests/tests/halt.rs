@@ -672,8 +672,10 @@ fn intermediate_commit_running(how: Halt) {
     let (report, events) = halt(a, how);
     jobs_accounted(&report, &events, &["c1"]);
     assert_eq!(report.jobs_cancelled, ["c1"], "{}", report.console);
-    assert_eq!(report.all_closed, 6, "{}", report.console);
+    // The job's commit_top filter (cf1) was between top and mid.
+    assert_eq!(report.all_closed, 7, "{}", report.console);
     report.before("top", "mid");
+    report.before("cf1", "mid");
     report.before("mid", "base");
     check_clean(&files[0]);
     check_clean(&files[1]);

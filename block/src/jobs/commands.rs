@@ -437,6 +437,7 @@ pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
             &base_bs,
             on_error,
             backing_file,
+            filter,
             setup,
         ))?
         .map_err(QmpError::generic)?;

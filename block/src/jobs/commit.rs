@@ -9,7 +9,10 @@
 //! allocated in `top` or between it and `base` into `base`, then make
 //! `base` the backing file of `top`'s overlay; `top` and the images between
 //! leave the chain. Nobody writes to those layers (they are backing files),
-//! so the copy needs no filter; what a reader sees never changes.
+//! so the copy needs no write hook; what a reader sees never changes. As in
+//! QEMU, a pass-through `commit_top` filter (named by `filter-node-name`,
+//! implicit otherwise) sits above `top` while the job runs, and goes
+//! before the chain is cut or when the job ends otherwise.
 //!
 //! *Active* commit (`top` is the active layer): a mirror from the active
 //! layer into `base` with `base` as the bound of what is copied (see
@@ -23,13 +26,14 @@ use core::cell::RefCell;
 
 use crate::backend::Backend;
 use crate::exec::WaitQueue;
-use crate::io::{BoxFuture, IoError, ReqFlags};
+use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
 use crate::job::{Job, JobDriver};
 use crate::node::Node;
 use crate::permission::Perm;
 
 use super::chain::{allocated_above, find_overlay};
 use super::copy::{Writing, until_stopped};
+use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
 use super::on_error::{ErrorAction, OnError, error_action};
 use super::rate_limit::RateLimit;
 use super::stream::{record_backing, set_backing};
@@ -44,12 +48,26 @@ pub struct Commit {
     base: Rc<Node>,
     on_error: OnError,
     blks: RefCell<Option<(Rc<Backend>, Rc<Backend>)>>,
+    /// The `commit_top` filter above `top`.
+    filter: RefCell<Option<Rc<Node>>>,
     wq: WaitQueue,
     backing_file: Option<String>,
 }
 
+/// `commit_top`'s hook: nothing to do on a write.
+struct PassThrough;
+
+impl WriteHook for PassThrough {
+    fn before_write<'a>(&'a self, _: u64, _: u64, _: ReqFlags) -> BoxFuture<'a, IoResult<Guard>> {
+        Box::pin(async { Ok(Box::new(()) as Guard) })
+    }
+
+    fn after_write(&self, _: u64, _: u64) {}
+}
+
 /// Creates and starts an intermediate commit of `top` (below `active`)
-/// into `base`.
+/// into `base`, with its filter named `filter_node_name`.
+#[allow(clippy::too_many_arguments)]
 pub async fn start_commit(
     id: &str,
     active: &Rc<Node>,
@@ -57,6 +75,7 @@ pub async fn start_commit(
     base: &Rc<Node>,
     on_error: OnError,
     backing_file: Option<&str>,
+    filter_node_name: Option<&str>,
     setup: super::JobSetup,
 ) -> Result<Rc<Job>, String> {
     let reg = top.registry().ok_or_else(|| String::from("no registry"))?;
@@ -72,6 +91,7 @@ pub async fn start_commit(
         base: base.clone(),
         on_error,
         blks: RefCell::new(None),
+        filter: RefCell::new(None),
         wq: WaitQueue::new(),
         backing_file: backing_file.map(String::from),
     });
@@ -90,11 +110,32 @@ pub async fn start_commit(
             job.add_backend(base, perm, Perm::ALL.minus(Perm::RESIZE))
                 .map(|b| (t, b))
         });
-    match r {
-        Ok(x) => *drv.blks.borrow_mut() = Some(x),
+    let keep = match r {
+        Ok((t, b)) => {
+            *drv.blks.borrow_mut() = Some((t.clone(), b));
+            t
+        }
         Err(e) => {
             job.early_fail().await;
             return Err(e.to_string());
+        }
+    };
+    // QEMU: commit_top above top; the job's own reader stays on top.
+    let filter = insert_filter(
+        top,
+        filter_node_name,
+        "commit_top",
+        "backing",
+        Rc::new(PassThrough),
+        &[keep],
+        false,
+    )
+    .await;
+    match filter {
+        Ok(f) => *drv.filter.borrow_mut() = Some(f),
+        Err(e) => {
+            job.early_fail().await;
+            return Err(e);
         }
     }
     job.set_auto(setup.auto_finalize, setup.auto_dismiss);
@@ -202,10 +243,24 @@ impl JobDriver for Commit {
         true
     }
 
+    fn clean(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let filter = self.filter.borrow_mut().take();
+            if let Some(f) = filter {
+                remove_filter(f).await;
+            }
+        })
+    }
+
     /// QEMU's `commit_prepare` → `bdrv_drop_intermediate`: `top`'s overlay
     /// gets `base` as its backing file.
     fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async move {
+            // The filter goes first: the overlay's backing is `top` again.
+            let filter = self.filter.borrow_mut().take();
+            if let Some(f) = filter {
+                remove_filter(f).await;
+            }
             let Some(overlay) = find_overlay(&self.active, &self.top) else {
                 return Err(alloc::format!(
                     "Node '{}' is no longer in the backing chain",

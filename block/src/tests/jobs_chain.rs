@@ -2,6 +2,7 @@
 //! base ← mid ← top, a guest writing to top.
 
 use alloc::rc::Rc;
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use serde_json::json;
@@ -113,6 +114,69 @@ fn intermediate_commit_moves_mid_into_base() {
     let b = read_all(&q, &base);
     assert!(b[256 * 1024..512 * 1024].iter().all(|x| *x == 0x0b));
     assert_eq!(event(&q.events(), "BLOCK_JOB_COMPLETED")["type"], "commit");
+    close_all_clean(&q);
+}
+
+#[test]
+fn intermediate_commit_puts_its_filter_above_top_while_it_runs() {
+    let mut q = Qmp::new();
+    let (base, mid, top, _view) = chain3(&mut q);
+    let _drv = guest(&q, "drv", &top);
+    let named = |q: &mut Qmp| -> Vec<(String, String)> {
+        let nodes = q.ok("query-named-block-nodes", json!({}));
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node-name"].as_str().unwrap().into(),
+                    n["drv"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    q.ok(
+        "block-commit",
+        json!({"job-id": "c0", "device": "top", "top-node": "mid", "base-node": "base",
+               "filter-node-name": "ct0", "speed": 64 * KIB}),
+    );
+    q.settle();
+    assert!(named(&mut q).contains(&("ct0".into(), "commit_top".into())));
+    // The overlay reads through the filter; the chain below is unchanged.
+    let ct0 = node(&q, "ct0");
+    assert!(Rc::ptr_eq(&backing(&top).unwrap(), &ct0));
+    assert!(Rc::ptr_eq(&backing(&ct0).unwrap(), &mid));
+    // A second job cannot take the name.
+    assert_eq!(
+        q.err(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "ct0"})
+        ),
+        "Duplicate nodes with node-name='ct0'"
+    );
+    run_until(&q, "commit", || status(&q, "c0") == "gone");
+    assert!(!named(&mut q).iter().any(|(n, _)| n == "ct0"));
+    assert!(Rc::ptr_eq(&backing(&top).unwrap(), &base));
+    // Cancelled, the filter goes too and the chain stays as it was.
+    let (_b, m2, t2, _) = {
+        let b = qcow2(&mut q, "b2", "g0", SIZE, None);
+        let m = qcow2(&mut q, "m2", "g1", SIZE, Some("b2"));
+        io_write(&mut q, "m2", 0, MIB, 0x5a);
+        let t = qcow2(&mut q, "t2", "g2", SIZE, Some("m2"));
+        (b, m, t, ())
+    };
+    q.ok(
+        "block-commit",
+        json!({"job-id": "c1", "device": "t2", "top-node": "m2", "base-node": "b2",
+               "filter-node-name": "ct1", "speed": 64 * KIB}),
+    );
+    q.settle();
+    assert!(named(&mut q).iter().any(|(n, _)| n == "ct1"));
+    q.ok("job-cancel", json!({"id": "c1"}));
+    run_until(&q, "cancel", || status(&q, "c1") == "gone");
+    assert!(!named(&mut q).iter().any(|(n, _)| n == "ct1"));
+    assert!(Rc::ptr_eq(&backing(&t2).unwrap(), &m2));
     close_all_clean(&q);
 }
 
