@@ -172,6 +172,8 @@ fn halt(mut a: Appliance, how: Halt) -> (Report, Vec<Value>) {
     let status = a.wait_exit(Duration::from_secs(90));
     let console = a.console();
     let status = status.unwrap_or_else(|| panic!("QEMU did not exit:\n{console}"));
+    // This client read everything: nothing may have been dropped for it.
+    assert!(!console.contains("QMP client is not reading"), "{console}");
     if how == Halt::Panic {
         // The failure exit, after the whole sequence.
         assert_eq!(status.code(), Some(FAILURE_EXIT_STATUS), "{console}");

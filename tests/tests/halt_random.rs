@@ -636,6 +636,8 @@ fn one_seed(seed: u64) {
     let status = a.wait_exit(Duration::from_secs(90));
     let console = a.console();
     let status = status.unwrap_or_else(|| panic!("QEMU did not exit:\n{console}"));
+    // This client read everything: nothing may have been dropped for it.
+    assert!(!console.contains("QMP client is not reading"), "{console}");
     let expected = match how {
         // The failure exit, after the whole halt sequence.
         Halt::Panic | Halt::PanicBehindWrite => FAILURE_EXIT_STATUS,
