@@ -176,11 +176,23 @@ impl Monitor {
     }
 
     /// `x-blockhaus-panic` (with `blockhaus.test-fault=panic-on-qmp`):
-    /// panics inside the command, for the tests of the fatal halt path.
+    /// a fatal error inside the command, for the tests of the fatal halt
+    /// path: a panic, or with `"fault": "page-fault"` a CPU exception.
     pub fn add_test_panic_command(&mut self) {
         self.commands.register("x-blockhaus-panic", |_, args| {
-            args.check_known(&[])?;
-            panic!("x-blockhaus-panic: test panic requested over QMP");
+            args.check_known(&["fault"])?;
+            match args.opt_str("fault")? {
+                None | Some("panic") => panic!("x-blockhaus-panic: test panic requested over QMP"),
+                Some("page-fault") => {
+                    crate::cmdline::trigger(crate::cmdline::TestFault::PageFault);
+                    Err(block::qmp::QmpError::generic(
+                        "the page fault did not happen",
+                    ))
+                }
+                Some(other) => Err(block::qmp::QmpError::generic(alloc::format!(
+                    "fault '{other}' is not one of panic, page-fault"
+                ))),
+            }
         });
     }
 

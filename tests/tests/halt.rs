@@ -23,6 +23,8 @@ enum Halt {
     /// A fatal error: the appliance panics inside a QMP command
     /// (`x-blockhaus-panic`, there with `blockhaus.test-fault=panic-on-qmp`).
     Panic,
+    /// A fatal error: a page fault inside a QMP command.
+    PageFault,
 }
 
 /// The close-all report printed on the console, parsed.
@@ -158,6 +160,14 @@ fn halt(mut a: Appliance, how: Halt) -> (Report, Vec<Value>) {
                 .unwrap();
             "guest-panic"
         }
+        Halt::PageFault => {
+            a.qmp()
+                .send_raw(
+                    b"{\"execute\": \"x-blockhaus-panic\", \"arguments\": {\"fault\": \"page-fault\"}}\n",
+                )
+                .unwrap();
+            "guest-panic"
+        }
     };
     // A QMP client reads while the appliance stops: everything it says
     // until the connection closes at poweroff.
@@ -174,10 +184,14 @@ fn halt(mut a: Appliance, how: Halt) -> (Report, Vec<Value>) {
     let status = status.unwrap_or_else(|| panic!("QEMU did not exit:\n{console}"));
     // This client read everything: nothing may have been dropped for it.
     assert!(!console.contains("QMP client is not reading"), "{console}");
-    if how == Halt::Panic {
+    if matches!(how, Halt::Panic | Halt::PageFault) {
         // The failure exit, after the whole sequence.
         assert_eq!(status.code(), Some(FAILURE_EXIT_STATUS), "{console}");
-        assert!(console.contains("PANIC: "), "{console}");
+        let report = match how {
+            Halt::Panic => "PANIC: ",
+            _ => "EXCEPTION: vector 14 (#PF page fault)",
+        };
+        assert!(console.contains(report), "{console}");
         let panicked = events.iter().position(|e| e["event"] == "GUEST_PANICKED");
         let shutdown = events.iter().position(|e| e["event"] == "SHUTDOWN");
         assert!(panicked.is_some() && panicked < shutdown, "{events:?}");
@@ -470,6 +484,11 @@ fn quit_during_a_backup() {
 #[test]
 fn powerdown_during_a_backup() {
     backup_running(Halt::Powerdown);
+}
+
+#[test]
+fn page_fault_during_a_backup() {
+    backup_running(Halt::PageFault);
 }
 
 #[test]

@@ -33,8 +33,10 @@
 //!   only under the name given as `backing-file` (QEMU defaults to the
 //!   base's file name, which blockhaus does not know); a full stream
 //!   records no backing file. Without `backing-file` the header keeps its
-//!   old name, which still reads the same data. A read-only base is
-//!   refused, not reopened.
+//!   old name, which still reads the same data. A base opened with
+//!   `read-only=on` is refused ("Block node is read-only"), as in QEMU,
+//!   where libvirt reopens it read-write first; there is no
+//!   `blockdev-reopen` and no `auto-read-only`.
 //! - `blockdev-mirror` refuses a target of another size when the command
 //!   runs; the default `buf-size` is 4 MiB (QEMU: 16 MiB).
 

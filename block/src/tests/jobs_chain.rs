@@ -221,6 +221,43 @@ fn active_commit_cancelled_leaves_top_in_place() {
 }
 
 #[test]
+fn commit_into_a_read_only_base_is_refused_and_changes_nothing() {
+    // QEMU refuses a base opened with read-only=on too (libvirt reopens it
+    // read-write with blockdev-reopen first).
+    let mut q = Qmp::new();
+    let base = qcow2(&mut q, "base", "f0", SIZE, None);
+    io_write(&mut q, "base", 0, MIB, 0x0a);
+    q.ok("blockdev-del", json!({"node-name": "base"}));
+    drop(base);
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "base", "file": "f0", "read-only": true}),
+    );
+    let mid = qcow2(&mut q, "mid", "f1", SIZE, Some("base"));
+    io_write(&mut q, "mid", 0, 64 * KIB, 0x0b);
+    let top = qcow2(&mut q, "top", "f2", SIZE, Some("mid"));
+    for top_node in ["top", "mid"] {
+        let e = q.err(
+            "block-commit",
+            json!({"job-id": "c", "device": "top", "top-node": top_node, "base-node": "base"}),
+        );
+        assert_eq!(e, "Block node is read-only", "{top_node}");
+        assert!(q.bl.registry().jobs().is_empty(), "{top_node}");
+        assert!(Rc::ptr_eq(&backing(&top).unwrap(), &mid));
+        assert!(Rc::ptr_eq(&backing(&mid).unwrap(), &node(&q, "base")));
+        let names: Vec<String> = q
+            .ok("query-named-block-nodes", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node-name"].as_str().unwrap().into())
+            .collect();
+        assert_eq!(names.len(), 6, "{top_node}: {names:?}");
+    }
+    close_all_clean(&q);
+}
+
+#[test]
 fn commit_refusals() {
     let mut q = Qmp::new();
     chain3(&mut q);
