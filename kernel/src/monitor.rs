@@ -14,6 +14,11 @@ use drivers::uart::{COM2, Uart};
 /// The QEMU version whose qemu-storage-daemon QMP shapes blockhaus follows.
 const QEMU_COMPAT: (u64, u64, u64) = (7, 2, 0);
 /// How long the halt path waits for a QMP client to take its last output.
+/// A client that is not reading stalls COM2 after a few hundred bytes:
+/// QEMU's 16550 sends each byte with its own `write()` on the chardev
+/// socket, and on a Unix socket every one-byte message costs most of a
+/// kilobyte of the socket's send budget, so the socket reports full (and
+/// QEMU stops taking bytes from the UART) long before the bytes add up.
 const WRITE_OUT_NS: u64 = 2_000_000_000;
 /// Output kept for a client that does not read, before events are dropped.
 const OUTBOX_LIMIT: usize = 4 << 20;
