@@ -151,6 +151,9 @@ pub struct Stats {
     pub tx_frames: u64,
     /// Frames smoltcp wanted to send while every transmit buffer was busy.
     pub tx_full: u64,
+    /// Connection requests dropped because no listening socket was free
+    /// (see [`NetDevice::gate_syns`]).
+    pub syn_dropped: u64,
 }
 
 /// The receive side: buffers, which ring token holds which buffer, and the
@@ -183,6 +186,26 @@ pub struct NetDevice {
     held: Option<(usize, usize, usize)>,
     /// The synthetic ARP request.
     arp: [u8; ARP_FRAME],
+    /// TCP connection requests to this port beyond this many are dropped.
+    syn_gate: Option<(u16, usize)>,
+}
+
+/// The destination port of a TCP SYN (without ACK) in an IPv4 frame.
+fn tcp_syn_port(frame: &[u8]) -> Option<u16> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(14..)?;
+    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 || *ip.get(9)? != 6 {
+        return None;
+    }
+    let tcp = ip.get(ihl..)?;
+    let flags = *tcp.get(13)?;
+    if flags & 0x12 != 0x02 {
+        return None;
+    }
+    Some(u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]))
 }
 
 /// An Ethernet frame carrying an IPv4 ARP packet.
@@ -248,6 +271,7 @@ impl NetDevice {
             neighbours: Neighbours::default(),
             held: None,
             arp: [0; ARP_FRAME],
+            syn_gate: None,
         };
         for i in 0..QUEUE_SIZE {
             dev.post_rx(i).map_err(Error::Post)?;
@@ -263,6 +287,15 @@ impl NetDevice {
     /// Frame counters.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// From now on, of the TCP connection requests (SYNs) to `port`, only
+    /// the next `free` reach the stack, one for each listening socket;
+    /// the rest are dropped rather than reset (smoltcp resets a SYN no
+    /// socket listens for), so their clients retry as they would with a
+    /// kernel's full accept queue. `None`: no gate.
+    pub fn gate_syns(&mut self, gate: Option<(u16, usize)>) {
+        self.syn_gate = gate;
     }
 
     /// Whether frames moved since the last call.
@@ -478,6 +511,18 @@ impl phy::Device for NetDevice {
                     return None;
                 };
                 self.stats.rx_frames += 1;
+                if let Some((port, free)) = &mut self.syn_gate
+                    && tcp_syn_port(frame_of(&self.rx.bufs[index], start, len)) == Some(*port)
+                {
+                    if *free == 0 {
+                        // As a kernel whose accept queue is full: no reset,
+                        // the client sends its SYN again a little later.
+                        self.stats.syn_dropped += 1;
+                        self.rx.recycle.push(index);
+                        return None;
+                    }
+                    *free -= 1;
+                }
                 // A neighbour smoltcp has not heard from lately: its
                 // synthetic ARP request goes first, the frame next time.
                 let frame = frame_of(&self.rx.bufs[index], start, len);
@@ -597,6 +642,30 @@ mod tests {
         // A /0 and a /32 prefix do not overflow the mask.
         assert!(ipv4_sender(&f, OURS, (ours.0, 0)).is_some());
         assert!(ipv4_sender(&f, OURS, (ours.0, 32)).is_none());
+    }
+
+    #[test]
+    fn tcp_syns_are_told_apart_by_their_port() {
+        let mut f = ipv4_frame(OURS, HOST, [10, 0, 3, 1]);
+        f[23] = 6; // TCP
+        f[36..38].copy_from_slice(&10809u16.to_be_bytes());
+        f[47] = 0x02; // SYN
+        assert_eq!(tcp_syn_port(&f), Some(10809));
+        // SYN+ACK, a plain ACK, UDP, IPv6, a truncated frame: not a SYN.
+        for (at, v) in [(47, 0x12), (47, 0x10), (23, 17)] {
+            let mut g = f.clone();
+            g[at] = v;
+            assert_eq!(tcp_syn_port(&g), None, "{at} {v:#x}");
+        }
+        let mut v6 = f.clone();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(tcp_syn_port(&v6), None);
+        assert_eq!(tcp_syn_port(&f[..40]), None);
+        // IP options move the TCP header.
+        let mut opts = f.clone();
+        opts[14] = 0x46;
+        opts.splice(34..34, [1u8, 1, 1, 1]);
+        assert_eq!(tcp_syn_port(&opts), Some(10809));
     }
 
     #[test]

@@ -1056,3 +1056,52 @@ fn quit_closes_exports_first_and_reports_each() {
         console.find("=== block layer closed ===") < console.find("=== halt sequence done ===")
     );
 }
+
+/// Sixteen clients connect at the same instant, right after boot, while
+/// the server has at most eight sockets listening (smoltcp has no accept
+/// queue): every one is served. A connection request that finds no free
+/// socket is dropped, not reset, so its client tries again, as with a
+/// kernel's full accept queue. On a tap in a network namespace (needs
+/// root; skipped otherwise): QEMU's user network accepts host connections
+/// one at a time (its listen backlog is 1), which would both spread the
+/// burst out and, when the host's accept queue overflows, leave a client
+/// waiting forever on a connection slirp never saw.
+#[test]
+fn a_burst_of_clients_beyond_the_backlog_is_served() {
+    let tap = match harness::qemu::NetnsTap::create() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipped: no network namespace with a tap here: {e}");
+            return;
+        }
+    };
+    let cfg = QemuConfig {
+        append: format!(
+            "{} --blockdev driver=null-co,node-name=n0,size=67108864,read-zeroes=on \
+             {NBD_SERVER} --export type=nbd,id=e0,node-name=n0,name=disk",
+            harness::qemu::NetnsTap::GUEST_IP_SETTING
+        ),
+        netns_tap: Some(tap.clone()),
+        ..QemuConfig::default()
+    };
+    let a = Appliance::boot(&cfg);
+    let u = format!("nbd://{}/disk", harness::qemu::NetnsTap::GUEST_IP);
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let mut cmd = tap.exec("timeout");
+            cmd.args(["60", "qemu-io", "-r", "-f", "raw", "-c", "read -P 0 0 64k"])
+                .arg(&u);
+            thread::spawn(move || output(&mut cmd))
+        })
+        .collect();
+    for c in clients {
+        let o = c.join().unwrap();
+        assert!(
+            o.status.success() && !text(&o).contains("failed"),
+            "{}\nconsole:\n{}",
+            text(&o),
+            a.console()
+        );
+    }
+    quit(a);
+}

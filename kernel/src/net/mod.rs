@@ -194,6 +194,8 @@ impl Network {
         if let (Some(stack), Some(exports), Some(exec), Some(budget)) =
             (stack, exports.as_ref(), exec, budget)
         {
+            let gate = server.as_ref().map(|s| (s.port, s.free(&stack.sockets)));
+            stack.device.gate_syns(gate);
             busy |= stack.poll();
             if let Some(server) = server {
                 let max = match server.max_connections {

@@ -15,8 +15,10 @@ use drivers::net::smoltcp::wire::{IpAddress, IpListenEndpoint};
 
 use super::stack::nbd_socket;
 
-/// Sockets kept listening: a SYN that finds none is reset, so this is
-/// how many clients may connect at the same instant (the listen backlog).
+/// Sockets kept listening: how many clients may connect at the same
+/// instant (the listen backlog). A SYN that would find none is dropped
+/// before the stack sees it, so that client tries again shortly
+/// (`NetDevice::gate_syns`).
 pub const BACKLOG: usize = 8;
 
 /// A running NBD server.
@@ -76,6 +78,14 @@ impl Server {
             }
         }
         taken
+    }
+
+    /// Sockets still waiting for a client.
+    pub fn free(&self, sockets: &SocketSet<'static>) -> usize {
+        self.listeners
+            .iter()
+            .filter(|&&h| sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen)
+            .count()
     }
 
     /// Stops listening (clients waiting in a slot are dropped).
