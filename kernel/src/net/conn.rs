@@ -46,7 +46,12 @@ pub const STALL_NS: u64 = 60_000_000_000;
 /// cannot hold every slot of `max-connections`.
 pub const HANDSHAKE_NS: u64 = 10_000_000_000;
 
-/// Bytes of read buffers all connections may have in execution at once.
+/// Bytes of read data one connection may hold: reads executing, and
+/// replies the client has not taken yet (a single read always runs).
+pub const CONN_READ_BYTES: u64 = 16 << 20;
+
+/// Bytes of read data all connections may hold at once: buffers of reads
+/// in execution and read replies not yet sent.
 pub struct IoBudget {
     used: Cell<u64>,
     limit: u64,
@@ -100,6 +105,11 @@ pub struct Conn {
     last_input: u64,
     /// When the client connected (monotonic ns).
     connected_at: u64,
+    /// This connection's share of read data ([`CONN_READ_BYTES`]).
+    reads: Rc<IoBudget>,
+    /// Bytes of both budgets held for read replies waiting in the
+    /// engine's output; given back as the client takes its output.
+    held: Rc<Cell<u64>>,
 }
 
 /// How long a socket we closed may wait for the peer's FIN before it is
@@ -118,6 +128,20 @@ impl Conn {
             queued: VecDeque::new(),
             last_input: crate::clock::monotonic_ns(),
             connected_at: crate::clock::monotonic_ns(),
+            reads: IoBudget::new(CONN_READ_BYTES),
+            held: Rc::new(Cell::new(0)),
+        }
+    }
+
+    /// Gives back the budget held for read replies the client has taken
+    /// (or that were dropped): what is held never exceeds the output.
+    fn release_sent(&self, budget: &IoBudget) {
+        let out = self.engine.borrow().output().len();
+        let held = self.held.get();
+        if held > out {
+            budget.give(held - out);
+            self.reads.give(held - out);
+            self.held.set(out);
         }
     }
 
@@ -180,6 +204,7 @@ impl Conn {
                 }
             }
             self.bind_export(exports);
+            self.release_sent(budget);
             moved |= self.start_requests(exec, budget);
             if !moved {
                 break;
@@ -247,7 +272,17 @@ impl Conn {
         }
         while let Some(req) = self.queued.front() {
             let bytes = buffer_bytes(&req.op);
+            // A read's data stays in memory until the client takes the
+            // reply: a client that asks for gigabytes and reads nothing
+            // holds at most its share.
+            if bytes > 0 && self.engine.borrow().output().len() > LIMITS.output_high_water {
+                break;
+            }
+            if !self.reads.take(bytes) {
+                break;
+            }
             if !budget.take(bytes) {
+                self.reads.give(bytes);
                 break;
             }
             let Some(req) = self.queued.pop_front() else {
@@ -257,14 +292,21 @@ impl Conn {
             let engine = self.engine.clone();
             let backend = self.export.as_ref().map(|e| e.backend.clone());
             let budget = budget.clone();
+            let reads = self.reads.clone();
+            let held = self.held.clone();
             exec.spawn(async move {
                 let completion = match backend {
                     Some(b) => execute(&b, req.op).await,
                     None => Completion::Error(block::io::IoError::Enomedium),
                 };
-                budget.give(bytes);
                 // Refused harmlessly if the client has gone.
-                let _ = engine.borrow_mut().complete(req.id, completion);
+                if engine.borrow_mut().complete(req.id, completion).is_ok() {
+                    // Held until the reply has been sent (release_sent).
+                    held.set(held.get() + bytes);
+                } else {
+                    budget.give(bytes);
+                    reads.give(bytes);
+                }
             });
         }
         any
@@ -273,7 +315,7 @@ impl Conn {
     /// Whether the connection is over: the socket is closed and no request
     /// is left running. The client's hold on its export ends as soon as
     /// either side has closed and nothing is in flight.
-    pub fn finished(&mut self, sockets: &mut SocketSet<'_>) -> bool {
+    pub fn finished(&mut self, sockets: &mut SocketSet<'_>, budget: &IoBudget) -> bool {
         let sock = sockets.get_mut::<tcp::Socket>(self.handle);
         let mut eng = self.engine.borrow_mut();
         let socket_closed = matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait);
@@ -300,6 +342,9 @@ impl Conn {
         {
             sock.abort();
         }
+        drop(eng);
+        // Output dropped with the connection: its read data goes back.
+        self.release_sent(budget);
         socket_closed && idle
     }
 }

@@ -212,7 +212,7 @@ impl Network {
                 busy |= c.service(&mut stack.sockets, exports, exec, budget);
             }
             conns.retain_mut(|c| {
-                if c.finished(&mut stack.sockets) {
+                if c.finished(&mut stack.sockets, budget) {
                     stack.sockets.remove(c.handle);
                     false
                 } else {
