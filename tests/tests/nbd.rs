@@ -728,28 +728,38 @@ fn eject_under_legacy_export_deletes_it() {
     quit(a);
 }
 
-/// The fast path: a tap device in a network namespace (needs root; skipped
-/// with a note otherwise). The guest announces itself with a gratuitous
-/// ARP, answers ping, and serves NBD to clients in the namespace.
-#[test]
-fn tap_in_a_netns_gratuitous_arp_ping_and_nbd() {
+/// The appliance on a tap in a network namespace, exporting a 64 MiB
+/// `null-co` node as `disk` (`export_opts` appended to the export);
+/// `None`, with a note, where no namespace can be made (needs root).
+fn boot_on_tap(export_opts: &str) -> Option<(harness::qemu::NetnsTap, Appliance)> {
     let tap = match harness::qemu::NetnsTap::create() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("skipped: no network namespace with a tap here: {e}");
-            return;
+            return None;
         }
     };
     let cfg = QemuConfig {
         append: format!(
             "{} --blockdev driver=null-co,node-name=n0,size=67108864,read-zeroes=on \
-             {NBD_SERVER} --export type=nbd,id=e0,node-name=n0,name=disk,writable=on",
+             {NBD_SERVER} --export type=nbd,id=e0,node-name=n0,name=disk{export_opts}",
             harness::qemu::NetnsTap::GUEST_IP_SETTING
         ),
         netns_tap: Some(tap.clone()),
         ..QemuConfig::default()
     };
     let a = Appliance::boot(&cfg);
+    Some((tap, a))
+}
+
+/// The fast path: a tap device in a network namespace (needs root; skipped
+/// with a note otherwise). The guest announces itself with a gratuitous
+/// ARP, answers ping, and serves NBD to clients in the namespace.
+#[test]
+fn tap_in_a_netns_gratuitous_arp_ping_and_nbd() {
+    let Some((tap, a)) = boot_on_tap(",writable=on") else {
+        return;
+    };
     let guest = harness::qemu::NetnsTap::GUEST_IP;
     // The namespace learns the guest's MAC without asking.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1075,23 +1085,9 @@ fn quit_closes_exports_first_and_reports_each() {
 /// waiting forever on a connection slirp never saw.
 #[test]
 fn a_burst_of_clients_beyond_the_backlog_is_served() {
-    let tap = match harness::qemu::NetnsTap::create() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("skipped: no network namespace with a tap here: {e}");
-            return;
-        }
+    let Some((tap, a)) = boot_on_tap("") else {
+        return;
     };
-    let cfg = QemuConfig {
-        append: format!(
-            "{} --blockdev driver=null-co,node-name=n0,size=67108864,read-zeroes=on \
-             {NBD_SERVER} --export type=nbd,id=e0,node-name=n0,name=disk",
-            harness::qemu::NetnsTap::GUEST_IP_SETTING
-        ),
-        netns_tap: Some(tap.clone()),
-        ..QemuConfig::default()
-    };
-    let a = Appliance::boot(&cfg);
     let u = format!("nbd://{}/disk", harness::qemu::NetnsTap::GUEST_IP);
     let clients: Vec<_> = (0..16)
         .map(|_| {
