@@ -2,9 +2,11 @@
 //! real images (raw and qcow2 on 2-4 virtio-blk disks, qcow2 backing
 //! chains, random `raw`/`throttle` layers, quorums of three), random jobs
 //! where they are valid (mirror, backup, stream, active commit) at random
-//! speeds, random qemu-io writers (plain, FUA, flushed), and a halt at a
-//! random moment by `quit`, the power button or a fatal error (a panic
-//! inside a QMP command) — sometimes while a write is still in flight.
+//! speeds, random qemu-io writers over QMP (plain, FUA, flushed) and NBD
+//! writers (qemu-io on the host through an export of the volume, in the
+//! last 4 MiB of it), and a halt at a random moment by `quit`, the power
+//! button or a fatal error (a panic inside a QMP command) — sometimes
+//! while a write is still in flight.
 //! Then on the host: QEMU exited 0 (33 after the panic), every qcow2 image
 //! passes `qemu-img check` with no errors and no leaks, the close-all
 //! report closed every node and cancelled (or saw finish) every job, and
@@ -30,6 +32,34 @@ use std::time::Duration;
 
 /// Virtual size of every volume (mirror and backup want equal sizes).
 const VSIZE: u64 = 32 * MIB;
+/// The end of every volume that only its NBD writer writes (the writes
+/// over QMP stay below it), so each byte's last writer is known.
+const NBD_REGION: u64 = 4 * MIB;
+
+/// One NBD client writing a volume through its export while the halt
+/// comes: its writes in order, and what qemu-io printed.
+struct NbdWriter {
+    vol: usize,
+    writes: Vec<(u64, u64, u8)>,
+    client: std::thread::JoinHandle<String>,
+}
+
+/// Starts `qemu-io` over NBD with `writes` (offset, length, pattern), one
+/// after the other, on export `name`.
+fn nbd_writer(port: u16, name: &str, writes: &[(u64, u64, u8)]) -> std::thread::JoinHandle<String> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for (i, (off, len, p)) in writes.iter().enumerate() {
+        let fua = if i % 3 == 2 { "-f " } else { "" };
+        cmd.arg("-c")
+            .arg(format!("write {fua}-P {p:#x} {off} {len}"));
+    }
+    cmd.arg(format!("nbd://127.0.0.1:{port}/{name}"));
+    std::thread::spawn(move || {
+        let out = cmd.output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    })
+}
 
 /// splitmix64: small, seedable, good enough.
 struct Rng(u64);
@@ -439,10 +469,14 @@ fn one_seed(seed: u64) {
     }
 
     // ---- boot and build ----
+    let port = harness::qemu::free_port();
     let cfg = QemuConfig {
         machine,
         disks: disks.iter().map(|d| d.path.clone()).collect(),
-        append: "blockhaus.test-fault=panic-on-qmp".into(),
+        append: "blockhaus.test-fault=panic-on-qmp \
+                 --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809"
+            .into(),
+        nbd_port: Some(port),
         ..QemuConfig::default()
     };
     let mut a = Appliance::boot(&cfg);
@@ -572,6 +606,35 @@ fn one_seed(seed: u64) {
         jobs.push(id);
     }
 
+    // ---- NBD writers on some volumes, in their own region ----
+    let mut nbd_writers = Vec::new();
+    for &v in &writers {
+        if nbd_writers.len() == 2 || !rng.chance(1, 2) {
+            continue;
+        }
+        let export = json!({"type": "nbd", "id": format!("x{v}"), "node-name": vols[v].root(),
+                            "name": format!("v{v}"), "writable": true});
+        println!("  block-export-add {export}");
+        a.qmp()
+            .cmd("block-export-add", export.clone())
+            .unwrap_or_else(|e| panic!("block-export-add {export}: {e}"));
+        let writes: Vec<(u64, u64, u8)> = (0..rng.range(16, 160))
+            .map(|n| {
+                let len = rng.range(1, 512) * 512;
+                let off = VSIZE - NBD_REGION + rng.range(0, (NBD_REGION - len) / 512) * 512;
+                (off, len, 0x80 + (n % 0x70) as u8)
+            })
+            .collect();
+        // QEMU's user network takes host connections one at a time.
+        std::thread::sleep(Duration::from_millis(25));
+        let client = nbd_writer(port, &format!("v{v}"), &writes);
+        nbd_writers.push(NbdWriter {
+            vol: v,
+            writes,
+            client,
+        });
+    }
+
     // ---- writers, then the halt at a random moment ----
     for _ in 0..rng.range(1, 10) {
         write(&mut a, &mut rng, &mut vols);
@@ -654,6 +717,28 @@ fn one_seed(seed: u64) {
             vols[v].model[off as usize..(off + len) as usize].fill(0xfe);
         } else {
             vols[v].maybe.push((off, len, 0xfe));
+        }
+    }
+    // Each NBD writer's acknowledged writes are a prefix of its list (a
+    // write is sent once the one before was answered); the first one not
+    // answered may or may not have landed, the rest were never sent.
+    for w in nbd_writers {
+        let out = w.client.join().unwrap();
+        let acked = out.lines().filter(|l| l.starts_with("wrote ")).count();
+        println!(
+            "  NBD writer on volume {}: {acked} of {} writes acknowledged",
+            w.vol,
+            w.writes.len()
+        );
+        for (i, &(off, len, p)) in w.writes.iter().enumerate() {
+            let range = off as usize..(off + len) as usize;
+            if i < acked {
+                let line = format!("wrote {len}/{len} bytes at offset {off}");
+                assert!(out.contains(&line), "{line}:\n{out}");
+                vols[w.vol].model[range].fill(p);
+            } else {
+                vols[w.vol].maybe.push((off, len, p));
+            }
         }
     }
     if matches!(how, Halt::Quit | Halt::QuitBehindWrite) {
@@ -751,17 +836,19 @@ impl Vol {
     }
 }
 
-/// A random write: mostly sector-aligned, sometimes not; up to 512 KiB.
+/// A random write over QMP: mostly sector-aligned, sometimes not; up to
+/// 512 KiB; below the NBD writers' region.
 fn random_range(rng: &mut Rng) -> (u64, u64) {
+    let end = VSIZE - NBD_REGION;
     let len = if rng.chance(1, 4) {
         rng.range(1, 70_000)
     } else {
         rng.range(1, 1024) * 512
     };
     let off = if rng.chance(1, 4) {
-        rng.range(0, VSIZE - len)
+        rng.range(0, end - len)
     } else {
-        rng.range(0, (VSIZE - len) / 512) * 512
+        rng.range(0, (end - len) / 512) * 512
     };
     (off, len)
 }
