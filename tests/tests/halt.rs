@@ -1006,3 +1006,77 @@ fn powerdown_while_eight_nbd_clients_write() {
 fn panic_while_eight_nbd_clients_write() {
     eight_nbd_clients_writing(Halt::Panic);
 }
+
+/// QEMU iotest 140 before the halt: a legacy `nbd-server-add` export on a
+/// named backend (`--drive`) whose medium is then ejected, which deletes
+/// the export. The halt still closes every node, the write made through
+/// the export is on the disk, and a client gets no export afterwards.
+fn ejected_under_an_export(how: Halt) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_disk(dir.path(), "disk.img", 64 * MIB);
+    let port = harness::qemu::free_port();
+    let mut c = cfg(
+        vec![img.clone()],
+        "--blockdev driver=virtio-blk,node-name=d0,serial=disk0 --drive id=drv,node-name=d0 \
+         --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809",
+    );
+    c.nbd_port = Some(port);
+    let mut a = Appliance::boot(&c);
+    a.qmp()
+        .cmd("nbd-server-add", json!({"device": "drv", "writable": true}))
+        .unwrap();
+    let uri = format!("nbd://127.0.0.1:{port}/drv");
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 1M 64k", "-c", "flush"])
+        .arg(&uri));
+    assert!(out.contains("wrote 65536/65536 bytes"), "{out}");
+    a.qmp().cmd("eject", json!({"device": "drv"})).unwrap();
+    let ev = a
+        .qmp()
+        .wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(ev["data"]["id"], "drv");
+    let gone = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read 0 512"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("export 'drv' not present"),
+        "{gone:?}"
+    );
+    let (report, _events) = halt(a, how);
+    assert_eq!(report.all_closed, 1, "{}", report.console);
+    assert!(
+        report
+            .console
+            .lines()
+            .any(|l| l.trim_end() == "exports closed: none"),
+        "{}",
+        report.console
+    );
+    present(
+        &img,
+        "raw",
+        &[Write {
+            pattern: 0x77,
+            offset: MIB,
+            len: 64 << 10,
+        }],
+    );
+}
+
+#[test]
+fn quit_after_iotest_140_eject_under_an_export() {
+    ejected_under_an_export(Halt::Quit);
+}
+
+#[test]
+fn powerdown_after_iotest_140_eject_under_an_export() {
+    ejected_under_an_export(Halt::Powerdown);
+}
+
+#[test]
+fn panic_after_iotest_140_eject_under_an_export() {
+    ejected_under_an_export(Halt::Panic);
+}
