@@ -5,9 +5,8 @@
 //! [`crate::jobs::commands`]).
 //!
 //! ```
-//! use block::layer::{BlockContext, BlockLayer};
+//! use block::layer::BlockLayer;
 //! use block::qmp::Dispatcher;
-//! # fn ctx() -> BlockLayer { unimplemented!() }
 //! let mut d: Dispatcher<BlockLayer> = Dispatcher::new();
 //! block::commands::register(&mut d);
 //! assert!(d.contains("blockdev-add"));

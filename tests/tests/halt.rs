@@ -303,6 +303,27 @@ fn cfg(disks: Vec<PathBuf>, append: &str) -> QemuConfig {
     }
 }
 
+/// `$scenario` as three tests: halted by `quit`, by the power button and
+/// by a panic.
+macro_rules! three_halts {
+    ($scenario:ident: $quit:ident, $powerdown:ident, $panic:ident) => {
+        #[test]
+        fn $quit() {
+            $scenario(Halt::Quit);
+        }
+
+        #[test]
+        fn $powerdown() {
+            $scenario(Halt::Powerdown);
+        }
+
+        #[test]
+        fn $panic() {
+            $scenario(Halt::Panic);
+        }
+    };
+}
+
 // ---- scenarios ----
 
 /// A mirror throttled by its `speed` is copying when the halt comes; the
@@ -348,20 +369,12 @@ fn throttled_mirror(how: Halt) {
     );
 }
 
-#[test]
-fn quit_during_a_mirror_throttled_by_its_speed() {
-    throttled_mirror(Halt::Quit);
-}
-
-#[test]
-fn powerdown_during_a_mirror_throttled_by_its_speed() {
-    throttled_mirror(Halt::Powerdown);
-}
-
-#[test]
-fn panic_during_a_mirror_throttled_by_its_speed() {
-    throttled_mirror(Halt::Panic);
-}
+three_halts!(
+    throttled_mirror:
+    quit_during_a_mirror_throttled_by_its_speed,
+    powerdown_during_a_mirror_throttled_by_its_speed,
+    panic_during_a_mirror_throttled_by_its_speed
+);
 
 /// The mirror's source is a `throttle` filter node in a `throttle-group`
 /// made with `object-add`: the copy is slow because the group limits it,
@@ -412,20 +425,12 @@ fn mirror_through_a_throttle_group(how: Halt) {
     host_io(&src, "raw", &["read -P 0x11 0 2M".into()]);
 }
 
-#[test]
-fn quit_during_a_mirror_through_a_throttle_group() {
-    mirror_through_a_throttle_group(Halt::Quit);
-}
-
-#[test]
-fn powerdown_during_a_mirror_through_a_throttle_group() {
-    mirror_through_a_throttle_group(Halt::Powerdown);
-}
-
-#[test]
-fn panic_during_a_mirror_through_a_throttle_group() {
-    mirror_through_a_throttle_group(Halt::Panic);
-}
+three_halts!(
+    mirror_through_a_throttle_group:
+    quit_during_a_mirror_through_a_throttle_group,
+    powerdown_during_a_mirror_through_a_throttle_group,
+    panic_during_a_mirror_through_a_throttle_group
+);
 
 /// A throttled backup is running while the guest writes the source: the
 /// source has the new data, and the qcow2 target has the old data of
@@ -477,24 +482,16 @@ fn backup_running(how: Halt) {
     present(&tgt, "qcow2", &old);
 }
 
-#[test]
-fn quit_during_a_backup() {
-    backup_running(Halt::Quit);
-}
-
-#[test]
-fn powerdown_during_a_backup() {
-    backup_running(Halt::Powerdown);
-}
+three_halts!(
+    backup_running:
+    quit_during_a_backup,
+    powerdown_during_a_backup,
+    panic_during_a_backup
+);
 
 #[test]
 fn page_fault_during_a_backup() {
     backup_running(Halt::PageFault);
-}
-
-#[test]
-fn panic_during_a_backup() {
-    backup_running(Halt::Panic);
 }
 
 /// An unthrottled mirror or backup onto a fresh qcow2 image is allocating
@@ -622,20 +619,12 @@ fn stream_running(how: Halt) {
     chain_view(&files[1], false, &ws);
 }
 
-#[test]
-fn quit_during_a_stream() {
-    stream_running(Halt::Quit);
-}
-
-#[test]
-fn powerdown_during_a_stream() {
-    stream_running(Halt::Powerdown);
-}
-
-#[test]
-fn panic_during_a_stream() {
-    stream_running(Halt::Panic);
-}
+three_halts!(
+    stream_running:
+    quit_during_a_stream,
+    powerdown_during_a_stream,
+    panic_during_a_stream
+);
 
 /// A throttled active `block-commit` of the top into the base is running
 /// while the guest writes the top.
@@ -662,20 +651,12 @@ fn active_commit_running(how: Halt) {
     host_io(&files[1], "qcow2", &["read -P 0x44 21M 3M".into()]);
 }
 
-#[test]
-fn quit_during_an_active_commit() {
-    active_commit_running(Halt::Quit);
-}
-
-#[test]
-fn powerdown_during_an_active_commit() {
-    active_commit_running(Halt::Powerdown);
-}
-
-#[test]
-fn panic_during_an_active_commit() {
-    active_commit_running(Halt::Panic);
-}
+three_halts!(
+    active_commit_running:
+    quit_during_an_active_commit,
+    powerdown_during_an_active_commit,
+    panic_during_an_active_commit
+);
 
 /// A throttled intermediate `block-commit` (mid into base) under a top
 /// the guest keeps writing.
@@ -705,20 +686,12 @@ fn intermediate_commit_running(how: Halt) {
     chain_view(&files[2], true, &ws);
 }
 
-#[test]
-fn quit_during_an_intermediate_commit() {
-    intermediate_commit_running(Halt::Quit);
-}
-
-#[test]
-fn powerdown_during_an_intermediate_commit() {
-    intermediate_commit_running(Halt::Powerdown);
-}
-
-#[test]
-fn panic_during_an_intermediate_commit() {
-    intermediate_commit_running(Halt::Panic);
-}
+three_halts!(
+    intermediate_commit_running:
+    quit_during_an_intermediate_commit,
+    powerdown_during_an_intermediate_commit,
+    panic_during_an_intermediate_commit
+);
 
 /// QEMU iotest 117: a qcow2 node over a disk node that has other users
 /// too — the monitor's reference, a read-only `raw` parent, and qemu-io
@@ -788,20 +761,12 @@ fn iotest_117(how: Halt) {
     );
 }
 
-#[test]
-fn quit_with_iotest_117_qcow2_over_a_shared_disk_node() {
-    iotest_117(Halt::Quit);
-}
-
-#[test]
-fn powerdown_with_iotest_117_qcow2_over_a_shared_disk_node() {
-    iotest_117(Halt::Powerdown);
-}
-
-#[test]
-fn panic_with_iotest_117_qcow2_over_a_shared_disk_node() {
-    iotest_117(Halt::Panic);
-}
+three_halts!(
+    iotest_117:
+    quit_with_iotest_117_qcow2_over_a_shared_disk_node,
+    powerdown_with_iotest_117_qcow2_over_a_shared_disk_node,
+    panic_with_iotest_117_qcow2_over_a_shared_disk_node
+);
 
 /// A quorum of three virtio-blk disks; one child is removed at runtime
 /// with `x-blockdev-change` and the writes go on. The two remaining
@@ -875,20 +840,12 @@ fn quorum_child_removed(how: Halt) {
     );
 }
 
-#[test]
-fn quit_with_a_quorum_child_removed_at_runtime() {
-    quorum_child_removed(Halt::Quit);
-}
-
-#[test]
-fn powerdown_with_a_quorum_child_removed_at_runtime() {
-    quorum_child_removed(Halt::Powerdown);
-}
-
-#[test]
-fn panic_with_a_quorum_child_removed_at_runtime() {
-    quorum_child_removed(Halt::Panic);
-}
+three_halts!(
+    quorum_child_removed:
+    quit_with_a_quorum_child_removed_at_runtime,
+    powerdown_with_a_quorum_child_removed_at_runtime,
+    panic_with_a_quorum_child_removed_at_runtime
+);
 
 /// Eight NBD clients are writing, each its own region, when the halt
 /// comes: the export closes first, and every write a client saw
@@ -992,20 +949,12 @@ fn eight_nbd_clients_writing(how: Halt) {
     present(&img, "raw", &acked);
 }
 
-#[test]
-fn quit_while_eight_nbd_clients_write() {
-    eight_nbd_clients_writing(Halt::Quit);
-}
-
-#[test]
-fn powerdown_while_eight_nbd_clients_write() {
-    eight_nbd_clients_writing(Halt::Powerdown);
-}
-
-#[test]
-fn panic_while_eight_nbd_clients_write() {
-    eight_nbd_clients_writing(Halt::Panic);
-}
+three_halts!(
+    eight_nbd_clients_writing:
+    quit_while_eight_nbd_clients_write,
+    powerdown_while_eight_nbd_clients_write,
+    panic_while_eight_nbd_clients_write
+);
 
 /// QEMU iotest 140 before the halt: a legacy `nbd-server-add` export on a
 /// named backend (`--drive`) whose medium is then ejected, which deletes
@@ -1066,17 +1015,9 @@ fn ejected_under_an_export(how: Halt) {
     );
 }
 
-#[test]
-fn quit_after_iotest_140_eject_under_an_export() {
-    ejected_under_an_export(Halt::Quit);
-}
-
-#[test]
-fn powerdown_after_iotest_140_eject_under_an_export() {
-    ejected_under_an_export(Halt::Powerdown);
-}
-
-#[test]
-fn panic_after_iotest_140_eject_under_an_export() {
-    ejected_under_an_export(Halt::Panic);
-}
+three_halts!(
+    ejected_under_an_export:
+    quit_after_iotest_140_eject_under_an_export,
+    powerdown_after_iotest_140_eject_under_an_export,
+    panic_after_iotest_140_eject_under_an_export
+);

@@ -32,10 +32,9 @@ use crate::node::Node;
 use crate::permission::Perm;
 
 use super::chain::{allocated_above, find_overlay};
-use super::copy::{Writing, until_stopped};
+use super::copy::{Walked, Writing, walk};
 use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
-use super::on_error::{ErrorAction, OnError, error_action};
-use super::rate_limit::RateLimit;
+use super::on_error::OnError;
 use super::stream::{record_backing, set_backing};
 
 /// QEMU's `COMMIT_BUFFER_SIZE`: 512 KiB.
@@ -175,50 +174,18 @@ impl Commit {
         if base.get_length().map_err(|e| e.to_string())? < len {
             base.truncate(len).await.map_err(|e| e.to_string())?;
         }
-        let clock = job
-            .registry()
-            .map(|r| r.clock())
-            .ok_or_else(|| String::from("no registry"))?;
-        let mut rate = RateLimit::new();
-        let mut ignored = None;
-        let mut off = 0;
-        job.set_progress(0, len);
-        while off < len {
-            if job.is_cancelled() {
-                return Ok(());
-            }
-            let n = COMMIT_CHUNK.min(len - off);
-            let d = rate.delay_ns(clock.now_ns(), job.speed(), n);
-            if d > 0 {
-                job.sleep_ns(d).await;
-                continue;
-            }
-            job.pause_point().await;
-            if job.is_cancelled() {
-                return Ok(());
-            }
-            let writing = Writing::new();
-            let chunk = Box::pin(self.chunk(&top, &base, off, n, writing.clone()));
-            let stop = || job.is_cancelled();
-            let Some(r) = until_stopped(chunk, writing, job, &self.wq, stop).await else {
-                return Ok(());
-            };
-            match r {
-                Ok(done) => {
-                    off += done;
-                    job.set_progress(off, len);
-                }
-                Err((is_read, e)) => match error_action(job, self.on_error, is_read, e) {
-                    ErrorAction::Stop => continue,
-                    ErrorAction::Report => return Err(e.to_string()),
-                    ErrorAction::Ignore => {
-                        ignored.get_or_insert(e);
-                        off += n;
-                    }
-                },
-            }
-            crate::exec::yield_now().await;
-        }
+        let walked = walk(
+            job,
+            &self.wq,
+            len,
+            COMMIT_CHUNK,
+            self.on_error,
+            |off, n, w| Box::pin(self.chunk(&top, &base, off, n, w)),
+        )
+        .await?;
+        let Walked::Done(ignored) = walked else {
+            return Ok(());
+        };
         if let Err(e) = base.flush().await {
             return Err(e.to_string());
         }

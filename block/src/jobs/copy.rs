@@ -6,6 +6,7 @@
 
 use alloc::boxed::Box;
 use alloc::rc::Rc;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::task::Poll;
@@ -14,6 +15,9 @@ use crate::backend::Backend;
 use crate::exec::WaitQueue;
 use crate::io::{BoxFuture, IoError, ReqFlags};
 use crate::job::Job;
+
+use super::on_error::{ErrorAction, OnError, error_action};
+use super::rate_limit::RateLimit;
 
 /// QEMU's `MAX_IN_FLIGHT`: copies a job runs at once.
 pub const MAX_IN_FLIGHT: usize = 16;
@@ -184,6 +188,75 @@ pub async fn until_stopped<T>(
     let mut pool = Pool::new();
     pool.push(writing, f);
     pool.next_until(job, wq, stop).await.flatten()
+}
+
+/// How a [`walk`] ended.
+pub enum Walked {
+    /// Every chunk was handled; with the first error `ignore`d, if any.
+    Done(Option<IoError>),
+    /// The job was cancelled.
+    Cancelled,
+}
+
+/// The loop of a job that goes once through `[0, len)` in chunks of at
+/// most `chunk` bytes (QEMU: `stream_run`, `commit_run`): the job's speed,
+/// pause points and cancel, `on_error` for a failed chunk, progress.
+/// `copy(offset, len, writing)` handles one chunk, marking its write in
+/// `writing`, and says how many bytes it covered (or where it failed:
+/// `true` for the read). `Err` is an error the policy reports.
+pub async fn walk<'a>(
+    job: &Job,
+    wq: &WaitQueue,
+    len: u64,
+    chunk: u64,
+    on_error: OnError,
+    mut copy: impl FnMut(u64, u64, Writing) -> BoxFuture<'a, Result<u64, (bool, IoError)>>,
+) -> Result<Walked, String> {
+    let clock = job
+        .registry()
+        .map(|r| r.clock())
+        .ok_or_else(|| String::from("no registry"))?;
+    let mut rate = RateLimit::new();
+    let mut ignored = None;
+    let mut off = 0;
+    job.set_progress(0, len);
+    while off < len {
+        if job.is_cancelled() {
+            return Ok(Walked::Cancelled);
+        }
+        let n = chunk.min(len - off);
+        let d = rate.delay_ns(clock.now_ns(), job.speed(), n);
+        if d > 0 {
+            job.sleep_ns(d).await;
+            continue;
+        }
+        job.pause_point().await;
+        if job.is_cancelled() {
+            return Ok(Walked::Cancelled);
+        }
+        let writing = Writing::new();
+        let f = copy(off, n, writing.clone());
+        let stop = || job.is_cancelled();
+        let Some(r) = until_stopped(f, writing, job, wq, stop).await else {
+            return Ok(Walked::Cancelled);
+        };
+        match r {
+            Ok(done) => {
+                off += done;
+                job.set_progress(off, len);
+            }
+            Err((is_read, e)) => match error_action(job, on_error, is_read, e) {
+                ErrorAction::Stop => continue,
+                ErrorAction::Report => return Err(e.to_string()),
+                ErrorAction::Ignore => {
+                    ignored.get_or_insert(e);
+                    off += n;
+                }
+            },
+        }
+        crate::exec::yield_now().await;
+    }
+    Ok(Walked::Done(ignored))
 }
 
 /// Byte ranges in use; a new user of an overlapping range waits.

@@ -31,10 +31,9 @@ use crate::node::{Drained, Node, unref};
 use crate::permission::{ChildRole, Perm};
 
 use super::chain::{allocated_above, backing};
-use super::copy::{RangeLock, Writing, until_stopped};
+use super::copy::{RangeLock, Walked, Writing, walk};
 use super::filter::{Guard, WriteHook, insert_filter, remove_filter};
-use super::on_error::{ErrorAction, OnError, error_action};
-use super::rate_limit::RateLimit;
+use super::on_error::OnError;
 
 /// QEMU's `STREAM_CHUNK`: 512 KiB.
 pub const STREAM_CHUNK: u64 = 512 << 10;
@@ -192,65 +191,29 @@ impl Stream {
             .clone()
             .ok_or_else(|| String::from("stream job without backend"))?;
         let len = blk.get_length().map_err(|e| e.to_string())?;
-        let clock = job
-            .registry()
-            .map(|r| r.clock())
-            .ok_or_else(|| String::from("no registry"))?;
-        let mut rate = RateLimit::new();
-        let mut ignored: Option<IoError> = None;
-        let mut off = 0;
-        job.set_progress(0, len);
-        while off < len {
-            if job.is_cancelled() {
-                return Ok(());
-            }
-            let n = STREAM_CHUNK.min(len - off);
-            let d = rate.delay_ns(clock.now_ns(), job.speed(), n);
-            if d > 0 {
-                job.sleep_ns(d).await;
-                continue;
-            }
-            job.pause_point().await;
-            if job.is_cancelled() {
-                return Ok(());
-            }
-            let writing = Writing::new();
-            let base = self.base.as_ref();
-            let w = writing.clone();
-            let chunk = Box::pin(stream_chunk(
-                &self.top,
-                base,
-                &blk,
-                &self.locks,
-                (off, n),
-                w,
-            ));
-            let stop = || job.is_cancelled();
-            let Some(r) = until_stopped(chunk, writing, job, &self.wq, stop).await else {
-                return Ok(());
-            };
-            match r {
-                Ok((done, copied)) => {
+        let base = self.base.as_ref();
+        let walked = walk(
+            job,
+            &self.wq,
+            len,
+            STREAM_CHUNK,
+            self.on_error,
+            |off, n, w| {
+                let (blk, locks) = (&blk, &self.locks);
+                Box::pin(async move {
+                    let (done, copied) =
+                        stream_chunk(&self.top, base, blk, locks, (off, n), w).await?;
                     self.copied.set(self.copied.get() + copied);
-                    off += done;
-                    job.set_progress(off, len);
-                }
-                Err((is_read, e)) => match error_action(job, self.on_error, is_read, e) {
-                    ErrorAction::Stop => continue,
-                    ErrorAction::Report => return Err(e.to_string()),
-                    ErrorAction::Ignore => {
-                        ignored.get_or_insert(e);
-                        off += n;
-                    }
-                },
-            }
-            crate::exec::yield_now().await;
-        }
+                    Ok(done)
+                })
+            },
+        )
+        .await?;
         // QEMU: "Do not remove the backing file if an error was there but
         // ignored."
-        match ignored {
-            Some(e) => Err(e.to_string()),
-            None => Ok(()),
+        match walked {
+            Walked::Done(Some(e)) => Err(e.to_string()),
+            Walked::Done(None) | Walked::Cancelled => Ok(()),
         }
     }
 }
