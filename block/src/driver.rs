@@ -176,6 +176,19 @@ pub trait BlockDriver: core::any::Any {
         default_perms(child.role(), !node.read_only(), perm, shared)
     }
 
+    /// The alignment, in bytes, that requests on this node are best made
+    /// in (QEMU: `bl.request_alignment`). Any request still works: a node
+    /// over a device pads what is not aligned. A protocol node over a
+    /// device reports its logical block size, a filter its primary
+    /// child's, anything else (formats, which handle any byte) 1.
+    fn request_alignment(&self, node: &Node) -> u64 {
+        if self.is_filter() {
+            node.file().map_or(1, |c| c.node().request_alignment())
+        } else {
+            1
+        }
+    }
+
     /// Whether this is a filter (QEMU: `is_filter`): its primary child holds
     /// exactly its data.
     fn is_filter(&self) -> bool {

@@ -11,6 +11,7 @@
 
 extern crate alloc;
 
+pub mod align;
 pub mod backend;
 pub mod blockdev;
 pub mod child;

@@ -346,6 +346,12 @@ impl Node {
         self.driver.get_length(self)
     }
 
+    /// The alignment requests are best made in (QEMU:
+    /// `bl.request_alignment`; see [`BlockDriver::request_alignment`]).
+    pub fn request_alignment(&self) -> u64 {
+        self.driver.request_alignment(self).max(1)
+    }
+
     /// Reads `len` bytes at `offset`; bytes past the end read as zeroes.
     pub async fn read(&self, offset: u64, len: usize, flags: ReqFlags) -> IoResult<Vec<u8>> {
         let _g = InFlight::begin(self)?;

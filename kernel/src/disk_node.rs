@@ -8,7 +8,9 @@
 //! ticket and are woken by [`Disks::poll`] (main loop, or the block layer's
 //! platform while a QMP command waits). Requests that are not aligned to
 //! the disk's logical block size are done as read-modify-write of the
-//! covering blocks, as QEMU's block layer does for `request_alignment`.
+//! covering blocks, serialised against every other request on those
+//! blocks ([`block::align`]), as QEMU's block layer does for
+//! `request_alignment`.
 
 use crate::disks::{Disks, Ticket, Transport};
 use alloc::boxed::Box;
@@ -17,6 +19,7 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
+use block::align::{AlignedDevice, Aligner};
 use block::driver::BlockDriver;
 use block::io::{BoxFuture, IoError, IoResult, ReqFlags};
 use block::node::Node;
@@ -75,6 +78,9 @@ pub struct DiskNode {
     index: usize,
     info: DiskInfo,
     driver: &'static str,
+    /// Pads requests to the logical block size and serialises the
+    /// read-modify-writes that needs.
+    aligner: Aligner,
 }
 
 impl DiskNode {
@@ -98,42 +104,6 @@ impl DiskNode {
         }
     }
 
-    fn block(&self) -> u64 {
-        self.info.block_size.max(1) as u64
-    }
-
-    /// The block-aligned range covering `[offset, offset + len)`.
-    fn covering(&self, offset: u64, len: u64) -> (u64, u64) {
-        let bs = self.block();
-        let start = offset / bs * bs;
-        let end = (offset + len).div_ceil(bs) * bs;
-        (start, end - start)
-    }
-
-    fn aligned(&self, offset: u64, len: u64) -> bool {
-        offset.is_multiple_of(self.block()) && len.is_multiple_of(self.block())
-    }
-
-    async fn read_at(&self, offset: u64, len: usize) -> IoResult<Vec<u8>> {
-        if self.aligned(offset, len as u64) {
-            return self
-                .run(Op::Read {
-                    offset,
-                    buf: vec![0; len],
-                })
-                .await;
-        }
-        let (start, span) = self.covering(offset, len as u64);
-        let buf = self
-            .run(Op::Read {
-                offset: start,
-                buf: vec![0; span as usize],
-            })
-            .await?;
-        let from = (offset - start) as usize;
-        Ok(buf[from..from + len].to_vec())
-    }
-
     /// A disk cannot grow: writing past its end is ENOSPC, as on a host
     /// block device (a qcow2 image that needs more room than its disk).
     fn check_room(&self, offset: u64, len: u64) -> IoResult<()> {
@@ -145,33 +115,21 @@ impl DiskNode {
 
     async fn write_at(&self, offset: u64, data: Vec<u8>, fua: bool) -> IoResult<()> {
         self.check_room(offset, data.len() as u64)?;
-        if self.aligned(offset, data.len() as u64) {
-            return self
-                .run(Op::Write {
-                    offset,
-                    buf: data,
-                    fua,
-                })
-                .await
-                .map(drop);
-        }
-        // Read-modify-write of the covering blocks.
-        let (start, span) = self.covering(offset, data.len() as u64);
-        let mut buf = self
-            .run(Op::Read {
-                offset: start,
-                buf: vec![0; span as usize],
-            })
-            .await?;
-        let from = (offset - start) as usize;
-        buf[from..from + data.len()].copy_from_slice(&data);
-        self.run(Op::Write {
-            offset: start,
-            buf,
-            fua,
-        })
-        .await
-        .map(drop)
+        self.aligner.write(self, offset, data, fua).await
+    }
+}
+
+/// What the device itself takes: whole logical blocks.
+impl AlignedDevice for DiskNode {
+    fn read_blocks(&self, offset: u64, len: usize) -> BoxFuture<'_, IoResult<Vec<u8>>> {
+        Box::pin(self.run(Op::Read {
+            offset,
+            buf: vec![0; len],
+        }))
+    }
+
+    fn write_blocks(&self, offset: u64, buf: Vec<u8>, fua: bool) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move { self.run(Op::Write { offset, buf, fua }).await.map(drop) })
     }
 }
 
@@ -184,6 +142,10 @@ impl BlockDriver for DiskNode {
         Ok(self.info.capacity)
     }
 
+    fn request_alignment(&self, _node: &Node) -> u64 {
+        self.aligner.alignment()
+    }
+
     fn read<'a>(
         &'a self,
         _node: &'a Node,
@@ -191,7 +153,7 @@ impl BlockDriver for DiskNode {
         len: usize,
         _flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
-        Box::pin(self.read_at(offset, len))
+        Box::pin(self.aligner.read(self, offset, len))
     }
 
     fn write<'a>(
@@ -224,8 +186,10 @@ impl BlockDriver for DiskNode {
         len: u64,
     ) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(async move {
-            // Advisory: discard the whole blocks inside the range only.
-            let bs = self.block();
+            // Advisory: discard the whole blocks inside the range only,
+            // ordered against a read-modify-write of the blocks.
+            let _tracked = self.aligner.track(offset, len).await?;
+            let bs = self.aligner.alignment();
             let start = offset.div_ceil(bs) * bs;
             let end = (offset + len) / bs * bs;
             if end <= start {
@@ -249,9 +213,10 @@ impl BlockDriver for DiskNode {
     ) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(async move {
             self.check_room(offset, len)?;
-            if !self.aligned(offset, len) {
+            if !self.aligner.is_aligned(offset, len) {
                 return Err(IoError::Enotsup); // the generic layer writes zeroes
             }
+            let _tracked = self.aligner.track(offset, len).await?;
             let may_unmap = flags.contains(ReqFlags::MAY_UNMAP);
             self.run(Op::WriteZeroes {
                 offset,
@@ -375,6 +340,7 @@ fn class(driver: &'static str, disks: SharedDisks) -> DriverClass {
             Ok(Box::new(DiskNode {
                 disks: disks.clone(),
                 index,
+                aligner: Aligner::new(info.block_size),
                 info,
                 driver,
             }) as Box<dyn BlockDriver>)

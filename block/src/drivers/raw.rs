@@ -104,6 +104,18 @@ impl BlockDriver for Raw {
         }
     }
 
+    /// The file's alignment when the window starts on it (QEMU's raw
+    /// format reports 1 and pads at the file; passing the device's block
+    /// size up lets an NBD client over raw align its requests too).
+    fn request_alignment(&self, node: &Node) -> u64 {
+        let file = node.file().map_or(1, |c| c.node().request_alignment());
+        if self.offset.is_multiple_of(file) {
+            file
+        } else {
+            1
+        }
+    }
+
     fn read<'a>(
         &'a self,
         node: &'a Node,

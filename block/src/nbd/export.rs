@@ -153,6 +153,31 @@ impl BlockSize {
         max_payload: 32 * 1024 * 1024,
     };
 
+    /// QEMU's constraints for a node whose requests are best aligned to
+    /// `alignment` bytes (`blk_get_request_alignment`): that minimum,
+    /// preferred at least 4 KiB, 32 MiB of payload. An alignment the
+    /// protocol cannot carry (not a power of two, above 64 KiB) is
+    /// advertised as 1: the node pads any request.
+    pub fn for_alignment(alignment: u64) -> BlockSize {
+        let min = u32::try_from(alignment)
+            .ok()
+            .filter(|a| a.is_power_of_two() && *a <= 65536)
+            .unwrap_or(1);
+        BlockSize {
+            min,
+            preferred: min.max(4096),
+            ..BlockSize::QEMU
+        }
+    }
+
+    /// The same without a minimum: what QEMU tells a client that did not
+    /// ask for block sizes (`NBD_OPT_GO` without `NBD_INFO_BLOCK_SIZE`, or
+    /// `NBD_OPT_EXPORT_NAME`), which may then send requests of any
+    /// alignment.
+    pub fn without_minimum(self) -> BlockSize {
+        BlockSize { min: 1, ..self }
+    }
+
     /// Constraints checked against the rules of the spec's "Size
     /// constraints" section.
     pub fn new(min: u32, preferred: u32, max_payload: u32) -> Result<BlockSize, BlockSizeError> {

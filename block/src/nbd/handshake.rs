@@ -228,7 +228,13 @@ impl Connection {
                 OptionReply::Info(Info::Description(&export.description)),
             );
         }
-        // Like qemu-nbd, always tell the block sizes, asked or not.
+        // Like qemu-nbd, always tell the block sizes, asked or not; the
+        // real minimum only to a client that asked for it (or to
+        // NBD_OPT_INFO), 1 to one that will not obey it.
+        let mut export = export;
+        if go && !req.wants(info::BLOCK_SIZE) {
+            export.block_size = export.block_size.without_minimum();
+        }
         self.reply(
             option,
             OptionReply::Info(Info::BlockSize(export.block_size)),
@@ -252,6 +258,10 @@ impl Connection {
         };
         let flags = self.flags_for(&export, name);
         let no_zeroes = self.no_zeroes;
+        // No block sizes are negotiated here: the client may send any
+        // alignment (QEMU's back-compat minimum of 1).
+        let mut export = export;
+        export.block_size = export.block_size.without_minimum();
         self.out.write(|b| {
             b.extend_from_slice(&export.size.to_be_bytes());
             b.extend_from_slice(&flags.to_be_bytes());

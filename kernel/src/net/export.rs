@@ -58,7 +58,12 @@ impl NbdExport {
             description: self.description.clone(),
             size: self.backend.get_length().unwrap_or(0),
             features,
-            block_size: BlockSize::QEMU,
+            // QEMU: blk_get_request_alignment() of the export's backend.
+            block_size: BlockSize::for_alignment(
+                self.backend
+                    .root_node()
+                    .map_or(1, |n| n.request_alignment()),
+            ),
         }
     }
 

@@ -185,6 +185,46 @@ fn misaligned_requests_are_einval() {
     still_serves(&mut p, false);
 }
 
+/// QEMU's rule: the real minimum goes to a client that asks for block
+/// sizes (or to `NBD_OPT_INFO`); one that does not is told 1 and may send
+/// any alignment (the node pads it), as with `NBD_OPT_EXPORT_NAME`.
+#[test]
+fn a_client_that_did_not_ask_for_block_sizes_is_not_held_to_them() {
+    let block_size_reply = |p: &mut Peer, option: u32, infos: &[u16]| {
+        p.option(option, &Peer::info_data("aligned", infos));
+        let replies = p.opt_replies();
+        let bs = replies
+            .iter()
+            .find(|r| {
+                r.kind == crate::nbd::wire::rep::INFO
+                    && crate::nbd::wire::get_u16(&r.data, 0..2)
+                        == crate::nbd::wire::info::BLOCK_SIZE
+            })
+            .expect("NBD_INFO_BLOCK_SIZE");
+        crate::nbd::wire::get_u32(&bs.data, 2..6)
+    };
+    let mut p = Peer::new(exports());
+    p.greet(1);
+    use crate::nbd::wire::{info, opt};
+    assert_eq!(block_size_reply(&mut p, opt::INFO, &[]), 512);
+    assert_eq!(block_size_reply(&mut p, opt::GO, &[]), 1);
+    p.request(0, cmd::READ, 1, 100, 512);
+    p.run();
+    assert_eq!(p.simple_read(1, 512), vec![0; 512]);
+    p.write(0, 2, 100, &[7; 100]);
+    p.run();
+    assert_eq!(p.reply().error(), 0);
+
+    let mut asked = Peer::new(exports());
+    asked.greet(1);
+    assert_eq!(
+        block_size_reply(&mut asked, opt::GO, &[info::BLOCK_SIZE]),
+        512
+    );
+    asked.request(0, cmd::READ, 1, 100, 512);
+    expect_error(&mut asked, 1, errno::EINVAL);
+}
+
 #[test]
 fn bad_request_magic_is_a_hard_disconnect() {
     let mut p = Peer::new(exports());
