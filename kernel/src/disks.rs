@@ -28,7 +28,7 @@
 //!   the driver, split into `chunk`-sized requests all in flight at once,
 //!   and waits.
 
-use crate::monitor::Appliance;
+use crate::app::Appliance;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;

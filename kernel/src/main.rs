@@ -9,6 +9,7 @@ use alloc::rc::Rc;
 use alloc::string::ToString;
 use core::cell::RefCell;
 
+mod app;
 mod clock;
 mod cmdline;
 mod console;
@@ -22,6 +23,7 @@ mod interrupts;
 mod monitor;
 mod net;
 mod storage;
+mod watchdog;
 
 use log::{LevelFilter, info, warn};
 
@@ -112,7 +114,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             halt_bad_config(&block);
         }
     }
-    let mut app = monitor::Appliance::new(disks, block, net);
+    let mut app = app::Appliance::new(disks, block, net);
     // qemu-storage-daemon's options, in order, before the QMP greeting.
     for (name, value) in &config.options {
         let value = value.as_deref().unwrap_or("");
@@ -230,7 +232,7 @@ fn close_all(block: &block::layer::BlockLayer) -> bool {
 /// Flushes every writable disk's cache (the nodes flushed theirs when they
 /// closed; this also covers disks written outside the graph) and reports
 /// each device.
-fn flush_devices(disks: &disk_node::SharedDisks) {
+fn flush_devices(disks: &app::SharedDisks) {
     for (serial, result) in disks.borrow_mut().flush_all() {
         match result {
             Ok(()) => println!("device '{serial}': flushed"),

@@ -2,13 +2,10 @@
 //! main loop. Output is queued and written as the UART takes it, so a
 //! client that stops reading never stalls the appliance.
 
-use crate::net::Network;
+use crate::app::Appliance;
 use alloc::collections::VecDeque;
-use alloc::rc::Rc;
 use alloc::vec::Vec;
-use block::layer::{BlockContext, BlockLayer};
-use block::qmp::{Action, Dispatcher, Event, Limits, QmpContext, Session, Timestamp, VersionInfo};
-use core::cell::RefCell;
+use block::qmp::{Action, Dispatcher, Limits, QmpContext, Session, Timestamp, VersionInfo};
 use drivers::uart::{COM2, Uart};
 
 /// The QEMU version whose qemu-storage-daemon QMP shapes blockhaus follows.
@@ -29,46 +26,6 @@ const LIMITS: Limits = Limits {
     max_tokens: 1 << 16,
     max_nesting: 64,
 };
-
-/// What QMP commands run against: the appliance's state.
-pub struct Appliance {
-    /// Events raised by commands, written before their reply.
-    pub events: Vec<Event>,
-    pub disks: crate::disk_node::SharedDisks,
-    /// The block graph (QEMU's block layer).
-    pub block: BlockLayer,
-    /// The network and the NBD server (shared with the block layer's
-    /// platform, which polls it while a command waits).
-    pub net: Rc<RefCell<Network>>,
-}
-
-impl Appliance {
-    pub fn new(
-        disks: crate::disk_node::SharedDisks,
-        block: BlockLayer,
-        net: Rc<RefCell<Network>>,
-    ) -> Self {
-        Self {
-            events: Vec::new(),
-            disks,
-            block,
-            net,
-        }
-    }
-}
-
-impl QmpContext for Appliance {
-    fn drain_events(&mut self, out: &mut Vec<Event>) {
-        self.block.drain_events(out);
-        out.append(&mut self.events);
-    }
-}
-
-impl BlockContext for Appliance {
-    fn block_layer(&mut self) -> &mut BlockLayer {
-        &mut self.block
-    }
-}
 
 pub struct Monitor {
     uart: Uart,
@@ -225,7 +182,7 @@ impl Monitor {
         let start = crate::clock::monotonic_ns();
         while !self.outbox.is_empty() {
             if !self.flush_some() {
-                crate::fatal::check_watchdog();
+                crate::watchdog::check();
                 if crate::clock::monotonic_ns().saturating_sub(start) > WRITE_OUT_NS {
                     log::warn!(
                         "QMP client is not reading: {} bytes of output dropped at halt",
