@@ -29,6 +29,7 @@
 //!   and waits.
 
 use crate::app::Appliance;
+use crate::pci::{OpenError, Pci};
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
@@ -36,7 +37,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use block::qmp::{Args, Dispatcher, QmpError};
 use core::task::{Context, Poll, Waker};
-use drivers::pci::{self, Address};
+use drivers::pci::Address;
 use drivers::virtio::blk::VirtioBlk;
 use drivers::virtio::scsi::VirtioScsi;
 use drivers::virtio::scsi::events::Event as ScsiEvent;
@@ -44,8 +45,7 @@ use drivers::virtio::{Completion, DiskInfo, Error, Op, RequestId};
 use log::{info, warn};
 use serde_json::{Value, json};
 
-const VIRTIO_VENDOR: u16 = 0x1af4;
-/// Transitional and modern PCI device IDs.
+/// virtio-blk and virtio-scsi: transitional and modern PCI device IDs.
 const BLK_IDS: [u16; 2] = [0x1001, 0x1042];
 const SCSI_IDS: [u16; 2] = [0x1004, 0x1048];
 
@@ -99,49 +99,18 @@ pub struct Disks {
 }
 
 impl Disks {
-    /// Scans the PCI buses and brings up every disk controller.
-    pub fn probe() -> Self {
+    /// Brings up every virtio-blk device and virtio-scsi controller that
+    /// the boot-time PCI scan found.
+    pub fn probe(pci: &mut Pci) -> Self {
         let mut me = Self::default();
-        let mapped = boot::paging::mapped_end();
-        // SAFETY: boot is single-threaded and only this module touches PCI
-        // configuration space; ACPI tables are identity-mapped memory.
-        let mut bus = unsafe {
-            pci::Bus::new(pci::Cam::detect(
-                &drivers::acpi::IdentityMapped,
-                None,
-                mapped,
-            ))
-        };
-        let functions = bus.scan();
-        info!("PCI configuration through {}", bus.cam());
-        for (base, size) in bus.windows() {
-            info!("PCI: placing unassigned BARs in {base:#x}+{size:#x} (host bridge _CRS)");
-        }
-        for f in &functions {
-            info!("PCI {f}");
-        }
-        for f in functions.iter().filter(|f| f.vendor_id == VIRTIO_VENDOR) {
+        for f in pci.virtio(&[BLK_IDS, SCSI_IDS].concat()) {
             let blk = BLK_IDS.contains(&f.device_id);
-            if !blk && !SCSI_IDS.contains(&f.device_id) {
-                continue;
-            }
-            if let Some(bar) = f
-                .bars
-                .iter()
-                .find(|b| b.kind != pci::BarKind::Io && b.address + b.size > mapped)
-            {
-                warn!(
-                    "{}: {bar} lies above the identity map ({mapped:#x}): skipped",
-                    f.address
-                );
-                continue;
-            }
-            // Opening sizes the BARs that hold the virtio structures: do it
-            // with decoding off (see `Bus::with_decode_off`).
-            let df = f.address.device_function();
-            let opened = bus.with_decode_off(df, |root| drivers::virtio::transport::open(root, df));
-            let transport = match opened {
+            let transport = match pci.open_virtio(&f) {
                 Ok(t) => t,
+                Err(e @ OpenError::AboveIdentityMap { .. }) => {
+                    warn!("{}: {e}: skipped", f.address);
+                    continue;
+                }
                 Err(e) => {
                     warn!("{}: {e}", f.address);
                     continue;

@@ -22,6 +22,7 @@ mod heap;
 mod interrupts;
 mod monitor;
 mod net;
+mod pci;
 mod storage;
 mod watchdog;
 
@@ -101,19 +102,22 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         cmdline::trigger(fault);
     }
 
-    let disks = Rc::new(RefCell::new(disks::Disks::probe()));
+    let mut pci = pci::Pci::scan();
+    let disks = Rc::new(RefCell::new(disks::Disks::probe(&mut pci)));
     let net = Rc::new(RefCell::new(net::Network::default()));
     let mut block = storage::new_block_layer(disks.clone(), net.clone());
     for class in disk_node::classes(&disks) {
         block.register_driver(class);
     }
-    match net::Network::probe(config.ip.as_deref(), block.registry().clone()) {
+    match net::Network::probe(&mut pci, config.ip.as_deref(), block.registry().clone()) {
         Ok(n) => *net.borrow_mut() = n,
         Err(e) => {
             log::error!("network: {e}");
             halt_bad_config(&block);
         }
     }
+    // Every device is up: configuration space is not touched again.
+    drop(pci);
     let mut app = app::Appliance::new(disks, block, net);
     // qemu-storage-daemon's options, in order, before the QMP greeting.
     for (name, value) in &config.options {
