@@ -15,6 +15,8 @@ mod cmdline;
 mod console;
 mod disk_node;
 mod disks;
+mod disks_debug;
+mod disks_qmp;
 mod drive;
 mod fatal;
 mod halt;
@@ -144,6 +146,10 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     let mut monitor = monitor::Monitor::new(app);
     if config.test_fault == Some(cmdline::TestFault::PanicOnQmp) {
         monitor.add_test_panic_command();
+    }
+    if config.debug_commands {
+        warn!("debug commands: QMP command x-blockhaus-disk-io added");
+        monitor.add_debug_commands();
     }
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
     info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);

@@ -48,7 +48,7 @@ impl Monitor {
     pub fn new(ctx: Appliance) -> Self {
         let (major, minor, micro) = QEMU_COMPAT;
         let mut commands = Dispatcher::new();
-        crate::disks::register(&mut commands);
+        crate::disks_qmp::register(&mut commands);
         block::commands::register(&mut commands);
         crate::net::register(&mut commands);
         crate::drive::register(&mut commands);
@@ -156,6 +156,12 @@ impl Monitor {
                 ))),
             }
         });
+    }
+
+    /// `x-blockhaus-disk-io` (with `blockhaus.debug-commands=on`): I/O on
+    /// a disk through its driver, for the driver tests.
+    pub fn add_debug_commands(&mut self) {
+        crate::disks_debug::register(&mut self.commands);
     }
 
     /// Queues `SHUTDOWN` (after the `quit` reply, as QEMU does); a fatal
