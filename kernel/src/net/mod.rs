@@ -12,14 +12,16 @@
 //!   the command line;
 //! - [`Network::poll`] from the main loop and from the block layer's
 //!   platform while a QMP command waits (returns whether anything happened);
-//! - [`apply_boot_option`] for `--nbd-server` / `--export`;
-//! - [`register`] for the QMP commands;
+//! - [`qmp::apply_boot_option`] for `--nbd-server` / `--export`;
+//! - [`qmp::register`] for the QMP commands (on `app::Appliance`, which
+//!   holds the [`Network`]: callers name `qmp` directly, this file does not
+//!   re-export it);
 //! - [`Network::close_exports`] first in the halt path, before close-all.
 
 mod config;
 mod conn;
 mod export;
-mod qmp;
+pub mod qmp;
 mod server;
 mod stack;
 
@@ -38,8 +40,6 @@ use conn::{Conn, IoBudget};
 use export::ExportTable;
 use server::Server;
 use stack::Stack;
-
-pub use qmp::{apply_boot_option, register};
 
 /// virtio-net: transitional and modern device ids.
 const NET_IDS: [u16; 2] = [0x1000, 0x1041];
