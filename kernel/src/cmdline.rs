@@ -24,6 +24,9 @@ pub enum TestFault {
 pub struct Config {
     pub log_level: Option<LevelFilter>,
     pub test_fault: Option<TestFault>,
+    /// `blockhaus.debug-commands=on`: adds the QMP command
+    /// `x-blockhaus-disk-io`, which runs I/O on a disk beside the graph.
+    pub debug_commands: bool,
     /// `ip=ADDR/PREFIX[,gw=GW]` for the network interface.
     pub ip: Option<String>,
     /// qemu-storage-daemon options in order, e.g. `("blockdev", "driver=...")`.
@@ -64,6 +67,17 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
                 })
             }
             "ip" => cfg.ip = Some(value.to_string()),
+            "blockhaus.debug-commands" => {
+                cfg.debug_commands = match value {
+                    "on" => true,
+                    "off" => false,
+                    other => {
+                        return Err(alloc::format!(
+                            "invalid blockhaus.debug-commands '{other}' (on|off)"
+                        ));
+                    }
+                }
+            }
             "blockhaus.test-fault" => {
                 cfg.test_fault = Some(match value {
                     "page-fault" => TestFault::PageFault,

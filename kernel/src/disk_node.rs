@@ -12,10 +12,10 @@
 //! blocks ([`block::align`]), as QEMU's block layer does for
 //! `request_alignment`.
 
-use crate::disks::{Disks, Ticket, Transport};
+use crate::app::SharedDisks;
+use crate::disks::{Ticket, Transport};
 use alloc::boxed::Box;
 use alloc::format;
-use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -25,17 +25,12 @@ use block::io::{BoxFuture, IoError, IoResult, ReqFlags};
 use block::node::Node;
 use block::open::DriverClass;
 use block::qmp::QmpError;
-use core::cell::RefCell;
 use core::future::Future;
 use core::pin::Pin;
 use core::task::{Context, Poll};
 use drivers::pci::Address;
 use drivers::virtio::{Completion, DiskInfo, Op};
 use serde_json::{Value, json};
-
-/// The disks, shared by the nodes, the main loop, the block layer's wait
-/// platform and the disk QMP commands.
-pub type SharedDisks = Rc<RefCell<Disks>>;
 
 /// A submitted request's completion.
 struct Pending {

@@ -1,51 +1,40 @@
-//! The appliance's disks (issue 4): PCI discovery of virtio-blk and
-//! virtio-scsi controllers, their drivers, and the QMP commands about them.
+//! The appliance's disk table: every virtio-blk device and virtio-scsi
+//! LUN, their drivers, and the request multiplexer the block graph's
+//! protocol nodes (`disk_node`) sit on.
 //!
-//! [`Disks::probe`] scans PCI once at boot, brings up every virtio-blk
-//! device and every virtio-scsi controller (and the LUNs it reports), and
-//! logs each disk. Every disk gets an index; I/O goes through
+//! [`Disks::probe`] brings up, from the boot-time PCI scan, every
+//! virtio-blk device and every virtio-scsi controller (and the LUNs it
+//! reports), and logs each disk. Every disk gets an index; I/O goes through
 //! [`Disks::submit`] (a [`Ticket`] back), completions are collected by
 //! [`Disks::poll`] (the main loop calls it every iteration) and picked up
 //! with [`Disks::take`], or awaited with [`Disks::poll_completion`] (its
-//! waker is woken by `poll`). The block graph's protocol nodes sit on
-//! this API.
+//! waker is woken by `poll`); [`Disks::wait_all`] busy-waits for a set of
+//! tickets (the halt path's [`Disks::flush_all`], the debug command).
 //!
 //! Hot-plug: a SCSI LUN plugged in later is scanned and listed when the
 //! controller reports it; one unplugged is left out of `x-query-devices`
 //! and its requests fail ("the LUN was removed").
 //!
-//! QMP:
-//! - `x-query-devices`: every disk present, claimed or not: `serial`,
-//!   `transport` (`virtio-blk`, `virtio-scsi`), `pci-address` (`BB:DD.F`
-//!   of the device or its controller), `target`/`lun`/`model` (SCSI only),
-//!   `size`, `block-size`, `physical-block-size`, `read-only`,
-//!   `write-cache`, `claimed-by` (when a node holds it), and `limits`
-//!   (`max-transfer`, `max-segment`, `max-segments`, `max-discard`,
-//!   `discard-alignment`, `max-write-zeroes`, `optimal-transfer`,
-//!   `queue-size`; bytes, 0 = not supported).
-//! - `x-blockhaus-disk-io` (debug, for tests until the block graph is
-//!   wired): runs one operation on a disk (by serial or address) through
-//!   the driver, split into `chunk`-sized requests all in flight at once,
-//!   and waits.
+//! The QMP commands about the disks are in `disks_qmp` (`x-query-devices`)
+//! and `disks_debug` (`x-blockhaus-disk-io`, only with
+//! `blockhaus.debug-commands=on`).
 
-use crate::monitor::Appliance;
+use crate::pci::{OpenError, Pci};
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
-use alloc::vec;
 use alloc::vec::Vec;
-use block::qmp::{Args, Dispatcher, QmpError};
 use core::task::{Context, Poll, Waker};
-use drivers::pci::{self, Address};
+use drivers::pci::Address;
 use drivers::virtio::blk::VirtioBlk;
 use drivers::virtio::scsi::VirtioScsi;
 use drivers::virtio::scsi::events::Event as ScsiEvent;
 use drivers::virtio::{Completion, DiskInfo, Error, Op, RequestId};
 use log::{info, warn};
-use serde_json::{Value, json};
 
-const VIRTIO_VENDOR: u16 = 0x1af4;
-/// Transitional and modern PCI device IDs.
+/// How long [`Disks::wait_all`] waits for the devices.
+const WAIT_TIMEOUT_NS: u64 = 120_000_000_000;
+/// virtio-blk and virtio-scsi: transitional and modern PCI device IDs.
 const BLK_IDS: [u16; 2] = [0x1001, 0x1042];
 const SCSI_IDS: [u16; 2] = [0x1004, 0x1048];
 
@@ -99,49 +88,18 @@ pub struct Disks {
 }
 
 impl Disks {
-    /// Scans the PCI buses and brings up every disk controller.
-    pub fn probe() -> Self {
+    /// Brings up every virtio-blk device and virtio-scsi controller that
+    /// the boot-time PCI scan found.
+    pub fn probe(pci: &mut Pci) -> Self {
         let mut me = Self::default();
-        let mapped = boot::paging::mapped_end();
-        // SAFETY: boot is single-threaded and only this module touches PCI
-        // configuration space; ACPI tables are identity-mapped memory.
-        let mut bus = unsafe {
-            pci::Bus::new(pci::Cam::detect(
-                &drivers::acpi::IdentityMapped,
-                None,
-                mapped,
-            ))
-        };
-        let functions = bus.scan();
-        info!("PCI configuration through {}", bus.cam());
-        for (base, size) in bus.windows() {
-            info!("PCI: placing unassigned BARs in {base:#x}+{size:#x} (host bridge _CRS)");
-        }
-        for f in &functions {
-            info!("PCI {f}");
-        }
-        for f in functions.iter().filter(|f| f.vendor_id == VIRTIO_VENDOR) {
+        for f in pci.virtio(&[BLK_IDS, SCSI_IDS].concat()) {
             let blk = BLK_IDS.contains(&f.device_id);
-            if !blk && !SCSI_IDS.contains(&f.device_id) {
-                continue;
-            }
-            if let Some(bar) = f
-                .bars
-                .iter()
-                .find(|b| b.kind != pci::BarKind::Io && b.address + b.size > mapped)
-            {
-                warn!(
-                    "{}: {bar} lies above the identity map ({mapped:#x}): skipped",
-                    f.address
-                );
-                continue;
-            }
-            // Opening sizes the BARs that hold the virtio structures: do it
-            // with decoding off (see `Bus::with_decode_off`).
-            let df = f.address.device_function();
-            let opened = bus.with_decode_off(df, |root| drivers::virtio::transport::open(root, df));
-            let transport = match opened {
+            let transport = match pci.open_virtio(&f) {
                 Ok(t) => t,
+                Err(e @ OpenError::AboveIdentityMap { .. }) => {
+                    warn!("{}: {e}: skipped", f.address);
+                    continue;
+                }
                 Err(e) => {
                     warn!("{}: {e}", f.address);
                     continue;
@@ -332,12 +290,13 @@ impl Disks {
             .into_iter()
             .map(|i| (i, self.submit(i, Op::Flush)))
             .collect();
-        let tickets: Vec<(u64, Ticket)> = targets
+        let tickets: Vec<Ticket> = targets
             .iter()
-            .filter_map(|(_, t)| t.as_ref().ok().map(|t| (0, *t)))
+            .filter_map(|(_, t)| t.as_ref().ok().copied())
             .collect();
         // A timeout leaves the results short: those disks report EIO.
-        let results: Vec<Result<(), Error>> = wait(self, &tickets)
+        let results: Vec<Result<(), Error>> = self
+            .wait_all(&tickets)
             .map(|(done, _)| done.into_iter().map(|c| c.result).collect())
             .unwrap_or_default();
         let mut done = results.into_iter();
@@ -377,6 +336,47 @@ impl Disks {
             }
         }
         progress
+    }
+
+    /// Polls until every ticket completed (at most [`WAIT_TIMEOUT_NS`]);
+    /// returns the completions in ticket order and the most device requests
+    /// seen in flight.
+    pub fn wait_all(&mut self, tickets: &[Ticket]) -> Result<(Vec<Completion>, usize), String> {
+        let deadline = crate::clock::monotonic_ns() + WAIT_TIMEOUT_NS;
+        let mut done: Vec<Option<Completion>> = tickets.iter().map(|_| None).collect();
+        let mut pending: BTreeMap<Ticket, usize> =
+            tickets.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+        let mut max_in_flight = self.in_flight();
+        let mut idle: u32 = 0;
+        while !pending.is_empty() {
+            max_in_flight = max_in_flight.max(self.in_flight());
+            if !self.poll() {
+                // Reading the clock may trap under nested virtualisation:
+                // look at it only now and then.
+                idle = idle.wrapping_add(1);
+                if idle.is_multiple_of(4096) && crate::clock::monotonic_ns() > deadline {
+                    return Err(format!(
+                        "{} request(s) still pending after 120 s",
+                        pending.len()
+                    ));
+                }
+                core::hint::spin_loop();
+                continue;
+            }
+            // Only finished requests are in `completed`: pick ours.
+            let finished: Vec<Ticket> = self
+                .completed
+                .keys()
+                .filter(|t| pending.contains_key(t))
+                .copied()
+                .collect();
+            for t in finished {
+                if let (Some(i), Some(c)) = (pending.remove(&t), self.take(t)) {
+                    done[i] = Some(c);
+                }
+            }
+        }
+        Ok((done.into_iter().flatten().collect(), max_in_flight))
     }
 }
 
@@ -460,330 +460,4 @@ fn log_disk(d: &Disk) {
         l.max_write_zeroes,
         l.queue_size
     );
-}
-
-fn disk_json(d: &Disk) -> Value {
-    let i = &d.info;
-    let l = &i.limits;
-    let mut v = json!({
-        "serial": i.serial,
-        "transport": match d.transport {
-            Transport::VirtioBlk => "virtio-blk",
-            Transport::VirtioScsi { .. } => "virtio-scsi",
-        },
-        "pci-address": format!("{}", d.pci),
-        "size": i.capacity,
-        "block-size": i.block_size,
-        "physical-block-size": i.physical_block_size,
-        "read-only": i.read_only,
-        "write-cache": i.flush,
-        "limits": {
-            "max-transfer": l.max_transfer,
-            "max-segment": l.max_segment,
-            "max-segments": l.max_segments,
-            "max-discard": l.max_discard,
-            "discard-alignment": l.discard_alignment,
-            "max-write-zeroes": l.max_write_zeroes,
-            "optimal-transfer": l.optimal_transfer,
-            "queue-size": l.queue_size,
-        },
-    });
-    if let Some(owner) = &d.claimed_by {
-        v["claimed-by"] = json!(owner);
-    }
-    if let Transport::VirtioScsi { target, lun } = d.transport {
-        v["target"] = json!(target);
-        v["lun"] = json!(lun);
-        v["model"] = json!(i.model);
-    }
-    v
-}
-
-/// `x-query-devices`: every disk found, claimed or not.
-fn query_devices(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
-    args.check_known(&[])?;
-    let mut disks = app.disks.borrow_mut();
-    disks.poll();
-    Ok(Value::Array(
-        disks
-            .list()
-            .iter()
-            .filter(|d| d.present)
-            .map(disk_json)
-            .collect(),
-    ))
-}
-
-/// Largest range `x-blockhaus-disk-io` moves in one command.
-const DEBUG_IO_MAX: u64 = 64 << 20;
-/// Most requests `x-blockhaus-disk-io` makes in one command.
-const DEBUG_IO_MAX_REQUESTS: u64 = 1 << 15;
-/// How long `x-blockhaus-disk-io` waits for the device.
-const DEBUG_IO_TIMEOUT_NS: u64 = 120_000_000_000;
-
-/// Fisher-Yates with a fixed xorshift seed: the same "random" order on
-/// every run, so benchmark figures compare.
-fn shuffle<T>(items: &mut [T]) {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for i in (1..items.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        items.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-}
-
-/// 64-bit FNV-1a, so a test can compare what was read with the file.
-fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// `x-blockhaus-disk-io`: the disk (`serial`, or `pci-addr` of a
-/// virtio-blk, or `pci-addr`, `target` and `lun` of a SCSI LUN), `op`
-/// (read, write, flush, discard, write-zeroes; or flush-all, which needs
-/// no disk and returns `flushed`, one entry per disk flushed), `offset`, `length`, `pattern` (the byte written, or
-/// expected by a read), `chunk` (bytes per request, all in flight at
-/// once; default: the whole range), `random` (issue the chunks in a fixed
-/// pseudo-random order), `fua`, `may-unmap`. Returns the
-/// requests made, the most in flight at once, the time taken (`ns`, from
-/// the first submit to the last completion), and for reads the FNV-1a
-/// checksum (over the chunks in the order issued) and the lowest offset
-/// that differs from `pattern`.
-fn disk_io(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> {
-    let serial = args.opt_str("serial")?;
-    let pci_addr = args.opt_str("pci-addr")?;
-    let target = args.opt_u64("target")?;
-    let lun = args.opt_u64("lun")?;
-    let op = args.enum_str(
-        "op",
-        &[
-            "read",
-            "write",
-            "flush",
-            "discard",
-            "write-zeroes",
-            "flush-all",
-        ],
-    )?;
-    let offset = args.opt_u64("offset")?.unwrap_or(0);
-    let length = args.opt_u64("length")?.unwrap_or(0);
-    let pattern = match args.opt_u64("pattern")? {
-        Some(p) if p > 255 => return Err(QmpError::invalid_parameter_value("pattern", "uint8")),
-        p => p.map(|p| p as u8),
-    };
-    let chunk = args.opt_u64("chunk")?.unwrap_or(length).max(1);
-    let fua = args.opt_bool("fua")?.unwrap_or(false);
-    let may_unmap = args.opt_bool("may-unmap")?.unwrap_or(false);
-    let random = args.opt_bool("random")?.unwrap_or(false);
-    args.check_known(&[
-        "serial",
-        "pci-addr",
-        "target",
-        "lun",
-        "op",
-        "offset",
-        "length",
-        "pattern",
-        "chunk",
-        "fua",
-        "may-unmap",
-        "random",
-    ])?;
-    if length > DEBUG_IO_MAX {
-        return Err(QmpError::generic(format!(
-            "length {length} is above this command's limit of {DEBUG_IO_MAX}"
-        )));
-    }
-    if length.div_ceil(chunk) > DEBUG_IO_MAX_REQUESTS {
-        return Err(QmpError::generic(format!(
-            "{} requests of {chunk} bytes are above this command's limit of {DEBUG_IO_MAX_REQUESTS}",
-            length.div_ceil(chunk)
-        )));
-    }
-    if op == "write" && pattern.is_none() {
-        return Err(QmpError::missing_parameter("pattern"));
-    }
-    let mut disks = app.disks.borrow_mut();
-    let disks = &mut *disks;
-    // Take in hot-plug events that arrived since the last main-loop pass.
-    disks.poll();
-    if op == "flush-all" {
-        // What the halt path does: every writable disk with a cache.
-        let flushed: Vec<Value> = disks
-            .flush_all()
-            .into_iter()
-            .map(|(serial, r)| match r {
-                Ok(()) => json!({"serial": serial}),
-                Err(e) => json!({"serial": serial, "error": format!("{e}")}),
-            })
-            .collect();
-        return Ok(json!({ "flushed": flushed }));
-    }
-    let index = find_disk(disks, serial, pci_addr, target, lun)?;
-
-    let mut pieces: Vec<(u64, u64)> = Vec::new();
-    if op == "flush" {
-        pieces.push((0, 0));
-    } else {
-        let mut at = offset;
-        while at < offset.saturating_add(length) {
-            let n = chunk.min(offset + length - at);
-            pieces.push((at, n));
-            at += n;
-        }
-    }
-    if random {
-        shuffle(&mut pieces);
-    }
-    let started = crate::clock::monotonic_ns();
-    let mut tickets = Vec::with_capacity(pieces.len());
-    let fail = |e: Error| QmpError::generic(format!("{op} failed: {e}"));
-    for &(at, n) in &pieces {
-        let req = match op {
-            "read" => Op::Read {
-                offset: at,
-                buf: vec![0; n as usize],
-            },
-            "write" => Op::Write {
-                offset: at,
-                buf: vec![pattern.unwrap_or(0); n as usize],
-                fua,
-            },
-            "flush" => Op::Flush,
-            "discard" => Op::Discard { offset: at, len: n },
-            _ => Op::WriteZeroes {
-                offset: at,
-                len: n,
-                may_unmap,
-            },
-        };
-        match disks.submit(index, req) {
-            Ok(t) => tickets.push((at, t)),
-            Err(e) => {
-                // Let what was already submitted finish before failing.
-                let _ = wait(disks, &tickets);
-                return Err(fail(e));
-            }
-        }
-    }
-    let (done, max_in_flight) = wait(disks, &tickets).map_err(QmpError::generic)?;
-    let elapsed_ns = crate::clock::monotonic_ns().saturating_sub(started);
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    let mut mismatch = None;
-    let mut first_error = None;
-    for ((at, _), c) in tickets.iter().zip(done) {
-        if let Err(e) = c.result {
-            first_error.get_or_insert(e);
-            continue;
-        }
-        if op == "read" {
-            hash = fnv1a(hash, &c.buf);
-            if let Some(p) = pattern
-                && let Some(i) = c.buf.iter().position(|&b| b != p)
-            {
-                let off = at + i as u64;
-                mismatch = Some(mismatch.map_or(off, |m: u64| m.min(off)));
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(fail(e));
-    }
-    let mut ret = json!({
-        "requests": tickets.len(),
-        "max-in-flight": max_in_flight,
-        "bytes": length,
-        "ns": elapsed_ns,
-    });
-    if op == "read" {
-        ret["checksum"] = json!(format!("{hash:016x}"));
-        ret["mismatch"] = json!(mismatch);
-    }
-    Ok(ret)
-}
-
-/// The disk named by `serial`, or by `pci-addr` (a virtio-blk) with
-/// `target` and `lun` (a SCSI LUN on the controller there).
-fn find_disk(
-    disks: &Disks,
-    serial: Option<&str>,
-    pci_addr: Option<&str>,
-    target: Option<u64>,
-    lun: Option<u64>,
-) -> Result<usize, QmpError> {
-    if let Some(serial) = serial {
-        return disks
-            .find(serial)
-            .ok_or_else(|| QmpError::device_not_found(format!("No disk with serial '{serial}'")));
-    }
-    let Some(text) = pci_addr else {
-        return Err(QmpError::missing_parameter("serial"));
-    };
-    let pci = Address::parse(text)
-        .ok_or_else(|| QmpError::invalid_parameter_value("pci-addr", "a PCI address BB:DD.F"))?;
-    match (target, lun) {
-        (None, None) => disks
-            .find_blk(pci)
-            .ok_or_else(|| QmpError::device_not_found(format!("No virtio-blk disk at {pci}"))),
-        (t, l) => {
-            let t = u8::try_from(t.unwrap_or(0))
-                .map_err(|_| QmpError::invalid_parameter_value("target", "uint8"))?;
-            let l = u16::try_from(l.unwrap_or(0))
-                .map_err(|_| QmpError::invalid_parameter_value("lun", "uint16"))?;
-            disks.find_scsi(Some(pci), t, l).ok_or_else(|| {
-                QmpError::device_not_found(format!("No SCSI disk at {pci} target {t} lun {l}"))
-            })
-        }
-    }
-}
-
-/// Polls until every ticket completed; returns the completions in ticket
-/// order and the most device requests seen in flight.
-fn wait(disks: &mut Disks, tickets: &[(u64, Ticket)]) -> Result<(Vec<Completion>, usize), String> {
-    let deadline = crate::clock::monotonic_ns() + DEBUG_IO_TIMEOUT_NS;
-    let mut done: Vec<Option<Completion>> = tickets.iter().map(|_| None).collect();
-    let mut pending: BTreeMap<Ticket, usize> = tickets
-        .iter()
-        .enumerate()
-        .map(|(i, (_, t))| (*t, i))
-        .collect();
-    let mut max_in_flight = disks.in_flight();
-    let mut idle: u32 = 0;
-    while !pending.is_empty() {
-        max_in_flight = max_in_flight.max(disks.in_flight());
-        if !disks.poll() {
-            // Reading the clock may trap under nested virtualisation:
-            // look at it only now and then.
-            idle = idle.wrapping_add(1);
-            if idle.is_multiple_of(4096) && crate::clock::monotonic_ns() > deadline {
-                return Err(format!(
-                    "{} request(s) still pending after 120 s",
-                    pending.len()
-                ));
-            }
-            core::hint::spin_loop();
-            continue;
-        }
-        // Only finished requests are in `completed`: pick ours.
-        let finished: Vec<Ticket> = disks
-            .completed
-            .keys()
-            .filter(|t| pending.contains_key(t))
-            .copied()
-            .collect();
-        for t in finished {
-            if let (Some(i), Some(c)) = (pending.remove(&t), disks.take(t)) {
-                done[i] = Some(c);
-            }
-        }
-    }
-    Ok((done.into_iter().flatten().collect(), max_in_flight))
-}
-
-/// Registers the disk-related QMP commands.
-pub fn register(commands: &mut Dispatcher<Appliance>) {
-    commands.register("x-query-devices", query_devices);
-    commands.register("x-blockhaus-disk-io", disk_io);
 }

@@ -5,7 +5,7 @@
 //! the legacy `nbd-server-add device=ID` export follows: ejecting the drive
 //! deletes that export (QEMU iotest 140).
 
-use crate::monitor::Appliance;
+use crate::app::Appliance;
 use alloc::format;
 use alloc::string::{String, ToString};
 use block::backend::BackendOptions;

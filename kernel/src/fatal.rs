@@ -13,25 +13,17 @@
 //! - a double fault or machine check, or a stack overflow;
 //! - the heap's or the console's lock held by the code that failed.
 //!
-//! A watchdog bounds it besides: [`check_watchdog`] runs wherever the
-//! sequence waits (the block layer's platform poll and the QMP write-out)
-//! and stops the appliance once [`SEQUENCE_LIMIT_NS`] have passed — for
-//! instance when the failure left the disks' state borrowed, so no
-//! request can complete.
+//! A watchdog bounds it besides ([`crate::watchdog`]): started here, it
+//! stops the appliance when the sequence waits too long.
 
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use crate::halt::Reason;
 use crate::monitor::Monitor;
 
-/// How long the fatal halt sequence may take.
-pub const SEQUENCE_LIMIT_NS: u64 = 10_000_000_000;
-
 static MONITOR: AtomicPtr<Monitor> = AtomicPtr::new(null_mut());
 static ENTERED: AtomicBool = AtomicBool::new(false);
-/// When the fatal sequence started (monotonic ns + 1); 0 while none runs.
-static STARTED: AtomicU64 = AtomicU64::new(0);
 
 /// The main loop's monitor, for the fatal path. The main loop keeps using
 /// its own `&mut`; see the SAFETY note in [`stop`].
@@ -43,23 +35,6 @@ pub fn register(monitor: &mut Monitor) {
 pub fn halting() {
     ENTERED.store(true, Ordering::SeqCst);
     MONITOR.store(null_mut(), Ordering::SeqCst);
-}
-
-/// Stops the appliance once the fatal sequence has run too long.
-pub fn check_watchdog() {
-    let started = STARTED.load(Ordering::Relaxed);
-    if started == 0 {
-        return;
-    }
-    let now = crate::clock::monotonic_ns();
-    if now.saturating_sub(started - 1) > SEQUENCE_LIMIT_NS {
-        STARTED.store(0, Ordering::Relaxed);
-        crate::console::emergency(format_args!(
-            "fatal: the halt sequence did not finish in {} s; stopping without it\n",
-            SEQUENCE_LIMIT_NS / 1_000_000_000
-        ));
-        crate::halt::fatal("fatal error; halt sequence timed out");
-    }
 }
 
 /// A fatal error: the halt sequence if `attempt` and it can be trusted,
@@ -90,7 +65,7 @@ pub fn stop(detail: &str, attempt: bool) -> ! {
     crate::console::emergency(format_args!(
         "fatal: running the halt sequence (exports, jobs, close-all, device flush)\n"
     ));
-    STARTED.store(crate::clock::monotonic_ns() + 1, Ordering::SeqCst);
+    crate::watchdog::start();
     // SAFETY: `monitor` points to the main loop's `Monitor`, which lives
     // until the appliance stops (the main loop never returns). The code
     // that failed may hold a `&mut` to it further up this stack, but a

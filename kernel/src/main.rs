@@ -9,11 +9,14 @@ use alloc::rc::Rc;
 use alloc::string::ToString;
 use core::cell::RefCell;
 
+mod app;
 mod clock;
 mod cmdline;
 mod console;
 mod disk_node;
 mod disks;
+mod disks_debug;
+mod disks_qmp;
 mod drive;
 mod fatal;
 mod halt;
@@ -21,7 +24,9 @@ mod heap;
 mod interrupts;
 mod monitor;
 mod net;
+mod pci;
 mod storage;
+mod watchdog;
 
 use log::{LevelFilter, info, warn};
 
@@ -99,26 +104,29 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         cmdline::trigger(fault);
     }
 
-    let disks = Rc::new(RefCell::new(disks::Disks::probe()));
+    let mut pci = pci::Pci::scan();
+    let disks = Rc::new(RefCell::new(disks::Disks::probe(&mut pci)));
     let net = Rc::new(RefCell::new(net::Network::default()));
     let mut block = storage::new_block_layer(disks.clone(), net.clone());
     for class in disk_node::classes(&disks) {
         block.register_driver(class);
     }
-    match net::Network::probe(config.ip.as_deref(), block.registry().clone()) {
+    match net::Network::probe(&mut pci, config.ip.as_deref(), block.registry().clone()) {
         Ok(n) => *net.borrow_mut() = n,
         Err(e) => {
             log::error!("network: {e}");
             halt_bad_config(&block);
         }
     }
-    let mut app = monitor::Appliance::new(disks, block, net);
+    // Every device is up: configuration space is not touched again.
+    drop(pci);
+    let mut app = app::Appliance::new(disks, block, net);
     // qemu-storage-daemon's options, in order, before the QMP greeting.
     for (name, value) in &config.options {
         let value = value.as_deref().unwrap_or("");
         let applied = match app.block.apply_boot_option(name, value) {
             Ok(false) => match drive::apply_boot_option(&app.block, name, value) {
-                Ok(false) => net::apply_boot_option(&mut app, name, value),
+                Ok(false) => net::qmp::apply_boot_option(&mut app, name, value),
                 other => other,
             },
             other => other.map_err(|e| e.to_string()),
@@ -138,6 +146,10 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     let mut monitor = monitor::Monitor::new(app);
     if config.test_fault == Some(cmdline::TestFault::PanicOnQmp) {
         monitor.add_test_panic_command();
+    }
+    if config.debug_commands {
+        warn!("debug commands: QMP command x-blockhaus-disk-io added");
+        monitor.add_debug_commands();
     }
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
     info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
@@ -230,7 +242,7 @@ fn close_all(block: &block::layer::BlockLayer) -> bool {
 /// Flushes every writable disk's cache (the nodes flushed theirs when they
 /// closed; this also covers disks written outside the graph) and reports
 /// each device.
-fn flush_devices(disks: &disk_node::SharedDisks) {
+fn flush_devices(disks: &app::SharedDisks) {
     for (serial, result) in disks.borrow_mut().flush_all() {
         match result {
             Ok(()) => println!("device '{serial}': flushed"),

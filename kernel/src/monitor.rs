@@ -2,13 +2,10 @@
 //! main loop. Output is queued and written as the UART takes it, so a
 //! client that stops reading never stalls the appliance.
 
-use crate::net::Network;
+use crate::app::Appliance;
 use alloc::collections::VecDeque;
-use alloc::rc::Rc;
 use alloc::vec::Vec;
-use block::layer::{BlockContext, BlockLayer};
-use block::qmp::{Action, Dispatcher, Event, Limits, QmpContext, Session, Timestamp, VersionInfo};
-use core::cell::RefCell;
+use block::qmp::{Action, Dispatcher, Limits, QmpContext, Session, Timestamp, VersionInfo};
 use drivers::uart::{COM2, Uart};
 
 /// The QEMU version whose qemu-storage-daemon QMP shapes blockhaus follows.
@@ -29,46 +26,6 @@ const LIMITS: Limits = Limits {
     max_tokens: 1 << 16,
     max_nesting: 64,
 };
-
-/// What QMP commands run against: the appliance's state.
-pub struct Appliance {
-    /// Events raised by commands, written before their reply.
-    pub events: Vec<Event>,
-    pub disks: crate::disk_node::SharedDisks,
-    /// The block graph (QEMU's block layer).
-    pub block: BlockLayer,
-    /// The network and the NBD server (shared with the block layer's
-    /// platform, which polls it while a command waits).
-    pub net: Rc<RefCell<Network>>,
-}
-
-impl Appliance {
-    pub fn new(
-        disks: crate::disk_node::SharedDisks,
-        block: BlockLayer,
-        net: Rc<RefCell<Network>>,
-    ) -> Self {
-        Self {
-            events: Vec::new(),
-            disks,
-            block,
-            net,
-        }
-    }
-}
-
-impl QmpContext for Appliance {
-    fn drain_events(&mut self, out: &mut Vec<Event>) {
-        self.block.drain_events(out);
-        out.append(&mut self.events);
-    }
-}
-
-impl BlockContext for Appliance {
-    fn block_layer(&mut self) -> &mut BlockLayer {
-        &mut self.block
-    }
-}
 
 pub struct Monitor {
     uart: Uart,
@@ -91,9 +48,9 @@ impl Monitor {
     pub fn new(ctx: Appliance) -> Self {
         let (major, minor, micro) = QEMU_COMPAT;
         let mut commands = Dispatcher::new();
-        crate::disks::register(&mut commands);
+        crate::disks_qmp::register(&mut commands);
         block::commands::register(&mut commands);
-        crate::net::register(&mut commands);
+        crate::net::qmp::register(&mut commands);
         crate::drive::register(&mut commands);
         Self {
             // SAFETY: COM2 is the monitor's port; only this module drives it.
@@ -201,6 +158,12 @@ impl Monitor {
         });
     }
 
+    /// `x-blockhaus-disk-io` (with `blockhaus.debug-commands=on`): I/O on
+    /// a disk through its driver, for the driver tests.
+    pub fn add_debug_commands(&mut self) {
+        crate::disks_debug::register(&mut self.commands);
+    }
+
     /// Queues `SHUTDOWN` (after the `quit` reply, as QEMU does); a fatal
     /// error is announced first by `GUEST_PANICKED` with the action taken
     /// (QEMU's `-action panic=exit-failure`: `poweroff`).
@@ -225,7 +188,7 @@ impl Monitor {
         let start = crate::clock::monotonic_ns();
         while !self.outbox.is_empty() {
             if !self.flush_some() {
-                crate::fatal::check_watchdog();
+                crate::watchdog::check();
                 if crate::clock::monotonic_ns().saturating_sub(start) > WRITE_OUT_NS {
                     log::warn!(
                         "QMP client is not reading: {} bytes of output dropped at halt",

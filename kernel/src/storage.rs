@@ -3,7 +3,7 @@
 //! synchronous callers (QMP handlers, the halt path) wait for I/O, as QEMU's
 //! monitor waits in a nested `AIO_WAIT_WHILE`.
 
-use crate::disk_node::SharedDisks;
+use crate::app::SharedDisks;
 use crate::net::Network;
 use alloc::rc::Rc;
 use block::exec::{Executor, Platform};
@@ -29,7 +29,7 @@ pub struct KernelPlatform {
 
 impl Platform for KernelPlatform {
     fn poll(&self, exec: &Executor, _may_halt: bool) -> bool {
-        crate::fatal::check_watchdog();
+        crate::watchdog::check();
         exec.timers().fire_expired(crate::clock::wall_clock_ns());
         // Each is skipped if the waiting command itself is using it.
         if let Ok(mut disks) = self.disks.try_borrow_mut() {

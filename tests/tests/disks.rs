@@ -158,6 +158,13 @@ fn disk_nodes_carry_data_through_the_graph_and_halt_flushes_them() {
 fn disk_node_errors_are_clear_and_leave_the_appliance_running() {
     let imgs = images();
     let mut a = Appliance::boot(&config(&imgs));
+    // The driver-level debug command exists only with
+    // `blockhaus.debug-commands=on`.
+    let r = a
+        .qmp()
+        .execute("x-blockhaus-disk-io", json!({"op": "flush-all"}))
+        .unwrap();
+    assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
     add(
         &mut a,
         json!({"driver": "virtio-blk", "node-name": "a", "serial": "disk0"}),

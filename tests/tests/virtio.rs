@@ -5,13 +5,19 @@
 //! requests in flight) checked byte for byte by `qemu-io` on the host,
 //! discard and write-zeroes reaching the file, and clear errors.
 //!
-//! Until the block graph is wired to the drivers, I/O goes through the
-//! debug command `x-blockhaus-disk-io`.
+//! I/O goes through the debug command `x-blockhaus-disk-io`, beside the
+//! block graph: every appliance here boots with
+//! `blockhaus.debug-commands=on` ([`boot`]).
 
 use harness::host::{MIB, args, config, create, images, is_zero_hole, map, qemu_io};
 use harness::{Appliance, QemuConfig};
 use serde_json::{Value, json};
 use std::time::Duration;
+
+/// Boots `cfg` with the debug command `x-blockhaus-disk-io`.
+fn boot(cfg: QemuConfig) -> Appliance {
+    Appliance::boot(&cfg.append("blockhaus.debug-commands=on"))
+}
 
 fn disk_io(a: &mut Appliance, arguments: Value) -> Value {
     let r = a
@@ -74,7 +80,7 @@ fn device<'a>(list: &'a Value, serial: &str) -> &'a Value {
 #[test]
 fn drivers_find_every_disk_and_move_real_data_both_ways() {
     let imgs = images();
-    let mut a = Appliance::boot(&config(&imgs));
+    let mut a = boot(config(&imgs));
 
     // Discovery.
     let list = a.qmp().cmd("x-query-devices", Value::Null).unwrap();
@@ -292,7 +298,7 @@ fn errors_are_clear_and_change_nothing() {
         "-device",
         "scsi-hd,bus=scsi0.0,drive=s3,scsi-id=2,lun=300,serial=lun300",
     ]));
-    let mut a = Appliance::boot(&cfg);
+    let mut a = boot(cfg);
     let list = a.qmp().cmd("x-query-devices", Value::Null).unwrap();
     let ro_lun = device(&list, "scsi-ro");
     assert_eq!(ro_lun["read-only"], true, "{ro_lun}");
@@ -483,7 +489,7 @@ fn disks_behind_pci_bridges_are_found() {
         ]),
         ..QemuConfig::default()
     };
-    let mut a = Appliance::boot(&cfg);
+    let mut a = boot(cfg);
     let list = a.qmp().cmd("x-query-devices", Value::Null).unwrap();
     let blk = device(&list, "bridged-blk");
     let scsi = device(&list, "bridged-scsi");
@@ -511,7 +517,7 @@ fn pc_machine_reaches_configuration_space_through_port_io() {
         disks: vec![b.clone()],
         ..QemuConfig::default().machine(harness::Machine::Pc)
     };
-    let mut a = Appliance::boot(&cfg);
+    let mut a = boot(cfg);
     assert!(
         a.console()
             .contains("PCI configuration through port I/O 0xcf8"),
@@ -553,7 +559,7 @@ fn microvm_disks_get_their_bars_from_the_dsdt() {
         ]),
         ..QemuConfig::default().machine(harness::Machine::Microvm)
     };
-    let mut a = Appliance::boot(&cfg);
+    let mut a = boot(cfg);
     let console = a.console();
     assert!(
         console.contains("PCI configuration through ECAM"),

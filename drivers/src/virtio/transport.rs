@@ -4,7 +4,8 @@
 use super::Error;
 use super::hal::IdentityHal;
 use crate::pci::Cam;
-use virtio_drivers::transport::pci::PciTransport;
+/// The transport [`open`] gives, for callers outside this crate.
+pub use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
 use virtio_drivers::transport::{DeviceStatus, Transport};
 

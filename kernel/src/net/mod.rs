@@ -8,17 +8,20 @@
 //! and boot options; [`config`] the `ip=` setting.
 //!
 //! Hooks the rest of the kernel calls:
-//! - [`Network::probe`] at boot, with the `ip=` setting of the command line;
+//! - [`Network::probe`] at boot, with the PCI scan and the `ip=` setting of
+//!   the command line;
 //! - [`Network::poll`] from the main loop and from the block layer's
 //!   platform while a QMP command waits (returns whether anything happened);
-//! - [`apply_boot_option`] for `--nbd-server` / `--export`;
-//! - [`register`] for the QMP commands;
+//! - [`qmp::apply_boot_option`] for `--nbd-server` / `--export`;
+//! - [`qmp::register`] for the QMP commands (on `app::Appliance`, which
+//!   holds the [`Network`]: callers name `qmp` directly, this file does not
+//!   re-export it);
 //! - [`Network::close_exports`] first in the halt path, before close-all.
 
 mod config;
 mod conn;
 mod export;
-mod qmp;
+pub mod qmp;
 mod server;
 mod stack;
 
@@ -30,18 +33,14 @@ use block::exec::Executor;
 use block::registry::Registry;
 use drivers::net::NetDevice;
 use drivers::net::smoltcp::wire::IpAddress;
-use drivers::pci;
 use log::{info, warn};
 
+use crate::pci::Pci;
 use conn::{Conn, IoBudget};
 use export::ExportTable;
 use server::Server;
 use stack::Stack;
 
-pub use qmp::{apply_boot_option, register};
-
-/// virtio's PCI vendor.
-const VIRTIO_VENDOR: u16 = 0x1af4;
 /// virtio-net: transitional and modern device ids.
 const NET_IDS: [u16; 2] = [0x1000, 0x1041];
 
@@ -73,39 +72,13 @@ const IO_BUDGET: u64 = 64 << 20;
 /// `max-connections`.
 const MAX_CLIENTS: usize = 24;
 
-/// Finds the first virtio-net function and brings it up.
-fn find_device() -> Result<Option<NetDevice>, String> {
-    let mapped = boot::paging::mapped_end();
-    // SAFETY: boot is single-threaded; the disks' probe has finished with
-    // PCI configuration space and nothing else touches it; ACPI tables are
-    // identity-mapped memory.
-    let mut bus = unsafe {
-        pci::Bus::new(pci::Cam::detect(
-            &drivers::acpi::IdentityMapped,
-            None,
-            mapped,
-        ))
-    };
-    let functions = bus.scan();
-    let Some(f) = functions
-        .iter()
-        .find(|f| f.vendor_id == VIRTIO_VENDOR && NET_IDS.contains(&f.device_id))
-    else {
+/// Brings up the first virtio-net function of the boot-time PCI scan.
+fn find_device(pci: &mut Pci) -> Result<Option<NetDevice>, String> {
+    let Some(f) = pci.virtio(&NET_IDS).into_iter().next() else {
         return Ok(None);
     };
-    if let Some(bar) = f
-        .bars
-        .iter()
-        .find(|b| b.kind != pci::BarKind::Io && b.address + b.size > mapped)
-    {
-        return Err(format!(
-            "{}: {bar} lies above the identity map ({mapped:#x})",
-            f.address
-        ));
-    }
-    let df = f.address.device_function();
-    let transport = bus
-        .with_decode_off(df, |root| drivers::virtio::transport::open(root, df))
+    let transport = pci
+        .open_virtio(&f)
         .map_err(|e| format!("{}: {e}", f.address))?;
     let dev = NetDevice::new(transport).map_err(|e| format!("{}: {e}", f.address))?;
     info!(
@@ -118,13 +91,13 @@ fn find_device() -> Result<Option<NetDevice>, String> {
 }
 
 impl Network {
-    /// Finds a virtio-net device and brings the interface up; `ip` is the
-    /// command line's `ip=ADDR/PREFIX[,gw=GW]` (QEMU user-network defaults
+    /// Brings up the first virtio-net device of the boot-time PCI scan and
+    /// the interface; `ip` is the command line's `ip=ADDR/PREFIX[,gw=GW]` (QEMU user-network defaults
     /// when absent). No device is not an error: the appliance then runs
     /// without a network.
-    pub fn probe(ip: Option<&str>, registry: Rc<Registry>) -> Result<Self, String> {
+    pub fn probe(pci: &mut Pci, ip: Option<&str>, registry: Rc<Registry>) -> Result<Self, String> {
         let ip = config::parse(ip)?;
-        let stack = match find_device()? {
+        let stack = match find_device(pci)? {
             Some(dev) => {
                 let s = Stack::new(dev, ip);
                 info!(

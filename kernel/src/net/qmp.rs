@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use super::export::{ExportTable, NewExport};
 use super::{Network, ServerConfig};
-use crate::monitor::Appliance;
+use crate::app::Appliance;
 
 type Res = Result<Value, QmpError>;
 

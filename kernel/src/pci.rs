@@ -1,0 +1,103 @@
+//! PCI at boot: configuration space is found and every bus scanned once
+//! ([`Pci::scan`], from `kernel_main`); the disks and the network take
+//! their virtio functions from the result ([`Pci::virtio`]) and bring each
+//! up with [`Pci::open_virtio`]. Nothing touches configuration space after
+//! boot: the scan result is dropped once the devices are up.
+
+use alloc::vec::Vec;
+use core::fmt;
+use drivers::pci::{self, Bar, Function};
+use drivers::virtio::transport::PciTransport;
+use log::info;
+
+/// virtio's PCI vendor.
+const VIRTIO_VENDOR: u16 = 0x1af4;
+
+/// Configuration space and every function found on it.
+pub struct Pci {
+    bus: pci::Bus,
+    functions: Vec<Function>,
+    /// End of the identity map: a device's memory BARs must lie below it.
+    mapped: u64,
+}
+
+/// Why a virtio function could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// A memory BAR the driver would use is not mapped.
+    AboveIdentityMap {
+        bar: Bar,
+        mapped: u64,
+    },
+    Transport(drivers::virtio::Error),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::AboveIdentityMap { bar, mapped } => {
+                write!(f, "{bar} lies above the identity map ({mapped:#x})")
+            }
+            OpenError::Transport(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Pci {
+    /// Finds configuration space (ECAM or port I/O), scans every bus and
+    /// logs what it found.
+    pub fn scan() -> Self {
+        let mapped = boot::paging::mapped_end();
+        // SAFETY: boot is single-threaded and only this module touches PCI
+        // configuration space (the drivers it opens use their BARs, not
+        // configuration space); ACPI tables are identity-mapped memory.
+        let mut bus = unsafe {
+            pci::Bus::new(pci::Cam::detect(
+                &drivers::acpi::IdentityMapped,
+                None,
+                mapped,
+            ))
+        };
+        let functions = bus.scan();
+        info!("PCI configuration through {}", bus.cam());
+        for (base, size) in bus.windows() {
+            info!("PCI: placing unassigned BARs in {base:#x}+{size:#x} (host bridge _CRS)");
+        }
+        for f in &functions {
+            info!("PCI {f}");
+        }
+        Self {
+            bus,
+            functions,
+            mapped,
+        }
+    }
+
+    /// The virtio functions whose device id is one of `ids`, in bus order.
+    pub fn virtio(&self, ids: &[u16]) -> Vec<Function> {
+        self.functions
+            .iter()
+            .filter(|f| f.vendor_id == VIRTIO_VENDOR && ids.contains(&f.device_id))
+            .cloned()
+            .collect()
+    }
+
+    /// Opens `f`'s modern virtio transport, once its memory BARs are known
+    /// to lie in the identity map. Opening sizes the BARs that hold the
+    /// virtio structures: it is done with decoding off (see
+    /// `Bus::with_decode_off`).
+    pub fn open_virtio(&mut self, f: &Function) -> Result<PciTransport, OpenError> {
+        let mapped = self.mapped;
+        if let Some(bar) = f
+            .bars
+            .iter()
+            .find(|b| b.kind != pci::BarKind::Io && b.address + b.size > mapped)
+        {
+            return Err(OpenError::AboveIdentityMap { bar: *bar, mapped });
+        }
+        let df = f.address.device_function();
+        self.bus
+            .with_decode_off(df, |root| drivers::virtio::transport::open(root, df))
+            .map_err(OpenError::Transport)
+    }
+}
