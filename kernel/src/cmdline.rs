@@ -18,6 +18,9 @@ pub enum TestFault {
     /// Adds the QMP command `x-blockhaus-panic`, which panics inside the
     /// monitor: a fatal error at a moment the test chooses.
     PanicOnQmp,
+    /// Leaks one reference to the first node once the boot options are
+    /// applied, so close-all finds it open at halt.
+    LeakNodeRef,
 }
 
 #[derive(Debug, Default)]
@@ -86,9 +89,10 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
                     "stack-overflow" => TestFault::StackOverflow,
                     "panic" => TestFault::Panic,
                     "panic-on-qmp" => TestFault::PanicOnQmp,
+                    "leak-node-ref" => TestFault::LeakNodeRef,
                     other => {
                         return Err(alloc::format!(
-                            "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic|panic-on-qmp)"
+                            "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic|panic-on-qmp|leak-node-ref)"
                         ));
                     }
                 })
@@ -105,9 +109,14 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
 
 /// Triggers the configured fault.
 pub fn trigger(fault: TestFault) {
-    if fault == TestFault::PanicOnQmp {
-        log::warn!("test fault: QMP command x-blockhaus-panic added");
-        return;
+    match fault {
+        TestFault::PanicOnQmp => {
+            log::warn!("test fault: QMP command x-blockhaus-panic added");
+            return;
+        }
+        // Done by main once the graph is built.
+        TestFault::LeakNodeRef => return,
+        _ => {}
     }
     log::warn!("triggering test fault {fault:?}");
     match fault {
@@ -126,7 +135,7 @@ pub fn trigger(fault: TestFault) {
             recurse(0);
         }
         TestFault::Panic => panic!("test panic requested on the command line"),
-        TestFault::PanicOnQmp => {}
+        TestFault::PanicOnQmp | TestFault::LeakNodeRef => {}
     }
 }
 

@@ -84,8 +84,20 @@ pub fn poll_power_button() -> Option<Reason> {
     unsafe { button.pressed() }.then_some(Reason::GuestShutdown)
 }
 
-/// Stops the appliance: report, then poweroff. Never returns.
+/// Stops the appliance: report, then poweroff (the failure exit for a
+/// failure reason). Never returns.
 pub fn halt(reason: Reason, detail: &str) -> ! {
+    stop(reason, detail, None)
+}
+
+/// Stops the appliance with the failure exit whatever the reason: the halt
+/// sequence itself went wrong (`why`).
+pub fn halt_failed(reason: Reason, detail: &str, why: &str) -> ! {
+    stop(reason, detail, Some(why))
+}
+
+fn stop(reason: Reason, detail: &str, failed: Option<&str>) -> ! {
+    let failure = reason.is_failure() || failed.is_some();
     x86_64::instructions::interrupts::disable();
     let first = !HALTING.swap(true, Ordering::SeqCst);
     drivers::lapic::stop_timer();
@@ -102,14 +114,16 @@ pub fn halt(reason: Reason, detail: &str) -> ! {
             free / 1024,
         ))
     };
-    if first && !reason.is_failure() {
+    if first && !failure {
         report(crate::console::print);
     } else {
         report(crate::console::emergency);
     }
-    if reason.is_failure() {
+    if failure {
         crate::console::emergency(format_args!(
-            "exit: failure (isa-debug-exit code {FAILURE_CODE:#x})\n"
+            "exit: failure (isa-debug-exit code {FAILURE_CODE:#x}){}{}\n",
+            if failed.is_some() { ": " } else { "" },
+            failed.unwrap_or("")
         ));
         // SAFETY: the isa-debug-exit port; writing ends QEMU. Without the
         // device the write is ignored and we fall through to poweroff.

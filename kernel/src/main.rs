@@ -143,6 +143,15 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             }
         }
     }
+    if config.test_fault == Some(cmdline::TestFault::LeakNodeRef) {
+        match app.block.registry().nodes().first() {
+            Some(node) => {
+                node.ref_();
+                warn!("test fault: one reference to node '{}' leaked", node.name());
+            }
+            None => warn!("test fault: no node to leak a reference to"),
+        }
+    }
     let mut monitor = monitor::Monitor::new(app);
     if config.test_fault == Some(cmdline::TestFault::PanicOnQmp) {
         monitor.add_test_panic_command();
@@ -193,14 +202,14 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
 /// `SHUTDOWN` (after `GUEST_PANICKED` for a fatal error), close every
 /// export, close-all (cancel jobs, eject backends, close every node),
 /// flush every device, then the halt report and poweroff (or the failure
-/// exit).
+/// exit, also when close-all left a node open).
 fn halt_sequence(monitor: &mut monitor::Monitor, reason: halt::Reason, detail: &str) -> ! {
     let start = clock::monotonic_ns();
     let written = monitor.appliance().disks.borrow().bytes_written();
     monitor.shutdown(reason);
     let exports = monitor.appliance().net.borrow_mut().close_exports();
     monitor.write_out();
-    close_all(&monitor.appliance().block);
+    let closed = close_all(&monitor.appliance().block);
     // Events of the cancelled jobs, then nothing more.
     monitor.write_out();
     flush_devices(&monitor.appliance().disks);
@@ -216,7 +225,13 @@ fn halt_sequence(monitor: &mut monitor::Monitor, reason: halt::Reason, detail: &
         elapsed / 1_000_000,
         (elapsed / 1000) % 1000
     );
-    halt::halt(reason, detail)
+    if closed {
+        halt::halt(reason, detail)
+    } else {
+        // QEMU asserts here; a supervisor must see that a node was left
+        // open, so the exit is the failure one (SHUTDOWN went out first).
+        halt::halt_failed(reason, detail, "close-all left nodes open")
+    }
 }
 
 /// The block layer's close-all (QEMU's `bdrv_close_all`): cancel jobs,

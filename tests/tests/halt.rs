@@ -1021,3 +1021,50 @@ three_halts!(
     powerdown_after_iotest_140_eject_under_an_export,
     panic_after_iotest_140_eject_under_an_export
 );
+
+/// A node left open by close-all (a leaked reference, provoked by the
+/// `leak-node-ref` test fault) is the failure exit, after `SHUTDOWN` and
+/// the close-all report naming it: QEMU asserts there, and a supervisor
+/// must see it.
+#[test]
+fn a_node_left_open_at_halt_is_the_failure_exit() {
+    let cfg = QemuConfig::default().append(
+        "--blockdev driver=null-co,node-name=n0,size=1048576 \
+         --blockdev driver=null-co,node-name=n1 blockhaus.test-fault=leak-node-ref",
+    );
+    let mut a = Appliance::boot(&cfg);
+    let reply = a.qmp().execute("quit", Value::Null).expect("quit reply");
+    assert_eq!(reply, json!({"return": {}}));
+    let q = a.qmp();
+    q.set_timeout(Duration::from_secs(60)).unwrap();
+    let mut events: Vec<Value> = q.events.drain(..).collect();
+    while let Ok(v) = q.recv() {
+        if v.get("event").is_some() {
+            events.push(v);
+        }
+    }
+    let status = a.wait_exit(Duration::from_secs(60));
+    let console = a.console();
+    let status = status.unwrap_or_else(|| panic!("QEMU did not exit:\n{console}"));
+    assert_eq!(status.code(), Some(FAILURE_EXIT_STATUS), "{console}");
+    assert!(
+        console.contains("test fault: one reference to node 'n0' leaked"),
+        "{console}"
+    );
+    assert!(
+        console.contains("close-all: NODES LEFT OPEN: 'n0' (refcount 1)"),
+        "{console}"
+    );
+    assert!(console.contains("close-all FAILED"), "{console}");
+    assert!(
+        console.contains("exit: failure (isa-debug-exit code 0x10): close-all left nodes open"),
+        "{console}"
+    );
+    // The other node still closed by its refcount.
+    assert!(console.contains("closed node 'n1' (null-co)"), "{console}");
+    let shutdown = events
+        .iter()
+        .find(|e| e["event"] == "SHUTDOWN")
+        .unwrap_or_else(|| panic!("no SHUTDOWN event: {events:?}"));
+    assert_eq!(shutdown["data"]["reason"], "host-qmp-quit", "{shutdown}");
+}
