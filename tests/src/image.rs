@@ -8,10 +8,18 @@ use std::sync::OnceLock;
 
 pub const TARGET: &str = "x86_64-unknown-none";
 
+/// The image's own target directory: `image/` in `$CARGO_TARGET_DIR`
+/// when that is set, else `target/image` in the workspace.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => crate::workspace_root().join(d).join("image"),
+        _ => crate::workspace_root().join("target/image"),
+    }
+}
+
 /// Where the image lands for a profile.
 pub fn path(release: bool) -> PathBuf {
-    crate::workspace_root()
-        .join("target/image")
+    target_dir()
         .join(TARGET)
         .join(if release { "release" } else { "debug" })
         .join("blockhaus")
@@ -19,14 +27,12 @@ pub fn path(release: bool) -> PathBuf {
 
 /// Builds the image and returns its path.
 pub fn build(release: bool) -> Result<PathBuf, String> {
+    crate::toolchain::ensure(false)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(crate::workspace_root())
         .args(["build", "--package", "kernel", "--target", TARGET])
-        .env(
-            "CARGO_TARGET_DIR",
-            crate::workspace_root().join("target/image"),
-        );
+        .env("CARGO_TARGET_DIR", target_dir());
     if release {
         cmd.arg("--release");
     }

@@ -9,6 +9,7 @@ pub mod image;
 pub mod nbd_server;
 pub mod qemu;
 pub mod qmp;
+pub mod toolchain;
 
 pub use appliance::Appliance;
 pub use qemu::{Accel, Machine, QemuConfig};

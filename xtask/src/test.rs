@@ -34,8 +34,8 @@ fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<(), String> {
 
 pub fn test(args: TestArgs) -> Result<(), String> {
     crate::deps::ensure()?;
-    let root = harness::workspace_root();
-    let image_dir = root.join("target/image");
+    harness::toolchain::ensure(true)?;
+    let image_dir = harness::image::target_dir();
     let image_dir = image_dir.to_str().ok_or("non-UTF-8 path")?;
     if !args.no_lint {
         cargo(&["fmt", "--all", "--check"], &[])?;
