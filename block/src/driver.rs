@@ -5,12 +5,12 @@
 //! drivers (`null-co`, and in the kernel `virtio-blk`/`virtio-scsi`) talk to
 //! a device; format and filter drivers (`raw`, `quorum`, `throttle`, …) turn
 //! a request into requests on their children through the child edges
-//! ([`crate::child::Child`]), which carry the permission checks.
+//! ([`crate::graph::child::Child`]), which carry the permission checks.
 //!
 //! Methods receive the node they belong to, so a driver can find its
 //! children (`node.file()`, `node.children()`) without keeping references
 //! of its own: when the node is closed its edges go away with it. The
-//! generic layer in [`crate::node::Node`] does what is common to all drivers
+//! generic layer in [`crate::graph::node::Node`] does what is common to all drivers
 //! (in-flight accounting, read-only checks, zero-fill past the end,
 //! `detect-zeroes`, FUA emulation, write-zeroes fallback) before calling
 //! these methods.
@@ -19,7 +19,7 @@
 //! ```
 //! use block::driver::BlockDriver;
 //! use block::io::{BoxFuture, IoResult, ReqFlags};
-//! use block::node::Node;
+//! use block::graph::node::Node;
 //!
 //! struct Disk { len: u64 }
 //! impl BlockDriver for Disk {
@@ -42,10 +42,10 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::child::Child;
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{Perm, default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::Node;
-use crate::permission::{Perm, default_perms};
 
 /// A ready future.
 pub fn ready<'a, T: 'a>(v: T) -> BoxFuture<'a, T> {

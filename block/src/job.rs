@@ -30,12 +30,12 @@ use core::task::Poll;
 
 use serde_json::{Value, json};
 
-use crate::backend::{Backend, BackendError, BackendOptions};
 use crate::exec::WaitQueue;
+use crate::graph::backend::{Backend, BackendError, BackendOptions};
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
+use crate::graph::registry::{Registry, id_wellformed};
 use crate::io::BoxFuture;
-use crate::node::Node;
-use crate::permission::Perm;
-use crate::registry::{Registry, id_wellformed};
 
 /// QEMU's `JobStatus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

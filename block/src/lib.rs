@@ -11,9 +11,7 @@
 
 extern crate alloc;
 
-pub mod backend;
 pub mod blockdev;
-pub mod child;
 pub mod close_all;
 pub mod cmdline;
 pub mod commands;
@@ -21,21 +19,19 @@ pub mod driver;
 pub mod drivers;
 pub mod event;
 pub mod exec;
+pub mod graph;
 pub mod io;
 pub mod job;
 pub mod jobs;
 pub mod keyval;
 pub mod layer;
 pub mod nbd;
-pub mod node;
 pub mod object;
 pub mod open;
 pub mod options;
-pub mod permission;
 pub mod qemu_io;
 pub mod qmp;
 pub mod query;
-pub mod registry;
 #[cfg(test)]
 mod tests;
 pub mod timer;

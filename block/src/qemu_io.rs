@@ -16,11 +16,11 @@ use alloc::vec::Vec;
 
 use serde_json::Value;
 
-use crate::backend::{Backend, BackendOptions};
+use crate::graph::backend::{Backend, BackendOptions};
+use crate::graph::permission::Perm;
 use crate::io::ReqFlags;
 use crate::layer::BlockLayer;
 use crate::options::parse_size;
-use crate::permission::Perm;
 use crate::qmp::{Args, QmpError};
 
 /// Largest request qemu-io accepts here (QEMU allows up to 2 GiB; the

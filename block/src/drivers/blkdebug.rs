@@ -23,12 +23,12 @@ use core::cell::RefCell;
 
 use serde_json::Value;
 
-use crate::child::Child;
 use crate::driver::{BlockDriver, forward, ready};
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{ChildRole, Perm, filter_default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::Node;
 use crate::open::{DriverClass, DriverOpts, Opener};
-use crate::permission::{ChildRole, Perm, filter_default_perms};
 use crate::qmp::QmpError;
 
 /// `blkdebug`.

@@ -6,12 +6,12 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
-use crate::child::Child;
 use crate::driver::{BlockDriver, forward};
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{ChildRole, Perm, filter_default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoResult, ReqFlags};
-use crate::node::Node;
 use crate::open::{DriverClass, DriverOpts, Opener};
-use crate::permission::{ChildRole, Perm, filter_default_perms};
 use crate::qmp::QmpError;
 
 /// `copy-on-read`.

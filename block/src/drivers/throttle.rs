@@ -9,10 +9,10 @@ use alloc::vec::Vec;
 
 use crate::driver::{BlockDriver, forward};
 use crate::drivers::throttle_group::ThrottleGroup;
+use crate::graph::node::Node;
+use crate::graph::permission::ChildRole;
 use crate::io::{BlockStatus, BoxFuture, IoResult, ReqFlags};
-use crate::node::Node;
 use crate::open::{DriverClass, DriverOpts, Opener};
-use crate::permission::ChildRole;
 use crate::qmp::QmpError;
 
 /// `throttle`.

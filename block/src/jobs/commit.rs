@@ -24,12 +24,12 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
-use crate::backend::Backend;
 use crate::exec::WaitQueue;
+use crate::graph::backend::Backend;
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
 use crate::job::{Job, JobDriver};
-use crate::node::Node;
-use crate::permission::Perm;
 
 use super::chain::{allocated_above, find_overlay};
 use super::copy::{Walked, Writing, walk};

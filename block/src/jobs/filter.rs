@@ -13,7 +13,7 @@
 //! node once all its users moved onto the filter.
 //!
 //! [`insert_filter`] opens the filter over the node and moves every parent
-//! of the node onto it ([`super::replace::replace_node`]);
+//! of the node onto it ([`crate::graph::replace::replace_node`]);
 //! [`remove_filter`] moves them back and drops the job's reference, which
 //! closes the filter. Both run in a drained section of the node.
 
@@ -26,14 +26,14 @@ use core::cell::Cell;
 
 use serde_json::{Map, Value};
 
-use crate::backend::Backend;
-use crate::child::{Child, set_child_perm};
 use crate::driver::{BlockDriver, forward};
+use crate::graph::backend::Backend;
+use crate::graph::child::{Child, set_child_perm};
+use crate::graph::node::{Drained, Node, NodeOptions, unref};
+use crate::graph::permission::{ChildRole, Perm, filter_default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::{Drained, Node, NodeOptions, unref};
-use crate::permission::{ChildRole, Perm, filter_default_perms};
 
-use super::replace::replace_node;
+use crate::graph::replace::replace_node;
 
 /// What a request holds while it runs (a range lock, …).
 pub type Guard = Box<dyn Any>;

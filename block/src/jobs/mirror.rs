@@ -20,7 +20,7 @@
 //! (no user write can start), flush the target, and at finalize *pivot*:
 //! every user of the source (the filter's parents and any direct user) is
 //! moved to the target
-//! ([`super::replace::replace_node`]). `block-job-cancel` of a ready job
+//! ([`crate::graph::replace::replace_node`]). `block-job-cancel` of a ready job
 //! (no `force`) completes without pivoting; any other cancel is forced and
 //! ends with `BLOCK_JOB_CANCELLED`. Either way the filter's users go back
 //! to the source and the filter closes by its refcount.
@@ -32,12 +32,12 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::task::Poll;
 
-use crate::backend::Backend;
 use crate::exec::WaitQueue;
+use crate::graph::backend::Backend;
+use crate::graph::node::{Drained, Node};
+use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, IoResult, ReqFlags};
 use crate::job::{Job, JobDriver, JobStatus};
-use crate::node::{Drained, Node};
-use crate::permission::Perm;
 
 use super::chain::{allocated_above, backing};
 use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, Writing, copy_chunk, until_stopped};
@@ -572,14 +572,14 @@ impl JobDriver for Mirror {
             {
                 return Err(e.to_string());
             }
-            super::replace::replace_node(&filter, &self.target, |_| false)
+            crate::graph::replace::replace_node(&filter, &self.target, |_| false)
                 .await
                 .map_err(|e| e.to_string())?;
             // Users that attached to the source itself meanwhile move too
             // (QEMU replaces the source in every parent); the filter's edge
             // and the job's own backend stay.
             let job_blks = job.backends();
-            super::replace::replace_node(&self.source, &self.target, |e| {
+            crate::graph::replace::replace_node(&self.source, &self.target, |e| {
                 e.parent_node().is_some_and(|p| Rc::ptr_eq(&p, &filter))
                     || e.parent_backend()
                         .is_some_and(|b| job_blks.iter().any(|j| Rc::ptr_eq(j, &b)))

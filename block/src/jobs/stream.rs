@@ -22,13 +22,13 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use core::cell::{Cell, RefCell};
 
-use crate::backend::Backend;
-use crate::child::{attach_node_child, detach_child};
 use crate::exec::WaitQueue;
+use crate::graph::backend::Backend;
+use crate::graph::child::{attach_node_child, detach_child};
+use crate::graph::node::{Drained, Node, unref};
+use crate::graph::permission::{ChildRole, Perm};
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
 use crate::job::{Job, JobDriver};
-use crate::node::{Drained, Node, unref};
-use crate::permission::{ChildRole, Perm};
 
 use super::chain::{allocated_above, backing};
 use super::copy::{RangeLock, Walked, Writing, walk};

@@ -10,10 +10,10 @@ use core::cell::Cell;
 use alloc::string::ToString;
 
 use super::harness::Env;
+use crate::graph::node::{Node, NodeState};
+use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, ReqFlags};
 use crate::job::{Job, JobDriver, JobError, JobOptions, JobStatus};
-use crate::node::{Node, NodeState};
-use crate::permission::Perm;
 
 /// Writes one 512-byte block per millisecond through its backend, forever
 /// or for `rounds` rounds.

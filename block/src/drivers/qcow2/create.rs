@@ -12,11 +12,11 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec;
 
-use crate::child::Child;
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
 use crate::io::ReqFlags;
 use crate::job::{Job, JobDriver};
-use crate::node::Node;
-use crate::permission::Perm;
 
 use super::header::{self, NewHeader};
 use super::state::put64;

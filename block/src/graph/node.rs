@@ -24,12 +24,12 @@ use core::cell::{Cell, RefCell};
 
 use serde_json::{Map, Value};
 
-use crate::child::{Child, Parent, detach_child};
 use crate::driver::BlockDriver;
 use crate::exec::WaitQueue;
+use crate::graph::child::{Child, Parent, detach_child};
+use crate::graph::permission::Perm;
+use crate::graph::registry::{ClosedNode, FlushOutcome, Registry};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::permission::Perm;
-use crate::registry::{ClosedNode, FlushOutcome, Registry};
 
 /// Largest buffer the write-zeroes fallback writes at once.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -267,7 +267,10 @@ impl Node {
         self.children
             .borrow()
             .iter()
-            .find(|c| c.role().contains(crate::permission::ChildRole::PRIMARY))
+            .find(|c| {
+                c.role()
+                    .contains(crate::graph::permission::ChildRole::PRIMARY)
+            })
             .cloned()
     }
 
@@ -573,7 +576,7 @@ impl Node {
 
     /// Waits until no request is in flight on this node (QEMU:
     /// `bdrv_drain`; nodes have no request queue of their own, their
-    /// parents stop sending: see [`crate::backend::Backend::drained_begin`]).
+    /// parents stop sending: see [`crate::graph::backend::Backend::drained_begin`]).
     pub async fn drain(&self) {
         self.idle.wait_until(|| self.in_flight.get() == 0).await;
     }
@@ -583,7 +586,7 @@ impl Node {
 /// backends whose tree contains the node stop sending new requests, and
 /// the node's requests in flight complete. Call [`Drained::end`] when done.
 pub struct Drained {
-    quiesced: Vec<Rc<crate::backend::Backend>>,
+    quiesced: Vec<Rc<crate::graph::backend::Backend>>,
 }
 
 impl Drained {

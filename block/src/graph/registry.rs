@@ -18,15 +18,15 @@ use core::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::backend::Backend;
-use crate::child::{AttachError, attach_node_child, detach_child};
 use crate::driver::BlockDriver;
 use crate::event::{EventSink, NoEvents};
 use crate::exec::Executor;
+use crate::graph::backend::Backend;
+use crate::graph::child::{AttachError, attach_node_child, detach_child};
+use crate::graph::node::{Node, NodeOptions};
+use crate::graph::permission::ChildRole;
 use crate::io::IoError;
 use crate::job::Job;
-use crate::node::{Node, NodeOptions};
-use crate::permission::ChildRole;
 use crate::timer::Clock;
 
 /// Longest node-name (QEMU: `sizeof(bs->node_name) - 1`).
@@ -194,7 +194,7 @@ impl Registry {
         self.nodes
             .borrow()
             .iter()
-            .find(|n| n.name() == name && n.state() == crate::node::NodeState::Open)
+            .find(|n| n.name() == name && n.state() == crate::graph::node::NodeState::Open)
             .cloned()
     }
 
@@ -321,7 +321,7 @@ impl Registry {
     }
 
     /// Takes `node` off the monitor list; the caller now owns the monitor's
-    /// reference and must drop it with [`crate::node::unref`].
+    /// reference and must drop it with [`crate::graph::node::unref`].
     pub fn monitor_release(&self, node: &Rc<Node>) -> bool {
         let mut list = self.monitor_nodes.borrow_mut();
         let before = list.len();

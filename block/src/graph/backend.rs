@@ -20,12 +20,12 @@ use core::fmt;
 
 use serde_json::json;
 
-use crate::child::{Child, attach_backend_root, detach_child, set_child_perm};
 use crate::exec::WaitQueue;
+use crate::graph::child::{Child, attach_backend_root, detach_child, set_child_perm};
+use crate::graph::node::{Node, unref};
+use crate::graph::permission::{Perm, PermError};
+use crate::graph::registry::{Registry, id_wellformed};
 use crate::io::{BlockStatus, IoError, IoResult, ReqFlags};
-use crate::node::{Node, unref};
-use crate::permission::{Perm, PermError};
-use crate::registry::{Registry, id_wellformed};
 
 /// A callback fired on insert or remove.
 pub type Notifier = Rc<dyn Fn(&Rc<Backend>)>;
@@ -306,7 +306,7 @@ impl Backend {
     /// `bdrv_replace_child_noperm` on a BlockBackend's root, as
     /// `bdrv_replace_node` does when a mirror pivots): no notifier fires and
     /// the user never sees ENOMEDIUM. The caller attached `edge` (see
-    /// [`crate::child::attach_backend_root`]) and detaches the returned old
+    /// [`crate::graph::child::attach_backend_root`]) and detaches the returned old
     /// edge, dropping its reference.
     pub(crate) fn swap_root(&self, edge: Rc<Child>) -> Option<Rc<Child>> {
         self.root.borrow_mut().replace(edge)
