@@ -10,6 +10,11 @@
 //! notifiers (an NBD export on this backend shuts itself down), drain the
 //! backend's requests, detach the root edge and drop its reference — which
 //! may close the whole tree below.
+//!
+//! *Draining*: a backend stops sending and waits for its requests in
+//! flight ([`Backend::drained_begin`], QEMU `blk_drain_begin`); a drained
+//! section on a node ([`Drained`], QEMU `bdrv_drained_begin`) does that for
+//! every backend whose tree contains the node, then waits for the node.
 
 use alloc::format;
 use alloc::rc::{Rc, Weak};
@@ -446,6 +451,41 @@ impl Backend {
         self.need(Perm::RESIZE)?;
         root.truncate(size).await
     }
+}
+
+/// A drained section on a node (QEMU: `bdrv_drained_begin`/`_end`): the
+/// backends whose tree contains the node stop sending new requests, and
+/// the node's requests in flight complete. Call [`Drained::end`] when done.
+pub struct Drained {
+    quiesced: Vec<Rc<Backend>>,
+}
+
+impl Drained {
+    /// Begins the section and waits until `node` is idle.
+    pub async fn begin(node: &Rc<Node>) -> Drained {
+        let mut quiesced = Vec::new();
+        if let Some(reg) = node.registry() {
+            for b in reg.backends() {
+                if b.root_node().is_some_and(|r| reaches(&r, node)) {
+                    b.drained_begin().await;
+                    quiesced.push(b);
+                }
+            }
+        }
+        node.drain().await;
+        Drained { quiesced }
+    }
+
+    /// Ends the section: queued requests go on.
+    pub fn end(self) {
+        for b in self.quiesced {
+            b.drained_end();
+        }
+    }
+}
+
+fn reaches(from: &Rc<Node>, to: &Rc<Node>) -> bool {
+    Rc::ptr_eq(from, to) || from.children().iter().any(|c| reaches(c.node(), to))
 }
 
 impl fmt::Debug for Backend {

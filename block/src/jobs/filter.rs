@@ -28,8 +28,9 @@ use serde_json::{Map, Value};
 
 use crate::driver::{BlockDriver, forward};
 use crate::graph::backend::Backend;
+use crate::graph::backend::Drained;
 use crate::graph::child::{Child, set_child_perm};
-use crate::graph::node::{Drained, Node, NodeOptions, unref};
+use crate::graph::node::{Node, NodeOptions, unref};
 use crate::graph::permission::{ChildRole, Perm, filter_default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
 

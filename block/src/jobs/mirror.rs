@@ -34,7 +34,8 @@ use core::task::Poll;
 
 use crate::exec::WaitQueue;
 use crate::graph::backend::Backend;
-use crate::graph::node::{Drained, Node};
+use crate::graph::backend::Drained;
+use crate::graph::node::Node;
 use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, IoResult, ReqFlags};
 use crate::job::{Job, JobDriver, JobStatus};

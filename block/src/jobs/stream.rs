@@ -24,8 +24,9 @@ use core::cell::{Cell, RefCell};
 
 use crate::exec::WaitQueue;
 use crate::graph::backend::Backend;
+use crate::graph::backend::Drained;
 use crate::graph::child::{attach_node_child, detach_child};
-use crate::graph::node::{Drained, Node, unref};
+use crate::graph::node::{Node, unref};
 use crate::graph::permission::{ChildRole, Perm};
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
 use crate::job::{Job, JobDriver};

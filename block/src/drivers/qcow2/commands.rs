@@ -17,8 +17,9 @@ use alloc::string::{String, ToString};
 
 use serde_json::{Value, json};
 
+use crate::graph::backend::Drained;
 use crate::graph::child::{attach_node_child, detach_child};
-use crate::graph::node::{Drained, Node};
+use crate::graph::node::Node;
 use crate::graph::permission::ChildRole;
 use crate::graph::replace::replace_node;
 use crate::job::JobOptions;
