@@ -30,6 +30,7 @@ use core::fmt;
 
 use crate::graph::node::unref;
 use crate::graph::registry::{ClosedNode, Registry};
+use crate::job::RegistryJobs;
 
 /// What close-all did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

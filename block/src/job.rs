@@ -1,10 +1,14 @@
 //! Jobs: long-running operations with QEMU's state machine (QEMU: `Job`,
 //! `job.c`, `JobStatus`, `JobVerb`, `job_cancel_sync`).
 //!
-//! A job runs as a task on the executor. It uses the graph only through its
-//! own anonymous backends ([`Job::add_backend`]), which it releases when it
-//! concludes, so a running job keeps its nodes open and a cancelled one lets
-//! them close. Its body ([`JobDriver::run`]) calls [`Job::pause_point`] and
+//! The job framework sits above the block graph ([`crate::graph`]): a job
+//! uses the graph only through its own anonymous backends
+//! ([`Job::add_backend`]), which it releases when it concludes, so a running
+//! job keeps its nodes open and a cancelled one lets them close. The
+//! registry keeps the job list without knowing the job type; jobs are
+//! created and found through [`RegistryJobs`].
+//!
+//! A job runs as a task on the executor. Its body ([`JobDriver::run`]) calls [`Job::pause_point`] and
 //! [`Job::sleep_ns`] and stops when [`Job::is_cancelled`].
 //!
 //! States and transitions follow QEMU's `JobSTT`; the verbs a state accepts
@@ -300,10 +304,28 @@ pub struct Job {
     registry: Weak<Registry>,
 }
 
-impl Registry {
+/// The job framework's face of the registry: creating jobs and finding
+/// them in its job list (QEMU: `job_create`, `job_next`, `job_get`). The
+/// registry holds the jobs type-erased; only this module puts them there.
+pub trait RegistryJobs {
     /// Creates a job in state `created` (QEMU: `job_create`); start it with
     /// [`Job::start`] after adding its backends.
-    pub fn create_job(
+    fn create_job(
+        self: &Rc<Self>,
+        id: &str,
+        driver: Rc<dyn JobDriver>,
+        opts: JobOptions,
+    ) -> Result<Rc<Job>, JobError>;
+
+    /// Every job, oldest first.
+    fn jobs(&self) -> Vec<Rc<Job>>;
+
+    /// The job called `id`.
+    fn find_job(&self, id: &str) -> Option<Rc<Job>>;
+}
+
+impl RegistryJobs for Registry {
+    fn create_job(
         self: &Rc<Self>,
         id: &str,
         driver: Rc<dyn JobDriver>,
@@ -336,9 +358,20 @@ impl Registry {
             done: WaitQueue::new(),
             registry: Rc::downgrade(self),
         });
-        self.add_job(job.clone());
+        self.add_job_entry(job.clone());
         job.transition(JobStatus::Created);
         Ok(job)
+    }
+
+    fn jobs(&self) -> Vec<Rc<Job>> {
+        self.job_entries()
+            .into_iter()
+            .filter_map(|j| j.downcast::<Job>().ok())
+            .collect()
+    }
+
+    fn find_job(&self, id: &str) -> Option<Rc<Job>> {
+        self.jobs().into_iter().find(|j| j.id() == id)
     }
 }
 
@@ -618,7 +651,7 @@ impl Job {
     fn dismiss_now(&self) {
         self.transition(JobStatus::Null);
         if let Some(r) = self.registry() {
-            r.forget_job(self);
+            r.forget_job_entry(self);
         }
     }
 

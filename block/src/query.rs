@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::graph::backend::Backend;
 use crate::graph::node::Node;
 use crate::graph::permission::Perm;
+use crate::job::RegistryJobs;
 use crate::layer::BlockLayer;
 use crate::qmp::{Args, QmpError};
 

@@ -21,7 +21,7 @@ use crate::exec::WaitQueue;
 use crate::graph::node::Node;
 use crate::graph::permission::Perm;
 use crate::io::BoxFuture;
-use crate::job::{Job, JobDriver};
+use crate::job::{Job, JobDriver, RegistryJobs};
 
 use super::copy::{CopyError, MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, Pool, Writing};
 use super::copy_before_write::{BlockCopy, CbwHook};

@@ -33,7 +33,7 @@ use alloc::vec::Vec;
 use serde_json::{Value, json};
 
 use crate::graph::node::Node;
-use crate::job::{Job, JobStatus};
+use crate::job::{Job, JobStatus, RegistryJobs};
 use crate::layer::{BlockContext, BlockLayer};
 use crate::qmp::{Args, Dispatcher, QmpError};
 

@@ -29,7 +29,7 @@ use crate::graph::backend::Backend;
 use crate::graph::node::Node;
 use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
-use crate::job::{Job, JobDriver};
+use crate::job::{Job, JobDriver, RegistryJobs};
 
 use super::chain::{allocated_above, find_overlay};
 use super::copy::{Walked, Writing, walk};

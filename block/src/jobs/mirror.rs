@@ -38,7 +38,7 @@ use crate::graph::backend::Drained;
 use crate::graph::node::Node;
 use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, IoResult, ReqFlags};
-use crate::job::{Job, JobDriver, JobStatus};
+use crate::job::{Job, JobDriver, JobStatus, RegistryJobs};
 
 use super::chain::{allocated_above, backing};
 use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, Writing, copy_chunk, until_stopped};

@@ -61,7 +61,7 @@ use alloc::string::String;
 
 use crate::graph::node::Node;
 use crate::graph::registry::{Registry, id_wellformed};
-use crate::job::JobOptions;
+use crate::job::{JobOptions, RegistryJobs};
 
 /// The options every block job command takes (QEMU: `speed`,
 /// `auto-finalize`, `auto-dismiss`).

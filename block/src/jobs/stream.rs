@@ -29,7 +29,7 @@ use crate::graph::child::{attach_node_child, detach_child};
 use crate::graph::node::{Node, unref};
 use crate::graph::permission::{ChildRole, Perm};
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
-use crate::job::{Job, JobDriver};
+use crate::job::{Job, JobDriver, RegistryJobs};
 
 use super::chain::{allocated_above, backing};
 use super::copy::{RangeLock, Walked, Writing, walk};

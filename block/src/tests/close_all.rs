@@ -11,6 +11,7 @@ use crate::graph::backend::BackendOptions;
 use crate::graph::permission::Perm;
 use crate::graph::registry::FlushOutcome;
 use crate::io::{IoError, ReqFlags};
+use crate::job::RegistryJobs;
 
 #[test]
 fn closes_format_before_its_file_and_flushes_it() {

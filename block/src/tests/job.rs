@@ -13,7 +13,7 @@ use super::harness::Env;
 use crate::graph::node::{Node, NodeState};
 use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, ReqFlags};
-use crate::job::{Job, JobDriver, JobError, JobOptions, JobStatus};
+use crate::job::{Job, JobDriver, JobError, JobOptions, JobStatus, RegistryJobs};
 
 /// Writes one 512-byte block per millisecond through its backend, forever
 /// or for `rounds` rounds.

@@ -10,6 +10,7 @@ use serde_json::json;
 use super::harness::Qmp;
 use super::jobs_util::*;
 use crate::graph::node::Node;
+use crate::job::RegistryJobs;
 use crate::jobs::chain::backing;
 
 const SIZE: u64 = 2 * MIB;

@@ -8,6 +8,7 @@ use serde_json::json;
 use super::harness::Qmp;
 use super::jobs_util::*;
 use crate::io::ReqFlags;
+use crate::job::RegistryJobs;
 
 fn mirror_args(sync: &str) -> serde_json::Value {
     json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": sync,

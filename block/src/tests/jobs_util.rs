@@ -16,6 +16,7 @@ use crate::graph::backend::{Backend, BackendOptions};
 use crate::graph::node::Node;
 use crate::graph::permission::Perm;
 use crate::io::ReqFlags;
+use crate::job::RegistryJobs;
 use crate::timer::Clock;
 
 pub const KIB: u64 = 1 << 10;

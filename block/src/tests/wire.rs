@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use super::harness::Qmp;
 use super::job::TestJob;
 use crate::graph::permission::Perm;
-use crate::job::JobOptions;
+use crate::job::{JobOptions, RegistryJobs};
 use crate::qmp::{Action, Session, VersionInfo};
 
 fn exchange(q: &mut Qmp, s: &mut Session, input: &str) -> (Action, Vec<String>) {

@@ -22,7 +22,7 @@ use crate::graph::child::{attach_node_child, detach_child};
 use crate::graph::node::Node;
 use crate::graph::permission::ChildRole;
 use crate::graph::replace::replace_node;
-use crate::job::JobOptions;
+use crate::job::{JobOptions, RegistryJobs};
 use crate::layer::{BlockContext, BlockLayer};
 use crate::qmp::{Args, Dispatcher, QmpError};
 
