@@ -189,10 +189,6 @@ impl BlockDriver for Blkdebug {
         "blkdebug"
     }
 
-    fn get_length(&self, node: &Node) -> IoResult<u64> {
-        forward::get_length(node)
-    }
-
     fn read<'a>(
         &'a self,
         node: &'a Node,
@@ -257,10 +253,6 @@ impl BlockDriver for Blkdebug {
             Ok(()) => forward::block_status(node, offset, len),
             Err(e) => ready(Err(e)),
         }
-    }
-
-    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
-        forward::truncate(node, size)
     }
 
     fn child_perm(&self, _: &Node, _: &Child, perm: Perm, shared: Perm) -> (Perm, Perm) {

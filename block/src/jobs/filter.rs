@@ -32,7 +32,7 @@ use crate::graph::backend::Drained;
 use crate::graph::child::{Child, set_child_perm};
 use crate::graph::node::{Node, NodeOptions, unref};
 use crate::graph::permission::{ChildRole, Perm, filter_default_perms};
-use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
+use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
 
 use crate::graph::replace::replace_node;
 
@@ -84,20 +84,6 @@ impl BlockDriver for HookFilter {
         self.name
     }
 
-    fn get_length(&self, node: &Node) -> IoResult<u64> {
-        forward::get_length(node)
-    }
-
-    fn read<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: usize,
-        flags: ReqFlags,
-    ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
-        forward::read(node, offset, len, flags)
-    }
-
     fn write<'a>(
         &'a self,
         node: &'a Node,
@@ -140,15 +126,6 @@ impl BlockDriver for HookFilter {
             flags,
             forward::write_zeroes(node, offset, len, flags),
         ))
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
-        forward::block_status(node, offset, len)
     }
 
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
