@@ -39,7 +39,7 @@ use crate::graph::backend::{Backend, BackendError, BackendOptions};
 use crate::graph::node::Node;
 use crate::graph::permission::Perm;
 use crate::graph::registry::{Registry, id_wellformed};
-use crate::io::BoxFuture;
+use crate::io::{BoxFuture, IoError};
 
 /// QEMU's `JobStatus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,14 +216,51 @@ impl fmt::Display for JobError {
     }
 }
 
+/// Why a job's body or its prepare step failed; the text is QEMU's, for
+/// the `error` of `BLOCK_JOB_COMPLETED` and `query-jobs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobFailure {
+    /// An I/O error the job reports (`on-*-error=report`): its `strerror`.
+    Io(IoError),
+    /// Anything else, with QEMU's message.
+    Message(String),
+}
+
+impl fmt::Display for JobFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobFailure::Io(e) => e.fmt(f),
+            JobFailure::Message(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<IoError> for JobFailure {
+    fn from(e: IoError) -> Self {
+        JobFailure::Io(e)
+    }
+}
+
+impl From<String> for JobFailure {
+    fn from(m: String) -> Self {
+        JobFailure::Message(m)
+    }
+}
+
+impl From<&str> for JobFailure {
+    fn from(m: &str) -> Self {
+        JobFailure::Message(m.into())
+    }
+}
+
 /// A job type (QEMU: `JobDriver`).
 pub trait JobDriver {
     /// The QAPI `JobType` (`"mirror"`, `"backup"`, …).
     fn job_type(&self) -> &str;
 
-    /// The job's body. Returns `Err(message)` on failure. Must check
-    /// [`Job::is_cancelled`] regularly and call [`Job::pause_point`].
-    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>>;
+    /// The job's body. Must check [`Job::is_cancelled`] regularly and call
+    /// [`Job::pause_point`].
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>>;
 
     /// `job-complete` on a ready job.
     fn complete(&self, job: &Job) -> Result<(), String> {
@@ -243,7 +280,7 @@ pub trait JobDriver {
 
     /// Commits the job's result when it finalizes successfully (QEMU:
     /// `JobDriver.prepare`, e.g. a mirror's pivot); an error aborts it.
-    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         let _ = job;
         Box::pin(core::future::ready(Ok(())))
     }
@@ -562,7 +599,7 @@ impl Job {
                 job.transition(JobStatus::Running);
                 let res = job.driver.clone().run(job.clone()).await;
                 if let Err(e) = res {
-                    *job.error.borrow_mut() = Some(e);
+                    *job.error.borrow_mut() = Some(e.to_string());
                 }
             }
             job.finish(ran).await;
@@ -603,7 +640,7 @@ impl Job {
             if !self.failed()
                 && let Err(e) = self.driver.clone().prepare(self.clone()).await
             {
-                *self.error.borrow_mut() = Some(e);
+                *self.error.borrow_mut() = Some(e.to_string());
             }
         }
         let failed = self.failed() || !ran;

@@ -38,7 +38,7 @@ use crate::graph::backend::Drained;
 use crate::graph::node::Node;
 use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, IoResult, ReqFlags};
-use crate::job::{Job, JobDriver, JobStatus, RegistryJobs};
+use crate::job::{Job, JobDriver, JobFailure, JobStatus, RegistryJobs};
 
 use super::chain::{allocated_above, backing};
 use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, Writing, copy_chunk, until_stopped};
@@ -289,10 +289,10 @@ pub async fn start_mirror(
 type CopyResult = (u64, u64, Result<u64, CopyError>);
 
 impl Mirror {
-    fn backends(&self) -> Result<(Rc<Backend>, Rc<Backend>), String> {
+    fn backends(&self) -> Result<(Rc<Backend>, Rc<Backend>), JobFailure> {
         match (self.src.borrow().clone(), self.tgt.borrow().clone()) {
             (Some(s), Some(t)) => Ok((s, t)),
-            _ => Err(String::from("mirror job without backends")),
+            _ => Err("mirror job without backends".into()),
         }
     }
 
@@ -312,7 +312,7 @@ impl Mirror {
     }
 
     /// QEMU's `mirror_dirty_init`.
-    async fn dirty_init(&self, job: &Job) -> Result<(), String> {
+    async fn dirty_init(&self, job: &Job) -> Result<(), JobFailure> {
         let len = self.hook.bitmap.borrow().len();
         let base = match (&self.opts.commit_base, self.opts.sync) {
             (Some(b), _) => Some(b.clone()),
@@ -328,9 +328,7 @@ impl Mirror {
             if job.is_cancelled() {
                 return Ok(());
             }
-            let (alloc, n) = allocated_above(&self.source, base.as_ref(), off, len - off)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (alloc, n) = allocated_above(&self.source, base.as_ref(), off, len - off).await?;
             if alloc {
                 self.hook.bitmap.borrow_mut().set(off, n);
             }
@@ -358,7 +356,7 @@ impl Mirror {
     }
 
     /// Handles a failed copy; `Err` fails the job.
-    fn copy_failed(&self, job: &Job, off: u64, len: u64, e: CopyError) -> Result<(), String> {
+    fn copy_failed(&self, job: &Job, off: u64, len: u64, e: CopyError) -> Result<(), JobFailure> {
         self.hook.bitmap.borrow_mut().set(off, len);
         let policy = if e.is_read() {
             self.opts.on_source_error
@@ -366,7 +364,7 @@ impl Mirror {
             self.opts.on_target_error
         };
         match error_action(job, policy, e.is_read(), e.error()) {
-            ErrorAction::Report => Err(e.error().to_string()),
+            ErrorAction::Report => Err(e.error().into()),
             ErrorAction::Ignore | ErrorAction::Stop => Ok(()),
         }
     }
@@ -380,7 +378,7 @@ impl Mirror {
         job: &Job,
         src: &Rc<Backend>,
         tgt: &Rc<Backend>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, JobFailure> {
         let drained = Drained::begin(&self.source).await;
         loop {
             let next = self.hook.bitmap.borrow().next_dirty(0, self.chunk());
@@ -412,22 +410,22 @@ impl Mirror {
         Ok(true)
     }
 
-    async fn run_loop(&self, job: &Job) -> Result<(), String> {
+    async fn run_loop(&self, job: &Job) -> Result<(), JobFailure> {
         let (src, tgt) = self.backends()?;
         let len = self.hook.bitmap.borrow().len();
-        if self.opts.commit_base.is_some() && tgt.get_length().map_err(|e| e.to_string())? < len {
-            tgt.truncate(len).await.map_err(|e| e.to_string())?;
+        if self.opts.commit_base.is_some() && tgt.get_length()? < len {
+            tgt.truncate(len).await?;
         }
         self.dirty_init(job).await?;
         self.update_progress(job, 0);
         let clock = job
             .registry()
             .map(|r| r.clock())
-            .ok_or_else(|| String::from("no registry"))?;
+            .ok_or(JobFailure::from("no registry"))?;
         let mut pool: Pool<'static, CopyResult> = Pool::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut from = 0u64;
-        let mut failure: Option<String> = None;
+        let mut failure: Option<JobFailure> = None;
         loop {
             if job.is_cancelled() || failure.is_some() {
                 // Let the copies in flight finish (QEMU:
@@ -535,7 +533,7 @@ impl JobDriver for Mirror {
         self.job_type
     }
 
-    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move { self.run_loop(&job).await })
     }
 
@@ -559,7 +557,7 @@ impl JobDriver for Mirror {
     }
 
     /// The pivot (QEMU: `mirror_exit_common` with `should_complete`).
-    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move {
             if !self.should_complete.get() || job.is_cancelled() {
                 return Ok(());
@@ -571,7 +569,7 @@ impl JobDriver for Mirror {
             if let Some(t) = self.tgt.borrow().clone()
                 && let Err(e) = t.set_perm(Perm::NONE, Perm::ALL)
             {
-                return Err(e.to_string());
+                return Err(e.to_string().into());
             }
             crate::graph::replace::replace_node(&filter, &self.target, |_| false)
                 .await
@@ -587,7 +585,7 @@ impl JobDriver for Mirror {
             })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string().into())
         })
     }
 
