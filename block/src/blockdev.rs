@@ -11,13 +11,14 @@ use alloc::string::ToString;
 
 use serde_json::{Value, json};
 
-use crate::backend::{Backend, BackendOptions};
-use crate::child::{attach_node_child, detach_child};
 use crate::driver::ChildChangeError;
+use crate::graph::backend::Drained;
+use crate::graph::backend::{Backend, BackendOptions};
+use crate::graph::child::{attach_node_child, detach_child};
+use crate::graph::node::unref;
+use crate::graph::permission::{ChildRole, Perm};
 use crate::io::IoError;
 use crate::layer::BlockLayer;
-use crate::node::{Drained, unref};
-use crate::permission::{ChildRole, Perm};
 use crate::qmp::{Args, QmpError};
 
 type Res = Result<Value, QmpError>;

@@ -28,8 +28,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::node::unref;
-use crate::registry::{ClosedNode, Registry};
+use crate::graph::node::unref;
+use crate::graph::registry::{ClosedNode, Registry};
+use crate::job::RegistryJobs;
 
 /// What close-all did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -187,7 +188,7 @@ pub async fn close_all(registry: &Rc<Registry>) -> Result<CloseAllReport, CloseA
     }
 }
 
-fn is_job_backend(registry: &Registry, b: &Rc<crate::backend::Backend>) -> bool {
+fn is_job_backend(registry: &Registry, b: &Rc<crate::graph::backend::Backend>) -> bool {
     registry
         .jobs()
         .iter()

@@ -22,9 +22,9 @@ use core::fmt;
 
 use serde_json::{Map, Value};
 
+use crate::graph::node::Node;
 use crate::keyval::keyval_parse;
 use crate::layer::BlockLayer;
-use crate::node::Node;
 use crate::options::Opts;
 
 /// Options that take no argument.

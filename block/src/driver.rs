@@ -5,21 +5,29 @@
 //! drivers (`null-co`, and in the kernel `virtio-blk`/`virtio-scsi`) talk to
 //! a device; format and filter drivers (`raw`, `quorum`, `throttle`, …) turn
 //! a request into requests on their children through the child edges
-//! ([`crate::child::Child`]), which carry the permission checks.
+//! ([`crate::graph::child::Child`]), which carry the permission checks.
 //!
 //! Methods receive the node they belong to, so a driver can find its
 //! children (`node.file()`, `node.children()`) without keeping references
 //! of its own: when the node is closed its edges go away with it. The
-//! generic layer in [`crate::node::Node`] does what is common to all drivers
+//! generic layer in [`crate::graph::node::Node`] does what is common to all drivers
 //! (in-flight accounting, read-only checks, zero-fill past the end,
 //! `detect-zeroes`, FUA emulation, write-zeroes fallback) before calling
 //! these methods.
+//!
+//! A filter ([`BlockDriver::is_filter`]: `copy-on-read`, `throttle`,
+//! `blkdebug`, the jobs' filters) overrides only what it changes: every
+//! request method it leaves out goes to its primary child unchanged
+//! ([`forward`]), as QEMU's generic layer falls back to `bdrv_filter_bs`
+//! for a filter without `bdrv_co_truncate` or `bdrv_co_block_status`.
+//! For any other driver `get_length`, `read` and `write` are the minimum it
+//! must implement.
 //!
 //! # A protocol driver from outside the crate
 //! ```
 //! use block::driver::BlockDriver;
 //! use block::io::{BoxFuture, IoResult, ReqFlags};
-//! use block::node::Node;
+//! use block::graph::node::Node;
 //!
 //! struct Disk { len: u64 }
 //! impl BlockDriver for Disk {
@@ -42,10 +50,10 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::child::Child;
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{Perm, default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::Node;
-use crate::permission::{Perm, default_perms};
 
 /// A ready future.
 pub fn ready<'a, T: 'a>(v: T) -> BoxFuture<'a, T> {
@@ -57,8 +65,15 @@ pub trait BlockDriver: core::any::Any {
     /// The driver's name as QMP reports it (`"drv"`, `format_name`).
     fn format_name(&self) -> &str;
 
-    /// The node's length in bytes (QEMU: `bdrv_co_getlength`).
-    fn get_length(&self, node: &Node) -> IoResult<u64>;
+    /// The node's length in bytes (QEMU: `bdrv_co_getlength`). A filter
+    /// forwards it by default.
+    fn get_length(&self, node: &Node) -> IoResult<u64> {
+        if self.is_filter() {
+            forward::get_length(node)
+        } else {
+            Err(IoError::Enotsup)
+        }
+    }
 
     /// Finishes opening once the node exists with its children attached
     /// (QEMU: a format driver's `bdrv_open`, which runs in a coroutine and
@@ -70,23 +85,36 @@ pub trait BlockDriver: core::any::Any {
     }
 
     /// Reads `len` bytes at `offset` (within the length; the generic layer
-    /// zero-fills what lies beyond). Must return exactly `len` bytes.
+    /// zero-fills what lies beyond). Must return exactly `len` bytes. A
+    /// filter forwards it by default.
     fn read<'a>(
         &'a self,
         node: &'a Node,
         offset: u64,
         len: usize,
         flags: ReqFlags,
-    ) -> BoxFuture<'a, IoResult<Vec<u8>>>;
+    ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
+        if self.is_filter() {
+            forward::read(node, offset, len, flags)
+        } else {
+            ready(Err(IoError::Enotsup))
+        }
+    }
 
-    /// Writes `data` at `offset`.
+    /// Writes `data` at `offset`. A filter forwards it by default.
     fn write<'a>(
         &'a self,
         node: &'a Node,
         offset: u64,
         data: Vec<u8>,
         flags: ReqFlags,
-    ) -> BoxFuture<'a, IoResult<()>>;
+    ) -> BoxFuture<'a, IoResult<()>> {
+        if self.is_filter() {
+            forward::write(node, offset, data, flags)
+        } else {
+            ready(Err(IoError::Enotsup))
+        }
+    }
 
     /// Flags `write`/`write_zeroes` honour natively (QEMU:
     /// `supported_write_flags`); FUA is emulated by a flush otherwise.
@@ -112,13 +140,18 @@ pub trait BlockDriver: core::any::Any {
     }
 
     /// Discards a range (advisory; ENOTSUP is ignored by the generic layer).
+    /// A filter forwards it by default.
     fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
-        let _ = (node, offset, len);
-        ready(Err(IoError::Enotsup))
+        if self.is_filter() {
+            forward::discard(node, offset, len)
+        } else {
+            ready(Err(IoError::Enotsup))
+        }
     }
 
     /// Writes zeroes efficiently; ENOTSUP makes the generic layer write a
-    /// buffer of zeroes instead (unless `NO_FALLBACK`).
+    /// buffer of zeroes instead (unless `NO_FALLBACK`). A filter forwards
+    /// it by default.
     fn write_zeroes<'a>(
         &'a self,
         node: &'a Node,
@@ -126,21 +159,27 @@ pub trait BlockDriver: core::any::Any {
         len: u64,
         flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
-        let _ = (node, offset, len, flags);
-        ready(Err(IoError::Enotsup))
+        if self.is_filter() {
+            forward::write_zeroes(node, offset, len, flags)
+        } else {
+            ready(Err(IoError::Enotsup))
+        }
     }
 
     /// The status of the extent at `offset` (at most `len` bytes). The
     /// default, as QEMU's for drivers without `bdrv_co_block_status`, is
-    /// allocated data.
+    /// allocated data; a filter's is its primary child's.
     fn block_status<'a>(
         &'a self,
         node: &'a Node,
         offset: u64,
         len: u64,
     ) -> BoxFuture<'a, IoResult<BlockStatus>> {
-        let _ = (node, offset);
-        ready(Ok(BlockStatus::data(len)))
+        if self.is_filter() {
+            forward::block_status(node, offset, len)
+        } else {
+            ready(Ok(BlockStatus::data(len)))
+        }
     }
 
     /// Rewrites the backing file name and format recorded in the image
@@ -157,10 +196,14 @@ pub trait BlockDriver: core::any::Any {
         ready(Err(IoError::Enotsup))
     }
 
-    /// Changes the length (QEMU: `bdrv_co_truncate`).
+    /// Changes the length (QEMU: `bdrv_co_truncate`). A filter forwards it
+    /// by default.
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
-        let _ = (node, size);
-        ready(Err(IoError::Enotsup))
+        if self.is_filter() {
+            forward::truncate(node, size)
+        } else {
+            ready(Err(IoError::Enotsup))
+        }
     }
 
     /// Releases driver state; called once, after the final flush and before
@@ -248,7 +291,9 @@ pub enum ChildChangeError {
     Refused(String),
 }
 
-/// Forwarding helpers for filters: the request on the primary child.
+/// The request on the primary child: a filter's default for every request
+/// method, and the building blocks of drivers that forward with a change
+/// (`raw`'s offset, `throttle`'s wait, `blkdebug`'s injected errors).
 pub mod forward {
     use super::*;
 

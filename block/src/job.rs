@@ -1,10 +1,14 @@
 //! Jobs: long-running operations with QEMU's state machine (QEMU: `Job`,
 //! `job.c`, `JobStatus`, `JobVerb`, `job_cancel_sync`).
 //!
-//! A job runs as a task on the executor. It uses the graph only through its
-//! own anonymous backends ([`Job::add_backend`]), which it releases when it
-//! concludes, so a running job keeps its nodes open and a cancelled one lets
-//! them close. Its body ([`JobDriver::run`]) calls [`Job::pause_point`] and
+//! The job framework sits above the block graph ([`crate::graph`]): a job
+//! uses the graph only through its own anonymous backends
+//! ([`Job::add_backend`]), which it releases when it concludes, so a running
+//! job keeps its nodes open and a cancelled one lets them close. The
+//! registry keeps the job list without knowing the job type; jobs are
+//! created and found through [`RegistryJobs`].
+//!
+//! A job runs as a task on the executor. Its body ([`JobDriver::run`]) calls [`Job::pause_point`] and
 //! [`Job::sleep_ns`] and stops when [`Job::is_cancelled`].
 //!
 //! States and transitions follow QEMU's `JobSTT`; the verbs a state accepts
@@ -30,12 +34,12 @@ use core::task::Poll;
 
 use serde_json::{Value, json};
 
-use crate::backend::{Backend, BackendError, BackendOptions};
 use crate::exec::WaitQueue;
-use crate::io::BoxFuture;
-use crate::node::Node;
-use crate::permission::Perm;
-use crate::registry::{Registry, id_wellformed};
+use crate::graph::backend::{Backend, BackendError, BackendOptions};
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
+use crate::graph::registry::{Registry, id_wellformed};
+use crate::io::{BoxFuture, IoError};
 
 /// QEMU's `JobStatus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,14 +216,51 @@ impl fmt::Display for JobError {
     }
 }
 
+/// Why a job's body or its prepare step failed; the text is QEMU's, for
+/// the `error` of `BLOCK_JOB_COMPLETED` and `query-jobs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobFailure {
+    /// An I/O error the job reports (`on-*-error=report`): its `strerror`.
+    Io(IoError),
+    /// Anything else, with QEMU's message.
+    Message(String),
+}
+
+impl fmt::Display for JobFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobFailure::Io(e) => e.fmt(f),
+            JobFailure::Message(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<IoError> for JobFailure {
+    fn from(e: IoError) -> Self {
+        JobFailure::Io(e)
+    }
+}
+
+impl From<String> for JobFailure {
+    fn from(m: String) -> Self {
+        JobFailure::Message(m)
+    }
+}
+
+impl From<&str> for JobFailure {
+    fn from(m: &str) -> Self {
+        JobFailure::Message(m.into())
+    }
+}
+
 /// A job type (QEMU: `JobDriver`).
 pub trait JobDriver {
     /// The QAPI `JobType` (`"mirror"`, `"backup"`, …).
     fn job_type(&self) -> &str;
 
-    /// The job's body. Returns `Err(message)` on failure. Must check
-    /// [`Job::is_cancelled`] regularly and call [`Job::pause_point`].
-    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>>;
+    /// The job's body. Must check [`Job::is_cancelled`] regularly and call
+    /// [`Job::pause_point`].
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>>;
 
     /// `job-complete` on a ready job.
     fn complete(&self, job: &Job) -> Result<(), String> {
@@ -239,7 +280,7 @@ pub trait JobDriver {
 
     /// Commits the job's result when it finalizes successfully (QEMU:
     /// `JobDriver.prepare`, e.g. a mirror's pivot); an error aborts it.
-    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         let _ = job;
         Box::pin(core::future::ready(Ok(())))
     }
@@ -300,10 +341,28 @@ pub struct Job {
     registry: Weak<Registry>,
 }
 
-impl Registry {
+/// The job framework's face of the registry: creating jobs and finding
+/// them in its job list (QEMU: `job_create`, `job_next`, `job_get`). The
+/// registry holds the jobs type-erased; only this module puts them there.
+pub trait RegistryJobs {
     /// Creates a job in state `created` (QEMU: `job_create`); start it with
     /// [`Job::start`] after adding its backends.
-    pub fn create_job(
+    fn create_job(
+        self: &Rc<Self>,
+        id: &str,
+        driver: Rc<dyn JobDriver>,
+        opts: JobOptions,
+    ) -> Result<Rc<Job>, JobError>;
+
+    /// Every job, oldest first.
+    fn jobs(&self) -> Vec<Rc<Job>>;
+
+    /// The job called `id`.
+    fn find_job(&self, id: &str) -> Option<Rc<Job>>;
+}
+
+impl RegistryJobs for Registry {
+    fn create_job(
         self: &Rc<Self>,
         id: &str,
         driver: Rc<dyn JobDriver>,
@@ -336,9 +395,20 @@ impl Registry {
             done: WaitQueue::new(),
             registry: Rc::downgrade(self),
         });
-        self.add_job(job.clone());
+        self.add_job_entry(job.clone());
         job.transition(JobStatus::Created);
         Ok(job)
+    }
+
+    fn jobs(&self) -> Vec<Rc<Job>> {
+        self.job_entries()
+            .into_iter()
+            .filter_map(|j| j.downcast::<Job>().ok())
+            .collect()
+    }
+
+    fn find_job(&self, id: &str) -> Option<Rc<Job>> {
+        self.jobs().into_iter().find(|j| j.id() == id)
     }
 }
 
@@ -529,7 +599,7 @@ impl Job {
                 job.transition(JobStatus::Running);
                 let res = job.driver.clone().run(job.clone()).await;
                 if let Err(e) = res {
-                    *job.error.borrow_mut() = Some(e);
+                    *job.error.borrow_mut() = Some(e.to_string());
                 }
             }
             job.finish(ran).await;
@@ -570,7 +640,7 @@ impl Job {
             if !self.failed()
                 && let Err(e) = self.driver.clone().prepare(self.clone()).await
             {
-                *self.error.borrow_mut() = Some(e);
+                *self.error.borrow_mut() = Some(e.to_string());
             }
         }
         let failed = self.failed() || !ran;
@@ -618,7 +688,7 @@ impl Job {
     fn dismiss_now(&self) {
         self.transition(JobStatus::Null);
         if let Some(r) = self.registry() {
-            r.forget_job(self);
+            r.forget_job_entry(self);
         }
     }
 

@@ -79,11 +79,11 @@ use crate::close_all::{CloseAllError, CloseAllReport, close_all};
 use crate::driver::BlockDriver;
 use crate::event::EventQueue;
 use crate::exec::{Executor, Platform};
-use crate::node::{Node, NodeOptions};
+use crate::graph::node::{Node, NodeOptions};
+use crate::graph::registry::Registry;
 use crate::open::{DriverClass, open_blockdev, parse_blockdev};
 use crate::options::Opts;
 use crate::qmp::{Event, QmpContext, QmpError, Timestamp};
-use crate::registry::Registry;
 use crate::timer::Clock;
 
 /// The block layer: what QMP commands and the kernel act on.

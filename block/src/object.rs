@@ -7,10 +7,10 @@ use alloc::rc::Rc;
 use serde_json::{Value, json};
 
 use crate::drivers::throttle_group::{ThrottleConfig, ThrottleGroup};
+use crate::graph::registry::id_wellformed;
 use crate::layer::BlockLayer;
 use crate::options::Opts;
 use crate::qmp::{Args, QmpError};
-use crate::registry::id_wellformed;
 
 type Res = Result<Value, QmpError>;
 

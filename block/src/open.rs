@@ -26,12 +26,12 @@ use alloc::vec::Vec;
 use serde_json::{Map, Value};
 
 use crate::driver::BlockDriver;
+use crate::graph::node::{DetectZeroes, Node, NodeOptions, unref};
+use crate::graph::permission::ChildRole;
+use crate::graph::registry::{NewChild, Registry};
 use crate::io::BoxFuture;
-use crate::node::{DetectZeroes, Node, NodeOptions, unref};
 use crate::options::Opts;
-use crate::permission::ChildRole;
 use crate::qmp::QmpError;
-use crate::registry::{NewChild, Registry};
 
 /// Opens the driver instance once the children are open (QEMU: the
 /// driver's `bdrv_open`/`bdrv_file_open`). Errors are QEMU's texts.

@@ -7,6 +7,10 @@
 //! `discard [-q] off len`, `flush`, `map`. Output is qemu-io's, with the
 //! monitor's `\r\n` line ends. As in QEMU, a command extends a named
 //! backend's permissions as it needs (write → WRITE) and they stay extended.
+//!
+//! A command returns the text qemu-io prints: `Ok` when it ran, `Err` when
+//! it stopped early (a bad argument, a failed permission change); both go
+//! to the monitor as they are.
 
 use alloc::format;
 use alloc::rc::Rc;
@@ -16,11 +20,11 @@ use alloc::vec::Vec;
 
 use serde_json::Value;
 
-use crate::backend::{Backend, BackendOptions};
+use crate::graph::backend::{Backend, BackendOptions};
+use crate::graph::permission::Perm;
 use crate::io::ReqFlags;
 use crate::layer::BlockLayer;
 use crate::options::parse_size;
-use crate::permission::Perm;
 use crate::qmp::{Args, QmpError};
 
 /// Largest request qemu-io accepts here (QEMU allows up to 2 GiB; the
@@ -168,7 +172,31 @@ struct Parsed {
     pos: Vec<String>,
 }
 
-fn getopt(words: &[String], allowed: &str, with_value: &str) -> Result<Parsed, String> {
+/// Why a command's options could not be parsed.
+#[derive(Debug)]
+enum OptError {
+    /// An unknown option, or one missing its value: the command prints its
+    /// usage (qemu-io's `getopt` returning `?`).
+    Usage,
+    /// A bad `-P` pattern, with qemu-io's text.
+    Pattern(String),
+}
+
+/// The options of a command whose usage line is `usage_text`; a usage
+/// error prints it.
+fn options(
+    words: &[String],
+    allowed: &str,
+    with_value: &str,
+    usage_text: &str,
+) -> Result<Parsed, String> {
+    getopt(words, allowed, with_value).map_err(|e| match e {
+        OptError::Usage => usage(usage_text),
+        OptError::Pattern(text) => text,
+    })
+}
+
+fn getopt(words: &[String], allowed: &str, with_value: &str) -> Result<Parsed, OptError> {
     let mut p = Parsed {
         flags: Vec::new(),
         pattern: None,
@@ -184,18 +212,18 @@ fn getopt(words: &[String], allowed: &str, with_value: &str) -> Result<Parsed, S
                     let rest: String = chars.collect();
                     let v = if rest.is_empty() {
                         i += 1;
-                        words.get(i).cloned().ok_or_else(String::new)?
+                        words.get(i).cloned().ok_or(OptError::Usage)?
                     } else {
                         rest
                     };
                     if c == 'P' {
-                        p.pattern = Some(parse_pattern(&v)?);
+                        p.pattern = Some(parse_pattern(&v).map_err(OptError::Pattern)?);
                     }
                     break;
                 } else if allowed.contains(c) {
                     p.flags.push(c);
                 } else {
-                    return Err(String::new());
+                    return Err(OptError::Usage);
                 }
             }
         } else {
@@ -286,8 +314,7 @@ fn now(bl: &BlockLayer) -> u64 {
 
 fn read(bl: &BlockLayer, blk: &Rc<Backend>, words: &[String]) -> Result<String, String> {
     arg_count("read", words, 2, None)?;
-    let p = getopt(words, "abCqv", "Psl")
-        .map_err(|e| if e.is_empty() { usage(READ_USAGE) } else { e })?;
+    let p = options(words, "abCqv", "Psl", READ_USAGE)?;
     if p.pos.len() != 2 {
         return Err(usage(READ_USAGE));
     }
@@ -318,8 +345,7 @@ fn read(bl: &BlockLayer, blk: &Rc<Backend>, words: &[String]) -> Result<String, 
 
 fn write(bl: &BlockLayer, blk: &Rc<Backend>, words: &[String]) -> Result<String, String> {
     arg_count("write", words, 2, None)?;
-    let p = getopt(words, "bcCfnquz", "P")
-        .map_err(|e| if e.is_empty() { usage(WRITE_USAGE) } else { e })?;
+    let p = options(words, "bcCfnquz", "P", WRITE_USAGE)?;
     let zero = p.flags.contains(&'z');
     if zero && p.pattern.is_some() {
         return Err("-z and -P cannot be specified at the same time\n".into());
@@ -367,13 +393,7 @@ fn write(bl: &BlockLayer, blk: &Rc<Backend>, words: &[String]) -> Result<String,
 
 fn discard(bl: &BlockLayer, blk: &Rc<Backend>, words: &[String]) -> Result<String, String> {
     arg_count("discard", words, 2, None)?;
-    let p = getopt(words, "Cq", "").map_err(|e| {
-        if e.is_empty() {
-            usage(DISCARD_USAGE)
-        } else {
-            e
-        }
-    })?;
+    let p = options(words, "Cq", "", DISCARD_USAGE)?;
     if p.pos.len() != 2 {
         return Err(usage(DISCARD_USAGE));
     }

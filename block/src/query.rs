@@ -7,10 +7,11 @@ use alloc::vec::Vec;
 
 use serde_json::{Map, Value, json};
 
-use crate::backend::Backend;
+use crate::graph::backend::Backend;
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
+use crate::job::RegistryJobs;
 use crate::layer::BlockLayer;
-use crate::node::Node;
-use crate::permission::Perm;
 use crate::qmp::{Args, QmpError};
 
 type Res = Result<Value, QmpError>;
@@ -62,7 +63,7 @@ pub fn named_block_nodes(bl: &BlockLayer, flat: bool) -> Value {
         bl.registry()
             .nodes()
             .iter()
-            .filter(|n| n.state() == crate::node::NodeState::Open)
+            .filter(|n| n.state() == crate::graph::node::NodeState::Open)
             .map(|n| block_device_info(n, flat))
             .collect(),
     )

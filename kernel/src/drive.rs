@@ -8,9 +8,9 @@
 use crate::app::Appliance;
 use alloc::format;
 use alloc::string::{String, ToString};
-use block::backend::BackendOptions;
+use block::graph::backend::BackendOptions;
+use block::graph::permission::Perm;
 use block::layer::BlockLayer;
-use block::permission::Perm;
 use block::qmp::{Args, Dispatcher, QmpError};
 use serde_json::{Map, Value};
 

@@ -17,9 +17,9 @@ use std::rc::Rc;
 
 use block::driver::{BlockDriver, ready};
 use block::exec::{Executor, SimulatedPlatform};
+use block::graph::node::Node;
 use block::io::{BoxFuture, IoError, IoResult, ReqFlags};
 use block::layer::BlockLayer;
-use block::node::Node;
 use block::open::DriverClass;
 use block::qmp::{Args, Dispatcher, QmpError};
 use block::timer::ManualClock;

@@ -23,12 +23,12 @@ use core::cell::RefCell;
 
 use serde_json::Value;
 
-use crate::child::Child;
 use crate::driver::{BlockDriver, forward, ready};
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{ChildRole, Perm, filter_default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::Node;
 use crate::open::{DriverClass, DriverOpts, Opener};
-use crate::permission::{ChildRole, Perm, filter_default_perms};
 use crate::qmp::QmpError;
 
 /// `blkdebug`.
@@ -189,10 +189,6 @@ impl BlockDriver for Blkdebug {
         "blkdebug"
     }
 
-    fn get_length(&self, node: &Node) -> IoResult<u64> {
-        forward::get_length(node)
-    }
-
     fn read<'a>(
         &'a self,
         node: &'a Node,
@@ -257,10 +253,6 @@ impl BlockDriver for Blkdebug {
             Ok(()) => forward::block_status(node, offset, len),
             Err(e) => ready(Err(e)),
         }
-    }
-
-    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
-        forward::truncate(node, size)
     }
 
     fn child_perm(&self, _: &Node, _: &Child, perm: Perm, shared: Perm) -> (Perm, Perm) {

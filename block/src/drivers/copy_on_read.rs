@@ -6,12 +6,12 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
-use crate::child::Child;
-use crate::driver::{BlockDriver, forward};
-use crate::io::{BlockStatus, BoxFuture, IoResult, ReqFlags};
-use crate::node::Node;
+use crate::driver::BlockDriver;
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{ChildRole, Perm, filter_default_perms};
+use crate::io::{BoxFuture, IoResult, ReqFlags};
 use crate::open::{DriverClass, DriverOpts, Opener};
-use crate::permission::{ChildRole, Perm, filter_default_perms};
 use crate::qmp::QmpError;
 
 /// `copy-on-read`.
@@ -32,10 +32,6 @@ fn parse(d: &mut DriverOpts<'_, '_>) -> Result<Opener, QmpError> {
 impl BlockDriver for CopyOnRead {
     fn format_name(&self) -> &str {
         "copy-on-read"
-    }
-
-    fn get_length(&self, node: &Node) -> IoResult<u64> {
-        forward::get_length(node)
     }
 
     fn read<'a>(
@@ -65,45 +61,8 @@ impl BlockDriver for CopyOnRead {
         })
     }
 
-    fn write<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        data: Vec<u8>,
-        flags: ReqFlags,
-    ) -> BoxFuture<'a, IoResult<()>> {
-        forward::write(node, offset, data, flags)
-    }
-
     fn supported_write_flags(&self) -> ReqFlags {
         ReqFlags::FUA | ReqFlags::MAY_UNMAP | ReqFlags::WRITE_UNCHANGED
-    }
-
-    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
-        forward::discard(node, offset, len)
-    }
-
-    fn write_zeroes<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: u64,
-        flags: ReqFlags,
-    ) -> BoxFuture<'a, IoResult<()>> {
-        forward::write_zeroes(node, offset, len, flags)
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
-        forward::block_status(node, offset, len)
-    }
-
-    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
-        forward::truncate(node, size)
     }
 
     /// QEMU's `cor_child_perm`: pass through, plus WRITE_UNCHANGED for the

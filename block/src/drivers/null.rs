@@ -13,8 +13,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::driver::{BlockDriver, ready};
+use crate::graph::node::Node;
 use crate::io::{BlockStatus, BoxFuture, IoResult, ReqFlags};
-use crate::node::Node;
 use crate::open::{DriverClass, DriverOpts, Opener};
 use crate::qmp::QmpError;
 use crate::timer::{Clock, TimerList};

@@ -13,7 +13,7 @@
 //!
 //! Children are added and removed at run time with `x-blockdev-change`.
 //! Closing follows the 2015 fix: each child edge is removed before its
-//! reference is dropped (see [`crate::node`]), so nothing can reach a half
+//! reference is dropped (see [`crate::graph::node`]), so nothing can reach a half
 //! closed child through the quorum node.
 
 use alloc::boxed::Box;
@@ -25,13 +25,13 @@ use core::cell::Cell;
 
 use serde_json::json;
 
-use crate::child::Child;
 use crate::driver::{BlockDriver, ChildChangeError};
 use crate::exec::join_all;
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{ChildRole, Perm};
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::Node;
 use crate::open::{DriverClass, DriverOpts, Opener};
-use crate::permission::{ChildRole, Perm};
 use crate::qmp::QmpError;
 
 /// `quorum`.

@@ -9,10 +9,10 @@ use alloc::vec::Vec;
 
 use crate::driver::{BlockDriver, forward};
 use crate::drivers::throttle_group::ThrottleGroup;
-use crate::io::{BlockStatus, BoxFuture, IoResult, ReqFlags};
-use crate::node::Node;
+use crate::graph::node::Node;
+use crate::graph::permission::ChildRole;
+use crate::io::{BoxFuture, IoResult, ReqFlags};
 use crate::open::{DriverClass, DriverOpts, Opener};
-use crate::permission::ChildRole;
 use crate::qmp::QmpError;
 
 /// `throttle`.
@@ -66,10 +66,6 @@ impl BlockDriver for Throttle {
         "throttle"
     }
 
-    fn get_length(&self, node: &Node) -> IoResult<u64> {
-        forward::get_length(node)
-    }
-
     fn read<'a>(
         &'a self,
         node: &'a Node,
@@ -118,19 +114,6 @@ impl BlockDriver for Throttle {
             self.group.intercept(true, len).await;
             forward::write_zeroes(node, offset, len, flags).await
         })
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
-        forward::block_status(node, offset, len)
-    }
-
-    fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
-        forward::truncate(node, size)
     }
 
     fn close(&self, _: &Node) {

@@ -18,10 +18,10 @@ use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
 use crate::exec::WaitQueue;
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
 use crate::io::BoxFuture;
-use crate::job::{Job, JobDriver};
-use crate::node::Node;
-use crate::permission::Perm;
+use crate::job::{Job, JobDriver, JobFailure, RegistryJobs};
 
 use super::copy::{CopyError, MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, Pool, Writing};
 use super::copy_before_write::{BlockCopy, CbwHook};
@@ -157,7 +157,7 @@ pub async fn start_backup(
 type ChunkResult = (u64, u64, Result<u64, CopyError>);
 
 impl Backup {
-    async fn run_loop(&self, job: &Job) -> Result<(), String> {
+    async fn run_loop(&self, job: &Job) -> Result<(), JobFailure> {
         let bcs = self
             .bcs
             .borrow()
@@ -239,7 +239,7 @@ impl Backup {
                             self.opts.on_target_error
                         };
                         match error_action(job, policy, e.is_read(), e.error()) {
-                            ErrorAction::Report => failure = Some(e.error().to_string()),
+                            ErrorAction::Report => failure = Some(e.error().into()),
                             ErrorAction::Ignore | ErrorAction::Stop => {
                                 // Retry the chunk, letting others run first.
                                 from = from.min(off);
@@ -265,7 +265,7 @@ impl JobDriver for Backup {
         "backup"
     }
 
-    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move { self.run_loop(&job).await })
     }
 

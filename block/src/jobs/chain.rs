@@ -8,8 +8,8 @@
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 
+use crate::graph::node::Node;
 use crate::io::IoResult;
-use crate::node::Node;
 
 /// The node's backing file (QEMU: `backing_bs`).
 pub fn backing(node: &Node) -> Option<Rc<Node>> {

@@ -32,9 +32,9 @@ use alloc::vec::Vec;
 
 use serde_json::{Value, json};
 
-use crate::job::{Job, JobStatus};
+use crate::graph::node::Node;
+use crate::job::{Job, JobStatus, RegistryJobs};
 use crate::layer::{BlockContext, BlockLayer};
-use crate::node::Node;
 use crate::qmp::{Args, Dispatcher, QmpError};
 
 use super::JobSetup;
@@ -409,7 +409,8 @@ pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
     let id = job_id(args, &bs)?;
     // QEMU: active commit when top is the active layer or has a writer.
     let (top_perm, _) = top_bs.cumulative_perms();
-    let active = Rc::ptr_eq(&top_bs, &bs) || top_perm.contains(crate::permission::Perm::WRITE);
+    let active =
+        Rc::ptr_eq(&top_bs, &bs) || top_perm.contains(crate::graph::permission::Perm::WRITE);
     if active && backing_file.is_some() {
         return Err(QmpError::generic(if Rc::ptr_eq(&top_bs, &bs) {
             "'backing-file' specified, but 'top' is the active layer"

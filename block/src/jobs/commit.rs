@@ -24,12 +24,12 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
-use crate::backend::Backend;
 use crate::exec::WaitQueue;
+use crate::graph::backend::Backend;
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
-use crate::job::{Job, JobDriver};
-use crate::node::Node;
-use crate::permission::Perm;
+use crate::job::{Job, JobDriver, JobFailure, RegistryJobs};
 
 use super::chain::{allocated_above, find_overlay};
 use super::copy::{Walked, Writing, walk};
@@ -164,7 +164,7 @@ impl Commit {
         Ok(n)
     }
 
-    async fn run_loop(&self, job: &Job) -> Result<(), String> {
+    async fn run_loop(&self, job: &Job) -> Result<(), JobFailure> {
         let (top, base) = self
             .blks
             .borrow()
@@ -186,11 +186,9 @@ impl Commit {
         let Walked::Done(ignored) = walked else {
             return Ok(());
         };
-        if let Err(e) = base.flush().await {
-            return Err(e.to_string());
-        }
+        base.flush().await?;
         match ignored {
-            Some(e) => Err(e.to_string()),
+            Some(e) => Err(e.into()),
             None => Ok(()),
         }
     }
@@ -201,7 +199,7 @@ impl JobDriver for Commit {
         "commit"
     }
 
-    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move { self.run_loop(&job).await })
     }
 
@@ -221,7 +219,7 @@ impl JobDriver for Commit {
 
     /// QEMU's `commit_prepare` → `bdrv_drop_intermediate`: `top`'s overlay
     /// gets `base` as its backing file.
-    fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move {
             // The filter goes first: the overlay's backing is `top` again.
             let filter = self.filter.borrow_mut().take();
@@ -232,15 +230,14 @@ impl JobDriver for Commit {
                 return Err(alloc::format!(
                     "Node '{}' is no longer in the backing chain",
                     self.top.name()
-                ));
+                )
+                .into());
             };
             set_backing(&overlay, Some(&self.base)).await?;
-            match &self.backing_file {
-                Some(name) => {
-                    record_backing(&overlay, Some(name), Some(self.base.driver_name())).await
-                }
-                None => Ok(()),
+            if let Some(name) = &self.backing_file {
+                record_backing(&overlay, Some(name), Some(self.base.driver_name())).await?;
             }
+            Ok(())
         })
     }
 }

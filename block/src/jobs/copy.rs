@@ -11,8 +11,8 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::task::Poll;
 
-use crate::backend::Backend;
 use crate::exec::WaitQueue;
+use crate::graph::backend::Backend;
 use crate::io::{BoxFuture, IoError, ReqFlags};
 use crate::job::Job;
 

@@ -16,9 +16,9 @@ use alloc::boxed::Box;
 use alloc::rc::Rc;
 use core::cell::RefCell;
 
-use crate::backend::Backend;
+use crate::graph::backend::Backend;
+use crate::graph::node::Node;
 use crate::io::{BoxFuture, IoResult, ReqFlags};
-use crate::node::Node;
 
 use super::chain::{allocated_above, backing};
 use super::copy::{CopyError, RangeLock, Writing, copy_chunk};

@@ -13,7 +13,7 @@
 //! node once all its users moved onto the filter.
 //!
 //! [`insert_filter`] opens the filter over the node and moves every parent
-//! of the node onto it ([`super::replace::replace_node`]);
+//! of the node onto it ([`crate::graph::replace::replace_node`]);
 //! [`remove_filter`] moves them back and drops the job's reference, which
 //! closes the filter. Both run in a drained section of the node.
 
@@ -26,14 +26,15 @@ use core::cell::Cell;
 
 use serde_json::{Map, Value};
 
-use crate::backend::Backend;
-use crate::child::{Child, set_child_perm};
 use crate::driver::{BlockDriver, forward};
-use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::{Drained, Node, NodeOptions, unref};
-use crate::permission::{ChildRole, Perm, filter_default_perms};
+use crate::graph::backend::Backend;
+use crate::graph::backend::Drained;
+use crate::graph::child::{Child, set_child_perm};
+use crate::graph::node::{Node, NodeOptions, unref};
+use crate::graph::permission::{ChildRole, Perm, filter_default_perms};
+use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
 
-use super::replace::replace_node;
+use crate::graph::replace::replace_node;
 
 /// What a request holds while it runs (a range lock, …).
 pub type Guard = Box<dyn Any>;
@@ -83,20 +84,6 @@ impl BlockDriver for HookFilter {
         self.name
     }
 
-    fn get_length(&self, node: &Node) -> IoResult<u64> {
-        forward::get_length(node)
-    }
-
-    fn read<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: usize,
-        flags: ReqFlags,
-    ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
-        forward::read(node, offset, len, flags)
-    }
-
     fn write<'a>(
         &'a self,
         node: &'a Node,
@@ -139,15 +126,6 @@ impl BlockDriver for HookFilter {
             flags,
             forward::write_zeroes(node, offset, len, flags),
         ))
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
-        forward::block_status(node, offset, len)
     }
 
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {

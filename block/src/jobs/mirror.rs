@@ -20,7 +20,7 @@
 //! (no user write can start), flush the target, and at finalize *pivot*:
 //! every user of the source (the filter's parents and any direct user) is
 //! moved to the target
-//! ([`super::replace::replace_node`]). `block-job-cancel` of a ready job
+//! ([`crate::graph::replace::replace_node`]). `block-job-cancel` of a ready job
 //! (no `force`) completes without pivoting; any other cancel is forced and
 //! ends with `BLOCK_JOB_CANCELLED`. Either way the filter's users go back
 //! to the source and the filter closes by its refcount.
@@ -32,12 +32,13 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::task::Poll;
 
-use crate::backend::Backend;
 use crate::exec::WaitQueue;
+use crate::graph::backend::Backend;
+use crate::graph::backend::Drained;
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, IoResult, ReqFlags};
-use crate::job::{Job, JobDriver, JobStatus};
-use crate::node::{Drained, Node};
-use crate::permission::Perm;
+use crate::job::{Job, JobDriver, JobFailure, JobStatus, RegistryJobs};
 
 use super::chain::{allocated_above, backing};
 use super::copy::{CopyError, MAX_IN_FLIGHT, Pool, Writing, copy_chunk, until_stopped};
@@ -288,10 +289,10 @@ pub async fn start_mirror(
 type CopyResult = (u64, u64, Result<u64, CopyError>);
 
 impl Mirror {
-    fn backends(&self) -> Result<(Rc<Backend>, Rc<Backend>), String> {
+    fn backends(&self) -> Result<(Rc<Backend>, Rc<Backend>), JobFailure> {
         match (self.src.borrow().clone(), self.tgt.borrow().clone()) {
             (Some(s), Some(t)) => Ok((s, t)),
-            _ => Err(String::from("mirror job without backends")),
+            _ => Err("mirror job without backends".into()),
         }
     }
 
@@ -311,7 +312,7 @@ impl Mirror {
     }
 
     /// QEMU's `mirror_dirty_init`.
-    async fn dirty_init(&self, job: &Job) -> Result<(), String> {
+    async fn dirty_init(&self, job: &Job) -> Result<(), JobFailure> {
         let len = self.hook.bitmap.borrow().len();
         let base = match (&self.opts.commit_base, self.opts.sync) {
             (Some(b), _) => Some(b.clone()),
@@ -327,9 +328,7 @@ impl Mirror {
             if job.is_cancelled() {
                 return Ok(());
             }
-            let (alloc, n) = allocated_above(&self.source, base.as_ref(), off, len - off)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (alloc, n) = allocated_above(&self.source, base.as_ref(), off, len - off).await?;
             if alloc {
                 self.hook.bitmap.borrow_mut().set(off, n);
             }
@@ -357,7 +356,7 @@ impl Mirror {
     }
 
     /// Handles a failed copy; `Err` fails the job.
-    fn copy_failed(&self, job: &Job, off: u64, len: u64, e: CopyError) -> Result<(), String> {
+    fn copy_failed(&self, job: &Job, off: u64, len: u64, e: CopyError) -> Result<(), JobFailure> {
         self.hook.bitmap.borrow_mut().set(off, len);
         let policy = if e.is_read() {
             self.opts.on_source_error
@@ -365,7 +364,7 @@ impl Mirror {
             self.opts.on_target_error
         };
         match error_action(job, policy, e.is_read(), e.error()) {
-            ErrorAction::Report => Err(e.error().to_string()),
+            ErrorAction::Report => Err(e.error().into()),
             ErrorAction::Ignore | ErrorAction::Stop => Ok(()),
         }
     }
@@ -379,7 +378,7 @@ impl Mirror {
         job: &Job,
         src: &Rc<Backend>,
         tgt: &Rc<Backend>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, JobFailure> {
         let drained = Drained::begin(&self.source).await;
         loop {
             let next = self.hook.bitmap.borrow().next_dirty(0, self.chunk());
@@ -411,22 +410,22 @@ impl Mirror {
         Ok(true)
     }
 
-    async fn run_loop(&self, job: &Job) -> Result<(), String> {
+    async fn run_loop(&self, job: &Job) -> Result<(), JobFailure> {
         let (src, tgt) = self.backends()?;
         let len = self.hook.bitmap.borrow().len();
-        if self.opts.commit_base.is_some() && tgt.get_length().map_err(|e| e.to_string())? < len {
-            tgt.truncate(len).await.map_err(|e| e.to_string())?;
+        if self.opts.commit_base.is_some() && tgt.get_length()? < len {
+            tgt.truncate(len).await?;
         }
         self.dirty_init(job).await?;
         self.update_progress(job, 0);
         let clock = job
             .registry()
             .map(|r| r.clock())
-            .ok_or_else(|| String::from("no registry"))?;
+            .ok_or(JobFailure::from("no registry"))?;
         let mut pool: Pool<'static, CopyResult> = Pool::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut from = 0u64;
-        let mut failure: Option<String> = None;
+        let mut failure: Option<JobFailure> = None;
         loop {
             if job.is_cancelled() || failure.is_some() {
                 // Let the copies in flight finish (QEMU:
@@ -534,7 +533,7 @@ impl JobDriver for Mirror {
         self.job_type
     }
 
-    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move { self.run_loop(&job).await })
     }
 
@@ -558,7 +557,7 @@ impl JobDriver for Mirror {
     }
 
     /// The pivot (QEMU: `mirror_exit_common` with `should_complete`).
-    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn prepare(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move {
             if !self.should_complete.get() || job.is_cancelled() {
                 return Ok(());
@@ -570,23 +569,23 @@ impl JobDriver for Mirror {
             if let Some(t) = self.tgt.borrow().clone()
                 && let Err(e) = t.set_perm(Perm::NONE, Perm::ALL)
             {
-                return Err(e.to_string());
+                return Err(e.to_string().into());
             }
-            super::replace::replace_node(&filter, &self.target, |_| false)
+            crate::graph::replace::replace_node(&filter, &self.target, |_| false)
                 .await
                 .map_err(|e| e.to_string())?;
             // Users that attached to the source itself meanwhile move too
             // (QEMU replaces the source in every parent); the filter's edge
             // and the job's own backend stay.
             let job_blks = job.backends();
-            super::replace::replace_node(&self.source, &self.target, |e| {
+            crate::graph::replace::replace_node(&self.source, &self.target, |e| {
                 e.parent_node().is_some_and(|p| Rc::ptr_eq(&p, &filter))
                     || e.parent_backend()
                         .is_some_and(|b| job_blks.iter().any(|j| Rc::ptr_eq(j, &b)))
             })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string().into())
         })
     }
 

@@ -13,12 +13,14 @@
 //!
 //! Shared pieces: [`dirty_bitmap`], [`copy`] (copies in flight, range
 //! locks), [`rate_limit`] (`speed`), [`on_error`] (`on-*-error`,
-//! `BLOCK_JOB_ERROR`), [`replace`] (`bdrv_replace_node`), [`chain`]
-//! (backing chains). The QMP commands are in [`commands`].
+//! `BLOCK_JOB_ERROR`), [`chain`] (backing chains). The filters and a
+//! mirror's pivot rewrite the graph with
+//! [`crate::graph::replace::replace_node`] (`bdrv_replace_node`). The QMP
+//! commands are in [`commands`].
 //!
 //! # Where blockhaus differs from QEMU
 //! - A mirror tracks every write to its source, as QEMU's dirty bitmap on
-//!   the node does ([`crate::node::Node::add_write_notifier`]), so users
+//!   the node does ([`crate::graph::node::Node::add_write_notifier`]), so users
 //!   may still attach to the source itself. Backup (like QEMU's
 //!   copy-before-write) and stream must see each write *before* it lands;
 //!   their filters do not share WRITE on the node, so a writer attached to
@@ -51,16 +53,15 @@ pub mod filter;
 pub mod mirror;
 pub mod on_error;
 pub mod rate_limit;
-pub mod replace;
 pub mod stream;
 
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 
-use crate::job::JobOptions;
-use crate::node::Node;
-use crate::registry::{Registry, id_wellformed};
+use crate::graph::node::Node;
+use crate::graph::registry::{Registry, id_wellformed};
+use crate::job::{JobOptions, RegistryJobs};
 
 /// The options every block job command takes (QEMU: `speed`,
 /// `auto-finalize`, `auto-dismiss`).

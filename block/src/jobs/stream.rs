@@ -22,13 +22,14 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use core::cell::{Cell, RefCell};
 
-use crate::backend::Backend;
-use crate::child::{attach_node_child, detach_child};
 use crate::exec::WaitQueue;
+use crate::graph::backend::Backend;
+use crate::graph::backend::Drained;
+use crate::graph::child::{attach_node_child, detach_child};
+use crate::graph::node::{Node, unref};
+use crate::graph::permission::{ChildRole, Perm};
 use crate::io::{BoxFuture, IoError, IoResult, ReqFlags};
-use crate::job::{Job, JobDriver};
-use crate::node::{Drained, Node, unref};
-use crate::permission::{ChildRole, Perm};
+use crate::job::{Job, JobDriver, JobFailure, RegistryJobs};
 
 use super::chain::{allocated_above, backing};
 use super::copy::{RangeLock, Walked, Writing, walk};
@@ -184,7 +185,7 @@ async fn stream_chunk(
 }
 
 impl Stream {
-    async fn run_loop(&self, job: &Job) -> Result<(), String> {
+    async fn run_loop(&self, job: &Job) -> Result<(), JobFailure> {
         let blk = self
             .blk
             .borrow()
@@ -212,7 +213,7 @@ impl Stream {
         // QEMU: "Do not remove the backing file if an error was there but
         // ignored."
         match walked {
-            Walked::Done(Some(e)) => Err(e.to_string()),
+            Walked::Done(Some(e)) => Err(e.into()),
             Walked::Done(None) | Walked::Cancelled => Ok(()),
         }
     }
@@ -271,7 +272,7 @@ impl JobDriver for Stream {
         "stream"
     }
 
-    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move { self.run_loop(&job).await })
     }
 
@@ -281,18 +282,18 @@ impl JobDriver for Stream {
     }
 
     /// QEMU's `stream_prepare`: the top's backing file becomes `base`.
-    fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move {
             set_backing(&self.top, self.base.as_ref()).await?;
             match &self.base {
-                None => record_backing(&self.top, None, None).await,
-                Some(b) => match &self.backing_file {
-                    Some(name) => {
-                        record_backing(&self.top, Some(name), Some(b.driver_name())).await
+                None => record_backing(&self.top, None, None).await?,
+                Some(b) => {
+                    if let Some(name) = &self.backing_file {
+                        record_backing(&self.top, Some(name), Some(b.driver_name())).await?;
                     }
-                    None => Ok(()),
-                },
+                }
             }
+            Ok(())
         })
     }
 

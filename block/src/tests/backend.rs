@@ -10,10 +10,10 @@ use alloc::string::ToString;
 
 use super::harness::Env;
 use super::mem::Gate;
-use crate::backend::BackendOptions;
+use crate::graph::backend::BackendOptions;
+use crate::graph::node::NodeState;
+use crate::graph::permission::Perm;
 use crate::io::{IoError, ReqFlags};
-use crate::node::NodeState;
-use crate::permission::Perm;
 
 fn rw() -> (Perm, Perm) {
     (Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL)
@@ -98,7 +98,7 @@ fn eject_fires_notifiers_then_drains_then_detaches() {
         .unwrap();
     b.insert(&n).unwrap();
     // The backend holds the only other reference: drop ours.
-    env.run(crate::node::unref(n.clone()));
+    env.run(crate::graph::node::unref(n.clone()));
     let seen: Rc<RefCell<Vec<String>>> = Rc::default();
     let s2 = seen.clone();
     b.add_remove_notifier(Rc::new(move |b| {

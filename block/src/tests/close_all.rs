@@ -6,11 +6,12 @@ use alloc::vec::Vec;
 
 use super::harness::Env;
 use super::job::start_test_job;
-use crate::backend::BackendOptions;
 use crate::close_all::close_all;
+use crate::graph::backend::BackendOptions;
+use crate::graph::permission::Perm;
+use crate::graph::registry::FlushOutcome;
 use crate::io::{IoError, ReqFlags};
-use crate::permission::Perm;
-use crate::registry::FlushOutcome;
+use crate::job::RegistryJobs;
 
 #[test]
 fn closes_format_before_its_file_and_flushes_it() {

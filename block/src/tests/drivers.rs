@@ -8,9 +8,9 @@ use alloc::vec::Vec;
 use serde_json::json;
 
 use super::harness::{Env, Qmp};
-use crate::backend::BackendOptions;
+use crate::graph::backend::BackendOptions;
+use crate::graph::permission::Perm;
 use crate::io::{IoError, ReqFlags};
-use crate::permission::Perm;
 use crate::timer::Clock;
 use core::future::Future;
 

@@ -4,12 +4,12 @@ use alloc::string::ToString;
 use alloc::vec;
 
 use super::harness::Env;
-use crate::backend::BackendOptions;
-use crate::child::{AttachError, attach_node_child};
+use crate::graph::backend::BackendOptions;
+use crate::graph::child::{AttachError, attach_node_child};
+use crate::graph::node::{DetectZeroes, NodeOptions, NodeState, unref};
+use crate::graph::permission::{ChildRole, Perm};
+use crate::graph::registry::{FlushOutcome, NameError, OpenNodeError};
 use crate::io::{IoError, ReqFlags};
-use crate::node::{DetectZeroes, NodeOptions, NodeState, unref};
-use crate::permission::{ChildRole, Perm};
-use crate::registry::{FlushOutcome, NameError, OpenNodeError};
 
 fn writer() -> BackendOptions {
     BackendOptions::default()
@@ -319,7 +319,7 @@ fn child_edges_enforce_their_permissions() {
     let fmt = env.fmt("fmt", &file).unwrap();
     let edge = fmt.file().unwrap();
     assert!(edge.perm().contains(Perm::WRITE));
-    crate::child::set_child_perm(&edge, Perm::CONSISTENT_READ, Perm::ALL).unwrap();
+    crate::graph::child::set_child_perm(&edge, Perm::CONSISTENT_READ, Perm::ALL).unwrap();
     assert_eq!(
         env.run(edge.write(0, vec![1], ReqFlags::NONE)),
         Err(IoError::Eperm)

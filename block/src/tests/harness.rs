@@ -11,8 +11,8 @@ use serde_json::Map;
 use super::mem::{Log, Mem, RecFmt, fmt_file};
 use crate::event::EventQueue;
 use crate::exec::{Executor, SimulatedPlatform};
-use crate::node::{Node, NodeOptions};
-use crate::registry::Registry;
+use crate::graph::node::{Node, NodeOptions};
+use crate::graph::registry::Registry;
 use crate::timer::ManualClock;
 
 pub struct Env {

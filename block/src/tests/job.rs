@@ -10,10 +10,10 @@ use core::cell::Cell;
 use alloc::string::ToString;
 
 use super::harness::Env;
+use crate::graph::node::{Node, NodeState};
+use crate::graph::permission::Perm;
 use crate::io::{BoxFuture, ReqFlags};
-use crate::job::{Job, JobDriver, JobError, JobOptions, JobStatus};
-use crate::node::{Node, NodeState};
-use crate::permission::Perm;
+use crate::job::{Job, JobDriver, JobError, JobFailure, JobOptions, JobStatus, RegistryJobs};
 
 /// Writes one 512-byte block per millisecond through its backend, forever
 /// or for `rounds` rounds.
@@ -26,7 +26,7 @@ impl JobDriver for TestJob {
     fn job_type(&self) -> &str {
         "test"
     }
-    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), String>> {
+    fn run(self: Rc<Self>, job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
         Box::pin(async move {
             let Some(b) = job.backends().first().cloned() else {
                 return Err("no backend".into());

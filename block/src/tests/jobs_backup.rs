@@ -8,6 +8,7 @@ use serde_json::json;
 use super::harness::Qmp;
 use super::jobs_util::*;
 use crate::io::{IoError, ReqFlags};
+use crate::job::RegistryJobs;
 
 #[test]
 fn backup_full_is_the_point_in_time_while_the_guest_writes() {

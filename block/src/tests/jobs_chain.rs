@@ -9,8 +9,9 @@ use serde_json::json;
 
 use super::harness::Qmp;
 use super::jobs_util::*;
+use crate::graph::node::Node;
+use crate::job::RegistryJobs;
 use crate::jobs::chain::backing;
-use crate::node::Node;
 
 const SIZE: u64 = 2 * MIB;
 

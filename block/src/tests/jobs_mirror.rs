@@ -8,6 +8,7 @@ use serde_json::json;
 use super::harness::Qmp;
 use super::jobs_util::*;
 use crate::io::ReqFlags;
+use crate::job::RegistryJobs;
 
 fn mirror_args(sync: &str) -> serde_json::Value {
     json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": sync,
@@ -288,7 +289,7 @@ fn sync_top_copies_only_what_the_source_holds_and_none_only_new_writes() {
 }
 
 #[allow(non_snake_case)]
-fn Env_fill(n: &crate::node::Node, byte: u8) {
+fn Env_fill(n: &crate::graph::node::Node, byte: u8) {
     super::harness::Env::mem_driver(n)
         .data
         .borrow_mut()

@@ -12,10 +12,11 @@ use core::cell::Cell;
 use serde_json::{Value, json};
 
 use super::harness::{Env, Qmp};
-use crate::backend::{Backend, BackendOptions};
+use crate::graph::backend::{Backend, BackendOptions};
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
 use crate::io::ReqFlags;
-use crate::node::Node;
-use crate::permission::Perm;
+use crate::job::RegistryJobs;
 use crate::timer::Clock;
 
 pub const KIB: u64 = 1 << 10;

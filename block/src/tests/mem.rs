@@ -9,12 +9,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 
-use crate::child::Child;
 use crate::driver::{BlockDriver, forward};
 use crate::exec::WaitQueue;
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{ChildRole, Perm, default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::Node;
-use crate::permission::{ChildRole, Perm, default_perms};
 
 /// A shared log of driver events ("flush fmt", "close mem0", …).
 pub type Log = Rc<RefCell<Vec<String>>>;
@@ -278,7 +278,7 @@ impl BlockDriver for RecFmt {
         // Like qcow2's close, the child must still be there and open.
         let child_open = node
             .file()
-            .is_some_and(|c| c.node().state() == crate::node::NodeState::Open);
+            .is_some_and(|c| c.node().state() == crate::graph::node::NodeState::Open);
         self.log
             .borrow_mut()
             .push(format!("close {} (file open: {child_open})", self.label));

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use super::harness::{Env, Qmp};
 use crate::drivers::qcow2::Qcow2;
 use crate::drivers::qcow2::check::CheckReport;
+use crate::graph::node::Node;
 use crate::io::ReqFlags;
-use crate::node::Node;
 
 const MIB: u64 = 1 << 20;
 
@@ -1256,8 +1256,8 @@ fn concurrent_run(cs: u64, ext: bool) {
 
 #[test]
 fn blockdev_snapshot_moves_the_users_to_the_overlay() {
-    use crate::backend::BackendOptions;
-    use crate::permission::Perm;
+    use crate::graph::backend::BackendOptions;
+    use crate::graph::permission::Perm;
     let mut q = Qmp::new();
     image(&mut q, "f0", 4 * MIB, json!({}));
     image(&mut q, "f1", 4 * MIB, json!({"backing-file": "base"}));

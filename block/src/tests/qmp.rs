@@ -7,8 +7,8 @@ use alloc::vec::Vec;
 use serde_json::{Value, json};
 
 use super::harness::Qmp;
-use crate::backend::BackendOptions;
-use crate::permission::Perm;
+use crate::graph::backend::BackendOptions;
+use crate::graph::permission::Perm;
 
 #[test]
 fn blockdev_add_nested_definitions_and_references() {

@@ -11,11 +11,11 @@ use serde_json::json;
 
 use super::harness::{Env, Qmp};
 use super::mem::gate;
-use crate::backend::BackendOptions;
 use crate::close_all::close_all;
+use crate::graph::backend::BackendOptions;
+use crate::graph::node::NodeState;
+use crate::graph::permission::Perm;
 use crate::io::ReqFlags;
-use crate::node::NodeState;
-use crate::permission::Perm;
 
 fn three(q: &mut Qmp, extra: serde_json::Value) {
     let mut args = json!({"driver": "quorum", "node-name": "q", "vote-threshold": 2, "children": [

@@ -5,8 +5,8 @@ use alloc::vec::Vec;
 
 use super::harness::Qmp;
 use super::job::TestJob;
-use crate::job::JobOptions;
-use crate::permission::Perm;
+use crate::graph::permission::Perm;
+use crate::job::{JobOptions, RegistryJobs};
 use crate::qmp::{Action, Session, VersionInfo};
 
 fn exchange(q: &mut Qmp, s: &mut Session, input: &str) -> (Action, Vec<String>) {

@@ -17,8 +17,8 @@
 
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
-use block::backend::Backend;
 use block::exec::Executor;
+use block::graph::backend::Backend;
 use block::io::{BlockStatus, IoResult, ReqFlags};
 use block::nbd::{Completion, Connection, InputState, Limits, Op, Request, State};
 use core::cell::{Cell, RefCell};

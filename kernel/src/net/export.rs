@@ -14,10 +14,10 @@
 use alloc::rc::{Rc, Weak};
 use alloc::string::String;
 use alloc::vec::Vec;
-use block::backend::{Backend, BackendOptions};
+use block::graph::backend::{Backend, BackendOptions};
+use block::graph::permission::Perm;
+use block::graph::registry::Registry;
 use block::nbd::{BlockSize, Export, ExportSet, Features};
-use block::permission::Perm;
-use block::registry::Registry;
 use core::cell::{Cell, RefCell};
 use serde_json::json;
 
@@ -124,7 +124,7 @@ impl ExportTable {
     /// Creates an export (QEMU: `blk_exp_add` + `nbd_export_create`, with
     /// their error texts). The caller has checked that the server runs.
     pub fn add(self: &Rc<Self>, req: NewExport<'_>) -> Result<Rc<NbdExport>, String> {
-        if !block::registry::id_wellformed(req.id) {
+        if !block::graph::registry::id_wellformed(req.id) {
             return Err("Invalid block export id".into());
         }
         if self.by_id(req.id).is_some() {

@@ -30,7 +30,7 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use block::exec::Executor;
-use block::registry::Registry;
+use block::graph::registry::Registry;
 use drivers::net::NetDevice;
 use drivers::net::smoltcp::wire::IpAddress;
 use log::{info, warn};

@@ -11,7 +11,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::child::Child;
+use crate::graph::child::Child;
 use crate::io::IoResult;
 
 use super::cluster::{COPIED, L2Entry};

@@ -11,7 +11,7 @@ use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::child::Child;
+use crate::graph::child::Child;
 use crate::io::{IoError, IoResult};
 
 use super::header::{MAX_L1_BYTES, field};

@@ -17,12 +17,13 @@ use alloc::string::{String, ToString};
 
 use serde_json::{Value, json};
 
-use crate::child::{attach_node_child, detach_child};
-use crate::job::JobOptions;
-use crate::jobs::replace::replace_node;
+use crate::graph::backend::Drained;
+use crate::graph::child::{attach_node_child, detach_child};
+use crate::graph::node::Node;
+use crate::graph::permission::ChildRole;
+use crate::graph::replace::replace_node;
+use crate::job::{JobOptions, RegistryJobs};
 use crate::layer::{BlockContext, BlockLayer};
-use crate::node::{Drained, Node};
-use crate::permission::ChildRole;
 use crate::qmp::{Args, Dispatcher, QmpError};
 
 use super::create::{CreateJob, CreateOpts};

@@ -12,11 +12,11 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec;
 
-use crate::child::Child;
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::Perm;
 use crate::io::ReqFlags;
-use crate::job::{Job, JobDriver};
-use crate::node::Node;
-use crate::permission::Perm;
+use crate::job::{Job, JobDriver, JobFailure};
 
 use super::header::{self, NewHeader};
 use super::state::put64;
@@ -177,7 +177,7 @@ impl JobDriver for CreateJob {
         "create"
     }
 
-    fn run(self: Rc<Self>, job: Rc<Job>) -> crate::io::BoxFuture<'static, Result<(), String>> {
+    fn run(self: Rc<Self>, job: Rc<Job>) -> crate::io::BoxFuture<'static, Result<(), JobFailure>> {
         alloc::boxed::Box::pin(async move {
             let blk = job
                 .add_backend(

@@ -23,7 +23,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::child::Child;
+use crate::graph::child::Child;
 use crate::io::{BlockStatus, IoError, IoResult, ReqFlags};
 
 use super::cluster::{ALL_ALLOC, ALL_ZEROES, COPIED, L2Entry, Sub, ZERO};

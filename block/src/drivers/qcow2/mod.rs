@@ -82,12 +82,12 @@ use core::cell::Cell;
 
 use serde_json::{Value, json};
 
-use crate::child::Child;
 use crate::driver::BlockDriver;
+use crate::graph::child::Child;
+use crate::graph::node::Node;
+use crate::graph::permission::{ChildRole, Perm, default_perms};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::node::Node;
 use crate::open::{DriverClass, DriverOpts, Opener};
-use crate::permission::{ChildRole, Perm, default_perms};
 use crate::qmp::QmpError;
 
 use self::open::BackingOpt;

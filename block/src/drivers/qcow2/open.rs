@@ -15,10 +15,10 @@ use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::child::{Child, attach_node_child};
+use crate::graph::child::{Child, attach_node_child};
+use crate::graph::node::Node;
+use crate::graph::permission::ChildRole;
 use crate::io::ReqFlags;
-use crate::node::Node;
-use crate::permission::ChildRole;
 
 use super::header::{Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, field, incompat};
 use super::refcount::decode_table;

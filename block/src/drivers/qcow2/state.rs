@@ -27,8 +27,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell, RefMut};
 
-use crate::child::Child;
 use crate::exec::WaitQueue;
+use crate::graph::child::Child;
 use crate::io::{IoError, IoResult, ReqFlags};
 
 use super::cache::Cache;

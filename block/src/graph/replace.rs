@@ -16,8 +16,8 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::child::{Child, Parent, attach_backend_root, attach_node_child, detach_child};
-use crate::node::{Node, unref};
+use crate::graph::child::{Child, Parent, attach_backend_root, attach_node_child, detach_child};
+use crate::graph::node::{Node, unref};
 
 /// Why a node could not be replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]

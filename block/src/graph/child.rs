@@ -13,10 +13,10 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::Cell;
 
-use crate::backend::Backend;
+use crate::graph::backend::Backend;
+use crate::graph::node::Node;
+use crate::graph::permission::{ChildRole, Perm, PermConflict, PermError};
 use crate::io::{BlockStatus, IoError, IoResult, ReqFlags};
-use crate::node::Node;
-use crate::permission::{ChildRole, Perm, PermConflict, PermError};
 
 /// Who holds an edge.
 #[derive(Clone)]
@@ -373,7 +373,7 @@ pub fn set_child_perm(edge: &Rc<Child>, perm: Perm, shared: Perm) -> Result<(), 
 
 /// Removes an edge from both ends and relaxes the permissions below; the
 /// reference it held is now the caller's to drop with
-/// [`crate::node::unref`] (QEMU: the first half of `bdrv_unref_child`).
+/// [`crate::graph::node::unref`] (QEMU: the first half of `bdrv_unref_child`).
 pub fn detach_child(edge: &Rc<Child>) {
     if let Some(p) = edge.parent_node() {
         p.remove_child(edge);

@@ -2,6 +2,12 @@
 //! (QEMU: `all_bdrv_states`, `monitor_bdrv_states`, the BlockBackend list,
 //! the job list, and `graph_bdrv_states` for lookups by node-name).
 //!
+//! The registry keeps the job list but does not know what a job is: it
+//! holds each one type-erased, and the job framework above the graph
+//! reads and writes the list through [`crate::job::RegistryJobs`]. So
+//! one `Rc<Registry>` still reaches everything close-all must stop, while
+//! the graph depends on nothing above it.
+//!
 //! The all-nodes list exists so that [`crate::close_all`] can *assert* that
 //! every node was closed by its refcount reaching zero. The monitor list
 //! holds the one reference `blockdev-add` gives the monitor on each node it
@@ -13,20 +19,20 @@ use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::any::Any;
 use core::cell::{Cell, RefCell};
 use core::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::backend::Backend;
-use crate::child::{AttachError, attach_node_child, detach_child};
 use crate::driver::BlockDriver;
 use crate::event::{EventSink, NoEvents};
 use crate::exec::Executor;
+use crate::graph::backend::Backend;
+use crate::graph::child::{AttachError, attach_node_child, detach_child};
+use crate::graph::node::{Node, NodeOptions};
+use crate::graph::permission::ChildRole;
 use crate::io::IoError;
-use crate::job::Job;
-use crate::node::{Node, NodeOptions};
-use crate::permission::ChildRole;
 use crate::timer::Clock;
 
 /// Longest node-name (QEMU: `sizeof(bs->node_name) - 1`).
@@ -130,11 +136,11 @@ pub struct Registry {
     nodes: RefCell<Vec<Rc<Node>>>,
     monitor_nodes: RefCell<Vec<Rc<Node>>>,
     backends: RefCell<Vec<Rc<Backend>>>,
-    jobs: RefCell<Vec<Rc<Job>>>,
+    jobs: RefCell<Vec<Rc<dyn Any>>>,
     next_id: Cell<u64>,
     next_auto_name: Cell<u64>,
     closed: RefCell<Vec<ClosedNode>>,
-    objects: RefCell<BTreeMap<String, Rc<dyn core::any::Any>>>,
+    objects: RefCell<BTreeMap<String, Rc<dyn Any>>>,
 }
 
 impl Registry {
@@ -194,7 +200,7 @@ impl Registry {
         self.nodes
             .borrow()
             .iter()
-            .find(|n| n.name() == name && n.state() == crate::node::NodeState::Open)
+            .find(|n| n.name() == name && n.state() == crate::graph::node::NodeState::Open)
             .cloned()
     }
 
@@ -321,7 +327,7 @@ impl Registry {
     }
 
     /// Takes `node` off the monitor list; the caller now owns the monitor's
-    /// reference and must drop it with [`crate::node::unref`].
+    /// reference and must drop it with [`crate::graph::node::unref`].
     pub fn monitor_release(&self, node: &Rc<Node>) -> bool {
         let mut list = self.monitor_nodes.borrow_mut();
         let before = list.len();
@@ -355,30 +361,28 @@ impl Registry {
             .retain(|x| !core::ptr::eq(&**x, b));
     }
 
-    // ---- jobs ----
+    // ---- jobs (type-erased; see the module doc) ----
 
-    /// Every job, oldest first.
-    pub fn jobs(&self) -> Vec<Rc<Job>> {
+    /// The job list, oldest first.
+    pub(crate) fn job_entries(&self) -> Vec<Rc<dyn Any>> {
         self.jobs.borrow().clone()
     }
 
-    /// The job called `id`.
-    pub fn find_job(&self, id: &str) -> Option<Rc<Job>> {
-        self.jobs.borrow().iter().find(|j| j.id() == id).cloned()
-    }
-
-    pub(crate) fn add_job(&self, j: Rc<Job>) {
+    pub(crate) fn add_job_entry(&self, j: Rc<dyn Any>) {
         self.jobs.borrow_mut().push(j);
     }
 
-    pub(crate) fn forget_job(&self, j: &Job) {
-        self.jobs.borrow_mut().retain(|x| !core::ptr::eq(&**x, j));
+    pub(crate) fn forget_job_entry(&self, j: &dyn Any) {
+        let j = j as *const dyn Any as *const ();
+        self.jobs
+            .borrow_mut()
+            .retain(|x| Rc::as_ptr(x) as *const () != j);
     }
 
     // ---- user-creatable objects (QEMU: the /objects container) ----
 
     /// The object called `id`.
-    pub fn object(&self, id: &str) -> Option<Rc<dyn core::any::Any>> {
+    pub fn object(&self, id: &str) -> Option<Rc<dyn Any>> {
         self.objects.borrow().get(id).cloned()
     }
 
@@ -388,7 +392,7 @@ impl Registry {
     }
 
     /// Adds an object; `false` if the id is taken.
-    pub fn add_object(&self, id: &str, obj: Rc<dyn core::any::Any>) -> bool {
+    pub fn add_object(&self, id: &str, obj: Rc<dyn Any>) -> bool {
         let mut objs = self.objects.borrow_mut();
         if objs.contains_key(id) {
             return false;
@@ -398,7 +402,7 @@ impl Registry {
     }
 
     /// Removes an object.
-    pub fn remove_object(&self, id: &str) -> Option<Rc<dyn core::any::Any>> {
+    pub fn remove_object(&self, id: &str) -> Option<Rc<dyn Any>> {
         self.objects.borrow_mut().remove(id)
     }
 }

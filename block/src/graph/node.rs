@@ -24,12 +24,12 @@ use core::cell::{Cell, RefCell};
 
 use serde_json::{Map, Value};
 
-use crate::child::{Child, Parent, detach_child};
 use crate::driver::BlockDriver;
 use crate::exec::WaitQueue;
+use crate::graph::child::{Child, Parent, detach_child};
+use crate::graph::permission::Perm;
+use crate::graph::registry::{ClosedNode, FlushOutcome, Registry};
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
-use crate::permission::Perm;
-use crate::registry::{ClosedNode, FlushOutcome, Registry};
 
 /// Largest buffer the write-zeroes fallback writes at once.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -267,7 +267,10 @@ impl Node {
         self.children
             .borrow()
             .iter()
-            .find(|c| c.role().contains(crate::permission::ChildRole::PRIMARY))
+            .find(|c| {
+                c.role()
+                    .contains(crate::graph::permission::ChildRole::PRIMARY)
+            })
             .cloned()
     }
 
@@ -579,45 +582,10 @@ impl Node {
 
     /// Waits until no request is in flight on this node (QEMU:
     /// `bdrv_drain`; nodes have no request queue of their own, their
-    /// parents stop sending: see [`crate::backend::Backend::drained_begin`]).
+    /// parents stop sending: see [`crate::graph::backend::Drained`]).
     pub async fn drain(&self) {
         self.idle.wait_until(|| self.in_flight.get() == 0).await;
     }
-}
-
-/// A drained section on a node (QEMU: `bdrv_drained_begin`/`_end`): the
-/// backends whose tree contains the node stop sending new requests, and
-/// the node's requests in flight complete. Call [`Drained::end`] when done.
-pub struct Drained {
-    quiesced: Vec<Rc<crate::backend::Backend>>,
-}
-
-impl Drained {
-    /// Begins the section and waits until `node` is idle.
-    pub async fn begin(node: &Rc<Node>) -> Drained {
-        let mut quiesced = Vec::new();
-        if let Some(reg) = node.registry() {
-            for b in reg.backends() {
-                if b.root_node().is_some_and(|r| reaches(&r, node)) {
-                    b.drained_begin().await;
-                    quiesced.push(b);
-                }
-            }
-        }
-        node.drain().await;
-        Drained { quiesced }
-    }
-
-    /// Ends the section: queued requests go on.
-    pub fn end(self) {
-        for b in self.quiesced {
-            b.drained_end();
-        }
-    }
-}
-
-fn reaches(from: &Rc<Node>, to: &Rc<Node>) -> bool {
-    Rc::ptr_eq(from, to) || from.children().iter().any(|c| reaches(c.node(), to))
 }
 
 /// Drops a reference; at zero the node is closed (QEMU: `bdrv_unref` →

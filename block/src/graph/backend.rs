@@ -10,6 +10,11 @@
 //! notifiers (an NBD export on this backend shuts itself down), drain the
 //! backend's requests, detach the root edge and drop its reference — which
 //! may close the whole tree below.
+//!
+//! *Draining*: a backend stops sending and waits for its requests in
+//! flight ([`Backend::drained_begin`], QEMU `blk_drain_begin`); a drained
+//! section on a node ([`Drained`], QEMU `bdrv_drained_begin`) does that for
+//! every backend whose tree contains the node, then waits for the node.
 
 use alloc::format;
 use alloc::rc::{Rc, Weak};
@@ -20,12 +25,12 @@ use core::fmt;
 
 use serde_json::json;
 
-use crate::child::{Child, attach_backend_root, detach_child, set_child_perm};
 use crate::exec::WaitQueue;
+use crate::graph::child::{Child, attach_backend_root, detach_child, set_child_perm};
+use crate::graph::node::{Node, unref};
+use crate::graph::permission::{Perm, PermError};
+use crate::graph::registry::{Registry, id_wellformed};
 use crate::io::{BlockStatus, IoError, IoResult, ReqFlags};
-use crate::node::{Node, unref};
-use crate::permission::{Perm, PermError};
-use crate::registry::{Registry, id_wellformed};
 
 /// A callback fired on insert or remove.
 pub type Notifier = Rc<dyn Fn(&Rc<Backend>)>;
@@ -306,7 +311,7 @@ impl Backend {
     /// `bdrv_replace_child_noperm` on a BlockBackend's root, as
     /// `bdrv_replace_node` does when a mirror pivots): no notifier fires and
     /// the user never sees ENOMEDIUM. The caller attached `edge` (see
-    /// [`crate::child::attach_backend_root`]) and detaches the returned old
+    /// [`crate::graph::child::attach_backend_root`]) and detaches the returned old
     /// edge, dropping its reference.
     pub(crate) fn swap_root(&self, edge: Rc<Child>) -> Option<Rc<Child>> {
         self.root.borrow_mut().replace(edge)
@@ -446,6 +451,41 @@ impl Backend {
         self.need(Perm::RESIZE)?;
         root.truncate(size).await
     }
+}
+
+/// A drained section on a node (QEMU: `bdrv_drained_begin`/`_end`): the
+/// backends whose tree contains the node stop sending new requests, and
+/// the node's requests in flight complete. Call [`Drained::end`] when done.
+pub struct Drained {
+    quiesced: Vec<Rc<Backend>>,
+}
+
+impl Drained {
+    /// Begins the section and waits until `node` is idle.
+    pub async fn begin(node: &Rc<Node>) -> Drained {
+        let mut quiesced = Vec::new();
+        if let Some(reg) = node.registry() {
+            for b in reg.backends() {
+                if b.root_node().is_some_and(|r| reaches(&r, node)) {
+                    b.drained_begin().await;
+                    quiesced.push(b);
+                }
+            }
+        }
+        node.drain().await;
+        Drained { quiesced }
+    }
+
+    /// Ends the section: queued requests go on.
+    pub fn end(self) {
+        for b in self.quiesced {
+            b.drained_end();
+        }
+    }
+}
+
+fn reaches(from: &Rc<Node>, to: &Rc<Node>) -> bool {
+    Rc::ptr_eq(from, to) || from.children().iter().any(|c| reaches(c.node(), to))
 }
 
 impl fmt::Debug for Backend {
