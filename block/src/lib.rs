@@ -21,6 +21,7 @@ pub mod driver;
 pub mod drivers;
 pub mod event;
 pub mod exec;
+pub mod export;
 pub mod io;
 pub mod job;
 pub mod jobs;

@@ -3,9 +3,10 @@
 //! A request's path, top to bottom: virtio-net RX ring ([`drivers::net`])
 //! → smoltcp ([`stack`]) → the client's TCP socket → its
 //! `block::nbd::Connection` ([`conn`]) → a task per request on the
-//! export's backend ([`export`]) → the graph → the reply bytes back the
-//! same way. [`server`] keeps sockets listening; [`qmp`] holds the commands
-//! and boot options; [`config`] the `ip=` setting.
+//! export's backend ([`block::export`]) → the graph → the reply bytes back
+//! the same way. [`server`] keeps sockets listening, for the QMP commands
+//! and boot options of [`block::export::qmp`]; [`config`] holds the `ip=`
+//! setting.
 //!
 //! Hooks the rest of the kernel calls:
 //! - [`Network::probe`] at boot, with the `ip=` setting of the command line;
@@ -17,8 +18,6 @@
 
 mod config;
 mod conn;
-mod export;
-mod qmp;
 mod server;
 mod stack;
 
@@ -27,30 +26,24 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use block::exec::Executor;
+use block::export::{ExportTable, NbdContext, NbdServer, ServerConfig};
 use block::registry::Registry;
+use core::cell::RefMut;
 use drivers::net::NetDevice;
 use drivers::net::smoltcp::wire::IpAddress;
 use drivers::pci;
 use log::{info, warn};
 
 use conn::{Conn, IoBudget};
-use export::ExportTable;
 use server::Server;
 use stack::Stack;
 
-pub use qmp::{apply_boot_option, register};
+pub use block::export::{apply_boot_option, register};
 
 /// virtio's PCI vendor.
 const VIRTIO_VENDOR: u16 = 0x1af4;
 /// virtio-net: transitional and modern device ids.
 const NET_IDS: [u16; 2] = [0x1000, 0x1041];
-
-/// Where `nbd-server-start` listens.
-pub struct ServerConfig {
-    pub host: Option<IpAddress>,
-    pub port: u16,
-    pub max_connections: u32,
-}
 
 /// The network stack and the NBD server.
 #[derive(Default)]
@@ -148,6 +141,7 @@ impl Network {
         })
     }
 
+    /// `nbd-server-start`: listens on `cfg`.
     fn start_server(&mut self, cfg: ServerConfig) -> Result<(), String> {
         if self.server.is_some() {
             return Err("NBD server already running".into());
@@ -155,7 +149,8 @@ impl Network {
         if self.stack.is_none() {
             warn!("NBD server started without a network device: no client can reach it");
         }
-        self.server = Some(Server::new(cfg.host, cfg.port, cfg.max_connections));
+        let host = cfg.host.map(IpAddress::Ipv4);
+        self.server = Some(Server::new(host, cfg.port, cfg.max_connections));
         self.poll();
         Ok(())
     }
@@ -250,5 +245,29 @@ impl Network {
             }
         }
         closed
+    }
+}
+
+impl NbdServer for Network {
+    fn start(&mut self, cfg: ServerConfig) -> Result<(), String> {
+        self.start_server(cfg)
+    }
+
+    fn stop(&mut self) -> Result<(), String> {
+        self.stop_server()
+    }
+
+    fn running(&self) -> bool {
+        self.server.is_some()
+    }
+
+    fn exports(&self) -> Option<Rc<ExportTable>> {
+        self.exports.clone()
+    }
+}
+
+impl NbdContext for crate::monitor::Appliance {
+    fn nbd_server(&self) -> RefMut<'_, dyn NbdServer> {
+        self.net.borrow_mut()
     }
 }
