@@ -68,6 +68,7 @@ pub mod driver;
 pub mod drivers;
 pub mod event;
 pub mod exec;
+pub mod export;
 pub mod graph;
 pub mod io;
 pub mod job;

@@ -7,9 +7,10 @@ use crate::disks::Disks;
 use crate::net::Network;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
+use block::export::{NbdContext, NbdServer};
 use block::layer::{BlockContext, BlockLayer};
 use block::qmp::{Event, QmpContext};
-use core::cell::RefCell;
+use core::cell::{RefCell, RefMut};
 
 /// The disks, shared by the nodes, the main loop, the block layer's wait
 /// platform and the disk QMP commands.
@@ -48,5 +49,13 @@ impl QmpContext for Appliance {
 impl BlockContext for Appliance {
     fn block_layer(&mut self) -> &mut BlockLayer {
         &mut self.block
+    }
+}
+
+/// The NBD export commands (`block::export::register`) reach the server
+/// through the appliance.
+impl NbdContext for Appliance {
+    fn nbd_server(&self) -> RefMut<'_, dyn NbdServer> {
+        self.net.borrow_mut()
     }
 }

@@ -1,4 +1,4 @@
-//! Protocol nodes over the appliance's disks (issue 4 §5): `driver=virtio-blk`
+//! Protocol nodes over the appliance's disks: `driver=virtio-blk`
 //! and `driver=virtio-scsi` in `blockdev-add` / `--blockdev`, the bottom of
 //! every tree that reaches real storage.
 //!

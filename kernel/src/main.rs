@@ -126,7 +126,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         let value = value.as_deref().unwrap_or("");
         let applied = match app.block.apply_boot_option(name, value) {
             Ok(false) => match drive::apply_boot_option(&app.block, name, value) {
-                Ok(false) => net::qmp::apply_boot_option(&mut app, name, value),
+                Ok(false) => block::export::apply_boot_option(&mut app, name, value),
                 other => other,
             },
             other => other.map_err(|e| e.to_string()),

@@ -50,7 +50,7 @@ impl Monitor {
         let mut commands = Dispatcher::new();
         crate::disks_qmp::register(&mut commands);
         block::commands::register(&mut commands);
-        crate::net::qmp::register(&mut commands);
+        block::export::register(&mut commands);
         crate::drive::register(&mut commands);
         Self {
             // SAFETY: COM2 is the monitor's port; only this module drives it.

@@ -4,8 +4,9 @@
 //!
 //! It listens on 127.0.0.1 on an ephemeral port and runs one thread per
 //! connection: read bytes, feed them to the engine, execute the requests
-//! it issues against a [`Backing`] (in memory with 4 KiB allocation
-//! clusters, or a file), complete each batch in reverse order (so replies
+//! it issues with the appliance's own [`block::export::execute`] against a
+//! [`Backing`] (in memory with 4 KiB allocation clusters, or a file),
+//! complete each batch in reverse order (so replies
 //! really go out of order), write the engine's output, close when it says
 //! so. [`NbdServer`] stops everything when dropped, even if a test panics.
 
@@ -15,12 +16,15 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use block::io::{BlockStatus, IoError, ReqFlags};
+use block::export::{Target, execute};
+use block::io::{BlockStatus, IoError, IoResult, ReqFlags};
 use block::nbd::{Completion, Connection, Export, Features, Limits, Op, ReadChunk};
 
 /// Allocation cluster of the in-memory backing.
@@ -86,69 +90,59 @@ impl MemDisk {
         runs
     }
 
-    fn execute(&mut self, op: Op) -> Completion {
-        match op {
-            Op::Read { offset, len } => {
-                let mut pos = offset as usize;
-                let mut chunks = Vec::new();
-                for (a, n) in self.runs(offset, len) {
-                    let n_us = n as usize;
-                    chunks.push(if a {
-                        ReadChunk::Data(self.data[pos..pos + n_us].to_vec())
-                    } else {
-                        ReadChunk::Zero(n)
-                    });
-                    pos += n_us;
-                }
-                if let [ReadChunk::Data(_)] = chunks.as_slice()
-                    && let Some(ReadChunk::Data(v)) = chunks.pop()
-                {
-                    return Completion::Data(v);
-                }
-                Completion::Chunks(chunks)
-            }
-            Op::Write { offset, data, .. } => {
-                let len = data.len() as u64;
-                self.data[Self::range(offset, len)].copy_from_slice(&data);
-                self.set_allocated(offset, len, true);
-                Completion::Done
-            }
-            Op::Flush | Op::Cache { .. } => Completion::Done,
-            Op::Trim { offset, len, .. } => {
-                // Only whole clusters are discarded (they then read as
-                // zeroes); the rest of the range is left alone, as a
-                // discard may.
-                let first = offset.div_ceil(CLUSTER) * CLUSTER;
-                let end = (offset + len) / CLUSTER * CLUSTER;
-                if end > first {
-                    self.data[Self::range(first, end - first)].fill(0);
-                }
-                self.set_allocated(offset, len, false);
-                Completion::Done
-            }
-            Op::WriteZeroes { offset, len, flags } => {
-                self.data[Self::range(offset, len)].fill(0);
-                if flags.contains(ReqFlags::MAY_UNMAP) {
-                    self.set_allocated(offset, len, false);
-                } else {
-                    self.set_allocated(offset, len, true);
-                }
-                Completion::Done
-            }
-            Op::BlockStatus { offset, len, .. } => {
-                let extents = self
-                    .runs(offset, len)
-                    .into_iter()
-                    .map(|(a, n)| BlockStatus {
-                        data: a,
-                        zero: !a,
-                        allocated: a,
-                        len: n,
-                    })
-                    .collect();
-                Completion::Extents(extents)
-            }
+    fn read(&self, offset: u64, len: u64) -> Completion {
+        let mut pos = offset as usize;
+        let mut chunks = Vec::new();
+        for (a, n) in self.runs(offset, len) {
+            let n_us = n as usize;
+            chunks.push(if a {
+                ReadChunk::Data(self.data[pos..pos + n_us].to_vec())
+            } else {
+                ReadChunk::Zero(n)
+            });
+            pos += n_us;
         }
+        if let [ReadChunk::Data(_)] = chunks.as_slice()
+            && let Some(ReadChunk::Data(v)) = chunks.pop()
+        {
+            return Completion::Data(v);
+        }
+        Completion::Chunks(chunks)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let len = data.len() as u64;
+        self.data[Self::range(offset, len)].copy_from_slice(data);
+        self.set_allocated(offset, len, true);
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) {
+        // Only whole clusters are discarded (they then read as zeroes);
+        // the rest of the range is left alone, as a discard may.
+        let first = offset.div_ceil(CLUSTER) * CLUSTER;
+        let end = (offset + len) / CLUSTER * CLUSTER;
+        if end > first {
+            self.data[Self::range(first, end - first)].fill(0);
+        }
+        self.set_allocated(offset, len, false);
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, flags: ReqFlags) {
+        self.data[Self::range(offset, len)].fill(0);
+        let unmap = flags.contains(ReqFlags::MAY_UNMAP);
+        self.set_allocated(offset, len, !unmap);
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Vec<BlockStatus> {
+        self.runs(offset, len)
+            .into_iter()
+            .map(|(a, n)| BlockStatus {
+                data: a,
+                zero: !a,
+                allocated: a,
+                len: n,
+            })
+            .collect()
     }
 }
 
@@ -162,59 +156,95 @@ fn io_error(e: &io::Error) -> IoError {
 }
 
 impl Store {
+    fn memory(m: &Mutex<MemDisk>) -> MutexGuard<'_, MemDisk> {
+        m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs one request through the appliance's own request execution
+    /// ([`block::export::execute`]); every store operation is synchronous,
+    /// so the future is ready at its first poll.
     fn execute(&self, op: Op) -> Completion {
-        match self {
-            Store::Memory(m) => m.lock().unwrap_or_else(PoisonError::into_inner).execute(op),
-            Store::File(f) => match file_op(f, op) {
-                Ok(c) => c,
-                Err(e) => Completion::Error(io_error(&e)),
-            },
+        let mut f = pin!(execute(self, op));
+        match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(c) => c,
+            Poll::Pending => unreachable!("store operations never wait"),
         }
     }
 }
 
-fn file_op(f: &File, op: Op) -> io::Result<Completion> {
-    Ok(match op {
-        Op::Read { offset, len } => {
-            let mut buf = vec![0; len as usize];
-            f.read_exact_at(&mut buf, offset)?;
-            Completion::Data(buf)
-        }
-        Op::Write {
-            offset,
-            data,
-            flags,
-        } => {
-            f.write_all_at(&data, offset)?;
-            if flags.contains(ReqFlags::FUA) {
-                f.sync_data()?;
+/// Writes zeroes to a file, then syncs it for FUA.
+fn file_zeroes(f: &File, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+    let zeroes = vec![0; len.min(1 << 20) as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+        f.write_all_at(&zeroes[..n], pos)?;
+        pos += n as u64;
+    }
+    fua(f, flags)
+}
+
+/// `fdatasync` after a FUA write.
+fn fua(f: &File, flags: ReqFlags) -> io::Result<()> {
+    if flags.contains(ReqFlags::FUA) {
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
+/// The sparse memory disk, or the file through `std::fs` (no holes;
+/// discards ignored; flush and FUA are `fdatasync`).
+impl Target for Store {
+    async fn read(&self, offset: u64, len: u64) -> IoResult<Completion> {
+        match self {
+            Store::Memory(m) => Ok(Store::memory(m).read(offset, len)),
+            Store::File(f) => {
+                let mut buf = vec![0; len as usize];
+                f.read_exact_at(&mut buf, offset)
+                    .map_err(|e| io_error(&e))?;
+                Ok(Completion::Data(buf))
             }
-            Completion::Done
         }
-        Op::Flush => {
-            f.sync_data()?;
-            Completion::Done
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> IoResult<()> {
+        match self {
+            Store::Memory(m) => Store::memory(m).write(offset, &data),
+            Store::File(f) => f
+                .write_all_at(&data, offset)
+                .and_then(|()| fua(f, flags))
+                .map_err(|e| io_error(&e))?,
         }
-        Op::Trim { .. } | Op::Cache { .. } => Completion::Done,
-        Op::WriteZeroes { offset, len, flags } => {
-            if flags.contains(ReqFlags::NO_FALLBACK) {
-                // Writing zeroes to a file is no faster than writing data.
-                return Ok(Completion::Error(IoError::Enotsup));
+        Ok(())
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> IoResult<()> {
+        match self {
+            Store::Memory(m) => Store::memory(m).write_zeroes(offset, len, flags),
+            // Writing zeroes to a file is no faster than writing data.
+            Store::File(_) if flags.contains(ReqFlags::NO_FALLBACK) => {
+                return Err(IoError::Enotsup);
             }
-            let zeroes = vec![0; len.min(1 << 20) as usize];
-            let mut pos = offset;
-            while pos < offset + len {
-                let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
-                f.write_all_at(&zeroes[..n], pos)?;
-                pos += n as u64;
-            }
-            if flags.contains(ReqFlags::FUA) {
-                f.sync_data()?;
-            }
-            Completion::Done
+            Store::File(f) => file_zeroes(f, offset, len, flags).map_err(|e| io_error(&e))?,
         }
-        Op::BlockStatus { len, .. } => Completion::Extent(BlockStatus::data(len)),
-    })
+        Ok(())
+    }
+    async fn discard(&self, offset: u64, len: u64) -> IoResult<()> {
+        if let Store::Memory(m) = self {
+            Store::memory(m).discard(offset, len);
+        }
+        Ok(())
+    }
+    async fn flush(&self) -> IoResult<()> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::File(f) => f.sync_data().map_err(|e| io_error(&e)),
+        }
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> IoResult<Vec<BlockStatus>> {
+        match self {
+            Store::Memory(m) => Ok(Store::memory(m).block_status(offset, len)),
+            Store::File(_) => Err(IoError::Enotsup),
+        }
+    }
 }
 
 /// What a test can learn about the server afterwards.
@@ -344,12 +374,7 @@ impl NbdServer {
     pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
         let i = self.shared.exports.iter().position(|e| e.name == name)?;
         match &self.shared.stores[i] {
-            Store::Memory(m) => Some(
-                m.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .data
-                    .clone(),
-            ),
+            Store::Memory(m) => Some(Store::memory(m).data.clone()),
             Store::File(_) => None,
         }
     }
@@ -359,12 +384,7 @@ impl NbdServer {
         if let Some(i) = self.shared.exports.iter().position(|e| e.name == name)
             && let Store::Memory(m) = &self.shared.stores[i]
         {
-            let mut m = m.lock().unwrap_or_else(PoisonError::into_inner);
-            m.execute(Op::Write {
-                offset,
-                data: data.to_vec(),
-                flags: ReqFlags::NONE,
-            });
+            Store::memory(m).write(offset, data);
         }
     }
 

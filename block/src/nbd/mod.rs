@@ -68,7 +68,7 @@ pub mod transmission;
 pub mod wire;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use export::{BlockSize, BlockSizeError, Export, ExportSet, Features};
 pub use output::Output;

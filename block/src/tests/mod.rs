@@ -8,6 +8,8 @@ mod backend;
 mod boot;
 mod close_all;
 mod drivers;
+mod export;
+mod export_qmp;
 mod graph;
 mod harness;
 mod job;

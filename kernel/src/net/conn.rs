@@ -2,8 +2,8 @@
 //! requests it has in flight as executor tasks.
 //!
 //! The network poll moves bytes both ways ([`Conn::service`]); each request
-//! the engine issues runs as its own task against the export's backend and
-//! completes into the engine whenever it finishes, so replies go out of
+//! the engine issues runs as its own task ([`block::export::execute`] on
+//! the export's backend) and completes into the engine whenever it finishes, so replies go out of
 //! order. A client that vanishes only makes the engine drop the results
 //! of its requests, which still run to the end (a write lands or fails
 //! cleanly); the connection is forgotten once none is left.
@@ -18,14 +18,11 @@
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use block::exec::Executor;
-use block::graph::backend::Backend;
-use block::io::{BlockStatus, IoResult, ReqFlags};
+use block::export::{ExportTable, NbdExport, execute};
 use block::nbd::{Completion, Connection, InputState, Limits, Op, Request, State};
 use core::cell::{Cell, RefCell};
 use drivers::net::smoltcp::iface::{SocketHandle, SocketSet};
 use drivers::net::smoltcp::socket::tcp;
-
-use super::export::{ExportTable, NbdExport};
 
 /// Per-connection engine limits: smaller than the engine's defaults, as
 /// a 256 MiB appliance serves many clients (one write payload of up to
@@ -296,7 +293,7 @@ impl Conn {
             let held = self.held.clone();
             exec.spawn(async move {
                 let completion = match backend {
-                    Some(b) => execute(&b, req.op).await,
+                    Some(b) => execute(&*b, req.op).await,
                     None => Completion::Error(block::io::IoError::Enomedium),
                 };
                 // Refused harmlessly if the client has gone.
@@ -346,43 +343,5 @@ impl Conn {
         // Output dropped with the connection: its read data goes back.
         self.release_sent(budget);
         socket_closed && idle
-    }
-}
-
-fn done(r: IoResult<()>) -> Completion {
-    match r {
-        Ok(()) => Completion::Done,
-        Err(e) => Completion::Error(e),
-    }
-}
-
-/// Runs one request against the export's backend.
-async fn execute(b: &Backend, op: Op) -> Completion {
-    match op {
-        Op::Read { offset, len } => match b.read(offset, len as usize).await {
-            Ok(data) => Completion::Data(data),
-            Err(e) => Completion::Error(e),
-        },
-        Op::Write {
-            offset,
-            data,
-            flags,
-        } => done(b.write(offset, data, flags).await),
-        Op::Flush => done(b.flush().await),
-        Op::Trim { offset, len, flags } => {
-            let r = b.discard(offset, len).await;
-            if r.is_ok() && flags.contains(ReqFlags::FUA) {
-                done(b.flush().await)
-            } else {
-                done(r)
-            }
-        }
-        Op::WriteZeroes { offset, len, flags } => done(b.write_zeroes(offset, len, flags).await),
-        Op::Cache { .. } => Completion::Done,
-        Op::BlockStatus { offset, len, .. } => match b.block_status(offset, len).await {
-            Ok(s) if s.len > 0 => Completion::Extent(s),
-            // No allocation information: all data.
-            _ => Completion::Extent(BlockStatus::data(len)),
-        },
     }
 }

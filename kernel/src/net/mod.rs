@@ -1,27 +1,25 @@
-//! Networking and the NBD server (issue 5).
+//! Networking and the NBD server: virtio-net, the TCP stack, listening
+//! sockets and one NBD connection per client.
 //!
 //! A request's path, top to bottom: virtio-net RX ring ([`drivers::net`])
 //! → smoltcp ([`stack`]) → the client's TCP socket → its
 //! `block::nbd::Connection` ([`conn`]) → a task per request on the
-//! export's backend ([`export`]) → the graph → the reply bytes back the
-//! same way. [`server`] keeps sockets listening; [`qmp`] holds the commands
-//! and boot options; [`config`] the `ip=` setting.
+//! export's backend ([`block::export`]) → the graph → the reply bytes back
+//! the same way. [`server`] keeps sockets listening, for the QMP commands
+//! and boot options of [`block::export::qmp`]; [`config`] holds the `ip=`
+//! setting.
 //!
 //! Hooks the rest of the kernel calls:
 //! - [`Network::probe`] at boot, with the PCI scan and the `ip=` setting of
 //!   the command line;
 //! - [`Network::poll`] from the main loop and from the block layer's
 //!   platform while a QMP command waits (returns whether anything happened);
-//! - [`qmp::apply_boot_option`] for `--nbd-server` / `--export`;
-//! - [`qmp::register`] for the QMP commands (on `app::Appliance`, which
-//!   holds the [`Network`]: callers name `qmp` directly, this file does not
-//!   re-export it);
+//! - the [`NbdServer`] the QMP commands and boot options of
+//!   [`block::export`] drive (`app::Appliance` hands it to them);
 //! - [`Network::close_exports`] first in the halt path, before close-all.
 
 mod config;
 mod conn;
-mod export;
-pub mod qmp;
 mod server;
 mod stack;
 
@@ -30,6 +28,7 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use block::exec::Executor;
+use block::export::{ExportTable, NbdServer, ServerConfig};
 use block::graph::registry::Registry;
 use drivers::net::NetDevice;
 use drivers::net::smoltcp::wire::IpAddress;
@@ -37,19 +36,11 @@ use log::{info, warn};
 
 use crate::pci::Pci;
 use conn::{Conn, IoBudget};
-use export::ExportTable;
 use server::Server;
 use stack::Stack;
 
 /// virtio-net: transitional and modern device ids.
 const NET_IDS: [u16; 2] = [0x1000, 0x1041];
-
-/// Where `nbd-server-start` listens.
-pub struct ServerConfig {
-    pub host: Option<IpAddress>,
-    pub port: u16,
-    pub max_connections: u32,
-}
 
 /// The network stack and the NBD server.
 #[derive(Default)]
@@ -121,6 +112,7 @@ impl Network {
         })
     }
 
+    /// `nbd-server-start`: listens on `cfg`.
     fn start_server(&mut self, cfg: ServerConfig) -> Result<(), String> {
         if self.server.is_some() {
             return Err("NBD server already running".into());
@@ -128,7 +120,8 @@ impl Network {
         if self.stack.is_none() {
             warn!("NBD server started without a network device: no client can reach it");
         }
-        self.server = Some(Server::new(cfg.host, cfg.port, cfg.max_connections));
+        let host = cfg.host.map(IpAddress::Ipv4);
+        self.server = Some(Server::new(host, cfg.port, cfg.max_connections));
         self.poll();
         Ok(())
     }
@@ -223,5 +216,23 @@ impl Network {
             }
         }
         closed
+    }
+}
+
+impl NbdServer for Network {
+    fn start(&mut self, cfg: ServerConfig) -> Result<(), String> {
+        self.start_server(cfg)
+    }
+
+    fn stop(&mut self) -> Result<(), String> {
+        self.stop_server()
+    }
+
+    fn running(&self) -> bool {
+        self.server.is_some()
+    }
+
+    fn exports(&self) -> Option<Rc<ExportTable>> {
+        self.exports.clone()
     }
 }

@@ -7,4 +7,4 @@ mod bad_client;
 mod commands;
 mod fuzz;
 mod handshake;
-mod peer;
+pub(crate) mod peer;

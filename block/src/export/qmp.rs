@@ -1,23 +1,55 @@
 //! The NBD QMP commands and boot options, in qemu-storage-daemon's shapes
-//! and with QEMU's error texts: `nbd-server-start`/`-stop`,
+//! and with QEMU's error texts (QEMU: `blockdev-nbd.c`,
+//! `block/export/export.c`): `nbd-server-start`/`-stop`,
 //! `block-export-add`/`-del`, `query-block-exports`, the legacy
 //! `nbd-server-add`/`-remove`, and `--nbd-server`/`--export`.
 //!
 //! Arguments are read from a JSON object either as QMP sends them (typed)
 //! or as `keyval` option strings give them (every value a string), so the
-//! command and the boot option share one parser.
+//! command and the boot option share one parser. Listening is the
+//! platform's part: it supplies an [`NbdServer`] through [`NbdContext`].
 
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use block::qmp::{Args, Dispatcher, QmpError};
-use drivers::net::smoltcp::wire::IpAddress;
+use core::cell::RefMut;
+use core::net::Ipv4Addr;
 use serde_json::{Map, Value, json};
 
-use super::export::{ExportTable, NewExport};
-use super::{Network, ServerConfig};
-use crate::app::Appliance;
+use super::table::{ExportTable, NewExport};
+use crate::qmp::{Args, Dispatcher, QmpError};
+
+/// Where `nbd-server-start` listens.
+pub struct ServerConfig {
+    /// `None`: every address.
+    pub host: Option<Ipv4Addr>,
+    pub port: u16,
+    /// 0: unlimited.
+    pub max_connections: u32,
+}
+
+/// The platform's NBD server (QEMU: `NBDServerData`): the listening
+/// sockets, and the export table its clients reach.
+pub trait NbdServer {
+    /// Starts listening (`NBD server already running` if it does).
+    fn start(&mut self, cfg: ServerConfig) -> Result<(), String>;
+    /// Stops listening and asks every export to go (QEMU:
+    /// `blk_exp_close_all_type(NBD)`); `NBD server not running` if it
+    /// does not run.
+    fn stop(&mut self) -> Result<(), String>;
+    /// Whether the server listens.
+    fn running(&self) -> bool;
+    /// The export table, once there is one.
+    fn exports(&self) -> Option<Rc<ExportTable>>;
+}
+
+/// A QMP context that holds an NBD server, as
+/// [`BlockContext`](crate::layer::BlockContext) holds the block layer.
+pub trait NbdContext {
+    /// The NBD server.
+    fn nbd_server(&self) -> RefMut<'_, dyn NbdServer>;
+}
 
 type Res = Result<Value, QmpError>;
 
@@ -107,7 +139,7 @@ impl<'a> Obj<'a> {
 
 /// `addr`: a flat `SocketAddress` (`{type, host, port}`, qemu-storage-daemon
 /// and keyval) or a legacy one (`{type, data: {host, port}}`, QMP).
-fn parse_addr(addr: &Obj<'_>) -> Result<(Option<IpAddress>, u16), QmpError> {
+fn parse_addr(addr: &Obj<'_>) -> Result<(Option<Ipv4Addr>, u16), QmpError> {
     let kind = addr.str("type")?;
     if kind != "inet" {
         return Err(QmpError::generic(format!(
@@ -144,16 +176,16 @@ fn parse_addr(addr: &Obj<'_>) -> Result<(Option<IpAddress>, u16), QmpError> {
         .map_err(|_| QmpError::generic(format!("Port '{port_text}' is not a number")))?;
     let host = match host {
         "" | "0.0.0.0" | "::" | "[::]" | "localhost" => None,
-        h => Some(IpAddress::Ipv4(h.parse().map_err(|_| {
+        h => Some(h.parse().map_err(|_| {
             QmpError::generic(format!(
                 "address resolution failed for {h}:{port}: Name or service not known"
             ))
-        })?)),
+        })?),
     };
     Ok((host, port))
 }
 
-fn server_start(net: &mut Network, args: &Obj<'_>) -> Result<(), QmpError> {
+fn server_start(server: &mut dyn NbdServer, args: &Obj<'_>) -> Result<(), QmpError> {
     args.check_known(&["addr", "tls-creds", "tls-authz", "max-connections"])?;
     let Some(addr) = args.opt_obj("addr")? else {
         return Err(QmpError::missing_parameter("addr"));
@@ -165,15 +197,16 @@ fn server_start(net: &mut Network, args: &Obj<'_>) -> Result<(), QmpError> {
     let max = args.opt_u64("max-connections")?.unwrap_or(0);
     let max = u32::try_from(max)
         .map_err(|_| QmpError::invalid_parameter_value("max-connections", "uint32"))?;
-    net.start_server(ServerConfig {
-        host,
-        port,
-        max_connections: max,
-    })
-    .map_err(QmpError::generic)
+    server
+        .start(ServerConfig {
+            host,
+            port,
+            max_connections: max,
+        })
+        .map_err(QmpError::generic)
 }
 
-fn export_add(app: &Appliance, args: &Obj<'_>) -> Result<(), QmpError> {
+fn export_add<C: NbdContext>(app: &C, args: &Obj<'_>) -> Result<(), QmpError> {
     args.check_known(&[
         "type",
         "id",
@@ -222,23 +255,21 @@ fn export_add(app: &Appliance, args: &Obj<'_>) -> Result<(), QmpError> {
 
 /// The export table, if the NBD server runs (QEMU's check in
 /// `nbd_export_create`).
-fn running_exports(app: &Appliance) -> Result<Rc<ExportTable>, QmpError> {
-    let net = app.net.borrow();
-    match (&net.server, &net.exports) {
-        (Some(_), Some(e)) => Ok(e.clone()),
+fn running_exports<C: NbdContext>(app: &C) -> Result<Rc<ExportTable>, QmpError> {
+    let server = app.nbd_server();
+    match server.exports() {
+        Some(e) if server.running() => Ok(e),
         _ => Err(QmpError::generic("NBD server not running")),
     }
 }
 
-fn exports(app: &Appliance) -> Result<Rc<ExportTable>, QmpError> {
-    app.net
-        .borrow()
-        .exports
-        .clone()
+fn exports<C: NbdContext>(app: &C) -> Result<Rc<ExportTable>, QmpError> {
+    app.nbd_server()
+        .exports()
         .ok_or_else(|| QmpError::generic("NBD server not running"))
 }
 
-fn export_del(app: &Appliance, id: &str, mode: Option<&str>) -> Res {
+fn export_del<C: NbdContext>(app: &C, id: &str, mode: Option<&str>) -> Res {
     let exports = exports(app)?;
     let Some(e) = exports.by_id(id) else {
         return Err(QmpError::generic(format!("Export '{id}' is not found")));
@@ -257,33 +288,30 @@ fn export_del(app: &Appliance, id: &str, mode: Option<&str>) -> Res {
     Ok(json!({}))
 }
 
-fn nbd_server_start(app: &mut Appliance, args: &Args<'_>) -> Res {
-    server_start(&mut app.net.borrow_mut(), &Obj::new(args.map()))?;
+fn nbd_server_start<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
+    server_start(&mut *app.nbd_server(), &Obj::new(args.map()))?;
     Ok(json!({}))
 }
 
-fn nbd_server_stop(app: &mut Appliance, args: &Args<'_>) -> Res {
+fn nbd_server_stop<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
     args.check_known(&[])?;
-    app.net
-        .borrow_mut()
-        .stop_server()
-        .map_err(QmpError::generic)?;
+    app.nbd_server().stop().map_err(QmpError::generic)?;
     Ok(json!({}))
 }
 
-fn block_export_add(app: &mut Appliance, args: &Args<'_>) -> Res {
+fn block_export_add<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
     export_add(app, &Obj::new(args.map()))?;
     Ok(json!({}))
 }
 
-fn block_export_del(app: &mut Appliance, args: &Args<'_>) -> Res {
+fn block_export_del<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
     let id = args.str("id")?;
     let mode = args.opt_enum_str("mode", &["safe", "hard"])?;
     args.check_known(&["id", "mode"])?;
     export_del(app, id, mode)
 }
 
-fn nbd_server_remove(app: &mut Appliance, args: &Args<'_>) -> Res {
+fn nbd_server_remove<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
     let name = args.str("name")?;
     let mode = args.opt_enum_str("mode", &["safe", "hard"])?;
     args.check_known(&["name", "mode"])?;
@@ -294,7 +322,7 @@ fn nbd_server_remove(app: &mut Appliance, args: &Args<'_>) -> Res {
 /// and the NBD name default to it; a read-only node is quietly exported
 /// read-only; an export of a named backend follows its medium (eject
 /// shuts the export down).
-fn nbd_server_add(app: &mut Appliance, args: &Args<'_>) -> Res {
+fn nbd_server_add<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
     let device = args.str("device")?;
     let name = args.opt_str("name")?.unwrap_or(device);
     let description = args.opt_str("description")?;
@@ -304,7 +332,7 @@ fn nbd_server_add(app: &mut Appliance, args: &Args<'_>) -> Res {
     }
     args.check_known(&["device", "name", "description", "writable", "bitmap"])?;
     let exports = running_exports(app)?;
-    let reg = app.block.registry().clone();
+    let reg = exports.registry().clone();
     let node = reg
         .lookup(Some(device), Some(device))
         .map_err(QmpError::generic)?;
@@ -322,9 +350,10 @@ fn nbd_server_add(app: &mut Appliance, args: &Args<'_>) -> Res {
     Ok(json!({}))
 }
 
-fn query_block_exports(app: &mut Appliance, args: &Args<'_>) -> Res {
+fn query_block_exports<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
     args.check_known(&[])?;
-    let list: Vec<Value> = match &app.net.borrow().exports {
+    let exports = app.nbd_server().exports();
+    let list: Vec<Value> = match exports {
         Some(t) => t
             .all()
             .iter()
@@ -343,12 +372,16 @@ fn query_block_exports(app: &mut Appliance, args: &Args<'_>) -> Res {
 }
 
 /// `--nbd-server` and `--export` (keyval strings).
-pub fn apply_boot_option(app: &mut Appliance, name: &str, value: &str) -> Result<bool, String> {
-    let parse = |v: &str| block::keyval::keyval_parse(v, None).map_err(|e| format!("{e}"));
+pub fn apply_boot_option<C: NbdContext>(
+    app: &mut C,
+    name: &str,
+    value: &str,
+) -> Result<bool, String> {
+    let parse = |v: &str| crate::keyval::keyval_parse(v, None).map_err(|e| format!("{e}"));
     match name {
         "nbd-server" => {
             let map = parse(value)?;
-            server_start(&mut app.net.borrow_mut(), &Obj::new(&map)).map_err(|e| e.desc)?;
+            server_start(&mut *app.nbd_server(), &Obj::new(&map)).map_err(|e| e.desc)?;
             Ok(true)
         }
         "export" => {
@@ -361,7 +394,7 @@ pub fn apply_boot_option(app: &mut Appliance, name: &str, value: &str) -> Result
 }
 
 /// Registers the NBD QMP commands.
-pub fn register(commands: &mut Dispatcher<Appliance>) {
+pub fn register<C: NbdContext + 'static>(commands: &mut Dispatcher<C>) {
     commands.register("nbd-server-start", nbd_server_start);
     commands.register("nbd-server-stop", nbd_server_stop);
     commands.register("nbd-server-add", nbd_server_add);

@@ -1,4 +1,5 @@
-//! NBD exports of graph nodes (QEMU: `BlockExport` + `NBDExport`).
+//! The export table (QEMU: the `block_exports` list of `BlockExport`s,
+//! each an `NBDExport`).
 //!
 //! An export owns an anonymous backend on its node that asks
 //! CONSISTENT_READ (+WRITE when writable) and shares everything but
@@ -14,12 +15,13 @@
 use alloc::rc::{Rc, Weak};
 use alloc::string::String;
 use alloc::vec::Vec;
-use block::graph::backend::{Backend, BackendOptions};
-use block::graph::permission::Perm;
-use block::graph::registry::Registry;
-use block::nbd::{BlockSize, Export, ExportSet, Features};
 use core::cell::{Cell, RefCell};
 use serde_json::json;
+
+use crate::graph::backend::{Backend, BackendOptions};
+use crate::graph::permission::Perm;
+use crate::graph::registry::{self, Registry};
+use crate::nbd::{BlockSize, Export, ExportSet, Features};
 
 /// One export.
 pub struct NbdExport {
@@ -102,6 +104,11 @@ impl ExportTable {
         })
     }
 
+    /// The registry the exports' backends live in.
+    pub fn registry(&self) -> &Rc<Registry> {
+        &self.registry
+    }
+
     /// Every export, shutting down or not, oldest first.
     pub fn all(&self) -> Vec<Rc<NbdExport>> {
         self.list.borrow().clone()
@@ -124,7 +131,7 @@ impl ExportTable {
     /// Creates an export (QEMU: `blk_exp_add` + `nbd_export_create`, with
     /// their error texts). The caller has checked that the server runs.
     pub fn add(self: &Rc<Self>, req: NewExport<'_>) -> Result<Rc<NbdExport>, String> {
-        if !block::graph::registry::id_wellformed(req.id) {
+        if !registry::id_wellformed(req.id) {
             return Err("Invalid block export id".into());
         }
         if self.by_id(req.id).is_some() {

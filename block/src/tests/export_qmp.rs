@@ -1,0 +1,333 @@
+//! The NBD QMP commands and boot options ([`crate::export::qmp`]) over a
+//! stand-in for the platform's listening sockets.
+
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::{RefCell, RefMut};
+use serde_json::{Value, json};
+
+use super::harness::Qmp;
+use crate::export::{ExportTable, NbdContext, NbdServer, ServerConfig};
+use crate::layer::{BlockContext, BlockLayer};
+use crate::qmp::{Args, Dispatcher, QmpError};
+
+/// The platform's sockets, as the QMP commands see them.
+struct Sockets {
+    exports: Rc<ExportTable>,
+    listening: Option<ServerConfig>,
+}
+
+impl NbdServer for Sockets {
+    fn start(&mut self, cfg: ServerConfig) -> Result<(), String> {
+        if self.listening.is_some() {
+            return Err("NBD server already running".into());
+        }
+        self.listening = Some(cfg);
+        Ok(())
+    }
+    fn stop(&mut self) -> Result<(), String> {
+        if self.listening.take().is_none() {
+            return Err("NBD server not running".into());
+        }
+        for e in self.exports.all() {
+            e.request_shutdown(true);
+        }
+        self.exports.reap();
+        Ok(())
+    }
+    fn running(&self) -> bool {
+        self.listening.is_some()
+    }
+    fn exports(&self) -> Option<Rc<ExportTable>> {
+        Some(self.exports.clone())
+    }
+}
+
+/// A monitor holding the block layer and the NBD server.
+struct Monitor {
+    q: Qmp,
+    server: RefCell<Sockets>,
+}
+
+impl BlockContext for Monitor {
+    fn block_layer(&mut self) -> &mut BlockLayer {
+        &mut self.q.bl
+    }
+}
+
+impl NbdContext for Monitor {
+    fn nbd_server(&self) -> RefMut<'_, dyn NbdServer> {
+        self.server.borrow_mut()
+    }
+}
+
+struct Harness {
+    m: Monitor,
+    d: Dispatcher<Monitor>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let q = Qmp::new();
+        let exports = ExportTable::new(q.bl.registry().clone());
+        let mut d = Dispatcher::new();
+        crate::commands::register(&mut d);
+        crate::export::register(&mut d);
+        let mut h = Harness {
+            m: Monitor {
+                q,
+                server: RefCell::new(Sockets {
+                    exports,
+                    listening: None,
+                }),
+            },
+            d,
+        };
+        for (name, size) in [("disk0", 1 << 20), ("ro0", 1 << 20)] {
+            h.ok(
+                "blockdev-add",
+                json!({"driver": "mem", "node-name": name, "size": size, "label": name,
+                       "read-only": name == "ro0"}),
+            );
+        }
+        h
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Result<Value, QmpError> {
+        let Value::Object(map) = args else {
+            panic!("{args}")
+        };
+        let h = self.d.get(name).expect("command");
+        h(&mut self.m, &Args::new(&map))
+    }
+
+    fn ok(&mut self, name: &str, args: Value) -> Value {
+        match self.cmd(name, args.clone()) {
+            Ok(v) => v,
+            Err(e) => panic!("{name} {args}: {}", e.desc),
+        }
+    }
+
+    fn err(&mut self, name: &str, args: Value) -> String {
+        match self.cmd(name, args.clone()) {
+            Ok(v) => panic!("{name} {args} succeeded: {v}"),
+            Err(e) => e.desc,
+        }
+    }
+
+    fn listening(&self) -> Option<(Option<core::net::Ipv4Addr>, u16, u32)> {
+        let s = self.m.server.borrow();
+        s.listening
+            .as_ref()
+            .map(|c| (c.host, c.port, c.max_connections))
+    }
+
+    fn exports(&self) -> Rc<ExportTable> {
+        self.m.server.borrow().exports.clone()
+    }
+
+    fn boot(&mut self, name: &str, value: &str) -> Result<bool, String> {
+        crate::export::apply_boot_option(&mut self.m, name, value)
+    }
+}
+
+#[test]
+fn nbd_server_start_reads_both_address_shapes_and_refuses_what_it_cannot_serve() {
+    let mut h = Harness::new();
+    let inet = |host: &str| json!({"type": "inet", "host": host, "port": "10809"});
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "path": "/s"}})
+        ),
+        "blockhaus serves NBD over TCP only ('inet'), not 'unix'"
+    );
+    assert_eq!(
+        h.err("nbd-server-start", json!({"addr": inet("example.org")})),
+        "address resolution failed for example.org:10809: Name or service not known"
+    );
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "host": "::", "port": "nbd"}})
+        ),
+        "Port 'nbd' is not a number"
+    );
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": inet("::"), "tls-creds": "tls0"})
+        ),
+        "TLS is not supported by blockhaus"
+    );
+    assert_eq!(
+        h.err("nbd-server-start", json!({"addr": inet("::"), "x": 1})),
+        "Parameter 'x' is unexpected"
+    );
+    assert_eq!(
+        h.err("nbd-server-stop", json!({})),
+        "NBD server not running"
+    );
+
+    // QMP's legacy shape, typed.
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "10.0.2.15", "port": 10810}},
+               "max-connections": 4}),
+    );
+    assert_eq!(
+        h.listening(),
+        Some((Some(core::net::Ipv4Addr::new(10, 0, 2, 15)), 10810, 4))
+    );
+    assert_eq!(
+        h.err("nbd-server-start", json!({"addr": inet("")})),
+        "NBD server already running"
+    );
+    h.ok("nbd-server-stop", json!({}));
+
+    // The boot option: keyval strings, the flat shape.
+    assert_eq!(
+        h.boot(
+            "nbd-server",
+            "addr.type=inet,addr.host=0.0.0.0,addr.port=10809"
+        ),
+        Ok(true)
+    );
+    assert_eq!(h.listening(), Some((None, 10809, 0)));
+    assert_eq!(h.boot("blockdev", "driver=mem"), Ok(false));
+}
+
+#[test]
+fn block_export_add_del_and_query_with_qemus_texts() {
+    let mut h = Harness::new();
+    let add = json!({"type": "nbd", "id": "e0", "node-name": "disk0", "writable": true});
+    assert_eq!(
+        h.err("block-export-add", add.clone()),
+        "NBD server not running"
+    );
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "host": "", "port": "10809"}}),
+    );
+    assert_eq!(
+        h.err(
+            "block-export-add",
+            json!({"type": "fuse", "id": "e0", "node-name": "disk0"})
+        ),
+        "No driver found for the requested export type"
+    );
+    assert_eq!(
+        h.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "disk0", "iothread": "io0"})
+        ),
+        "iothread \"io0\" not found"
+    );
+    assert_eq!(
+        h.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "disk0", "bitmaps": []})
+        ),
+        "blockhaus exports no dirty bitmaps"
+    );
+    assert_eq!(
+        h.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "ro0", "writable": true})
+        ),
+        "Cannot export read-only node as writable"
+    );
+    h.ok("block-export-add", add.clone());
+    assert_eq!(
+        h.err("block-export-add", add),
+        "Block export id 'e0' is already in use"
+    );
+    assert_eq!(
+        h.boot(
+            "export",
+            "type=nbd,id=e1,node-name=ro0,name=ro,writable=off"
+        ),
+        Ok(true)
+    );
+    assert_eq!(
+        h.ok("query-block-exports", json!({})),
+        json!([
+            {"type": "nbd", "id": "e0", "node-name": "disk0", "shutting-down": false},
+            {"type": "nbd", "id": "e1", "node-name": "ro0", "shutting-down": false},
+        ])
+    );
+    assert!(h.exports().by_name("ro").is_some());
+
+    assert_eq!(
+        h.err("block-export-del", json!({"id": "nope"})),
+        "Export 'nope' is not found"
+    );
+    let e0 = h.exports().by_id("e0").unwrap();
+    e0.clients.set(1);
+    assert_eq!(
+        h.err("block-export-del", json!({"id": "e0"})),
+        "export 'e0' still in use"
+    );
+    h.ok("block-export-del", json!({"id": "e0", "mode": "hard"}));
+    assert!(e0.hard.get());
+    assert_eq!(
+        h.err("block-export-del", json!({"id": "e0"})),
+        "Export 'e0' is already shutting down"
+    );
+    assert_eq!(
+        h.ok("query-block-exports", json!({}))[0]["shutting-down"],
+        true
+    );
+    e0.clients.set(0);
+    h.ok("block-export-del", json!({"id": "e1"}));
+    h.m.q.settle();
+    assert_eq!(h.ok("query-block-exports", json!({})), json!([]));
+    assert_eq!(
+        h.m.q
+            .events()
+            .into_iter()
+            .map(|(n, d)| (n, d["id"].clone()))
+            .collect::<Vec<_>>(),
+        [
+            ("BLOCK_EXPORT_DELETED".to_string(), json!("e0")),
+            ("BLOCK_EXPORT_DELETED".to_string(), json!("e1")),
+        ]
+    );
+}
+
+#[test]
+fn legacy_nbd_server_add_and_remove() {
+    let mut h = Harness::new();
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "host": "", "port": "10809"}}),
+    );
+    // A read-only node is quietly exported read-only.
+    h.ok(
+        "nbd-server-add",
+        json!({"device": "ro0", "name": "ro", "writable": true}),
+    );
+    let ro = h.exports().by_id("ro").unwrap();
+    assert!(!ro.writable && ro.name == "ro" && ro.node_name == "ro0");
+    h.ok(
+        "nbd-server-add",
+        json!({"device": "disk0", "writable": true}),
+    );
+    assert!(h.exports().by_name("disk0").unwrap().writable);
+    assert_eq!(
+        h.err("nbd-server-add", json!({"device": "disk0", "bitmap": "b0"})),
+        "blockhaus exports no dirty bitmaps"
+    );
+    h.ok("nbd-server-remove", json!({"name": "ro"}));
+    assert!(h.exports().by_id("ro").is_none());
+
+    // Stopping the server asks every export to go.
+    h.ok("nbd-server-stop", json!({}));
+    h.m.q.settle();
+    assert!(h.exports().all().is_empty());
+    assert_eq!(
+        h.err("nbd-server-add", json!({"device": "disk0"})),
+        "NBD server not running"
+    );
+}
