@@ -3,7 +3,7 @@
 use crate::proxy::Proxy;
 use clap::Args;
 use harness::{Accel, Machine, QemuConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +17,10 @@ pub struct RunArgs {
     /// Accelerator (KVM here is nested and slow to boot q35/pc).
     #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
     accel: String,
-    /// Raw disk files to attach (virtio-blk, serials disk0, disk1, ...).
-    /// Default: target/blockhaus/disk0.img, 1 GiB, made with qemu-img.
+    /// Disk images to attach (virtio-blk, serials disk0, disk1, ...):
+    /// raw, or qcow2, which is opened as qcow2 (its file cannot grow in the
+    /// appliance: give it room with `truncate -s`). Default:
+    /// target/blockhaus/disk0.img, 1 GiB raw, made with qemu-img.
     #[arg(long = "disk")]
     disks: Vec<PathBuf>,
     /// Guest memory.
@@ -62,6 +64,18 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         }
         disks.push(disk);
     }
+    let qcow2: Vec<bool> = disks
+        .iter()
+        .map(|d| match Qcow2File::read(d) {
+            Some(q) => {
+                if let Some(note) = q.room_note(d) {
+                    eprintln!("{note}");
+                }
+                q.backing.is_none()
+            }
+            None => false,
+        })
+        .collect();
     let com2 = state.join("com2.sock");
     let user_sock = state.join("qmp.sock");
     let _ = std::fs::remove_file(&com2);
@@ -71,7 +85,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         machine: Machine::parse(&args.machine).ok_or("bad machine")?,
         accel: Accel::parse(&args.accel).ok_or("bad accel")?,
         memory: args.memory.clone(),
-        append: storage_options(disks.len(), &args.append),
+        append: storage_options(&qcow2, &args.append),
         nbd_port: Some(args.nbd_port),
         disks: disks.clone(),
         qmp_wait: true,
@@ -146,12 +160,22 @@ pub fn run(args: RunArgs) -> Result<(), String> {
 
 /// Every attached disk as a virtio-blk node `diskN`, exported writable over
 /// NBD under the same name; then the user's own `--append`.
-fn storage_options(disks: usize, user: &str) -> String {
+fn storage_options(qcow2: &[bool], user: &str) -> String {
     let mut out = String::from("--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809");
-    for i in 0..disks {
+    for (i, &qcow2) in qcow2.iter().enumerate() {
+        // A qcow2 image is opened as one: the export serves its contents.
+        if qcow2 {
+            out.push_str(&format!(
+                " --blockdev driver=virtio-blk,node-name=disk{i}-file,serial=disk{i} \
+                 --blockdev driver=qcow2,node-name=disk{i},file=disk{i}-file"
+            ));
+        } else {
+            out.push_str(&format!(
+                " --blockdev driver=virtio-blk,node-name=disk{i},serial=disk{i}"
+            ));
+        }
         out.push_str(&format!(
-            " --blockdev driver=virtio-blk,node-name=disk{i},serial=disk{i} \
-             --export type=nbd,id=disk{i},node-name=disk{i},name=disk{i},writable=on"
+            " --export type=nbd,id=disk{i},node-name=disk{i},name=disk{i},writable=on"
         ));
     }
     if !user.is_empty() {
@@ -159,4 +183,71 @@ fn storage_options(disks: usize, user: &str) -> String {
         out.push_str(user);
     }
     out
+}
+
+/// What a disk file's qcow2 header says, if it is one.
+struct Qcow2File {
+    virtual_size: u64,
+    file_size: u64,
+    backing: Option<String>,
+}
+
+impl Qcow2File {
+    fn read(path: &Path) -> Option<Qcow2File> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(path).ok()?;
+        let mut h = [0u8; 32];
+        f.read_exact(&mut h).ok()?;
+        if &h[0..4] != b"QFI\xfb" {
+            return None;
+        }
+        let be64 = |at: usize| u64::from_be_bytes(h[at..at + 8].try_into().unwrap_or_default());
+        let (backing_offset, backing_len) =
+            (be64(8), u32::from_be_bytes([h[16], h[17], h[18], h[19]]));
+        let backing = if backing_offset != 0 && backing_len > 0 {
+            let mut name = vec![0u8; backing_len.min(1023) as usize];
+            f.seek(SeekFrom::Start(backing_offset)).ok()?;
+            f.read_exact(&mut name).ok()?;
+            Some(String::from_utf8_lossy(&name).into_owned())
+        } else {
+            None
+        };
+        Some(Qcow2File {
+            virtual_size: be64(24),
+            file_size: f.metadata().ok()?.len(),
+            backing,
+        })
+    }
+
+    /// What to tell the user before boot: the disk is the file as it is
+    /// (it cannot grow), so an image made by `qemu-img create` has no room
+    /// for new clusters; and a backing file the appliance cannot open.
+    fn room_note(&self, path: &Path) -> Option<String> {
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        let mut note = String::new();
+        if let Some(b) = &self.backing {
+            note.push_str(&format!(
+                "xtask: {} has a backing file ({b}): the appliance opens backing files as nodes only, \
+                 so it is attached raw; open it with --append \"--blockdev ...\" (see the README)\n",
+                path.display()
+            ));
+        }
+        if self.file_size < self.virtual_size {
+            // Data plus about 1/8192 for L2 tables and refcounts, and 1 MiB.
+            let room = self.virtual_size + self.virtual_size / 4096 + (1 << 20);
+            note.push_str(&format!(
+                "xtask: {} is a qcow2 image of {} MiB in a file of {} KiB. In the appliance the disk is \
+                 the file as it is now and cannot grow: writes that need new clusters fail with \
+                 \"No space left on device\" once it is full (query-named-block-nodes shows the room left \
+                 as x-room-left). Give it room first, e.g.\n  truncate -s {}M {}\n\
+                 (trailing space is free clusters to qcow2), or put the image on a raw block device or LV.",
+                path.display(),
+                mib(self.virtual_size),
+                self.file_size.div_ceil(1024),
+                mib(room),
+                path.display()
+            ));
+        }
+        (!note.is_empty()).then_some(note)
+    }
 }

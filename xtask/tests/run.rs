@@ -126,3 +126,150 @@ fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
         "the default disk is made with qemu-img"
     );
 }
+
+fn qemu_img_create_qcow2(path: &std::path::Path, size: &str) {
+    let o = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+}
+
+/// `--disk x.qcow2` (issue 11): the image is opened as qcow2 and exported;
+/// one made by `qemu-img create` has no room in its file, which cannot grow
+/// in the appliance: xtask says so and how to give it room, the node shows
+/// the room left, and a write that needs a cluster fails cleanly. The same
+/// image given room with `truncate -s` takes the data.
+#[test]
+fn run_opens_qcow2_disks_and_says_how_to_give_them_room() {
+    let state = tempfile::tempdir().unwrap();
+    let tiny = state.path().join("tiny.qcow2");
+    let roomy = state.path().join("roomy.qcow2");
+    qemu_img_create_qcow2(&tiny, "16M");
+    qemu_img_create_qcow2(&roomy, "16M");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&roomy)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let port = harness::qemu::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["run", "--nbd-port", &port.to_string(), "--state-dir"])
+        .arg(state.path())
+        .arg("--disk")
+        .arg(&tiny)
+        .arg("--disk")
+        .arg(&roomy)
+        .current_dir(harness::workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(u32, String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-f", &self.1])
+                .status();
+        }
+    }
+    let _guard = Kill(child.id(), state.path().display().to_string());
+    let sock = state.path().join("qmp.sock");
+    let mut qmp =
+        harness::Qmp::connect(&sock, Duration::from_secs(120)).expect("xtask run offers qmp.sock");
+    qmp.read_greeting().unwrap();
+    qmp.negotiate().unwrap();
+    let nodes = qmp.cmd("query-named-block-nodes", Value::Null).unwrap();
+    let room = |name: &str| -> u64 {
+        let n = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == name)
+            .unwrap_or_else(|| panic!("no node {name}: {nodes}"));
+        assert_eq!(n["drv"], "qcow2", "{n}");
+        n["image"]["format-specific"]["data"]["x-room-left"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{n}"))
+    };
+    assert!(room("disk0") < 0x10000, "{nodes}");
+    assert!(room("disk1") > 31 << 20, "{nodes}");
+
+    // Over NBD: the tiny image refuses a new cluster, the roomy one takes it.
+    let qemu_io = |name: &str, cmd: &str| {
+        let o = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(format!("nbd://127.0.0.1:{port}/{name}"))
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = qemu_io("disk0", "write -P 0x11 0 64k");
+    assert!(out.contains("No space left on device"), "{out}");
+    let out = qemu_io("disk1", "write -P 0x22 0 1M");
+    assert!(out.contains("wrote 1048576/1048576"), "{out}");
+
+    let r = qmp.execute("quit", Value::Null).unwrap();
+    assert_eq!(r, json!({"return": {}}));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "xtask run did not stop after quit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "xtask run exit {status}\nstderr:\n{err}");
+    let tiny_note = format!("{} is a qcow2 image of 16 MiB in a file of", tiny.display());
+    assert!(err.contains(&tiny_note), "{err}");
+    assert!(
+        err.contains(&format!("truncate -s 18M {}", tiny.display())),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&format!("{} is a qcow2", roomy.display())),
+        "{err}"
+    );
+
+    for img in [&tiny, &roomy] {
+        let o = Command::new("qemu-img")
+            .arg("check")
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "qemu-img check {}: {}",
+            img.display(),
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    let o = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x22 0 1M"])
+        .arg(&roomy)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && !out.contains("fail"), "{out}");
+}

@@ -150,6 +150,32 @@ fn create_writes_qemus_layout() {
     assert_eq!(info["data"]["compat"], "1.1", "{info}");
 }
 
+/// What an image still has of its file is visible (a disk cannot grow:
+/// that is all new clusters can take), and follows allocation.
+#[test]
+fn room_left_in_the_file_is_reported_and_follows_allocation() {
+    let mut q = Qmp::new();
+    image(&mut q, "f", 16 * MIB, json!({}));
+    open(&mut q, "q", json!({"file": "f"}));
+    let room = |q: &Qmp| {
+        let info = &q.nodes()[1]["image"]["format-specific"]["data"];
+        info["x-room-left"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{info}"))
+    };
+    // Header, refcount table, refcount block and L1 table.
+    assert_eq!(room(&q), 64 * MIB - 4 * 0x10000);
+    // One data cluster and the L2 table that maps it.
+    write(&q, "q", 0, vec![1; 0x10000]);
+    assert_eq!(room(&q), 64 * MIB - 6 * 0x10000);
+    write(&q, "q", 0x10000, vec![2; 100]);
+    assert_eq!(room(&q), 64 * MIB - 7 * 0x10000);
+    // Counted again at the next open: the same.
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    open(&mut q, "q", json!({"file": "f"}));
+    assert_eq!(room(&q), 64 * MIB - 7 * 0x10000);
+}
+
 #[test]
 fn create_refuses_bad_options_with_qemus_texts() {
     let mut q = Qmp::new();

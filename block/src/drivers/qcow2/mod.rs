@@ -134,6 +134,7 @@ fn parse(d: &mut DriverOpts<'_, '_>) -> Result<Opener, QmpError> {
             l2_cache,
             rb_cache,
             info: core::cell::RefCell::new(Value::Null),
+            used: core::cell::RefCell::new(None),
         }) as Box<dyn BlockDriver>)
     }))
 }
@@ -148,6 +149,8 @@ pub struct Qcow2 {
     l2_cache: Option<u64>,
     rb_cache: Option<u64>,
     info: core::cell::RefCell<Value>,
+    /// The open image's count of clusters in use, and its cluster size.
+    used: core::cell::RefCell<Option<(Rc<Cell<u64>>, u64)>>,
 }
 
 fn file(node: &Node) -> IoResult<Rc<Child>> {
@@ -257,6 +260,7 @@ impl Qcow2 {
             "extended-l2": st.ext,
             "compression-type": "zlib",
         });
+        *self.used.borrow_mut() = Some((st.used.clone(), st.cs));
         *self.st.lock().await = Some(st);
         Ok(())
     }
@@ -481,7 +485,17 @@ impl BlockDriver for Qcow2 {
         default_perms(child.role(), !node.read_only(), perm, shared)
     }
 
-    fn query_info(&self, _: &Node) -> Option<Value> {
-        Some(self.info.borrow().clone())
+    /// QEMU's qcow2 format-specific data, and `x-room-left`: the bytes of
+    /// its file the image does not use yet (free clusters, trailing space
+    /// included). A disk cannot grow, so that is all new clusters can take.
+    fn query_info(&self, node: &Node) -> Option<Value> {
+        let mut info = self.info.borrow().clone();
+        if let (Some((used, cs)), Some(file)) = (&*self.used.borrow(), node.file())
+            && let (Ok(len), Some(map)) = (file.node().get_length(), info.as_object_mut())
+        {
+            let room = len.saturating_sub(used.get().saturating_mul(*cs));
+            map.insert("x-room-left".into(), json!(room));
+        }
+        Some(info)
     }
 }

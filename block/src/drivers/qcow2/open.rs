@@ -200,6 +200,11 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
             "qcow2 node '{name}': repaired {n} refcounts of an image that was not closed cleanly"
         );
     }
+    let used = st
+        .count_used(f)
+        .await
+        .map_err(|e| format!("Could not read the reference counts: {e}"))?;
+    st.used.set(used);
     Ok(st)
 }
 

@@ -116,10 +116,36 @@ impl State {
         let bits = self.rc_bits();
         let idx = c % self.rb_entries;
         if let Some(s) = self.rbc.slot_mut(i) {
+            let old = rc_get(&s.data, idx, bits);
             rc_set(&mut s.data, idx, bits, v);
             s.dirty = true;
+            match (old, v) {
+                (0, 1..) => self.used.set(self.used.get() + 1),
+                (1.., 0) => self.used.set(self.used.get().saturating_sub(1)),
+                _ => {}
+            }
         }
         Ok(())
+    }
+
+    /// Counts the clusters with a nonzero refcount (at open, into
+    /// [`State::used`]).
+    pub async fn count_used(&mut self, f: &Child) -> IoResult<u64> {
+        let bits = self.rc_bits();
+        let mut n = 0;
+        for ti in 0..self.reftable.len() as u64 {
+            let rb = self.rb_offset(ti);
+            if rb == 0 {
+                continue;
+            }
+            let i = self.load_rb(f, rb).await?;
+            if let Some(s) = self.rbc.slot(i) {
+                n += (0..self.rb_entries)
+                    .filter(|idx| rc_get(&s.data, *idx, bits) != 0)
+                    .count() as u64;
+            }
+        }
+        Ok(n)
     }
 
     /// Finds `n` contiguous free clusters from `free_index` (QEMU:
@@ -198,6 +224,7 @@ impl State {
         if cti == ti {
             // The block lies in the area it covers and counts itself.
             rc_set(&mut block, c % self.rb_entries, self.rc_bits(), 1);
+            self.used.set(self.used.get() + 1);
         } else if self.rb_offset(cti) != 0 {
             self.set_refcount(f, c, 1).await?;
         } else {
@@ -264,7 +291,10 @@ impl State {
         for c in start..start + clusters + k {
             let ti = c / self.rb_entries;
             match missing.iter().position(|m| *m == ti) {
-                Some(j) => rc_set(&mut blocks[j], c % self.rb_entries, bits, 1),
+                Some(j) => {
+                    rc_set(&mut blocks[j], c % self.rb_entries, bits, 1);
+                    self.used.set(self.used.get() + 1);
+                }
                 None => self.set_refcount(f, c, 1).await?,
             }
         }

@@ -246,6 +246,10 @@ pub struct State {
     /// Clusters never to allocate, whatever their refcount says (in use
     /// while a repair rebuilds refcounts).
     pub reserved: BTreeSet<u64>,
+    /// Clusters with a nonzero refcount: what the image uses of its file.
+    /// Counted at open, kept by every refcount change, shared with the
+    /// node so `query-named-block-nodes` can tell the room left.
+    pub used: Rc<Cell<u64>>,
 }
 
 impl State {
@@ -282,6 +286,7 @@ impl State {
             pass_discard: true,
             inflight: Rc::default(),
             reserved: BTreeSet::new(),
+            used: Rc::default(),
             h,
         }
     }
