@@ -3,37 +3,74 @@
 //! Ctrl-C stops the appliance through its halt path with exit 0.
 
 use serde_json::{Value, json};
+use std::ffi::OsStr;
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-#[test]
-fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
-    let state = tempfile::tempdir().unwrap();
-    let port = harness::qemu::free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+/// Kills xtask and its QEMU (in its own process group; its command line
+/// names the state directory) when a test ends early.
+struct Kill(u32, String);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self.1])
+            .status();
+    }
+}
+
+/// `cargo xtask run` with its state in `state`, NBD on `port`, and `extra`
+/// arguments.
+fn spawn_run(state: &Path, port: u16, extra: &[&OsStr]) -> (Child, Kill) {
+    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(["run", "--nbd-port", &port.to_string(), "--state-dir"])
-        .arg(state.path())
+        .arg(state)
+        .args(extra)
         .current_dir(harness::workspace_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // On failure, kill xtask and its QEMU (in its own process group; its
-    // command line names the state directory).
-    struct Kill(u32, String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &self.0.to_string()])
-                .status();
-            let _ = Command::new("pkill")
-                .args(["-KILL", "-f", &self.1])
-                .status();
+    let kill = Kill(child.id(), state.display().to_string());
+    (child, kill)
+}
+
+/// Waits up to a minute for xtask to exit after `what`; its status,
+/// stdout and stderr.
+fn wait_exit(child: &mut Child, what: &str) -> (ExitStatus, String, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
         }
+        assert!(
+            Instant::now() < deadline,
+            "xtask run did not stop after {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out).unwrap();
     }
-    let _guard = Kill(child.id(), state.path().display().to_string());
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    (status, out, err)
+}
+
+#[test]
+fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
+    let state = tempfile::tempdir().unwrap();
+    let port = harness::qemu::free_port();
+    let (mut child, _guard) = spawn_run(state.path(), port, &[]);
     let sock = state.path().join("qmp.sock");
 
     // First client: greeting, negotiation, a command.
@@ -82,31 +119,7 @@ fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "xtask run did not stop after Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, out, err) = wait_exit(&mut child, "Ctrl-C");
     assert!(
         status.success(),
         "xtask run exit {status}\nstdout:\n{out}\nstderr:\n{err}"
@@ -156,31 +169,13 @@ fn run_opens_qcow2_disks_and_says_how_to_give_them_room() {
         .set_len(32 << 20)
         .unwrap();
     let port = harness::qemu::free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["run", "--nbd-port", &port.to_string(), "--state-dir"])
-        .arg(state.path())
-        .arg("--disk")
-        .arg(&tiny)
-        .arg("--disk")
-        .arg(&roomy)
-        .current_dir(harness::workspace_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Kill(u32, String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &self.0.to_string()])
-                .status();
-            let _ = Command::new("pkill")
-                .args(["-KILL", "-f", &self.1])
-                .status();
-        }
-    }
-    let _guard = Kill(child.id(), state.path().display().to_string());
+    let disks = [
+        "--disk".as_ref(),
+        tiny.as_os_str(),
+        "--disk".as_ref(),
+        roomy.as_os_str(),
+    ];
+    let (mut child, _guard) = spawn_run(state.path(), port, &disks);
     let sock = state.path().join("qmp.sock");
     let mut qmp =
         harness::Qmp::connect(&sock, Duration::from_secs(120)).expect("xtask run offers qmp.sock");
@@ -222,24 +217,7 @@ fn run_opens_qcow2_disks_and_says_how_to_give_them_room() {
 
     let r = qmp.execute("quit", Value::Null).unwrap();
     assert_eq!(r, json!({"return": {}}));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "xtask run did not stop after quit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, _, err) = wait_exit(&mut child, "quit");
     assert!(status.success(), "xtask run exit {status}\nstderr:\n{err}");
     let tiny_note = format!("{} is a qcow2 image of 16 MiB in a file of", tiny.display());
     assert!(err.contains(&tiny_note), "{err}");

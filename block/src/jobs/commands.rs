@@ -254,21 +254,22 @@ fn find_backing_image(top: &Rc<Node>, name: &str) -> Option<Rc<Node>> {
         .find(|n| n.name() == name || n.filename() == name)
 }
 
+/// The arguments `block-stream` and `block-commit` share.
+const CHAIN_JOB_ARGS: [&str; 9] = [
+    "job-id",
+    "device",
+    "backing-file",
+    "backing-mask-protocol",
+    "speed",
+    "on-error",
+    "filter-node-name",
+    "auto-finalize",
+    "auto-dismiss",
+];
+
 /// `block-stream` (QEMU: `qmp_block_stream`).
 pub fn block_stream(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    args.check_known(&[
-        "job-id",
-        "device",
-        "base",
-        "base-node",
-        "backing-file",
-        "backing-mask-protocol",
-        "speed",
-        "on-error",
-        "filter-node-name",
-        "auto-finalize",
-        "auto-dismiss",
-    ])?;
+    args.check_known(&[CHAIN_JOB_ARGS.as_slice(), &["base", "base-node"]].concat())?;
     let device = args.str("device")?;
     let base = args.opt_str("base")?;
     let base_node = args.opt_str("base-node")?;
@@ -323,21 +324,13 @@ pub fn block_stream(bl: &BlockLayer, args: &Args<'_>) -> Res {
 
 /// `block-commit` (QEMU: `qmp_block_commit`).
 pub fn block_commit(bl: &BlockLayer, args: &Args<'_>) -> Res {
-    args.check_known(&[
-        "job-id",
-        "device",
-        "base-node",
-        "base",
-        "top-node",
-        "top",
-        "backing-file",
-        "backing-mask-protocol",
-        "speed",
-        "on-error",
-        "filter-node-name",
-        "auto-finalize",
-        "auto-dismiss",
-    ])?;
+    args.check_known(
+        &[
+            CHAIN_JOB_ARGS.as_slice(),
+            &["base-node", "base", "top-node", "top"],
+        ]
+        .concat(),
+    )?;
     let device = args.str("device")?;
     let base = args.opt_str("base")?;
     let base_node = args.opt_str("base-node")?;
