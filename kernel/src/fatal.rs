@@ -75,5 +75,5 @@ pub fn stop(detail: &str, attempt: bool) -> ! {
     // a `RefCell` it left borrowed makes the sequence panic (a second
     // fatal error, handled above) or wait (bounded by the watchdog).
     let monitor = unsafe { &mut *monitor };
-    crate::halt_sequence(monitor, Reason::Fatal, detail)
+    crate::shutdown::halt_sequence(monitor, Reason::Fatal, detail)
 }

@@ -1,6 +1,7 @@
 //! The one way out: [`halt`]. `quit`, the ACPI power button and a fatal
-//! error all end here, after the halt sequence (`halt_sequence` in
-//! main.rs; for a fatal error see [`crate::fatal`]); it logs the halt
+//! error all end here, after the halt sequence
+//! ([`crate::shutdown::halt_sequence`]; for a fatal error see
+//! [`crate::fatal`]); it logs the halt
 //! report and powers off through ACPI S5 (QEMU exits 0), or, for a
 //! failure, through the `isa-debug-exit` device so tests see a distinct
 //! exit code.
