@@ -60,12 +60,20 @@ impl NbdExport {
             description: self.description.clone(),
             size: self.backend.get_length().unwrap_or(0),
             features,
-            // QEMU: blk_get_request_alignment() of the export's backend.
+            // The node's alignment (QEMU: blk_get_request_alignment()) is
+            // told as the preferred block size, and the minimum is 1 for
+            // every client: the node pads any request and serialises the
+            // read-modify-writes that needs. QEMU tells it as the minimum
+            // to clients that ask for block sizes; qemu-io then pads on its
+            // side, and several clients writing their own pieces of one
+            // block overwrite each other's (the reproducer lost
+            // 789 of 2048 acknowledged pieces that way).
             block_size: BlockSize::for_alignment(
                 self.backend
                     .root_node()
                     .map_or(1, |n| n.request_alignment()),
-            ),
+            )
+            .without_minimum(),
         }
     }
 
