@@ -162,7 +162,15 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         monitor.add_debug_commands();
     }
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
-    info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
+    info!(
+        "ready in {} µs: {}",
+        clock::monotonic_ns() / 1000,
+        if monitor.present() {
+            "QMP on COM2"
+        } else {
+            "QMP off"
+        }
+    );
     monitor.start();
     fatal::register(&mut monitor);
 

@@ -124,26 +124,6 @@ fn boot(runs: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14, 15).
-fn cpu_ticks(pid: u32) -> Result<u64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
-    // The command name may contain spaces: fields start after the last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or("bad /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields
-        .get(11)
-        .and_then(|v| v.parse().ok())
-        .ok_or("no utime")?;
-    let stime: u64 = fields
-        .get(12)
-        .and_then(|v| v.parse().ok())
-        .ok_or("no stime")?;
-    Ok(utime + stime)
-}
-
 fn idle(seconds: u64) -> Result<(), String> {
     let image = harness::image::build(true)?;
     // USER_HZ: 100 on every Linux this runs on.
@@ -154,10 +134,10 @@ fn idle(seconds: u64) -> Result<(), String> {
         let mut a = harness::Appliance::start(&image, &QemuConfig::default().machine(machine))?;
         a.qmp().negotiate()?;
         std::thread::sleep(Duration::from_millis(500)); // let boot settle
-        let before = cpu_ticks(a.pid())?;
+        let before = a.cpu_ticks()?;
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(seconds));
-        let used = (cpu_ticks(a.pid())? - before) as f64 / TICKS_PER_SECOND;
+        let used = (a.cpu_ticks()? - before) as f64 / TICKS_PER_SECOND;
         let pct = 100.0 * used / t0.elapsed().as_secs_f64();
         println!("{:<8} {:>13.2} %", machine.name(), pct);
         let _ = a.qmp().execute("quit", serde_json::Value::Null);
