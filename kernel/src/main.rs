@@ -26,6 +26,7 @@ mod monitor;
 mod net;
 mod pci;
 mod shutdown;
+mod stack_depth;
 mod storage;
 mod watchdog;
 
@@ -42,6 +43,7 @@ const BUSY_POLL_NS: u64 = 20_000_000;
 
 #[unsafe(no_mangle)]
 extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
+    stack_depth::paint();
     clock::mark_boot();
     console::init(LevelFilter::Info);
     println!(
