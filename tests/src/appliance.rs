@@ -213,9 +213,21 @@ impl Appliance {
         self.child.id()
     }
 
-    /// CPU time QEMU has used so far (user and system, all threads), in
-    /// clock ticks: `/proc/PID/stat` fields 14 and 15.
-    pub fn cpu_ticks(&self) -> Result<u64, String> {
+    /// QEMU's CPU use (user and system, all threads) over the next `over`
+    /// of wall time, as a share of one core.
+    pub fn cpu_share(&self, over: Duration) -> Result<f64, String> {
+        // USER_HZ: 100 on every Linux this runs on.
+        const TICKS_PER_SECOND: f64 = 100.0;
+        let before = self.cpu_ticks()?;
+        let t0 = Instant::now();
+        std::thread::sleep(over);
+        let used = (self.cpu_ticks()? - before) as f64 / TICKS_PER_SECOND;
+        Ok(used / t0.elapsed().as_secs_f64())
+    }
+
+    /// CPU time QEMU has used so far, in clock ticks: `/proc/PID/stat`
+    /// fields 14 and 15 (utime, stime).
+    fn cpu_ticks(&self) -> Result<u64, String> {
         let pid = self.pid();
         let stat =
             std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;

@@ -6,7 +6,7 @@
 //! path.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::host::{MIB, create, qemu_io, run};
 use harness::qemu::free_port;
@@ -16,17 +16,6 @@ use serde_json::Value;
 const BOOT_OPTIONS: &str = "--blockdev driver=virtio-blk,node-name=d0,serial=disk0 \
     --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
     --export type=nbd,id=e0,node-name=d0,name=disk0,writable=on";
-
-/// QEMU's CPU time while the appliance idles, as a share of one core.
-fn idle_cpu_share(a: &Appliance, over: Duration) -> f64 {
-    // USER_HZ: 100 on every Linux this runs on.
-    const TICKS_PER_SECOND: f64 = 100.0;
-    let before = a.cpu_ticks().expect("QEMU's CPU time");
-    let t0 = Instant::now();
-    std::thread::sleep(over);
-    let used = (a.cpu_ticks().expect("QEMU's CPU time") - before) as f64 / TICKS_PER_SECOND;
-    used / t0.elapsed().as_secs_f64()
-}
 
 fn nbd_client(a: &Appliance, port: u16, cmds: &[&str]) -> String {
     let mut cmd = Command::new("qemu-io");
@@ -75,7 +64,7 @@ fn without_com2_the_appliance_serves_idles_and_stops_on_the_power_button() {
     // for the 100 Hz tick only (~2 %). The bound is loose so a loaded
     // host cannot make it flake.
     std::thread::sleep(Duration::from_millis(500));
-    let share = idle_cpu_share(&a, Duration::from_secs(4));
+    let share = a.cpu_share(Duration::from_secs(4)).unwrap();
     eprintln!("idle without COM2: {:.1} % of a core", share * 100.0);
     assert!(
         share < 0.4,
