@@ -173,7 +173,12 @@ struct TxPool {
 
 /// A virtio-net device as a smoltcp device.
 pub struct NetDevice {
-    raw: Raw,
+    /// On the heap: with its two queues' shadow descriptor and indirect
+    /// list tables inline it is 16 KiB, and an unoptimised build copies a
+    /// value that size several times per frame at every level that moves
+    /// it (the device, the stack, the network) — past the 512 KiB boot
+    /// stack of a debug build. See [`boxed_raw`].
+    raw: Box<Raw>,
     rx: RxPool,
     tx: TxPool,
     stats: Stats,
@@ -241,6 +246,16 @@ impl Neighbours {
     }
 }
 
+/// The virtio-drivers device, moved to the heap as soon as it is made
+/// (its `new` returns it by value), in a frame of its own so its copies
+/// are not kept in the frames of every caller.
+#[inline(never)]
+fn boxed_raw(transport: PciTransport) -> Result<Box<Raw>, Error> {
+    Ok(Box::new(
+        Raw::new(NoEventIdx(transport)).map_err(Error::Setup)?,
+    ))
+}
+
 fn pool(n: usize) -> Vec<Box<[u8]>> {
     (0..n)
         .map(|_| alloc::vec![0u8; BUFFER_LEN].into_boxed_slice())
@@ -251,7 +266,7 @@ impl NetDevice {
     /// Negotiates the device, sets up both queues and posts every receive
     /// buffer.
     pub fn new(transport: PciTransport) -> Result<NetDevice, Error> {
-        let mut raw = Raw::new(NoEventIdx(transport)).map_err(Error::Setup)?;
+        let mut raw = boxed_raw(transport)?;
         raw.disable_interrupts();
         let mut dev = NetDevice {
             raw,

@@ -6,6 +6,11 @@ use uart_16550::SerialPort;
 pub const COM1: u16 = 0x3f8;
 pub const COM2: u16 = 0x2f8;
 
+/// The scratch register: a byte any 16550 keeps for software.
+const SCRATCH: u16 = 7;
+/// The line status register.
+const LSR: u16 = 5;
+
 /// One serial port, non-blocking on the receive side.
 pub struct Uart {
     port: SerialPort,
@@ -21,6 +26,35 @@ impl Uart {
         let mut port = unsafe { SerialPort::new(base) };
         port.init();
         Self { port }
+    }
+
+    /// Initialises the UART at `base` if there is one. Reads from an I/O
+    /// port with no device behind it return 0xFF, so a missing 16550's line
+    /// status says "data ready" and "transmitter empty" forever: a reader
+    /// would take 0xFF bytes without end and a writer would never wait.
+    /// A 16550 keeps what is written to its scratch register, and its line
+    /// status is never all ones.
+    ///
+    /// # Safety
+    /// As [`Uart::new`]: if a 16550 is at `base`, nothing else drives it.
+    pub unsafe fn probe(base: u16) -> Option<Self> {
+        let keeps = |v: u8| {
+            // SAFETY: the scratch register has no side effect on a 16550;
+            // the caller owns whatever is at `base`.
+            unsafe {
+                crate::port::outb(base + SCRATCH, v);
+                crate::port::inb(base + SCRATCH) == v
+            }
+        };
+        if !(keeps(0x5a) && keeps(0xa5)) {
+            return None;
+        }
+        // SAFETY: forwarded to the caller.
+        let uart = unsafe { Self::new(base) };
+        // SAFETY: reading the line status only clears its error flags,
+        // which nothing here uses.
+        let lsr = unsafe { crate::port::inb(base + LSR) };
+        (lsr != 0xff).then_some(uart)
     }
 
     /// A handle for emergency output (fault and panic reports) that skips

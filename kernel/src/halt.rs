@@ -104,15 +104,18 @@ fn stop(reason: Reason, detail: &str, failed: Option<&str>) -> ! {
     drivers::lapic::stop_timer();
     let uptime = crate::clock::monotonic_ns();
     let (free, used) = if first { crate::heap::usage() } else { (0, 0) };
+    let (stack_used, stack_size) = crate::stack_depth::usage();
     let report = |out: fn(core::fmt::Arguments<'_>)| {
         out(format_args!(
-            "\n=== blockhaus halt report ===\nreason: {} ({})\nuptime: {}.{:03} s\nheap: {} KiB used, {} KiB free\n",
+            "\n=== blockhaus halt report ===\nreason: {} ({})\nuptime: {}.{:03} s\nheap: {} KiB used, {} KiB free\nboot stack: {} KiB of {} KiB used at the deepest\n",
             reason.as_str(),
             detail,
             uptime / 1_000_000_000,
             (uptime / 1_000_000) % 1000,
             used / 1024,
             free / 1024,
+            stack_used.div_ceil(1024),
+            stack_size / 1024,
         ))
     };
     if first && !failure {

@@ -26,6 +26,7 @@ mod monitor;
 mod net;
 mod pci;
 mod shutdown;
+mod stack_depth;
 mod storage;
 mod watchdog;
 
@@ -42,6 +43,7 @@ const BUSY_POLL_NS: u64 = 20_000_000;
 
 #[unsafe(no_mangle)]
 extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
+    stack_depth::paint();
     clock::mark_boot();
     console::init(LevelFilter::Info);
     println!(
@@ -162,7 +164,15 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         monitor.add_debug_commands();
     }
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
-    info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
+    info!(
+        "ready in {} µs: {}",
+        clock::monotonic_ns() / 1000,
+        if monitor.present() {
+            "QMP on COM2"
+        } else {
+            "QMP off"
+        }
+    );
     monitor.start();
     fatal::register(&mut monitor);
 

@@ -1,6 +1,10 @@
 //! The QMP monitor on COM2: `block::qmp`'s sans-IO session driven by the
 //! main loop. Output is queued and written as the UART takes it, so a
 //! client that stops reading never stalls the appliance.
+//!
+//! A machine without a UART on COM2 (an appliance configured by its boot
+//! options alone) has no monitor to talk to: the session still runs the
+//! halt path's events, and their output is dropped.
 
 use crate::app::Appliance;
 use alloc::collections::VecDeque;
@@ -28,7 +32,8 @@ const LIMITS: Limits = Limits {
 };
 
 pub struct Monitor {
-    uart: Uart,
+    /// `None`: no UART on COM2, QMP is off.
+    uart: Option<Uart>,
     session: Session,
     commands: Dispatcher<Appliance>,
     ctx: Appliance,
@@ -52,9 +57,15 @@ impl Monitor {
         block::commands::register(&mut commands);
         block::export::register(&mut commands);
         crate::drive::register(&mut commands);
+        // SAFETY: COM2 is the monitor's port; only this module drives it.
+        let uart = unsafe { Uart::probe(COM2) };
+        if uart.is_none() {
+            log::warn!(
+                "no UART on COM2: QMP is off (boot options configure the appliance, the ACPI power button stops it)"
+            );
+        }
         Self {
-            // SAFETY: COM2 is the monitor's port; only this module drives it.
-            uart: unsafe { Uart::new(COM2) },
+            uart,
             session: Session::new(VersionInfo::new(major, minor, micro)).with_limits(LIMITS),
             commands,
             ctx,
@@ -71,7 +82,15 @@ impl Monitor {
         self.flush_some();
     }
 
+    /// Whether QMP is served (a UART is on COM2).
+    pub fn present(&self) -> bool {
+        self.uart.is_some()
+    }
+
     fn queue(&mut self, bytes: &[u8]) {
+        if self.uart.is_none() {
+            return;
+        }
         if self.outbox.len() + bytes.len() > OUTBOX_LIMIT {
             log::warn!(
                 "QMP client is not reading: dropping {} bytes of output",
@@ -83,10 +102,13 @@ impl Monitor {
     }
 
     fn flush_some(&mut self) -> bool {
+        let Some(uart) = &mut self.uart else {
+            return false;
+        };
         let mut wrote = false;
         while !self.outbox.is_empty() {
             let (front, _) = self.outbox.as_slices();
-            let n = self.uart.try_write(front);
+            let n = uart.try_write(front);
             if n == 0 {
                 break;
             }
@@ -99,8 +121,11 @@ impl Monitor {
     /// Serves COM2: reads what arrived, runs complete requests, writes
     /// what the UART takes. Returns whether anything happened.
     pub fn poll(&mut self) -> bool {
+        let Some(uart) = &mut self.uart else {
+            return false;
+        };
         let mut buf = [0u8; 512];
-        let n = self.uart.read_available(&mut buf);
+        let n = uart.read_available(&mut buf);
         if n > 0 && !self.quit {
             let action = self.session.feed(&buf[..n], &self.commands, &mut self.ctx);
             let out = self.session.take_output();

@@ -59,6 +59,10 @@ pub struct QemuConfig {
     pub append: String,
     /// Raw disk files, attached as virtio-blk with serials disk0, disk1, ...
     pub disks: Vec<PathBuf>,
+    /// A UART on COM2 carrying QMP (on by default). Without it the
+    /// appliance runs on its boot options alone, and
+    /// [`crate::Appliance::start`] connects no QMP client.
+    pub com2: bool,
     /// COM2's socket: QEMU waits for the first QMP client before starting
     /// the guest (`wait=on`), so the client sees the greeting.
     pub qmp_wait: bool,
@@ -82,6 +86,7 @@ impl Default for QemuConfig {
             memory: "256M".into(),
             append: String::new(),
             disks: Vec::new(),
+            com2: true,
             qmp_wait: true,
             extra: Vec::new(),
             nbd_port: None,
@@ -101,7 +106,8 @@ impl QemuConfig {
         self
     }
 
-    /// The QEMU command. COM1 goes to QEMU's stdout; COM2 to `qmp_socket`.
+    /// The QEMU command. COM1 goes to QEMU's stdout; COM2 (if any) to
+    /// `qmp_socket`.
     pub fn command(&self, image: &Path, qmp_socket: &Path) -> Command {
         let mut cmd = match &self.netns_tap {
             Some(t) => t.exec("qemu-system-x86_64"),
@@ -130,12 +136,14 @@ impl QemuConfig {
             cmd.args(["-append", &self.append]);
         }
         cmd.args(["-serial", "stdio"]);
-        let wait = if self.qmp_wait { "on" } else { "off" };
-        cmd.arg("-chardev").arg(format!(
-            "socket,id=qmp,path={},server=on,wait={wait}",
-            qmp_socket.display()
-        ));
-        cmd.args(["-device", "isa-serial,chardev=qmp,index=1"]);
+        if self.com2 {
+            let wait = if self.qmp_wait { "on" } else { "off" };
+            cmd.arg("-chardev").arg(format!(
+                "socket,id=qmp,path={},server=on,wait={wait}",
+                qmp_socket.display()
+            ));
+            cmd.args(["-device", "isa-serial,chardev=qmp,index=1"]);
+        }
         // QEMU's own monitor, beside the appliance's: for `system_powerdown`.
         cmd.arg("-qmp").arg(format!(
             "unix:{},server=on,wait=off",
