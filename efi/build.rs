@@ -15,8 +15,16 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-env-changed=BLOCKHAUS_KERNEL_ELF");
-    if let Ok(p) = std::env::var("BLOCKHAUS_KERNEL_ELF") {
-        println!("cargo:rerun-if-changed={p}");
+    match std::env::var("BLOCKHAUS_KERNEL_ELF") {
+        Ok(p) => println!("cargo:rerun-if-changed={p}"),
+        Err(_) => {
+            // Built outside `cargo xtask image` (e.g. a workspace-wide
+            // check): carry nothing; the loader then says it has no kernel.
+            let out = std::env::var("OUT_DIR").expect("OUT_DIR");
+            let empty = std::path::Path::new(&out).join("no-kernel");
+            std::fs::write(&empty, b"").expect("write OUT_DIR/no-kernel");
+            println!("cargo:rustc-env=BLOCKHAUS_KERNEL_ELF={}", empty.display());
+        }
     }
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -36,6 +36,9 @@ fn align(v: u32, a: u32) -> u32 {
     v.div_ceil(a) * a
 }
 
+/// A PE section: name, RVA, virtual size, raw data, characteristics.
+type Section<'a> = ([u8; 8], u32, u32, &'a [u8], u32);
+
 struct Segment {
     vaddr: u32,
     filesz: u32,
@@ -143,7 +146,7 @@ pub fn elf_to_efi(elf: &[u8]) -> Result<Vec<u8>, String> {
     let size_of_image = align(reloc_rva + reloc.len().max(1) as u32, SECTION_ALIGN);
 
     // Sections: (name, rva, vsize, data, characteristics).
-    let mut sections: Vec<([u8; 8], u32, u32, &[u8], u32)> = Vec::new();
+    let mut sections: Vec<Section<'_>> = Vec::new();
     for s in &segs {
         let (name, ch) = if s.flags & 1 != 0 {
             (*b".text\0\0\0", 0x6000_0020)
