@@ -263,3 +263,16 @@ fn append_adds_to_blockhaus_conf() {
     assert!(names.contains(&"n0") && names.contains(&"r0"), "{names:?}");
     a.quit();
 }
+
+#[test]
+fn qcow2_image_boots_under_ovmf() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = image(dir.path(), "--blockdev driver=null-co,node-name=n0\n");
+    let qcow2 = dir.path().join("blockhaus.qcow2");
+    harness::esp::convert_qcow2(&raw, &qcow2).unwrap();
+    assert_eq!(harness::qemu::image_format(&qcow2), "qcow2");
+    let mut a = boot(&qcow2, &ovmf(Vec::new(), None));
+    let nodes = a.qmp().cmd("query-named-block-nodes", Value::Null).unwrap();
+    assert_eq!(nodes[0]["node-name"], json!("n0"), "{nodes}");
+    a.quit();
+}
