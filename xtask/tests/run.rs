@@ -66,6 +66,20 @@ fn wait_exit(child: &mut Child, what: &str) -> (ExitStatus, String, String) {
     (status, out, err)
 }
 
+/// Ctrl-C to xtask: expects it to exit 0; its stdout and stderr.
+fn ctrl_c(child: &mut Child) -> (String, String) {
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let (status, out, err) = wait_exit(child, "Ctrl-C");
+    assert!(
+        status.success(),
+        "xtask run exit {status}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    (out, err)
+}
+
 #[test]
 fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
     let state = tempfile::tempdir().unwrap();
@@ -115,15 +129,7 @@ fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
     );
 
     // Ctrl-C: xtask sends quit; the appliance halts cleanly.
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let (status, out, err) = wait_exit(&mut child, "Ctrl-C");
-    assert!(
-        status.success(),
-        "xtask run exit {status}\nstdout:\n{out}\nstderr:\n{err}"
-    );
+    let (out, err) = ctrl_c(&mut child);
     assert!(
         err.contains("UNIX-CONNECT:"),
         "run must say how to connect:\n{err}"
@@ -320,15 +326,7 @@ fn run_image_boots_the_disk_image_under_ovmf() {
         "8388608",
         "{info:?}"
     );
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let (status, out, err) = wait_exit(&mut child, "Ctrl-C");
-    assert!(
-        status.success(),
-        "xtask run exit {status}\nstdout:\n{out}\nstderr:\n{err}"
-    );
+    let (out, err) = ctrl_c(&mut child);
     assert!(out.contains("reason: host-qmp-quit"), "console:\n{out}");
     assert!(err.contains("OVMF, image"), "{err}");
 }
