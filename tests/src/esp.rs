@@ -149,3 +149,68 @@ pub fn convert_qcow2(raw: &Path, out: &Path) -> Result<(), String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Reads `path` from the FAT in `disk`'s ESP.
+    fn read_esp_file(disk: &[u8], path: &str) -> Vec<u8> {
+        let (off, len) = esp_range(disk.len() as u64);
+        let mut esp = Cursor::new(disk[off as usize..(off + len) as usize].to_vec());
+        let fs = fatfs::FileSystem::new(&mut esp, fatfs::FsOptions::new()).unwrap();
+        let mut out = Vec::new();
+        fs.root_dir()
+            .open_file(path)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn the_disk_is_a_gpt_with_one_esp_holding_the_loader_and_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.img");
+        let loader: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let size = write_disk(&path, &loader, Some(b"loglevel=info\n")).unwrap();
+        assert_eq!(size, DISK_SIZE);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), DISK_SIZE);
+        let disk = gpt::GptConfig::new().writable(false).open(&path).unwrap();
+        let parts = disk.partitions();
+        assert_eq!(parts.len(), 1, "{parts:?}");
+        let esp = &parts[&1];
+        assert_eq!(esp.part_type_guid, gpt::partition_types::EFI);
+        assert_eq!(esp.first_lba * SECTOR, ESP_START);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(read_esp_file(&bytes, "EFI/BOOT/BOOTX64.EFI"), loader);
+        assert_eq!(read_esp_file(&bytes, CONFIG_NAME), b"loglevel=info\n");
+    }
+
+    #[test]
+    fn a_loader_too_big_for_4_mib_grows_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.img");
+        let loader = vec![0xa5u8; 5 << 20];
+        let size = write_disk(&path, &loader, None).unwrap();
+        assert!(size > DISK_SIZE && size.is_multiple_of(1 << 20), "{size}");
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(read_esp_file(&bytes, "EFI/BOOT/BOOTX64.EFI"), loader);
+    }
+
+    #[test]
+    fn only_a_pie_converts_to_pe() {
+        let e = crate::pe::elf_to_efi(
+            b"not an elf at all, just bytes....................................",
+        )
+        .unwrap_err();
+        assert!(e.contains("PIE"), "{e}");
+        // An ET_EXEC image (like the kernel itself) is refused, not mangled.
+        let mut exec = vec![0u8; 64];
+        exec[..4].copy_from_slice(b"\x7fELF");
+        exec[16] = 2;
+        exec[18] = 0x3e;
+        assert!(crate::pe::elf_to_efi(&exec).is_err());
+    }
+}
