@@ -10,7 +10,8 @@
 //!    loadable segments there;
 //! 3. builds an `hvm_start_info` below 4 GiB: the command line
 //!    (`blockhaus.boot-disk=` naming the PCI address of the disk it was
-//!    loaded from), the configuration file as module 0, the ACPI RSDP from
+//!    loaded from, then its load options), the configuration file as
+//!    module 0, the ACPI RSDP from
 //!    the configuration table, and an E820 view of the final memory map;
 //! 4. exits boot services and leaves long mode for 32-bit protected mode
 //!    with paging off (`trampoline.s`), entering `pvh_start` with `%ebx`
@@ -69,10 +70,18 @@ fn main() -> Status {
         Ok(k) => k,
         Err(e) => return fail(e, Status::LOAD_ERROR),
     };
-    let (config, boot_disk) = match read_config() {
-        Ok(c) => c,
-        Err(status) => return status,
+    let mut info = match start_info::StartInfo::allocate() {
+        Ok(i) => i,
+        Err(_) => {
+            return fail(
+                "no memory below 4 GiB for the start info",
+                Status::OUT_OF_RESOURCES,
+            );
+        }
     };
+    if let Err(status) = read_config(&mut info) {
+        return status;
+    }
     // Claim the kernel's range: it is where the ELF is linked.
     let (start, end) = kernel.range();
     let pages = (end - start).div_ceil(PAGE as u64) as usize;
@@ -84,22 +93,6 @@ fn main() -> Status {
     // SAFETY: [start, end) was just allocated to us and is identity-mapped.
     unsafe { kernel.load(dest) };
 
-    let mut info = match start_info::StartInfo::allocate() {
-        Ok(i) => i,
-        Err(_) => {
-            return fail(
-                "no memory below 4 GiB for the start info",
-                Status::OUT_OF_RESOURCES,
-            );
-        }
-    };
-    if let Some(bdf) = boot_disk {
-        info.push_cmdline("blockhaus.boot-disk=");
-        info.push_cmdline(bdf.as_str());
-    }
-    if let Some((addr, len)) = config {
-        info.set_module(addr, len);
-    }
     let rsdp = uefi::system::with_config_table(|t| {
         t.iter()
             .find(|e| e.guid == uefi::table::cfg::ConfigTableEntry::ACPI2_GUID)
@@ -132,20 +125,25 @@ impl Bdf {
     }
 }
 
-/// `blockhaus.conf` (address and length, in LOADER_DATA pages below 4 GiB)
-/// if the ESP has one, and the PCI address of the disk we were loaded from
-/// when its device path names one device on the root bus.
-#[allow(clippy::type_complexity)]
-fn read_config() -> Result<(Option<(u64, u64)>, Option<Bdf>), Status> {
+/// Fills `info` from what the firmware gave us: the PCI address of the disk
+/// we were loaded from (when its device path names one device on the root
+/// bus) and our load options as the command line, then `blockhaus.conf`
+/// (module 0, in LOADER_DATA pages below 4 GiB) if the ESP has one.
+fn read_config(info: &mut start_info::StartInfo) -> Result<(), Status> {
     let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
         .map_err(|e| fail("cannot open LoadedImage", e.status()))?;
     let Some(device) = image.device() else {
         return Err(fail("loaded from no device", Status::NOT_FOUND));
     };
-    drop(image);
-    let boot_disk = boot::open_protocol_exclusive::<DevicePath>(device)
+    if let Some(bdf) = boot::open_protocol_exclusive::<DevicePath>(device)
         .ok()
-        .and_then(|path| pci_address(&path));
+        .and_then(|path| pci_address(&path))
+    {
+        info.push_cmdline("blockhaus.boot-disk=");
+        info.push_cmdline(bdf.as_str());
+    }
+    load_options(&image, info)?;
+    drop(image);
     let mut fs = boot::open_protocol_exclusive::<SimpleFileSystem>(device)
         .map_err(|e| fail("cannot open the ESP's file system", e.status()))?;
     let mut root = fs
@@ -153,7 +151,7 @@ fn read_config() -> Result<(Option<(u64, u64)>, Option<Bdf>), Status> {
         .map_err(|e| fail("cannot open the ESP", e.status()))?;
     let Ok(file) = root.open(CONFIG_FILE, FileMode::Read, FileAttribute::empty()) else {
         say("no blockhaus.conf on the ESP: booting without it");
-        return Ok((None, boot_disk));
+        return Ok(());
     };
     let Some(mut file) = file.into_regular_file() else {
         return Err(fail("blockhaus.conf is not a file", Status::LOAD_ERROR));
@@ -184,7 +182,63 @@ fn read_config() -> Result<(Option<(u64, u64)>, Option<Bdf>), Status> {
             Err(e) => return Err(fail("cannot read blockhaus.conf", e.status())),
         }
     }
-    Ok((Some((mem.as_ptr() as u64, got as u64)), boot_disk))
+    info.set_module(mem.as_ptr() as u64, got as u64);
+    Ok(())
+}
+
+/// Appends the load options (UCS-2 text: what the UEFI Shell or a boot
+/// entry made with `efibootmgr -u` passes) to the command line, as
+/// `-append` does under `-kernel`. The Shell passes the whole command
+/// line: a first word naming a `.efi` file is our own path and dropped.
+fn load_options(image: &LoadedImage, info: &mut start_info::StartInfo) -> Result<(), Status> {
+    use uefi::proto::loaded_image::LoadOptionsError;
+    let text = match image.load_options_as_cstr16() {
+        Ok(t) => t,
+        Err(LoadOptionsError::NotSet) => return Ok(()),
+        Err(_) => {
+            say("load options are not UCS-2 text: not used");
+            return Ok(());
+        }
+    };
+    let mut line = [0u8; 4096];
+    let mut len = 0;
+    for c in text.iter() {
+        let c = u16::from(*c);
+        // Anything but printable ASCII becomes '?', which the kernel refuses
+        // by name rather than reading it wrong.
+        let b = match c {
+            0x20..=0x7e => c as u8,
+            0x09 | 0x0a | 0x0d => b' ',
+            _ => b'?',
+        };
+        if len == line.len() {
+            return Err(fail(
+                "load options longer than 4 KiB",
+                Status::BAD_BUFFER_SIZE,
+            ));
+        }
+        line[len] = b;
+        len += 1;
+    }
+    let text = core::str::from_utf8(&line[..len]).unwrap_or("").trim();
+    let text = match text.split_once(' ') {
+        Some((first, rest)) if is_efi_path(first) => rest,
+        None if is_efi_path(text) => "",
+        _ => text,
+    };
+    let text = text.trim();
+    if !text.is_empty() && !(info.push_cmdline(" ") && info.push_cmdline(text)) {
+        return Err(fail(
+            "load options do not fit the 4 KiB command line",
+            Status::BAD_BUFFER_SIZE,
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `word` names an EFI application (ends in `.efi`, any case).
+fn is_efi_path(word: &str) -> bool {
+    word.len() >= 4 && word.as_bytes()[word.len() - 4..].eq_ignore_ascii_case(b".efi")
 }
 
 /// `00:DD.F` when the path has exactly one PCI node (a device on the root

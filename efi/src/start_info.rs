@@ -68,16 +68,18 @@ impl StartInfo {
         unsafe { self.base.add(off).cast::<u64>().write_unaligned(v) }
     }
 
-    /// Appends to the command line (kept NUL-terminated, at most 4095 bytes).
-    pub fn push_cmdline(&mut self, s: &str) {
+    /// Appends to the command line (kept NUL-terminated, at most 4095
+    /// bytes); `false` if it did not fit (nothing is appended then).
+    pub fn push_cmdline(&mut self, s: &str) -> bool {
+        if self.cmdline_len + s.len() >= 4096 {
+            return false;
+        }
         for &b in s.as_bytes() {
-            if self.cmdline_len + 1 >= 4096 {
-                return;
-            }
             // SAFETY: inside page 1; the byte after stays 0.
             unsafe { self.base.add(CMDLINE + self.cmdline_len).write(b) };
             self.cmdline_len += 1;
         }
+        true
     }
 
     /// Module 0: the configuration file.

@@ -8,8 +8,8 @@
 //! as the boot disk (claimed only with `x-boot-disk`), `quit` and the power
 //! button run the full halt path (QEMU exits 0 through ACPI S5), the same
 //! image boots twice with its configuration, a bad line fails with its line
-//! number and exit 33; and under `-kernel` the file comes as `-initrd`,
-//! `-append` adding to it.
+//! number and exit 33, load options (from the UEFI Shell) add to the file;
+//! and under `-kernel` the file comes as `-initrd`, `-append` adding to it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -274,5 +274,66 @@ fn qcow2_image_boots_under_ovmf() {
     let mut a = boot(&qcow2, &ovmf(Vec::new(), None));
     let nodes = a.qmp().cmd("query-named-block-nodes", Value::Null).unwrap();
     assert_eq!(nodes[0]["node-name"], json!("n0"), "{nodes}");
+    a.quit();
+}
+
+/// The image with the loader moved to `\\blockhaus.efi` and a `startup.nsh`
+/// that runs it with `args`: OVMF finds no `BOOTX64.EFI`, starts its UEFI
+/// Shell, and the Shell runs `startup.nsh` after its 5-second countdown.
+fn shell_image(dir: &Path, config: &str, args: &str) -> PathBuf {
+    use std::io::Write;
+    let path = image(dir, config);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (off, len) = harness::esp::esp_range(bytes.len() as u64);
+    let (off, len) = (off as usize, len as usize);
+    let mut esp = std::io::Cursor::new(bytes[off..off + len].to_vec());
+    {
+        let fs = fatfs::FileSystem::new(&mut esp, fatfs::FsOptions::new()).unwrap();
+        {
+            let root = fs.root_dir();
+            root.remove("EFI/BOOT/BOOTX64.EFI").unwrap();
+            root.create_file("blockhaus.efi")
+                .unwrap()
+                .write_all(loader())
+                .unwrap();
+            root.create_file("startup.nsh")
+                .unwrap()
+                .write_all(format!("fs0:\\blockhaus.efi {args}\r\n").as_bytes())
+                .unwrap();
+        }
+        fs.unmount().unwrap();
+    }
+    bytes[off..off + len].copy_from_slice(esp.get_ref());
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn load_options_from_the_uefi_shell_add_to_blockhaus_conf() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = shell_image(
+        dir.path(),
+        "--blockdev driver=null-co,node-name=fromfile,size=1048576\n",
+        "loglevel=debug --blockdev driver=raw,node-name=fromopts,file=fromfile",
+    );
+    let mut a = boot(&img, &ovmf(Vec::new(), None));
+    let console = a.console();
+    assert!(
+        console.contains(
+            "command line: \"blockhaus.boot-disk=00:01.0 loglevel=debug --blockdev driver=raw,node-name=fromopts,file=fromfile\""
+        ),
+        "{console}"
+    );
+    let nodes = a.qmp().cmd("query-named-block-nodes", Value::Null).unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"fromfile") && names.contains(&"fromopts"),
+        "{names:?}"
+    );
     a.quit();
 }
