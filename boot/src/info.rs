@@ -1,5 +1,6 @@
 //! [`BootInfo`]: what the boot protocol told us, copied into the image so
-//! that low memory can be reused. PVH fills it today; an EFI stub could later.
+//! that low memory can be reused. PVH fills it, whether QEMU's `-kernel` or
+//! the UEFI loader (`efi/`, which starts the image through PVH) started us.
 
 /// Kinds of memory in the firmware's map (the E820 / PVH numbering).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +56,9 @@ pub struct BootInfo {
     pub protocol: &'static str,
     /// Regions the map had but that did not fit into `regions`.
     pub regions_dropped: usize,
+    /// The configuration file (PVH module 0): physical address and length,
+    /// below 4 GiB and out of the RAM map.
+    config: Option<(u64, u64)>,
 }
 
 impl BootInfo {
@@ -72,6 +76,7 @@ impl BootInfo {
             rsdp: None,
             protocol: "none",
             regions_dropped: 0,
+            config: None,
         }
     }
 
@@ -93,6 +98,43 @@ impl BootInfo {
         self.cmdline[..n].copy_from_slice(&bytes[..n]);
         self.cmdline_len = n;
         self.cmdline_truncated = bytes.len() > MAX_CMDLINE;
+    }
+
+    /// Records the configuration file and takes its pages out of RAM:
+    /// each RAM region it touches is split around it.
+    pub(crate) fn set_config(&mut self, start: u64, size: u64) {
+        self.config = Some((start, size));
+        let (lo, hi) = (start & !4095, (start + size + 4095) & !4095);
+        let old = self.regions;
+        let count = self.region_count;
+        self.region_count = 0;
+        for r in &old[..count] {
+            if r.kind != MemoryType::Ram || r.end() <= lo || r.start >= hi {
+                self.push_region(*r);
+                continue;
+            }
+            let pieces = [
+                (r.start, lo.max(r.start), MemoryType::Ram),
+                (lo.max(r.start), hi.min(r.end()), MemoryType::Reserved),
+                (hi.min(r.end()), r.end(), MemoryType::Ram),
+            ];
+            for (s, e, kind) in pieces {
+                self.push_region(MemoryRegion {
+                    start: s,
+                    size: e.saturating_sub(s),
+                    kind,
+                });
+            }
+        }
+    }
+
+    /// The configuration file the loader passed (module 0), if any.
+    pub fn config_file(&self) -> Option<&'static [u8]> {
+        let (start, size) = self.config?;
+        // SAFETY: the loader placed the module there, below 4 GiB (always
+        // identity-mapped), and `set_config` took its pages out of the RAM
+        // map, so nothing else writes them.
+        Some(unsafe { core::slice::from_raw_parts(start as *const u8, size as usize) })
     }
 
     /// The memory map, sorted by start address, zero-sized entries dropped.

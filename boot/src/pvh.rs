@@ -8,10 +8,13 @@ pub const START_INFO_MAGIC: u32 = 0x336e_c578;
 // Offsets in struct hvm_start_info.
 const MAGIC: u64 = 0;
 const VERSION: u64 = 4;
+const NR_MODULES: u64 = 12;
+const MODLIST_PADDR: u64 = 16;
 const CMDLINE_PADDR: u64 = 24;
 const RSDP_PADDR: u64 = 32;
 const MEMMAP_PADDR: u64 = 40;
 const MEMMAP_ENTRIES: u64 = 48;
+// struct hvm_modlist_entry { u64 paddr; u64 size; u64 cmdline_paddr; u64 reserved; }
 // struct hvm_memmap_table_entry { u64 addr; u64 size; u32 type; u32 reserved; }
 const MEMMAP_ENTRY_SIZE: u64 = 24;
 
@@ -64,6 +67,18 @@ pub unsafe fn read_start_info(addr: u64, info: &mut BootInfo) {
                 size: rd64(e + 8),
                 kind: MemoryType::from_e820(rd32(e + 16)),
             });
+        }
+    }
+    // Module 0 is the configuration file (`blockhaus.conf`): the UEFI loader
+    // passes it so, and QEMU's `-initrd` does under `-kernel`. Its pages
+    // leave the RAM map so the heap never overwrites it.
+    if rd32(addr + NR_MODULES) >= 1 {
+        let module = rd64(addr + MODLIST_PADDR);
+        if module != 0 {
+            let (start, size) = (rd64(module), rd64(module + 8));
+            if start != 0 && start.saturating_add(size) <= 1 << 32 {
+                info.set_config(start, size);
+            }
         }
     }
 }

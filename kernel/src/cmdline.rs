@@ -1,6 +1,8 @@
-//! The kernel command line (`-append`): blockhaus's own `blockhaus.*` and
-//! `loglevel=` settings; `--option value` pairs in qemu-storage-daemon's
-//! syntax are kept in order for the block layer.
+//! The configuration: `blockhaus.conf` (from the image's ESP, or `-initrd`
+//! under `-kernel`) first, then the kernel command line (`-append`), which
+//! adds to it. Both hold blockhaus's own `blockhaus.*`, `ip=` and
+//! `loglevel=` settings and `--option value` pairs in qemu-storage-daemon's
+//! syntax, kept in order for the block layer.
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -34,6 +36,39 @@ pub struct Config {
     pub ip: Option<String>,
     /// qemu-storage-daemon options in order, e.g. `("blockdev", "driver=...")`.
     pub options: Vec<(String, Option<String>)>,
+    /// Where each of `options` came from, for error messages
+    /// (`blockhaus.conf line 3`; empty for the command line).
+    pub origins: Vec<String>,
+    /// `blockhaus.boot-disk=BB:DD.F`: the disk the firmware loaded us from
+    /// (set by the UEFI loader); claiming it needs `"x-boot-disk": true`.
+    pub boot_disk: Option<String>,
+}
+
+/// The name of the configuration file on the ESP.
+pub const CONFIG_FILE: &str = "blockhaus.conf";
+
+/// Parses `blockhaus.conf`: one setting or option per line, e.g.
+/// `--blockdev driver=virtio-blk,node-name=d0,serial=disk0` or `ip=...`;
+/// empty lines and lines starting with `#` are skipped. An error names the
+/// line: `blockhaus.conf line N: ...`.
+pub fn parse_file(bytes: &[u8], cfg: &mut Config) -> Result<(), String> {
+    let text = core::str::from_utf8(bytes).map_err(|e| {
+        let line = bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        alloc::format!("{CONFIG_FILE} line {line}: not UTF-8")
+    })?;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let origin = alloc::format!("{CONFIG_FILE} line {}", i + 1);
+        parse_into(line, &origin, cfg).map_err(|e| alloc::format!("{origin}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Parses the command line with [`block::cmdline::tokenize`] (quotes and
@@ -41,13 +76,17 @@ pub struct Config {
 /// `--options` are kept in order for the block layer. Any unknown or
 /// malformed item is an error that names it: the appliance then halts
 /// instead of running half-configured.
-pub fn parse(cmdline: &str) -> Result<Config, String> {
-    let mut cfg = Config::default();
-    let tokens = block::cmdline::tokenize(cmdline).map_err(|e| e.to_string())?;
+pub fn parse(cmdline: &str, cfg: &mut Config) -> Result<(), String> {
+    parse_into(cmdline, "", cfg)
+}
+
+fn parse_into(text: &str, origin: &str, cfg: &mut Config) -> Result<(), String> {
+    let tokens = block::cmdline::tokenize(text).map_err(|e| e.to_string())?;
     for token in tokens {
         let word = match token {
             Token::Option { name, value } => {
                 cfg.options.push((name, value));
+                cfg.origins.push(origin.to_string());
                 continue;
             }
             Token::Word(w) => w,
@@ -70,6 +109,7 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
                 })
             }
             "ip" => cfg.ip = Some(value.to_string()),
+            "blockhaus.boot-disk" => cfg.boot_disk = Some(value.to_string()),
             "blockhaus.debug-commands" => {
                 cfg.debug_commands = match value {
                     "on" => true,
@@ -104,7 +144,7 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
             }
         }
     }
-    Ok(cfg)
+    Ok(())
 }
 
 /// Triggers the configured fault.

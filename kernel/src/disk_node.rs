@@ -272,6 +272,7 @@ fn class(driver: &'static str, disks: SharedDisks) -> DriverClass {
         } else {
             (None, None)
         };
+        let boot_ok = d.opts.opt_bool("x-boot-disk")?.unwrap_or(false);
         d.opts.check_unexpected()?;
         let pci = match pci {
             Some(p) => Some(Address::parse(&p).ok_or_else(|| {
@@ -310,6 +311,12 @@ fn class(driver: &'static str, disks: SharedDisks) -> DriverClass {
             if kind != driver {
                 return Err(QmpError::generic(format!(
                     "Disk with {what} is a {kind} disk, not {driver}"
+                )));
+            }
+            if disk.boot && !boot_ok {
+                return Err(QmpError::generic(format!(
+                    "Disk '{}' is the boot disk (it holds the ESP): open it with \"x-boot-disk\": true",
+                    disk.info.serial
                 )));
             }
             if !disk.present {

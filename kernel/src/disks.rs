@@ -60,6 +60,9 @@ pub struct Disk {
     pub claimed_by: Option<String>,
     /// False once the disk was hot-unplugged (a SCSI LUN).
     pub present: bool,
+    /// The disk the firmware loaded the image from (it holds the ESP):
+    /// a node claims it only with `"x-boot-disk": true`.
+    pub boot: bool,
     controller: usize,
     /// LUN index within a SCSI controller.
     lun: usize,
@@ -133,6 +136,7 @@ impl Disks {
                 transport: Transport::VirtioBlk,
                 pci,
                 claimed_by: None,
+                boot: false,
                 present: true,
                 controller,
                 lun: 0,
@@ -153,6 +157,7 @@ impl Disks {
                         },
                         pci,
                         claimed_by: None,
+                        boot: false,
                         present: true,
                         controller,
                         lun: i,
@@ -197,6 +202,23 @@ impl Disks {
         match (matches.next(), matches.next()) {
             (Some((i, _)), None) => Some(i),
             _ => None,
+        }
+    }
+
+    /// Marks the virtio-blk disk at PCI address `bdf` (`BB:DD.F`, from the
+    /// UEFI loader) as the boot disk.
+    pub fn mark_boot_disk(&mut self, bdf: &str) {
+        let disk = Address::parse(bdf).and_then(|a| {
+            self.disks
+                .iter_mut()
+                .find(|d| d.pci == a && d.transport == Transport::VirtioBlk)
+        });
+        match disk {
+            Some(d) => {
+                d.boot = true;
+                log::info!("boot disk: '{}' at {bdf} (holds the ESP)", d.info.serial);
+            }
+            None => log::warn!("boot disk {bdf}: no virtio-blk disk there"),
         }
     }
 
@@ -403,6 +425,7 @@ fn hotplug(disks: &mut Vec<Disk>, controller: usize, pci: Address, s: &mut Virti
                                 transport: Transport::VirtioScsi { target, lun },
                                 pci,
                                 claimed_by: None,
+                                boot: false,
                                 present: true,
                                 controller,
                                 lun: index,

@@ -5,7 +5,8 @@
 //! `physical-block-size`, `read-only`, `write-cache`, `claimed-by` (when a
 //! node holds it), and `limits` (`max-transfer`, `max-segment`,
 //! `max-segments`, `max-discard`, `discard-alignment`, `max-write-zeroes`,
-//! `optimal-transfer`, `queue-size`; bytes, 0 = not supported).
+//! `optimal-transfer`, `queue-size`; bytes, 0 = not supported), and
+//! `boot-disk: true` on the disk the image was booted from.
 
 use crate::app::Appliance;
 use crate::disks::{Disk, Transport};
@@ -39,6 +40,9 @@ fn disk_json(d: &Disk) -> Value {
             "queue-size": l.queue_size,
         },
     });
+    if d.boot {
+        v["boot-disk"] = json!(true);
+    }
     if let Some(owner) = &d.claimed_by {
         v["claimed-by"] = json!(owner);
     }

@@ -87,13 +87,18 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             boot::info::MAX_CMDLINE
         );
     }
-    let config = match cmdline::parse(info.cmdline()) {
-        Ok(c) => c,
-        Err(e) => {
+    let mut config = cmdline::Config::default();
+    if let Some(file) = info.config_file() {
+        println!("{}: {} bytes", cmdline::CONFIG_FILE, file.len());
+        if let Err(e) = cmdline::parse_file(file, &mut config) {
             log::error!("{e}");
-            halt::fatal("bad kernel command line");
+            halt::fatal("bad blockhaus.conf");
         }
-    };
+    }
+    if let Err(e) = cmdline::parse(info.cmdline(), &mut config) {
+        log::error!("{e}");
+        halt::fatal("bad kernel command line");
+    }
     if let Some(level) = config.log_level {
         console::set_level(level);
     }
@@ -125,8 +130,16 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     drop(pci);
     let mut app = app::Appliance::new(disks, block, net);
     // qemu-storage-daemon's options, in order, before the QMP greeting.
-    for (name, value) in &config.options {
+    if let Some(bdf) = &config.boot_disk {
+        app.disks.borrow_mut().mark_boot_disk(bdf);
+    }
+    for ((name, value), origin) in config.options.iter().zip(&config.origins) {
         let value = value.as_deref().unwrap_or("");
+        let at = if origin.is_empty() {
+            alloc::string::String::new()
+        } else {
+            alloc::format!("{origin}: ")
+        };
         let applied = match app.block.apply_boot_option(name, value) {
             Ok(false) => match drive::apply_boot_option(&app.block, name, value) {
                 Ok(false) => block::export::apply_boot_option(&mut app, name, value),
@@ -137,11 +150,11 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         match applied {
             Ok(true) => info!("--{name} {value}: applied"),
             Ok(false) => {
-                log::error!("--{name}: option not supported");
+                log::error!("{at}--{name}: option not supported");
                 shutdown::halt_bad_config(&app.block);
             }
             Err(e) => {
-                log::error!("{e}");
+                log::error!("{at}{e}");
                 shutdown::halt_bad_config(&app.block);
             }
         }

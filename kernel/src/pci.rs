@@ -82,18 +82,22 @@ impl Pci {
             .collect()
     }
 
-    /// Opens `f`'s modern virtio transport, once its memory BARs are known
-    /// to lie in the identity map. Opening sizes the BARs that hold the
+    /// Opens `f`'s modern virtio transport, once its memory BARs are
+    /// identity-mapped (those above the map are mapped here). Opening sizes the BARs that hold the
     /// virtio structures: it is done with decoding off (see
     /// `Bus::with_decode_off`).
     pub fn open_virtio(&mut self, f: &Function) -> Result<PciTransport, OpenError> {
         let mapped = self.mapped;
-        if let Some(bar) = f
+        for bar in f
             .bars
             .iter()
-            .find(|b| b.kind != pci::BarKind::Io && b.address + b.size > mapped)
+            .filter(|b| b.kind != pci::BarKind::Io && b.address + b.size > mapped)
         {
-            return Err(OpenError::AboveIdentityMap { bar: *bar, mapped });
+            // OVMF places 64-bit BARs far above RAM: map them (uncached).
+            // SAFETY: a memory BAR is device memory that nothing else maps.
+            if !unsafe { boot::paging::map_mmio(bar.address, bar.size) } {
+                return Err(OpenError::AboveIdentityMap { bar: *bar, mapped });
+            }
         }
         let df = f.address.device_function();
         self.bus

@@ -38,8 +38,9 @@ fn capture(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
 impl Appliance {
     /// Starts QEMU and connects to QMP (QEMU holds the guest until the
     /// client is there, so the greeting cannot be missed). The greeting is
-    /// not read yet. Without COM2 ([`QemuConfig::com2`]) there is no QMP
-    /// to connect to: the guest just runs.
+    /// not read yet (under firmware it will be read past the firmware's
+    /// output). Without COM2 ([`QemuConfig::com2`]) there is no QMP to
+    /// connect to: the guest just runs.
     pub fn start(image: &Path, cfg: &QemuConfig) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("blockhaus-")
@@ -70,6 +71,9 @@ impl Appliance {
             Ok(q) => me.qmp = Some(q),
             Err(e) => return Err(format!("QMP socket: {e}; qemu stderr: {}", me.stderr())),
         }
+        // The firmware's own output comes first on COM2: the greeting is
+        // read past it.
+        me.qmp().after_firmware = cfg.firmware != crate::qemu::Firmware::None;
         Ok(me)
     }
 

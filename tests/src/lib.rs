@@ -4,9 +4,11 @@
 //! and the integration tests in `tests/tests/` both use it.
 
 pub mod appliance;
+pub mod esp;
 pub mod host;
 pub mod image;
 pub mod nbd_server;
+pub mod pe;
 pub mod qemu;
 pub mod qmp;
 pub mod toolchain;

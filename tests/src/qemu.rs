@@ -1,6 +1,6 @@
-//! The QEMU command line for blockhaus: PVH `-kernel`, COM1 console, COM2
-//! QMP on a unix socket, `isa-debug-exit` for failure codes, disks, and the
-//! machine and accelerator.
+//! The QEMU command line for blockhaus: PVH `-kernel` (or the disk image
+//! under OVMF), COM1 console, COM2 QMP on a unix socket, `isa-debug-exit`
+//! for failure codes, disks, and the machine and accelerator.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,24 @@ impl Accel {
     }
 }
 
+/// What starts the appliance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// QEMU's `-kernel` with the PVH ELF (SeaBIOS on pc/q35).
+    None,
+    /// OVMF (Debian's `ovmf`) from pflash, booting the GPT disk image
+    /// (`cargo xtask image`) as the first virtio-blk disk, serial `boot`.
+    /// The variable store is a copy next to the QMP socket.
+    Ovmf,
+}
+
+/// Debian's OVMF build (package `ovmf`): code and the variable template.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+
+/// The serial of the boot disk under firmware.
+pub const BOOT_DISK_SERIAL: &str = "boot";
+
 /// `isa-debug-exit` turns a guest write of `v` into QEMU exit `(v << 1) | 1`;
 /// the kernel writes 0x10 on a fatal error.
 pub const FAILURE_EXIT_STATUS: i32 = (0x10 << 1) | 1;
@@ -76,6 +94,9 @@ pub struct QemuConfig {
     /// virtio-net device on its tap ([`NetnsTap`]); clients reach the guest
     /// at [`NetnsTap::GUEST_IP`] from inside the namespace.
     pub netns_tap: Option<NetnsTap>,
+    /// [`Firmware::None`]: the image is the PVH ELF; otherwise it is the
+    /// disk image the firmware boots.
+    pub firmware: Firmware,
 }
 
 impl Default for QemuConfig {
@@ -91,6 +112,7 @@ impl Default for QemuConfig {
             extra: Vec::new(),
             nbd_port: None,
             netns_tap: None,
+            firmware: Firmware::None,
         }
     }
 }
@@ -131,7 +153,33 @@ impl QemuConfig {
             "-no-reboot",
             "-no-user-config",
         ]);
-        cmd.arg("-kernel").arg(image);
+        match self.firmware {
+            Firmware::None => {
+                cmd.arg("-kernel").arg(image);
+            }
+            Firmware::Ovmf => {
+                let vars = qmp_socket.with_file_name("OVMF_VARS.fd");
+                // A missing template shows up as QEMU's own error.
+                let _ = std::fs::copy(OVMF_VARS, &vars);
+                cmd.arg("-drive").arg(format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+                ));
+                cmd.arg("-drive").arg(format!(
+                    "if=pflash,format=raw,unit=1,file={}",
+                    vars.display()
+                ));
+                cmd.arg("-drive").arg(format!(
+                    "file={},if=none,id=boot,format={}",
+                    image.display(),
+                    image_format(image)
+                ));
+                cmd.arg("-device").arg(format!(
+                    "virtio-blk-pci,drive=boot,serial={BOOT_DISK_SERIAL},bootindex=0"
+                ));
+            }
+        }
+        // Under firmware QEMU refuses -append itself ("-append only allowed
+        // with -kernel option"): not dropped silently.
         if !self.append.is_empty() {
             cmd.args(["-append", &self.append]);
         }
@@ -174,6 +222,16 @@ impl QemuConfig {
         cmd.args(&self.extra);
         cmd
     }
+}
+
+/// `qcow2` when the file starts with qcow2's magic, else `raw`.
+pub fn image_format(path: &Path) -> &'static str {
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"QFI\xfb";
+    if is_qcow2 { "qcow2" } else { "raw" }
 }
 
 /// A network namespace holding a tap device (`ip netns add`, `ip tuntap

@@ -15,6 +15,9 @@ pub struct Qmp {
     pub events: VecDeque<Value>,
     /// The greeting, once read.
     pub greeting: Option<Value>,
+    /// Firmware wrote to this port before the appliance: the greeting is
+    /// read with [`Qmp::read_greeting_after_firmware`].
+    pub after_firmware: bool,
 }
 
 /// Connects to a unix socket, retrying until it exists or `timeout` passes.
@@ -44,6 +47,7 @@ impl Qmp {
             writer: stream,
             events: VecDeque::new(),
             greeting: None,
+            after_firmware: false,
         })
     }
 
@@ -86,6 +90,9 @@ impl Qmp {
 
     /// Reads the greeting (`{"QMP": ...}`).
     pub fn read_greeting(&mut self) -> io::Result<Value> {
+        if self.after_firmware {
+            return self.read_greeting_after_firmware().map(|(g, _)| g);
+        }
         let g = self.recv()?;
         if g.get("QMP").is_none() {
             return Err(io::Error::new(
@@ -95,6 +102,33 @@ impl Qmp {
         }
         self.greeting = Some(g.clone());
         Ok(g)
+    }
+
+    /// Reads the greeting after firmware output: OVMF writes its console
+    /// to COM2 too until the appliance starts (escape sequences, `BdsDxe:`
+    /// lines, the loader's messages), so every line before the one holding
+    /// `{"QMP"` is skipped. Returns the skipped bytes with the greeting.
+    pub fn read_greeting_after_firmware(&mut self) -> io::Result<(Value, Vec<u8>)> {
+        let mut skipped = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            let n = self.reader.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "QMP connection closed before the greeting",
+                ));
+            }
+            let Some(at) = line.windows(6).position(|w| w == b"{\"QMP\"") else {
+                skipped.extend_from_slice(&line);
+                continue;
+            };
+            skipped.extend_from_slice(&line[..at]);
+            let g: Value = serde_json::from_slice(line[at..].trim_ascii())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            self.greeting = Some(g.clone());
+            return Ok((g, skipped));
+        }
     }
 
     /// Reads messages until one that is not an event, queueing events.

@@ -1,4 +1,4 @@
-//! Making sure QEMU and the real clients are installed: on Debian as root,
+//! Making sure QEMU, OVMF and the real clients are installed: on Debian as root,
 //! `.ci/install-deps` installs them (qemu-system-x86 and qemu-utils in one
 //! apt-get command); elsewhere we print what to run and stop.
 
@@ -13,10 +13,14 @@ fn have(bin: &str) -> bool {
 
 /// Installs QEMU and the test clients if any is missing.
 pub fn ensure() -> Result<(), String> {
-    let missing: Vec<&str> = ["qemu-system-x86_64", "qemu-img", "qemu-io"]
+    let mut missing: Vec<&str> = ["qemu-system-x86_64", "qemu-img", "qemu-io"]
         .into_iter()
         .filter(|b| !have(b))
         .collect();
+    // OVMF boots the disk image (`run --image`, the efi tests).
+    if !std::path::Path::new(harness::qemu::OVMF_CODE).exists() {
+        missing.push(harness::qemu::OVMF_CODE);
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -28,7 +32,7 @@ pub fn ensure() -> Result<(), String> {
     let debian = std::path::Path::new("/etc/debian_version").exists();
     if !(root && debian) {
         return Err(format!(
-            "missing {}: install QEMU first, e.g. on Debian/Ubuntu as root:\n  apt-get install -y qemu-system-x86 qemu-utils",
+            "missing {}: install QEMU first, e.g. on Debian/Ubuntu as root:\n  apt-get install -y qemu-system-x86 qemu-utils ovmf",
             missing.join(", ")
         ));
     }

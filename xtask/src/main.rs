@@ -1,6 +1,8 @@
 //! `cargo xtask`: the developer's and the user's front door.
 //!
 //! - `build [--release]`: the bootable image.
+//! - `image [--config FILE] [--format raw|qcow2] [-o PATH]`: the bootable
+//!   GPT disk image with its configuration file.
 //! - `run`: boots the appliance in QEMU with a default disk and QMP on a
 //!   socket, and says how to connect.
 //! - `test`: formatting, clippy, host unit tests, then the QEMU tests.
@@ -15,6 +17,7 @@ mod bench_qcow2;
 mod deps;
 mod floor;
 mod graph;
+mod image;
 mod proxy;
 mod run;
 mod soak;
@@ -41,6 +44,8 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Write the bootable disk image (GPT + ESP; target/blockhaus.img).
+    Image(image::ImageArgs),
     /// Boot the appliance in QEMU: console here, QMP on a socket.
     Run(run::RunArgs),
     /// Run every test: fmt, clippy, host unit tests, QEMU integration tests.
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         Cmd::Build { release } => {
             harness::image::build(release).map(|p| println!("{}", p.display()))
         }
+        Cmd::Image(args) => image::make(&args).map(|p| println!("{}", p.display())),
         Cmd::Run(args) => run::run(args),
         Cmd::Test(args) => test::test(args),
         Cmd::Graph(args) => graph::graph(args),

@@ -7,7 +7,8 @@
 //! `-qmp`. One client at a time, like a QEMU chardev; a later client's
 //! `qmp_capabilities` is answered here, since the appliance's session is
 //! already negotiated. Events that arrive while no client is connected are
-//! dropped, as QEMU drops them.
+//! dropped, as QEMU drops them. What comes before the greeting (OVMF's
+//! own console output on COM2) is dropped too.
 
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
@@ -44,13 +45,20 @@ impl Proxy {
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             loop {
-                let mut line = String::new();
-                match reader.read_line(&mut line) {
+                let mut raw = Vec::new();
+                match reader.read_until(b'\n', &mut raw) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
+                let mut line = String::from_utf8_lossy(&raw).into_owned();
                 let mut greeting = s.greeting.lock().expect("lock");
-                if greeting.is_none() && line.contains("\"QMP\"") {
+                if greeting.is_none() {
+                    // Under OVMF the firmware's console comes first on COM2:
+                    // nothing before the greeting reaches a client.
+                    let Some(at) = line.find("{\"QMP\"") else {
+                        continue;
+                    };
+                    line.drain(..at);
                     *greeting = Some(line.clone());
                 }
                 drop(greeting);

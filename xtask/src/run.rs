@@ -2,6 +2,7 @@
 
 use crate::proxy::Proxy;
 use clap::Args;
+use harness::qemu::Firmware;
 use harness::{Accel, Machine, QemuConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,11 +41,39 @@ pub struct RunArgs {
     /// Where the default disk and the sockets live.
     #[arg(long, default_value = "target/blockhaus")]
     state_dir: PathBuf,
+    /// Boot the disk image (`cargo xtask image`) under firmware instead of
+    /// the PVH ELF. Without FILE: target/blockhaus.img, made (exporting
+    /// every --disk, as without --image) if it does not exist yet.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
+    image: Option<PathBuf>,
+    /// What boots the appliance: `none` (QEMU's -kernel with the PVH ELF)
+    /// or `ovmf` (Debian's OVMF from pflash; the default with --image).
+    #[arg(long, value_parser = ["none", "ovmf"])]
+    firmware: Option<String>,
 }
 
 pub fn run(args: RunArgs) -> Result<(), String> {
     crate::deps::ensure()?;
-    let image = harness::image::build(!args.debug)?;
+    let firmware = match (args.firmware.as_deref(), &args.image) {
+        (Some("none"), Some(_)) => {
+            return Err("--image needs firmware (--firmware ovmf): -kernel boots the ELF".into());
+        }
+        (Some("ovmf"), _) | (None, Some(_)) => Firmware::Ovmf,
+        _ => Firmware::None,
+    };
+    if firmware != Firmware::None {
+        if !args.append.is_empty() {
+            return Err("--append: under firmware the configuration is the image's \
+                 blockhaus.conf (cargo xtask image --config FILE)"
+                .into());
+        }
+        if args.machine == "microvm" {
+            return Err("--firmware ovmf: OVMF boots q35 or pc, not microvm".into());
+        }
+        if args.debug {
+            return Err("--debug: the disk image carries the release build".into());
+        }
+    }
     let state = harness::workspace_root().join(&args.state_dir);
     std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
     let mut disks = args.disks.clone();
@@ -81,11 +110,37 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     let _ = std::fs::remove_file(&com2);
     let _ = std::fs::remove_file(&user_sock);
 
+    let image = match (&firmware, &args.image) {
+        (Firmware::None, _) => harness::image::build(!args.debug)?,
+        (_, Some(p)) if !p.as_os_str().is_empty() => p.clone(),
+        _ => {
+            let path = crate::image::default_path();
+            if !path.exists() {
+                let config = state.join("blockhaus.conf");
+                let text = storage_options(&qcow2, "").replace(" --", "\n--");
+                std::fs::write(
+                    &config,
+                    format!("# made by cargo xtask run --image\n{text}\n"),
+                )
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+                crate::image::make(&crate::image::ImageArgs {
+                    config: Some(config),
+                    format: crate::image::Format::Raw,
+                    output: Some(path.clone()),
+                })?;
+            }
+            path
+        }
+    };
     let mut cfg = QemuConfig {
         machine: Machine::parse(&args.machine).ok_or("bad machine")?,
         accel: Accel::parse(&args.accel).ok_or("bad accel")?,
         memory: args.memory.clone(),
-        append: storage_options(&qcow2, &args.append),
+        append: match firmware {
+            Firmware::None => storage_options(&qcow2, &args.append),
+            Firmware::Ovmf => String::new(),
+        },
+        firmware,
         nbd_port: Some(args.nbd_port),
         disks: disks.clone(),
         qmp_wait: true,
@@ -119,13 +174,18 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         })
         .collect();
     eprintln!(
-        "\nxtask: blockhaus is booting ({} {}, image {}).\n\
+        "\nxtask: blockhaus is booting ({} {}, {}image {}).\n\
          xtask: QMP:   socat - UNIX-CONNECT:{}\n\
          xtask:        then type {{\"execute\": \"qmp_capabilities\"}} and e.g. {{\"execute\": \"query-version\"}}\n\
          {exports}\
          xtask: stop:  Ctrl-C here (sends QMP quit: the appliance runs its halt path) or QMP {{\"execute\": \"quit\"}}\n",
         args.machine,
         args.accel,
+        if firmware == Firmware::Ovmf {
+            "OVMF, "
+        } else {
+            ""
+        },
         image.display(),
         user_sock.display()
     );

@@ -62,6 +62,28 @@ pub fn test(args: TestArgs) -> Result<(), String> {
     }
     let image = harness::image::build(true)?;
     let image = image.to_str().ok_or("non-UTF-8 path")?.to_string();
+    if !args.no_lint {
+        // The UEFI loader: built as harness::esp builds it, carrying the image.
+        let efi_dir = harness::image::target_dir().with_file_name("efi");
+        let efi_dir = efi_dir.to_str().ok_or("non-UTF-8 path")?;
+        cargo(
+            &[
+                "clippy",
+                "-p",
+                "efi",
+                "--target",
+                "x86_64-unknown-none",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[
+                ("CARGO_TARGET_DIR", efi_dir),
+                ("BLOCKHAUS_KERNEL_ELF", &image),
+                ("RUSTFLAGS", "-C relocation-model=pic"),
+            ],
+        )?;
+    }
     let mut test_args = vec!["test", "--no-fail-fast"];
     if !args.cargo_args.is_empty() {
         test_args.push("--");

@@ -66,6 +66,20 @@ fn wait_exit(child: &mut Child, what: &str) -> (ExitStatus, String, String) {
     (status, out, err)
 }
 
+/// Ctrl-C to xtask: expects it to exit 0; its stdout and stderr.
+fn ctrl_c(child: &mut Child) -> (String, String) {
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let (status, out, err) = wait_exit(child, "Ctrl-C");
+    assert!(
+        status.success(),
+        "xtask run exit {status}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    (out, err)
+}
+
 #[test]
 fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
     let state = tempfile::tempdir().unwrap();
@@ -115,15 +129,7 @@ fn run_boots_serves_qmp_to_successive_clients_and_stops_on_ctrl_c() {
     );
 
     // Ctrl-C: xtask sends quit; the appliance halts cleanly.
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let (status, out, err) = wait_exit(&mut child, "Ctrl-C");
-    assert!(
-        status.success(),
-        "xtask run exit {status}\nstdout:\n{out}\nstderr:\n{err}"
-    );
+    let (out, err) = ctrl_c(&mut child);
     assert!(
         err.contains("UNIX-CONNECT:"),
         "run must say how to connect:\n{err}"
@@ -250,4 +256,77 @@ fn run_opens_qcow2_disks_and_says_how_to_give_them_room() {
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && !out.contains("fail"), "{out}");
+}
+
+/// `cargo xtask image --config` then `cargo xtask run --image` (issue 14):
+/// OVMF boots the disk image, the configuration file exports the data disk,
+/// the proxy hands clients the greeting without the firmware's COM2
+/// output, and Ctrl-C halts cleanly.
+#[test]
+fn run_image_boots_the_disk_image_under_ovmf() {
+    let state = tempfile::tempdir().unwrap();
+    let conf = state.path().join("blockhaus.conf");
+    std::fs::write(
+        &conf,
+        "--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809\n\
+         --blockdev driver=virtio-blk,node-name=data,serial=disk0\n\
+         --export type=nbd,id=data,node-name=data,name=data\n",
+    )
+    .unwrap();
+    let img = state.path().join("blockhaus.img");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["image", "--config"])
+        .arg(&conf)
+        .arg("-o")
+        .arg(&img)
+        .current_dir(harness::workspace_root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "xtask image: {o:?}");
+    let data = state.path().join("data.raw");
+    let o = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&data)
+        .arg("8M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let port = harness::qemu::free_port();
+    let (mut child, _guard) = spawn_run(
+        state.path(),
+        port,
+        &[
+            "--image".as_ref(),
+            img.as_os_str(),
+            "--disk".as_ref(),
+            data.as_os_str(),
+        ],
+    );
+    let sock = state.path().join("qmp.sock");
+    let mut qmp =
+        harness::Qmp::connect(&sock, Duration::from_secs(120)).expect("xtask run offers qmp.sock");
+    // Plain read: the first line a client gets is the greeting.
+    qmp.read_greeting().unwrap();
+    qmp.negotiate().unwrap();
+    let devs = qmp.cmd("x-query-devices", Value::Null).unwrap();
+    assert!(
+        devs.as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["serial"] == "boot" && d["boot-disk"] == json!(true)),
+        "{devs}"
+    );
+    drop(qmp);
+    let info = Command::new("nbdinfo")
+        .args(["--size", &format!("nbd://127.0.0.1:{port}/data")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&info.stdout).trim(),
+        "8388608",
+        "{info:?}"
+    );
+    let (out, err) = ctrl_c(&mut child);
+    assert!(out.contains("reason: host-qmp-quit"), "console:\n{out}");
+    assert!(err.contains("OVMF, image"), "{err}");
 }

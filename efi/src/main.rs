@@ -1,0 +1,284 @@
+//! `BOOTX64.EFI`: the UEFI loader of the blockhaus disk image.
+//!
+//! It carries the PVH image (the very ELF that `-kernel` boots) and starts
+//! it the way a PVH loader does, so the kernel has a single entry and owns
+//! its page tables, GDT, IDT and stack from its first instruction:
+//!
+//! 1. reads `blockhaus.conf` from its own ESP (SimpleFileSystem on the
+//!    LoadedImage's device, one Read: what works on OVMF and RHF alike);
+//! 2. claims the kernel's physical range (1 MiB up) and copies the ELF's
+//!    loadable segments there;
+//! 3. builds an `hvm_start_info` below 4 GiB: the command line
+//!    (`blockhaus.boot-disk=` naming the PCI address of the disk it was
+//!    loaded from, then its load options), the configuration file as
+//!    module 0, the ACPI RSDP from
+//!    the configuration table, and an E820 view of the final memory map;
+//! 4. exits boot services and leaves long mode for 32-bit protected mode
+//!    with paging off (`trampoline.s`), entering `pvh_start` with `%ebx`
+//!    pointing at the start info: the PVH boot protocol.
+#![no_std]
+#![no_main]
+
+mod elf;
+mod start_info;
+
+use core::fmt::Write;
+use uefi::boot::{self, AllocateType, MemoryType};
+use uefi::prelude::*;
+use uefi::proto::device_path::{DevicePath, DeviceSubType, DeviceType};
+use uefi::proto::loaded_image::LoadedImage;
+use uefi::proto::media::file::{File, FileAttribute, FileInfo, FileMode};
+use uefi::proto::media::fs::SimpleFileSystem;
+
+/// The PVH image, built by `cargo xtask image` before this loader.
+static KERNEL: &[u8] = include_bytes!(env!("BLOCKHAUS_KERNEL_ELF"));
+
+const CONFIG_FILE: &uefi::CStr16 = uefi::cstr16!("blockhaus.conf");
+/// Everything the kernel reads before it maps more must lie below 4 GiB.
+const BELOW_4G: u64 = 0xffff_ffff;
+const PAGE: usize = 4096;
+
+core::arch::global_asm!(include_str!("trampoline.s"), options(att_syntax));
+
+unsafe extern "sysv64" {
+    /// Leaves long mode and jumps to `entry` in 32-bit protected mode, paging
+    /// off, with `%ebx = start_info` (`trampoline.s`).
+    fn blockhaus_enter_pvh(start_info: u32, entry: u32) -> !;
+}
+
+/// Writes one short line on ConOut (under 128 characters: RHF's limit).
+fn say(msg: &str) {
+    uefi::system::with_stdout(|out| {
+        let _ = out.write_str("blockhaus-efi: ");
+        let _ = out.write_str(msg);
+        let _ = out.write_str("\n");
+    });
+}
+
+/// Reports a failure and returns its status to the firmware.
+fn fail(msg: &str, status: Status) -> Status {
+    say(msg);
+    status
+}
+
+#[entry]
+fn main() -> Status {
+    // The boot manager arms a 5-minute watchdog; boot services end soon,
+    // which disarms it too, but a slow read must not reset the machine.
+    let _ = boot::set_watchdog_timer(0, 0x10000, None);
+    let kernel = match elf::Image::parse(KERNEL) {
+        Ok(k) => k,
+        Err(e) => return fail(e, Status::LOAD_ERROR),
+    };
+    let mut info = match start_info::StartInfo::allocate() {
+        Ok(i) => i,
+        Err(_) => {
+            return fail(
+                "no memory below 4 GiB for the start info",
+                Status::OUT_OF_RESOURCES,
+            );
+        }
+    };
+    if let Err(status) = read_config(&mut info) {
+        return status;
+    }
+    // Claim the kernel's range: it is where the ELF is linked.
+    let (start, end) = kernel.range();
+    let pages = (end - start).div_ceil(PAGE as u64) as usize;
+    let dest =
+        match boot::allocate_pages(AllocateType::Address(start), MemoryType::LOADER_DATA, pages) {
+            Ok(p) => p.as_ptr(),
+            Err(_) => return fail("kernel range 1 MiB+ is not free", Status::LOAD_ERROR),
+        };
+    // SAFETY: [start, end) was just allocated to us and is identity-mapped.
+    unsafe { kernel.load(dest) };
+
+    let rsdp = uefi::system::with_config_table(|t| {
+        t.iter()
+            .find(|e| e.guid == uefi::table::cfg::ConfigTableEntry::ACPI2_GUID)
+            .or_else(|| {
+                t.iter()
+                    .find(|e| e.guid == uefi::table::cfg::ConfigTableEntry::ACPI_GUID)
+            })
+            .map(|e| e.address as u64)
+    });
+    info.set_rsdp(rsdp.unwrap_or(0));
+    say("starting the appliance");
+
+    // SAFETY: nothing of boot services is used after this point: no
+    // protocol is held, the console is not written any more.
+    let map = unsafe { boot::exit_boot_services(None) };
+    info.set_memory_map(&map);
+    let entry = kernel.entry();
+    // SAFETY: the kernel is loaded at its linked address, the start info
+    // and everything it points to lie below 4 GiB and are identity-mapped,
+    // and boot services are gone: the machine is ours.
+    unsafe { blockhaus_enter_pvh(info.address(), entry) }
+}
+
+/// A PCI address `BB:DD.F` in a fixed buffer.
+struct Bdf([u8; 7]);
+
+impl Bdf {
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
+/// Fills `info` from what the firmware gave us: the PCI address of the disk
+/// we were loaded from (when its device path names one device on the root
+/// bus) and our load options as the command line, then `blockhaus.conf`
+/// (module 0, in LOADER_DATA pages below 4 GiB) if the ESP has one.
+fn read_config(info: &mut start_info::StartInfo) -> Result<(), Status> {
+    let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
+        .map_err(|e| fail("cannot open LoadedImage", e.status()))?;
+    let Some(device) = image.device() else {
+        return Err(fail("loaded from no device", Status::NOT_FOUND));
+    };
+    if let Some(bdf) = boot::open_protocol_exclusive::<DevicePath>(device)
+        .ok()
+        .and_then(|path| pci_address(&path))
+    {
+        info.push_cmdline("blockhaus.boot-disk=");
+        info.push_cmdline(bdf.as_str());
+    }
+    load_options(&image, info)?;
+    drop(image);
+    let mut fs = boot::open_protocol_exclusive::<SimpleFileSystem>(device)
+        .map_err(|e| fail("cannot open the ESP's file system", e.status()))?;
+    let mut root = fs
+        .open_volume()
+        .map_err(|e| fail("cannot open the ESP", e.status()))?;
+    let Ok(file) = root.open(CONFIG_FILE, FileMode::Read, FileAttribute::empty()) else {
+        say("no blockhaus.conf on the ESP: booting without it");
+        return Ok(());
+    };
+    let Some(mut file) = file.into_regular_file() else {
+        return Err(fail("blockhaus.conf is not a file", Status::LOAD_ERROR));
+    };
+    #[repr(C, align(8))]
+    struct InfoBuf([u8; 512]);
+    let mut buf = InfoBuf([0; 512]);
+    let size = match file.get_info::<FileInfo>(&mut buf.0) {
+        Ok(i) => i.file_size(),
+        Err(e) => return Err(fail("cannot stat blockhaus.conf", e.status())),
+    };
+    // One page more than the file: RHF's Read wants a buffer larger than
+    // what is left, and an empty file still gets a valid address.
+    let pages = (size as usize / PAGE) + 1;
+    let mem = boot::allocate_pages(
+        AllocateType::MaxAddress(BELOW_4G),
+        MemoryType::LOADER_DATA,
+        pages,
+    )
+    .map_err(|e| fail("no memory for blockhaus.conf", e.status()))?;
+    // SAFETY: `pages` pages were just allocated at `mem`.
+    let dest = unsafe { core::slice::from_raw_parts_mut(mem.as_ptr(), pages * PAGE) };
+    let mut got = 0usize;
+    while (got as u64) < size {
+        match file.read(&mut dest[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(fail("cannot read blockhaus.conf", e.status())),
+        }
+    }
+    info.set_module(mem.as_ptr() as u64, got as u64);
+    Ok(())
+}
+
+/// Appends the load options (UCS-2 text: what the UEFI Shell or a boot
+/// entry made with `efibootmgr -u` passes) to the command line, as
+/// `-append` does under `-kernel`. The Shell passes the whole command
+/// line: a first word naming a `.efi` file is our own path and dropped.
+fn load_options(image: &LoadedImage, info: &mut start_info::StartInfo) -> Result<(), Status> {
+    use uefi::proto::loaded_image::LoadOptionsError;
+    let text = match image.load_options_as_cstr16() {
+        Ok(t) => t,
+        Err(LoadOptionsError::NotSet) => return Ok(()),
+        Err(_) => {
+            say("load options are not UCS-2 text: not used");
+            return Ok(());
+        }
+    };
+    let mut line = [0u8; 4096];
+    let mut len = 0;
+    for c in text.iter() {
+        let c = u16::from(*c);
+        // Anything but printable ASCII becomes '?', which the kernel refuses
+        // by name rather than reading it wrong.
+        let b = match c {
+            0x20..=0x7e => c as u8,
+            0x09 | 0x0a | 0x0d => b' ',
+            _ => b'?',
+        };
+        if len == line.len() {
+            return Err(fail(
+                "load options longer than 4 KiB",
+                Status::BAD_BUFFER_SIZE,
+            ));
+        }
+        line[len] = b;
+        len += 1;
+    }
+    let text = core::str::from_utf8(&line[..len]).unwrap_or("").trim();
+    let text = match text.split_once(' ') {
+        Some((first, rest)) if is_efi_path(first) => rest,
+        None if is_efi_path(text) => "",
+        _ => text,
+    };
+    let text = text.trim();
+    if !text.is_empty() && !(info.push_cmdline(" ") && info.push_cmdline(text)) {
+        return Err(fail(
+            "load options do not fit the 4 KiB command line",
+            Status::BAD_BUFFER_SIZE,
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `word` names an EFI application (ends in `.efi`, any case).
+fn is_efi_path(word: &str) -> bool {
+    word.len() >= 4 && word.as_bytes()[word.len() - 4..].eq_ignore_ascii_case(b".efi")
+}
+
+/// `00:DD.F` when the path has exactly one PCI node (a device on the root
+/// bus); behind a bridge the bus number is not in the path.
+fn pci_address(path: &DevicePath) -> Option<Bdf> {
+    let mut found = None;
+    let mut count = 0;
+    for node in path.node_iter() {
+        if node.device_type() == DeviceType::HARDWARE
+            && node.sub_type() == DeviceSubType::HARDWARE_PCI
+        {
+            let data = node.data();
+            if data.len() >= 2 {
+                found = Some((data[1], data[0]));
+                count += 1;
+            }
+        }
+    }
+    let (dev, func) = found.filter(|_| count == 1)?;
+    let hex = |n: u8| b"0123456789abcdef"[n as usize & 15];
+    Some(Bdf([
+        b'0',
+        b'0',
+        b':',
+        hex(dev >> 4),
+        hex(dev),
+        b'.',
+        b'0' + (func & 7),
+    ]))
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let mut com1 = start_info::Com1;
+    let _ = write!(com1, "\nblockhaus-efi: PANIC: {info}\n");
+    // SAFETY: the isa-debug-exit port (QEMU exits 33); without the device
+    // the write goes nowhere and we halt below.
+    unsafe { core::arch::asm!("out dx, al", in("dx") 0xf4u16, in("al") 0x10u8) };
+    loop {
+        // SAFETY: stops the CPU; nothing is left to run.
+        unsafe { core::arch::asm!("cli; hlt") };
+    }
+}

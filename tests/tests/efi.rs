@@ -1,0 +1,339 @@
+//! The bootable disk image (issue 14): `BOOTX64.EFI` (the UEFI loader
+//! carrying the PVH image) and `blockhaus.conf` on a GPT disk's ESP, booted
+//! by OVMF on q35 under TCG. The image is made as `cargo xtask image` makes
+//! it (`harness::esp`), from the kernel the other tests boot.
+//!
+//! Covered: the image boots and applies its configuration file, exports its
+//! data disk over NBD to nbdinfo, qemu-io and qemu-img, marks the ESP disk
+//! as the boot disk (claimed only with `x-boot-disk`), `quit` and the power
+//! button run the full halt path (QEMU exits 0 through ACPI S5), the same
+//! image boots twice with its configuration, a bad line fails with its line
+//! number and exit 33, load options (from the UEFI Shell) add to the file;
+//! and under `-kernel` the file comes as `-initrd`, `-append` adding to it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use harness::host::{MIB, create, qemu_io, run};
+use harness::qemu::{FAILURE_EXIT_STATUS, Firmware, free_port};
+use harness::{Appliance, QemuConfig};
+use serde_json::{Value, json};
+
+const CONFIG: &str = "# blockhaus test configuration
+--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809
+
+   # the data disk, exported writable
+--blockdev driver=virtio-blk,node-name=disk0,serial=disk0
+--export type=nbd,id=disk0,node-name=disk0,name=disk0,writable=on
+loglevel=info
+";
+
+/// The loader for the test kernel, built once per test process.
+fn loader() -> &'static [u8] {
+    static LOADER: OnceLock<Vec<u8>> = OnceLock::new();
+    LOADER.get_or_init(|| {
+        let kernel = harness::image::for_tests();
+        harness::esp::build_loader(&kernel).unwrap_or_else(|e| panic!("{e}"))
+    })
+}
+
+/// A disk image in `dir` holding the loader and `config`.
+fn image(dir: &Path, config: &str) -> PathBuf {
+    let path = dir.join("blockhaus.img");
+    harness::esp::write_disk(&path, loader(), Some(config.as_bytes()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
+fn ovmf(disks: Vec<PathBuf>, nbd_port: Option<u16>) -> QemuConfig {
+    QemuConfig {
+        firmware: Firmware::Ovmf,
+        disks,
+        nbd_port,
+        ..QemuConfig::default()
+    }
+}
+
+fn boot(img: &Path, cfg: &QemuConfig) -> Appliance {
+    let mut a = Appliance::start(img, cfg).unwrap_or_else(|e| panic!("{e}"));
+    if let Err(e) = a.qmp().negotiate() {
+        panic!(
+            "QMP after OVMF: {e}\nconsole:\n{}\nstderr:\n{}",
+            a.console(),
+            a.stderr()
+        );
+    }
+    a
+}
+
+fn node_names(a: &mut Appliance) -> Vec<String> {
+    let nodes = a.qmp().cmd("query-named-block-nodes", Value::Null).unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str().map(String::from))
+        .collect()
+}
+
+fn devices(a: &mut Appliance) -> Vec<Value> {
+    let v = a.qmp().cmd("x-query-devices", Value::Null).unwrap();
+    v.as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn image_under_ovmf_serves_its_configured_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), CONFIG);
+    assert!(
+        std::fs::metadata(&img).unwrap().len() <= 4 * MIB,
+        "the image is at most 4 MiB"
+    );
+    let data = dir.path().join("data.raw");
+    create(&data, 64 * MIB);
+    let port = free_port();
+    let mut a = boot(&img, &ovmf(vec![data.clone()], Some(port)));
+    let console = a.console();
+    assert!(
+        console.contains("blockhaus.conf: ") && console.contains("3 storage option(s)"),
+        "{console}"
+    );
+
+    // The ESP's disk is the boot disk; the data disk is claimed by disk0.
+    let devs = devices(&mut a);
+    let boot_disk = devs
+        .iter()
+        .find(|d| d["serial"] == "boot")
+        .expect("boot disk listed");
+    assert_eq!(boot_disk["boot-disk"], json!(true), "{devs:?}");
+    assert!(boot_disk.get("claimed-by").is_none(), "{devs:?}");
+    let d0 = devs
+        .iter()
+        .find(|d| d["serial"] == "disk0")
+        .expect("disk0 listed");
+    assert!(d0.get("boot-disk").is_none(), "{devs:?}");
+    assert_eq!(d0["claimed-by"], json!("disk0"));
+
+    // Claiming the boot disk needs the explicit option.
+    let r = a
+        .qmp()
+        .execute(
+            "blockdev-add",
+            json!({"driver": "virtio-blk", "node-name": "esp", "serial": "boot"}),
+        )
+        .unwrap();
+    let desc = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(
+        desc.contains("is the boot disk") && desc.contains("x-boot-disk"),
+        "{r}"
+    );
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "virtio-blk", "node-name": "esp", "serial": "boot", "x-boot-disk": true}),
+        )
+        .unwrap();
+    a.qmp()
+        .cmd("blockdev-del", json!({"node-name": "esp"}))
+        .unwrap();
+
+    // Real clients over NBD.
+    let uri = format!("nbd://127.0.0.1:{port}/disk0");
+    let info = run(Command::new("nbdinfo").arg("--size").arg(&uri));
+    assert_eq!(info.trim(), (64 * MIB).to_string());
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 1M 2M",
+        "-c",
+        "read -P 0x5a 1M 2M",
+        &uri,
+    ]));
+    let img_info = run(Command::new("qemu-img").args(["info", "--output=json", &uri]));
+    let v: Value = serde_json::from_str(&img_info).unwrap();
+    assert_eq!(v["virtual-size"], json!(64 * MIB));
+    let from_nbd = dir.path().join("copy.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&from_nbd));
+    qemu_io(
+        &from_nbd,
+        &["read -P 0x5a 1M 2M".into(), "read -P 0 0 1M".into()],
+    );
+
+    let console = a.quit();
+    assert!(console.contains("poweroff: ACPI S5"), "{console}");
+    qemu_io(&data, &["read -P 0x5a 1M 2M".into()]);
+}
+
+#[test]
+fn image_boots_twice_with_its_configuration_and_the_power_button_halts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), CONFIG);
+    let data = dir.path().join("data.raw");
+    create(&data, 16 * MIB);
+    for round in 0..2u8 {
+        let port = free_port();
+        let mut a = boot(&img, &ovmf(vec![data.clone()], Some(port)));
+        let uri = format!("nbd://127.0.0.1:{port}/disk0");
+        let pattern = 0x10 + round;
+        if round == 1 {
+            // What the first boot wrote is there.
+            run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x10 0 1M", &uri]));
+        }
+        run(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {pattern:#x} 0 1M"),
+            &uri,
+        ]));
+        a.qemu_monitor()
+            .unwrap()
+            .cmd("system_powerdown", Value::Null)
+            .unwrap();
+        let status = a.wait_exit(Duration::from_secs(120)).expect("QEMU exits");
+        let console = a.console();
+        assert_eq!(status.code(), Some(0), "round {round}:\n{console}");
+        assert!(console.contains("all 1 nodes closed"), "{console}");
+    }
+    qemu_io(&data, &["read -P 0x11 0 1M".into()]);
+}
+
+/// Boots `cfg` and expects the failure exit with `needle` on the console.
+fn expect_failure(mut a: Appliance, needle: &str) {
+    let status = a.wait_exit(Duration::from_secs(120)).expect("QEMU exits");
+    let console = a.console();
+    assert_eq!(status.code(), Some(FAILURE_EXIT_STATUS), "{console}");
+    assert!(console.contains(needle), "no {needle:?} in:\n{console}");
+}
+
+#[test]
+fn a_bad_line_in_blockhaus_conf_is_named_under_ovmf() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(
+        dir.path(),
+        "# line 1\nloglevel=info\n--blockdev driver=null-co,node-name=n0\nnot-a-setting=1\n",
+    );
+    let cfg = QemuConfig {
+        qmp_wait: false,
+        ..ovmf(Vec::new(), None)
+    };
+    let a = Appliance::start(&img, &cfg).unwrap_or_else(|e| panic!("{e}"));
+    expect_failure(
+        a,
+        "blockhaus.conf line 4: unrecognized kernel command-line item 'not-a-setting=1'",
+    );
+}
+
+/// Under `-kernel` the same file comes as PVH module 0 (`-initrd`).
+fn with_initrd(dir: &Path, config: &str, append: &str) -> QemuConfig {
+    let conf = dir.join("blockhaus.conf");
+    std::fs::write(&conf, config).unwrap();
+    QemuConfig {
+        append: append.into(),
+        qmp_wait: false,
+        extra: vec!["-initrd".into(), conf.into()],
+        ..QemuConfig::default()
+    }
+}
+
+#[test]
+fn a_bad_option_in_blockhaus_conf_is_named_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = with_initrd(
+        dir.path(),
+        "--blockdev driver=null-co,node-name=n0\n\n--blockdev driver=nosuch,node-name=n1\n",
+        "",
+    );
+    let a = Appliance::start(&harness::image::for_tests(), &cfg).unwrap();
+    expect_failure(a, "blockhaus.conf line 3: ");
+}
+
+#[test]
+fn append_adds_to_blockhaus_conf() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = with_initrd(
+        dir.path(),
+        "--blockdev driver=null-co,node-name=n0,size=1048576\n",
+        "--blockdev driver=raw,node-name=r0,file=n0",
+    );
+    cfg.qmp_wait = true;
+    let mut a = Appliance::boot(&cfg);
+    let names = node_names(&mut a);
+    assert!(
+        names.iter().any(|n| n == "n0") && names.iter().any(|n| n == "r0"),
+        "{names:?}"
+    );
+    a.quit();
+}
+
+#[test]
+fn qcow2_image_boots_under_ovmf() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = image(dir.path(), "--blockdev driver=null-co,node-name=n0\n");
+    let qcow2 = dir.path().join("blockhaus.qcow2");
+    harness::esp::convert_qcow2(&raw, &qcow2).unwrap();
+    assert_eq!(harness::qemu::image_format(&qcow2), "qcow2");
+    let mut a = boot(&qcow2, &ovmf(Vec::new(), None));
+    assert_eq!(node_names(&mut a), ["n0"]);
+    a.quit();
+}
+
+/// The image with the loader moved to `\\blockhaus.efi` and a `startup.nsh`
+/// that runs it with `args`: OVMF finds no `BOOTX64.EFI`, starts its UEFI
+/// Shell, and the Shell runs `startup.nsh` after its 5-second countdown.
+fn shell_image(dir: &Path, config: &str, args: &str) -> PathBuf {
+    use std::io::Write;
+    let path = image(dir, config);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (off, len) = harness::esp::esp_range(bytes.len() as u64);
+    let (off, len) = (off as usize, len as usize);
+    let mut esp = std::io::Cursor::new(bytes[off..off + len].to_vec());
+    {
+        let fs = fatfs::FileSystem::new(&mut esp, fatfs::FsOptions::new()).unwrap();
+        {
+            let root = fs.root_dir();
+            root.remove("EFI/BOOT/BOOTX64.EFI").unwrap();
+            root.create_file("blockhaus.efi")
+                .unwrap()
+                .write_all(loader())
+                .unwrap();
+            root.create_file("startup.nsh")
+                .unwrap()
+                .write_all(format!("fs0:\\blockhaus.efi {args}\r\n").as_bytes())
+                .unwrap();
+        }
+        fs.unmount().unwrap();
+    }
+    bytes[off..off + len].copy_from_slice(esp.get_ref());
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn load_options_from_the_uefi_shell_add_to_blockhaus_conf() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = shell_image(
+        dir.path(),
+        "--blockdev driver=null-co,node-name=fromfile,size=1048576\n",
+        "loglevel=debug --blockdev driver=raw,node-name=fromopts,file=fromfile",
+    );
+    let mut a = boot(&img, &ovmf(Vec::new(), None));
+    let console = a.console();
+    assert!(
+        console.contains(
+            "command line: \"blockhaus.boot-disk=00:01.0 loglevel=debug --blockdev driver=raw,node-name=fromopts,file=fromfile\""
+        ),
+        "{console}"
+    );
+    let names = node_names(&mut a);
+    assert!(
+        names.iter().any(|n| n == "fromfile") && names.iter().any(|n| n == "fromopts"),
+        "{names:?}"
+    );
+    a.quit();
+}
