@@ -15,7 +15,7 @@
 use serde_json::Value;
 
 use crate::layer::{BlockContext, BlockLayer};
-use crate::qmp::{Args, Dispatcher, QmpError};
+use crate::qmp::{Args, Dispatcher, QmpError, Signature};
 use crate::{blockdev, object, qemu_io, query};
 
 type Res = Result<Value, QmpError>;
@@ -24,28 +24,91 @@ type Res = Result<Value, QmpError>;
 pub type Command = fn(&BlockLayer, &Args<'_>) -> Res;
 
 /// Every command, by name.
-pub const COMMANDS: [(&str, Command); 15] = [
-    ("blockdev-add", blockdev::blockdev_add),
-    ("blockdev-del", blockdev::blockdev_del),
-    ("x-blockdev-change", blockdev::x_blockdev_change),
-    ("block_resize", blockdev::block_resize),
-    ("blockdev-open-tray", blockdev::blockdev_open_tray),
-    ("blockdev-close-tray", blockdev::blockdev_close_tray),
-    ("blockdev-remove-medium", blockdev::blockdev_remove_medium),
-    ("blockdev-insert-medium", blockdev::blockdev_insert_medium),
-    ("eject", blockdev::eject),
-    ("query-named-block-nodes", query::query_named_block_nodes),
-    ("query-block", query::query_block),
-    ("x-debug-query-block-graph", query::query_block_graph),
-    ("object-add", object::object_add),
-    ("object-del", object::object_del),
-    ("human-monitor-command", qemu_io::human_monitor_command),
+pub const COMMANDS: [(&str, Signature, Command); 15] = [
+    (
+        "blockdev-add",
+        Signature::new(
+            "driver:@BlockdevDriver, node-name?:str, discard?:(ignore|unmap), cache?:{direct?:bool, no-flush?:bool}, read-only?:bool, auto-read-only?:bool, force-share?:bool, detect-zeroes?:@BlockdevDetectZeroesOptions, ..",
+            "{}",
+        ),
+        blockdev::blockdev_add,
+    ),
+    (
+        "blockdev-del",
+        Signature::new("node-name:str", "{}"),
+        blockdev::blockdev_del,
+    ),
+    (
+        "x-blockdev-change",
+        Signature::new("parent:str, child?:str, node?:str", "{}"),
+        blockdev::x_blockdev_change,
+    ),
+    (
+        "block_resize",
+        Signature::new("device?:str, node-name?:str, size:int", "{}"),
+        blockdev::block_resize,
+    ),
+    (
+        "blockdev-open-tray",
+        Signature::new("device?:str, id?:str, force?:bool", "{}"),
+        blockdev::blockdev_open_tray,
+    ),
+    (
+        "blockdev-close-tray",
+        Signature::new("device?:str, id?:str", "{}"),
+        blockdev::blockdev_close_tray,
+    ),
+    (
+        "blockdev-remove-medium",
+        Signature::new("id:str", "{}"),
+        blockdev::blockdev_remove_medium,
+    ),
+    (
+        "blockdev-insert-medium",
+        Signature::new("id:str, node-name:str", "{}"),
+        blockdev::blockdev_insert_medium,
+    ),
+    (
+        "eject",
+        Signature::new("device?:str, id?:str, force?:bool", "{}"),
+        blockdev::eject,
+    ),
+    (
+        "query-named-block-nodes",
+        Signature::new("flat?:bool", "[@BlockDeviceInfo]"),
+        query::query_named_block_nodes,
+    ),
+    (
+        "query-block",
+        Signature::new("", "[@BlockInfo]"),
+        query::query_block,
+    ),
+    (
+        "x-debug-query-block-graph",
+        Signature::new("", "@XDbgBlockGraph"),
+        query::query_block_graph,
+    ),
+    (
+        "object-add",
+        Signature::new("qom-type:(throttle-group), id:str, ..", "{}"),
+        object::object_add,
+    ),
+    (
+        "object-del",
+        Signature::new("id:str", "{}"),
+        object::object_del,
+    ),
+    (
+        "human-monitor-command",
+        Signature::new("command-line:str, cpu-index?:int", "str"),
+        qemu_io::human_monitor_command,
+    ),
 ];
 
 macro_rules! handler {
     ($i:expr) => {{
         fn h<C: BlockContext>(c: &mut C, a: &Args<'_>) -> Res {
-            (COMMANDS[$i].1)(c.block_layer(), a)
+            (COMMANDS[$i].2)(c.block_layer(), a)
         }
         h::<C>
     }};
@@ -71,8 +134,9 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
         handler!(14),
     ];
     for (i, h) in handlers.into_iter().enumerate() {
-        d.register(COMMANDS[i].0, h);
+        d.register(COMMANDS[i].0, COMMANDS[i].1, h);
     }
+    crate::schema::register(d);
     crate::drivers::qcow2::commands::register(d);
     crate::jobs::commands::register(d);
 }

@@ -82,6 +82,7 @@ pub mod options;
 pub mod qemu_io;
 pub mod qmp;
 pub mod query;
+pub mod schema;
 #[cfg(test)]
 mod tests;
 pub mod timer;

@@ -25,7 +25,7 @@
 //!    `query-status`, `quit`).
 //!
 //! ```
-//! use block::qmp::{Action, Args, Dispatcher, QmpContext, QmpError, Session, VersionInfo};
+//! use block::qmp::{Action, Args, Dispatcher, QmpContext, QmpError, Session, Signature, VersionInfo};
 //! use serde_json::{Value, json};
 //!
 //! struct Ctx;
@@ -38,7 +38,7 @@
 //! }
 //!
 //! let mut commands = Dispatcher::new();
-//! commands.register("x-hello", hello);
+//! commands.register("x-hello", Signature::new("name:str", "{greeting:str}"), hello);
 //! let mut session = Session::new(VersionInfo::new(7, 2, 0));
 //! let mut out = session.greeting();
 //! let input = br#"{"execute": "qmp_capabilities"}
@@ -54,10 +54,11 @@ mod dispatch;
 mod error;
 mod event;
 pub mod json;
+pub mod schema;
 mod session;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use args::Args;
 pub use builtins::{BUILTINS, PACKAGE, VersionInfo};
@@ -65,4 +66,5 @@ pub use dispatch::{Dispatcher, Handler, QmpContext};
 pub use error::{ErrorClass, QmpError, QmpResult};
 pub use event::{Event, Timestamp};
 pub use json::Limits;
+pub use schema::Signature;
 pub use session::{Action, Session};
