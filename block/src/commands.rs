@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::layer::{BlockContext, BlockLayer};
 use crate::qmp::{Args, Dispatcher, QmpError, Signature};
-use crate::{blockdev, object, qemu_io, query};
+use crate::{blockdev, object, qemu_io, query, stats};
 
 type Res = Result<Value, QmpError>;
 
@@ -24,7 +24,7 @@ type Res = Result<Value, QmpError>;
 pub type Command = fn(&BlockLayer, &Args<'_>) -> Res;
 
 /// Every command, by name.
-pub const COMMANDS: [(&str, Signature, Command); 15] = [
+pub const COMMANDS: [(&str, Signature, Command); 17] = [
     (
         "blockdev-add",
         Signature::new(
@@ -89,6 +89,20 @@ pub const COMMANDS: [(&str, Signature, Command); 15] = [
         query::query_block_graph,
     ),
     (
+        "query-blockstats",
+        Signature::new("query-nodes?:bool", "[@BlockStats]"),
+        stats::query_blockstats,
+    ),
+    (
+        "block-latency-histogram-set",
+        Signature::new(
+            "id:str, boundaries?:[uint64], boundaries-read?:[uint64], \
+             boundaries-write?:[uint64], boundaries-flush?:[uint64]",
+            "{}",
+        ),
+        stats::block_latency_histogram_set,
+    ),
+    (
         "object-add",
         Signature::new("qom-type:(throttle-group), id:str, ..", "{}"),
         object::object_add,
@@ -116,7 +130,7 @@ macro_rules! handler {
 
 /// Registers every block command on `d`.
 pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
-    let handlers: [crate::qmp::Handler<C>; 15] = [
+    let handlers: [crate::qmp::Handler<C>; 17] = [
         handler!(0),
         handler!(1),
         handler!(2),
@@ -132,6 +146,8 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
         handler!(12),
         handler!(13),
         handler!(14),
+        handler!(15),
+        handler!(16),
     ];
     for (i, h) in handlers.into_iter().enumerate() {
         d.register(COMMANDS[i].0, COMMANDS[i].1, h);

@@ -83,6 +83,7 @@ pub mod qemu_io;
 pub mod qmp;
 pub mod query;
 pub mod schema;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 pub mod timer;

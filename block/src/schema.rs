@@ -80,26 +80,22 @@ pub const TYPES: &[(&str, &str)] = &[
     ),
     (
         "BlockDeviceStats",
-        "{rd_bytes:int, wr_bytes:int, zone_append_bytes:int, unmap_bytes:int, \
-         rd_operations:int, wr_operations:int, zone_append_operations:int, \
+        "{rd_bytes:int, wr_bytes:int, unmap_bytes:int, rd_operations:int, wr_operations:int, \
          flush_operations:int, unmap_operations:int, rd_total_time_ns:int, \
-         wr_total_time_ns:int, zone_append_total_time_ns:int, flush_total_time_ns:int, \
-         unmap_total_time_ns:int, wr_highest_offset:int, rd_merged:int, wr_merged:int, \
-         zone_append_merged:int, unmap_merged:int, idle_time_ns?:int, \
-         failed_rd_operations:int, failed_wr_operations:int, \
-         failed_zone_append_operations:int, failed_flush_operations:int, \
-         failed_unmap_operations:int, invalid_rd_operations:int, invalid_wr_operations:int, \
-         invalid_zone_append_operations:int, invalid_flush_operations:int, \
+         wr_total_time_ns:int, flush_total_time_ns:int, unmap_total_time_ns:int, \
+         wr_highest_offset:int, rd_merged:int, wr_merged:int, unmap_merged:int, \
+         idle_time_ns?:int, failed_rd_operations:int, failed_wr_operations:int, \
+         failed_flush_operations:int, failed_unmap_operations:int, invalid_rd_operations:int, \
+         invalid_wr_operations:int, invalid_flush_operations:int, \
          invalid_unmap_operations:int, account_invalid:bool, account_failed:bool, \
          timed_stats:[@BlockDeviceTimedStats], rd_latency_histogram?:@BlockLatencyHistogramInfo, \
          wr_latency_histogram?:@BlockLatencyHistogramInfo, \
-         zone_append_latency_histogram?:@BlockLatencyHistogramInfo, \
          flush_latency_histogram?:@BlockLatencyHistogramInfo}",
     ),
     (
         "BlockStats",
-        "{device?:str, qdev?:str, node-name?:str, stats:@BlockDeviceStats, \
-         parent?:{node-name?:str, stats:@BlockDeviceStats, ..}, backing?:any}",
+        "{device?:str, qdev?:str, node-name?:str, stats:@BlockDeviceStats, parent?:@BlockStats, \
+         backing?:@BlockStats}",
     ),
 ];
 
@@ -125,6 +121,11 @@ pub const EVENTS: &[(&str, &str)] = &[
     ("BLOCK_JOB_PENDING", "type:@JobType, id:str"),
     ("DEVICE_TRAY_MOVED", "device:str, id:str, tray-open:bool"),
     ("BLOCK_EXPORT_DELETED", "id:str"),
+    (
+        "BLOCK_IO_ERROR",
+        "device:str, node-name?:str, operation:@IoOperationType, action:@BlockErrorAction, \
+         nospace?:bool, reason:str",
+    ),
     (
         "QUORUM_FAILURE",
         "reference:str, sector-num:int, sectors-count:int",

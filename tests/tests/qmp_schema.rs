@@ -93,7 +93,12 @@ fn qemu_qmp_reads_a_schema_of_every_command_with_its_types() {
         .collect();
     listed.sort_unstable();
     assert_eq!(in_schema, listed);
-    for name in ["x-query-devices", "x-drive-add", "query-qmp-schema", "blockdev-add"] {
+    for name in [
+        "x-query-devices",
+        "x-drive-add",
+        "query-qmp-schema",
+        "blockdev-add",
+    ] {
         assert!(in_schema.contains(&name), "{name}");
     }
 
@@ -106,7 +111,14 @@ fn qemu_qmp_reads_a_schema_of_every_command_with_its_types() {
     let drivers = entity(schema, driver["type"].as_str().unwrap());
     assert_eq!(drivers["meta-type"], "enum");
     let values = drivers["values"].as_array().unwrap();
-    for d in ["virtio-blk", "virtio-scsi", "raw", "qcow2", "null-co", "throttle"] {
+    for d in [
+        "virtio-blk",
+        "virtio-scsi",
+        "raw",
+        "qcow2",
+        "null-co",
+        "throttle",
+    ] {
         assert!(values.iter().any(|v| v == d), "{d} in {values:?}");
     }
     let node_name = member(schema, arg, "node-name");
@@ -123,7 +135,12 @@ fn qemu_qmp_reads_a_schema_of_every_command_with_its_types() {
     let list = entity(schema, q["ret-type"].as_str().unwrap());
     assert_eq!(list["meta-type"], "array");
     let info = list["element-type"].as_str().unwrap();
-    for (name, ty) in [("node-name", "str"), ("drv", "str"), ("ro", "bool"), ("file", "str")] {
+    for (name, ty) in [
+        ("node-name", "str"),
+        ("drv", "str"),
+        ("ro", "bool"),
+        ("file", "str"),
+    ] {
         assert_eq!(member(schema, info, name)["type"], ty, "{name}");
     }
     let image_info = member(schema, info, "image")["type"].as_str().unwrap();

@@ -411,19 +411,49 @@ impl<'t> Introspector<'t> {
             }),
             Ty::Object(m) => self.object(m)?,
             Ty::Named(n) => {
+                let key = format!("named:{n}");
+                if let Some((_, name)) = self.names.iter().find(|(k, _)| *k == key) {
+                    return Ok(name.clone());
+                }
                 let spec = self
                     .named
                     .iter()
                     .find(|(k, _)| k == n)
                     .map(|(_, s)| *s)
                     .ok_or_else(|| SpecError(format!("unknown named type '@{n}'")))?;
-                self.type_name(&parse_type(spec)?)?
+                match parse_type(spec)? {
+                    // Named first, members after: an object may contain
+                    // itself (`BlockStats.parent`).
+                    Ty::Object(m) => {
+                        let name = self.next.to_string();
+                        self.next += 1;
+                        self.names.push((key, name.clone()));
+                        let (members, _) = self.members(&m)?;
+                        self.entities.push(
+                            json!({"name": name, "meta-type": "object", "members": members}),
+                        );
+                        name
+                    }
+                    other => {
+                        let name = self.type_name(&other)?;
+                        self.names.push((key, name.clone()));
+                        name
+                    }
+                }
             }
         })
     }
 
     /// The name of an object type with `m`.
     pub fn object(&mut self, m: &Members) -> Result<String, SpecError> {
+        let (members, key) = self.members(m)?;
+        Ok(self.intern(key, |name| {
+            Some(json!({"name": name, "meta-type": "object", "members": members}))
+        }))
+    }
+
+    /// The `members` of an object with `m`, and its structural key.
+    fn members(&mut self, m: &Members) -> Result<(Vec<Value>, String), SpecError> {
         let mut members = Vec::new();
         let mut key = String::from("object:");
         for member in &m.members {
@@ -444,9 +474,7 @@ impl<'t> Introspector<'t> {
         if m.open {
             key.push_str("..");
         }
-        Ok(self.intern(key, |name| {
-            Some(json!({"name": name, "meta-type": "object", "members": members}))
-        }))
+        Ok((members, key))
     }
 
     /// Adds a command.

@@ -476,6 +476,7 @@ fn query_qmp_schema_is_the_dispatchers_table_and_describes_what_the_commands_ret
         "query-block",
         "x-debug-query-block-graph",
         "query-block-exports",
+        "query-blockstats",
         "query-jobs",
         "query-block-jobs",
         "query-version",
@@ -484,7 +485,10 @@ fn query_qmp_schema_is_the_dispatchers_table_and_describes_what_the_commands_ret
     ] {
         let ret = entity(&schema, q)["ret-type"].as_str().unwrap().to_string();
         let value = run(&mut h, &alloc::format!(r#"{{"execute": "{q}"}}"#))["return"].clone();
-        if matches!(q, "query-named-block-nodes" | "query-block-exports") {
+        if matches!(
+            q,
+            "query-named-block-nodes" | "query-block-exports" | "query-blockstats"
+        ) {
             assert!(
                 value.as_array().is_some_and(|a| !a.is_empty()),
                 "{q}: {value}"
@@ -502,5 +506,41 @@ fn query_qmp_schema_is_the_dispatchers_table_and_describes_what_the_commands_ret
             .unwrap()
             .iter()
             .any(|m| m["name"] == "node-name")
+    );
+}
+
+#[test]
+fn an_exports_backend_is_listed_by_query_blockstats_with_the_export_as_qdev() {
+    let mut h = Harness::new();
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "host": "", "port": "10809"}}),
+    );
+    h.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "disk0", "writable": true}),
+    );
+    let e = h.exports().by_id("e0").unwrap();
+    let backend = e.backend.clone();
+    h.m.q
+        .bl
+        .wait(async move {
+            backend
+                .write(512, alloc::vec![7; 1024], crate::io::ReqFlags::NONE)
+                .await
+        })
+        .unwrap()
+        .unwrap();
+    let stats = h.ok("query-blockstats", json!({}));
+    let list = stats.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{stats}");
+    assert_eq!(list[0]["device"], "");
+    assert_eq!(list[0]["qdev"], "e0");
+    assert_eq!(list[0]["node-name"], "disk0");
+    assert_eq!(list[0]["stats"]["wr_bytes"], 1024);
+    assert_eq!(list[0]["stats"]["wr_highest_offset"], 1536);
+    h.ok(
+        "block-latency-histogram-set",
+        json!({"id": "e0", "boundaries": [1]}),
     );
 }
