@@ -22,7 +22,9 @@
 //!    — greeting, capabilities negotiation, request checking, dispatch,
 //!    `id` echo, events, and the [built-in commands](builtins)
 //!    (`qmp_capabilities`, `query-version`, `query-commands`,
-//!    `query-status`, `quit`).
+//!    `query-status`, `quit`, `query-qmp-schema`).
+//! 5. [`schema`]: each command's [`Signature`], checked by the session
+//!    before the handler runs and reported by `query-qmp-schema`.
 //!
 //! ```
 //! use block::qmp::{Action, Args, Dispatcher, QmpContext, QmpError, Session, Signature, VersionInfo};

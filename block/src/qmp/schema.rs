@@ -9,7 +9,7 @@
 //!   against it before the handler runs, as QEMU's generated marshaller
 //!   does (members in declaration order: presence, then JSON type and enum
 //!   value; leftovers last), with the input visitor's texts;
-//! - [`introspect`] turns the whole table into `query-qmp-schema`'s
+//! - [`Introspector`] turns the whole table into `query-qmp-schema`'s
 //!   `SchemaInfo` list.
 //!
 //! ## Notation
