@@ -2,10 +2,11 @@
 //! QMP client (`qemu.qmp`, installed by `.ci/install-deps`), connected
 //! straight to COM2's socket: QEMU holds the guest until the client is
 //! there (`wait=on`), so the client sees the one greeting and negotiates
-//! itself.
+//! itself. `qmp-shell` (from the same package) runs commands the same way.
 
 use harness::QemuConfig;
 use serde_json::Value;
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,8 +47,10 @@ fn member<'s>(schema: &'s [Value], object: &str, name: &str) -> &'s Value {
         .unwrap_or_else(|| panic!("{object} has no member {name}"))
 }
 
-#[test]
-fn qemu_qmp_reads_a_schema_of_every_command_with_its_types() {
+/// Boots the appliance with COM2 on a socket in `dir`, runs `client` on
+/// that socket once QEMU listens, and returns the client's output after
+/// QEMU exited 0 (the client ends with `quit`).
+fn with_client(client: &mut Command) -> std::process::Output {
     let image = harness::image::for_tests();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("qmp.sock");
@@ -62,18 +65,20 @@ fn qemu_qmp_reads_a_schema_of_every_command_with_its_types() {
     while !sock.exists() && t0.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let client = Command::new("/usr/bin/python3")
-        .args(["-c", CLIENT])
-        .arg(&sock)
-        .output()
-        .expect("python3 runs");
+    let out = client.arg(&sock).output().expect("the client runs");
     let status = qemu.wait().expect("qemu exits");
     assert!(
-        client.status.success(),
-        "qemu.qmp client failed: {}",
-        String::from_utf8_lossy(&client.stderr)
+        out.status.success(),
+        "{client:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     assert!(status.success(), "QEMU exit {status:?}");
+    out
+}
+
+#[test]
+fn qemu_qmp_reads_a_schema_of_every_command_with_its_types() {
+    let client = with_client(Command::new("/usr/bin/python3").args(["-c", CLIENT]));
     let out: Value = serde_json::from_slice(&client.stdout).expect("the client's JSON");
     let schema = out["schema"].as_array().expect("a SchemaInfo list");
 
@@ -151,4 +156,23 @@ fn qemu_qmp_reads_a_schema_of_every_command_with_its_types() {
         assert_eq!(entity(schema, e)["meta-type"], "event", "{e}");
     }
     assert_eq!(entity(schema, "int")["json-type"], "int");
+}
+
+#[test]
+fn qmp_shell_runs_commands_and_shows_qemus_errors() {
+    let mut script = tempfile::NamedTempFile::new().unwrap();
+    script
+        .write_all(b"query-qmp-schema\nblock-latency-histogram-set id=nope\nquit\n")
+        .unwrap();
+    let input = std::fs::File::open(script.path()).unwrap();
+    let out = with_client(Command::new("qmp-shell").stdin(input));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Connected to QEMU 7.2.0"), "{text}");
+    assert!(text.contains(r#""name": "query-blockstats""#), "{text}");
+    assert!(
+        text.contains(
+            r#"{"error": {"class": "DeviceNotFound", "desc": "Device 'nope' not found"}}"#
+        ),
+        "{text}"
+    );
 }
