@@ -141,27 +141,22 @@ impl Monitor {
     /// a fatal error inside the command, for the tests of the fatal halt
     /// path: a panic, or with `"fault": "page-fault"` a CPU exception.
     pub fn add_test_panic_command(&mut self) {
-        self.commands.register(
-            "x-blockhaus-panic",
-            block::qmp::Signature::new("fault?:str", "{}"),
-            |_, args| {
-                args.check_known(&["fault"])?;
-                match args.opt_str("fault")? {
-                    None | Some("panic") => {
-                        panic!("x-blockhaus-panic: test panic requested over QMP")
-                    }
-                    Some("page-fault") => {
-                        crate::cmdline::trigger(crate::cmdline::TestFault::PageFault);
-                        Err(block::qmp::QmpError::generic(
-                            "the page fault did not happen",
-                        ))
-                    }
-                    Some(other) => Err(block::qmp::QmpError::generic(alloc::format!(
-                        "fault '{other}' is not one of panic, page-fault"
-                    ))),
+        let sig = block::qmp::Signature::new("fault?:str", "{}");
+        self.commands.register("x-blockhaus-panic", sig, |_, args| {
+            args.check_known(&["fault"])?;
+            match args.opt_str("fault")? {
+                None | Some("panic") => panic!("x-blockhaus-panic: test panic requested over QMP"),
+                Some("page-fault") => {
+                    crate::cmdline::trigger(crate::cmdline::TestFault::PageFault);
+                    Err(block::qmp::QmpError::generic(
+                        "the page fault did not happen",
+                    ))
                 }
-            },
-        );
+                Some(other) => Err(block::qmp::QmpError::generic(alloc::format!(
+                    "fault '{other}' is not one of panic, page-fault"
+                ))),
+            }
+        });
     }
 
     /// `x-blockhaus-disk-io` (with `blockhaus.debug-commands=on`): I/O on
