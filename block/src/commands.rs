@@ -15,8 +15,8 @@
 use serde_json::Value;
 
 use crate::layer::{BlockContext, BlockLayer};
-use crate::qmp::{Args, Dispatcher, QmpError};
-use crate::{blockdev, object, qemu_io, query};
+use crate::qmp::{Args, Dispatcher, QmpError, Signature};
+use crate::{blockdev, object, qemu_io, query, stats};
 
 type Res = Result<Value, QmpError>;
 
@@ -24,28 +24,105 @@ type Res = Result<Value, QmpError>;
 pub type Command = fn(&BlockLayer, &Args<'_>) -> Res;
 
 /// Every command, by name.
-pub const COMMANDS: [(&str, Command); 15] = [
-    ("blockdev-add", blockdev::blockdev_add),
-    ("blockdev-del", blockdev::blockdev_del),
-    ("x-blockdev-change", blockdev::x_blockdev_change),
-    ("block_resize", blockdev::block_resize),
-    ("blockdev-open-tray", blockdev::blockdev_open_tray),
-    ("blockdev-close-tray", blockdev::blockdev_close_tray),
-    ("blockdev-remove-medium", blockdev::blockdev_remove_medium),
-    ("blockdev-insert-medium", blockdev::blockdev_insert_medium),
-    ("eject", blockdev::eject),
-    ("query-named-block-nodes", query::query_named_block_nodes),
-    ("query-block", query::query_block),
-    ("x-debug-query-block-graph", query::query_block_graph),
-    ("object-add", object::object_add),
-    ("object-del", object::object_del),
-    ("human-monitor-command", qemu_io::human_monitor_command),
+pub const COMMANDS: [(&str, Signature, Command); 17] = [
+    (
+        "blockdev-add",
+        Signature::new(
+            "driver:@BlockdevDriver, node-name?:str, discard?:(ignore|unmap), cache?:{direct?:bool, no-flush?:bool}, read-only?:bool, auto-read-only?:bool, force-share?:bool, detect-zeroes?:@BlockdevDetectZeroesOptions, ..",
+            "{}",
+        ),
+        blockdev::blockdev_add,
+    ),
+    (
+        "blockdev-del",
+        Signature::new("node-name:str", "{}"),
+        blockdev::blockdev_del,
+    ),
+    (
+        "x-blockdev-change",
+        Signature::new("parent:str, child?:str, node?:str", "{}"),
+        blockdev::x_blockdev_change,
+    ),
+    (
+        "block_resize",
+        Signature::new("device?:str, node-name?:str, size:int", "{}"),
+        blockdev::block_resize,
+    ),
+    (
+        "blockdev-open-tray",
+        Signature::new("device?:str, id?:str, force?:bool", "{}"),
+        blockdev::blockdev_open_tray,
+    ),
+    (
+        "blockdev-close-tray",
+        Signature::new("device?:str, id?:str", "{}"),
+        blockdev::blockdev_close_tray,
+    ),
+    (
+        "blockdev-remove-medium",
+        Signature::new("id:str", "{}"),
+        blockdev::blockdev_remove_medium,
+    ),
+    (
+        "blockdev-insert-medium",
+        Signature::new("id:str, node-name:str", "{}"),
+        blockdev::blockdev_insert_medium,
+    ),
+    (
+        "eject",
+        Signature::new("device?:str, id?:str, force?:bool", "{}"),
+        blockdev::eject,
+    ),
+    (
+        "query-named-block-nodes",
+        Signature::new("flat?:bool", "[@BlockDeviceInfo]"),
+        query::query_named_block_nodes,
+    ),
+    (
+        "query-block",
+        Signature::new("", "[@BlockInfo]"),
+        query::query_block,
+    ),
+    (
+        "x-debug-query-block-graph",
+        Signature::new("", "@XDbgBlockGraph"),
+        query::query_block_graph,
+    ),
+    (
+        "query-blockstats",
+        Signature::new("query-nodes?:bool", "[@BlockStats]"),
+        stats::query_blockstats,
+    ),
+    (
+        "block-latency-histogram-set",
+        Signature::new(
+            "id:str, boundaries?:[uint64], boundaries-read?:[uint64], \
+             boundaries-write?:[uint64], boundaries-flush?:[uint64]",
+            "{}",
+        ),
+        stats::block_latency_histogram_set,
+    ),
+    (
+        "object-add",
+        Signature::new("qom-type:(throttle-group), id:str, ..", "{}"),
+        object::object_add,
+    ),
+    (
+        "object-del",
+        Signature::new("id:str", "{}"),
+        object::object_del,
+    ),
+    (
+        "human-monitor-command",
+        Signature::new("command-line:str, cpu-index?:int", "str"),
+        qemu_io::human_monitor_command,
+    ),
 ];
 
 macro_rules! handler {
     ($i:expr) => {{
         fn h<C: BlockContext>(c: &mut C, a: &Args<'_>) -> Res {
-            (COMMANDS[$i].1)(c.block_layer(), a)
+            (COMMANDS[$i].2)(c.block_layer(), a)
         }
         h::<C>
     }};
@@ -53,7 +130,7 @@ macro_rules! handler {
 
 /// Registers every block command on `d`.
 pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
-    let handlers: [crate::qmp::Handler<C>; 15] = [
+    let handlers: [crate::qmp::Handler<C>; 17] = [
         handler!(0),
         handler!(1),
         handler!(2),
@@ -69,10 +146,13 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
         handler!(12),
         handler!(13),
         handler!(14),
+        handler!(15),
+        handler!(16),
     ];
     for (i, h) in handlers.into_iter().enumerate() {
-        d.register(COMMANDS[i].0, h);
+        d.register(COMMANDS[i].0, COMMANDS[i].1, h);
     }
+    crate::schema::register(d);
     crate::drivers::qcow2::commands::register(d);
     crate::jobs::commands::register(d);
 }

@@ -574,6 +574,7 @@ impl Job {
             user: Some(format!("{} job '{}'", self.job_type(), self.id)),
             tray: false,
             disable_request_queuing: true,
+            device: None,
         };
         let b = r
             .new_backend(opts, perm, shared)

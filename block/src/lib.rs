@@ -46,8 +46,9 @@
 //! **[`qmp`]** — QMP itself, sans I/O: JSON framing, sessions,
 //! dispatch, errors and events. The block layer's commands are in
 //! [`commands`] (the table), [`blockdev`] (`blockdev-add`/`-del`, medium
-//! commands), [`query`], [`object`] and [`qemu_io`]
-//! (`human-monitor-command`).
+//! commands), [`query`], [`stats`] (I/O accounting, `query-blockstats`),
+//! [`object`] and [`qemu_io`] (`human-monitor-command`); [`schema`] holds
+//! the QAPI types and events their signatures name.
 //!
 //! **The rest, one concern each** — [`layer`] (the block layer as one
 //! value), [`open`], [`options`] and [`keyval`] (opening nodes from
@@ -82,6 +83,8 @@ pub mod options;
 pub mod qemu_io;
 pub mod qmp;
 pub mod query;
+pub mod schema;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 pub mod timer;

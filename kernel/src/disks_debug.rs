@@ -244,5 +244,15 @@ fn ids(tickets: &[(u64, Ticket)]) -> Vec<Ticket> {
 
 /// Registers `x-blockhaus-disk-io`.
 pub fn register(commands: &mut Dispatcher<Appliance>) {
-    commands.register("x-blockhaus-disk-io", disk_io);
+    commands.register(
+        "x-blockhaus-disk-io",
+        block::qmp::Signature::new(
+            "serial?:str, pci-addr?:str, target?:uint64, lun?:uint64, \
+             op:(read|write|flush|discard|write-zeroes|flush-all), offset?:uint64, \
+             length?:uint64, pattern?:uint64, chunk?:uint64, fua?:bool, may-unmap?:bool, \
+             random?:bool",
+            "any",
+        ),
+        disk_io,
+    );
 }

@@ -71,5 +71,9 @@ fn query_devices(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError
 
 /// Registers `x-query-devices`.
 pub fn register(commands: &mut Dispatcher<Appliance>) {
-    commands.register("x-query-devices", query_devices);
+    commands.register(
+        "x-query-devices",
+        block::qmp::Signature::new("", "[any]"),
+        query_devices,
+    );
 }

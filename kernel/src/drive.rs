@@ -43,7 +43,11 @@ fn x_drive_add(app: &mut Appliance, args: &Args<'_>) -> Result<Value, QmpError> 
 
 /// Registers `x-drive-add`.
 pub fn register(commands: &mut Dispatcher<Appliance>) {
-    commands.register("x-drive-add", x_drive_add);
+    commands.register(
+        "x-drive-add",
+        block::qmp::Signature::new("id:str, node-name:str", "{}"),
+        x_drive_add,
+    );
 }
 
 /// `--drive id=ID,node-name=NODE`: `Ok(false)` for any other option.

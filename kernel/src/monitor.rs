@@ -166,7 +166,8 @@ impl Monitor {
     /// a fatal error inside the command, for the tests of the fatal halt
     /// path: a panic, or with `"fault": "page-fault"` a CPU exception.
     pub fn add_test_panic_command(&mut self) {
-        self.commands.register("x-blockhaus-panic", |_, args| {
+        let sig = block::qmp::Signature::new("fault?:str", "{}");
+        self.commands.register("x-blockhaus-panic", sig, |_, args| {
             args.check_known(&["fault"])?;
             match args.opt_str("fault")? {
                 None | Some("panic") => panic!("x-blockhaus-panic: test panic requested over QMP"),

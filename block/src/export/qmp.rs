@@ -18,7 +18,7 @@ use core::net::Ipv4Addr;
 use serde_json::{Map, Value, json};
 
 use super::table::{ExportTable, NewExport};
-use crate::qmp::{Args, Dispatcher, QmpError};
+use crate::qmp::{Args, Dispatcher, QmpError, Signature};
 
 /// Where `nbd-server-start` listens.
 pub struct ServerConfig {
@@ -395,11 +395,49 @@ pub fn apply_boot_option<C: NbdContext>(
 
 /// Registers the NBD QMP commands.
 pub fn register<C: NbdContext + 'static>(commands: &mut Dispatcher<C>) {
-    commands.register("nbd-server-start", nbd_server_start);
-    commands.register("nbd-server-stop", nbd_server_stop);
-    commands.register("nbd-server-add", nbd_server_add);
-    commands.register("nbd-server-remove", nbd_server_remove);
-    commands.register("block-export-add", block_export_add);
-    commands.register("block-export-del", block_export_del);
-    commands.register("query-block-exports", query_block_exports);
+    crate::schema::register(commands);
+    commands.register(
+        "nbd-server-start",
+        Signature::new(
+            "addr:{type:(inet|unix|vsock|fd), data:{host:str, port:str, numeric?:bool, to?:int, \
+             ipv4?:bool, ipv6?:bool, keep-alive?:bool}}, tls-creds?:str, tls-authz?:str, \
+             max-connections?:uint32",
+            "{}",
+        ),
+        nbd_server_start,
+    );
+    commands.register("nbd-server-stop", Signature::NONE, nbd_server_stop);
+    commands.register(
+        "nbd-server-add",
+        Signature::new(
+            "device:str, name?:str, description?:str, writable?:bool, bitmap?:str",
+            "{}",
+        ),
+        nbd_server_add,
+    );
+    commands.register(
+        "nbd-server-remove",
+        Signature::new("name:str, mode?:(safe|hard)", "{}"),
+        nbd_server_remove,
+    );
+    commands.register(
+        "block-export-add",
+        Signature::new(
+            "type:(nbd|vhost-user-blk|fuse|vduse-blk), id:str, node-name:str, writable?:bool, \
+             writethrough?:bool, iothread?:str, fixed-iothread?:bool, name?:str, \
+             description?:str, bitmaps?:[str], allocation-depth?:bool",
+            "{}",
+        ),
+        block_export_add,
+    );
+    commands.register(
+        "block-export-del",
+        Signature::new("id:str, mode?:(safe|hard)", "{}"),
+        block_export_del,
+    );
+    commands.register(
+        "query-block-exports",
+        Signature::new("", "[@BlockExportInfo]"),
+        query_block_exports,
+    );
 }

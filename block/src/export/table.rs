@@ -172,7 +172,10 @@ impl ExportTable {
         let backend = self
             .registry
             .new_backend(
-                BackendOptions::default(),
+                BackendOptions {
+                    device: Some(req.id.into()),
+                    ..BackendOptions::default()
+                },
                 perm,
                 Perm::ALL.minus(Perm::RESIZE),
             )

@@ -31,6 +31,7 @@ use crate::graph::node::{Node, unref};
 use crate::graph::permission::{Perm, PermError};
 use crate::graph::registry::{Registry, id_wellformed};
 use crate::io::{BlockStatus, IoError, IoResult, ReqFlags};
+use crate::stats::{AcctType, BlockAcctStats};
 
 /// A callback fired on insert or remove.
 pub type Notifier = Rc<dyn Fn(&Rc<Backend>)>;
@@ -84,6 +85,10 @@ pub struct BackendOptions {
     /// Requests bypass quiescing (QEMU: `blk_set_disable_request_queuing`),
     /// as a job's own backends do so that it can finish while drained.
     pub disable_request_queuing: bool,
+    /// The id of the device-like user (an NBD export; QEMU: the attached
+    /// device, `qdev`): `query-blockstats` lists such a backend, and its
+    /// failed requests raise `BLOCK_IO_ERROR`.
+    pub device: Option<String>,
 }
 
 /// One backend.
@@ -100,6 +105,8 @@ pub struct Backend {
     resume: WaitQueue,
     disable_request_queuing: bool,
     tray: Option<Cell<bool>>,
+    device: Option<String>,
+    stats: BlockAcctStats,
     notifiers: RefCell<Vec<(u64, bool, Notifier)>>,
     next_notifier: Cell<u64>,
     registry: Weak<Registry>,
@@ -150,6 +157,8 @@ impl Registry {
             resume: WaitQueue::new(),
             disable_request_queuing: opts.disable_request_queuing,
             tray: opts.tray.then(|| Cell::new(false)),
+            device: opts.device,
+            stats: BlockAcctStats::default(),
             notifiers: RefCell::new(Vec::new()),
             next_notifier: Cell::new(0),
             registry: Rc::downgrade(self),
@@ -183,6 +192,16 @@ impl Backend {
     /// The user description given at creation, if any.
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
+    }
+
+    /// The device-like user's id (see [`BackendOptions::device`]).
+    pub fn device(&self) -> Option<&str> {
+        self.device.as_deref()
+    }
+
+    /// The I/O statistics of the requests sent through this backend.
+    pub fn stats(&self) -> &BlockAcctStats {
+        &self.stats
     }
 
     /// The root edge.
@@ -378,12 +397,9 @@ impl Backend {
         Ok((InFlight(self), root))
     }
 
-    fn check_range(root: &Child, offset: u64, len: u64) -> IoResult<()> {
+    fn in_range(root: &Child, offset: u64, len: u64) -> IoResult<bool> {
         let length = root.node().get_length()?;
-        if offset > length || length - offset < len {
-            return Err(IoError::Eio);
-        }
-        Ok(())
+        Ok(offset <= length && length - offset >= len)
     }
 
     fn need(&self, p: Perm) -> IoResult<()> {
@@ -392,6 +408,82 @@ impl Backend {
         } else {
             Err(IoError::Eperm)
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.registry.upgrade().map_or(0, |r| r.clock().now_ns())
+    }
+
+    /// Runs one accounted request (QEMU: a device's `block_acct_start`,
+    /// the request, then `block_acct_done`/`_failed`/`_invalid`): waits
+    /// for the backend, checks the range (`Some((offset, len))`; outside
+    /// it the request is invalid: EIO, counted, no event) and the
+    /// permission, runs `op` on the root; a failure is counted and, on a
+    /// backend a user can name, raises `BLOCK_IO_ERROR`.
+    async fn accounted<T, F: core::future::Future<Output = IoResult<T>>>(
+        &self,
+        kind: AcctType,
+        bytes: u64,
+        range: Option<(u64, u64)>,
+        need: Perm,
+        op: impl FnOnce(Rc<Child>) -> F,
+    ) -> IoResult<T> {
+        let start = self.now_ns();
+        let result = async {
+            let (guard, root) = self.enter().await?;
+            if let Some((offset, len)) = range
+                && !Self::in_range(&root, offset, len)?
+            {
+                return Ok(Err(guard));
+            }
+            self.need(need)?;
+            let r = op(root).await;
+            drop(guard);
+            r.map(Ok)
+        }
+        .await;
+        let now = self.now_ns();
+        match result {
+            Ok(Ok(v)) => {
+                self.stats.done(kind, bytes, true, start, now);
+                Ok(v)
+            }
+            Ok(Err(_guard)) => {
+                self.stats.invalid(kind, now);
+                Err(IoError::Eio)
+            }
+            Err(e) => {
+                self.stats.done(kind, bytes, false, start, now);
+                self.report_error(kind, e);
+                Err(e)
+            }
+        }
+    }
+
+    /// `BLOCK_IO_ERROR` (QEMU: `send_qmp_error_event`), on a backend a
+    /// user can name; blockhaus's error action is always `report`.
+    fn report_error(&self, kind: AcctType, e: IoError) {
+        if self.name.is_none() && self.device.is_none() {
+            return;
+        }
+        let Some(reg) = self.registry.upgrade() else {
+            return;
+        };
+        let mut data = serde_json::Map::new();
+        data.insert("device".into(), json!(self.name.as_deref().unwrap_or("")));
+        if let Some(root) = self.root_node() {
+            data.insert("node-name".into(), json!(root.name()));
+        }
+        let op = if kind == AcctType::Read {
+            "read"
+        } else {
+            "write"
+        };
+        data.insert("operation".into(), json!(op));
+        data.insert("action".into(), json!("report"));
+        data.insert("nospace".into(), json!(e == IoError::Enospc));
+        data.insert("reason".into(), json!(e.strerror()));
+        reg.emit("BLOCK_IO_ERROR", serde_json::Value::Object(data));
     }
 
     /// The root's length (QEMU: `blk_getlength`).
@@ -404,39 +496,61 @@ impl Backend {
 
     /// Reads `len` bytes at `offset`; EIO past the end.
     pub async fn read(&self, offset: u64, len: usize) -> IoResult<Vec<u8>> {
-        let (_g, root) = self.enter().await?;
-        Self::check_range(&root, offset, len as u64)?;
-        root.read(offset, len, ReqFlags::NONE).await
+        let bytes = len as u64;
+        self.accounted(
+            AcctType::Read,
+            bytes,
+            Some((offset, bytes)),
+            Perm::NONE,
+            |root| async move { root.read(offset, len, ReqFlags::NONE).await },
+        )
+        .await
     }
 
     /// Writes `data` at `offset` (`FUA` in `flags` for a durable write).
     pub async fn write(&self, offset: u64, data: Vec<u8>, flags: ReqFlags) -> IoResult<()> {
-        let (_g, root) = self.enter().await?;
-        self.need(Perm::WRITE)?;
-        Self::check_range(&root, offset, data.len() as u64)?;
-        root.write(offset, data, flags).await
+        let bytes = data.len() as u64;
+        self.accounted(
+            AcctType::Write,
+            bytes,
+            Some((offset, bytes)),
+            Perm::WRITE,
+            |root| async move { root.write(offset, data, flags).await },
+        )
+        .await
     }
 
-    /// Writes zeroes (`MAY_UNMAP` allows deallocation).
+    /// Writes zeroes (`MAY_UNMAP` allows deallocation); counted as a write
+    /// of `len` bytes, as QEMU's devices count it.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> IoResult<()> {
-        let (_g, root) = self.enter().await?;
-        self.need(Perm::WRITE)?;
-        Self::check_range(&root, offset, len)?;
-        root.write_zeroes(offset, len, flags).await
+        self.accounted(
+            AcctType::Write,
+            len,
+            Some((offset, len)),
+            Perm::WRITE,
+            |root| async move { root.write_zeroes(offset, len, flags).await },
+        )
+        .await
     }
 
     /// Discards a range.
     pub async fn discard(&self, offset: u64, len: u64) -> IoResult<()> {
-        let (_g, root) = self.enter().await?;
-        self.need(Perm::WRITE)?;
-        Self::check_range(&root, offset, len)?;
-        root.discard(offset, len).await
+        self.accounted(
+            AcctType::Unmap,
+            len,
+            Some((offset, len)),
+            Perm::WRITE,
+            |root| async move { root.discard(offset, len).await },
+        )
+        .await
     }
 
     /// Flushes the tree.
     pub async fn flush(&self) -> IoResult<()> {
-        let (_g, root) = self.enter().await?;
-        root.flush().await
+        self.accounted(AcctType::Flush, 0, None, Perm::NONE, |root| async move {
+            root.flush().await
+        })
+        .await
     }
 
     /// The status of the extent at `offset`.

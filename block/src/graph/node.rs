@@ -103,6 +103,7 @@ pub struct Node {
     write_notifiers: RefCell<Vec<(u64, WriteNotifier)>>,
     next_write_notifier: Cell<u64>,
     flushed_gen: Cell<u64>,
+    wr_highest_offset: Cell<u64>,
     state: Cell<NodeState>,
     registry: Weak<Registry>,
 }
@@ -161,6 +162,7 @@ impl Node {
             idle: WaitQueue::new(),
             write_gen: Cell::new(0),
             write_notifiers: RefCell::new(Vec::new()),
+            wr_highest_offset: Cell::new(0),
             next_write_notifier: Cell::new(0),
             flushed_gen: Cell::new(0),
             state: Cell::new(NodeState::Open),
@@ -391,7 +393,17 @@ impl Node {
         self.write_notifiers.borrow_mut().retain(|(i, _)| *i != id);
     }
 
+    /// The end of the furthest write-like request so far (QEMU:
+    /// `bs->wr_highest_offset`, what `query-blockstats` reports).
+    pub fn wr_highest_offset(&self) -> u64 {
+        self.wr_highest_offset.get()
+    }
+
     fn notify_write(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        if end > self.wr_highest_offset.get() {
+            self.wr_highest_offset.set(end);
+        }
         let list: Vec<WriteNotifier> = self
             .write_notifiers
             .borrow()

@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use crate::graph::node::Node;
 use crate::job::{Job, JobStatus, RegistryJobs};
 use crate::layer::{BlockContext, BlockLayer};
-use crate::qmp::{Args, Dispatcher, QmpError};
+use crate::qmp::{Args, Dispatcher, QmpError, Signature};
 
 use super::JobSetup;
 use super::backup::{BackupOptions, start_backup};
@@ -598,33 +598,93 @@ pub fn query_block_jobs(bl: &BlockLayer, args: &Args<'_>) -> Res {
 pub type Command = fn(&BlockLayer, &Args<'_>) -> Res;
 
 /// Every job command, by name.
-pub const COMMANDS: [(&str, Command); 19] = [
-    ("blockdev-mirror", blockdev_mirror),
-    ("blockdev-backup", blockdev_backup),
-    ("block-stream", block_stream),
-    ("block-commit", block_commit),
-    ("query-jobs", query_jobs),
-    ("query-block-jobs", query_block_jobs),
-    ("job-pause", job_pause),
-    ("job-resume", job_resume),
-    ("job-cancel", job_cancel),
-    ("job-complete", job_complete),
-    ("job-finalize", job_finalize),
-    ("job-dismiss", job_dismiss),
-    ("block-job-pause", block_job_pause),
-    ("block-job-resume", block_job_resume),
-    ("block-job-complete", block_job_complete),
-    ("block-job-finalize", block_job_finalize),
-    ("block-job-dismiss", block_job_dismiss),
-    ("block-job-cancel", block_job_cancel),
-    ("block-job-set-speed", block_job_set_speed),
+pub const COMMANDS: [(&str, Signature, Command); 19] = [
+    (
+        "blockdev-mirror",
+        Signature::new(
+            "job-id?:str, device:str, target:str, replaces?:str, sync:(top|full|none|incremental|bitmap), speed?:int, granularity?:uint32, buf-size?:int, on-source-error?:@BlockdevOnError, on-target-error?:@BlockdevOnError, filter-node-name?:str, copy-mode?:(background|write-blocking), unmap?:bool, auto-finalize?:bool, auto-dismiss?:bool",
+            "{}",
+        ),
+        blockdev_mirror,
+    ),
+    (
+        "blockdev-backup",
+        Signature::new(
+            "job-id?:str, device:str, target:str, sync:(top|full|none|incremental|bitmap), speed?:int, compress?:bool, on-source-error?:@BlockdevOnError, on-target-error?:@BlockdevOnError, filter-node-name?:str, auto-finalize?:bool, auto-dismiss?:bool",
+            "{}",
+        ),
+        blockdev_backup,
+    ),
+    (
+        "block-stream",
+        Signature::new(
+            "job-id?:str, device:str, backing-file?:str, backing-mask-protocol?:bool, speed?:int, on-error?:@BlockdevOnError, filter-node-name?:str, auto-finalize?:bool, auto-dismiss?:bool, base?:str, base-node?:str",
+            "{}",
+        ),
+        block_stream,
+    ),
+    (
+        "block-commit",
+        Signature::new(
+            "job-id?:str, device:str, backing-file?:str, backing-mask-protocol?:bool, speed?:int, on-error?:@BlockdevOnError, filter-node-name?:str, auto-finalize?:bool, auto-dismiss?:bool, base-node?:str, base?:str, top-node?:str, top?:str",
+            "{}",
+        ),
+        block_commit,
+    ),
+    ("query-jobs", Signature::new("", "[@JobInfo]"), query_jobs),
+    (
+        "query-block-jobs",
+        Signature::new("", "[@BlockJobInfo]"),
+        query_block_jobs,
+    ),
+    ("job-pause", Signature::new("id:str", "{}"), job_pause),
+    ("job-resume", Signature::new("id:str", "{}"), job_resume),
+    ("job-cancel", Signature::new("id:str", "{}"), job_cancel),
+    ("job-complete", Signature::new("id:str", "{}"), job_complete),
+    ("job-finalize", Signature::new("id:str", "{}"), job_finalize),
+    ("job-dismiss", Signature::new("id:str", "{}"), job_dismiss),
+    (
+        "block-job-pause",
+        Signature::new("device:str", "{}"),
+        block_job_pause,
+    ),
+    (
+        "block-job-resume",
+        Signature::new("device:str", "{}"),
+        block_job_resume,
+    ),
+    (
+        "block-job-complete",
+        Signature::new("device:str", "{}"),
+        block_job_complete,
+    ),
+    (
+        "block-job-finalize",
+        Signature::new("id:str", "{}"),
+        block_job_finalize,
+    ),
+    (
+        "block-job-dismiss",
+        Signature::new("id:str", "{}"),
+        block_job_dismiss,
+    ),
+    (
+        "block-job-cancel",
+        Signature::new("device:str, force?:bool", "{}"),
+        block_job_cancel,
+    ),
+    (
+        "block-job-set-speed",
+        Signature::new("device:str, speed:int", "{}"),
+        block_job_set_speed,
+    ),
 ];
 
 macro_rules! handlers {
     ($($i:literal),*) => {{
         [$({
             fn h<C: BlockContext>(c: &mut C, a: &Args<'_>) -> Res {
-                (COMMANDS[$i].1)(c.block_layer(), a)
+                (COMMANDS[$i].2)(c.block_layer(), a)
             }
             h::<C> as crate::qmp::Handler<C>
         }),*]
@@ -637,6 +697,6 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
         0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
     );
     for (i, h) in handlers.into_iter().enumerate() {
-        d.register(COMMANDS[i].0, h);
+        d.register(COMMANDS[i].0, COMMANDS[i].1, h);
     }
 }

@@ -1,6 +1,6 @@
 //! The commands every QMP monitor has (`monitor/qmp-cmds-control.c` and
 //! friends): `qmp_capabilities`, `query-version`, `query-commands`,
-//! `query-status`, `quit`.
+//! `query-status`, `quit`, and `query-qmp-schema` (`qapi/introspect.json`).
 //!
 //! They need the session's own state (negotiation, version, command
 //! table), so the [`Session`](super::Session) runs them itself; the kernel
@@ -16,7 +16,9 @@ use alloc::vec::Vec;
 use serde_json::{Map, Value, json};
 
 use super::args::Args;
+use super::dispatch::Dispatcher;
 use super::error::QmpError;
+use super::schema::{Introspector, Signature};
 
 /// Names of the built-in commands, in their registration order.
 pub const BUILTINS: &[&str] = &[
@@ -25,6 +27,42 @@ pub const BUILTINS: &[&str] = &[
     "query-commands",
     "query-status",
     "quit",
+    "query-qmp-schema",
+];
+
+/// The built-ins' signatures, by name (see [`schema`](super::schema)).
+pub const BUILTIN_SIGNATURES: &[(&str, Signature)] = &[
+    ("qmp_capabilities", Signature::new("enable?:[(oob)]", "{}")),
+    (
+        "query-version",
+        Signature::new("", "{qemu:{major:int, minor:int, micro:int}, package:str}"),
+    ),
+    ("query-commands", Signature::new("", "[{name:str}]")),
+    (
+        "query-status",
+        Signature::new(
+            "",
+            "{running:bool, singlestep:bool, status:(debug|inmigrate|internal-error|io-error|paused|postmigrate|prelaunch|finish-migrate|restore-vm|running|save-vm|shutdown|suspended|watchdog|guest-panicked|colo)}",
+        ),
+    ),
+    ("quit", Signature::NONE),
+    (
+        "query-qmp-schema",
+        Signature::new(
+            "",
+            "[{name:str, meta-type:(builtin|enum|array|object|alternate|command|event), features?:[str], ..}]",
+        ),
+    ),
+];
+
+/// The events every monitor may send: the run state's (QEMU's
+/// `qapi/run-state.json`), emitted by the kernel's halt path.
+pub const BUILTIN_EVENTS: &[(&str, &str)] = &[
+    (
+        "SHUTDOWN",
+        "guest:bool, reason:(none|host-error|host-qmp-quit|host-qmp-system-reset|host-signal|host-ui|guest-shutdown|guest-reset|guest-panic|subsystem-reset|snapshot-load)",
+    ),
+    ("GUEST_PANICKED", "action:(pause|poweroff|run), info?:any"),
 ];
 
 /// The capabilities QEMU 7.2 knows (`QMPCapability`).
@@ -38,6 +76,7 @@ pub(crate) enum Builtin {
     QueryCommands,
     QueryStatus,
     Quit,
+    QuerySchema,
 }
 
 impl Builtin {
@@ -48,6 +87,7 @@ impl Builtin {
             "query-commands" => Builtin::QueryCommands,
             "query-status" => Builtin::QueryStatus,
             "quit" => Builtin::Quit,
+            "query-qmp-schema" => Builtin::QuerySchema,
             _ => return None,
         })
     }
@@ -177,4 +217,32 @@ pub(crate) fn query_status(args: &Args<'_>) -> Result<Value, QmpError> {
 pub(crate) fn quit(args: &Args<'_>) -> Result<Value, QmpError> {
     args.check_known(&[])?;
     Ok(Value::Object(Map::new()))
+}
+
+/// `query-qmp-schema`: every command (built-ins included, a registered
+/// command replacing a built-in of its name), every event and the types
+/// they use, as QEMU's `SchemaInfo` list.
+pub(crate) fn query_qmp_schema<C>(args: &Args<'_>, d: &Dispatcher<C>) -> Result<Value, QmpError> {
+    args.check_known(&[])?;
+    schema(d).map(Value::Array)
+}
+
+/// The `SchemaInfo` list of `d` and the built-ins.
+pub fn schema<C>(d: &Dispatcher<C>) -> Result<Vec<Value>, QmpError> {
+    let mut out = Introspector::new(d.types());
+    let bug = |e: super::schema::SpecError| QmpError::generic(format!("schema: {}", e.0));
+    for (name, sig) in BUILTIN_SIGNATURES {
+        if *name == "qmp_capabilities" || !d.contains(name) {
+            out.command(name, sig).map_err(bug)?;
+        }
+    }
+    for (name, sig) in d.signatures() {
+        if name != "qmp_capabilities" {
+            out.command(name, &sig).map_err(bug)?;
+        }
+    }
+    for (name, data) in BUILTIN_EVENTS.iter().chain(d.events()) {
+        out.event(name, data).map_err(bug)?;
+    }
+    Ok(out.finish())
 }

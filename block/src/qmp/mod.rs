@@ -22,10 +22,12 @@
 //!    — greeting, capabilities negotiation, request checking, dispatch,
 //!    `id` echo, events, and the [built-in commands](builtins)
 //!    (`qmp_capabilities`, `query-version`, `query-commands`,
-//!    `query-status`, `quit`).
+//!    `query-status`, `quit`, `query-qmp-schema`).
+//! 5. [`schema`]: each command's [`Signature`], checked by the session
+//!    before the handler runs and reported by `query-qmp-schema`.
 //!
 //! ```
-//! use block::qmp::{Action, Args, Dispatcher, QmpContext, QmpError, Session, VersionInfo};
+//! use block::qmp::{Action, Args, Dispatcher, QmpContext, QmpError, Session, Signature, VersionInfo};
 //! use serde_json::{Value, json};
 //!
 //! struct Ctx;
@@ -38,7 +40,7 @@
 //! }
 //!
 //! let mut commands = Dispatcher::new();
-//! commands.register("x-hello", hello);
+//! commands.register("x-hello", Signature::new("name:str", "{greeting:str}"), hello);
 //! let mut session = Session::new(VersionInfo::new(7, 2, 0));
 //! let mut out = session.greeting();
 //! let input = br#"{"execute": "qmp_capabilities"}
@@ -54,10 +56,11 @@ mod dispatch;
 mod error;
 mod event;
 pub mod json;
+pub mod schema;
 mod session;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use args::Args;
 pub use builtins::{BUILTINS, PACKAGE, VersionInfo};
@@ -65,4 +68,5 @@ pub use dispatch::{Dispatcher, Handler, QmpContext};
 pub use error::{ErrorClass, QmpError, QmpResult};
 pub use event::{Event, Timestamp};
 pub use json::Limits;
+pub use schema::Signature;
 pub use session::{Action, Session};

@@ -295,16 +295,12 @@ impl Session {
     ) -> (Result<Value, QmpError>, Action) {
         let not_found =
             || QmpError::command_not_found(format!("The command {name} has not been found"));
-        let handler = if name == "qmp_capabilities" {
-            None
-        } else {
-            d.get(name)
-        };
+        let handler = name != "qmp_capabilities" && d.contains(name);
         let builtin = Builtin::lookup(name);
         if !self.negotiated && name != "qmp_capabilities" {
             return (Err(not_found()), Action::Continue);
         }
-        if handler.is_none() && builtin.is_none() {
+        if !handler && builtin.is_none() {
             return (Err(not_found()), Action::Continue);
         }
         if oob {
@@ -318,25 +314,26 @@ impl Session {
         log::debug!("qmp: {name}");
         let mut action = Action::Continue;
         let result = match (handler, builtin) {
-            (Some(handler), _) => handler(ctx, args),
-            (None, Some(Builtin::Capabilities)) => {
+            (true, _) => d.call(name, ctx, args).unwrap_or_else(|| Err(not_found())),
+            (false, Some(Builtin::Capabilities)) => {
                 builtins::qmp_capabilities(args, self.negotiated, self.offer_oob).map(|oob| {
                     self.negotiated = true;
                     self.oob = oob;
                     Value::Null
                 })
             }
-            (None, Some(Builtin::QueryVersion)) => builtins::query_version(args, &self.version),
-            (None, Some(Builtin::QueryCommands)) => builtins::query_commands(args, d.names()),
-            (None, Some(Builtin::QueryStatus)) => builtins::query_status(args),
-            (None, Some(Builtin::Quit)) => {
+            (false, Some(Builtin::QueryVersion)) => builtins::query_version(args, &self.version),
+            (false, Some(Builtin::QueryCommands)) => builtins::query_commands(args, d.names()),
+            (false, Some(Builtin::QueryStatus)) => builtins::query_status(args),
+            (false, Some(Builtin::QuerySchema)) => builtins::query_qmp_schema(args, d),
+            (false, Some(Builtin::Quit)) => {
                 let result = builtins::quit(args);
                 if result.is_ok() {
                     action = Action::Quit;
                 }
                 result
             }
-            (None, None) => Err(not_found()),
+            (false, None) => Err(not_found()),
         };
         (result, action)
     }

@@ -56,6 +56,8 @@ impl BlockContext for Monitor {
     }
 }
 
+impl crate::qmp::QmpContext for Monitor {}
+
 impl NbdContext for Monitor {
     fn nbd_server(&self) -> RefMut<'_, dyn NbdServer> {
         self.server.borrow_mut()
@@ -98,8 +100,9 @@ impl Harness {
         let Value::Object(map) = args else {
             panic!("{args}")
         };
-        let h = self.d.get(name).expect("command");
-        h(&mut self.m, &Args::new(&map))
+        self.d
+            .call(name, &mut self.m, &Args::new(&map))
+            .expect("command")
     }
 
     fn ok(&mut self, name: &str, args: Value) -> Value {
@@ -329,5 +332,215 @@ fn legacy_nbd_server_add_and_remove() {
     assert_eq!(
         h.err("nbd-server-add", json!({"device": "disk0"})),
         "NBD server not running"
+    );
+}
+
+/// Checks that `value` has the shape `query-qmp-schema` gives type `ty`:
+/// every mandatory member present, no member the schema lacks, enum values
+/// among the listed ones, lists and built-ins of the right JSON type.
+fn conforms(schema: &[Value], ty: &str, value: &Value, path: &str) {
+    let t = crate::qmp::tests::schema::entity(schema, ty);
+    match t["meta-type"].as_str().unwrap() {
+        "builtin" => {
+            let ok = match t["json-type"].as_str().unwrap() {
+                "string" => value.is_string(),
+                "int" => value.is_i64() || value.is_u64(),
+                "number" => value.is_number(),
+                "boolean" => value.is_boolean(),
+                "null" => value.is_null(),
+                _ => true,
+            };
+            assert!(ok, "{path}: {value} is not a {ty}");
+        }
+        "enum" => assert!(
+            t["values"].as_array().unwrap().contains(value),
+            "{path}: {value} is not one of {}",
+            t["values"]
+        ),
+        "array" => {
+            let elem = t["element-type"].as_str().unwrap();
+            for (i, v) in value.as_array().expect(path).iter().enumerate() {
+                conforms(schema, elem, v, &alloc::format!("{path}[{i}]"));
+            }
+        }
+        "object" => {
+            let obj = value
+                .as_object()
+                .unwrap_or_else(|| panic!("{path}: {value}"));
+            let members = t["members"].as_array().unwrap();
+            for m in members {
+                let name = m["name"].as_str().unwrap();
+                match obj.get(name) {
+                    Some(v) => conforms(
+                        schema,
+                        m["type"].as_str().unwrap(),
+                        v,
+                        &alloc::format!("{path}.{name}"),
+                    ),
+                    None => assert!(m.get("default").is_some(), "{path}: {name} is missing"),
+                }
+            }
+            for key in obj.keys() {
+                assert!(
+                    members.iter().any(|m| m["name"] == key.as_str()),
+                    "{path}: {key} is not in the schema"
+                );
+            }
+        }
+        other => panic!("{path}: meta-type {other}"),
+    }
+}
+
+#[test]
+fn query_qmp_schema_is_the_dispatchers_table_and_describes_what_the_commands_return() {
+    use crate::qmp::tests::schema::{assert_closed, entity};
+    use crate::qmp::{ErrorClass, Session, VersionInfo};
+    let mut h = Harness::new();
+    let mut s = Session::new(VersionInfo::new(7, 2, 0));
+    let mut run = |h: &mut Harness, input: &str| -> Value {
+        let _ = s.feed(input.as_bytes(), &h.d, &mut h.m);
+        let out = String::from_utf8(s.take_output()).unwrap();
+        serde_json::from_str(out.trim_end()).unwrap()
+    };
+    run(&mut h, r#"{"execute": "qmp_capabilities"}"#);
+    let schema: Vec<Value> = run(&mut h, r#"{"execute": "query-qmp-schema"}"#)["return"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_closed(&schema);
+    let mut in_schema: Vec<String> = schema
+        .iter()
+        .filter(|e| e["meta-type"] == "command")
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    in_schema.sort();
+    let mut listed: Vec<String> = run(&mut h, r#"{"execute": "query-commands"}"#)["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(in_schema, listed);
+    // Every command in the schema is accepted by the dispatcher (an
+    // argument it cannot take fails the argument check, not the lookup),
+    // and a name outside it is not.
+    for name in &in_schema {
+        if name == "quit" || name == "qmp_capabilities" {
+            continue;
+        }
+        let r = run(
+            &mut h,
+            &alloc::format!(r#"{{"execute": "{name}", "arguments": {{"x-no-such-argument": 1}}}}"#),
+        );
+        assert_eq!(r["error"]["class"], "GenericError", "{name}: {r}");
+    }
+    let r = run(&mut h, r#"{"execute": "x-not-in-schema"}"#);
+    assert_eq!(r["error"]["class"], ErrorClass::CommandNotFound.as_str());
+    assert!(!in_schema.iter().any(|n| n == "x-not-in-schema"));
+
+    // blockdev-add: the base of BlockdevOptions, driver an enum of drivers.
+    let add = entity(&schema, "blockdev-add");
+    let arg = entity(&schema, add["arg-type"].as_str().unwrap());
+    let driver = &arg["members"][0];
+    assert_eq!(driver["name"], "driver");
+    assert!(driver.get("default").is_none());
+    let drivers = entity(&schema, driver["type"].as_str().unwrap());
+    assert_eq!(drivers["meta-type"], "enum");
+    for d in ["raw", "qcow2", "virtio-blk", "null-co", "quorum"] {
+        assert!(
+            drivers["values"].as_array().unwrap().contains(&json!(d)),
+            "{d}"
+        );
+    }
+    let node_name = arg["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "node-name")
+        .unwrap();
+    assert_eq!(node_name["type"], "str");
+    assert_eq!(node_name["default"], Value::Null);
+
+    // What the queries return has the shape the schema says.
+    run(
+        &mut h,
+        r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "inet", "data": {"host": "", "port": "10809"}}}}"#,
+    );
+    run(
+        &mut h,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "disk0"}}"#,
+    );
+    for q in [
+        "query-named-block-nodes",
+        "query-block",
+        "x-debug-query-block-graph",
+        "query-block-exports",
+        "query-blockstats",
+        "query-jobs",
+        "query-block-jobs",
+        "query-version",
+        "query-status",
+        "query-commands",
+    ] {
+        let ret = entity(&schema, q)["ret-type"].as_str().unwrap().to_string();
+        let value = run(&mut h, &alloc::format!(r#"{{"execute": "{q}"}}"#))["return"].clone();
+        if matches!(
+            q,
+            "query-named-block-nodes" | "query-block-exports" | "query-blockstats"
+        ) {
+            assert!(
+                value.as_array().is_some_and(|a| !a.is_empty()),
+                "{q}: {value}"
+            );
+        }
+        conforms(&schema, &ret, &value, q);
+    }
+    let nodes = entity(&schema, "query-named-block-nodes");
+    let list = entity(&schema, nodes["ret-type"].as_str().unwrap());
+    assert_eq!(list["meta-type"], "array");
+    let info = entity(&schema, list["element-type"].as_str().unwrap());
+    assert!(
+        info["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "node-name")
+    );
+}
+
+#[test]
+fn an_exports_backend_is_listed_by_query_blockstats_with_the_export_as_qdev() {
+    let mut h = Harness::new();
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "host": "", "port": "10809"}}),
+    );
+    h.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "disk0", "writable": true}),
+    );
+    let e = h.exports().by_id("e0").unwrap();
+    let backend = e.backend.clone();
+    h.m.q
+        .bl
+        .wait(async move {
+            backend
+                .write(512, alloc::vec![7; 1024], crate::io::ReqFlags::NONE)
+                .await
+        })
+        .unwrap()
+        .unwrap();
+    let stats = h.ok("query-blockstats", json!({}));
+    let list = stats.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{stats}");
+    assert_eq!(list[0]["device"], "");
+    assert_eq!(list[0]["qdev"], "e0");
+    assert_eq!(list[0]["node-name"], "disk0");
+    assert_eq!(list[0]["stats"]["wr_bytes"], 1024);
+    assert_eq!(list[0]["stats"]["wr_highest_offset"], 1536);
+    h.ok(
+        "block-latency-histogram-set",
+        json!({"id": "e0", "boundaries": [1]}),
     );
 }

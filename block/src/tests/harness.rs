@@ -152,10 +152,13 @@ impl Qmp {
             serde_json::Value::Object(m) => m,
             _ => Map::new(),
         };
-        let Some(h) = self.d.get(name) else {
+        let Some(result) = self
+            .d
+            .call(name, &mut self.bl, &crate::qmp::Args::new(&map))
+        else {
             panic!("no command {name}")
         };
-        h(&mut self.bl, &crate::qmp::Args::new(&map))
+        result
     }
 
     /// Runs a command that must succeed.

@@ -23,4 +23,5 @@ mod mem;
 mod qcow2;
 mod qmp;
 mod quorum;
+mod stats;
 mod wire;

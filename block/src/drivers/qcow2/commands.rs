@@ -24,7 +24,7 @@ use crate::graph::permission::ChildRole;
 use crate::graph::replace::replace_node;
 use crate::job::{JobOptions, RegistryJobs};
 use crate::layer::{BlockContext, BlockLayer};
-use crate::qmp::{Args, Dispatcher, QmpError};
+use crate::qmp::{Args, Dispatcher, QmpError, Signature};
 
 use super::create::{CreateJob, CreateOpts};
 
@@ -38,8 +38,22 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
     fn snapshot<C: BlockContext>(c: &mut C, a: &Args<'_>) -> Res {
         blockdev_snapshot(c.block_layer(), a)
     }
-    d.register("blockdev-create", create::<C>);
-    d.register("blockdev-snapshot", snapshot::<C>);
+    d.register(
+        "blockdev-create",
+        Signature::new(
+            "job-id:str, options:{driver:(qcow2), file:str, size:size, version?:(v2|v3), \
+             cluster-size?:size, backing-file?:str, backing-fmt?:@BlockdevDriver, \
+             extended-l2?:bool, lazy-refcounts?:bool, refcount-bits?:int, \
+             preallocation?:(off|metadata|falloc|full), compression-type?:(zlib|zstd)}",
+            "{}",
+        ),
+        create::<C>,
+    );
+    d.register(
+        "blockdev-snapshot",
+        Signature::new("node:str, overlay:str", "{}"),
+        snapshot::<C>,
+    );
 }
 
 /// Reads `BlockdevCreateOptionsQcow2`.

@@ -2,6 +2,7 @@
 
 mod args;
 mod fuzz;
+pub(crate) mod schema;
 mod session;
 mod stream;
 
@@ -71,11 +72,11 @@ fn depth(_: &mut Ctx, args: &Args<'_>) -> QmpResult {
 /// A table with a few test commands.
 pub(super) fn commands() -> Dispatcher<Ctx> {
     let mut d = Dispatcher::new();
-    d.register("x-echo", echo);
-    d.register("x-nothing", nothing);
-    d.register("x-fail", fail);
-    d.register("x-raise", raise);
-    d.register("x-depth", depth);
+    d.register("x-echo", Signature::new("..", "any"), echo);
+    d.register("x-nothing", Signature::NONE, nothing);
+    d.register("x-fail", Signature::new("device:str", "{}"), fail);
+    d.register("x-raise", Signature::NONE, raise);
+    d.register("x-depth", Signature::new("deep:any", "{depth:int}"), depth);
     d
 }
 

@@ -311,6 +311,7 @@ fn query_commands_lists_everything() {
             "x-fail",
             "x-nothing",
             "x-echo",
+            "query-qmp-schema",
             "quit",
             "query-status",
             "query-commands",
@@ -328,7 +329,7 @@ fn query_commands_lists_everything() {
     assert_eq!(
         h.lines(r#"{"execute": "query-commands"}"#),
         vec![
-            r#"{"return": [{"name": "quit"}, {"name": "query-status"}, {"name": "query-commands"}, {"name": "query-version"}, {"name": "qmp_capabilities"}]}"#
+            r#"{"return": [{"name": "query-qmp-schema"}, {"name": "quit"}, {"name": "query-status"}, {"name": "query-commands"}, {"name": "query-version"}, {"name": "qmp_capabilities"}]}"#
         ]
     );
 }
@@ -342,8 +343,13 @@ fn registered_commands_override_builtins() {
         Err(QmpError::generic("must not run"))
     }
     let mut h = Harness::negotiated();
-    h.commands.register("query-status", paused);
-    h.commands.register("qmp_capabilities", capabilities);
+    h.commands
+        .register("query-status", crate::qmp::Signature::NONE, paused);
+    h.commands.register(
+        "qmp_capabilities",
+        crate::qmp::Signature::NONE,
+        capabilities,
+    );
     assert_eq!(
         h.lines(r#"{"execute": "query-status"}"#),
         vec![r#"{"return": {"status": "paused", "singlestep": false, "running": false}}"#]
