@@ -119,6 +119,9 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             shutdown::halt_bad_config(&block);
         }
     }
+    if config.test_fault == Some(cmdline::TestFault::PanicInNetPoll) {
+        net.borrow_mut().panic_on_client();
+    }
     // Every device is up: configuration space is not touched again.
     drop(pci);
     let mut app = app::Appliance::new(disks, block, net);
@@ -163,6 +166,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     }
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
     info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
+    heap::report_at_ready();
     monitor.start();
     fatal::register(&mut monitor);
 
