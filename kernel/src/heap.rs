@@ -146,6 +146,11 @@ pub fn report_at_ready() {
     );
 }
 
+/// Free heap beyond `reserve` bytes (0 if the lock is held).
+pub fn room(reserve: usize) -> usize {
+    usage().0.saturating_sub(reserve)
+}
+
 /// Whether a block of `bytes` can be allocated now with `reserve` bytes of
 /// the heap left free besides: the data path asks before it starts a
 /// request whose buffers it cannot allocate fallibly (a failed infallible

@@ -263,12 +263,11 @@ fn a_panic_inside_the_network_poll_still_runs_the_halt_sequence() {
     );
 }
 
-/// A write whose payload the heap cannot hold (32 MiB into a 29 MiB heap)
-/// is answered `ENOMEM` after its payload is skipped; the same connection
-/// then writes and flushes normally, and that write is on the disk.
-#[test]
-fn a_write_too_large_for_the_heap_is_answered_enomem() {
-    let Some((tap, a, disk, _dir)) = boot_small("32M", "") else {
+/// A write of 32 MiB at `memory`, answered `ENOMEM` after its payload is
+/// skipped; the same connection then writes and flushes normally, and that
+/// write is on the disk.
+fn write_32m_is_enomem(memory: &str) {
+    let Some((tap, a, disk, _dir)) = boot_small(memory, "") else {
         return;
     };
     let script = r#"
@@ -305,4 +304,17 @@ print("small: ok")
         .args(["-f", "raw", "-c", "read -P 0xcd 0 64k"])
         .arg(&disk));
     assert!(!check.contains("Pattern verification failed"), "{check}");
+}
+
+/// 32 MiB cannot be allocated from a 29 MiB heap at all.
+#[test]
+fn a_write_too_large_for_the_heap_is_answered_enomem() {
+    write_32m_is_enomem("32M");
+}
+
+/// A 37 MiB heap could hold the payload, but only by eating into the
+/// reserve the rest of the appliance needs.
+#[test]
+fn a_write_that_would_eat_the_reserve_is_answered_enomem() {
+    write_32m_is_enomem("40M");
 }

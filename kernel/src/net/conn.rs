@@ -14,7 +14,9 @@
 //! (a request that does not fit waits in its connection's queue). All of
 //! it follows the heap present ([`super::budget`]). A read larger than
 //! the whole budget, or one the heap cannot give a buffer to while
-//! keeping its reserve, is answered `ENOMEM` instead of started. A client stalled
+//! keeping its reserve, is answered `ENOMEM` instead of started; so is a
+//! write whose payload would eat into the reserve (the engine's payload
+//! room). A client stalled
 //! in the middle of a message for [`STALL_NS`], or still negotiating
 //! [`HANDSHAKE_NS`] after connecting, is dropped.
 
@@ -190,6 +192,8 @@ impl Conn {
                     }
                 }
                 if sock.can_recv() && !self.peer_closed {
+                    // A write payload may not eat into the heap's reserve.
+                    eng.set_payload_room(crate::heap::room(reserve) as u64);
                     let table: &ExportTable = exports;
                     let taken = sock
                         .recv(|buf| {
