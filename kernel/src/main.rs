@@ -166,9 +166,9 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     }
     drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
     info!("ready in {} µs: QMP on COM2", clock::monotonic_ns() / 1000);
-    heap::report_at_ready();
     monitor.start();
     fatal::register(&mut monitor);
+    heap::report_at_ready();
 
     let mut last_activity = clock::monotonic_ns();
     let mut last_button_poll = 0;
