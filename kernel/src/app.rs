@@ -7,7 +7,7 @@ use crate::disks::Disks;
 use crate::net::Network;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
-use block::export::{NbdContext, NbdServer};
+use block::export::{ExportTable, NbdContext, NbdServer};
 use block::layer::{BlockContext, BlockLayer};
 use block::qmp::{Event, QmpContext};
 use core::cell::{RefCell, RefMut};
@@ -26,11 +26,16 @@ pub struct Appliance {
     /// The network and the NBD server (shared with the block layer's
     /// platform, which polls it while a command waits).
     pub net: Rc<RefCell<Network>>,
+    /// The network's export table, also held here so the halt path can
+    /// close the exports when a fatal error left the network borrowed.
+    pub exports: Option<Rc<ExportTable>>,
 }
 
 impl Appliance {
     pub fn new(disks: SharedDisks, block: BlockLayer, net: Rc<RefCell<Network>>) -> Self {
+        let exports = net.borrow().exports();
         Self {
+            exports,
             events: Vec::new(),
             disks,
             block,

@@ -23,6 +23,10 @@ pub enum TestFault {
     /// Leaks one reference to the first node once the boot options are
     /// applied, so close-all finds it open at halt.
     LeakNodeRef,
+    /// Panics inside the network poll (holding the network's `RefCell`)
+    /// when the first NBD client connects: the halt sequence must still
+    /// close the exports, close every node and flush.
+    PanicInNetPoll,
 }
 
 #[derive(Debug, Default)]
@@ -130,9 +134,10 @@ fn parse_into(text: &str, origin: &str, cfg: &mut Config) -> Result<(), String> 
                     "panic" => TestFault::Panic,
                     "panic-on-qmp" => TestFault::PanicOnQmp,
                     "leak-node-ref" => TestFault::LeakNodeRef,
+                    "panic-in-net-poll" => TestFault::PanicInNetPoll,
                     other => {
                         return Err(alloc::format!(
-                            "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic|panic-on-qmp|leak-node-ref)"
+                            "invalid blockhaus.test-fault '{other}' (page-fault|invalid-opcode|divide-by-zero|stack-overflow|panic|panic-on-qmp|leak-node-ref|panic-in-net-poll)"
                         ));
                     }
                 })
@@ -156,6 +161,10 @@ pub fn trigger(fault: TestFault) {
         }
         // Done by main once the graph is built.
         TestFault::LeakNodeRef => return,
+        TestFault::PanicInNetPoll => {
+            log::warn!("test fault: the network poll panics when the first NBD client connects");
+            return;
+        }
         _ => {}
     }
     log::warn!("triggering test fault {fault:?}");
@@ -175,7 +184,7 @@ pub fn trigger(fault: TestFault) {
             recurse(0);
         }
         TestFault::Panic => panic!("test panic requested on the command line"),
-        TestFault::PanicOnQmp | TestFault::LeakNodeRef => {}
+        TestFault::PanicOnQmp | TestFault::LeakNodeRef | TestFault::PanicInNetPoll => {}
     }
 }
 

@@ -12,8 +12,12 @@
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 use linked_list_allocator::Heap;
 use spin::Mutex;
+
+/// Bytes handed to the allocator at boot ([`total`]).
+static TOTAL: AtomicU64 = AtomicU64::new(0);
 
 const MAX_HEAPS: usize = 8;
 const MIN_REGION: u64 = 64 * 1024;
@@ -113,10 +117,53 @@ pub fn init(info: &boot::BootInfo) -> Summary {
             bytes += e - s;
         }
     }
+    TOTAL.store(bytes, Ordering::Relaxed);
     Summary {
         regions: slot,
         bytes,
     }
+}
+
+/// The heap's size: every byte [`init`] handed to the allocator. Budgets
+/// that must follow the RAM present are derived from it.
+pub fn total() -> u64 {
+    TOTAL.load(Ordering::Relaxed)
+}
+
+/// The boot log's heap line: what the appliance holds once it is ready
+/// (the "heap at boot", beside the image's own size).
+pub fn report_at_ready() {
+    let (kstart, kend) = (
+        core::ptr::addr_of!(__kernel_start) as u64,
+        core::ptr::addr_of!(__kernel_end) as u64,
+    );
+    let (free, used) = usage();
+    log::info!(
+        "heap at ready: {} KiB used, {} KiB free; image {} KiB",
+        used >> 10,
+        free >> 10,
+        (kend - kstart) >> 10
+    );
+}
+
+/// Free heap beyond `reserve` bytes (0 if the lock is held).
+pub fn room(reserve: usize) -> usize {
+    usage().0.saturating_sub(reserve)
+}
+
+/// Whether a block of `bytes` can be allocated now with `reserve` bytes of
+/// the heap left free besides: the data path asks before it starts a
+/// request whose buffers it cannot allocate fallibly (a failed infallible
+/// allocation panics, and the panic stops the appliance), and answers
+/// `ENOMEM` instead when the answer is no.
+pub fn can_take(bytes: usize, reserve: usize) -> bool {
+    let (free, _) = usage();
+    if free < bytes.saturating_add(reserve) {
+        return false;
+    }
+    // One contiguous block, not only enough bytes in pieces.
+    let mut probe = alloc::vec::Vec::<u8>::new();
+    probe.try_reserve_exact(bytes).is_ok()
 }
 
 /// Whether the allocator's lock is held (on the fatal path: by the code

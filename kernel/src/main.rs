@@ -126,6 +126,9 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             shutdown::halt_bad_config(&block);
         }
     }
+    if config.test_fault == Some(cmdline::TestFault::PanicInNetPoll) {
+        net.borrow_mut().panic_on_client();
+    }
     // Every device is up: configuration space is not touched again.
     drop(pci);
     let mut app = app::Appliance::new(disks, block, net);
@@ -188,6 +191,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     );
     monitor.start();
     fatal::register(&mut monitor);
+    heap::report_at_ready();
 
     let mut last_activity = clock::monotonic_ns();
     let mut last_button_poll = 0;

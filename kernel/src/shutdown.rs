@@ -13,15 +13,18 @@ use crate::{app, clock, halt, monitor, println};
 /// exit, also when close-all left a node open).
 pub fn halt_sequence(monitor: &mut monitor::Monitor, reason: halt::Reason, detail: &str) -> ! {
     let start = clock::monotonic_ns();
-    let written = monitor.appliance().disks.borrow().bytes_written();
+    // On the fatal path the failed code may hold the disks or the network
+    // (a `RefCell` borrowed further up this stack, never released): each
+    // step skips what it cannot borrow, with a note, and the rest runs.
+    let written = bytes_written(&monitor.appliance().disks);
     monitor.shutdown(reason);
-    let exports = monitor.appliance().net.borrow_mut().close_exports();
+    let exports = close_exports(monitor.appliance());
     monitor.write_out();
     let closed = close_all(&monitor.appliance().block);
     // Events of the cancelled jobs, then nothing more.
     monitor.write_out();
     flush_devices(&monitor.appliance().disks);
-    let written = monitor.appliance().disks.borrow().bytes_written() - written;
+    let written = bytes_written(&monitor.appliance().disks).saturating_sub(written);
     let elapsed = clock::monotonic_ns().saturating_sub(start);
     println!(
         "=== halt sequence done ===\nexports closed: {}\nbytes written to disks while halting: {written}\nhalt sequence took {}.{:03} ms",
@@ -62,11 +65,33 @@ fn close_all(block: &block::layer::BlockLayer) -> bool {
     }
 }
 
+/// Bytes written to the disks so far (0 if the disks are held).
+fn bytes_written(disks: &app::SharedDisks) -> u64 {
+    disks.try_borrow().map_or(0, |d| d.bytes_written())
+}
+
+/// Closes every export: through the network (which also tells clients
+/// the server is going away), or, when the failed code holds the network,
+/// through the export table alone (its clients are then left as they are).
+fn close_exports(app: &app::Appliance) -> alloc::vec::Vec<alloc::string::String> {
+    if let Ok(mut net) = app.net.try_borrow_mut() {
+        return net.close_exports();
+    }
+    println!("network held by the failed code: exports closed without it");
+    app.exports
+        .as_ref()
+        .map_or_else(alloc::vec::Vec::new, |e| e.close_all())
+}
+
 /// Flushes every writable disk's cache (the nodes flushed theirs when they
 /// closed; this also covers disks written outside the graph) and reports
 /// each device.
 fn flush_devices(disks: &app::SharedDisks) {
-    for (serial, result) in disks.borrow_mut().flush_all() {
+    let Ok(mut disks) = disks.try_borrow_mut() else {
+        println!("disks held by the failed code: device flush skipped");
+        return;
+    };
+    for (serial, result) in disks.flush_all() {
         match result {
             Ok(()) => println!("device '{serial}': flushed"),
             Err(e) => println!("device '{serial}': FLUSH FAILED: {e}"),

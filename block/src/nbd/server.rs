@@ -279,6 +279,9 @@ pub struct Connection {
     pub(super) busy: usize,
     /// Payload bytes of writes being received, queued or in flight.
     pub(super) write_bytes: u64,
+    /// Memory the host can give to new write payloads
+    /// ([`Connection::set_payload_room`]).
+    pub(super) payload_room: u64,
     pub(super) ready: VecDeque<Request>,
     pub(super) out: Output,
     pub(super) shutting_down: bool,
@@ -319,6 +322,7 @@ impl Connection {
             free_slots: Vec::new(),
             busy: 0,
             write_bytes: 0,
+            payload_room: u64::MAX,
             ready: VecDeque::new(),
             out,
             shutting_down: false,
@@ -326,6 +330,15 @@ impl Connection {
             close_reason: None,
             descriptors: Vec::new(),
         }
+    }
+
+    /// How many bytes the host can give to write payloads received from now
+    /// on (unlimited until set): a write whose payload does not fit, or
+    /// whose buffer cannot be allocated, is answered `ENOMEM` after its
+    /// payload is skipped, and the connection goes on. A host with little
+    /// memory sets it before each [`Connection::receive`].
+    pub fn set_payload_room(&mut self, bytes: u64) {
+        self.payload_room = bytes;
     }
 
     /// Where the connection is.

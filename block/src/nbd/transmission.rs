@@ -290,12 +290,18 @@ impl Connection {
                 len: h.len,
             },
             Command::Write => {
+                // The payload's buffer is allocated fallibly and within the
+                // host's room: a host that cannot hold it answers ENOMEM
+                // (after skipping the payload) rather than failing whole.
+                let mut data = Vec::new();
+                if h.len > self.payload_room || data.try_reserve_exact(h.len as usize).is_err() {
+                    self.skip_then_refuse(h, h.len, (errno::ENOMEM, "out of memory"));
+                    return;
+                }
+                self.payload_room -= h.len;
                 self.write_bytes += h.len;
                 self.rx = Rx::WritePayload {
-                    pending: PendingWrite {
-                        header: h,
-                        data: Vec::with_capacity(h.len as usize),
-                    },
+                    pending: PendingWrite { header: h, data },
                 };
                 return;
             }

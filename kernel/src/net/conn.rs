@@ -9,9 +9,14 @@
 //! cleanly); the connection is forgotten once none is left.
 //!
 //! Memory: the engine bounds what one client makes it hold (requests,
-//! write payloads, queued output: [`LIMITS`]); the buffers of reads being
-//! executed are bounded across all clients by an [`IoBudget`] (a request
-//! that does not fit waits in its connection's queue). A client stalled
+//! write payloads, queued output: [`Budgets::limits`]); the buffers of
+//! reads being executed are bounded across all clients by an [`IoBudget`]
+//! (a request that does not fit waits in its connection's queue). All of
+//! it follows the heap present ([`super::budget`]). A read larger than
+//! the whole budget, or one the heap cannot give a buffer to while
+//! keeping its reserve, is answered `ENOMEM` instead of started; so is a
+//! write whose payload would eat into the reserve (the engine's payload
+//! room). A client stalled
 //! in the middle of a message for [`STALL_NS`], or still negotiating
 //! [`HANDSHAKE_NS`] after connecting, is dropped.
 
@@ -19,21 +24,16 @@ use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use block::exec::Executor;
 use block::export::{ExportTable, NbdExport, execute};
-use block::nbd::{Completion, Connection, InputState, Limits, Op, Request, State};
+use block::io::IoError;
+use block::nbd::{Completion, Connection, InputState, Op, Request, State};
 use core::cell::{Cell, RefCell};
 use drivers::net::smoltcp::iface::{SocketHandle, SocketSet};
 use drivers::net::smoltcp::socket::tcp;
 
-/// Per-connection engine limits: smaller than the engine's defaults, as
-/// a 256 MiB appliance serves many clients (one write payload of up to
-/// 32 MiB may still be in progress beyond `max_write_bytes`).
-pub const LIMITS: Limits = Limits {
-    max_requests: 64,
-    output_high_water: 2 * 1024 * 1024,
-    max_option_len: 16 * 1024,
-    max_options: 1024,
-    max_write_bytes: 4 * 1024 * 1024,
-};
+use super::budget::Budgets;
+
+/// `ENOMEM`: a request the heap cannot hold.
+const ENOMEM: IoError = IoError::Other(12);
 
 /// A client stalled mid-message this long is dropped.
 pub const STALL_NS: u64 = 60_000_000_000;
@@ -42,10 +42,6 @@ pub const STALL_NS: u64 = 60_000_000_000;
 /// dropped (QEMU's `handshake-max-seconds` default), so silent clients
 /// cannot hold every slot of `max-connections`.
 pub const HANDSHAKE_NS: u64 = 10_000_000_000;
-
-/// Bytes of read data one connection may hold: reads executing, and
-/// replies the client has not taken yet (a single read always runs).
-pub const CONN_READ_BYTES: u64 = 16 << 20;
 
 /// Bytes of read data all connections may hold at once: buffers of reads
 /// in execution and read replies not yet sent.
@@ -60,6 +56,11 @@ impl IoBudget {
             used: Cell::new(0),
             limit,
         })
+    }
+
+    /// Whether `n` bytes could ever fit.
+    fn can_ever_hold(&self, n: u64) -> bool {
+        n <= self.limit
     }
 
     /// Takes `n` bytes if they fit (or if nothing is taken: a single
@@ -102,11 +103,13 @@ pub struct Conn {
     last_input: u64,
     /// When the client connected (monotonic ns).
     connected_at: u64,
-    /// This connection's share of read data ([`CONN_READ_BYTES`]).
+    /// This connection's share of read data ([`Budgets::conn_read_bytes`]).
     reads: Rc<IoBudget>,
     /// Bytes of both budgets held for read replies waiting in the
     /// engine's output; given back as the client takes its output.
     held: Rc<Cell<u64>>,
+    /// Queued output beyond which no further read starts.
+    output_high_water: u64,
 }
 
 /// How long a socket we closed may wait for the peer's FIN before it is
@@ -114,10 +117,10 @@ pub struct Conn {
 const LINGER_NS: u64 = 10_000_000_000;
 
 impl Conn {
-    pub fn new(handle: SocketHandle) -> Conn {
+    pub fn new(handle: SocketHandle, budgets: &Budgets) -> Conn {
         Conn {
             handle,
-            engine: Rc::new(RefCell::new(Connection::new(LIMITS))),
+            engine: Rc::new(RefCell::new(Connection::new(budgets.limits))),
             export: None,
             shutdown_sent: false,
             peer_closed: false,
@@ -125,8 +128,9 @@ impl Conn {
             queued: VecDeque::new(),
             last_input: crate::clock::monotonic_ns(),
             connected_at: crate::clock::monotonic_ns(),
-            reads: IoBudget::new(CONN_READ_BYTES),
+            reads: IoBudget::new(budgets.conn_read_bytes),
             held: Rc::new(Cell::new(0)),
+            output_high_water: budgets.limits.output_high_water,
         }
     }
 
@@ -159,6 +163,7 @@ impl Conn {
         exports: &Rc<ExportTable>,
         exec: &Executor,
         budget: &Rc<IoBudget>,
+        reserve: usize,
     ) -> bool {
         if self
             .export
@@ -187,6 +192,8 @@ impl Conn {
                     }
                 }
                 if sock.can_recv() && !self.peer_closed {
+                    // A write payload may not eat into the heap's reserve.
+                    eng.set_payload_room(crate::heap::room(reserve) as u64);
                     let table: &ExportTable = exports;
                     let taken = sock
                         .recv(|buf| {
@@ -202,7 +209,7 @@ impl Conn {
             }
             self.bind_export(exports);
             self.release_sent(budget);
-            moved |= self.start_requests(exec, budget);
+            moved |= self.start_requests(exec, budget, reserve);
             if !moved {
                 break;
             }
@@ -262,7 +269,7 @@ impl Conn {
     }
 
     /// Starts the engine's requests as tasks, as far as the budget allows.
-    fn start_requests(&mut self, exec: &Executor, budget: &Rc<IoBudget>) -> bool {
+    fn start_requests(&mut self, exec: &Executor, budget: &Rc<IoBudget>, reserve: usize) -> bool {
         let mut any = false;
         while let Some(req) = self.engine.borrow_mut().next_request() {
             self.queued.push_back(req);
@@ -272,8 +279,13 @@ impl Conn {
             // A read's data stays in memory until the client takes the
             // reply: a client that asks for gigabytes and reads nothing
             // holds at most its share.
-            if bytes > 0 && self.engine.borrow().output().len() > LIMITS.output_high_water {
+            if bytes > 0 && self.engine.borrow().output().len() > self.output_high_water {
                 break;
+            }
+            if !budget.can_ever_hold(bytes) {
+                self.refuse_no_memory();
+                any = true;
+                continue;
             }
             if !self.reads.take(bytes) {
                 break;
@@ -281,6 +293,13 @@ impl Conn {
             if !budget.take(bytes) {
                 self.reads.give(bytes);
                 break;
+            }
+            if bytes > 0 && !crate::heap::can_take(bytes as usize, reserve) {
+                budget.give(bytes);
+                self.reads.give(bytes);
+                self.refuse_no_memory();
+                any = true;
+                continue;
             }
             let Some(req) = self.queued.pop_front() else {
                 break;
@@ -294,7 +313,7 @@ impl Conn {
             exec.spawn(async move {
                 let completion = match backend {
                     Some(b) => execute(&*b, req.op).await,
-                    None => Completion::Error(block::io::IoError::Enomedium),
+                    None => Completion::Error(IoError::Enomedium),
                 };
                 // Refused harmlessly if the client has gone.
                 if engine.borrow_mut().complete(req.id, completion).is_ok() {
@@ -307,6 +326,21 @@ impl Conn {
             });
         }
         any
+    }
+
+    /// Answers the first queued request `ENOMEM`: its buffer cannot be
+    /// allocated without risking the appliance.
+    fn refuse_no_memory(&mut self) {
+        if let Some(req) = self.queued.pop_front() {
+            log::debug!(
+                "nbd: no memory for a request of {} bytes",
+                buffer_bytes(&req.op)
+            );
+            let _ = self
+                .engine
+                .borrow_mut()
+                .complete(req.id, Completion::Error(ENOMEM));
+        }
     }
 
     /// Whether the connection is over: the socket is closed and no request
@@ -323,7 +357,7 @@ impl Conn {
         if self.peer_closed {
             // Not started, never will be: their results could not be sent.
             for req in self.queued.drain(..) {
-                let _ = eng.complete(req.id, Completion::Error(block::io::IoError::Eio));
+                let _ = eng.complete(req.id, Completion::Error(IoError::Eio));
             }
         }
         let idle = eng.in_flight() == 0;

@@ -18,6 +18,7 @@
 //!   [`block::export`] drive (`app::Appliance` hands it to them);
 //! - [`Network::close_exports`] first in the halt path, before close-all.
 
+mod budget;
 mod config;
 mod conn;
 mod server;
@@ -35,6 +36,7 @@ use drivers::net::smoltcp::wire::IpAddress;
 use log::{info, warn};
 
 use crate::pci::Pci;
+use budget::Budgets;
 use conn::{Conn, IoBudget};
 use server::Server;
 use stack::Stack;
@@ -51,17 +53,14 @@ pub struct Network {
     conns: Vec<Conn>,
     exec: Option<Executor>,
     budget: Option<Rc<IoBudget>>,
+    /// What the heap present allows ([`budget`]). Clients served at once
+    /// are bounded by its `max_clients` whatever `max-connections` says
+    /// (0 means no limit in QEMU); further clients wait, as they do at
+    /// `max-connections`.
+    budgets: Option<Budgets>,
+    /// Test fault: panic inside [`Network::poll`] when a client connects.
+    panic_on_client: bool,
 }
-
-/// Read buffers all NBD requests may hold while they execute.
-const IO_BUDGET: u64 = 64 << 20;
-
-/// Clients served at once whatever `max-connections` says (0 means no
-/// limit in QEMU): each holds 2 MiB of socket buffers and up to 4 MiB of
-/// write payloads, and a 256 MiB appliance must not run out of heap
-/// because many clients connected. Further clients wait, as they do at
-/// `max-connections`.
-const MAX_CLIENTS: usize = 24;
 
 /// Brings up the first virtio-net function of the boot-time PCI scan.
 fn find_device(pci: &mut Pci) -> Result<Option<NetDevice>, String> {
@@ -88,6 +87,11 @@ impl Network {
     /// without a network.
     pub fn probe(pci: &mut Pci, ip: Option<&str>, registry: Rc<Registry>) -> Result<Self, String> {
         let ip = config::parse(ip)?;
+        let budgets = Budgets::for_heap(crate::heap::total());
+        info!(
+            "network budgets for a {} MiB heap: {budgets}",
+            crate::heap::total() >> 20
+        );
         let stack = match find_device(pci)? {
             Some(dev) => {
                 let s = Stack::new(dev, ip);
@@ -108,7 +112,9 @@ impl Network {
             exports: Some(ExportTable::new(registry)),
             server: None,
             conns: Vec::new(),
-            budget: Some(IoBudget::new(IO_BUDGET)),
+            budget: Some(IoBudget::new(budgets.read_bytes)),
+            budgets: Some(budgets),
+            panic_on_client: false,
         })
     }
 
@@ -121,7 +127,8 @@ impl Network {
             warn!("NBD server started without a network device: no client can reach it");
         }
         let host = cfg.host.map(IpAddress::Ipv4);
-        self.server = Some(Server::new(host, cfg.port, cfg.max_connections));
+        let budgets = self.budgets.ok_or("no network budgets")?;
+        self.server = Some(Server::new(host, cfg.port, cfg.max_connections, &budgets));
         self.poll();
         Ok(())
     }
@@ -155,27 +162,32 @@ impl Network {
             conns,
             exec,
             budget,
+            budgets,
+            panic_on_client,
         } = self;
         let mut busy = false;
-        if let (Some(stack), Some(exports), Some(exec), Some(budget)) =
-            (stack, exports.as_ref(), exec, budget)
+        if let (Some(stack), Some(exports), Some(exec), Some(budget), Some(budgets)) =
+            (stack, exports.as_ref(), exec, budget, budgets.as_ref())
         {
             let gate = server.as_ref().map(|s| (s.port, s.free(&stack.sockets)));
             stack.device.gate_syns(gate);
             busy |= stack.poll();
             if let Some(server) = server {
                 let max = match server.max_connections {
-                    0 => MAX_CLIENTS,
-                    m => (m as usize).min(MAX_CLIENTS),
+                    0 => budgets.max_clients,
+                    m => (m as usize).min(budgets.max_clients),
                 };
                 let room = max.saturating_sub(conns.len());
                 for h in server.accept(&mut stack.sockets, room) {
-                    conns.push(Conn::new(h));
+                    conns.push(Conn::new(h, budgets));
                     busy = true;
+                    if *panic_on_client {
+                        panic!("test fault: panic inside the network poll");
+                    }
                 }
             }
             for c in conns.iter_mut() {
-                busy |= c.service(&mut stack.sockets, exports, exec, budget);
+                busy |= c.service(&mut stack.sockets, exports, exec, budget, budgets.reserve);
             }
             conns.retain_mut(|c| {
                 if c.finished(&mut stack.sockets, budget) {
@@ -193,6 +205,12 @@ impl Network {
             busy |= exports.reap();
         }
         busy
+    }
+
+    /// Test fault: the next client to connect makes [`Network::poll`]
+    /// panic while the network is borrowed.
+    pub fn panic_on_client(&mut self) {
+        self.panic_on_client = true;
     }
 
     /// Halt path: closes every export (each emits `BLOCK_EXPORT_DELETED`),

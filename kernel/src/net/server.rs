@@ -3,7 +3,8 @@
 //! `nbd-server-start`, and `max-connections`.
 //!
 //! smoltcp has no accept queue: a listening socket *becomes* the
-//! connection. The server keeps [`BACKLOG`] sockets listening and replaces
+//! connection. The server keeps `listeners` sockets listening (from the
+//! heap's budgets) and replaces
 //! each one a client takes. At `max-connections`, established sockets wait
 //! in their listening slot, unserved, until a connection ends (QEMU stops
 //! accepting and leaves clients in the kernel's backlog).
@@ -13,13 +14,8 @@ use drivers::net::smoltcp::iface::{SocketHandle, SocketSet};
 use drivers::net::smoltcp::socket::tcp;
 use drivers::net::smoltcp::wire::{IpAddress, IpListenEndpoint};
 
+use super::budget::Budgets;
 use super::stack::nbd_socket;
-
-/// Sockets kept listening: how many clients may connect at the same
-/// instant (the listen backlog). A SYN that would find none is dropped
-/// before the stack sees it, so that client tries again shortly
-/// (`NetDevice::gate_syns`).
-pub const BACKLOG: usize = 8;
 
 /// A running NBD server.
 pub struct Server {
@@ -28,15 +24,29 @@ pub struct Server {
     /// 0: unlimited.
     pub max_connections: u32,
     listeners: Vec<SocketHandle>,
+    /// Sockets kept listening: how many clients may connect at the same
+    /// instant (the listen backlog). A SYN that would find none is dropped
+    /// before the stack sees it, so that client tries again shortly
+    /// (`NetDevice::gate_syns`).
+    backlog: usize,
+    /// Each socket's RX and TX buffer size.
+    socket_buffer: usize,
 }
 
 impl Server {
-    pub fn new(host: Option<IpAddress>, port: u16, max_connections: u32) -> Server {
+    pub fn new(
+        host: Option<IpAddress>,
+        port: u16,
+        max_connections: u32,
+        budgets: &Budgets,
+    ) -> Server {
         Server {
             host,
             port,
             max_connections,
             listeners: Vec::new(),
+            backlog: budgets.listeners,
+            socket_buffer: budgets.socket_buffer,
         }
     }
 
@@ -47,7 +57,7 @@ impl Server {
         }
     }
 
-    /// Keeps up to [`BACKLOG`] sockets listening; returns the sockets
+    /// Keeps up to `backlog` sockets listening; returns the sockets
     /// clients have connected to, as many as `room` allows.
     pub fn accept(&mut self, sockets: &mut SocketSet<'static>, room: usize) -> Vec<SocketHandle> {
         let mut taken = Vec::new();
@@ -68,14 +78,16 @@ impl Server {
                 _ => i += 1,
             }
         }
-        // One new listener per call: each zeroes 2 MiB of buffers, which
-        // would otherwise delay `nbd-server-start` (and boot) by tens of
-        // milliseconds under TCG; the backlog fills over the next polls.
-        if self.listeners.len() < BACKLOG {
-            let mut s = nbd_socket();
-            if s.listen(self.endpoint()).is_ok() {
-                self.listeners.push(sockets.add(s));
-            }
+        // One new listener per call: each zeroes up to 2 MiB of buffers,
+        // which would otherwise delay `nbd-server-start` (and boot) by tens
+        // of milliseconds under TCG; the backlog fills over the next polls.
+        // Without the heap for its buffers, no new listener: clients wait
+        // (their SYNs are dropped) until a connection ends.
+        if self.listeners.len() < self.backlog
+            && let Some(mut s) = nbd_socket(self.socket_buffer)
+            && s.listen(self.endpoint()).is_ok()
+        {
+            self.listeners.push(sockets.add(s));
         }
         taken
     }

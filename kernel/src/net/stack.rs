@@ -1,12 +1,12 @@
 //! The TCP/IP stack: smoltcp's interface over the virtio-net device, and
 //! the TCP sockets the NBD server uses.
 //!
-//! Sockets get large buffers (window scaling turns on by itself above
-//! 64 KiB), Nagle and delayed ACK off (a request/response protocol must not
+//! Sockets get buffers as large as the heap allows
+//! ([`super::budget::Budgets::socket_buffer`]; window scaling turns on by
+//! itself above 64 KiB), Nagle and delayed ACK off (a request/response protocol must not
 //! wait for either), Reno congestion control, and keep-alive so a client
 //! that vanished without a word is noticed.
 
-use alloc::vec;
 use alloc::vec::Vec;
 use drivers::net::NetDevice;
 use drivers::net::smoltcp::iface::{Config, Interface, PollResult, SocketSet};
@@ -15,11 +15,6 @@ use drivers::net::smoltcp::time::{Duration, Instant};
 use drivers::net::smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
 use super::config::IpConfig;
-
-/// Receive buffer of a TCP socket (a client's writes land here).
-pub const RX_BUFFER: usize = 1 << 20;
-/// Transmit buffer of a TCP socket (read replies wait here).
-pub const TX_BUFFER: usize = 1 << 20;
 
 /// The interface, its device and the sockets.
 pub struct Stack {
@@ -60,15 +55,25 @@ impl Stack {
     }
 }
 
-/// A TCP socket set up for NBD.
-pub fn nbd_socket() -> tcp::Socket<'static> {
-    let rx = tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]);
-    let tx = tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]);
+/// A zeroed buffer of `len` bytes, or `None` if the heap cannot give one.
+fn buffer(len: usize) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).ok()?;
+    v.resize(len, 0);
+    Some(v)
+}
+
+/// A TCP socket set up for NBD, with receive (a client's writes land
+/// there) and transmit (read replies wait there) buffers of `len` bytes
+/// each; `None` if the heap cannot hold them.
+pub fn nbd_socket(len: usize) -> Option<tcp::Socket<'static>> {
+    let rx = tcp::SocketBuffer::new(buffer(len)?);
+    let tx = tcp::SocketBuffer::new(buffer(len)?);
     let mut s = tcp::Socket::new(rx, tx);
     s.set_nagle_enabled(false);
     s.set_ack_delay(None);
     s.set_congestion_control(tcp::CongestionControl::Reno);
     s.set_keep_alive(Some(Duration::from_secs(10)));
     s.set_timeout(Some(Duration::from_secs(60)));
-    s
+    Some(s)
 }

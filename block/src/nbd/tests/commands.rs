@@ -527,6 +527,42 @@ fn input_stops_while_too_many_requests_are_pending() {
 }
 
 #[test]
+fn a_write_beyond_the_payload_room_is_enomem_and_the_connection_goes_on() {
+    let mut p = Peer::new(disk());
+    p.connect("disk", false, false);
+    p.conn.set_payload_room(6000);
+    // The first fits the room, the second no longer does: it is skipped
+    // whole (its payload is not taken for a request header) and refused.
+    p.write(0, 1, 0, &pattern(4096, 1));
+    p.write(0, 2, 4096, &pattern(4096, 2));
+    p.run();
+    let mut replies = [p.reply(), p.reply()];
+    replies.sort_by_key(|r| r.cookie());
+    assert_eq!(
+        replies,
+        [
+            Reply::Simple {
+                error: 0,
+                cookie: 1
+            },
+            Reply::Simple {
+                error: errno::ENOMEM,
+                cookie: 2
+            }
+        ]
+    );
+    p.conn.set_payload_room(1 << 20);
+    p.write(0, 3, 4096, &pattern(4096, 3));
+    p.run();
+    assert_eq!(p.reply().error(), 0);
+    p.request(0, cmd::READ, 4, 0, 8192);
+    p.run();
+    let mut want = pattern(4096, 1);
+    want.extend(pattern(4096, 3));
+    assert_eq!(p.simple_read(4, 8192), want);
+}
+
+#[test]
 fn shutdown_fails_queued_and_new_requests_and_closes_after_in_flight() {
     let mut p = Peer::new(disk());
     p.connect("disk", false, false);
