@@ -155,4 +155,5 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
     crate::schema::register(d);
     crate::drivers::qcow2::commands::register(d);
     crate::jobs::commands::register(d);
+    crate::trace::register(d);
 }

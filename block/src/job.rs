@@ -527,6 +527,18 @@ impl Job {
 
     fn transition(&self, to: JobStatus) {
         let from = self.status.get();
+        crate::trace!(
+            job_state_transition,
+            "job {} attempting {} transition ({}-->{})",
+            self.id,
+            if from.can_become(to) {
+                "allowed"
+            } else {
+                "disallowed"
+            },
+            from.as_str(),
+            to.as_str()
+        );
         if !from.can_become(to) {
             log::error!(
                 "job '{}': illegal transition {} -> {}",
@@ -546,7 +558,16 @@ impl Job {
     }
 
     fn check_verb(&self, verb: JobVerb) -> Result<(), JobError> {
-        if verb.table()[self.status.get().index()] == 1 {
+        let allowed = verb.table()[self.status.get().index()] == 1;
+        crate::trace!(
+            job_apply_verb,
+            "job {} in state {}; applying verb {} ({})",
+            self.id,
+            self.status.get().as_str(),
+            verb.as_str(),
+            if allowed { "allowed" } else { "prohibited" }
+        );
+        if allowed {
             Ok(())
         } else {
             Err(JobError::Verb {
@@ -645,6 +666,12 @@ impl Job {
             }
         }
         let failed = self.failed() || !ran;
+        crate::trace!(
+            job_completed,
+            "job {} ret {}",
+            self.id,
+            if failed { -125 } else { 0 }
+        );
         if failed {
             self.transition(JobStatus::Aborting);
             self.driver.clone().abort(self.clone()).await;

@@ -88,3 +88,4 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 pub mod timer;
+pub mod trace;

@@ -1,5 +1,6 @@
 //! The console on COM1: `log` records with level and a monotonic timestamp,
-//! and a lock-free path for fault and panic reports.
+//! the lines of enabled trace points (`block::trace`), and a lock-free path
+//! for fault and panic reports.
 
 use core::fmt::Write;
 use drivers::uart::{COM1, Uart};
@@ -17,6 +18,19 @@ pub fn init(level: LevelFilter) {
     *CONSOLE.lock() = Some(unsafe { Uart::new(COM1) });
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
+    block::trace::set_sink(trace_line);
+}
+
+/// An enabled trace point's line, whatever the log level, in the shape of
+/// QEMU's `log` trace backend without its thread id:
+/// `SECONDS.MICROS:name arguments`.
+fn trace_line(name: &'static str, args: core::fmt::Arguments<'_>) {
+    let ns = crate::clock::monotonic_ns();
+    print(format_args!(
+        "{}.{:06}:{name} {args}\n",
+        ns / 1_000_000_000,
+        (ns % 1_000_000_000) / 1000
+    ));
 }
 
 pub fn set_level(level: LevelFilter) {

@@ -254,10 +254,43 @@ impl Disks {
             Op::WriteZeroes { len, .. } => *len,
             _ => 0,
         };
+        let transport = disk.transport;
+        let (kind, offset, len) = match &op {
+            Op::Read { offset, buf } => ("read", *offset, buf.len() as u64),
+            Op::Write { offset, buf, .. } => ("write", *offset, buf.len() as u64),
+            Op::Flush => ("flush", 0, 0),
+            Op::Discard { offset, len } => ("discard", *offset, *len),
+            Op::WriteZeroes { offset, len, .. } => ("write-zeroes", *offset, *len),
+        };
+        let pci = self.controllers[controller].0;
         let id = match &mut self.controllers[controller].1 {
             Driver::Blk(b) => b.submit(op)?,
             Driver::Scsi(s) => s.submit(lun, op)?,
         };
+        match (transport, kind) {
+            (Transport::VirtioBlk, "read") => {
+                block::trace!(
+                    virtio_blk_handle_read,
+                    "{pci} req {id} offset {offset} len {len}"
+                )
+            }
+            (Transport::VirtioBlk, "write") => {
+                block::trace!(
+                    virtio_blk_handle_write,
+                    "{pci} req {id} offset {offset} len {len}"
+                )
+            }
+            (Transport::VirtioBlk, _) => {
+                block::trace!(
+                    virtio_blk_handle_flush,
+                    "{pci} req {id} {kind} offset {offset} len {len}"
+                )
+            }
+            (Transport::VirtioScsi { target, lun }, _) => block::trace!(
+                virtio_scsi_cmd_req,
+                "{pci} target {target} lun {lun}, tag {id}, {kind} offset {offset} len {len}"
+            ),
+        }
         self.bytes_written += bytes;
         Ok(Ticket { controller, id })
     }
@@ -347,6 +380,23 @@ impl Disks {
                 }
             };
             for done in self.scratch.drain(..) {
+                let status = done.result.as_ref().map_or_else(|e| e.errno(), |()| 0);
+                match c {
+                    Driver::Blk(_) => {
+                        block::trace!(
+                            virtio_blk_req_complete,
+                            "{pci} req {} status {status}",
+                            done.id
+                        )
+                    }
+                    Driver::Scsi(_) => {
+                        block::trace!(
+                            virtio_scsi_cmd_resp,
+                            "{pci} tag {}, status {status}",
+                            done.id
+                        )
+                    }
+                }
                 let ticket = Ticket {
                     controller: i,
                     id: done.id,

@@ -148,6 +148,13 @@ impl Node {
         open_options: Map<String, Value>,
         registry: Weak<Registry>,
     ) -> Node {
+        crate::trace!(
+            bdrv_open_common,
+            "bs {} format_name \"{}\" read_only {}",
+            name,
+            driver.format_name(),
+            opts.read_only
+        );
         Node {
             id,
             name,
@@ -596,7 +603,14 @@ impl Node {
     /// `bdrv_drain`; nodes have no request queue of their own, their
     /// parents stop sending: see [`crate::graph::backend::Drained`]).
     pub async fn drain(&self) {
+        crate::trace!(
+            bdrv_drain_begin,
+            "bs {} in_flight {}",
+            self.name,
+            self.in_flight.get()
+        );
         self.idle.wait_until(|| self.in_flight.get() == 0).await;
+        crate::trace!(bdrv_drain_end, "bs {}", self.name);
     }
 }
 
@@ -618,6 +632,12 @@ pub fn unref(node: Rc<Node>) -> BoxFuture<'static, ()> {
 }
 
 async fn close(node: Rc<Node>) {
+    crate::trace!(
+        bdrv_close,
+        "bs {} format_name \"{}\"",
+        node.name,
+        node.driver_name()
+    );
     node.state.set(NodeState::Closing);
     let registry = node.registry.upgrade();
     node.drain().await;

@@ -280,6 +280,13 @@ impl Connection {
             export.size
         );
         self.base_allocation = meta && self.structured && export.features.block_status;
+        crate::trace!(
+            nbd_negotiate_success,
+            "Negotiation succeeded: export '{}', flags 0x{flags:04x}, structured {}, extended {}",
+            export.name,
+            self.structured,
+            self.extended
+        );
         self.flags = flags;
         self.export = Some(export);
         self.state = State::Transmission;

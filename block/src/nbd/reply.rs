@@ -62,7 +62,29 @@ impl Connection {
         }
     }
 
+    /// A simple reply: the request's cookie and `error`.
+    fn simple(&mut self, h: &Header, error: u32) {
+        crate::trace!(
+            nbd_co_send_simple_reply,
+            "Send simple reply: cookie = {}, error = {}, type = {}, len = {}",
+            h.cookie,
+            error,
+            h.command.name(),
+            if error == 0 && h.command == Command::Read {
+                h.len
+            } else {
+                0
+            }
+        );
+        let r = SimpleReply {
+            error,
+            cookie: h.cookie,
+        };
+        self.out.write(|b| r.emit(b));
+    }
+
     fn chunk(&mut self, h: &Header, done: bool, chunk: Chunk<'_>) {
+        trace_chunk(h, done, &chunk);
         let ch = self.chunk_header(h, done);
         self.out.write(|b| chunk.emit(ch, b));
     }
@@ -72,11 +94,7 @@ impl Connection {
         if self.structured {
             self.chunk(&h, true, Chunk::Error { error, message });
         } else {
-            let r = SimpleReply {
-                error,
-                cookie: h.cookie,
-            };
-            self.out.write(|b| r.emit(b));
+            self.simple(&h, error);
         }
     }
 
@@ -85,11 +103,7 @@ impl Connection {
         if self.extended || (self.structured && h.command == Command::Read) {
             self.chunk(&h, true, Chunk::None);
         } else {
-            let r = SimpleReply {
-                error: 0,
-                cookie: h.cookie,
-            };
-            self.out.write(|b| r.emit(b));
+            self.simple(&h, 0);
         }
     }
 
@@ -143,11 +157,7 @@ impl Connection {
                 return;
             }
             if !self.structured {
-                let r = SimpleReply {
-                    error: 0,
-                    cookie: h.cookie,
-                };
-                self.out.write(|b| r.emit(b));
+                self.simple(&h, 0);
             } else if list.iter().all(|p| matches!(p, ReadChunk::Zero(_))) {
                 let hole = Chunk::OffsetHole {
                     offset: h.offset,
@@ -233,5 +243,39 @@ impl Connection {
         }
         descriptors.clear();
         self.descriptors = descriptors;
+    }
+}
+
+/// The chunk trace points (QEMU: `nbd_co_send_chunk_*`).
+fn trace_chunk(h: &Header, done: bool, chunk: &Chunk<'_>) {
+    match *chunk {
+        Chunk::None => crate::trace!(
+            nbd_co_send_chunk_done,
+            "Send chunk done: cookie = {}",
+            h.cookie
+        ),
+        Chunk::OffsetData { offset, data_len } => crate::trace!(
+            nbd_co_send_chunk_read,
+            "Send chunk read data: cookie = {}, offset = {offset}, len = {data_len}, done = {done}",
+            h.cookie
+        ),
+        Chunk::OffsetHole { offset, len } => crate::trace!(
+            nbd_co_send_chunk_read_hole,
+            "Send chunk read hole: cookie = {}, offset = {offset}, len = {len}, done = {done}",
+            h.cookie
+        ),
+        Chunk::BlockStatus { context, extents } => crate::trace!(
+            nbd_co_send_chunk_block_status,
+            "Send chunk block status: cookie = {}, context = {context}, extents = {}",
+            h.cookie,
+            extents.len()
+        ),
+        Chunk::Error { error, message } | Chunk::ErrorOffset { error, message, .. } => {
+            crate::trace!(
+                nbd_co_send_chunk_error,
+                "Send chunk error: cookie = {}, error = {error}, msg = '{message}'",
+                h.cookie
+            )
+        }
     }
 }

@@ -295,6 +295,7 @@ pub struct Connection {
 impl Connection {
     /// A new connection; the server greeting is already queued.
     pub fn new(limits: Limits) -> Connection {
+        crate::trace!(nbd_negotiate_begin, "Beginning negotiation");
         let mut out = Output::new();
         out.write(|b| {
             b.extend_from_slice(&wire::NBD_MAGIC.to_be_bytes());

@@ -63,6 +63,16 @@ impl Connection {
                 return;
             }
         };
+        crate::trace!(
+            nbd_receive_request,
+            "Got request: {{ .flags = 0x{:x}, .type = {} ({}), from = {}, len = {}, cookie = {} }}",
+            h.flags,
+            u16::from(h.command),
+            h.command.name(),
+            h.offset,
+            h.length,
+            h.cookie
+        );
         let header = Header {
             flags: h.flags,
             command: h.command,

@@ -24,4 +24,5 @@ mod qcow2;
 mod qmp;
 mod quorum;
 mod stats;
+mod trace;
 mod wire;

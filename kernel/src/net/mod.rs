@@ -23,6 +23,7 @@ mod config;
 mod conn;
 mod server;
 mod stack;
+mod traced;
 
 use alloc::format;
 use alloc::rc::Rc;

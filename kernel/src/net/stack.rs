@@ -49,7 +49,8 @@ impl Stack {
 
     /// Moves frames and runs TCP; returns whether anything happened.
     pub fn poll(&mut self) -> bool {
-        let r = self.iface.poll(now(), &mut self.device, &mut self.sockets);
+        let mut device = super::traced::Traced(&mut self.device);
+        let r = self.iface.poll(now(), &mut device, &mut self.sockets);
         self.device.maintain();
         self.device.take_activity() | (r == PollResult::SocketStateChanged)
     }
