@@ -65,7 +65,7 @@ pub const TYPES: &[(&str, &str)] = &[
     ),
     (
         "BlockExportInfo",
-        "{id:str, type:(nbd|vhost-user-blk|fuse|vduse-blk), node-name:str, shutting-down:bool}",
+        "{id:str, type:(nbd|vhost-user-blk|fuse|vduse-blk), node-name:str, shutting-down:bool, x-clients:int}",
     ),
     (
         "BlockDeviceTimedStats",

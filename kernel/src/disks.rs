@@ -19,6 +19,7 @@
 //! and `disks_debug` (`x-blockhaus-disk-io`, only with
 //! `blockhaus.debug-commands=on`).
 
+use crate::disk_stats::{DiskStats, Kind, Pending};
 use crate::pci::{OpenError, Pci};
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -66,6 +67,8 @@ pub struct Disk {
     controller: usize,
     /// LUN index within a SCSI controller.
     lun: usize,
+    /// I/O counters since boot.
+    pub stats: DiskStats,
 }
 
 /// A submitted request: which controller, which request id.
@@ -85,6 +88,9 @@ pub struct Disks {
     /// Futures waiting for a ticket ([`Disks::poll_completion`]).
     wakers: BTreeMap<Ticket, Waker>,
     scratch: Vec<Completion>,
+    /// Requests in flight, for the disks' counters: the LUN index and the
+    /// request.
+    pending: BTreeMap<Ticket, (usize, Pending)>,
     /// Bytes sent to the disks in write requests (write-zeroes count their
     /// length), since boot.
     bytes_written: u64,
@@ -138,6 +144,7 @@ impl Disks {
                 claimed_by: None,
                 boot: false,
                 present: true,
+                stats: DiskStats::default(),
                 controller,
                 lun: 0,
             }),
@@ -159,6 +166,7 @@ impl Disks {
                         claimed_by: None,
                         boot: false,
                         present: true,
+                        stats: DiskStats::default(),
                         controller,
                         lun: i,
                     });
@@ -255,26 +263,21 @@ impl Disks {
             _ => 0,
         };
         let transport = disk.transport;
-        let (kind, offset, len) = match &op {
-            Op::Read { offset, buf } => ("read", *offset, buf.len() as u64),
-            Op::Write { offset, buf, .. } => ("write", *offset, buf.len() as u64),
-            Op::Flush => ("flush", 0, 0),
-            Op::Discard { offset, len } => ("discard", *offset, *len),
-            Op::WriteZeroes { offset, len, .. } => ("write-zeroes", *offset, *len),
-        };
+        let p = Pending::of(&op, crate::clock::monotonic_ns());
         let pci = self.controllers[controller].0;
         let id = match &mut self.controllers[controller].1 {
             Driver::Blk(b) => b.submit(op)?,
             Driver::Scsi(s) => s.submit(lun, op)?,
         };
-        match (transport, kind) {
-            (Transport::VirtioBlk, "read") => {
+        let (kind, offset, len) = (p.kind.name(), p.offset, p.len);
+        match (transport, p.kind) {
+            (Transport::VirtioBlk, Kind::Read) => {
                 block::trace!(
                     virtio_blk_handle_read,
                     "{pci} req {id} offset {offset} len {len}"
                 )
             }
-            (Transport::VirtioBlk, "write") => {
+            (Transport::VirtioBlk, Kind::Write) => {
                 block::trace!(
                     virtio_blk_handle_write,
                     "{pci} req {id} offset {offset} len {len}"
@@ -291,6 +294,7 @@ impl Disks {
                 "{pci} target {target} lun {lun}, tag {id}, {kind} offset {offset} len {len}"
             ),
         }
+        self.pending.insert(Ticket { controller, id }, (lun, p));
         self.bytes_written += bytes;
         Ok(Ticket { controller, id })
     }
@@ -401,6 +405,15 @@ impl Disks {
                     controller: i,
                     id: done.id,
                 };
+                if let Some((lun, p)) = self.pending.remove(&ticket)
+                    && let Some(d) = self
+                        .disks
+                        .iter_mut()
+                        .find(|d| d.controller == i && d.lun == lun)
+                {
+                    let now = crate::clock::monotonic_ns();
+                    d.stats.account(&p, done.result.is_ok(), now);
+                }
                 if let Some(w) = self.wakers.remove(&ticket) {
                     w.wake();
                 }
@@ -477,6 +490,7 @@ fn hotplug(disks: &mut Vec<Disk>, controller: usize, pci: Address, s: &mut Virti
                                 claimed_by: None,
                                 boot: false,
                                 present: true,
+                                stats: DiskStats::default(),
                                 controller,
                                 lun: index,
                             });

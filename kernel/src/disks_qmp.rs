@@ -6,7 +6,8 @@
 //! node holds it), and `limits` (`max-transfer`, `max-segment`,
 //! `max-segments`, `max-discard`, `discard-alignment`, `max-write-zeroes`,
 //! `optimal-transfer`, `queue-size`; bytes, 0 = not supported), and
-//! `boot-disk: true` on the disk the image was booted from.
+//! `boot-disk: true` on the disk the image was booted from, and `stats`:
+//! the I/O the disk's virtqueue saw since boot (see `disk_stats`).
 
 use crate::app::Appliance;
 use crate::disks::{Disk, Transport};
@@ -40,6 +41,7 @@ fn disk_json(d: &Disk) -> Value {
             "queue-size": l.queue_size,
         },
     });
+    v["stats"] = d.stats.to_json();
     if d.boot {
         v["boot-disk"] = json!(true);
     }

@@ -14,6 +14,7 @@ mod clock;
 mod cmdline;
 mod console;
 mod disk_node;
+mod disk_stats;
 mod disks;
 mod disks_debug;
 mod disks_qmp;

@@ -100,6 +100,12 @@ impl Appliance {
         Ok(q)
     }
 
+    /// Takes the QMP connection away (e.g. for a proxy); [`Appliance::qmp`]
+    /// then panics.
+    pub fn take_qmp(&mut self) -> Option<Qmp> {
+        self.qmp.take()
+    }
+
     pub fn qmp(&mut self) -> &mut Qmp {
         self.qmp
             .as_mut()

@@ -358,7 +358,7 @@ fn qmp_exports_lifecycle_errors_and_resize_refusal() {
         .unwrap();
     assert_eq!(
         a.qmp().cmd("query-block-exports", Value::Null).unwrap(),
-        json!([{"type": "nbd", "id": "e1", "node-name": "n0", "shutting-down": false}])
+        json!([{"type": "nbd", "id": "e1", "node-name": "n0", "shutting-down": false, "x-clients": 0}])
     );
     assert_eq!(
         qmp_error(
@@ -466,7 +466,8 @@ fn qmp_exports_lifecycle_errors_and_resize_refusal() {
     );
     assert_eq!(
         a.qmp().cmd("query-block-exports", Value::Null).unwrap(),
-        json!([{"type": "nbd", "id": "e1", "node-name": "n0", "shutting-down": false}])
+        json!([{"type": "nbd", "id": "e1", "node-name": "n0", "shutting-down": false, "x-clients": 1}]),
+        "`ro` is still connected to e1"
     );
     // The export is gone for new clients; RESIZE is no longer held back
     // (null-co itself cannot resize).
@@ -507,8 +508,12 @@ fn qmp_exports_lifecycle_errors_and_resize_refusal() {
         .cmd("nbd-server-add", json!({"device": "n0", "writable": true}))
         .unwrap();
     qemu_io_nbd(&a, &uri(port, "n0"), &["write -P 0x12 0 64k", "flush"]);
+    // qemu-io has gone, but the server may not have noticed yet: the
+    // client count is left out.
+    let mut exports = a.qmp().cmd("query-block-exports", Value::Null).unwrap();
+    exports[0].as_object_mut().unwrap().remove("x-clients");
     assert_eq!(
-        a.qmp().cmd("query-block-exports", Value::Null).unwrap(),
+        exports,
         json!([{"type": "nbd", "id": "n0", "node-name": "n0", "shutting-down": false}])
     );
     a.qmp()

@@ -7,6 +7,7 @@
 //!   socket, and says how to connect.
 //! - `test`: formatting, clippy, host unit tests, then the QEMU tests.
 //! - `graph`: the live block graph as Graphviz.
+//! - `top [--once] [--json]`: a live view of exports, nodes and jobs.
 //! - `bench boot|idle|nbd`: boot time against a do-nothing PVH image; idle
 //!   CPU; NBD against qemu-nbd and qemu-storage-daemon.
 
@@ -22,6 +23,7 @@ mod proxy;
 mod run;
 mod soak;
 mod test;
+mod top;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -52,6 +54,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// Draw the live block graph of a running appliance (Graphviz).
     Graph(graph::GraphArgs),
+    /// A live view of a running appliance: I/O per export and node, jobs.
+    Top(top::TopArgs),
     /// The randomized halt test over many seeds.
     Soak(soak::SoakArgs),
     /// Benchmarks.
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::run(args),
         Cmd::Test(args) => test::test(args),
         Cmd::Graph(args) => graph::graph(args),
+        Cmd::Top(args) => top::top(args),
         Cmd::Soak(args) => soak::soak(args),
         Cmd::Bench { which } => bench::bench(which),
     };

@@ -32,6 +32,13 @@ impl Proxy {
     pub fn start(com2: &Path, user: &Path) -> Result<Self, String> {
         let stream = harness::qmp::connect_retry(com2, Duration::from_secs(20))
             .map_err(|e| format!("COM2 socket: {e}"))?;
+        Self::over(stream, user)
+    }
+
+    /// A proxy over `stream`, COM2's socket before anything was read from
+    /// it (e.g. the connection of a test harness's appliance).
+    pub fn over(stream: UnixStream, user: &Path) -> Result<Self, String> {
+        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
         let listener = UnixListener::bind(user).map_err(|e| format!("{}: {e}", user.display()))?;
         let shared = Arc::new(Shared {
             greeting: Mutex::new(None),

@@ -363,6 +363,9 @@ fn query_block_exports<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
                     "id": e.id,
                     "node-name": e.node_name,
                     "shutting-down": e.shutting_down.get(),
+                    // blockhaus: the NBD clients connected (QEMU has no
+                    // member for it; `x-` as for QEMU's unstable members).
+                    "x-clients": e.clients.get(),
                 })
             })
             .collect(),

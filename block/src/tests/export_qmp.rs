@@ -256,8 +256,8 @@ fn block_export_add_del_and_query_with_qemus_texts() {
     assert_eq!(
         h.ok("query-block-exports", json!({})),
         json!([
-            {"type": "nbd", "id": "e0", "node-name": "disk0", "shutting-down": false},
-            {"type": "nbd", "id": "e1", "node-name": "ro0", "shutting-down": false},
+            {"type": "nbd", "id": "e0", "node-name": "disk0", "shutting-down": false, "x-clients": 0},
+            {"type": "nbd", "id": "e1", "node-name": "ro0", "shutting-down": false, "x-clients": 0},
         ])
     );
     assert!(h.exports().by_name("ro").is_some());
@@ -268,6 +268,7 @@ fn block_export_add_del_and_query_with_qemus_texts() {
     );
     let e0 = h.exports().by_id("e0").unwrap();
     e0.clients.set(1);
+    assert_eq!(h.ok("query-block-exports", json!({}))[0]["x-clients"], 1);
     assert_eq!(
         h.err("block-export-del", json!({"id": "e0"})),
         "export 'e0' still in use"
