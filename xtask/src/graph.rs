@@ -84,14 +84,20 @@ pub fn graph(args: GraphArgs) -> Result<(), String> {
         print!("{dot}");
         return Ok(());
     };
+    write(&dot, &output)
+}
+
+/// Writes `dot` to `output`: rendered by Graphviz for `.svg`/`.png`
+/// (or, without `dot` installed, as text next to it), else as text.
+fn write(dot: &str, output: &std::path::Path) -> Result<(), String> {
     let format = output.extension().and_then(|e| e.to_str()).unwrap_or("");
     if !matches!(format, "svg" | "png") {
-        return std::fs::write(&output, dot).map_err(|e| format!("{}: {e}", output.display()));
+        return std::fs::write(output, dot).map_err(|e| format!("{}: {e}", output.display()));
     }
     match Command::new("dot")
         .arg(format!("-T{format}"))
         .arg("-o")
-        .arg(&output)
+        .arg(output)
         .stdin(Stdio::piped())
         .spawn()
     {
@@ -155,5 +161,33 @@ mod tests {
             "{dot}"
         );
         assert!(dot.trim_end().ends_with('}'));
+    }
+
+    /// With Graphviz installed (`.ci/install-deps` installs it), `-o
+    /// FILE.svg` is an SVG drawing of the graph.
+    #[test]
+    fn svg_output_is_rendered_by_graphviz() {
+        let g = json!({
+            "nodes": [{"id": 1, "type": "block-backend", "name": "exp0"},
+                      {"id": 2, "type": "block-driver", "name": "disk", "drv": "virtio-blk", "refcount": 1}],
+            "edges": [{"parent": 1, "child": 2, "name": "root", "perm": ["write"], "shared-perm": []}]
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("graph.svg");
+        write(&to_dot(&g), &svg).unwrap();
+        let text =
+            std::fs::read_to_string(&svg).expect("dot wrote the SVG (is graphviz installed?)");
+        assert!(text.contains("<svg"), "{text}");
+        assert!(
+            text.contains(">exp0<") && text.contains(">virtio&#45;blk<"),
+            "{text}"
+        );
+        let dot = dir.path().join("graph.dot");
+        write(&to_dot(&g), &dot).unwrap();
+        assert!(
+            std::fs::read_to_string(&dot)
+                .unwrap()
+                .starts_with("digraph")
+        );
     }
 }
