@@ -141,5 +141,53 @@ fn nbd_trace_points_print_on_the_console_only_while_enabled() {
     let console = a.console();
     let after = &console[off..end];
     assert!(!after.contains(":nbd_"), "{after}");
+
+    // The device and node points: a read reaches the virtio-blk queue, a
+    // node opens and closes, frames cross virtio-net.
+    a.qmp()
+        .cmd(
+            "trace-event-set-state",
+            json!({"name": "virtio_*", "enable": true}),
+        )
+        .unwrap();
+    a.qmp()
+        .cmd(
+            "trace-event-set-state",
+            json!({"name": "bdrv_*", "enable": true}),
+        )
+        .unwrap();
+    let start = a.console().len();
+    read_over_nbd(port);
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "t0"}),
+        )
+        .unwrap();
+    a.qmp()
+        .cmd("blockdev-del", json!({"node-name": "t0"}))
+        .unwrap();
+    a.qmp()
+        .cmd(
+            "trace-event-set-state",
+            json!({"name": "*", "enable": false}),
+        )
+        .unwrap();
+    let end = mark(&mut a, "debug", "loglevel info -> debug (QMP)");
+    let console = a.console();
+    let traced = &console[start..end];
+    for needle in [
+        ":virtio_blk_handle_read ",
+        "offset 65536 len 4096",
+        ":virtio_blk_req_complete ",
+        "status 0",
+        ":virtio_net_rx frame len ",
+        ":virtio_net_tx frame len ",
+        ":bdrv_open_common bs t0 format_name \"null-co\"",
+        ":bdrv_close bs t0 format_name \"null-co\"",
+    ] {
+        assert!(traced.contains(needle), "{needle}: {traced}");
+    }
+    assert!(!traced.contains(":nbd_"), "{traced}");
     a.quit();
 }
