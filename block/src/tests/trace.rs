@@ -215,3 +215,40 @@ fn loglevel_is_settable_at_run_time() {
     assert_eq!(log::max_level(), log::LevelFilter::Debug);
     log::set_max_level(before);
 }
+
+#[test]
+fn job_points_trace_transitions_verbs_and_completion() {
+    use super::jobs_util::{MIB, mem_node, run_until, status};
+    crate::trace::set_sink(collect);
+    let mut q = Qmp::new();
+    mem_node(&mut q, "tsrc", MIB, 3);
+    mem_node(&mut q, "ttgt", MIB, 0);
+    q.ok(
+        "trace-event-set-state",
+        json!({"name": "job_*", "enable": true}),
+    );
+    q.ok(
+        "blockdev-backup",
+        json!({"job-id": "trace-b0", "device": "tsrc", "target": "ttgt", "sync": "full", "auto-dismiss": false}),
+    );
+    run_until(&q, "backup", || status(&q, "trace-b0") == "concluded");
+    q.ok("job-dismiss", json!({"id": "trace-b0"}));
+    q.ok(
+        "trace-event-set-state",
+        json!({"name": "job_*", "enable": false}),
+    );
+    let lines: Vec<String> = LINES
+        .lock()
+        .iter()
+        .filter(|l| l.contains("trace-b0"))
+        .cloned()
+        .collect();
+    for want in [
+        "job_state_transition job trace-b0 attempting allowed transition (created-->running)",
+        "job_completed job trace-b0 ret 0",
+        "job_state_transition job trace-b0 attempting allowed transition (pending-->concluded)",
+        "job_apply_verb job trace-b0 in state concluded; applying verb dismiss (allowed)",
+    ] {
+        assert!(lines.iter().any(|l| l == want), "{want}: {lines:?}");
+    }
+}
