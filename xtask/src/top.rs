@@ -413,6 +413,42 @@ mod tests {
         assert_eq!(v["exports"][0]["clients"], 0, "{v}");
         assert_eq!(v["jobs"], json!([]), "{v}");
         drop(qmp);
+
+        // QEMU's own shell, through the same socket: the trace commands.
+        let mut shell = Command::new("qmp-shell")
+            .arg(&sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qmp-shell runs (.ci/install-deps installs qemu.qmp)");
+        shell
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(
+                b"trace-event-set-state name=nbd_receive_* enable=true\n\
+                  trace-event-get-state name=nbd_receive_request\n\
+                  trace-event-set-state name=no_such_event enable=true\n",
+            )
+            .unwrap();
+        let out = shell.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let got: Value = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("(QEMU) "))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["return"].is_array())
+            .unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(
+            got["return"],
+            json!([{"name": "nbd_receive_request", "state": "enabled", "vcpu": false}]),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"unknown event \"no_such_event\""#),
+            "{text}"
+        );
         proxy.quit();
         assert!(
             a.wait_exit(Duration::from_secs(60))
