@@ -206,6 +206,15 @@ pub trait BlockDriver: core::any::Any {
         }
     }
 
+    /// Stores what the driver keeps in memory until the node closes (QEMU:
+    /// `drv->bdrv_inactivate`, e.g. qcow2's persistent dirty bitmaps);
+    /// called once when the node closes, before its final flush. The
+    /// driver logs its own failures.
+    fn inactivate<'a>(&'a self, node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
+        let _ = node;
+        ready(Ok(()))
+    }
+
     /// Releases driver state; called once, after the final flush and before
     /// the child edges are dropped (QEMU: `bdrv_close`'s `drv->bdrv_close`).
     fn close(&self, node: &Node) {

@@ -65,6 +65,7 @@ pub mod blockdev;
 pub mod close_all;
 pub mod cmdline;
 pub mod commands;
+pub mod dirty_bitmap;
 pub mod driver;
 pub mod drivers;
 pub mod event;

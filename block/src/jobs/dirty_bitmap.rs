@@ -145,6 +145,55 @@ impl DirtyBitmap {
         let end = ((i + n) * self.granularity).min(self.len);
         Some((start, end - start))
     }
+    /// Bytes `[byte, byte + n)` of the bitmap as stored on disk (QEMU:
+    /// `bdrv_dirty_bitmap_serialize_part`): chunk `k` is bit `k % 8` of
+    /// byte `k / 8`; bits past the end are 0.
+    pub fn serialize(&self, byte: u64, n: usize) -> Vec<u8> {
+        (0..n as u64)
+            .map(|j| {
+                let w = self
+                    .words
+                    .get(((byte + j) / 8) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                (w >> (((byte + j) % 8) * 8)) as u8
+            })
+            .collect()
+    }
+
+    /// Marks dirty every chunk whose bit is set in `bytes`, stored from
+    /// byte `byte` on (QEMU: `bdrv_dirty_bitmap_deserialize_part`); bits
+    /// past the end are ignored.
+    pub fn deserialize(&mut self, byte: u64, bytes: &[u8]) {
+        let chunks = self.chunks();
+        for (j, b) in bytes.iter().enumerate() {
+            for bit in 0..8u64 {
+                let k = (byte + j as u64) * 8 + bit;
+                if b & (1 << bit) != 0 && k < chunks {
+                    self.put(k, true);
+                }
+            }
+        }
+    }
+
+    /// Marks dirty every chunk of `other` (same geometry) that is dirty
+    /// (QEMU: `bdrv_merge_dirty_bitmap`).
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        for (i, w) in other.words.iter().enumerate() {
+            let mut w = *w;
+            while w != 0 {
+                let bit = u64::from(w.trailing_zeros());
+                self.put(i as u64 * 64 + bit, true);
+                w &= w - 1;
+            }
+        }
+    }
+
+    /// Marks everything clean.
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+        self.count = 0;
+    }
 }
 
 #[cfg(test)]
@@ -178,5 +227,28 @@ mod tests {
         b.set(700 * 64, 64);
         assert_eq!(b.next_dirty(0, 64), Some((700 * 64, 64)));
         assert_eq!(b.next_dirty(701 * 64, 64), None);
+    }
+
+    #[test]
+    fn serializes_as_qemu_stores_it() {
+        let mut b = DirtyBitmap::new(200 * 512, 512);
+        b.set(0, 1);
+        b.set(9 * 512, 1);
+        b.set(199 * 512, 1);
+        let s = b.serialize(0, 26);
+        assert_eq!(s[0], 1);
+        assert_eq!(s[1], 2);
+        assert_eq!(s[24], 0x80);
+        assert_eq!(s[25], 0);
+        let mut c = DirtyBitmap::new(200 * 512, 512);
+        c.deserialize(0, &s);
+        assert_eq!(c, b);
+        let mut d = DirtyBitmap::new(200 * 512, 512);
+        d.deserialize(1, &[0xff; 30]);
+        assert_eq!(d.dirty_bytes(), 192 * 512);
+        d.merge(&b);
+        assert_eq!(d.dirty_bytes(), 193 * 512);
+        d.clear();
+        assert_eq!(d.dirty_bytes(), 0);
     }
 }

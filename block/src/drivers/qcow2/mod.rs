@@ -29,9 +29,10 @@
 //! snapshot are copied before a change; snapshots cannot be created,
 //! applied or deleted here). A dirty image (lazy refcounts, not closed
 //! cleanly) has its refcounts rebuilt when opened read-write, as QEMU does.
-//! A bitmaps extension is left in place but its autoclear bit is cleared
-//! before the first write (blockhaus does not update bitmaps), as the spec
-//! requires.
+//! Persistent dirty bitmaps ([`bitmaps`]) are loaded at open as the node's
+//! bitmaps, marked in use while the image is open read-write, and stored
+//! when the node closes; bitmaps a program without bitmap support left
+//! behind (autoclear bit clear) are ignored, as QEMU ignores them.
 //!
 //! Refused, with a message: external data files, encryption, zstd
 //! compression, unknown incompatible features (named from the image's
@@ -61,6 +62,7 @@
 //! (`blockdev-create`), [`check`] (consistency check), [`commands`] (the
 //! QMP commands).
 
+pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod cluster;
@@ -245,6 +247,23 @@ impl Qcow2 {
         if let Some(b) = self.rb_cache {
             st.rbc = cache::Cache::new((b / st.cs) as usize);
         }
+        if let Some(mut dir) = st.bitmaps.take() {
+            let loaded = bitmaps::load_bitmaps(&f, &st, &dir)
+                .await
+                .map_err(|e| format!("qcow2 node '{}': {e}", node.name()))?;
+            if !st.read_only {
+                bitmaps::mark_in_use(&f, &mut st, &mut dir)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "qcow2 node '{}': Could not update the bitmap directory: {e}",
+                            node.name()
+                        )
+                    })?;
+            }
+            st.bitmaps = Some(dir);
+            node.dirty_bitmaps_mut().extend(loaded);
+        }
         if self.backing == BackingOpt::FromHeader
             && let Some(name) = st.h.backing_file.clone()
         {
@@ -428,6 +447,15 @@ impl BlockDriver for Qcow2 {
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
         with_state!(self, node, |st, f| {
             let old = st.h.size;
+            if size != old && (st.bitmaps.is_some() || !node.dirty_bitmaps().is_empty()) {
+                // Stored bitmaps cover the old size (QEMU 4.2 refused the
+                // same way before it learned to resize them).
+                log::error!(
+                    "qcow2 node '{}': Can't resize an image which has bitmaps",
+                    node.name()
+                );
+                return Err(IoError::Enotsup);
+            }
             let b = node.child("backing");
             st.truncate(&f, b.as_deref(), size).await?;
             self.size.set(size);
@@ -465,6 +493,20 @@ impl BlockDriver for Qcow2 {
         format: Option<&'a str>,
     ) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(self.rewrite_backing_file(node, file, format))
+    }
+
+    fn inactivate<'a>(&'a self, node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
+        with_state!(self, node, |st, f| {
+            let r = bitmaps::store(&f, st, node).await;
+            if let Err(e) = &r {
+                log::error!(
+                    "qcow2 node '{}': could not store the persistent dirty bitmaps: {e}; \
+                     they will be inconsistent when the image is opened again",
+                    node.name()
+                );
+            }
+            r
+        })
     }
 
     fn close(&self, node: &Node) {

@@ -1,0 +1,107 @@
+//! Dirty bitmaps in the booted appliance (issue 15): bitmaps made by
+//! `qemu-img bitmap` on the host survive a boot, record the writes made
+//! through the appliance, and are stored in the image at `quit` (the halt
+//! path closes the qcow2 node, which stores its persistent bitmaps before
+//! the final flush); a `kill -9` leaves them in use, and the next boot
+//! opens them inconsistent.
+
+use harness::host::{MIB, dirty_extents, image_bitmaps, run};
+use harness::{Appliance, QemuConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const KIB: u64 = 1 << 10;
+
+fn check_clean(path: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path));
+    assert!(
+        out.contains("No errors were found on the image."),
+        "qemu-img check:\n{out}"
+    );
+    assert!(!out.contains("leaked"), "qemu-img check:\n{out}");
+}
+
+/// A 64 MiB qcow2 image with bitmap `b0` (64 KiB granularity, enabled)
+/// that recorded two writes made by `qemu-io`, and room to grow on a disk.
+fn image(dir: &Path) -> PathBuf {
+    let img = dir.join("b.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M"));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add", "--enable", "-g", "64k"])
+        .arg(&img)
+        .arg("b0"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 64k", "-c", "write 1M 4k"])
+        .arg(&img));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(80 * MIB)
+        .unwrap();
+    img
+}
+
+fn boot(img: &Path) -> Appliance {
+    let cfg = QemuConfig {
+        disks: vec![img.to_path_buf()],
+        append: "--blockdev driver=virtio-blk,node-name=file0,serial=disk0 \
+                 --blockdev driver=qcow2,node-name=fmt0,file=file0"
+            .into(),
+        ..QemuConfig::default()
+    };
+    Appliance::boot(&cfg)
+}
+
+#[test]
+fn qemu_img_bitmaps_survive_a_boot_and_record_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let mut a = boot(&img);
+    // In use while the appliance has the image open read-write.
+    assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
+    a.qemu_io("fmt0", "write -P 0x55 5M 4k");
+    a.qemu_io("fmt0", "write -z 9M 128k");
+    let console = a.quit();
+    assert!(console.contains("closed node 'fmt0'"), "{console}");
+    check_clean(&img);
+    assert_eq!(
+        image_bitmaps(&img),
+        vec![("b0".to_string(), vec!["auto".to_string()], 64 * KIB)]
+    );
+    assert_eq!(
+        dirty_extents(&img, "b0"),
+        vec![
+            (0, 64 * KIB),
+            (MIB, 64 * KIB),
+            (5 * MIB, 64 * KIB),
+            (9 * MIB, 128 * KIB)
+        ]
+    );
+}
+
+#[test]
+fn kill_9_leaves_bitmaps_in_use_and_the_next_boot_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let a = boot(&img);
+    run(Command::new("kill").arg("-9").arg(a.pid().to_string()));
+    drop(a);
+    assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
+    check_clean(&img);
+    let mut a = boot(&img);
+    a.qemu_io("fmt0", "write -P 0x55 5M 4k");
+    let console = a.quit();
+    assert!(
+        console.contains("bitmap 'b0' was not stored when the image was last used"),
+        "{console}"
+    );
+    check_clean(&img);
+    // Still in use: QEMU keeps an inconsistent bitmap until it is removed.
+    assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
+}
