@@ -154,5 +154,6 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
     }
     crate::schema::register(d);
     crate::drivers::qcow2::commands::register(d);
+    crate::dirty_bitmap_commands::register(d);
     crate::jobs::commands::register(d);
 }

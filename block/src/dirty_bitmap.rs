@@ -10,6 +10,7 @@
 //! `inconsistent` one was found in use in an image that was not closed
 //! cleanly: its content is unknown and it refuses every use but removal.
 
+use alloc::format;
 use alloc::string::String;
 
 use crate::jobs::dirty_bitmap::DirtyBitmap;
@@ -29,6 +30,23 @@ pub struct NamedBitmap {
     pub inconsistent: bool,
     /// Used by a job or an export (QEMU: `bdrv_dirty_bitmap_busy`).
     pub busy: bool,
+    /// Loaded from an image opened read-only: cannot be changed (QEMU:
+    /// `bdrv_dirty_bitmap_readonly`).
+    pub readonly: bool,
+}
+
+/// What [`NamedBitmap::check`] refuses (QEMU's `BDRV_BITMAP_*` flags).
+pub mod check {
+    /// Busy bitmaps.
+    pub const BUSY: u8 = 1;
+    /// Read-only bitmaps.
+    pub const RO: u8 = 2;
+    /// Inconsistent bitmaps.
+    pub const INCONSISTENT: u8 = 4;
+    /// `BDRV_BITMAP_DEFAULT`: all of them.
+    pub const DEFAULT: u8 = BUSY | RO | INCONSISTENT;
+    /// `BDRV_BITMAP_ALLOW_RO`.
+    pub const ALLOW_RO: u8 = BUSY | INCONSISTENT;
 }
 
 impl NamedBitmap {
@@ -41,7 +59,48 @@ impl NamedBitmap {
             persistent: false,
             inconsistent: false,
             busy: false,
+            readonly: false,
         }
+    }
+
+    /// Refuses the use `flags` forbid, with QEMU's texts
+    /// (`bdrv_dirty_bitmap_check`).
+    pub fn check(&self, flags: u8) -> Result<(), String> {
+        let name = &self.name;
+        if flags & check::BUSY != 0 && self.busy {
+            return Err(format!(
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            ));
+        }
+        if flags & check::RO != 0 && self.readonly {
+            return Err(format!(
+                "Bitmap '{name}' is readonly and cannot be modified"
+            ));
+        }
+        if flags & check::INCONSISTENT != 0 && self.inconsistent {
+            return Err(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
+            ));
+        }
+        Ok(())
+    }
+
+    /// QEMU's `BlockDirtyInfo`.
+    pub fn info(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "name": self.name,
+            "count": self.bitmap.dirty_bytes(),
+            "granularity": self.bitmap.granularity(),
+            "recording": self.recording(),
+            "busy": self.busy,
+            "persistent": self.persistent,
+        });
+        if self.inconsistent
+            && let Some(m) = v.as_object_mut()
+        {
+            m.insert("inconsistent".into(), serde_json::Value::Bool(true));
+        }
+        v
     }
 
     /// Whether writes are recorded (QEMU: `bdrv_dirty_bitmap_recording`).

@@ -215,6 +215,22 @@ pub trait BlockDriver: core::any::Any {
         ready(Ok(()))
     }
 
+    /// Whether a new persistent dirty bitmap `name` can be stored by this
+    /// driver (QEMU: `bdrv_can_store_new_dirty_bitmap`); the error is the
+    /// reason, without the node name.
+    fn can_store_new_dirty_bitmap(
+        &self,
+        node: &Node,
+        name: &str,
+        granularity: u64,
+    ) -> Result<(), String> {
+        let _ = (name, granularity);
+        Err(alloc::format!(
+            "Can't store persistent bitmaps to {}: Operation not supported",
+            node.name()
+        ))
+    }
+
     /// Releases driver state; called once, after the final flush and before
     /// the child edges are dropped (QEMU: `bdrv_close`'s `drv->bdrv_close`).
     fn close(&self, node: &Node) {

@@ -609,7 +609,11 @@ impl Node {
         if self.opts.read_only {
             return Err(IoError::Eperm);
         }
-        self.driver.truncate(self, size).await
+        self.driver.truncate(self, size).await?;
+        for b in self.bitmaps.borrow_mut().iter_mut() {
+            b.bitmap = b.bitmap.resized(size);
+        }
+        Ok(())
     }
 
     /// Waits until no request is in flight on this node (QEMU:

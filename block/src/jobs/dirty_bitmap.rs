@@ -176,17 +176,22 @@ impl DirtyBitmap {
         }
     }
 
-    /// Marks dirty every chunk of `other` (same geometry) that is dirty
-    /// (QEMU: `bdrv_merge_dirty_bitmap`).
+    /// Marks dirty what is dirty in `other`, whatever its granularity
+    /// (QEMU: `hbitmap_merge`); `other` covers the same length.
     pub fn merge(&mut self, other: &DirtyBitmap) {
-        for (i, w) in other.words.iter().enumerate() {
-            let mut w = *w;
-            while w != 0 {
-                let bit = u64::from(w.trailing_zeros());
-                self.put(i as u64 * 64 + bit, true);
-                w &= w - 1;
-            }
+        let mut at = 0;
+        while let Some((off, len)) = other.next_dirty(at, u64::MAX) {
+            self.set(off, len);
+            at = off + len;
         }
+    }
+
+    /// The same bitmap over `len` bytes: what lies past the end is
+    /// dropped, a new tail is clean (QEMU: `bdrv_dirty_bitmap_truncate`).
+    pub fn resized(&self, len: u64) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(len, self.granularity);
+        b.merge(self);
+        b
     }
 
     /// Marks everything clean.

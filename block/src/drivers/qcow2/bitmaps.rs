@@ -263,6 +263,7 @@ pub async fn load_bitmaps(
     for e in &dir.entries {
         let mut b = NamedBitmap::new(&e.name, st.h.size, 1 << e.granularity_bits);
         b.persistent = true;
+        b.readonly = st.read_only;
         b.enabled = e.flags & AUTO != 0;
         if e.flags & IN_USE != 0 {
             b.inconsistent = true;
@@ -463,4 +464,57 @@ async fn write_directory(
         st.flush_caches(f).await?;
     }
     Ok(())
+}
+
+/// Whether a new persistent bitmap can be stored in this image (QEMU:
+/// `qcow2_co_can_store_new_dirty_bitmap` and `check_constraints_on_bitmap`),
+/// with QEMU's texts. `stored` are the node's persistent bitmaps now.
+pub fn can_store_new(
+    h: &header::Header,
+    read_only: bool,
+    stored: &[&NamedBitmap],
+    name: &str,
+    granularity: u64,
+) -> Result<(), String> {
+    let cs = h.cluster_size();
+    let bits = granularity.trailing_zeros();
+    if h.version < 3 {
+        Err(String::from("Cannot store dirty bitmaps in qcow2 v2 files"))
+    } else if read_only {
+        Err(String::from("the image is opened read-only"))
+    } else if bits > u32::from(MAX_GRANULARITY_BITS) {
+        Err(format!(
+            "Granularity exceeds maximum ({} bytes)",
+            1u64 << MAX_GRANULARITY_BITS
+        ))
+    } else if bits < u32::from(MIN_GRANULARITY_BITS) {
+        Err(format!(
+            "Granularity is under minimum ({} bytes)",
+            1u64 << MIN_GRANULARITY_BITS
+        ))
+    } else if h.size.div_ceil(granularity).div_ceil(8) > 0x2000_0000
+        || table_size(h.size, granularity, cs) > MAX_TABLE_SIZE
+    {
+        Err(String::from(
+            "Too much space will be occupied by the bitmap. Use larger granularity",
+        ))
+    } else if name.len() > MAX_NAME_SIZE {
+        Err(format!(
+            "Name length exceeds maximum ({MAX_NAME_SIZE} characters)"
+        ))
+    } else if stored.len() >= MAX_BITMAPS as usize {
+        Err(String::from(
+            "Maximum number of persistent bitmaps is already reached",
+        ))
+    } else if stored
+        .iter()
+        .map(|b| (24 + b.name.len()).div_ceil(8) * 8)
+        .sum::<usize>()
+        + (24 + name.len()).div_ceil(8) * 8
+        > MAX_DIRECTORY_SIZE as usize
+    {
+        Err(String::from("Not enough space in the bitmap directory"))
+    } else {
+        Ok(())
+    }
 }

@@ -137,6 +137,7 @@ fn parse(d: &mut DriverOpts<'_, '_>) -> Result<Opener, QmpError> {
             rb_cache,
             info: core::cell::RefCell::new(Value::Null),
             used: core::cell::RefCell::new(None),
+            header: core::cell::RefCell::new(header::Header::default()),
         }) as Box<dyn BlockDriver>)
     }))
 }
@@ -153,6 +154,8 @@ pub struct Qcow2 {
     info: core::cell::RefCell<Value>,
     /// The open image's count of clusters in use, and its cluster size.
     used: core::cell::RefCell<Option<(Rc<Cell<u64>>, u64)>>,
+    /// The header as opened (for checks that cannot wait for the lock).
+    header: core::cell::RefCell<header::Header>,
 }
 
 fn file(node: &Node) -> IoResult<Rc<Child>> {
@@ -271,6 +274,7 @@ impl Qcow2 {
                 .map_err(|e| format!("qcow2 node '{}': {e}", node.name()))?;
         }
         self.size.set(st.h.size);
+        *self.header.borrow_mut() = st.h.clone();
         *self.info.borrow_mut() = json!({
             "compat": if st.h.version >= 3 { "1.1" } else { "0.10" },
             "lazy-refcounts": st.h.compatible & header::compat::LAZY_REFCOUNTS != 0,
@@ -506,6 +510,23 @@ impl BlockDriver for Qcow2 {
                 );
             }
             r
+        })
+    }
+
+    fn can_store_new_dirty_bitmap(
+        &self,
+        node: &Node,
+        name: &str,
+        granularity: u64,
+    ) -> Result<(), String> {
+        let h = self.header.borrow();
+        let bitmaps = node.dirty_bitmaps();
+        let stored: Vec<_> = bitmaps.iter().filter(|b| b.persistent).collect();
+        bitmaps::can_store_new(&h, node.read_only(), &stored, name, granularity).map_err(|e| {
+            format!(
+                "Can't make bitmap '{name}' persistent in '{}': {e}",
+                node.name()
+            )
         })
     }
 
