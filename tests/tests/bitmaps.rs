@@ -3,10 +3,12 @@
 //! through the appliance, and are stored in the image at `quit` (the halt
 //! path closes the qcow2 node, which stores its persistent bitmaps before
 //! the final flush); a `kill -9` leaves them in use, and the next boot
-//! opens them inconsistent.
+//! opens them inconsistent; bitmaps made over QMP reach `qemu-img info`
+//! and qemu-nbd.
 
 use harness::host::{MIB, dirty_extents, image_bitmaps, run};
 use harness::{Appliance, QemuConfig};
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -104,4 +106,97 @@ fn kill_9_leaves_bitmaps_in_use_and_the_next_boot_inconsistent() {
     check_clean(&img);
     // Still in use: QEMU keeps an inconsistent bitmap until it is removed.
     assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
+    // Listed inconsistent, refused, removed: gone from the image.
+    let mut a = boot(&img);
+    let b0 = &bitmaps(&mut a)[0];
+    assert_eq!(b0["inconsistent"], true, "{b0}");
+    assert_eq!(b0["recording"], false, "{b0}");
+    let e = a
+        .qmp()
+        .cmd(
+            "block-dirty-bitmap-enable",
+            json!({"node": "fmt0", "name": "b0"}),
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("Bitmap 'b0' is inconsistent and cannot be used"),
+        "{e}"
+    );
+    a.qmp()
+        .cmd(
+            "block-dirty-bitmap-remove",
+            json!({"node": "fmt0", "name": "b0"}),
+        )
+        .unwrap();
+    a.quit();
+    check_clean(&img);
+    assert!(image_bitmaps(&img).is_empty());
+}
+
+fn bitmaps(a: &mut Appliance) -> Vec<Value> {
+    let nodes = a
+        .qmp()
+        .cmd("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let fmt0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "fmt0")
+        .unwrap()
+        .clone();
+    fmt0["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The reverse direction: a persistent bitmap added over QMP records the
+/// writes through the appliance and is stored at `quit`, where
+/// `qemu-img info` and qemu-nbd find it; a non-persistent one is not.
+#[test]
+fn qmp_made_persistent_bitmaps_reach_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("p.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(80 * MIB)
+        .unwrap();
+    let mut a = boot(&img);
+    a.qmp()
+        .cmd(
+            "block-dirty-bitmap-add",
+            json!({"node": "fmt0", "name": "p", "persistent": true, "granularity": 65536}),
+        )
+        .unwrap();
+    a.qmp()
+        .cmd(
+            "block-dirty-bitmap-add",
+            json!({"node": "fmt0", "name": "t", "granularity": 4096}),
+        )
+        .unwrap();
+    a.qemu_io("fmt0", "write -P 0x66 2M 70k");
+    a.qemu_io("fmt0", "write -z 40M 4k");
+    let list = bitmaps(&mut a);
+    assert_eq!(list[0]["name"], "t");
+    assert_eq!(list[0]["count"], 19 * 4096);
+    assert_eq!(list[1]["name"], "p");
+    assert_eq!(list[1]["count"], 3 * 65536);
+    assert_eq!(list[1]["persistent"], true);
+    a.quit();
+    check_clean(&img);
+    assert_eq!(
+        image_bitmaps(&img),
+        vec![("p".to_string(), vec!["auto".to_string()], 64 * KIB)]
+    );
+    assert_eq!(
+        dirty_extents(&img, "p"),
+        vec![(2 * MIB, 128 * KIB), (40 * MIB, 64 * KIB)]
+    );
 }
