@@ -6,12 +6,11 @@
 //!
 //! Differences from QEMU: the default granularity is 64 KiB for every
 //! node (QEMU takes the cluster size between 4 KiB and 64 KiB when the
-//! driver has one); removing a persistent bitmap takes it out of the image
-//! when the node closes, not at once (until then the image keeps the
-//! entry marked in use, so a crash leaves it inconsistent, never stale).
+//! driver has one).
 
 use alloc::format;
 use alloc::rc::Rc;
+use alloc::string::ToString;
 
 use serde_json::{Value, json};
 
@@ -112,11 +111,29 @@ pub fn remove(bl: &BlockLayer, args: &Args<'_>) -> Res {
     let name = args.str("name")?;
     args.check_known(&["node", "name"])?;
     let (n, i) = lookup(bl, node, name)?;
-    let mut list = n.dirty_bitmaps_mut();
-    list[i]
-        .check(check::BUSY | check::RO)
-        .map_err(QmpError::generic)?;
-    list.remove(i);
+    let persistent = {
+        let list = n.dirty_bitmaps();
+        list[i]
+            .check(check::BUSY | check::RO)
+            .map_err(QmpError::generic)?;
+        list[i].persistent
+    };
+    if persistent {
+        let nn = n.clone();
+        let owned = name.to_string();
+        let r = bl.wait(async move {
+            nn.driver()
+                .remove_persistent_dirty_bitmap(&nn, &owned)
+                .await
+        })?;
+        r.map_err(|e| {
+            QmpError::generic(format!(
+                "Failed to remove bitmap '{name}' from '{node}': {e}"
+            ))
+        })?;
+    }
+    // Found again: the list may have changed while the image was written.
+    n.dirty_bitmaps_mut().retain(|b| b.name != name);
     ok()
 }
 

@@ -231,6 +231,17 @@ pub trait BlockDriver: core::any::Any {
         ))
     }
 
+    /// Takes the persistent bitmap `name` out of the image now (QEMU:
+    /// `bdrv_co_remove_persistent_dirty_bitmap`), before the node drops it.
+    fn remove_persistent_dirty_bitmap<'a>(
+        &'a self,
+        node: &'a Node,
+        name: &'a str,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        let _ = (node, name);
+        ready(Ok(()))
+    }
+
     /// Releases driver state; called once, after the final flush and before
     /// the child edges are dropped (QEMU: `bdrv_close`'s `drv->bdrv_close`).
     fn close(&self, node: &Node) {

@@ -1229,6 +1229,7 @@ fn bitmaps_left_in_use_open_inconsistent() {
     let img = dir.path().join("b.qcow2");
     qemu_img(&["create", "-f", "qcow2", p(&img), "4M"]);
     qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", p(&img), "b1"]);
     qemu_io(&img, &["write 0 64k"]);
     let mut l = Layer::new();
     l.ok(
@@ -1236,8 +1237,14 @@ fn bitmaps_left_in_use_open_inconsistent() {
         json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
     );
     l.write("q", MIB, vec![1; 4096]);
-    // No close: the bitmap stays in use in the image.
+    // Removed over QMP: out of the image at once.
+    l.ok(
+        "block-dirty-bitmap-remove",
+        json!({"node": "q", "name": "b1"}),
+    );
+    // No close: the other bitmap stays in use in the image.
     std::mem::forget(l);
+    assert_clean(&img);
     assert_eq!(
         image_bitmaps(&img),
         vec![(

@@ -6,8 +6,9 @@ use alloc::format;
 
 use serde_json::{Value, json};
 
-use super::harness::Qmp;
+use super::harness::{Env, Qmp};
 use super::qcow2::{check, image, node, open};
+use crate::drivers::qcow2::header::Header;
 
 const MIB: u64 = 1 << 20;
 
@@ -232,11 +233,20 @@ fn persistent_bitmaps_are_stored_in_qcow2_at_close() {
         json!([{"name": "p", "count": 4 * 4096, "granularity": 4096, "recording": true,
                 "busy": false, "persistent": true}])
     );
-    // Removed, it leaves the image when the node closes.
+    // The image has it, in use while open.
+    let header = |q: &Qmp| {
+        let data = Env::mem_driver(&node(q, "f")).data.borrow().clone();
+        Header::parse(&data[..65536]).unwrap()
+    };
+    assert!(header(&q).has_bitmaps);
+    // Removed, it leaves the image at once (not only at close).
     q.ok(
         "block-dirty-bitmap-remove",
         json!({"node": "q", "name": "p"}),
     );
+    assert!(!header(&q).has_bitmaps);
+    assert_eq!(header(&q).autoclear, 0);
+    assert!(check(&q, "q").is_clean(), "{:?}", check(&q, "q"));
     q.ok("blockdev-del", json!({"node-name": "q"}));
     open(&mut q, "q", json!({"file": "f"}));
     assert_eq!(bitmaps(&q, "q"), Value::Null);

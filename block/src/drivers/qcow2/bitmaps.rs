@@ -395,6 +395,22 @@ pub async fn store(f: &Child, st: &mut State, node: &Node) -> IoResult<()> {
     write_directory(f, st, &mine, kept, Some((old, dropped))).await
 }
 
+/// Takes the entry `name` out of the image at once (QEMU:
+/// `qcow2_co_remove_persistent_dirty_bitmap`): a new directory without it,
+/// the others as they are; its clusters freed. Nothing to do if the image
+/// has no such entry (a bitmap added since the open).
+pub async fn remove(f: &Child, st: &mut State, name: &str) -> IoResult<()> {
+    let Some(old) = st.bitmaps.clone() else {
+        return Ok(());
+    };
+    if st.read_only || !old.entries.iter().any(|e| e.name == name) {
+        return Ok(());
+    }
+    let (dropped, kept): (Vec<DirEntry>, Vec<DirEntry>) =
+        old.entries.iter().cloned().partition(|e| e.name == name);
+    write_directory(f, st, &[], kept, Some((old, dropped))).await
+}
+
 async fn write_directory(
     f: &Child,
     st: &mut State,

@@ -513,6 +513,14 @@ impl BlockDriver for Qcow2 {
         })
     }
 
+    fn remove_persistent_dirty_bitmap<'a>(
+        &'a self,
+        node: &'a Node,
+        name: &'a str,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        with_state!(self, node, |st, f| bitmaps::remove(&f, st, name).await)
+    }
+
     fn can_store_new_dirty_bitmap(
         &self,
         node: &Node,
