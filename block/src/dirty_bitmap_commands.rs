@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use crate::dirty_bitmap::{NamedBitmap, check};
 use crate::graph::node::Node;
-use crate::layer::{BlockContext, BlockLayer};
-use crate::qmp::{Args, Dispatcher, QmpError, Signature};
+use crate::layer::BlockLayer;
+use crate::qmp::{Args, QmpError};
 
 type Res = Result<Value, QmpError>;
 
@@ -216,67 +216,4 @@ pub fn merge(bl: &BlockLayer, args: &Args<'_>) -> Res {
 pub fn query(node: &Node) -> Option<Value> {
     let list = node.dirty_bitmaps();
     (!list.is_empty()).then(|| Value::Array(list.iter().rev().map(NamedBitmap::info).collect()))
-}
-
-type Command = fn(&BlockLayer, &Args<'_>) -> Res;
-
-/// Every command, by name.
-pub const COMMANDS: [(&str, Signature, Command); 6] = [
-    (
-        "block-dirty-bitmap-add",
-        Signature::new(
-            "node:str, name:str, granularity?:uint32, persistent?:bool, disabled?:bool",
-            "{}",
-        ),
-        add,
-    ),
-    (
-        "block-dirty-bitmap-remove",
-        Signature::new("node:str, name:str", "{}"),
-        remove,
-    ),
-    (
-        "block-dirty-bitmap-clear",
-        Signature::new("node:str, name:str", "{}"),
-        clear,
-    ),
-    (
-        "block-dirty-bitmap-enable",
-        Signature::new("node:str, name:str", "{}"),
-        enable,
-    ),
-    (
-        "block-dirty-bitmap-disable",
-        Signature::new("node:str, name:str", "{}"),
-        disable,
-    ),
-    (
-        "block-dirty-bitmap-merge",
-        Signature::new("node:str, target:str, bitmaps:[any]", "{}"),
-        merge,
-    ),
-];
-
-macro_rules! handler {
-    ($i:expr) => {{
-        fn h<C: BlockContext>(c: &mut C, a: &Args<'_>) -> Res {
-            (COMMANDS[$i].2)(c.block_layer(), a)
-        }
-        h::<C>
-    }};
-}
-
-/// Registers the bitmap commands on `d`.
-pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
-    let handlers: [crate::qmp::Handler<C>; 6] = [
-        handler!(0),
-        handler!(1),
-        handler!(2),
-        handler!(3),
-        handler!(4),
-        handler!(5),
-    ];
-    for (i, h) in handlers.into_iter().enumerate() {
-        d.register(COMMANDS[i].0, COMMANDS[i].1, h);
-    }
 }

@@ -49,6 +49,33 @@ pub fn qemu_io(path: &Path, cmds: &[String]) -> String {
     out
 }
 
+/// A new qcow2 image of `size` bytes whose file is `room` bytes long:
+/// inside the appliance the image is a disk that cannot grow.
+pub fn qcow2_with_room(path: &Path, size: u64, room: u64) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the image")
+        .set_len(room)
+        .expect("give the image room");
+}
+
+/// `qemu-img check` finds no errors and no leaks.
+pub fn qcow2_check_clean(path: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path));
+    assert!(
+        out.contains("No errors were found on the image."),
+        "qemu-img check:\n{out}"
+    );
+    assert!(!out.contains("leaked"), "qemu-img check:\n{out}");
+}
+
 /// The dirty extents of bitmap `name` of the qcow2 image `img`, as
 /// `nbdinfo --map=qemu:dirty-bitmap:NAME` reads them from a read-only
 /// `qemu-nbd -B NAME` of the image: `(start, length)`.

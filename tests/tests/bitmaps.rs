@@ -6,7 +6,7 @@
 //! opens them inconsistent; bitmaps made over QMP reach `qemu-img info`
 //! and qemu-nbd.
 
-use harness::host::{MIB, dirty_extents, image_bitmaps, run};
+use harness::host::{MIB, dirty_extents, image_bitmaps, qcow2_check_clean, qcow2_with_room, run};
 use harness::{Appliance, QemuConfig};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -14,25 +14,11 @@ use std::process::Command;
 
 const KIB: u64 = 1 << 10;
 
-fn check_clean(path: &Path) {
-    let out = run(Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(path));
-    assert!(
-        out.contains("No errors were found on the image."),
-        "qemu-img check:\n{out}"
-    );
-    assert!(!out.contains("leaked"), "qemu-img check:\n{out}");
-}
-
 /// A 64 MiB qcow2 image with bitmap `b0` (64 KiB granularity, enabled)
 /// that recorded two writes made by `qemu-io`, and room to grow on a disk.
 fn image(dir: &Path) -> PathBuf {
     let img = dir.join("b.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("64M"));
+    qcow2_with_room(&img, 64 * MIB, 80 * MIB);
     run(Command::new("qemu-img")
         .args(["bitmap", "--add", "--enable", "-g", "64k"])
         .arg(&img)
@@ -40,12 +26,6 @@ fn image(dir: &Path) -> PathBuf {
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write 0 64k", "-c", "write 1M 4k"])
         .arg(&img));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(80 * MIB)
-        .unwrap();
     img
 }
 
@@ -71,7 +51,7 @@ fn qemu_img_bitmaps_survive_a_boot_and_record_writes() {
     a.qemu_io("fmt0", "write -z 9M 128k");
     let console = a.quit();
     assert!(console.contains("closed node 'fmt0'"), "{console}");
-    check_clean(&img);
+    qcow2_check_clean(&img);
     assert_eq!(
         image_bitmaps(&img),
         vec![("b0".to_string(), vec!["auto".to_string()], 64 * KIB)]
@@ -95,7 +75,7 @@ fn kill_9_leaves_bitmaps_in_use_and_the_next_boot_inconsistent() {
     run(Command::new("kill").arg("-9").arg(a.pid().to_string()));
     drop(a);
     assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
-    check_clean(&img);
+    qcow2_check_clean(&img);
     let mut a = boot(&img);
     a.qemu_io("fmt0", "write -P 0x55 5M 4k");
     let console = a.quit();
@@ -103,7 +83,7 @@ fn kill_9_leaves_bitmaps_in_use_and_the_next_boot_inconsistent() {
         console.contains("bitmap 'b0' was not stored when the image was last used"),
         "{console}"
     );
-    check_clean(&img);
+    qcow2_check_clean(&img);
     // Still in use: QEMU keeps an inconsistent bitmap until it is removed.
     assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
     // Listed inconsistent, refused, removed: gone from the image.
@@ -129,7 +109,7 @@ fn kill_9_leaves_bitmaps_in_use_and_the_next_boot_inconsistent() {
         )
         .unwrap();
     a.quit();
-    check_clean(&img);
+    qcow2_check_clean(&img);
     assert!(image_bitmaps(&img).is_empty());
 }
 
@@ -158,16 +138,7 @@ fn bitmaps(a: &mut Appliance) -> Vec<Value> {
 fn qmp_made_persistent_bitmaps_reach_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("p.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("64M"));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(80 * MIB)
-        .unwrap();
+    qcow2_with_room(&img, 64 * MIB, 80 * MIB);
     let mut a = boot(&img);
     a.qmp()
         .cmd(
@@ -190,7 +161,7 @@ fn qmp_made_persistent_bitmaps_reach_qemu_img() {
     assert_eq!(list[1]["count"], 3 * 65536);
     assert_eq!(list[1]["persistent"], true);
     a.quit();
-    check_clean(&img);
+    qcow2_check_clean(&img);
     assert_eq!(
         image_bitmaps(&img),
         vec![("p".to_string(), vec!["auto".to_string()], 64 * KIB)]

@@ -1044,10 +1044,9 @@ fn bitmaps_without_their_autoclear_bit_are_ignored() {
     assert!(image_bitmaps(&bm).is_empty());
 }
 
-#[test]
-fn a_qemu_crash_with_lazy_refcounts_is_repaired_at_open() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("lazy.qcow2");
+/// An 8 MiB image with lazy refcounts and 4 KiB clusters.
+fn lazy_image(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("lazy.qcow2");
     qemu_img(&[
         "create",
         "-f",
@@ -1057,6 +1056,13 @@ fn a_qemu_crash_with_lazy_refcounts_is_repaired_at_open() {
         p(&img),
         "8M",
     ]);
+    img
+}
+
+#[test]
+fn a_qemu_crash_with_lazy_refcounts_is_repaired_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = lazy_image(dir.path());
     // qemu-io's `abort` crashes QEMU with the image dirty and refcounts
     // not written.
     let o = run(Command::new("qemu-io").args(["-c", "write -P 0x71 0 2M", "-c", "abort", p(&img)]));
@@ -1275,16 +1281,7 @@ fn bitmaps_left_in_use_open_inconsistent() {
 #[test]
 fn repair_at_open_keeps_the_bitmap_clusters() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("lazy.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on,cluster_size=4096",
-        p(&img),
-        "8M",
-    ]);
+    let img = lazy_image(dir.path());
     qemu_img(&["bitmap", "--add", "-g", "4k", p(&img), "b0"]);
     // Stored once with data, then QEMU crashes with the image dirty.
     qemu_io(&img, &["write -P 0x71 0 2M"]);
