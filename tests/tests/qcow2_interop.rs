@@ -1298,3 +1298,27 @@ fn repair_at_open_keeps_the_bitmap_clusters() {
     assert_clean(&img);
     assert_eq!(image_bitmaps(&img)[0].0, "b0");
 }
+
+/// A resize resizes the bitmaps, which are stored at the new size: QEMU
+/// reads them back and serves the write past the old end.
+#[test]
+fn bitmaps_follow_a_resize() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("r.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&img), "4M"]);
+    qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    qemu_io(&img, &["write 0 4k"]);
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
+    );
+    l.ok("block_resize", json!({"node-name": "q", "size": 64 * MIB}));
+    l.write("q", 50 * MIB, vec![9; 4096]);
+    l.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_clean(&img);
+    assert_eq!(
+        dirty_extents(&img, "b0"),
+        vec![(0, 64 * KIB), (50 * MIB, 64 * KIB)]
+    );
+}

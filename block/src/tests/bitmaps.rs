@@ -284,3 +284,29 @@ fn a_resize_resizes_the_bitmaps() {
     q.ok("block_resize", json!({"node-name": "m", "size": 2 * MIB}));
     assert_eq!(bitmaps(&q, "m")[0]["count"], 0);
 }
+
+#[test]
+fn a_qcow2_with_bitmaps_resizes_them_and_stores_the_new_size() {
+    let mut q = Qmp::new();
+    image(&mut q, "f", 4 * MIB, json!({}));
+    open(&mut q, "q", json!({"file": "f"}));
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "q", "name": "p", "persistent": true}),
+    );
+    q.io("q", "write 0 4k");
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    open(&mut q, "q", json!({"file": "f"}));
+    q.ok("block_resize", json!({"node-name": "q", "size": 12 * MIB}));
+    q.io("q", "write 10M 4k");
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    open(&mut q, "q", json!({"file": "f"}));
+    assert!(check(&q, "q").is_clean(), "{:?}", check(&q, "q"));
+    assert_eq!(bitmaps(&q, "q")[0]["count"], 2 * 65536);
+    // An inconsistent bitmap stops a resize (QEMU's check).
+    node(&q, "q").dirty_bitmaps_mut()[0].inconsistent = true;
+    assert_eq!(
+        q.err("block_resize", json!({"node-name": "q", "size": 16 * MIB})),
+        "Image format driver does not support resize"
+    );
+}

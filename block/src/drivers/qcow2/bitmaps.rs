@@ -215,8 +215,10 @@ pub async fn load_dir(f: &Child, st: &State, data: &[u8]) -> Result<Directory, S
         .map_err(rd)?;
     let mut entries = parse_dir(&b, nb, cs, st.file_len)?;
     for e in entries.iter_mut() {
+        // QEMU's `check_dir_entry`: the table covers the image. An entry
+        // in use may predate a resize; its content is not used anyway.
         let want = table_size(st.h.size, 1 << e.granularity_bits, cs);
-        if e.table.len() as u64 != want {
+        if e.flags & IN_USE == 0 && (e.table.len() as u64) < want {
             return Err(format!(
                 "Bitmap '{}' doesn't satisfy the constraints",
                 e.name
@@ -478,6 +480,21 @@ async fn write_directory(
             }
         }
         st.flush_caches(f).await?;
+    }
+    Ok(())
+}
+
+/// Whether the image may be resized with these bitmaps (QEMU:
+/// `qcow2_truncate_bitmaps_check`): the node's bitmaps are resized with it
+/// and stored at their new size, so every stored one must be usable.
+pub fn truncate_check(dir: Option<&Directory>, node: &[NamedBitmap]) -> Result<(), String> {
+    for e in dir.map(|d| &d.entries[..]).unwrap_or_default() {
+        let Some(b) = node.iter().find(|b| b.name == e.name) else {
+            return Err(String::from(
+                "Cannot resize qcow2 with persistent bitmaps that were not loaded into memory",
+            ));
+        };
+        b.check(crate::dirty_bitmap::check::DEFAULT)?;
     }
     Ok(())
 }

@@ -451,13 +451,10 @@ impl BlockDriver for Qcow2 {
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
         with_state!(self, node, |st, f| {
             let old = st.h.size;
-            if size != old && (st.bitmaps.is_some() || !node.dirty_bitmaps().is_empty()) {
-                // Stored bitmaps cover the old size (QEMU 4.2 refused the
-                // same way before it learned to resize them).
-                log::error!(
-                    "qcow2 node '{}': Can't resize an image which has bitmaps",
-                    node.name()
-                );
+            if size != old
+                && let Err(e) = bitmaps::truncate_check(st.bitmaps.as_ref(), &node.dirty_bitmaps())
+            {
+                log::error!("qcow2 node '{}': {e}", node.name());
                 return Err(IoError::Enotsup);
             }
             let b = node.child("backing");
