@@ -3,10 +3,6 @@
 //! `qapi/block-core.json`, implemented in
 //! `block/monitor/bitmap-qmp-cmds.c`), with QEMU's argument checks and
 //! error texts. The bitmaps themselves are in [`crate::dirty_bitmap`].
-//!
-//! Differences from QEMU: the default granularity is 64 KiB for every
-//! node (QEMU takes the cluster size between 4 KiB and 64 KiB when the
-//! driver has one).
 
 use alloc::format;
 use alloc::rc::Rc;
@@ -82,7 +78,11 @@ pub fn add(bl: &BlockLayer, args: &Args<'_>) -> Res {
             ));
         }
         Some(g) => u64::from(g),
-        None => 65536,
+        // QEMU's `bdrv_get_default_bitmap_granularity`.
+        None => n
+            .driver()
+            .cluster_size(&n)
+            .map_or(65536, |cs| cs.clamp(4096, 65536)),
     };
     if persistent {
         n.driver()

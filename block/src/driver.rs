@@ -215,6 +215,13 @@ pub trait BlockDriver: core::any::Any {
         ready(Ok(()))
     }
 
+    /// The driver's cluster size, if it has one (QEMU: `bdrv_get_info`'s
+    /// `cluster_size`; the default granularity of new bitmaps follows it).
+    fn cluster_size(&self, node: &Node) -> Option<u64> {
+        let _ = node;
+        None
+    }
+
     /// Whether a new persistent dirty bitmap `name` can be stored by this
     /// driver (QEMU: `bdrv_can_store_new_dirty_bitmap`); the error is the
     /// reason, without the node name.

@@ -255,6 +255,22 @@ fn persistent_bitmaps_are_stored_in_qcow2_at_close() {
 }
 
 #[test]
+fn the_default_granularity_follows_the_cluster_size() {
+    let mut q = Qmp::new();
+    for (file, cs, want) in [
+        ("f1", 512, 4096),
+        ("f2", 16384, 16384),
+        ("f3", 1 << 21, 65536),
+    ] {
+        image(&mut q, file, 16 * MIB, json!({"cluster-size": cs}));
+        let name = format!("q{file}");
+        open(&mut q, &name, json!({"file": file}));
+        q.ok("block-dirty-bitmap-add", json!({"node": name, "name": "b"}));
+        assert_eq!(bitmaps(&q, &name)[0]["granularity"], want, "{cs}");
+    }
+}
+
+#[test]
 fn qcow2_v2_cannot_store_bitmaps() {
     let mut q = Qmp::new();
     image(&mut q, "f", 16 * MIB, json!({"version": "v2"}));

@@ -518,6 +518,10 @@ impl BlockDriver for Qcow2 {
         with_state!(self, node, |st, f| bitmaps::remove(&f, st, name).await)
     }
 
+    fn cluster_size(&self, _: &Node) -> Option<u64> {
+        Some(self.header.borrow().cluster_size())
+    }
+
     fn can_store_new_dirty_bitmap(
         &self,
         node: &Node,
