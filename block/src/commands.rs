@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::layer::{BlockContext, BlockLayer};
 use crate::qmp::{Args, Dispatcher, QmpError, Signature};
-use crate::{blockdev, object, qemu_io, query, stats};
+use crate::{blockdev, dirty_bitmap_commands, object, qemu_io, query, stats};
 
 type Res = Result<Value, QmpError>;
 
@@ -24,7 +24,7 @@ type Res = Result<Value, QmpError>;
 pub type Command = fn(&BlockLayer, &Args<'_>) -> Res;
 
 /// Every command, by name.
-pub const COMMANDS: [(&str, Signature, Command); 17] = [
+pub const COMMANDS: [(&str, Signature, Command); 23] = [
     (
         "blockdev-add",
         Signature::new(
@@ -117,6 +117,39 @@ pub const COMMANDS: [(&str, Signature, Command); 17] = [
         Signature::new("command-line:str, cpu-index?:int", "str"),
         qemu_io::human_monitor_command,
     ),
+    (
+        "block-dirty-bitmap-add",
+        Signature::new(
+            "node:str, name:str, granularity?:uint32, persistent?:bool, disabled?:bool",
+            "{}",
+        ),
+        dirty_bitmap_commands::add,
+    ),
+    (
+        "block-dirty-bitmap-remove",
+        Signature::new("node:str, name:str", "{}"),
+        dirty_bitmap_commands::remove,
+    ),
+    (
+        "block-dirty-bitmap-clear",
+        Signature::new("node:str, name:str", "{}"),
+        dirty_bitmap_commands::clear,
+    ),
+    (
+        "block-dirty-bitmap-enable",
+        Signature::new("node:str, name:str", "{}"),
+        dirty_bitmap_commands::enable,
+    ),
+    (
+        "block-dirty-bitmap-disable",
+        Signature::new("node:str, name:str", "{}"),
+        dirty_bitmap_commands::disable,
+    ),
+    (
+        "block-dirty-bitmap-merge",
+        Signature::new("node:str, target:str, bitmaps:[any]", "{}"),
+        dirty_bitmap_commands::merge,
+    ),
 ];
 
 macro_rules! handler {
@@ -130,7 +163,7 @@ macro_rules! handler {
 
 /// Registers every block command on `d`.
 pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
-    let handlers: [crate::qmp::Handler<C>; 17] = [
+    let handlers: [crate::qmp::Handler<C>; 23] = [
         handler!(0),
         handler!(1),
         handler!(2),
@@ -148,6 +181,12 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
         handler!(14),
         handler!(15),
         handler!(16),
+        handler!(17),
+        handler!(18),
+        handler!(19),
+        handler!(20),
+        handler!(21),
+        handler!(22),
     ];
     for (i, h) in handlers.into_iter().enumerate() {
         d.register(COMMANDS[i].0, COMMANDS[i].1, h);

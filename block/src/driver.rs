@@ -206,6 +206,49 @@ pub trait BlockDriver: core::any::Any {
         }
     }
 
+    /// Stores what the driver keeps in memory until the node closes (QEMU:
+    /// `drv->bdrv_inactivate`, e.g. qcow2's persistent dirty bitmaps);
+    /// called once when the node closes, before its final flush. The
+    /// driver logs its own failures.
+    fn inactivate<'a>(&'a self, node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
+        let _ = node;
+        ready(Ok(()))
+    }
+
+    /// The driver's cluster size, if it has one (QEMU: `bdrv_get_info`'s
+    /// `cluster_size`; the default granularity of new bitmaps follows it).
+    fn cluster_size(&self, node: &Node) -> Option<u64> {
+        let _ = node;
+        None
+    }
+
+    /// Whether a new persistent dirty bitmap `name` can be stored by this
+    /// driver (QEMU: `bdrv_can_store_new_dirty_bitmap`); the error is the
+    /// reason, without the node name.
+    fn can_store_new_dirty_bitmap(
+        &self,
+        node: &Node,
+        name: &str,
+        granularity: u64,
+    ) -> Result<(), String> {
+        let _ = (name, granularity);
+        Err(alloc::format!(
+            "Can't store persistent bitmaps to {}: Operation not supported",
+            node.name()
+        ))
+    }
+
+    /// Takes the persistent bitmap `name` out of the image now (QEMU:
+    /// `bdrv_co_remove_persistent_dirty_bitmap`), before the node drops it.
+    fn remove_persistent_dirty_bitmap<'a>(
+        &'a self,
+        node: &'a Node,
+        name: &'a str,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        let _ = (node, name);
+        ready(Ok(()))
+    }
+
     /// Releases driver state; called once, after the final flush and before
     /// the child edges are dropped (QEMU: `bdrv_close`'s `drv->bdrv_close`).
     fn close(&self, node: &Node) {

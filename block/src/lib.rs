@@ -65,6 +65,8 @@ pub mod blockdev;
 pub mod close_all;
 pub mod cmdline;
 pub mod commands;
+pub mod dirty_bitmap;
+pub mod dirty_bitmap_commands;
 pub mod driver;
 pub mod drivers;
 pub mod event;

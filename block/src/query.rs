@@ -35,7 +35,7 @@ fn image_info(node: &Node, _flat: bool) -> Value {
 /// QEMU's `BlockDeviceInfo` of a node (`bdrv_block_device_info`).
 pub fn block_device_info(node: &Node, flat: bool) -> Value {
     let o = node.options();
-    json!({
+    let mut v = json!({
         "file": node.filename(),
         "node-name": node.name(),
         "ro": o.read_only,
@@ -47,7 +47,12 @@ pub fn block_device_info(node: &Node, flat: bool) -> Value {
         "cache": {"writeback": true, "direct": o.cache_direct, "no-flush": o.cache_no_flush},
         "write_threshold": 0,
         "backing_file_depth": 0,
-    })
+    });
+    if let (Some(bitmaps), Some(m)) = (crate::dirty_bitmap_commands::query(node), v.as_object_mut())
+    {
+        m.insert("dirty-bitmaps".into(), bitmaps);
+    }
+    v
 }
 
 /// `query-named-block-nodes`: every node, in creation order.

@@ -35,11 +35,17 @@ pub const TYPES: &[(&str, &str)] = &[
          format-specific?:{type:str, data:any}}",
     ),
     (
+        "BlockDirtyInfo",
+        "{name?:str, count:int, granularity:uint32, recording:bool, busy:bool, \
+         persistent:bool, inconsistent?:bool}",
+    ),
+    (
         "BlockDeviceInfo",
         "{file:str, node-name?:str, ro:bool, drv:str, backing_file?:str, backing_file_depth:int, \
          encrypted:bool, detect_zeroes:@BlockdevDetectZeroesOptions, bps:int, bps_rd:int, \
          bps_wr:int, iops:int, iops_rd:int, iops_wr:int, image:@ImageInfo, \
-         cache:{writeback:bool, direct:bool, no-flush:bool}, write_threshold:int}",
+         cache:{writeback:bool, direct:bool, no-flush:bool}, write_threshold:int, \
+         dirty-bitmaps?:[@BlockDirtyInfo]}",
     ),
     (
         "BlockInfo",

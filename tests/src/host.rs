@@ -49,6 +49,88 @@ pub fn qemu_io(path: &Path, cmds: &[String]) -> String {
     out
 }
 
+/// A new qcow2 image of `size` bytes whose file is `room` bytes long:
+/// inside the appliance the image is a disk that cannot grow.
+pub fn qcow2_with_room(path: &Path, size: u64, room: u64) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the image")
+        .set_len(room)
+        .expect("give the image room");
+}
+
+/// `qemu-img check` finds no errors and no leaks.
+pub fn qcow2_check_clean(path: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path));
+    assert!(
+        out.contains("No errors were found on the image."),
+        "qemu-img check:\n{out}"
+    );
+    assert!(!out.contains("leaked"), "qemu-img check:\n{out}");
+}
+
+/// The dirty extents of bitmap `name` of the qcow2 image `img`, as
+/// `nbdinfo --map=qemu:dirty-bitmap:NAME` reads them from a read-only
+/// `qemu-nbd -B NAME` of the image: `(start, length)`.
+pub fn dirty_extents(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    let out = run(Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
+        .arg(img)
+        .arg("]"));
+    out.lines()
+        .filter(|l| l.ends_with("dirty"))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(2)
+                .map(|x| x.parse().expect("nbdinfo --map offset and length"))
+                .collect();
+            (f[0], f[1])
+        })
+        .collect()
+}
+
+/// The bitmaps of the qcow2 image `img` as `qemu-img info` lists them:
+/// `(name, flags, granularity)`.
+pub fn image_bitmaps(img: &Path) -> Vec<(String, Vec<String>, u64)> {
+    // stdout only: QEMU warns on stderr about bitmaps it ignores.
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(img)
+        .output()
+        .expect("qemu-img info");
+    assert!(out.status.success(), "qemu-img info: {out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+    let Some(list) = v["format-specific"]["data"]["bitmaps"].as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|b| {
+            let flags = b["flags"]
+                .as_array()
+                .map(|f| {
+                    f.iter()
+                        .map(|x| x.as_str().unwrap_or("").to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                b["name"].as_str().unwrap_or("").to_string(),
+                flags,
+                b["granularity"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
 /// `qemu-img map` extents as (start, length, data, zero).
 pub fn map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
     let out = run(Command::new("qemu-img")

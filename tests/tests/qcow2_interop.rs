@@ -23,6 +23,7 @@ use block::layer::BlockLayer;
 use block::open::DriverClass;
 use block::qmp::{Args, Dispatcher, QmpError};
 use block::timer::ManualClock;
+use harness::host::{dirty_extents, image_bitmaps};
 use serde_json::{Map, Value, json};
 
 const KIB: u64 = 1 << 10;
@@ -1017,30 +1018,35 @@ fn internal_snapshots_stay_intact_under_writes() {
 }
 
 #[test]
-fn bitmaps_are_invalidated_before_writing() {
+fn bitmaps_without_their_autoclear_bit_are_ignored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut l = Layer::new();
-    // A persistent bitmap: blockhaus does not maintain bitmaps, so it
-    // clears their autoclear bit before writing (the spec's rule); QEMU
-    // then ignores them and the image stays free of corruption.
+    // A program without bitmap support wrote the image and cleared the
+    // autoclear bit: the bitmaps are ignored (QEMU: "a program lacking
+    // bitmap support modified this file"), the image stays free of
+    // corruption (their clusters may leak, as with QEMU).
     let bm = dir.path().join("bitmap.qcow2");
     qemu_img(&["create", "-f", "qcow2", p(&bm), "4M"]);
     qemu_img(&["bitmap", "--add", p(&bm), "b0"]);
+    let f = OpenOptions::new().write(true).open(&bm).expect("open");
+    f.write_all_at(&[0u8; 8], 88).expect("clear autoclear");
+    drop(f);
     l.ok(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "b", "file": file_ref(&bm)}),
     );
+    assert!(l.node("b").dirty_bitmaps().is_empty());
     l.write("b", 0, vec![0x33; 70_000]);
     l.ok("blockdev-del", json!({"node-name": "b"}));
     let o = run(Command::new("qemu-img").args(["check", "-f", "qcow2", p(&bm)]));
     assert!(matches!(o.status.code(), Some(0) | Some(3)), "{o:?}");
     assert_eq!(raw_of(&bm, dir.path())[..70_000], vec![0x33; 70_000][..]);
+    assert!(image_bitmaps(&bm).is_empty());
 }
 
-#[test]
-fn a_qemu_crash_with_lazy_refcounts_is_repaired_at_open() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("lazy.qcow2");
+/// An 8 MiB image with lazy refcounts and 4 KiB clusters.
+fn lazy_image(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("lazy.qcow2");
     qemu_img(&[
         "create",
         "-f",
@@ -1050,6 +1056,13 @@ fn a_qemu_crash_with_lazy_refcounts_is_repaired_at_open() {
         p(&img),
         "8M",
     ]);
+    img
+}
+
+#[test]
+fn a_qemu_crash_with_lazy_refcounts_is_repaired_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = lazy_image(dir.path());
     // qemu-io's `abort` crashes QEMU with the image dirty and refcounts
     // not written.
     let o = run(Command::new("qemu-io").args(["-c", "write -P 0x71 0 2M", "-c", "abort", p(&img)]));
@@ -1141,4 +1154,171 @@ fn refcount_table_growth_on_a_qemu_layout() {
     l.ok("blockdev-del", json!({"node-name": "q"}));
     assert_clean(&img);
     assert_compare(&img, &model, dir.path());
+}
+
+/// Bitmaps made by `qemu-img bitmap` survive an open read-write, record
+/// the writes made meanwhile (enabled ones only), and are stored when the
+/// node closes: `qemu-img info` lists them without `in-use`, qemu-nbd
+/// serves the dirty extents, `qemu-img check` is clean.
+#[test]
+fn qemu_made_bitmaps_are_kept_and_record_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("b.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&img), "4M"]);
+    qemu_img(&["bitmap", "--add", "-g", "64k", p(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", "--disable", p(&img), "b1"]);
+    qemu_io(&img, &["write 0 64k", "write 1M 4k"]);
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "discard": "unmap", "file": file_ref(&img)}),
+    );
+    {
+        let n = l.node("q");
+        let bm = n.dirty_bitmaps();
+        assert_eq!(bm.len(), 2, "{bm:?}");
+        assert_eq!(bm[0].name, "b0");
+        assert!(bm[0].enabled && bm[0].persistent && !bm[0].inconsistent);
+        assert_eq!(bm[0].bitmap.granularity(), 64 * KIB);
+        assert_eq!(bm[0].bitmap.dirty_bytes(), 128 * KIB);
+        assert!(!bm[1].enabled);
+        assert_eq!(bm[1].bitmap.dirty_bytes(), 0);
+    }
+    // While open read-write the stored bitmaps are marked in use.
+    for (name, flags, _) in image_bitmaps(&img) {
+        assert!(flags.contains(&"in-use".to_string()), "{name}: {flags:?}");
+    }
+    l.write("q", 2 * MIB + 100, vec![7; 10]);
+    l.zero("q", 3 * MIB, 64 * KIB, false);
+    l.discard("q", 3 * MIB + 512 * KIB, 64 * KIB);
+    l.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_clean(&img);
+    assert_eq!(
+        image_bitmaps(&img),
+        vec![
+            ("b0".to_string(), vec!["auto".to_string()], 64 * KIB),
+            ("b1".to_string(), vec![], 64 * KIB),
+        ]
+    );
+    assert_eq!(
+        dirty_extents(&img, "b0"),
+        vec![
+            (0, 64 * KIB),
+            (MIB, 64 * KIB),
+            (2 * MIB, 64 * KIB),
+            (3 * MIB, 64 * KIB),
+            (3 * MIB + 512 * KIB, 64 * KIB),
+        ]
+    );
+    assert_eq!(dirty_extents(&img, "b1"), vec![]);
+    // QEMU writes on; blockhaus reads back what QEMU stored.
+    qemu_io(&img, &["write 256k 4k"]);
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
+    );
+    assert_eq!(
+        l.node("q").dirty_bitmaps()[0].bitmap.dirty_bytes(),
+        6 * 64 * KIB
+    );
+    l.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_clean(&img);
+}
+
+/// An image left with bitmaps in use (the process died before storing
+/// them) opens with them inconsistent; they stay in use in the image, as
+/// QEMU keeps them, and the image checks clean.
+#[test]
+fn bitmaps_left_in_use_open_inconsistent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("b.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&img), "4M"]);
+    qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", p(&img), "b1"]);
+    qemu_io(&img, &["write 0 64k"]);
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
+    );
+    l.write("q", MIB, vec![1; 4096]);
+    // Removed over QMP: out of the image at once.
+    l.ok(
+        "block-dirty-bitmap-remove",
+        json!({"node": "q", "name": "b1"}),
+    );
+    // No close: the other bitmap stays in use in the image.
+    std::mem::forget(l);
+    assert_clean(&img);
+    assert_eq!(
+        image_bitmaps(&img),
+        vec![(
+            "b0".to_string(),
+            vec!["in-use".to_string(), "auto".to_string()],
+            64 * KIB
+        )]
+    );
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
+    );
+    {
+        let n = l.node("q");
+        let bm = n.dirty_bitmaps();
+        assert!(bm[0].inconsistent && !bm[0].enabled, "{bm:?}");
+    }
+    l.write("q", 2 * MIB, vec![1; 4096]);
+    l.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_clean(&img);
+    assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
+}
+
+/// The repair of an image QEMU left dirty (lazy refcounts) counts the
+/// bitmaps' clusters as in use: they keep their refcounts, and the image
+/// checks clean with its bitmap (in use, so inconsistent) still there.
+#[test]
+fn repair_at_open_keeps_the_bitmap_clusters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = lazy_image(dir.path());
+    qemu_img(&["bitmap", "--add", "-g", "4k", p(&img), "b0"]);
+    // Stored once with data, then QEMU crashes with the image dirty.
+    qemu_io(&img, &["write -P 0x71 0 2M"]);
+    let o =
+        run(Command::new("qemu-io").args(["-c", "write -P 0x72 4M 1M", "-c", "abort", p(&img)]));
+    assert!(!o.status.success());
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
+    );
+    assert!(l.node("q").dirty_bitmaps()[0].inconsistent);
+    l.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_clean(&img);
+    assert_eq!(image_bitmaps(&img)[0].0, "b0");
+}
+
+/// A resize resizes the bitmaps, which are stored at the new size: QEMU
+/// reads them back and serves the write past the old end.
+#[test]
+fn bitmaps_follow_a_resize() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("r.qcow2");
+    qemu_img(&["create", "-f", "qcow2", p(&img), "4M"]);
+    qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    qemu_io(&img, &["write 0 4k"]);
+    let mut l = Layer::new();
+    l.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": file_ref(&img)}),
+    );
+    l.ok("block_resize", json!({"node-name": "q", "size": 64 * MIB}));
+    l.write("q", 50 * MIB, vec![9; 4096]);
+    l.ok("blockdev-del", json!({"node-name": "q"}));
+    assert_clean(&img);
+    assert_eq!(
+        dirty_extents(&img, "b0"),
+        vec![(0, 64 * KIB), (50 * MIB, 64 * KIB)]
+    );
 }

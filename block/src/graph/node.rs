@@ -24,6 +24,7 @@ use core::cell::{Cell, RefCell};
 
 use serde_json::{Map, Value};
 
+use crate::dirty_bitmap::NamedBitmap;
 use crate::driver::BlockDriver;
 use crate::exec::WaitQueue;
 use crate::graph::child::{Child, Parent, detach_child};
@@ -106,6 +107,7 @@ pub struct Node {
     wr_highest_offset: Cell<u64>,
     state: Cell<NodeState>,
     registry: Weak<Registry>,
+    bitmaps: RefCell<Vec<NamedBitmap>>,
 }
 
 /// Told the range of every write-like request that completed on a node,
@@ -174,6 +176,7 @@ impl Node {
             flushed_gen: Cell::new(0),
             state: Cell::new(NodeState::Open),
             registry,
+            bitmaps: RefCell::new(Vec::new()),
         }
     }
 
@@ -406,10 +409,27 @@ impl Node {
         self.wr_highest_offset.get()
     }
 
+    /// The node's named dirty bitmaps (see [`crate::dirty_bitmap`]).
+    pub fn dirty_bitmaps(&self) -> core::cell::Ref<'_, Vec<NamedBitmap>> {
+        self.bitmaps.borrow()
+    }
+
+    /// The node's named dirty bitmaps, to change (never held across an
+    /// await: every write marks them).
+    pub fn dirty_bitmaps_mut(&self) -> core::cell::RefMut<'_, Vec<NamedBitmap>> {
+        self.bitmaps.borrow_mut()
+    }
+
     fn notify_write(&self, offset: u64, len: u64) {
         let end = offset.saturating_add(len);
         if end > self.wr_highest_offset.get() {
             self.wr_highest_offset.set(end);
+        }
+        // QEMU's `bdrv_set_dirty`: whether or not the request succeeded.
+        for b in self.bitmaps.borrow_mut().iter_mut() {
+            if b.recording() {
+                b.bitmap.set(offset, len);
+            }
         }
         let list: Vec<WriteNotifier> = self
             .write_notifiers
@@ -596,7 +616,11 @@ impl Node {
         if self.opts.read_only {
             return Err(IoError::Eperm);
         }
-        self.driver.truncate(self, size).await
+        self.driver.truncate(self, size).await?;
+        for b in self.bitmaps.borrow_mut().iter_mut() {
+            b.bitmap = b.bitmap.resized(size);
+        }
+        Ok(())
     }
 
     /// Waits until no request is in flight on this node (QEMU:
@@ -641,6 +665,10 @@ async fn close(node: Rc<Node>) {
     node.state.set(NodeState::Closing);
     let registry = node.registry.upgrade();
     node.drain().await;
+    // QEMU's `bdrv_inactivate`: what the driver keeps in memory and stores
+    // at the end (qcow2's persistent bitmaps) goes out before the final
+    // flush. A failure is logged by the driver and fails nothing else.
+    let _ = node.driver.inactivate(&node).await;
     let was_dirty = node.is_dirty();
     let flush = match node.flush().await {
         Ok(()) if was_dirty => FlushOutcome::Flushed,

@@ -82,8 +82,22 @@ impl DirtyBitmap {
 
     /// Marks every chunk touching `[offset, offset + len)` dirty.
     pub fn set(&mut self, offset: u64, len: u64) {
-        for i in self.range(offset, len) {
+        let r = self.range(offset, len);
+        let mut i = r.start;
+        while i < r.end {
+            // Whole words at once: a large write or discard is on every
+            // request's path.
+            if i.is_multiple_of(64)
+                && i + 64 <= r.end
+                && let Some(w) = self.words.get_mut((i / 64) as usize)
+            {
+                self.count += u64::from((!*w).count_ones());
+                *w = u64::MAX;
+                i += 64;
+                continue;
+            }
             self.put(i, true);
+            i += 1;
         }
     }
 
@@ -145,6 +159,71 @@ impl DirtyBitmap {
         let end = ((i + n) * self.granularity).min(self.len);
         Some((start, end - start))
     }
+    /// Bytes `[byte, byte + n)` of the bitmap as stored on disk (QEMU:
+    /// `bdrv_dirty_bitmap_serialize_part`): chunk `k` is bit `k % 8` of
+    /// byte `k / 8`; bits past the end are 0.
+    pub fn serialize(&self, byte: u64, n: usize) -> Vec<u8> {
+        (0..n as u64)
+            .map(|j| {
+                let w = self
+                    .words
+                    .get(((byte + j) / 8) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                (w >> (((byte + j) % 8) * 8)) as u8
+            })
+            .collect()
+    }
+
+    /// Marks dirty every chunk whose bit is set in `bytes`, stored from
+    /// byte `byte` on (QEMU: `bdrv_dirty_bitmap_deserialize_part`); bits
+    /// past the end are ignored.
+    pub fn deserialize(&mut self, byte: u64, bytes: &[u8]) {
+        let chunks = self.chunks();
+        for (j, &b) in bytes.iter().enumerate() {
+            let k = byte + j as u64;
+            let first = k * 8;
+            if first >= chunks {
+                break;
+            }
+            let mut bits = u64::from(b);
+            if first + 8 > chunks {
+                bits &= (1 << (chunks - first)) - 1;
+            }
+            if bits == 0 {
+                continue;
+            }
+            if let Some(w) = self.words.get_mut((k / 8) as usize) {
+                let new = (bits << ((k % 8) * 8)) & !*w;
+                *w |= new;
+                self.count += u64::from(new.count_ones());
+            }
+        }
+    }
+
+    /// Marks dirty what is dirty in `other`, whatever its granularity
+    /// (QEMU: `hbitmap_merge`); `other` covers the same length.
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        let mut at = 0;
+        while let Some((off, len)) = other.next_dirty(at, u64::MAX) {
+            self.set(off, len);
+            at = off + len;
+        }
+    }
+
+    /// The same bitmap over `len` bytes: what lies past the end is
+    /// dropped, a new tail is clean (QEMU: `bdrv_dirty_bitmap_truncate`).
+    pub fn resized(&self, len: u64) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(len, self.granularity);
+        b.merge(self);
+        b
+    }
+
+    /// Marks everything clean.
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+        self.count = 0;
+    }
 }
 
 #[cfg(test)]
@@ -173,10 +252,45 @@ mod tests {
     }
 
     #[test]
+    fn large_ranges_set_whole_words() {
+        let mut b = DirtyBitmap::new(1000 * 512, 512);
+        b.set(3 * 512, 1);
+        b.set(64 * 512, 1);
+        b.set(0, 900 * 512 + 1);
+        assert_eq!(b.dirty_bytes(), 901 * 512);
+        assert!(!b.is_dirty(901 * 512, 99 * 512));
+        b.set(0, u64::MAX);
+        assert_eq!(b.dirty_bytes(), 1000 * 512);
+    }
+
+    #[test]
     fn iterates_across_words() {
         let mut b = DirtyBitmap::new(1000 * 64, 64);
         b.set(700 * 64, 64);
         assert_eq!(b.next_dirty(0, 64), Some((700 * 64, 64)));
         assert_eq!(b.next_dirty(701 * 64, 64), None);
+    }
+
+    #[test]
+    fn serializes_as_qemu_stores_it() {
+        let mut b = DirtyBitmap::new(200 * 512, 512);
+        b.set(0, 1);
+        b.set(9 * 512, 1);
+        b.set(199 * 512, 1);
+        let s = b.serialize(0, 26);
+        assert_eq!(s[0], 1);
+        assert_eq!(s[1], 2);
+        assert_eq!(s[24], 0x80);
+        assert_eq!(s[25], 0);
+        let mut c = DirtyBitmap::new(200 * 512, 512);
+        c.deserialize(0, &s);
+        assert_eq!(c, b);
+        let mut d = DirtyBitmap::new(200 * 512, 512);
+        d.deserialize(1, &[0xff; 30]);
+        assert_eq!(d.dirty_bytes(), 192 * 512);
+        d.merge(&b);
+        assert_eq!(d.dirty_bytes(), 193 * 512);
+        d.clear();
+        assert_eq!(d.dirty_bytes(), 0);
     }
 }

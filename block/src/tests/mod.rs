@@ -5,6 +5,7 @@
 extern crate std;
 
 mod backend;
+mod bitmaps;
 mod boot;
 mod close_all;
 mod drivers;

@@ -26,7 +26,7 @@ fn drv(node: &Node) -> &Qcow2 {
 }
 
 /// A memory file node `file` of `file_size` bytes.
-fn mem(q: &mut Qmp, file: &str, file_size: u64) {
+pub fn mem(q: &mut Qmp, file: &str, file_size: u64) {
     q.ok(
         "blockdev-add",
         json!({"driver": "mem", "node-name": file, "label": file, "size": file_size}),
@@ -48,7 +48,7 @@ fn create(q: &mut Qmp, options: Value) -> Option<String> {
 }
 
 /// A new image of `size` on a new memory file.
-fn image(q: &mut Qmp, file: &str, size: u64, extra: Value) {
+pub fn image(q: &mut Qmp, file: &str, size: u64, extra: Value) {
     mem(q, file, 64 * MIB);
     let mut o = json!({"driver": "qcow2", "file": file, "size": size});
     if let (Value::Object(m), Value::Object(e)) = (&mut o, extra) {
@@ -59,7 +59,7 @@ fn image(q: &mut Qmp, file: &str, size: u64, extra: Value) {
     }
 }
 
-fn open(q: &mut Qmp, name: &str, args: Value) {
+pub fn open(q: &mut Qmp, name: &str, args: Value) {
     let mut o = json!({"driver": "qcow2", "node-name": name, "discard": "unmap"});
     if let (Value::Object(m), Value::Object(e)) = (&mut o, args) {
         m.extend(e);
@@ -67,7 +67,7 @@ fn open(q: &mut Qmp, name: &str, args: Value) {
     q.ok("blockdev-add", o);
 }
 
-fn node(q: &Qmp, name: &str) -> Rc<Node> {
+pub fn node(q: &Qmp, name: &str) -> Rc<Node> {
     match q.bl.registry().find_node(name) {
         Some(n) => n,
         None => panic!("no node {name}"),

@@ -4,7 +4,8 @@
 //!
 //! Covers the header, the L1 table, L2 tables, data and compressed
 //! clusters, the refcount table and blocks, and internal snapshots (their
-//! table, L1 tables and what those reference). Bitmaps are not walked.
+//! table, L1 tables and what those reference) and persistent bitmaps
+//! (directory, tables, data).
 
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -108,6 +109,12 @@ impl State {
         if self.h.nb_snapshots > 0 {
             let start = self.h.snapshots_offset;
             self.count(&mut want, start, at - start);
+        }
+        // Persistent bitmaps (QEMU: `qcow2_check_bitmaps_refcounts`).
+        if let Some(dir) = &self.bitmaps {
+            for (off, len) in super::bitmaps::clusters(dir, cs) {
+                self.count(&mut want, off, len);
+            }
         }
         Ok((want, copied_checks))
     }

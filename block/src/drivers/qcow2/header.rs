@@ -422,15 +422,49 @@ pub fn with_backing(
     file: Option<&str>,
     format: Option<&str>,
 ) -> Option<Vec<u8>> {
+    let mut exts: Vec<(u32, &[u8])> = h
+        .extensions
+        .iter()
+        .filter(|(kind, _)| *kind != ext::BACKING_FORMAT)
+        .map(|(kind, data)| (*kind, &data[..]))
+        .collect();
+    if let (Some(f), Some(_)) = (format, file) {
+        exts.push((ext::BACKING_FORMAT, f.as_bytes()));
+    }
+    assemble(h, current, &exts, file)
+}
+
+/// The first cluster of `h`'s image with extension `kind` replaced by
+/// `data` (`None`: removed), everything else as it was (QEMU:
+/// `qcow2_update_header` after the bitmaps extension changed).
+pub fn with_extension(
+    h: &Header,
+    current: &[u8],
+    kind: u32,
+    data: Option<&[u8]>,
+) -> Option<Vec<u8>> {
+    let mut exts: Vec<(u32, &[u8])> = h
+        .extensions
+        .iter()
+        .filter(|(k, _)| *k != kind)
+        .map(|(k, d)| (*k, &d[..]))
+        .collect();
+    if let Some(d) = data {
+        exts.push((kind, d));
+    }
+    assemble(h, current, &exts, h.backing_file.as_deref())
+}
+
+fn assemble(
+    h: &Header,
+    current: &[u8],
+    exts: &[(u32, &[u8])],
+    file: Option<&str>,
+) -> Option<Vec<u8>> {
     let cs = h.cluster_size() as usize;
     let mut b = current.get(..h.header_length as usize)?.to_vec();
-    for (kind, data) in &h.extensions {
-        if *kind != ext::BACKING_FORMAT {
-            put_ext(&mut b, *kind, data);
-        }
-    }
-    if let (Some(f), Some(_)) = (format, file) {
-        put_ext(&mut b, ext::BACKING_FORMAT, f.as_bytes());
+    for (kind, data) in exts {
+        put_ext(&mut b, *kind, data);
     }
     put32(&mut b, ext::END);
     put32(&mut b, 0);

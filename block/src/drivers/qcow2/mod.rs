@@ -29,9 +29,10 @@
 //! snapshot are copied before a change; snapshots cannot be created,
 //! applied or deleted here). A dirty image (lazy refcounts, not closed
 //! cleanly) has its refcounts rebuilt when opened read-write, as QEMU does.
-//! A bitmaps extension is left in place but its autoclear bit is cleared
-//! before the first write (blockhaus does not update bitmaps), as the spec
-//! requires.
+//! Persistent dirty bitmaps ([`bitmaps`]) are loaded at open as the node's
+//! bitmaps, marked in use while the image is open read-write, and stored
+//! when the node closes; bitmaps a program without bitmap support left
+//! behind (autoclear bit clear) are ignored, as QEMU ignores them.
 //!
 //! Refused, with a message: external data files, encryption, zstd
 //! compression, unknown incompatible features (named from the image's
@@ -61,6 +62,7 @@
 //! (`blockdev-create`), [`check`] (consistency check), [`commands`] (the
 //! QMP commands).
 
+pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod cluster;
@@ -135,6 +137,7 @@ fn parse(d: &mut DriverOpts<'_, '_>) -> Result<Opener, QmpError> {
             rb_cache,
             info: core::cell::RefCell::new(Value::Null),
             used: core::cell::RefCell::new(None),
+            header: core::cell::RefCell::new(header::Header::default()),
         }) as Box<dyn BlockDriver>)
     }))
 }
@@ -151,6 +154,8 @@ pub struct Qcow2 {
     info: core::cell::RefCell<Value>,
     /// The open image's count of clusters in use, and its cluster size.
     used: core::cell::RefCell<Option<(Rc<Cell<u64>>, u64)>>,
+    /// The header as opened (for checks that cannot wait for the lock).
+    header: core::cell::RefCell<header::Header>,
 }
 
 fn file(node: &Node) -> IoResult<Rc<Child>> {
@@ -245,6 +250,23 @@ impl Qcow2 {
         if let Some(b) = self.rb_cache {
             st.rbc = cache::Cache::new((b / st.cs) as usize);
         }
+        if let Some(mut dir) = st.bitmaps.take() {
+            let loaded = bitmaps::load_bitmaps(&f, &st, &dir)
+                .await
+                .map_err(|e| format!("qcow2 node '{}': {e}", node.name()))?;
+            if !st.read_only {
+                bitmaps::mark_in_use(&f, &mut st, &mut dir)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "qcow2 node '{}': Could not update the bitmap directory: {e}",
+                            node.name()
+                        )
+                    })?;
+            }
+            st.bitmaps = Some(dir);
+            node.dirty_bitmaps_mut().extend(loaded);
+        }
         if self.backing == BackingOpt::FromHeader
             && let Some(name) = st.h.backing_file.clone()
         {
@@ -252,6 +274,7 @@ impl Qcow2 {
                 .map_err(|e| format!("qcow2 node '{}': {e}", node.name()))?;
         }
         self.size.set(st.h.size);
+        *self.header.borrow_mut() = st.h.clone();
         *self.info.borrow_mut() = json!({
             "compat": if st.h.version >= 3 { "1.1" } else { "0.10" },
             "lazy-refcounts": st.h.compatible & header::compat::LAZY_REFCOUNTS != 0,
@@ -428,6 +451,12 @@ impl BlockDriver for Qcow2 {
     fn truncate<'a>(&'a self, node: &'a Node, size: u64) -> BoxFuture<'a, IoResult<()>> {
         with_state!(self, node, |st, f| {
             let old = st.h.size;
+            if size != old
+                && let Err(e) = bitmaps::truncate_check(st.bitmaps.as_ref(), &node.dirty_bitmaps())
+            {
+                log::error!("qcow2 node '{}': {e}", node.name());
+                return Err(IoError::Enotsup);
+            }
             let b = node.child("backing");
             st.truncate(&f, b.as_deref(), size).await?;
             self.size.set(size);
@@ -465,6 +494,49 @@ impl BlockDriver for Qcow2 {
         format: Option<&'a str>,
     ) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(self.rewrite_backing_file(node, file, format))
+    }
+
+    fn inactivate<'a>(&'a self, node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
+        with_state!(self, node, |st, f| {
+            let r = bitmaps::store(&f, st, node).await;
+            if let Err(e) = &r {
+                log::error!(
+                    "qcow2 node '{}': could not store the persistent dirty bitmaps: {e}; \
+                     they will be inconsistent when the image is opened again",
+                    node.name()
+                );
+            }
+            r
+        })
+    }
+
+    fn remove_persistent_dirty_bitmap<'a>(
+        &'a self,
+        node: &'a Node,
+        name: &'a str,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        with_state!(self, node, |st, f| bitmaps::remove(&f, st, name).await)
+    }
+
+    fn cluster_size(&self, _: &Node) -> Option<u64> {
+        Some(self.header.borrow().cluster_size())
+    }
+
+    fn can_store_new_dirty_bitmap(
+        &self,
+        node: &Node,
+        name: &str,
+        granularity: u64,
+    ) -> Result<(), String> {
+        let h = self.header.borrow();
+        let bitmaps = node.dirty_bitmaps();
+        let stored: Vec<_> = bitmaps.iter().filter(|b| b.persistent).collect();
+        bitmaps::can_store_new(&h, node.read_only(), &stored, name, granularity).map_err(|e| {
+            format!(
+                "Can't make bitmap '{name}' persistent in '{}': {e}",
+                node.name()
+            )
+        })
     }
 
     fn close(&self, node: &Node) {

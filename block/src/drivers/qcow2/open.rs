@@ -7,12 +7,12 @@
 //! to the image unless it opens read-write and every check passed; a
 //! corrupt image opens read-only only. A
 //! dirty image (lazy refcounts, not closed cleanly) opened read-write has
-//! its refcounts rebuilt from the L1/L2 tables first, as QEMU does.
+//! its refcounts rebuilt from the L1/L2 tables first, as QEMU does. The
+//! bitmap directory is read here ([`super::bitmaps`]).
 
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::{String, ToString};
-use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::graph::child::{Child, attach_node_child};
@@ -20,6 +20,7 @@ use crate::graph::node::Node;
 use crate::graph::permission::ChildRole;
 use crate::io::ReqFlags;
 
+use super::header::autoclear as autoclear_bits;
 use super::header::{Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, field, incompat};
 use super::refcount::decode_table;
 use super::state::State;
@@ -163,16 +164,40 @@ pub async fn load(f: &Child, name: &str, read_only: bool) -> Result<State, Strin
             ));
         }
     }
-    if !read_only && autoclear != 0 {
-        // Features this driver does not maintain (bitmaps) are marked
-        // inconsistent before the first write, as the spec requires.
-        st.write_header_field(f, field::AUTOCLEAR, vec![0u8; 8])
+    // The bitmaps extension counts only with its autoclear bit (QEMU:
+    // `qcow2_read_extensions`); without it, a program that does not know
+    // bitmaps wrote the image, and they are ignored (their clusters leak).
+    let bitmaps_ext =
+        st.h.extensions
+            .iter()
+            .find(|(k, _)| *k == super::header::ext::BITMAPS)
+            .map(|(_, d)| d.clone());
+    match &bitmaps_ext {
+        Some(data) if autoclear & autoclear_bits::BITMAPS != 0 => {
+            st.bitmaps = Some(super::bitmaps::load_dir(f, &st, data).await?);
+        }
+        Some(_) => log::warn!(
+            "qcow2 node '{name}': a program lacking bitmap support modified this file, \
+             so all bitmaps are now considered inconsistent"
+        ),
+        None => {}
+    }
+    // Autoclear features this driver does not maintain are cleared before
+    // the first write, as the spec requires; the bitmaps bit is kept when
+    // the bitmaps were loaded (they are kept consistent).
+    let keep = if st.bitmaps.is_some() {
+        autoclear & autoclear_bits::BITMAPS
+    } else {
+        0
+    };
+    if !read_only && autoclear != keep {
+        st.write_header_field(f, field::AUTOCLEAR, keep.to_be_bytes().to_vec())
             .await
             .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
         f.flush()
             .await
             .map_err(|e| format!("Could not update qcow2 header: {e}"))?;
-        st.h.autoclear = 0;
+        st.h.autoclear = keep;
     }
     if !read_only && st.h.incompatible & incompat::DIRTY != 0 {
         // Lazy refcounts were in use and the image was not closed: rebuild

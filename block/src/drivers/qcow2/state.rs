@@ -250,6 +250,9 @@ pub struct State {
     /// Counted at open, kept by every refcount change, shared with the
     /// node so `query-named-block-nodes` can tell the room left.
     pub used: Rc<Cell<u64>>,
+    /// The bitmap directory as it is in the image (a consistent bitmaps
+    /// extension only).
+    pub bitmaps: Option<super::bitmaps::Directory>,
 }
 
 impl State {
@@ -287,6 +290,7 @@ impl State {
             inflight: Rc::default(),
             reserved: BTreeSet::new(),
             used: Rc::default(),
+            bitmaps: None,
             h,
         }
     }

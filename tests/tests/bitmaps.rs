@@ -1,0 +1,173 @@
+//! Dirty bitmaps in the booted appliance (issue 15): bitmaps made by
+//! `qemu-img bitmap` on the host survive a boot, record the writes made
+//! through the appliance, and are stored in the image at `quit` (the halt
+//! path closes the qcow2 node, which stores its persistent bitmaps before
+//! the final flush); a `kill -9` leaves them in use, and the next boot
+//! opens them inconsistent; bitmaps made over QMP reach `qemu-img info`
+//! and qemu-nbd.
+
+use harness::host::{MIB, dirty_extents, image_bitmaps, qcow2_check_clean, qcow2_with_room, run};
+use harness::{Appliance, QemuConfig};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const KIB: u64 = 1 << 10;
+
+/// A 64 MiB qcow2 image with bitmap `b0` (64 KiB granularity, enabled)
+/// that recorded two writes made by `qemu-io`, and room to grow on a disk.
+fn image(dir: &Path) -> PathBuf {
+    let img = dir.join("b.qcow2");
+    qcow2_with_room(&img, 64 * MIB, 80 * MIB);
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add", "--enable", "-g", "64k"])
+        .arg(&img)
+        .arg("b0"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 64k", "-c", "write 1M 4k"])
+        .arg(&img));
+    img
+}
+
+fn boot(img: &Path) -> Appliance {
+    let cfg = QemuConfig {
+        disks: vec![img.to_path_buf()],
+        append: "--blockdev driver=virtio-blk,node-name=file0,serial=disk0 \
+                 --blockdev driver=qcow2,node-name=fmt0,file=file0"
+            .into(),
+        ..QemuConfig::default()
+    };
+    Appliance::boot(&cfg)
+}
+
+#[test]
+fn qemu_img_bitmaps_survive_a_boot_and_record_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let mut a = boot(&img);
+    // In use while the appliance has the image open read-write.
+    assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
+    a.qemu_io("fmt0", "write -P 0x55 5M 4k");
+    a.qemu_io("fmt0", "write -z 9M 128k");
+    let console = a.quit();
+    assert!(console.contains("closed node 'fmt0'"), "{console}");
+    qcow2_check_clean(&img);
+    assert_eq!(
+        image_bitmaps(&img),
+        vec![("b0".to_string(), vec!["auto".to_string()], 64 * KIB)]
+    );
+    assert_eq!(
+        dirty_extents(&img, "b0"),
+        vec![
+            (0, 64 * KIB),
+            (MIB, 64 * KIB),
+            (5 * MIB, 64 * KIB),
+            (9 * MIB, 128 * KIB)
+        ]
+    );
+}
+
+#[test]
+fn kill_9_leaves_bitmaps_in_use_and_the_next_boot_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let a = boot(&img);
+    run(Command::new("kill").arg("-9").arg(a.pid().to_string()));
+    drop(a);
+    assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
+    qcow2_check_clean(&img);
+    let mut a = boot(&img);
+    a.qemu_io("fmt0", "write -P 0x55 5M 4k");
+    let console = a.quit();
+    assert!(
+        console.contains("bitmap 'b0' was not stored when the image was last used"),
+        "{console}"
+    );
+    qcow2_check_clean(&img);
+    // Still in use: QEMU keeps an inconsistent bitmap until it is removed.
+    assert_eq!(image_bitmaps(&img)[0].1, vec!["in-use", "auto"]);
+    // Listed inconsistent, refused, removed: gone from the image.
+    let mut a = boot(&img);
+    let b0 = &bitmaps(&mut a)[0];
+    assert_eq!(b0["inconsistent"], true, "{b0}");
+    assert_eq!(b0["recording"], false, "{b0}");
+    let e = a
+        .qmp()
+        .cmd(
+            "block-dirty-bitmap-enable",
+            json!({"node": "fmt0", "name": "b0"}),
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("Bitmap 'b0' is inconsistent and cannot be used"),
+        "{e}"
+    );
+    a.qmp()
+        .cmd(
+            "block-dirty-bitmap-remove",
+            json!({"node": "fmt0", "name": "b0"}),
+        )
+        .unwrap();
+    a.quit();
+    qcow2_check_clean(&img);
+    assert!(image_bitmaps(&img).is_empty());
+}
+
+fn bitmaps(a: &mut Appliance) -> Vec<Value> {
+    let nodes = a
+        .qmp()
+        .cmd("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let fmt0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "fmt0")
+        .unwrap()
+        .clone();
+    fmt0["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The reverse direction: a persistent bitmap added over QMP records the
+/// writes through the appliance and is stored at `quit`, where
+/// `qemu-img info` and qemu-nbd find it; a non-persistent one is not.
+#[test]
+fn qmp_made_persistent_bitmaps_reach_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("p.qcow2");
+    qcow2_with_room(&img, 64 * MIB, 80 * MIB);
+    let mut a = boot(&img);
+    a.qmp()
+        .cmd(
+            "block-dirty-bitmap-add",
+            json!({"node": "fmt0", "name": "p", "persistent": true, "granularity": 65536}),
+        )
+        .unwrap();
+    a.qmp()
+        .cmd(
+            "block-dirty-bitmap-add",
+            json!({"node": "fmt0", "name": "t", "granularity": 4096}),
+        )
+        .unwrap();
+    a.qemu_io("fmt0", "write -P 0x66 2M 70k");
+    a.qemu_io("fmt0", "write -z 40M 4k");
+    let list = bitmaps(&mut a);
+    assert_eq!(list[0]["name"], "t");
+    assert_eq!(list[0]["count"], 19 * 4096);
+    assert_eq!(list[1]["name"], "p");
+    assert_eq!(list[1]["count"], 3 * 65536);
+    assert_eq!(list[1]["persistent"], true);
+    a.quit();
+    qcow2_check_clean(&img);
+    assert_eq!(
+        image_bitmaps(&img),
+        vec![("p".to_string(), vec!["auto".to_string()], 64 * KIB)]
+    );
+    assert_eq!(
+        dirty_extents(&img, "p"),
+        vec![(2 * MIB, 128 * KIB), (40 * MIB, 64 * KIB)]
+    );
+}
