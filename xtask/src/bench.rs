@@ -51,13 +51,22 @@ pub fn bench(which: Which) -> Result<(), String> {
             firmware_path,
         } => {
             use harness::qemu::Firmware;
-            let rhf = firmware_path.or_else(harness::qemu::rhf_binary);
+            let uses_rhf = matches!(firmware.as_str(), "rhf" | "all");
+            if firmware_path.is_some() && !uses_rhf {
+                return Err(format!(
+                    "--firmware-path is the rust-hypervisor-firmware binary: --firmware {firmware} does not use it"
+                ));
+            }
+            let rhf = firmware_path
+                .or_else(harness::qemu::rhf_binary)
+                .filter(|_| uses_rhf);
             if firmware == "rhf" && rhf.is_none() {
                 return Err("--firmware rhf needs --firmware-path or $BLOCKHAUS_RHF".into());
             }
-            if rhf.is_some() && !matches!(firmware.as_str(), "rhf" | "all") {
+            if let Some(p) = rhf.as_ref().filter(|p| !p.is_file()) {
                 return Err(format!(
-                    "a rust-hypervisor-firmware binary is given but --firmware {firmware} does not use it"
+                    "rust-hypervisor-firmware: {}: no such file",
+                    p.display()
                 ));
             }
             if firmware == "none" || firmware == "all" {
