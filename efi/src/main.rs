@@ -184,10 +184,11 @@ fn read_config(info: &mut start_info::StartInfo, avoid: mem::Range) -> Result<()
     let Some(device) = image.device() else {
         return Err(fail("loaded from no device", Status::NOT_FOUND));
     };
-    if let Some(bdf) = boot::open_protocol_exclusive::<DevicePath>(device)
+    let rhf = is_rhf();
+    let bdf = boot::open_protocol_exclusive::<DevicePath>(device)
         .ok()
-        .and_then(|path| pci_address(&path))
-    {
+        .and_then(|path| pci_address(&path));
+    if let Some(bdf) = bdf.or_else(|| rhf.then(rhf_boot_disk).flatten()) {
         info.push_cmdline("blockhaus.boot-disk=");
         info.push_cmdline(bdf.as_str());
     }
@@ -198,8 +199,7 @@ fn read_config(info: &mut start_info::StartInfo, avoid: mem::Range) -> Result<()
     let mut root = fs
         .open_volume()
         .map_err(|e| fail("cannot open the ESP", e.status()))?;
-    // rust-hypervisor-firmware calls itself "RHF".
-    let (name, shown) = if uefi::system::firmware_vendor() == uefi::cstr16!("RHF") {
+    let (name, shown) = if rhf {
         (CONFIG_FILE_8_3, "blockhaus.conf (as BLOCKH~1.CON)")
     } else {
         (CONFIG_FILE, "blockhaus.conf")
@@ -315,6 +315,54 @@ fn is_efi_path(word: &str) -> bool {
     word.len() >= 4 && word.as_bytes()[word.len() - 4..].eq_ignore_ascii_case(b".efi")
 }
 
+/// Whether the firmware is rust-hypervisor-firmware (its vendor is "RHF").
+fn is_rhf() -> bool {
+    uefi::system::firmware_vendor() == uefi::cstr16!("RHF")
+}
+
+/// The disk rust-hypervisor-firmware booted us from, which its device
+/// paths do not name: RHF drives only modern-only virtio-blk (1af4:1042)
+/// at function 0 of bus 0, so when exactly one such device exists, it is
+/// the boot disk. With several, none is named (said on the console).
+fn rhf_boot_disk() -> Option<Bdf> {
+    let mut found = None;
+    let mut count = 0;
+    for dev in 0u8..32 {
+        let addr = 0x8000_0000u32 | (u32::from(dev) << 11);
+        let id: u32;
+        // SAFETY: PCI configuration mechanism #1 (ports 0xcf8/0xcfc), which
+        // every x86 machine RHF runs on has; reading the ID register of
+        // bus 0 function 0 has no side effect.
+        unsafe {
+            core::arch::asm!("out dx, eax", in("dx") 0xcf8u16, in("eax") addr);
+            core::arch::asm!("in eax, dx", in("dx") 0xcfcu16, out("eax") id);
+        }
+        if id == 0x1042_1af4 {
+            found = Some(dev);
+            count += 1;
+        }
+    }
+    if count > 1 {
+        say("several modern virtio-blk disks: the boot disk is not marked");
+        return None;
+    }
+    found.map(|dev| bdf(dev, 0))
+}
+
+/// `00:DD.F`.
+fn bdf(dev: u8, func: u8) -> Bdf {
+    let hex = |n: u8| b"0123456789abcdef"[n as usize & 15];
+    Bdf([
+        b'0',
+        b'0',
+        b':',
+        hex(dev >> 4),
+        hex(dev),
+        b'.',
+        b'0' + (func & 7),
+    ])
+}
+
 /// `00:DD.F` when the path has exactly one PCI node (a device on the root
 /// bus); behind a bridge the bus number is not in the path.
 fn pci_address(path: &DevicePath) -> Option<Bdf> {
@@ -332,16 +380,7 @@ fn pci_address(path: &DevicePath) -> Option<Bdf> {
         }
     }
     let (dev, func) = found.filter(|_| count == 1)?;
-    let hex = |n: u8| b"0123456789abcdef"[n as usize & 15];
-    Some(Bdf([
-        b'0',
-        b'0',
-        b':',
-        hex(dev >> 4),
-        hex(dev),
-        b'.',
-        b'0' + (func & 7),
-    ]))
+    Some(bdf(dev, func))
 }
 
 #[panic_handler]

@@ -374,14 +374,22 @@ fn rhf_image_serves_its_configured_export() {
     };
     let img = image(dir.path(), CONFIG);
     create(&data, 64 * MIB);
-    let a = boot(&img, &cfg);
+    let mut a = boot(&img, &cfg);
     let console = a.console();
     assert!(
-        console.contains("Booting with PVH Boot Protocol")
+        console.contains("command line: \"blockhaus.boot-disk=00:01.0\"")
+            && console.contains("Booting with PVH Boot Protocol")
             && console.contains("blockhaus.conf: ")
             && console.contains("3 storage option(s)"),
         "{console}"
     );
+    // RHF's device paths name no PCI device: the loader finds the boot
+    // disk as the only modern-only virtio-blk device.
+    let devs = devices(&mut a);
+    let boot_disk = devs.iter().find(|d| d["serial"] == "boot");
+    assert_eq!(boot_disk.unwrap()["boot-disk"], json!(true), "{devs:?}");
+    let d0 = devs.iter().find(|d| d["serial"] == "disk0").unwrap();
+    assert!(d0.get("boot-disk").is_none(), "{devs:?}");
     let uri = format!("nbd://127.0.0.1:{port}/disk0");
     let info = run(Command::new("nbdinfo").arg("--size").arg(&uri));
     assert_eq!(info.trim(), (64 * MIB).to_string());
