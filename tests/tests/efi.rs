@@ -162,21 +162,7 @@ fn image_under_ovmf_serves_its_configured_export() {
         .unwrap();
 
     // Real clients over NBD.
-    let uri = format!("nbd://127.0.0.1:{port}/disk0");
-    let info = run(Command::new("nbdinfo").arg("--size").arg(&uri));
-    assert_eq!(info.trim(), (64 * MIB).to_string());
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x5a 1M 2M",
-        "-c",
-        "read -P 0x5a 1M 2M",
-        &uri,
-    ]));
-    let img_info = run(Command::new("qemu-img").args(["info", "--output=json", &uri]));
-    let v: Value = serde_json::from_str(&img_info).unwrap();
-    assert_eq!(v["virtual-size"], json!(64 * MIB));
+    let uri = nbd_clients(port, 0x5a);
     let from_nbd = dir.path().join("copy.raw");
     run(Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "raw", &uri])
@@ -223,6 +209,28 @@ fn image_boots_twice_with_its_configuration_and_the_power_button_halts_it() {
         assert!(console.contains("all 1 nodes closed"), "{console}");
     }
     qemu_io(&data, &["read -P 0x11 0 1M".into()]);
+}
+
+/// The 64 MiB export `disk0` on `port` through real clients: nbdinfo's
+/// size, qemu-io writing and reading `pattern` at 1 MiB (2 MiB), qemu-img
+/// info's size. Returns its URI.
+fn nbd_clients(port: u16, pattern: u8) -> String {
+    let uri = format!("nbd://127.0.0.1:{port}/disk0");
+    let info = run(Command::new("nbdinfo").arg("--size").arg(&uri));
+    assert_eq!(info.trim(), (64 * MIB).to_string());
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &format!("write -P {pattern:#x} 1M 2M"),
+        "-c",
+        &format!("read -P {pattern:#x} 1M 2M"),
+        &uri,
+    ]));
+    let img_info = run(Command::new("qemu-img").args(["info", "--output=json", &uri]));
+    let v: Value = serde_json::from_str(&img_info).unwrap();
+    assert_eq!(v["virtual-size"], json!(64 * MIB));
+    uri
 }
 
 /// Boots `cfg` and expects the failure exit with `needle` on the console.
@@ -390,21 +398,7 @@ fn rhf_image_serves_its_configured_export() {
     assert_eq!(boot_disk.unwrap()["boot-disk"], json!(true), "{devs:?}");
     let d0 = devs.iter().find(|d| d["serial"] == "disk0").unwrap();
     assert!(d0.get("boot-disk").is_none(), "{devs:?}");
-    let uri = format!("nbd://127.0.0.1:{port}/disk0");
-    let info = run(Command::new("nbdinfo").arg("--size").arg(&uri));
-    assert_eq!(info.trim(), (64 * MIB).to_string());
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x6b 1M 2M",
-        "-c",
-        "read -P 0x6b 1M 2M",
-        &uri,
-    ]));
-    let img_info = run(Command::new("qemu-img").args(["info", "--output=json", &uri]));
-    let v: Value = serde_json::from_str(&img_info).unwrap();
-    assert_eq!(v["virtual-size"], json!(64 * MIB));
+    nbd_clients(port, 0x6b);
     let console = a.quit();
     assert!(console.contains("poweroff: ACPI S5"), "{console}");
     qemu_io(&data, &["read -P 0x6b 1M 2M".into()]);
