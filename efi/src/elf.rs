@@ -80,11 +80,13 @@ impl Image {
         self.entry as u32
     }
 
-    /// Copies the segments to their physical addresses.
+    /// Lays the segments out at `base` as they lie in memory from
+    /// [`Image::range`]'s start (zeroing what no file data covers), ready
+    /// to be copied there as one block.
     ///
     /// # Safety
-    /// `base` must be [`Image::range`]'s start, identity-mapped, and the
-    /// whole range writable and owned by the caller.
+    /// `base` must point at [`Image::range`]'s length of memory, writable
+    /// and owned by the caller.
     pub unsafe fn load(&self, base: *mut u8) {
         let (start, end) = self.range();
         // SAFETY: the caller owns [start, end); zero it, then fill it.

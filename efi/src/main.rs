@@ -6,45 +6,65 @@
 //!
 //! 1. reads `blockhaus.conf` from its own ESP (SimpleFileSystem on the
 //!    LoadedImage's device, one Read: what works on OVMF and RHF alike);
-//! 2. claims the kernel's physical range (1 MiB up) and copies the ELF's
-//!    loadable segments there;
+//! 2. lays the ELF's loadable segments out in a buffer as they lie in
+//!    memory (the kernel is linked at 1 MiB up, where firmware may still
+//!    live: rust-hypervisor-firmware keeps its page tables, GDT and stack
+//!    at 1-2 MiB and loads this loader at 2 MiB);
 //! 3. builds an `hvm_start_info` below 4 GiB: the command line
 //!    (`blockhaus.boot-disk=` naming the PCI address of the disk it was
 //!    loaded from, then its load options), the configuration file as
 //!    module 0, the ACPI RSDP from
 //!    the configuration table, and an E820 view of the final memory map;
 //! 4. exits boot services and leaves long mode for 32-bit protected mode
-//!    with paging off (`trampoline.s`), entering `pvh_start` with `%ebx`
-//!    pointing at the start info: the PVH boot protocol.
+//!    with paging off (`trampoline.s`, run from a page of its own), copies
+//!    the buffer to the kernel's load address and enters `pvh_start` with
+//!    `%ebx` pointing at the start info: the PVH boot protocol.
+//!
+//! Everything the loader allocates lies below 4 GiB and outside the
+//! kernel's range (`mem.rs`), so only the last copy touches that range.
 #![no_std]
 #![no_main]
 
 mod elf;
+mod mem;
 mod start_info;
 
 use core::fmt::Write;
-use uefi::boot::{self, AllocateType, MemoryType};
+use uefi::boot::{self, MemoryType};
 use uefi::prelude::*;
 use uefi::proto::device_path::{DevicePath, DeviceSubType, DeviceType};
 use uefi::proto::loaded_image::LoadedImage;
-use uefi::proto::media::file::{File, FileAttribute, FileInfo, FileMode};
+use uefi::proto::media::file::{File, FileAttribute, FileInfo, FileMode, RegularFile};
 use uefi::proto::media::fs::SimpleFileSystem;
 
 /// The PVH image, built by `cargo xtask image` before this loader.
 static KERNEL: &[u8] = include_bytes!(env!("BLOCKHAUS_KERNEL_ELF"));
 
 const CONFIG_FILE: &uefi::CStr16 = uefi::cstr16!("blockhaus.conf");
+/// `blockhaus.conf`'s 8.3 alias, as `cargo xtask image` (crate `fatfs`)
+/// and mtools' `mcopy` write it into a root directory that has no other
+/// `BLOCKH~N.CON`. rust-hypervisor-firmware's File.Open finds only 8.3
+/// names: a long one makes it panic and hang (it compares the NUL-padded
+/// 255-byte name against the entry's long name and indexes past its end).
+const CONFIG_FILE_8_3: &uefi::CStr16 = uefi::cstr16!("BLOCKH~1.CON");
 /// Everything the kernel reads before it maps more must lie below 4 GiB.
 const BELOW_4G: u64 = 0xffff_ffff;
 const PAGE: usize = 4096;
 
 core::arch::global_asm!(include_str!("trampoline.s"), options(att_syntax));
 
-unsafe extern "sysv64" {
-    /// Leaves long mode and jumps to `entry` in 32-bit protected mode, paging
-    /// off, with `%ebx = start_info` (`trampoline.s`).
-    fn blockhaus_enter_pvh(start_info: u32, entry: u32) -> !;
+unsafe extern "C" {
+    /// The position-independent stub in `trampoline.s`, copied to a page of
+    /// its own and called there as [`PvhStub`].
+    static blockhaus_pvh_stub: u8;
+    static blockhaus_pvh_stub_end: u8;
 }
+
+/// Leaves long mode, copies `len` bytes from `src` to `dst` with paging
+/// off and jumps to `entry` in 32-bit protected mode with
+/// `%ebx = start_info` (`trampoline.s`).
+type PvhStub =
+    unsafe extern "sysv64" fn(start_info: u32, entry: u32, src: u32, dst: u32, len: u32) -> !;
 
 /// Writes one short line on ConOut (under 128 characters: RHF's limit).
 fn say(msg: &str) {
@@ -70,7 +90,8 @@ fn main() -> Status {
         Ok(k) => k,
         Err(e) => return fail(e, Status::LOAD_ERROR),
     };
-    let mut info = match start_info::StartInfo::allocate() {
+    let range = kernel.range();
+    let mut info = match start_info::StartInfo::allocate(range) {
         Ok(i) => i,
         Err(_) => {
             return fail(
@@ -79,19 +100,23 @@ fn main() -> Status {
             );
         }
     };
-    if let Err(status) = read_config(&mut info) {
+    if let Err(status) = read_config(&mut info, range) {
         return status;
     }
-    // Claim the kernel's range: it is where the ELF is linked.
-    let (start, end) = kernel.range();
-    let pages = (end - start).div_ceil(PAGE as u64) as usize;
-    let dest =
-        match boot::allocate_pages(AllocateType::Address(start), MemoryType::LOADER_DATA, pages) {
-            Ok(p) => p.as_ptr(),
-            Err(_) => return fail("kernel range 1 MiB+ is not free", Status::LOAD_ERROR),
-        };
-    // SAFETY: [start, end) was just allocated to us and is identity-mapped.
-    unsafe { kernel.load(dest) };
+    if range.1 > BELOW_4G || !mem::is_ram(range) {
+        return fail("the kernel's range 1 MiB+ is not RAM", Status::LOAD_ERROR);
+    }
+    let len = range.1 - range.0;
+    let pages = len.div_ceil(PAGE as u64) as usize;
+    let Ok(staging) = mem::allocate(pages, MemoryType::LOADER_DATA, range) else {
+        return fail("no memory for the kernel", Status::OUT_OF_RESOURCES);
+    };
+    // SAFETY: `pages` pages were just allocated at `staging`, identity-mapped.
+    unsafe { kernel.load(staging.as_ptr()) };
+    let stub = match copy_stub(range) {
+        Ok(stub) => stub,
+        Err(status) => return fail("no memory for the trampoline", status),
+    };
 
     let rsdp = uefi::system::with_config_table(|t| {
         t.iter()
@@ -110,10 +135,33 @@ fn main() -> Status {
     let map = unsafe { boot::exit_boot_services(None) };
     info.set_memory_map(&map);
     let entry = kernel.entry();
-    // SAFETY: the kernel is loaded at its linked address, the start info
-    // and everything it points to lie below 4 GiB and are identity-mapped,
-    // and boot services are gone: the machine is ours.
-    unsafe { blockhaus_enter_pvh(info.address(), entry) }
+    // SAFETY: the stub, the kernel's laid-out copy, the start info and
+    // everything it points to lie below 4 GiB, identity-mapped and outside
+    // the kernel's range, which is RAM (`mem::is_ram`); boot services are
+    // gone: the machine is ours, including what the firmware kept there.
+    unsafe {
+        stub(
+            info.address(),
+            entry,
+            staging.as_ptr() as u32,
+            range.0 as u32,
+            len as u32,
+        )
+    }
+}
+
+/// Copies the trampoline stub to a code page of its own, outside `avoid`.
+fn copy_stub(avoid: mem::Range) -> Result<PvhStub, Status> {
+    let start = &raw const blockhaus_pvh_stub;
+    let len = (&raw const blockhaus_pvh_stub_end).addr() - start.addr();
+    let page = mem::allocate(len.div_ceil(PAGE), MemoryType::LOADER_CODE, avoid)?;
+    // SAFETY: the stub's bytes lie in our image; the page was just
+    // allocated to us and is large enough.
+    unsafe { page.as_ptr().copy_from_nonoverlapping(start, len) };
+    // SAFETY: the page now holds the position-independent stub, whose
+    // entry is its first byte, with the signature of `PvhStub`; LOADER_CODE
+    // pages are executable.
+    Ok(unsafe { core::mem::transmute::<*mut u8, PvhStub>(page.as_ptr()) })
 }
 
 /// A PCI address `BB:DD.F` in a fixed buffer.
@@ -128,17 +176,19 @@ impl Bdf {
 /// Fills `info` from what the firmware gave us: the PCI address of the disk
 /// we were loaded from (when its device path names one device on the root
 /// bus) and our load options as the command line, then `blockhaus.conf`
-/// (module 0, in LOADER_DATA pages below 4 GiB) if the ESP has one.
-fn read_config(info: &mut start_info::StartInfo) -> Result<(), Status> {
+/// (module 0, in LOADER_DATA pages below 4 GiB, outside `avoid`) if the
+/// ESP has one.
+fn read_config(info: &mut start_info::StartInfo, avoid: mem::Range) -> Result<(), Status> {
     let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
         .map_err(|e| fail("cannot open LoadedImage", e.status()))?;
     let Some(device) = image.device() else {
         return Err(fail("loaded from no device", Status::NOT_FOUND));
     };
-    if let Some(bdf) = boot::open_protocol_exclusive::<DevicePath>(device)
+    let rhf = is_rhf();
+    let bdf = boot::open_protocol_exclusive::<DevicePath>(device)
         .ok()
-        .and_then(|path| pci_address(&path))
-    {
+        .and_then(|path| pci_address(&path));
+    if let Some(bdf) = bdf.or_else(|| rhf.then(rhf_boot_disk).flatten()) {
         info.push_cmdline("blockhaus.boot-disk=");
         info.push_cmdline(bdf.as_str());
     }
@@ -149,40 +199,64 @@ fn read_config(info: &mut start_info::StartInfo) -> Result<(), Status> {
     let mut root = fs
         .open_volume()
         .map_err(|e| fail("cannot open the ESP", e.status()))?;
-    let Ok(file) = root.open(CONFIG_FILE, FileMode::Read, FileAttribute::empty()) else {
-        say("no blockhaus.conf on the ESP: booting without it");
+    let (name, shown) = if rhf {
+        (CONFIG_FILE_8_3, "blockhaus.conf (as BLOCKH~1.CON)")
+    } else {
+        (CONFIG_FILE, "blockhaus.conf")
+    };
+    let Ok(mut file) = root.open(name, FileMode::Read, FileAttribute::empty()) else {
+        uefi::system::with_stdout(|out| {
+            let _ = writeln!(
+                out,
+                "blockhaus-efi: no {shown} on the ESP: booting without it"
+            );
+        });
         return Ok(());
     };
-    let Some(mut file) = file.into_regular_file() else {
-        return Err(fail("blockhaus.conf is not a file", Status::LOAD_ERROR));
-    };
+    // Room for a 255-character name: rust-hypervisor-firmware wants room
+    // for that much (592 bytes) whatever the name.
     #[repr(C, align(8))]
-    struct InfoBuf([u8; 512]);
-    let mut buf = InfoBuf([0; 512]);
+    struct InfoBuf([u8; 1024]);
+    let mut buf = InfoBuf([0; 1024]);
+    // The attribute, not `into_regular_file`: that asks GetPosition, which
+    // rust-hypervisor-firmware does not implement.
     let size = match file.get_info::<FileInfo>(&mut buf.0) {
+        Ok(i) if i.attribute().contains(FileAttribute::DIRECTORY) => {
+            return Err(fail("blockhaus.conf is not a file", Status::LOAD_ERROR));
+        }
         Ok(i) => i.file_size(),
-        Err(e) => return Err(fail("cannot stat blockhaus.conf", e.status())),
+        Err(e) => {
+            uefi::system::with_stdout(|out| {
+                let _ = writeln!(
+                    out,
+                    "blockhaus-efi: cannot stat blockhaus.conf: {:?}",
+                    e.status()
+                );
+            });
+            return Err(e.status());
+        }
     };
-    // One page more than the file: RHF's Read wants a buffer larger than
-    // what is left, and an empty file still gets a valid address.
+    // SAFETY: the handle is open and not a directory (checked just above).
+    let mut file = unsafe { RegularFile::new(file) };
+    // An empty file still gets a valid address.
     let pages = (size as usize / PAGE) + 1;
-    let mem = boot::allocate_pages(
-        AllocateType::MaxAddress(BELOW_4G),
-        MemoryType::LOADER_DATA,
-        pages,
-    )
-    .map_err(|e| fail("no memory for blockhaus.conf", e.status()))?;
-    // SAFETY: `pages` pages were just allocated at `mem`.
-    let dest = unsafe { core::slice::from_raw_parts_mut(mem.as_ptr(), pages * PAGE) };
+    let conf = mem::allocate(pages, MemoryType::LOADER_DATA, avoid)
+        .map_err(|status| fail("no memory for blockhaus.conf", status))?;
+    // SAFETY: `pages` pages were just allocated at `conf`.
+    let dest = unsafe { core::slice::from_raw_parts_mut(conf.as_ptr(), pages * PAGE) };
+    // Reads ask for exactly what is left: rust-hypervisor-firmware fails
+    // with DEVICE_ERROR when asked for more than the file holds, and with
+    // BUFFER_TOO_SMALL when asked for less.
+    let size = (size as usize).min(dest.len());
     let mut got = 0usize;
-    while (got as u64) < size {
-        match file.read(&mut dest[got..]) {
+    while got < size {
+        match file.read(&mut dest[got..size]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) => return Err(fail("cannot read blockhaus.conf", e.status())),
         }
     }
-    info.set_module(mem.as_ptr() as u64, got as u64);
+    info.set_module(conf.as_ptr() as u64, got as u64);
     Ok(())
 }
 
@@ -241,6 +315,54 @@ fn is_efi_path(word: &str) -> bool {
     word.len() >= 4 && word.as_bytes()[word.len() - 4..].eq_ignore_ascii_case(b".efi")
 }
 
+/// Whether the firmware is rust-hypervisor-firmware (its vendor is "RHF").
+fn is_rhf() -> bool {
+    uefi::system::firmware_vendor() == uefi::cstr16!("RHF")
+}
+
+/// The disk rust-hypervisor-firmware booted us from, which its device
+/// paths do not name: RHF drives only modern-only virtio-blk (1af4:1042)
+/// at function 0 of bus 0, so when exactly one such device exists, it is
+/// the boot disk. With several, none is named (said on the console).
+fn rhf_boot_disk() -> Option<Bdf> {
+    let mut found = None;
+    let mut count = 0;
+    for dev in 0u8..32 {
+        let addr = 0x8000_0000u32 | (u32::from(dev) << 11);
+        let id: u32;
+        // SAFETY: PCI configuration mechanism #1 (ports 0xcf8/0xcfc), which
+        // every x86 machine RHF runs on has; reading the ID register of
+        // bus 0 function 0 has no side effect.
+        unsafe {
+            core::arch::asm!("out dx, eax", in("dx") 0xcf8u16, in("eax") addr);
+            core::arch::asm!("in eax, dx", in("dx") 0xcfcu16, out("eax") id);
+        }
+        if id == 0x1042_1af4 {
+            found = Some(dev);
+            count += 1;
+        }
+    }
+    if count > 1 {
+        say("several modern virtio-blk disks: the boot disk is not marked");
+        return None;
+    }
+    found.map(|dev| bdf(dev, 0))
+}
+
+/// `00:DD.F`.
+fn bdf(dev: u8, func: u8) -> Bdf {
+    let hex = |n: u8| b"0123456789abcdef"[n as usize & 15];
+    Bdf([
+        b'0',
+        b'0',
+        b':',
+        hex(dev >> 4),
+        hex(dev),
+        b'.',
+        b'0' + (func & 7),
+    ])
+}
+
 /// `00:DD.F` when the path has exactly one PCI node (a device on the root
 /// bus); behind a bridge the bus number is not in the path.
 fn pci_address(path: &DevicePath) -> Option<Bdf> {
@@ -258,16 +380,7 @@ fn pci_address(path: &DevicePath) -> Option<Bdf> {
         }
     }
     let (dev, func) = found.filter(|_| count == 1)?;
-    let hex = |n: u8| b"0123456789abcdef"[n as usize & 15];
-    Some(Bdf([
-        b'0',
-        b'0',
-        b':',
-        hex(dev >> 4),
-        hex(dev),
-        b'.',
-        b'0' + (func & 7),
-    ]))
+    Some(bdf(dev, func))
 }
 
 #[panic_handler]

@@ -2,7 +2,7 @@
 //! `public/arch-x86/hvm/start_info.h`, version 1), with its command line,
 //! module list and E820-typed memory map, in LOADER_DATA pages below 4 GiB.
 
-use uefi::boot::{self, AllocateType, MemoryType};
+use uefi::boot::MemoryType;
 use uefi::mem::memory_map::{MemoryMap, MemoryMapOwned};
 
 const MAGIC: u32 = 0x336e_c578;
@@ -38,12 +38,10 @@ fn e820(ty: MemoryType) -> u32 {
 }
 
 impl StartInfo {
-    pub fn allocate() -> uefi::Result<Self> {
-        let p = boot::allocate_pages(
-            AllocateType::MaxAddress(super::BELOW_4G),
-            MemoryType::LOADER_DATA,
-            PAGES,
-        )?;
+    /// In LOADER_DATA pages below 4 GiB, outside `avoid` (the kernel's
+    /// range).
+    pub fn allocate(avoid: crate::mem::Range) -> Result<Self, uefi::Status> {
+        let p = crate::mem::allocate(PAGES, MemoryType::LOADER_DATA, avoid)?;
         let base = p.as_ptr();
         // SAFETY: PAGES pages were just allocated at `base`.
         unsafe { core::ptr::write_bytes(base, 0, PAGES * 4096) };

@@ -1,15 +1,27 @@
-# blockhaus_enter_pvh(start_info: u32 in %edi, entry: u32 in %esi) -> !
+# blockhaus_pvh_stub(start_info %edi, entry %esi, src %edx, dst %ecx,
+#                    len %r8d) -> !
 # From UEFI's long mode (identity-mapped) to the PVH entry state: 32-bit
-# protected mode, paging off, flat segments, %ebx = start_info. This code and
-# its GDT run below 4 GiB (checked by the caller's firmware: images load
-# there), so the far return lands at the same physical address.
+# protected mode, paging off, flat segments, %ebx = start_info, after
+# copying the kernel (`len` bytes, laid out as in memory) from `src` to its
+# load address `dst`. The copy comes last because the kernel's range may
+# hold the firmware's page tables, GDT and stack and this loader itself
+# (rust-hypervisor-firmware keeps its state at 1-2 MiB and loads us at
+# 2 MiB). So the stub is position-independent and self-contained (code and
+# GDT between the two labels): the loader copies it to a page of its own
+# outside the kernel's range, below 4 GiB, and calls it there. It uses the
+# stack only in long mode: in 32-bit mode %esp is a scratch register (the
+# kernel sets up its own stack; interrupts are off).
 .section .text.trampoline, "ax"
 .code64
-.global blockhaus_enter_pvh
-blockhaus_enter_pvh:
+.global blockhaus_pvh_stub
+.global blockhaus_pvh_stub_end
+blockhaus_pvh_stub:
     cli
     mov %edi, %ebx
     mov %esi, %ebp
+    mov %edx, %esi
+    mov %ecx, %edi
+    mov %r8d, %ecx
     # lgdt from a descriptor built on the stack: no absolute relocation.
     lea tramp_gdt(%rip), %rax
     sub $16, %rsp
@@ -28,7 +40,9 @@ blockhaus_enter_pvh:
     mov %ax, %fs
     mov %ax, %gs
     # Paging off (leaves long mode), then EFER.LME off; PCIDE and LA57 are
-    # not used by OVMF or RHF.
+    # not used by OVMF or RHF. rdmsr/wrmsr need %ecx: the length waits in
+    # %esp.
+    mov %ecx, %esp
     mov %cr0, %eax
     and $0x7fffffff, %eax
     mov %eax, %cr0
@@ -36,13 +50,16 @@ blockhaus_enter_pvh:
     rdmsr
     and $~(1 << 8), %eax
     wrmsr
+    # Physical addresses from here: the kernel to its load address.
+    mov %esp, %ecx
+    cld
+    rep movsb
     jmp *%ebp
-.code64
-
-.section .rodata.trampoline, "a"
 .balign 16
 tramp_gdt:
     .quad 0
     .quad 0x00CF9A000000FFFF    # 0x08: 32-bit code, flat
     .quad 0x00CF92000000FFFF    # 0x10: data, flat
 tramp_gdt_end:
+blockhaus_pvh_stub_end:
+.code64

@@ -1,5 +1,5 @@
 //! The QEMU command line for blockhaus: PVH `-kernel` (or the disk image
-//! under OVMF), COM1 console, COM2 QMP on a unix socket, `isa-debug-exit`
+//! under OVMF or rust-hypervisor-firmware), COM1 console, COM2 QMP on a unix socket, `isa-debug-exit`
 //! for failure codes, disks, and the machine and accelerator.
 
 use std::ffi::OsString;
@@ -54,6 +54,33 @@ pub enum Firmware {
     /// (`cargo xtask image`) as the first virtio-blk disk, serial `boot`.
     /// The variable store is a copy next to the QMP socket.
     Ovmf,
+    /// rust-hypervisor-firmware (cloud-hypervisor/rust-hypervisor-firmware,
+    /// not packaged: [`QemuConfig::firmware_path`] or [`rhf_binary`]),
+    /// started by QEMU's `-kernel` as its README says, booting the GPT disk
+    /// image from the first modern-only virtio-blk device on the root bus
+    /// (`disable-legacy=on`, which is all it drives), serial `boot`.
+    Rhf,
+}
+
+impl Firmware {
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::None => "none",
+            Firmware::Ovmf => "ovmf",
+            Firmware::Rhf => "rhf",
+        }
+    }
+}
+
+/// The environment variable naming a rust-hypervisor-firmware binary.
+pub const RHF_ENV: &str = "BLOCKHAUS_RHF";
+
+/// The rust-hypervisor-firmware binary `BLOCKHAUS_RHF` names, if it is set
+/// and not empty.
+pub fn rhf_binary() -> Option<PathBuf> {
+    std::env::var_os(RHF_ENV)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Debian's OVMF build (package `ovmf`): code and the variable template.
@@ -97,6 +124,8 @@ pub struct QemuConfig {
     /// [`Firmware::None`]: the image is the PVH ELF; otherwise it is the
     /// disk image the firmware boots.
     pub firmware: Firmware,
+    /// The firmware binary for [`Firmware::Rhf`] (default: [`rhf_binary`]).
+    pub firmware_path: Option<PathBuf>,
 }
 
 impl Default for QemuConfig {
@@ -113,6 +142,7 @@ impl Default for QemuConfig {
             nbd_port: None,
             netns_tap: None,
             firmware: Firmware::None,
+            firmware_path: None,
         }
     }
 }
@@ -168,14 +198,15 @@ impl QemuConfig {
                     "if=pflash,format=raw,unit=1,file={}",
                     vars.display()
                 ));
-                cmd.arg("-drive").arg(format!(
-                    "file={},if=none,id=boot,format={}",
-                    image.display(),
-                    image_format(image)
-                ));
-                cmd.arg("-device").arg(format!(
-                    "virtio-blk-pci,drive=boot,serial={BOOT_DISK_SERIAL},bootindex=0"
-                ));
+                boot_disk(&mut cmd, image, "bootindex=0");
+            }
+            Firmware::Rhf => {
+                let Some(fw) = self.firmware_path.clone().or_else(rhf_binary) else {
+                    panic!("Firmware::Rhf needs firmware_path or {RHF_ENV}");
+                };
+                cmd.arg("-kernel").arg(fw);
+                // The first device after the host bridge: slot 1.
+                boot_disk(&mut cmd, image, "disable-legacy=on");
             }
         }
         // Under firmware QEMU refuses -append itself ("-append only allowed
@@ -222,6 +253,18 @@ impl QemuConfig {
         cmd.args(&self.extra);
         cmd
     }
+}
+
+/// The disk image under firmware: virtio-blk, serial `boot`, with `opts`.
+fn boot_disk(cmd: &mut Command, image: &Path, opts: &str) {
+    cmd.arg("-drive").arg(format!(
+        "file={},if=none,id=boot,format={}",
+        image.display(),
+        image_format(image)
+    ));
+    cmd.arg("-device").arg(format!(
+        "virtio-blk-pci,drive=boot,serial={BOOT_DISK_SERIAL},{opts}"
+    ));
 }
 
 /// `qcow2` when the file starts with qcow2's magic, else `raw`.

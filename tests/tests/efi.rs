@@ -10,6 +10,11 @@
 //! image boots twice with its configuration, a bad line fails with its line
 //! number and exit 33, load options (from the UEFI Shell) add to the file;
 //! and under `-kernel` the file comes as `-initrd`, `-append` adding to it.
+//!
+//! Under rust-hypervisor-firmware (not packaged: the tests named `rhf_*`
+//! run where `BLOCKHAUS_RHF` names a binary, and say they are skipped
+//! otherwise): the same image boots, applies its file, serves NBD, and
+//! `quit` powers off through ACPI S5 (RHF's ResetSystem does nothing).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +22,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use harness::host::{MIB, create, qemu_io, run};
-use harness::qemu::{FAILURE_EXIT_STATUS, Firmware, free_port};
+use harness::qemu::{FAILURE_EXIT_STATUS, Firmware, free_port, rhf_binary};
 use harness::{Appliance, QemuConfig};
 use serde_json::{Value, json};
 
@@ -56,11 +61,28 @@ fn ovmf(disks: Vec<PathBuf>, nbd_port: Option<u16>) -> QemuConfig {
     }
 }
 
+/// rust-hypervisor-firmware from `BLOCKHAUS_RHF`, or `None` after saying
+/// that `test` is skipped.
+fn rhf(test: &str, disks: Vec<PathBuf>, nbd_port: Option<u16>) -> Option<QemuConfig> {
+    let Some(path) = rhf_binary() else {
+        eprintln!("SKIPPED {test}: BLOCKHAUS_RHF does not name a rust-hypervisor-firmware binary");
+        return None;
+    };
+    Some(QemuConfig {
+        firmware: Firmware::Rhf,
+        firmware_path: Some(path),
+        disks,
+        nbd_port,
+        ..QemuConfig::default()
+    })
+}
+
 fn boot(img: &Path, cfg: &QemuConfig) -> Appliance {
     let mut a = Appliance::start(img, cfg).unwrap_or_else(|e| panic!("{e}"));
     if let Err(e) = a.qmp().negotiate() {
         panic!(
-            "QMP after OVMF: {e}\nconsole:\n{}\nstderr:\n{}",
+            "QMP after {}: {e}\nconsole:\n{}\nstderr:\n{}",
+            cfg.firmware.name(),
             a.console(),
             a.stderr()
         );
@@ -140,21 +162,7 @@ fn image_under_ovmf_serves_its_configured_export() {
         .unwrap();
 
     // Real clients over NBD.
-    let uri = format!("nbd://127.0.0.1:{port}/disk0");
-    let info = run(Command::new("nbdinfo").arg("--size").arg(&uri));
-    assert_eq!(info.trim(), (64 * MIB).to_string());
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x5a 1M 2M",
-        "-c",
-        "read -P 0x5a 1M 2M",
-        &uri,
-    ]));
-    let img_info = run(Command::new("qemu-img").args(["info", "--output=json", &uri]));
-    let v: Value = serde_json::from_str(&img_info).unwrap();
-    assert_eq!(v["virtual-size"], json!(64 * MIB));
+    let uri = nbd_clients(port, 0x5a);
     let from_nbd = dir.path().join("copy.raw");
     run(Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "raw", &uri])
@@ -201,6 +209,28 @@ fn image_boots_twice_with_its_configuration_and_the_power_button_halts_it() {
         assert!(console.contains("all 1 nodes closed"), "{console}");
     }
     qemu_io(&data, &["read -P 0x11 0 1M".into()]);
+}
+
+/// The 64 MiB export `disk0` on `port` through real clients: nbdinfo's
+/// size, qemu-io writing and reading `pattern` at 1 MiB (2 MiB), qemu-img
+/// info's size. Returns its URI.
+fn nbd_clients(port: u16, pattern: u8) -> String {
+    let uri = format!("nbd://127.0.0.1:{port}/disk0");
+    let info = run(Command::new("nbdinfo").arg("--size").arg(&uri));
+    assert_eq!(info.trim(), (64 * MIB).to_string());
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &format!("write -P {pattern:#x} 1M 2M"),
+        "-c",
+        &format!("read -P {pattern:#x} 1M 2M"),
+        &uri,
+    ]));
+    let img_info = run(Command::new("qemu-img").args(["info", "--output=json", &uri]));
+    let v: Value = serde_json::from_str(&img_info).unwrap();
+    assert_eq!(v["virtual-size"], json!(64 * MIB));
+    uri
 }
 
 /// Boots `cfg` and expects the failure exit with `needle` on the console.
@@ -336,4 +366,62 @@ fn load_options_from_the_uefi_shell_add_to_blockhaus_conf() {
         "{names:?}"
     );
     a.quit();
+}
+
+#[test]
+fn rhf_image_serves_its_configured_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.raw");
+    let port = free_port();
+    let Some(cfg) = rhf(
+        "rhf_image_serves_its_configured_export",
+        vec![data.clone()],
+        Some(port),
+    ) else {
+        return;
+    };
+    let img = image(dir.path(), CONFIG);
+    create(&data, 64 * MIB);
+    let mut a = boot(&img, &cfg);
+    let console = a.console();
+    assert!(
+        console.contains("command line: \"blockhaus.boot-disk=00:01.0\"")
+            && console.contains("Booting with PVH Boot Protocol")
+            && console.contains("blockhaus.conf: ")
+            && console.contains("3 storage option(s)"),
+        "{console}"
+    );
+    // RHF's device paths name no PCI device: the loader finds the boot
+    // disk as the only modern-only virtio-blk device.
+    let devs = devices(&mut a);
+    let boot_disk = devs.iter().find(|d| d["serial"] == "boot");
+    assert_eq!(boot_disk.unwrap()["boot-disk"], json!(true), "{devs:?}");
+    let d0 = devs.iter().find(|d| d["serial"] == "disk0").unwrap();
+    assert!(d0.get("boot-disk").is_none(), "{devs:?}");
+    nbd_clients(port, 0x6b);
+    let console = a.quit();
+    assert!(console.contains("poweroff: ACPI S5"), "{console}");
+    qemu_io(&data, &["read -P 0x6b 1M 2M".into()]);
+}
+
+#[test]
+fn rhf_a_bad_line_in_blockhaus_conf_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cfg) = rhf(
+        "rhf_a_bad_line_in_blockhaus_conf_is_named",
+        Vec::new(),
+        None,
+    ) else {
+        return;
+    };
+    let img = image(dir.path(), "loglevel=info\nnot-a-setting=1\n");
+    let cfg = QemuConfig {
+        qmp_wait: false,
+        ..cfg
+    };
+    let a = Appliance::start(&img, &cfg).unwrap_or_else(|e| panic!("{e}"));
+    expect_failure(
+        a,
+        "blockhaus.conf line 2: unrecognized kernel command-line item 'not-a-setting=1'",
+    );
 }

@@ -11,16 +11,21 @@ use std::time::{Duration, Instant};
 #[derive(Subcommand)]
 pub enum Which {
     /// QEMU start → QMP greeting, against a do-nothing PVH image's start →
-    /// exit; and the disk image under OVMF against the same do-nothing image
-    /// carried by the UEFI loader (the firmware's floor).
+    /// exit; and the disk image under OVMF (and rust-hypervisor-firmware
+    /// when given) against the same do-nothing image carried by the UEFI
+    /// loader (the firmware's floor).
     Boot {
         /// Runs per machine type.
         #[arg(long, default_value_t = 10)]
         runs: usize,
         /// Which boot paths: `none` (-kernel, every machine type), `ovmf`
-        /// (the disk image on q35), or `all`.
-        #[arg(long, default_value = "all", value_parser = ["none", "ovmf", "all"])]
+        /// or `rhf` (the disk image on q35), or `all` (rhf only when a
+        /// binary is given).
+        #[arg(long, default_value = "all", value_parser = ["none", "ovmf", "rhf", "all"])]
         firmware: String,
+        /// The rust-hypervisor-firmware binary (default: $BLOCKHAUS_RHF).
+        #[arg(long, value_name = "FILE")]
+        firmware_path: Option<std::path::PathBuf>,
     },
     /// CPU use of the QEMU process while the appliance sits idle.
     Idle {
@@ -40,12 +45,38 @@ pub enum Which {
 pub fn bench(which: Which) -> Result<(), String> {
     crate::deps::ensure()?;
     match which {
-        Which::Boot { runs, firmware } => {
-            if firmware != "ovmf" {
+        Which::Boot {
+            runs,
+            firmware,
+            firmware_path,
+        } => {
+            use harness::qemu::Firmware;
+            let uses_rhf = matches!(firmware.as_str(), "rhf" | "all");
+            if firmware_path.is_some() && !uses_rhf {
+                return Err(format!(
+                    "--firmware-path is the rust-hypervisor-firmware binary: --firmware {firmware} does not use it"
+                ));
+            }
+            let rhf = firmware_path
+                .or_else(harness::qemu::rhf_binary)
+                .filter(|_| uses_rhf);
+            if firmware == "rhf" && rhf.is_none() {
+                return Err("--firmware rhf needs --firmware-path or $BLOCKHAUS_RHF".into());
+            }
+            if let Some(p) = rhf.as_ref().filter(|p| !p.is_file()) {
+                return Err(format!(
+                    "rust-hypervisor-firmware: {}: no such file",
+                    p.display()
+                ));
+            }
+            if firmware == "none" || firmware == "all" {
                 boot(runs.max(1))?;
             }
-            if firmware != "none" {
-                boot_ovmf(runs.max(1))?;
+            if firmware == "ovmf" || firmware == "all" {
+                boot_firmware(runs.max(1), Firmware::Ovmf, None)?;
+            }
+            if let Some(path) = rhf {
+                boot_firmware(runs.max(1), Firmware::Rhf, Some(path))?;
             }
             Ok(())
         }
@@ -150,13 +181,18 @@ fn floor_to_exit(cfg: &QemuConfig, floor: &Path, sock: &Path) -> Result<Duration
     Ok(t0.elapsed())
 }
 
-/// The disk image under OVMF (q35): QEMU start → QMP greeting, next to the
-/// do-nothing PVH image carried by the same loader (firmware, loader and
-/// ExitBootServices, then isa-debug-exit): the difference is the
+/// The disk image under `firmware` (q35): QEMU start → QMP greeting, next
+/// to the do-nothing PVH image carried by the same loader (firmware, loader
+/// and ExitBootServices, then isa-debug-exit): the difference is the
 /// appliance's own time on top of the firmware.
-fn boot_ovmf(runs: usize) -> Result<(), String> {
+fn boot_firmware(
+    runs: usize,
+    firmware: harness::qemu::Firmware,
+    firmware_path: Option<std::path::PathBuf>,
+) -> Result<(), String> {
+    let name = firmware.name();
     let kernel = harness::image::build(true)?;
-    let dir = std::env::temp_dir().join(format!("blockhaus-bench-ovmf-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("blockhaus-bench-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let loader = harness::esp::build_loader(&kernel)?;
     let image = dir.join("blockhaus.img");
@@ -165,20 +201,21 @@ fn boot_ovmf(runs: usize) -> Result<(), String> {
     std::fs::write(&floor_elf, crate::floor::image()).map_err(|e| e.to_string())?;
     let floor = dir.join("floor.img");
     harness::esp::write_disk(&floor, &harness::esp::build_loader(&floor_elf)?, None)?;
-    println!("boot benchmark under OVMF (q35, TCG): {runs} runs, median wall time");
+    println!("boot benchmark under {name} (q35, TCG): {runs} runs, median wall time");
     println!(
         "disk image: {size} bytes; BOOTX64.EFI {} bytes (PVH image {} bytes)",
         loader.len(),
         std::fs::metadata(&kernel).map_err(|e| e.to_string())?.len()
     );
     let cfg = QemuConfig {
-        firmware: harness::qemu::Firmware::Ovmf,
+        firmware,
+        firmware_path,
         ..QemuConfig::default()
     };
     let (mut ours, mut base) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let sock = dir.join(format!("qmp-{i}.sock"));
-        ours.push(to_greeting(&cfg, &image, &sock).map_err(|e| format!("OVMF: {e}"))?);
+        ours.push(to_greeting(&cfg, &image, &sock).map_err(|e| format!("{name}: {e}"))?);
         base.push(floor_to_exit(&cfg, &floor, &sock)?);
     }
     let (o, b) = (median(ours), median(base));
@@ -188,7 +225,7 @@ fn boot_ovmf(runs: usize) -> Result<(), String> {
     );
     println!(
         "{:<8} {:>19.1} ms {:>23.1} ms {:>13.1} ms",
-        "ovmf",
+        name,
         ms(o),
         ms(b),
         ms(o.saturating_sub(b))

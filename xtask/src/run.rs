@@ -46,21 +46,52 @@ pub struct RunArgs {
     /// every --disk, as without --image) if it does not exist yet.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
     image: Option<PathBuf>,
-    /// What boots the appliance: `none` (QEMU's -kernel with the PVH ELF)
-    /// or `ovmf` (Debian's OVMF from pflash; the default with --image).
-    #[arg(long, value_parser = ["none", "ovmf"])]
+    /// What boots the appliance: `none` (QEMU's -kernel with the PVH ELF),
+    /// `ovmf` (Debian's OVMF from pflash; the default with --image) or
+    /// `rhf` (rust-hypervisor-firmware: --firmware-path or $BLOCKHAUS_RHF).
+    #[arg(long, value_parser = ["none", "ovmf", "rhf"])]
     firmware: Option<String>,
+    /// The rust-hypervisor-firmware binary for `--firmware rhf` (default:
+    /// $BLOCKHAUS_RHF).
+    #[arg(long, value_name = "FILE")]
+    firmware_path: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> Result<(), String> {
     crate::deps::ensure()?;
     let firmware = match (args.firmware.as_deref(), &args.image) {
         (Some("none"), Some(_)) => {
-            return Err("--image needs firmware (--firmware ovmf): -kernel boots the ELF".into());
+            return Err(
+                "--image needs firmware (--firmware ovmf|rhf): -kernel boots the ELF".into(),
+            );
         }
         (Some("ovmf"), _) | (None, Some(_)) => Firmware::Ovmf,
+        (Some("rhf"), _) => Firmware::Rhf,
         _ => Firmware::None,
     };
+    let firmware_path = args
+        .firmware_path
+        .clone()
+        .or_else(harness::qemu::rhf_binary);
+    match (firmware, &firmware_path) {
+        (Firmware::Rhf, None) => {
+            return Err(
+                "--firmware rhf needs --firmware-path FILE or $BLOCKHAUS_RHF: \
+                 rust-hypervisor-firmware is not packaged (build it from \
+                 cloud-hypervisor/rust-hypervisor-firmware)"
+                    .into(),
+            );
+        }
+        (Firmware::Rhf, Some(p)) if !p.is_file() => {
+            return Err(format!("--firmware rhf: {}: no such file", p.display()));
+        }
+        (Firmware::None | Firmware::Ovmf, _) if args.firmware_path.is_some() => {
+            return Err("--firmware-path is the rust-hypervisor-firmware binary: \
+                 it needs --firmware rhf"
+                .into());
+        }
+        _ => {}
+    }
     if firmware != Firmware::None {
         if !args.append.is_empty() {
             return Err("--append: under firmware the configuration is the image's \
@@ -68,7 +99,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
                 .into());
         }
         if args.machine == "microvm" {
-            return Err("--firmware ovmf: OVMF boots q35 or pc, not microvm".into());
+            return Err(format!(
+                "--firmware {}: the disk image boots on q35 or pc, not microvm",
+                firmware.name()
+            ));
         }
         if args.debug {
             return Err("--debug: the disk image carries the release build".into());
@@ -138,9 +172,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         memory: args.memory.clone(),
         append: match firmware {
             Firmware::None => storage_options(&qcow2, &args.append),
-            Firmware::Ovmf => String::new(),
+            Firmware::Ovmf | Firmware::Rhf => String::new(),
         },
         firmware,
+        firmware_path: firmware_path.filter(|_| firmware == Firmware::Rhf),
         nbd_port: Some(args.nbd_port),
         disks: disks.clone(),
         qmp_wait: true,
@@ -181,10 +216,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
          xtask: stop:  Ctrl-C here (sends QMP quit: the appliance runs its halt path) or QMP {{\"execute\": \"quit\"}}\n",
         args.machine,
         args.accel,
-        if firmware == Firmware::Ovmf {
-            "OVMF, "
-        } else {
-            ""
+        match firmware {
+            Firmware::None => "",
+            Firmware::Ovmf => "OVMF, ",
+            Firmware::Rhf => "rust-hypervisor-firmware, ",
         },
         image.display(),
         user_sock.display()
