@@ -4,6 +4,7 @@
 //! ([`bad_client`]) and a seeded fuzz over input bytes ([`fuzz`]).
 
 mod bad_client;
+mod client;
 mod commands;
 mod fuzz;
 mod handshake;
