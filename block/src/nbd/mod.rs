@@ -57,6 +57,7 @@
 //! ```
 
 pub mod client;
+pub mod client_node;
 pub mod export;
 pub mod extents;
 pub mod handshake;

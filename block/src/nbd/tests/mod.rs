@@ -5,6 +5,7 @@
 
 mod bad_client;
 mod client;
+mod client_node;
 mod commands;
 mod fuzz;
 mod handshake;

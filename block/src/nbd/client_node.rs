@@ -1,0 +1,520 @@
+//! `driver=nbd`: a protocol node whose data is another server's export
+//! (QEMU's `block/nbd.c`), over the sans-IO [`Client`] engine.
+//!
+//! The node and the platform share an [`NbdLink`]: the node submits
+//! requests and waits on their completions; the platform (the kernel's
+//! TCP glue, or a test) opens a socket to [`NbdLink::server`], moves the
+//! engine's bytes both ways and reports the socket's fate
+//! ([`NbdLink::connected`], [`NbdLink::closed`]); every event wakes the
+//! node's waiting futures. The platform finds the links to service in the
+//! [`Links`] list the driver class was made with.
+//!
+//! Options, as QEMU 7.2's `BlockdevOptionsNbd`: `server` (an inet
+//! `SocketAddress`: `{"type": "inet", "host": ..., "port": ...}`),
+//! `export`, `reconnect-delay` and `open-timer` (both 0 only: this node
+//! does not reconnect yet, and refuses rather than ignores other values),
+//! `tls-creds` refused (the appliance has no TLS). The node's length is the
+//! export's size, block status is `base:allocation` (holes seen through
+//! the node), writes are refused on a read-only export unless the node is
+//! read-only (QEMU: "NBD export is read-only"), and closing the node sends
+//! `NBD_CMD_DISC`.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::future::poll_fn;
+use core::task::{Poll, Waker};
+
+use serde_json::{Value, json};
+
+use super::client::{Client, ClientOp, ClientReply, ClientState, ExportInfo, Handle, SubmitError};
+use super::wire::transmission_flags as tf;
+use crate::driver::BlockDriver;
+use crate::graph::node::Node;
+use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
+use crate::open::{DriverClass, DriverOpts, Opener};
+use crate::qmp::QmpError;
+
+/// QEMU's `InetSocketAddress` (host and port only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddr {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl core::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Where the socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Socket {
+    /// The platform has not connected it yet.
+    Connecting,
+    /// Bytes flow.
+    Connected,
+    /// Closed or never connected; the platform may drop its socket.
+    Closed,
+}
+
+struct Inner {
+    engine: Client,
+    socket: Socket,
+    connect_error: Option<String>,
+    done: Vec<(Handle, Result<ClientReply, IoError>)>,
+    wakers: Vec<Waker>,
+}
+
+impl Inner {
+    fn collect(&mut self) {
+        while let Some(c) = self.engine.next_completion() {
+            self.done.push(c);
+        }
+        for w in self.wakers.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// One NBD client connection, shared by its node and the platform.
+pub struct NbdLink {
+    server: ServerAddr,
+    inner: RefCell<Inner>,
+}
+
+/// The links a platform services. The platform keeps a link (and its
+/// socket) after its node closed, until [`NbdLink::should_close`]: that
+/// is how the node's `NBD_CMD_DISC` still reaches the server.
+pub type Links = Rc<RefCell<Vec<Rc<NbdLink>>>>;
+
+impl NbdLink {
+    /// A link that will open `export` on `server`.
+    pub fn new(server: ServerAddr, export: &str) -> NbdLink {
+        NbdLink {
+            server,
+            inner: RefCell::new(Inner {
+                engine: Client::new(export, true),
+                socket: Socket::Connecting,
+                connect_error: None,
+                done: Vec::new(),
+                wakers: Vec::new(),
+            }),
+        }
+    }
+
+    /// The server to connect to.
+    pub fn server(&self) -> &ServerAddr {
+        &self.server
+    }
+
+    /// The socket's state as the platform last reported it.
+    pub fn socket(&self) -> Socket {
+        self.inner.borrow().socket
+    }
+
+    /// The engine's state.
+    pub fn state(&self) -> ClientState {
+        self.inner.borrow().engine.state().clone()
+    }
+
+    /// Platform: the TCP connection is up.
+    pub fn connected(&self) {
+        let mut i = self.inner.borrow_mut();
+        if i.socket == Socket::Connecting {
+            i.socket = Socket::Connected;
+        }
+        i.collect();
+    }
+
+    /// Platform: the connection failed (`why` in QEMU's words, e.g.
+    /// "Connection refused") or the server closed it.
+    pub fn closed(&self, why: &str) {
+        let mut i = self.inner.borrow_mut();
+        if i.socket == Socket::Connecting {
+            i.connect_error = Some(format!("Failed to connect to '{}': {why}", self.server));
+        }
+        i.socket = Socket::Closed;
+        i.engine.closed();
+        i.collect();
+    }
+
+    /// Platform: bytes from the server.
+    pub fn receive(&self, bytes: &[u8]) {
+        let mut i = self.inner.borrow_mut();
+        i.engine.receive(bytes);
+        i.collect();
+    }
+
+    /// Platform: hand the bytes to send to `send`, which returns how many
+    /// it took.
+    pub fn transmit(&self, send: impl FnOnce(&[u8]) -> usize) {
+        let mut i = self.inner.borrow_mut();
+        let n = send(i.engine.output());
+        i.engine.consume_output(n);
+    }
+
+    /// Platform: whether the socket should be closed now (everything was
+    /// sent and the engine is done with it).
+    pub fn should_close(&self) -> bool {
+        let i = self.inner.borrow();
+        i.engine.output().is_empty()
+            && matches!(i.engine.state(), ClientState::Failed | ClientState::Closed)
+    }
+
+    /// The export, once open.
+    fn info(&self) -> Option<ExportInfo> {
+        self.inner.borrow().engine.info().copied()
+    }
+
+    /// Wait for the handshake; QEMU's open error on failure.
+    async fn open(&self) -> Result<ExportInfo, String> {
+        poll_fn(|cx| {
+            let mut i = self.inner.borrow_mut();
+            match i.engine.state() {
+                ClientState::Handshake => {
+                    i.wakers.push(cx.waker().clone());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(()),
+            }
+        })
+        .await;
+        let i = self.inner.borrow();
+        if let Some(info) = i.engine.info() {
+            return Ok(*info);
+        }
+        Err(i
+            .connect_error
+            .clone()
+            .or_else(|| i.engine.open_error().map(String::from))
+            .unwrap_or_else(|| String::from("NBD connection failed")))
+    }
+
+    /// Submit `op` (waiting while 16 are in flight) and wait for it.
+    async fn request(&self, op: ClientOp) -> IoResult<ClientReply> {
+        let mut op = Some(op);
+        let h = poll_fn(|cx| {
+            let mut i = self.inner.borrow_mut();
+            let Some(o) = op.take() else {
+                return Poll::Ready(Err(IoError::Eio));
+            };
+            match i.engine.submit(o.clone()) {
+                Ok(h) => Poll::Ready(Ok(h)),
+                Err(SubmitError::Failed(e)) => Poll::Ready(Err(e)),
+                Err(SubmitError::Busy) => {
+                    op = Some(o);
+                    i.wakers.push(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await?;
+        poll_fn(|cx| {
+            let mut i = self.inner.borrow_mut();
+            if let Some(at) = i.done.iter().position(|(d, _)| *d == h) {
+                return Poll::Ready(i.done.swap_remove(at).1);
+            }
+            i.wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn disconnect(&self) {
+        let mut i = self.inner.borrow_mut();
+        i.engine.disconnect();
+        i.collect();
+    }
+}
+
+/// The `nbd` node.
+pub struct NbdNode {
+    link: Rc<NbdLink>,
+    export: String,
+}
+
+impl NbdNode {
+    fn info(&self) -> IoResult<ExportInfo> {
+        self.link.info().ok_or(IoError::Eio)
+    }
+
+    /// Largest piece of one request, a multiple of the minimum block size.
+    fn max_piece(info: &ExportInfo, data: bool) -> u64 {
+        let min = u64::from(info.block_size.min());
+        let cap = if data {
+            u64::from(info.block_size.max_payload())
+        } else {
+            u64::from(u32::MAX)
+        };
+        (cap / min * min).max(min)
+    }
+
+    async fn ranged(
+        &self,
+        offset: u64,
+        len: u64,
+        make: impl Fn(u64, u32) -> ClientOp,
+    ) -> IoResult<()> {
+        let info = self.info()?;
+        let piece = Self::max_piece(&info, false);
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(piece);
+            self.link.request(make(offset + pos, n as u32)).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for NbdNode {
+    fn format_name(&self) -> &str {
+        "nbd"
+    }
+
+    fn get_length(&self, _node: &Node) -> IoResult<u64> {
+        Ok(self.info()?.size)
+    }
+
+    fn open<'a>(&'a self, node: &'a Rc<Node>) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let info = self.link.open().await?;
+            if info.read_only() && !node.read_only() {
+                self.link.disconnect();
+                return Err(String::from("NBD export is read-only"));
+            }
+            Ok(())
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: usize,
+        _flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
+        Box::pin(async move {
+            let info = self.info()?;
+            let piece = Self::max_piece(&info, true);
+            let mut out = Vec::with_capacity(len);
+            let len = len as u64;
+            let mut pos = 0;
+            while pos < len {
+                let n = (len - pos).min(piece);
+                let op = ClientOp::Read {
+                    offset: offset + pos,
+                    len: n as u32,
+                };
+                match self.link.request(op).await? {
+                    ClientReply::Data(d) => out.extend_from_slice(&d),
+                    _ => return Err(IoError::Eio),
+                }
+                pos += n;
+            }
+            Ok(out)
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        data: Vec<u8>,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        Box::pin(async move {
+            let info = self.info()?;
+            let piece = Self::max_piece(&info, true) as usize;
+            let fua = flags.contains(ReqFlags::FUA);
+            if data.len() <= piece {
+                let op = ClientOp::Write { offset, data, fua };
+                return self.link.request(op).await.map(|_| ());
+            }
+            for (i, chunk) in data.chunks(piece).enumerate() {
+                let op = ClientOp::Write {
+                    offset: offset + (i * piece) as u64,
+                    data: chunk.to_vec(),
+                    fua,
+                };
+                self.link.request(op).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn supported_write_flags(&self) -> ReqFlags {
+        match self.link.info() {
+            Some(i) if i.has(tf::SEND_FUA) => ReqFlags::FUA,
+            _ => ReqFlags::NONE,
+        }
+    }
+
+    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
+        Box::pin(async move {
+            let info = self.info()?;
+            if !info.has(tf::SEND_FLUSH) || info.read_only() {
+                // QEMU: a server without flush has nothing to flush.
+                return Ok(());
+            }
+            self.link.request(ClientOp::Flush).await.map(|_| ())
+        })
+    }
+
+    fn discard<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        Box::pin(self.ranged(offset, len, |offset, len| ClientOp::Trim {
+            offset,
+            len,
+            fua: false,
+        }))
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> BoxFuture<'a, IoResult<()>> {
+        let fua = flags.contains(ReqFlags::FUA);
+        let may_unmap = flags.contains(ReqFlags::MAY_UNMAP);
+        let fast = flags.contains(ReqFlags::NO_FALLBACK);
+        Box::pin(async move {
+            let info = self.info()?;
+            if fast && !info.has(tf::SEND_FAST_ZERO) {
+                return Err(IoError::Enotsup);
+            }
+            let fua = fua && info.has(tf::SEND_FUA);
+            self.ranged(offset, len, |offset, len| ClientOp::WriteZeroes {
+                offset,
+                len,
+                fua,
+                may_unmap,
+                fast,
+            })
+            .await
+        })
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, IoResult<BlockStatus>> {
+        Box::pin(async move {
+            let info = self.info()?;
+            if info.base_allocation.is_none() {
+                // QEMU: without block status everything is allocated data.
+                return Ok(BlockStatus::data(len));
+            }
+            let n = len.min(Self::max_piece(&info, false)) as u32;
+            match self
+                .link
+                .request(ClientOp::BlockStatus { offset, len: n })
+                .await?
+            {
+                ClientReply::Status(s) => Ok(s),
+                _ => Err(IoError::Eio),
+            }
+        })
+    }
+
+    fn request_alignment(&self, _node: &Node) -> u64 {
+        self.link
+            .info()
+            .map_or(1, |i| u64::from(i.block_size.min()))
+    }
+
+    fn close(&self, _node: &Node) {
+        self.link.disconnect();
+    }
+
+    fn filename(&self, _node: &Node) -> Option<String> {
+        let s = &self.link.server;
+        Some(if self.export.is_empty() {
+            format!("nbd://{}:{}", s.host, s.port)
+        } else {
+            format!("nbd://{}:{}/{}", s.host, s.port, self.export)
+        })
+    }
+
+    fn query_info(&self, _node: &Node) -> Option<Value> {
+        let state = match self.link.state() {
+            ClientState::Handshake => "connecting",
+            ClientState::Ready => "connected",
+            ClientState::Disconnecting | ClientState::Closed => "closed",
+            ClientState::Failed => "failed",
+        };
+        Some(json!({"x-state": state}))
+    }
+}
+
+/// `server`: only the inet form.
+fn parse_server(d: &DriverOpts<'_, '_>) -> Result<ServerAddr, QmpError> {
+    let s = d
+        .opts
+        .opt_obj("server")?
+        .ok_or_else(|| QmpError::generic("Parameter 'server' is missing"))?;
+    let kind = s.enum_str("type", &["inet", "unix", "vsock", "fd"])?;
+    if kind != "inet" {
+        return Err(QmpError::generic(format!(
+            "NBD server address type '{kind}' is not supported (only inet)"
+        )));
+    }
+    let host = String::from(s.str("host")?);
+    let port_s = s.str("port")?;
+    s.check_unexpected()?;
+    let port = port_s
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| QmpError::generic(format!("Port '{port_s}' is not a valid port number")))?;
+    Ok(ServerAddr { host, port })
+}
+
+/// The `nbd` driver class; every node it opens is added to `links` for
+/// the platform to service.
+pub fn class(links: Links) -> DriverClass {
+    DriverClass::new("nbd", move |d| {
+        let server = parse_server(d)?;
+        let export = String::from(d.opts.opt_str("export")?.unwrap_or(""));
+        for (key, what) in [
+            ("reconnect-delay", "reconnect"),
+            ("open-timer", "open timer"),
+        ] {
+            if let Some(v) = d.opts.opt_u64(key)?
+                && v != 0
+            {
+                return Err(QmpError::generic(format!(
+                    "'{key}' is not supported yet (this NBD client has no {what}): use 0"
+                )));
+            }
+        }
+        if d.opts.opt_str("tls-creds")?.is_some() {
+            return Err(QmpError::generic("TLS is not supported by this NBD client"));
+        }
+        d.opts.check_unexpected()?;
+        let links = links.clone();
+        Ok(Box::new(move |_ctx: &crate::open::OpenCtx<'_>| {
+            let link = Rc::new(NbdLink::new(server.clone(), &export));
+            links.borrow_mut().push(link.clone());
+            Ok(Box::new(NbdNode {
+                link,
+                export: export.clone(),
+            }) as Box<dyn BlockDriver>)
+        }) as Opener)
+    })
+}
