@@ -360,3 +360,69 @@ fn appliance_nbd_node_over_host_qemu_nbd() {
         "{text}"
     );
 }
+
+/// `quit` closes an appliance's `driver=nbd` node with `NBD_CMD_DISC`
+/// (nbdkit's debug log says which command ended the connection), and the
+/// node's writes reached the server before.
+#[test]
+fn appliance_without_a_network_fails_the_open() {
+    let mut a = harness::Appliance::boot(&harness::QemuConfig::default());
+    let err = a
+        .qmp()
+        .cmd(
+            "blockdev-add",
+            serde_json::json!({"driver": "nbd", "node-name": "remote",
+                   "server": {"type": "inet", "host": "10.0.2.2", "port": "10809"}}),
+        )
+        .unwrap_err();
+    assert!(err.contains("Network is unreachable"), "{err}");
+    a.quit();
+}
+
+#[test]
+fn appliance_quit_sends_nbd_cmd_disc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("nbdkit.log");
+    let port = free_port();
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "-v", "-i", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(["memory", "16M"])
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let srv = start(cmd, port);
+    let cfg = harness::QemuConfig {
+        nbd_port: Some(harness::qemu::free_port()),
+        ..harness::QemuConfig::default()
+    };
+    let mut a = harness::Appliance::boot(&cfg);
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            serde_json::json!({"driver": "nbd", "node-name": "remote",
+                   "server": {"type": "inet", "host": "10.0.2.2", "port": port.to_string()}}),
+        )
+        .unwrap_or_else(|e| panic!("blockdev-add: {e}\n{}", a.console()));
+    let out = a.qemu_io("remote", "write -P 0x33 0 64k");
+    assert!(out.starts_with("wrote"), "{out}");
+    let mut c = NbdClient::connect(&srv.addr, "").expect("second client");
+    assert!(read(&mut c, 0, 65536).iter().all(|&b| b == 0x33));
+    c.disconnect().expect("clean close");
+    let before = std::fs::read_to_string(&log).unwrap_or_default();
+    let discs = |t: &str| t.matches("client sent NBD_CMD_DISC").count();
+    // The test client's (its disconnect waited for the server to close).
+    assert_eq!(discs(&before), 1, "{before}");
+    a.quit();
+    // nbdkit logs from its connection thread: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let after = std::fs::read_to_string(&log).unwrap_or_default();
+        if discs(&after) == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no NBD_CMD_DISC from the appliance:\n{after}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}

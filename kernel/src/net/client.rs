@@ -34,6 +34,15 @@ impl Clients {
         self.links.clone()
     }
 
+    /// No network device: every link waiting to connect fails.
+    pub fn no_network(&mut self) -> bool {
+        let links: Vec<Rc<NbdLink>> = self.links.borrow_mut().drain(..).collect();
+        for l in &links {
+            l.closed("Network is unreachable");
+        }
+        !links.is_empty()
+    }
+
     /// Whether any link or socket is still open.
     pub fn busy(&self) -> bool {
         !self.links.borrow().is_empty() || !self.closing.is_empty()

@@ -206,6 +206,8 @@ impl Network {
             if busy {
                 stack.poll();
             }
+        } else {
+            busy |= clients.no_network();
         }
         if let Some(exports) = exports {
             busy |= exports.reap();
