@@ -426,3 +426,33 @@ fn appliance_quit_sends_nbd_cmd_disc() {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A host port nobody listens on: the open fails with QEMU's text, the
+/// appliance keeps serving, and `open-timer` retries until its bound.
+#[test]
+fn appliance_nbd_node_on_a_closed_port_fails_the_open() {
+    let cfg = harness::QemuConfig {
+        nbd_port: Some(harness::qemu::free_port()),
+        ..harness::QemuConfig::default()
+    };
+    let mut a = harness::Appliance::boot(&cfg);
+    let closed = free_port().to_string();
+    for timer in [0, 2] {
+        let err = a
+            .qmp()
+            .cmd(
+                "blockdev-add",
+                serde_json::json!({"driver": "nbd", "node-name": "remote", "open-timer": timer,
+                       "server": {"type": "inet", "host": "10.0.2.2", "port": closed}}),
+            )
+            .unwrap_err();
+        assert!(
+            err.contains(&format!(
+                "Failed to connect to '10.0.2.2:{closed}': Connection refused"
+            )),
+            "{err}\n{}",
+            a.console()
+        );
+    }
+    a.quit();
+}

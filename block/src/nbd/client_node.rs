@@ -11,8 +11,9 @@
 //!
 //! Options, as QEMU 7.2's `BlockdevOptionsNbd`: `server` (an inet
 //! `SocketAddress`: `{"type": "inet", "host": ..., "port": ...}`),
-//! `export`, `reconnect-delay` and `open-timer` (both 0 only: this node
-//! does not reconnect yet, and refuses rather than ignores other values),
+//! `export`, `open-timer` (seconds of connection attempts before the open
+//! fails; 0, the default, is one attempt), `reconnect-delay` (0 only: this
+//! node does not reconnect yet, and refuses rather than ignores others),
 //! `tls-creds` refused (the appliance has no TLS). The node's length is the
 //! export's size, block status is `base:allocation` (holes seen through
 //! the node), writes are refused on a read-only export unless the node is
@@ -25,7 +26,7 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use core::future::poll_fn;
+use core::future::{Future, poll_fn};
 use core::task::{Poll, Waker};
 
 use serde_json::{Value, json};
@@ -86,6 +87,7 @@ impl Inner {
 /// One NBD client connection, shared by its node and the platform.
 pub struct NbdLink {
     server: ServerAddr,
+    export: String,
     inner: RefCell<Inner>,
 }
 
@@ -99,6 +101,7 @@ impl NbdLink {
     pub fn new(server: ServerAddr, export: &str) -> NbdLink {
         NbdLink {
             server,
+            export: String::from(export),
             inner: RefCell::new(Inner {
                 engine: Client::new(export, true),
                 socket: Socket::Connecting,
@@ -227,6 +230,23 @@ impl NbdLink {
         .await
     }
 
+    /// A fresh connection attempt (QEMU: another round of
+    /// `nbd_co_do_establish_connection`): a new engine and a socket to
+    /// connect; the link goes back on the platform's list.
+    fn restart(self: &Rc<Self>, links: &Links) {
+        {
+            let mut i = self.inner.borrow_mut();
+            i.engine = Client::new(&self.export, true);
+            i.socket = Socket::Connecting;
+            i.connect_error = None;
+            i.done.clear();
+        }
+        let mut l = links.borrow_mut();
+        if !l.iter().any(|x| Rc::ptr_eq(x, self)) {
+            l.push(self.clone());
+        }
+    }
+
     fn disconnect(&self) {
         let mut i = self.inner.borrow_mut();
         i.engine.disconnect();
@@ -238,6 +258,9 @@ impl NbdLink {
 pub struct NbdNode {
     link: Rc<NbdLink>,
     export: String,
+    links: Links,
+    /// `open-timer` in nanoseconds (0: one attempt).
+    open_timer_ns: u64,
 }
 
 impl NbdNode {
@@ -274,6 +297,63 @@ impl NbdNode {
     }
 }
 
+/// QEMU's first retry delay, doubled up to 16 s
+/// (`nbd/client-connection.c`).
+const RETRY_START_NS: u64 = 1_000_000_000;
+const RETRY_MAX_NS: u64 = 16_000_000_000;
+
+impl NbdNode {
+    /// The open's connection (QEMU's `nbd_do_establish_connection`): one
+    /// attempt without `open-timer`; with it, attempts with growing delays
+    /// until one succeeds or the timer expires, which also cancels an
+    /// attempt that never completes.
+    async fn connect(&self, node: &Node) -> Result<ExportInfo, String> {
+        if self.open_timer_ns == 0 {
+            return self.link.open().await;
+        }
+        let reg = node
+            .registry()
+            .ok_or_else(|| String::from("node is not in a registry"))?;
+        let clock = reg.clock();
+        let timers = reg.executor().timers().clone();
+        let deadline = clock.now_ns().saturating_add(self.open_timer_ns);
+        let mut delay = RETRY_START_NS;
+        let mut expired = core::pin::pin!(timers.sleep_until(clock.clone(), deadline));
+        loop {
+            let attempt = {
+                let mut open = core::pin::pin!(self.link.open());
+                poll_fn(|cx| {
+                    if let Poll::Ready(r) = open.as_mut().poll(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    expired.as_mut().poll(cx).map(|()| None)
+                })
+                .await
+            };
+            let err = match attempt {
+                Some(Ok(info)) => return Ok(info),
+                Some(Err(e)) => e,
+                None => {
+                    self.link.closed("Connection timed out");
+                    return Err(self.link.open().await.err().unwrap_or_default());
+                }
+            };
+            let now = clock.now_ns();
+            if now >= deadline {
+                return Err(err);
+            }
+            log::debug!("nbd: {err}; retrying");
+            let wake = now.saturating_add(delay).min(deadline);
+            timers.sleep_until(clock.clone(), wake).await;
+            delay = (delay * 2).min(RETRY_MAX_NS);
+            if clock.now_ns() >= deadline {
+                return Err(err);
+            }
+            self.link.restart(&self.links);
+        }
+    }
+}
+
 impl BlockDriver for NbdNode {
     fn format_name(&self) -> &str {
         "nbd"
@@ -285,7 +365,7 @@ impl BlockDriver for NbdNode {
 
     fn open<'a>(&'a self, node: &'a Rc<Node>) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let info = self.link.open().await?;
+            let info = self.connect(node).await?;
             if info.read_only() && !node.read_only() {
                 self.link.disconnect();
                 return Err(String::from("NBD export is read-only"));
@@ -491,18 +571,18 @@ pub fn class(links: Links) -> DriverClass {
     DriverClass::new("nbd", move |d| {
         let server = parse_server(d)?;
         let export = String::from(d.opts.opt_str("export")?.unwrap_or(""));
-        for (key, what) in [
-            ("reconnect-delay", "reconnect"),
-            ("open-timer", "open timer"),
-        ] {
-            if let Some(v) = d.opts.opt_u64(key)?
-                && v != 0
-            {
-                return Err(QmpError::generic(format!(
-                    "'{key}' is not supported yet (this NBD client has no {what}): use 0"
-                )));
-            }
+        if let Some(v) = d.opts.opt_u64("reconnect-delay")?
+            && v != 0
+        {
+            return Err(QmpError::generic(
+                "'reconnect-delay' is not supported yet (this NBD client does not reconnect): use 0",
+            ));
         }
+        let open_timer_ns = d
+            .opts
+            .opt_u64("open-timer")?
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000);
         if d.opts.opt_str("tls-creds")?.is_some() {
             return Err(QmpError::generic("TLS is not supported by this NBD client"));
         }
@@ -514,6 +594,8 @@ pub fn class(links: Links) -> DriverClass {
             Ok(Box::new(NbdNode {
                 link,
                 export: export.clone(),
+                links: links.clone(),
+                open_timer_ns,
             }) as Box<dyn BlockDriver>)
         }) as Opener)
     })

@@ -26,6 +26,12 @@ struct PeerPlatform {
     peers: RefCell<Vec<(Rc<NbdLink>, Option<Peer>)>>,
     /// Refuse connections with this text.
     refuse: RefCell<Option<&'static str>>,
+    /// Refuse this many connections first.
+    refuse_first: RefCell<usize>,
+    /// Never answer a connect (a SYN into the void).
+    blackhole: RefCell<bool>,
+    /// Connection attempts seen.
+    attempts: RefCell<usize>,
     /// Kill the server of every link at the next poll.
     kill: RefCell<bool>,
     sim: SimulatedPlatform,
@@ -37,18 +43,39 @@ impl Platform for PeerPlatform {
         let links: Vec<_> = self.links.borrow().clone();
         let mut peers = self.peers.borrow_mut();
         for link in &links {
-            let i = match peers.iter().position(|(l, _)| Rc::ptr_eq(l, link)) {
+            if link.socket() == Socket::Connecting && *self.blackhole.borrow() {
+                continue;
+            }
+            let known = peers.iter().position(|(l, _)| Rc::ptr_eq(l, link));
+            let i = match known.filter(|_| link.socket() != Socket::Connecting) {
                 Some(i) => i,
                 None => {
-                    if let Some(why) = *self.refuse.borrow() {
-                        link.closed(why);
-                        peers.push((link.clone(), None));
-                    } else {
-                        peers.push((link.clone(), Some(Peer::new(self.exports.clone()))));
-                        link.connected();
+                    *self.attempts.borrow_mut() += 1;
+                    let refuse_first = *self.refuse_first.borrow() > 0;
+                    if refuse_first {
+                        *self.refuse_first.borrow_mut() -= 1;
                     }
+                    let peer = if let Some(why) = *self.refuse.borrow() {
+                        link.closed(why);
+                        None
+                    } else if refuse_first {
+                        link.closed("Connection refused");
+                        None
+                    } else {
+                        link.connected();
+                        Some(Peer::new(self.exports.clone()))
+                    };
                     busy = true;
-                    peers.len() - 1
+                    match known {
+                        Some(k) => {
+                            peers[k].1 = peer;
+                            k
+                        }
+                        None => {
+                            peers.push((link.clone(), peer));
+                            peers.len() - 1
+                        }
+                    }
                 }
             };
             if link.socket() != Socket::Connected {
@@ -107,6 +134,9 @@ impl Env {
             exports,
             peers: RefCell::new(Vec::new()),
             refuse: RefCell::new(None),
+            refuse_first: RefCell::new(0),
+            blackhole: RefCell::new(false),
+            attempts: RefCell::new(0),
             kill: RefCell::new(false),
             sim: SimulatedPlatform::new(clock.clone()),
         });
@@ -255,10 +285,6 @@ fn options_qemu_has_and_this_node_lacks_are_refused_not_ignored() {
             json!({"reconnect-delay": 5}),
             "'reconnect-delay' is not supported yet",
         ),
-        (
-            json!({"open-timer": 5}),
-            "'open-timer' is not supported yet",
-        ),
         (json!({"tls-creds": "t"}), "TLS is not supported"),
         (
             json!({"server": {"type": "unix", "path": "/x"}}),
@@ -269,7 +295,10 @@ fn options_qemu_has_and_this_node_lacks_are_refused_not_ignored() {
             "not a valid port",
         ),
     ] {
-        let err = env.add("n", "disk", extra.clone()).unwrap_err();
+        let err = match env.add("n", "disk", extra.clone()) {
+            Ok(_) => panic!("{extra} accepted"),
+            Err(e) => e,
+        };
         assert!(err.contains(want), "{extra}: {err}");
     }
     env.add("n", "disk", json!({"reconnect-delay": 0, "open-timer": 0}))
@@ -303,4 +332,39 @@ fn blockdev_del_sends_disc() {
     assert!(peer.conn.should_close(), "server saw NBD_CMD_DISC");
     drop(peers);
     assert!(env.platform.links.borrow().is_empty(), "the link is let go");
+}
+
+#[test]
+fn open_timer_retries_refused_connections_until_one_succeeds() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    *env.platform.refuse_first.borrow_mut() = 3;
+    env.add("n", "disk", json!({"open-timer": 60}))
+        .expect("the fourth attempt opens");
+    assert_eq!(*env.platform.attempts.borrow(), 4);
+    let out = env.io("n", "write -P 7 0 4k");
+    assert!(out.starts_with("wrote"), "{out}");
+    // Without open-timer: one attempt, QEMU's error.
+    *env.platform.refuse_first.borrow_mut() = 1;
+    let err = env.add("m", "disk", json!({})).unwrap_err();
+    assert!(err.ends_with("Connection refused"), "{err}");
+}
+
+#[test]
+fn open_timer_bounds_attempts_and_a_connect_that_never_completes() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    *env.platform.refuse_first.borrow_mut() = 1000;
+    let err = env.add("n", "disk", json!({"open-timer": 10})).unwrap_err();
+    assert!(err.ends_with("Connection refused"), "{err}");
+    // 1 + retries after 1, 2, 4 s (and the last one at the 10 s deadline
+    // is not made): the delays double as QEMU's do.
+    let attempts = *env.platform.attempts.borrow();
+    assert_eq!(attempts, 4, "attempts within 10 s");
+    *env.platform.refuse_first.borrow_mut() = 0;
+    *env.platform.blackhole.borrow_mut() = true;
+    let err = env.add("m", "disk", json!({"open-timer": 5})).unwrap_err();
+    assert_eq!(
+        err,
+        "Failed to connect to '10.0.2.2:10809': Connection timed out"
+    );
+    assert!(env.cmd("query-named-block-nodes", json!({})).is_ok());
 }
