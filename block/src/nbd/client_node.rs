@@ -12,8 +12,9 @@
 //! Options, as QEMU 7.2's `BlockdevOptionsNbd`: `server` (an inet
 //! `SocketAddress`: `{"type": "inet", "host": ..., "port": ...}`),
 //! `export`, `open-timer` (seconds of connection attempts before the open
-//! fails; 0, the default, is one attempt), `reconnect-delay` (0 only: this
-//! node does not reconnect yet, and refuses rather than ignores others),
+//! fails; 0, the default, is one attempt), `reconnect-delay` (seconds after a lost
+//! connection during which requests wait for a reconnect and are re-sent;
+//! 0, the default, fails them at once; a later request tries again),
 //! `tls-creds` refused (the appliance has no TLS). The node's length is the
 //! export's size, block status is `base:allocation` (holes seen through
 //! the node), writes are refused on a read-only export unless the node is
@@ -71,6 +72,11 @@ struct Inner {
     connect_error: Option<String>,
     done: Vec<(Handle, Result<ClientReply, IoError>)>,
     wakers: Vec<Waker>,
+    /// The export as the first handshake found it (kept across
+    /// reconnects, which must find the same size).
+    known: Option<ExportInfo>,
+    /// When the connection was lost (`reconnect-delay` counts from here).
+    down_since: Option<u64>,
 }
 
 impl Inner {
@@ -108,6 +114,8 @@ impl NbdLink {
                 connect_error: None,
                 done: Vec::new(),
                 wakers: Vec::new(),
+                known: None,
+                down_since: None,
             }),
         }
     }
@@ -171,9 +179,10 @@ impl NbdLink {
             && matches!(i.engine.state(), ClientState::Failed | ClientState::Closed)
     }
 
-    /// The export, once open.
+    /// The export, once open (also while reconnecting).
     fn info(&self) -> Option<ExportInfo> {
-        self.inner.borrow().engine.info().copied()
+        let i = self.inner.borrow();
+        i.engine.info().copied().or(i.known)
     }
 
     /// Wait for the handshake; QEMU's open error on failure.
@@ -189,9 +198,20 @@ impl NbdLink {
             }
         })
         .await;
-        let i = self.inner.borrow();
-        if let Some(info) = i.engine.info() {
-            return Ok(*info);
+        let mut i = self.inner.borrow_mut();
+        if let Some(info) = i.engine.info().copied() {
+            if let Some(k) = i.known
+                && k.size != info.size
+            {
+                drop(i);
+                self.closed("export size changed");
+                return Err(format!(
+                    "Export size changed from {} to {} on reconnect",
+                    k.size, info.size
+                ));
+            }
+            i.known = Some(info);
+            return Ok(info);
         }
         Err(i
             .connect_error
@@ -261,6 +281,9 @@ pub struct NbdNode {
     links: Links,
     /// `open-timer` in nanoseconds (0: one attempt).
     open_timer_ns: u64,
+    /// `reconnect-delay` in nanoseconds (0: a lost connection fails every
+    /// request at once).
+    reconnect_ns: u64,
 }
 
 impl NbdNode {
@@ -281,6 +304,7 @@ impl NbdNode {
 
     async fn ranged(
         &self,
+        node: &Node,
         offset: u64,
         len: u64,
         make: impl Fn(u64, u32) -> ClientOp,
@@ -290,7 +314,7 @@ impl NbdNode {
         let mut pos = 0;
         while pos < len {
             let n = (len - pos).min(piece);
-            self.link.request(make(offset + pos, n as u32)).await?;
+            self.req(node, make(offset + pos, n as u32)).await?;
             pos += n;
         }
         Ok(())
@@ -354,6 +378,75 @@ impl NbdNode {
     }
 }
 
+impl NbdNode {
+    /// A request; with `reconnect-delay`, a lost connection is re-made
+    /// and the request re-sent, for up to that delay after the loss
+    /// (QEMU's `nbd_co_do_establish_connection` in
+    /// `nbd_reconnect_attempt`); then `EIO`.
+    async fn req(&self, node: &Node, op: ClientOp) -> IoResult<ClientReply> {
+        if self.reconnect_ns == 0 {
+            return self.link.request(op).await;
+        }
+        loop {
+            if self.link.state() == ClientState::Ready {
+                match self.link.request(op.clone()).await {
+                    Err(IoError::Eio) if self.link.state() == ClientState::Failed => {}
+                    r => return r,
+                }
+            }
+            self.reconnect(node).await?;
+        }
+    }
+
+    /// Wait for the connection to be back, making attempts once a second
+    /// (QEMU's first delays), until `reconnect-delay` after the loss.
+    async fn reconnect(&self, node: &Node) -> IoResult<()> {
+        let reg = node.registry().ok_or(IoError::Eio)?;
+        let clock = reg.clock();
+        let timers = reg.executor().timers().clone();
+        let since = {
+            let mut i = self.link.inner.borrow_mut();
+            *i.down_since.get_or_insert(clock.now_ns())
+        };
+        let deadline = since.saturating_add(self.reconnect_ns);
+        loop {
+            match self.link.state() {
+                ClientState::Ready => {
+                    self.link.inner.borrow_mut().down_since = None;
+                    return Ok(());
+                }
+                ClientState::Failed => {
+                    if clock.now_ns() >= deadline {
+                        return Err(IoError::Eio);
+                    }
+                    log::debug!("nbd: connection to {} lost; reconnecting", self.link.server);
+                    self.link.restart(&self.links);
+                }
+                ClientState::Handshake => {}
+                ClientState::Disconnecting | ClientState::Closed => return Err(IoError::Eio),
+            }
+            let now = clock.now_ns();
+            if now >= deadline {
+                return Err(IoError::Eio);
+            }
+            let wake = now.saturating_add(RETRY_START_NS).min(deadline);
+            let mut sleep = core::pin::pin!(timers.sleep_until(clock.clone(), wake));
+            let mut open = core::pin::pin!(self.link.open());
+            let opened = poll_fn(|cx| {
+                if let Poll::Ready(r) = open.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                sleep.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
+            if let Some(Err(_)) = opened {
+                // Refused: wait out the retry delay.
+                sleep.await;
+            }
+        }
+    }
+}
+
 impl BlockDriver for NbdNode {
     fn format_name(&self) -> &str {
         "nbd"
@@ -376,7 +469,7 @@ impl BlockDriver for NbdNode {
 
     fn read<'a>(
         &'a self,
-        _node: &'a Node,
+        node: &'a Node,
         offset: u64,
         len: usize,
         _flags: ReqFlags,
@@ -393,7 +486,7 @@ impl BlockDriver for NbdNode {
                     offset: offset + pos,
                     len: n as u32,
                 };
-                match self.link.request(op).await? {
+                match self.req(node, op).await? {
                     ClientReply::Data(d) => out.extend_from_slice(&d),
                     _ => return Err(IoError::Eio),
                 }
@@ -405,7 +498,7 @@ impl BlockDriver for NbdNode {
 
     fn write<'a>(
         &'a self,
-        _node: &'a Node,
+        node: &'a Node,
         offset: u64,
         data: Vec<u8>,
         flags: ReqFlags,
@@ -416,7 +509,7 @@ impl BlockDriver for NbdNode {
             let fua = flags.contains(ReqFlags::FUA);
             if data.len() <= piece {
                 let op = ClientOp::Write { offset, data, fua };
-                return self.link.request(op).await.map(|_| ());
+                return self.req(node, op).await.map(|_| ());
             }
             for (i, chunk) in data.chunks(piece).enumerate() {
                 let op = ClientOp::Write {
@@ -424,7 +517,7 @@ impl BlockDriver for NbdNode {
                     data: chunk.to_vec(),
                     fua,
                 };
-                self.link.request(op).await?;
+                self.req(node, op).await?;
             }
             Ok(())
         })
@@ -437,33 +530,30 @@ impl BlockDriver for NbdNode {
         }
     }
 
-    fn flush<'a>(&'a self, _node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
+    fn flush<'a>(&'a self, node: &'a Node) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(async move {
             let info = self.info()?;
             if !info.has(tf::SEND_FLUSH) || info.read_only() {
                 // QEMU: a server without flush has nothing to flush.
                 return Ok(());
             }
-            self.link.request(ClientOp::Flush).await.map(|_| ())
+            self.req(node, ClientOp::Flush).await.map(|_| ())
         })
     }
 
-    fn discard<'a>(
-        &'a self,
-        _node: &'a Node,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'a, IoResult<()>> {
-        Box::pin(self.ranged(offset, len, |offset, len| ClientOp::Trim {
-            offset,
-            len,
-            fua: false,
-        }))
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
+        Box::pin(
+            self.ranged(node, offset, len, |offset, len| ClientOp::Trim {
+                offset,
+                len,
+                fua: false,
+            }),
+        )
     }
 
     fn write_zeroes<'a>(
         &'a self,
-        _node: &'a Node,
+        node: &'a Node,
         offset: u64,
         len: u64,
         flags: ReqFlags,
@@ -477,7 +567,7 @@ impl BlockDriver for NbdNode {
                 return Err(IoError::Enotsup);
             }
             let fua = fua && info.has(tf::SEND_FUA);
-            self.ranged(offset, len, |offset, len| ClientOp::WriteZeroes {
+            self.ranged(node, offset, len, |offset, len| ClientOp::WriteZeroes {
                 offset,
                 len,
                 fua,
@@ -490,7 +580,7 @@ impl BlockDriver for NbdNode {
 
     fn block_status<'a>(
         &'a self,
-        _node: &'a Node,
+        node: &'a Node,
         offset: u64,
         len: u64,
     ) -> BoxFuture<'a, IoResult<BlockStatus>> {
@@ -502,8 +592,7 @@ impl BlockDriver for NbdNode {
             }
             let n = len.min(Self::max_piece(&info, false)) as u32;
             match self
-                .link
-                .request(ClientOp::BlockStatus { offset, len: n })
+                .req(node, ClientOp::BlockStatus { offset, len: n })
                 .await?
             {
                 ClientReply::Status(s) => Ok(s),
@@ -571,13 +660,11 @@ pub fn class(links: Links) -> DriverClass {
     DriverClass::new("nbd", move |d| {
         let server = parse_server(d)?;
         let export = String::from(d.opts.opt_str("export")?.unwrap_or(""));
-        if let Some(v) = d.opts.opt_u64("reconnect-delay")?
-            && v != 0
-        {
-            return Err(QmpError::generic(
-                "'reconnect-delay' is not supported yet (this NBD client does not reconnect): use 0",
-            ));
-        }
+        let reconnect_ns = d
+            .opts
+            .opt_u64("reconnect-delay")?
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000);
         let open_timer_ns = d
             .opts
             .opt_u64("open-timer")?
@@ -596,6 +683,7 @@ pub fn class(links: Links) -> DriverClass {
                 export: export.clone(),
                 links: links.clone(),
                 open_timer_ns,
+                reconnect_ns,
             }) as Box<dyn BlockDriver>)
         }) as Opener)
     })

@@ -281,10 +281,6 @@ fn open_errors_are_qemus() {
 fn options_qemu_has_and_this_node_lacks_are_refused_not_ignored() {
     let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
     for (extra, want) in [
-        (
-            json!({"reconnect-delay": 5}),
-            "'reconnect-delay' is not supported yet",
-        ),
         (json!({"tls-creds": "t"}), "TLS is not supported"),
         (
             json!({"server": {"type": "unix", "path": "/x"}}),
@@ -367,4 +363,52 @@ fn open_timer_bounds_attempts_and_a_connect_that_never_completes() {
         "Failed to connect to '10.0.2.2:10809': Connection timed out"
     );
     assert!(env.cmd("query-named-block-nodes", json!({})).is_ok());
+}
+
+#[test]
+fn reconnect_delay_remakes_the_connection_and_resends_requests() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({"reconnect-delay": 5}))
+        .expect("opens");
+    // The server dies with the write queued but not answered: the node
+    // reconnects (to a fresh server) and sends the write again.
+    *env.platform.kill.borrow_mut() = true;
+    let out = env.io("n", "write -P 0x42 64k 4k");
+    assert!(out.starts_with("wrote"), "{out}");
+    assert_eq!(*env.platform.attempts.borrow(), 2);
+    assert!(env.peer_disk(0)[65536..69632].iter().all(|&b| b == 0x42));
+    let n = node_info(&env, "n");
+    assert_eq!(
+        n["image"]["format-specific"]["data"]["x-state"],
+        "connected"
+    );
+}
+
+#[test]
+fn reconnect_delay_fails_requests_once_the_delay_is_over() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({"reconnect-delay": 3}))
+        .expect("opens");
+    *env.platform.kill.borrow_mut() = true;
+    *env.platform.refuse_first.borrow_mut() = 1000;
+    let out = env.io("n", "read 0 4k");
+    assert!(out.contains("Input/output error"), "{out}");
+    // Attempts at 0, 1 and 2 s after the loss; then the delay is over.
+    assert_eq!(*env.platform.attempts.borrow(), 1 + 3);
+    // The server comes back: the next request reconnects.
+    *env.platform.refuse_first.borrow_mut() = 0;
+    let out = env.io("n", "read -P 0 0 4k");
+    assert!(out.starts_with("read"), "{out}");
+}
+
+#[test]
+fn without_reconnect_delay_a_lost_connection_stays_lost() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({})).expect("opens");
+    *env.platform.kill.borrow_mut() = true;
+    for _ in 0..2 {
+        let out = env.io("n", "read 0 4k");
+        assert!(out.contains("Input/output error"), "{out}");
+    }
+    assert_eq!(*env.platform.attempts.borrow(), 1);
 }
