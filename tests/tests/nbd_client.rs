@@ -456,3 +456,72 @@ fn appliance_nbd_node_on_a_closed_port_fails_the_open() {
     }
     a.quit();
 }
+
+/// `reconnect-delay`: the host qemu-nbd is killed and started again on
+/// the same port; a write through the appliance's node waits for the
+/// reconnect and lands in the image. Without the server, a read fails
+/// with EIO once the delay is over.
+#[test]
+fn appliance_nbd_node_reconnects_to_a_restarted_qemu_nbd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(&dir, 16 * MIB);
+    let srv = qemu_nbd(&img, &[]);
+    let remote_port: u16 = srv.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let cfg = harness::QemuConfig {
+        nbd_port: Some(harness::qemu::free_port()),
+        ..harness::QemuConfig::default()
+    };
+    let mut a = harness::Appliance::boot(&cfg);
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            serde_json::json!({"driver": "nbd", "node-name": "remote", "export": "disk",
+                   "reconnect-delay": 2,
+                   "server": {"type": "inet", "host": "10.0.2.2",
+                              "port": remote_port.to_string()}}),
+        )
+        .unwrap_or_else(|e| panic!("blockdev-add: {e}\n{}", a.console()));
+    let out = a.qemu_io("remote", "write -P 0x11 0 64k");
+    assert!(out.starts_with("wrote"), "{out}");
+    drop(srv);
+    // Nobody listens: the read waits out the delay, then fails.
+    let out = a.qemu_io_output("remote", "read 0 4k");
+    assert!(out.contains("Input/output error"), "{out}");
+    // The server is back on the same port: the node reconnects.
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-f", "raw", "-x", "disk", "-b", "127.0.0.1", "-t", "-p"])
+        .arg(remote_port.to_string())
+        .arg(&img);
+    let srv = start(cmd, remote_port);
+    // Past the delay a request fails at once and starts another attempt;
+    // the node is back once one succeeds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = a.qemu_io_output("remote", "write -P 0x22 64k 64k");
+        if out.starts_with("wrote") {
+            break;
+        }
+        assert!(out.contains("Input/output error"), "{out}");
+        assert!(
+            Instant::now() < deadline,
+            "never reconnected:\n{}",
+            a.console()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let out = a.qemu_io("remote", "read -P 0x11 0 64k");
+    assert!(out.starts_with("read"), "{out}");
+    a.quit();
+    drop(srv);
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-r", "-c", "read -P 0x11 0 64k", "-c"])
+        .arg("read -P 0x22 64k 64k")
+        .arg(&img)
+        .output()
+        .expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verification failed"),
+        "{text}"
+    );
+}

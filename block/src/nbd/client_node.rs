@@ -14,7 +14,8 @@
 //! `export`, `open-timer` (seconds of connection attempts before the open
 //! fails; 0, the default, is one attempt), `reconnect-delay` (seconds after a lost
 //! connection during which requests wait for a reconnect and are re-sent;
-//! 0, the default, fails them at once; a later request tries again),
+//! after it they fail, and a later request tries again; 0, the default,
+//! never reconnects),
 //! `tls-creds` refused (the appliance has no TLS). The node's length is the
 //! export's size, block status is `base:allocation` (holes seen through
 //! the node), writes are refused on a read-only export unless the node is
@@ -389,6 +390,7 @@ impl NbdNode {
         }
         loop {
             if self.link.state() == ClientState::Ready {
+                self.link.inner.borrow_mut().down_since = None;
                 match self.link.request(op.clone()).await {
                     Err(IoError::Eio) if self.link.state() == ClientState::Failed => {}
                     r => return r,
@@ -399,7 +401,10 @@ impl NbdNode {
     }
 
     /// Wait for the connection to be back, making attempts once a second
-    /// (QEMU's first delays), until `reconnect-delay` after the loss.
+    /// (QEMU's first delays), until `reconnect-delay` after the loss. Once
+    /// that is over, requests fail at once, each starting another attempt
+    /// in the background (QEMU: `NBD_CLIENT_CONNECTING_NOWAIT`), so the
+    /// node comes back when the server does.
     async fn reconnect(&self, node: &Node) -> IoResult<()> {
         let reg = node.registry().ok_or(IoError::Eio)?;
         let clock = reg.clock();
@@ -409,6 +414,12 @@ impl NbdNode {
             *i.down_since.get_or_insert(clock.now_ns())
         };
         let deadline = since.saturating_add(self.reconnect_ns);
+        if clock.now_ns() >= deadline {
+            if self.link.state() == ClientState::Failed {
+                self.link.restart(&self.links);
+            }
+            return Err(IoError::Eio);
+        }
         loop {
             match self.link.state() {
                 ClientState::Ready => {

@@ -395,8 +395,15 @@ fn reconnect_delay_fails_requests_once_the_delay_is_over() {
     assert!(out.contains("Input/output error"), "{out}");
     // Attempts at 0, 1 and 2 s after the loss; then the delay is over.
     assert_eq!(*env.platform.attempts.borrow(), 1 + 3);
-    // The server comes back: the next request reconnects.
+    // While the server stays away, requests fail at once, each starting
+    // one more attempt.
+    let out = env.io("n", "read 0 4k");
+    assert!(out.contains("Input/output error"), "{out}");
+    // The server comes back: the attempt the next request starts
+    // succeeds, and the request after it is served.
     *env.platform.refuse_first.borrow_mut() = 0;
+    let out = env.io("n", "read 0 4k");
+    assert!(out.contains("Input/output error"), "{out}");
     let out = env.io("n", "read -P 0 0 4k");
     assert!(out.starts_with("read"), "{out}");
 }
