@@ -93,6 +93,21 @@ fn image(dir: &tempfile::TempDir, size: u64) -> std::path::PathBuf {
     path
 }
 
+/// qemu-io on the host image (read-only): every pattern check must pass.
+fn check_image(img: &Path, cmds: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", "-r"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.arg(img).output().expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verification failed"),
+        "{text}"
+    );
+}
+
 fn status(c: &mut NbdClient, offset: u64, len: u32) -> block::io::BlockStatus {
     match c.run(ClientOp::BlockStatus { offset, len }) {
         Ok(ClientReply::Status(s)) => s,
@@ -183,16 +198,9 @@ fn qemu_nbd_serves_the_client_engine() {
         c.disconnect().expect("clean close");
     }
     // What the engine wrote is in the host image.
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0xa2 1179648 65536", "-c"])
-        .arg("read -P 0 1048576 131072")
-        .arg(&img)
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("Pattern verification failed"),
-        "{text}"
+    check_image(
+        &img,
+        &["read -P 0xa2 1179648 65536", "read -P 0 1048576 131072"],
     );
 }
 
@@ -348,22 +356,10 @@ fn appliance_nbd_node_over_host_qemu_nbd() {
     );
     a.quit();
     drop(srv);
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-r", "-c", "read -P 0x5a 1M 256k", "-c"])
-        .arg("read -P 0 0 1M")
-        .arg(&img)
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("verification failed"),
-        "{text}"
-    );
+    check_image(&img, &["read -P 0x5a 1M 256k", "read -P 0 0 1M"]);
 }
 
-/// `quit` closes an appliance's `driver=nbd` node with `NBD_CMD_DISC`
-/// (nbdkit's debug log says which command ended the connection), and the
-/// node's writes reached the server before.
+/// Without a network device the open fails instead of waiting.
 #[test]
 fn appliance_without_a_network_fails_the_open() {
     let mut a = harness::Appliance::boot(&harness::QemuConfig::default());
@@ -379,6 +375,9 @@ fn appliance_without_a_network_fails_the_open() {
     a.quit();
 }
 
+/// `quit` closes an appliance's `driver=nbd` node with `NBD_CMD_DISC`
+/// (nbdkit's debug log says which command ended the connection), and the
+/// node's writes reached the server before.
 #[test]
 fn appliance_quit_sends_nbd_cmd_disc() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -513,15 +512,5 @@ fn appliance_nbd_node_reconnects_to_a_restarted_qemu_nbd() {
     assert!(out.starts_with("read"), "{out}");
     a.quit();
     drop(srv);
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-r", "-c", "read -P 0x11 0 64k", "-c"])
-        .arg("read -P 0x22 64k 64k")
-        .arg(&img)
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("verification failed"),
-        "{text}"
-    );
+    check_image(&img, &["read -P 0x11 0 64k", "read -P 0x22 64k 64k"]);
 }
