@@ -514,3 +514,184 @@ fn appliance_nbd_node_reconnects_to_a_restarted_qemu_nbd() {
     drop(srv);
     check_image(&img, &["read -P 0x11 0 64k", "read -P 0x22 64k 64k"]);
 }
+
+/// How the scripted server misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Close the connection after this many bytes of its output.
+    CloseAt(usize),
+    /// Corrupt the byte at this offset of its output (all bits flipped),
+    /// then close once the client has been quiet for half a second (a
+    /// corrupted length can leave both sides waiting for the other).
+    GarbageAt(usize),
+}
+
+/// A scripted misbehaving server for iotest 083's matrix: the NBD server
+/// engine over a 1 MiB zero export named `disk`, with its output cut or
+/// corrupted at one byte. Serves one connection at a time until dropped;
+/// returns the port.
+fn misbehaving_server(fault: Fault) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use block::nbd::{Completion, Connection, Export, Limits, Op};
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    thread::spawn(move || {
+        let exports = vec![Export::new("disk", MIB)];
+        while !stop2.load(Ordering::Relaxed) {
+            let Ok((mut s, _)) = listener.accept() else {
+                thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut conn = Connection::new(Limits::default());
+            let mut sent = 0usize;
+            let mut idle = 0;
+            let mut buf = vec![0u8; 65536];
+            'conn: while !stop2.load(Ordering::Relaxed) {
+                loop {
+                    let out: Vec<u8> = conn.output().chunks().flatten().copied().collect();
+                    if out.is_empty() {
+                        break;
+                    }
+                    conn.consume_output(out.len());
+                    let mut out = out;
+                    match fault {
+                        Fault::CloseAt(n) => {
+                            if sent + out.len() >= n {
+                                let _ = s.write_all(&out[..n - sent]);
+                                break 'conn;
+                            }
+                        }
+                        Fault::GarbageAt(n) => {
+                            if (sent..sent + out.len()).contains(&n) {
+                                out[n - sent] ^= 0xff;
+                            }
+                        }
+                    }
+                    sent += out.len();
+                    if s.write_all(&out).is_err() {
+                        break 'conn;
+                    }
+                }
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        idle = 0;
+                        conn.receive(&buf[..n], &exports);
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        idle += 1;
+                        if matches!(fault, Fault::GarbageAt(n) if n < sent) && idle >= 10 {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+                while let Some(r) = conn.next_request() {
+                    let c = match r.op {
+                        Op::Read { .. } => Completion::Zero,
+                        Op::BlockStatus { len, .. } => {
+                            Completion::Extent(block::io::BlockStatus::zero(len))
+                        }
+                        _ => Completion::Done,
+                    };
+                    let _ = conn.complete(r.id, c);
+                }
+                if conn.should_close() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, stop)
+}
+
+/// The length of a full handshake from the scripted server (greeting to
+/// the `NBD_OPT_GO` ACK), as our engine negotiates it.
+fn handshake_len() -> usize {
+    use block::nbd::client::Client;
+    use block::nbd::{Connection, Export, Limits};
+    let exports = vec![Export::new("disk", MIB)];
+    let mut server = Connection::new(Limits::default());
+    let mut client = Client::new("disk", true);
+    let mut total = 0;
+    for _ in 0..20 {
+        let out: Vec<u8> = server.output().chunks().flatten().copied().collect();
+        server.consume_output(out.len());
+        total += out.len();
+        client.receive(&out);
+        let back = client.output().to_vec();
+        client.consume_output(back.len());
+        server.receive(&back, &exports);
+    }
+    assert!(client.info().is_some());
+    total
+}
+
+/// QEMU iotest 083's matrix against the appliance: a server that closes
+/// or sends garbage at each point of the handshake fails `blockdev-add`
+/// with an error (never a hang, never a crash), and one that closes in
+/// the middle of a reply fails the request with EIO; the appliance keeps
+/// serving and halts cleanly.
+#[test]
+fn appliance_nbd_node_against_a_misbehaving_server() {
+    let cfg = harness::QemuConfig {
+        nbd_port: Some(harness::qemu::free_port()),
+        ..harness::QemuConfig::default()
+    };
+    let mut a = harness::Appliance::boot(&cfg);
+    let len = handshake_len();
+    let mut cuts: Vec<usize> = vec![0, 1, 8, 16, 17, 18, len - 1];
+    cuts.extend((1..12).map(|i| 18 + i * (len - 18) / 12));
+    let add = |a: &mut harness::Appliance, port: u16| {
+        a.qmp().cmd(
+            "blockdev-add",
+            serde_json::json!({"driver": "nbd", "node-name": "bad", "export": "disk",
+                   "server": {"type": "inet", "host": "10.0.2.2", "port": port.to_string()}}),
+        )
+    };
+    for &cut in &cuts {
+        let (port, stop) = misbehaving_server(Fault::CloseAt(cut));
+        let r = add(&mut a, port);
+        assert!(r.is_err(), "close at {cut} of {len}: opened");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (port, stop) = misbehaving_server(Fault::GarbageAt(cut));
+        // Garbage in a size or flag may still open; it must settle.
+        if add(&mut a, port).is_ok() {
+            a.qmp()
+                .cmd("blockdev-del", serde_json::json!({"node-name": "bad"}))
+                .unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    // A reply cut short: the request fails, the node shows it.
+    let (port, stop) = misbehaving_server(Fault::CloseAt(len + 10));
+    add(&mut a, port).unwrap_or_else(|e| panic!("{e}\n{}", a.console()));
+    let out = a.qemu_io_output("bad", "read 0 4k");
+    assert!(out.contains("Input/output error"), "{out}");
+    let nodes = a
+        .qmp()
+        .cmd("query-named-block-nodes", serde_json::Value::Null)
+        .unwrap();
+    let bad = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "bad")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        bad["image"]["format-specific"]["data"]["x-state"], "failed",
+        "{bad}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    a.quit();
+}
