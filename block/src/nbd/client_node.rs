@@ -27,7 +27,7 @@ use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::RefCell;
+use core::cell::{OnceCell, RefCell};
 use core::future::{Future, poll_fn};
 use core::task::{Poll, Waker};
 
@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 
 use super::client::{Client, ClientOp, ClientReply, ClientState, ExportInfo, Handle, SubmitError};
 use super::wire::transmission_flags as tf;
+use crate::align::{AlignedDevice, Aligner};
 use crate::driver::BlockDriver;
 use crate::graph::node::Node;
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
@@ -285,11 +286,17 @@ pub struct NbdNode {
     /// `reconnect-delay` in nanoseconds (0: a lost connection fails every
     /// request at once).
     reconnect_ns: u64,
+    /// Pads requests to the export's minimum block size (known once open).
+    aligner: OnceCell<Aligner>,
 }
 
 impl NbdNode {
     fn info(&self) -> IoResult<ExportInfo> {
         self.link.info().ok_or(IoError::Eio)
+    }
+
+    fn aligner(&self) -> IoResult<&Aligner> {
+        self.aligner.get().ok_or(IoError::Eio)
     }
 
     /// Largest piece of one request, a multiple of the minimum block size.
@@ -319,6 +326,59 @@ impl NbdNode {
             pos += n;
         }
         Ok(())
+    }
+}
+
+/// The export as whole blocks of its minimum size, for the [`Aligner`]
+/// that pads byte-granular requests (QEMU: `bl.request_alignment` set
+/// from `NBD_INFO_BLOCK_SIZE`, padded by the generic block layer).
+struct Blocks<'a> {
+    nbd: &'a NbdNode,
+    node: &'a Node,
+}
+
+impl AlignedDevice for Blocks<'_> {
+    fn read_blocks(&self, offset: u64, len: usize) -> BoxFuture<'_, IoResult<Vec<u8>>> {
+        Box::pin(async move {
+            let info = self.nbd.info()?;
+            let piece = NbdNode::max_piece(&info, true);
+            let mut out = Vec::with_capacity(len);
+            let len = len as u64;
+            let mut pos = 0;
+            while pos < len {
+                let n = (len - pos).min(piece);
+                let op = ClientOp::Read {
+                    offset: offset + pos,
+                    len: n as u32,
+                };
+                match self.nbd.req(self.node, op).await? {
+                    ClientReply::Data(d) => out.extend_from_slice(&d),
+                    _ => return Err(IoError::Eio),
+                }
+                pos += n;
+            }
+            Ok(out)
+        })
+    }
+
+    fn write_blocks(&self, offset: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move {
+            let info = self.nbd.info()?;
+            let piece = NbdNode::max_piece(&info, true) as usize;
+            if data.len() <= piece {
+                let op = ClientOp::Write { offset, data, fua };
+                return self.nbd.req(self.node, op).await.map(|_| ());
+            }
+            for (i, chunk) in data.chunks(piece).enumerate() {
+                let op = ClientOp::Write {
+                    offset: offset + (i * piece) as u64,
+                    data: chunk.to_vec(),
+                    fua,
+                };
+                self.nbd.req(self.node, op).await?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -474,6 +534,7 @@ impl BlockDriver for NbdNode {
                 self.link.disconnect();
                 return Err(String::from("NBD export is read-only"));
             }
+            let _ = self.aligner.set(Aligner::new(info.block_size.min()));
             Ok(())
         })
     }
@@ -486,24 +547,8 @@ impl BlockDriver for NbdNode {
         _flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<Vec<u8>>> {
         Box::pin(async move {
-            let info = self.info()?;
-            let piece = Self::max_piece(&info, true);
-            let mut out = Vec::with_capacity(len);
-            let len = len as u64;
-            let mut pos = 0;
-            while pos < len {
-                let n = (len - pos).min(piece);
-                let op = ClientOp::Read {
-                    offset: offset + pos,
-                    len: n as u32,
-                };
-                match self.req(node, op).await? {
-                    ClientReply::Data(d) => out.extend_from_slice(&d),
-                    _ => return Err(IoError::Eio),
-                }
-                pos += n;
-            }
-            Ok(out)
+            let dev = Blocks { nbd: self, node };
+            self.aligner()?.read(&dev, offset, len).await
         })
     }
 
@@ -514,23 +559,10 @@ impl BlockDriver for NbdNode {
         data: Vec<u8>,
         flags: ReqFlags,
     ) -> BoxFuture<'a, IoResult<()>> {
+        let fua = flags.contains(ReqFlags::FUA);
         Box::pin(async move {
-            let info = self.info()?;
-            let piece = Self::max_piece(&info, true) as usize;
-            let fua = flags.contains(ReqFlags::FUA);
-            if data.len() <= piece {
-                let op = ClientOp::Write { offset, data, fua };
-                return self.req(node, op).await.map(|_| ());
-            }
-            for (i, chunk) in data.chunks(piece).enumerate() {
-                let op = ClientOp::Write {
-                    offset: offset + (i * piece) as u64,
-                    data: chunk.to_vec(),
-                    fua,
-                };
-                self.req(node, op).await?;
-            }
-            Ok(())
+            let dev = Blocks { nbd: self, node };
+            self.aligner()?.write(&dev, offset, data, fua).await
         })
     }
 
@@ -553,13 +585,21 @@ impl BlockDriver for NbdNode {
     }
 
     fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
-        Box::pin(
-            self.ranged(node, offset, len, |offset, len| ClientOp::Trim {
+        Box::pin(async move {
+            // Advisory: the whole blocks inside the range only.
+            let min = u64::from(self.info()?.block_size.min());
+            let start = offset.div_ceil(min) * min;
+            let end = (offset + len) / min * min;
+            if end <= start {
+                return Ok(());
+            }
+            let trim = |offset, len| ClientOp::Trim {
                 offset,
                 len,
                 fua: false,
-            }),
-        )
+            };
+            self.ranged(node, start, end - start, trim).await
+        })
     }
 
     fn write_zeroes<'a>(
@@ -575,6 +615,12 @@ impl BlockDriver for NbdNode {
         Box::pin(async move {
             let info = self.info()?;
             if fast && !info.has(tf::SEND_FAST_ZERO) {
+                return Err(IoError::Enotsup);
+            }
+            // Unaligned zeroes: the generic layer writes a zeroed buffer,
+            // which the aligner pads.
+            let min = u64::from(info.block_size.min());
+            if !offset.is_multiple_of(min) || !len.is_multiple_of(min) {
                 return Err(IoError::Enotsup);
             }
             let fua = fua && info.has(tf::SEND_FUA);
@@ -695,6 +741,7 @@ pub fn class(links: Links) -> DriverClass {
                 links: links.clone(),
                 open_timer_ns,
                 reconnect_ns,
+                aligner: OnceCell::new(),
             }) as Box<dyn BlockDriver>)
         }) as Opener)
     })

@@ -419,3 +419,37 @@ fn without_reconnect_delay_a_lost_connection_stays_lost() {
     }
     assert_eq!(*env.platform.attempts.borrow(), 1);
 }
+
+#[test]
+fn requests_are_padded_to_the_exports_minimum_block_size() {
+    let mut e = Export::new("disk", 1 << 20);
+    e.block_size = crate::nbd::BlockSize::new(512, 4096, 65536).unwrap();
+    let mut env = Env::new(vec![e]);
+    env.add("n", "disk", json!({"discard": "unmap"}))
+        .expect("opens");
+    for cmd in [
+        "write -P 0x61 100 10",
+        "read -P 0x61 100 10",
+        "read -P 0 0 100",
+        "read -P 0 110 402",
+        "write -z 1000 100",
+        "read -P 0 1000 100",
+        "discard 10 600",
+        "write -P 0x62 0 2M",
+    ] {
+        let out = env.io("n", cmd);
+        if cmd.starts_with("write -P 0x62") {
+            // Past the end: refused, not sent.
+            assert!(!out.starts_with("wrote"), "{cmd}: {out}");
+        } else {
+            assert!(
+                !out.contains("error") && !out.contains("fail"),
+                "{cmd}: {out}"
+            );
+        }
+    }
+    assert_eq!(&env.peer_disk(0)[100..110], &[0x61; 10]);
+    // A read larger than the export's maximum payload is split.
+    let out = env.io("n", "read -P 0 256k 768k");
+    assert!(out.starts_with("read"), "{out}");
+}
