@@ -9,7 +9,7 @@ use crate::qmp::Dispatcher;
 pub const TYPES: &[(&str, &str)] = &[
     (
         "BlockdevDriver",
-        "(blkdebug|copy-on-read|null-co|qcow2|quorum|raw|throttle|virtio-blk|virtio-scsi|..)",
+        "(blkdebug|copy-on-read|nbd|null-co|qcow2|quorum|raw|throttle|virtio-blk|virtio-scsi|..)",
     ),
     ("BlockdevDetectZeroesOptions", "(off|on|unmap)"),
     ("BlockdevOnError", "(report|ignore|enospc|stop|auto)"),

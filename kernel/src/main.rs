@@ -127,6 +127,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             shutdown::halt_bad_config(&block);
         }
     }
+    block.register_driver(block::nbd::client_node::class(net.borrow().nbd_links()));
     if config.test_fault == Some(cmdline::TestFault::PanicInNetPoll) {
         net.borrow_mut().panic_on_client();
     }

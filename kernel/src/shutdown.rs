@@ -21,6 +21,11 @@ pub fn halt_sequence(monitor: &mut monitor::Monitor, reason: halt::Reason, detai
     let exports = close_exports(monitor.appliance());
     monitor.write_out();
     let closed = close_all(&monitor.appliance().block);
+    // The closed `nbd` nodes' NBD_CMD_DISC goes out (a dead server
+    // cannot hold the halt beyond the bound).
+    if let Ok(mut net) = monitor.appliance().net.try_borrow_mut() {
+        net.close_nbd_clients(500_000_000);
+    }
     // Events of the cancelled jobs, then nothing more.
     monitor.write_out();
     flush_devices(&monitor.appliance().disks);

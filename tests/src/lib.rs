@@ -7,6 +7,7 @@ pub mod appliance;
 pub mod esp;
 pub mod host;
 pub mod image;
+pub mod nbd_client;
 pub mod nbd_server;
 pub mod pe;
 pub mod qemu;

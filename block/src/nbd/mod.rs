@@ -56,6 +56,8 @@
 //! assert_eq!(out[26..], [0xa5; 512]);
 //! ```
 
+pub mod client;
+pub mod client_node;
 pub mod export;
 pub mod extents;
 pub mod handshake;

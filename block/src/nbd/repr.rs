@@ -26,6 +26,9 @@ pub enum OptionError {
     TrailingData,
     /// A string is not UTF-8, holds a NUL or is longer than 4096 bytes.
     BadString,
+    /// `NBD_INFO_BLOCK_SIZE` with sizes the protocol forbids (a reply,
+    /// seen by the client).
+    BadBlockSize,
 }
 
 impl OptionError {
@@ -37,6 +40,7 @@ impl OptionError {
             OptionError::Truncated => "option data is truncated",
             OptionError::TrailingData => "option has trailing data",
             OptionError::BadString => "invalid string in option",
+            OptionError::BadBlockSize => "server block size constraints are invalid",
         }
     }
 }
@@ -697,5 +701,309 @@ impl Chunk<'_> {
         } else {
             wire::set_u32(hdr, wire::chunk::LENGTH, len as u32);
         }
+    }
+}
+
+// ---------------------------------------------------------------------
+// The client's half: options emitted, option replies and transmission
+// replies parsed. Same layouts as above, seen from the other end.
+// ---------------------------------------------------------------------
+
+/// Append an option request (`IHAVEOPT`, option, length, data) to `out`.
+pub fn emit_option(option: u32, data: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&wire::NBD_OPTS_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// The data of `NBD_OPT_INFO`/`NBD_OPT_GO`: `name` and the `NBD_INFO_*`
+/// items asked for (what [`ClientOption::parse`] reads back).
+pub fn info_request_data(name: &str, items: &[u16]) -> Vec<u8> {
+    let name = clip(name);
+    let mut d = Vec::with_capacity(4 + name.len() + 2 + 2 * items.len());
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name);
+    d.extend_from_slice(&(items.len() as u16).to_be_bytes());
+    for i in items {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    d
+}
+
+/// The data of `NBD_OPT_SET_META_CONTEXT`/`NBD_OPT_LIST_META_CONTEXT`.
+pub fn meta_context_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let name = clip(name);
+    let mut d = Vec::new();
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name);
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        let q = clip(q);
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q);
+    }
+    d
+}
+
+/// The header of an option reply, as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    /// The option answered.
+    pub option: u32,
+    /// `NBD_REP_*`.
+    pub reply_type: u32,
+    /// Length of the data that follows.
+    pub length: u32,
+}
+
+impl OptionReplyHeader {
+    /// Parse [`wire::option_reply::LEN`] bytes; `None` if the magic is wrong.
+    pub fn parse(buf: &[u8]) -> Option<OptionReplyHeader> {
+        use wire::option_reply as r;
+        if buf.len() < r::LEN || get_u64(buf, r::MAGIC) != wire::NBD_REP_MAGIC {
+            return None;
+        }
+        Some(OptionReplyHeader {
+            option: get_u32(buf, r::OPTION),
+            reply_type: get_u32(buf, r::TYPE),
+            length: get_u32(buf, r::LENGTH),
+        })
+    }
+}
+
+impl<'a> OptionReply<'a> {
+    /// Parse the data of an option reply of type `reply_type` (the inverse
+    /// of [`OptionReply::emit`]). Unknown `NBD_INFO_*` items and unknown
+    /// non-error reply types are `Err(Truncated)`-free: an unknown info
+    /// item comes back as `Ok(None)` so the caller can skip it.
+    pub fn parse(reply_type: u32, data: &'a [u8]) -> Result<Option<OptionReply<'a>>, OptionError> {
+        let mut r = Reader { data };
+        let reply = match reply_type {
+            rep::ACK => {
+                r.finish()?;
+                OptionReply::Ack
+            }
+            rep::SERVER => {
+                let name = r.string()?;
+                let description = parse_string(r.data)?;
+                OptionReply::Server { name, description }
+            }
+            rep::META_CONTEXT => {
+                let id = r.u32()?;
+                let name = parse_string(r.data)?;
+                OptionReply::MetaContext { id, name }
+            }
+            rep::INFO => {
+                let item = r.u16()?;
+                let info = match item {
+                    info::EXPORT => {
+                        let size = get_u64(r.take(8)?, 0..8);
+                        let flags = r.u16()?;
+                        r.finish()?;
+                        Info::Export { size, flags }
+                    }
+                    info::NAME => Info::Name(parse_string(r.data)?),
+                    info::DESCRIPTION => Info::Description(parse_string(r.data)?),
+                    info::BLOCK_SIZE => {
+                        let min = r.u32()?;
+                        let preferred = r.u32()?;
+                        let max = r.u32()?;
+                        r.finish()?;
+                        let bs = BlockSize::new(min, preferred, max)
+                            .map_err(|_| OptionError::BadBlockSize)?;
+                        Info::BlockSize(bs)
+                    }
+                    _ => return Ok(None),
+                };
+                OptionReply::Info(info)
+            }
+            code if code & rep::FLAG_ERROR != 0 => OptionReply::Error {
+                code,
+                // A message that is not valid text is still an error reply.
+                message: parse_string(data).unwrap_or(""),
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(reply))
+    }
+}
+
+/// The header of a transmission reply, as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    /// A simple reply: error and cookie (a read's data follows on success
+    /// when structured replies are off).
+    Simple(SimpleReply),
+    /// A structured or extended chunk header.
+    Chunk {
+        /// The request's cookie.
+        cookie: u64,
+        /// `NBD_REPLY_TYPE_*`.
+        chunk_type: u16,
+        /// `NBD_REPLY_FLAG_DONE`.
+        done: bool,
+        /// Payload length.
+        length: u64,
+    },
+}
+
+impl ReplyHeader {
+    /// The header length announced by the magic in the first 4 bytes, or
+    /// `None` for a magic that is none of the reply magics.
+    pub fn len_for(magic: u32) -> Option<usize> {
+        match magic {
+            wire::NBD_SIMPLE_REPLY_MAGIC => Some(wire::simple_reply::LEN),
+            wire::NBD_STRUCTURED_REPLY_MAGIC => Some(wire::chunk::LEN),
+            wire::NBD_EXTENDED_REPLY_MAGIC => Some(wire::chunk::LEN_EXT),
+            _ => None,
+        }
+    }
+
+    /// Parse a header of [`ReplyHeader::len_for`] bytes.
+    pub fn parse(buf: &[u8]) -> Option<ReplyHeader> {
+        if buf.len() < 4 {
+            return None;
+        }
+        let magic = get_u32(buf, wire::chunk::MAGIC);
+        let len = Self::len_for(magic)?;
+        if buf.len() < len {
+            return None;
+        }
+        if magic == wire::NBD_SIMPLE_REPLY_MAGIC {
+            return Some(ReplyHeader::Simple(SimpleReply {
+                error: get_u32(buf, wire::simple_reply::ERROR),
+                cookie: get_u64(buf, wire::simple_reply::COOKIE),
+            }));
+        }
+        let length = if magic == wire::NBD_EXTENDED_REPLY_MAGIC {
+            get_u64(buf, wire::chunk::LENGTH_EXT)
+        } else {
+            u64::from(get_u32(buf, wire::chunk::LENGTH))
+        };
+        Some(ReplyHeader::Chunk {
+            cookie: get_u64(buf, wire::chunk::COOKIE),
+            chunk_type: get_u16(buf, wire::chunk::TYPE),
+            done: get_u16(buf, wire::chunk::FLAGS) & wire::reply_flags::DONE != 0,
+            length,
+        })
+    }
+}
+
+/// A structured chunk's payload, parsed (the client's view of [`Chunk`]).
+/// `OffsetData` carries only the offset: the data follows in the payload
+/// after [`ChunkPayload::DATA_OFFSET_LEN`] bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkPayload<'a> {
+    /// `NBD_REPLY_TYPE_NONE`.
+    None,
+    /// `NBD_REPLY_TYPE_OFFSET_DATA`.
+    OffsetData {
+        /// Offset of the data.
+        offset: u64,
+    },
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE`.
+    OffsetHole {
+        /// Offset of the hole.
+        offset: u64,
+        /// Hole size.
+        len: u32,
+    },
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: the context and its raw descriptors
+    /// (8 bytes each, checked to be a whole number of them).
+    BlockStatus {
+        /// Metadata context id.
+        context: u32,
+        /// Raw descriptors; read them with [`ChunkPayload::descriptors`].
+        raw: &'a [u8],
+    },
+    /// `NBD_REPLY_TYPE_ERROR` or `_ERROR_OFFSET` (with `offset`).
+    Error {
+        /// `NBD_E*`.
+        error: u32,
+        /// Message for humans (empty if it was not valid text).
+        message: &'a str,
+        /// Where, for `_ERROR_OFFSET`.
+        offset: Option<u64>,
+    },
+}
+
+/// A chunk payload that does not parse: the connection must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkError {
+    /// The payload is shorter or longer than its type allows.
+    BadLength,
+    /// A chunk type this client does not know (and not an error type).
+    UnknownType(u16),
+}
+
+impl ChunkPayload<'_> {
+    /// Bytes of an `OffsetData` payload before the data.
+    pub const DATA_OFFSET_LEN: usize = 8;
+
+    /// Parse a payload of type `chunk_type` (for `OffsetData`, the first
+    /// [`Self::DATA_OFFSET_LEN`] bytes suffice).
+    pub fn parse(chunk_type: u16, payload: &[u8]) -> Result<ChunkPayload<'_>, ChunkError> {
+        let mut r = Reader { data: payload };
+        let bad = |_| ChunkError::BadLength;
+        let p = match chunk_type {
+            reply_type::NONE => {
+                r.finish().map_err(bad)?;
+                ChunkPayload::None
+            }
+            reply_type::OFFSET_DATA => ChunkPayload::OffsetData {
+                offset: get_u64(r.take(8).map_err(bad)?, 0..8),
+            },
+            reply_type::OFFSET_HOLE => {
+                let offset = get_u64(r.take(8).map_err(bad)?, 0..8);
+                let len = r.u32().map_err(bad)?;
+                r.finish().map_err(bad)?;
+                ChunkPayload::OffsetHole { offset, len }
+            }
+            reply_type::BLOCK_STATUS => {
+                let context = r.u32().map_err(bad)?;
+                if r.data.is_empty() || !r.data.len().is_multiple_of(8) {
+                    return Err(ChunkError::BadLength);
+                }
+                ChunkPayload::BlockStatus {
+                    context,
+                    raw: r.data,
+                }
+            }
+            t if t & reply_type::FLAG_ERROR != 0 => {
+                let error = r.u32().map_err(bad)?;
+                let mlen = r.u16().map_err(bad)? as usize;
+                let message = parse_string(r.take(mlen).map_err(bad)?).unwrap_or("");
+                let offset = if t == reply_type::ERROR_OFFSET {
+                    Some(get_u64(r.take(8).map_err(bad)?, 0..8))
+                } else {
+                    None
+                };
+                // Unknown error types may carry more; `ERROR` and
+                // `ERROR_OFFSET` may not.
+                if matches!(t, reply_type::ERROR | reply_type::ERROR_OFFSET) {
+                    r.finish().map_err(bad)?;
+                }
+                ChunkPayload::Error {
+                    error,
+                    message,
+                    offset,
+                }
+            }
+            other => return Err(ChunkError::UnknownType(other)),
+        };
+        Ok(p)
+    }
+
+    /// The descriptors of a `BlockStatus` payload (empty for other kinds).
+    pub fn descriptors(&self) -> impl Iterator<Item = Descriptor> + '_ {
+        let raw: &[u8] = match self {
+            ChunkPayload::BlockStatus { raw, .. } => raw,
+            _ => &[],
+        };
+        raw.as_chunks::<8>().0.iter().map(|d| Descriptor {
+            length: u64::from(get_u32(d, 0..4)),
+            flags: get_u32(d, 4..8),
+        })
     }
 }

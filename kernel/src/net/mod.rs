@@ -19,6 +19,7 @@
 //! - [`Network::close_exports`] first in the halt path, before close-all.
 
 mod budget;
+mod client;
 mod config;
 mod conn;
 mod server;
@@ -61,6 +62,8 @@ pub struct Network {
     budgets: Option<Budgets>,
     /// Test fault: panic inside [`Network::poll`] when a client connects.
     panic_on_client: bool,
+    /// The `driver=nbd` nodes' sockets.
+    clients: client::Clients,
 }
 
 /// Brings up the first virtio-net function of the boot-time PCI scan.
@@ -116,6 +119,7 @@ impl Network {
             budget: Some(IoBudget::new(budgets.read_bytes)),
             budgets: Some(budgets),
             panic_on_client: false,
+            clients: client::Clients::default(),
         })
     }
 
@@ -165,6 +169,7 @@ impl Network {
             budget,
             budgets,
             panic_on_client,
+            clients,
         } = self;
         let mut busy = false;
         if let (Some(stack), Some(exports), Some(exec), Some(budget), Some(budgets)) =
@@ -190,6 +195,7 @@ impl Network {
             for c in conns.iter_mut() {
                 busy |= c.service(&mut stack.sockets, exports, exec, budget, budgets.reserve);
             }
+            busy |= clients.service(stack, budgets.socket_buffer);
             conns.retain_mut(|c| {
                 if c.finished(&mut stack.sockets, budget) {
                     stack.sockets.remove(c.handle);
@@ -201,11 +207,29 @@ impl Network {
             if busy {
                 stack.poll();
             }
+        } else {
+            busy |= clients.no_network();
         }
         if let Some(exports) = exports {
             busy |= exports.reap();
         }
         busy
+    }
+
+    /// The links of `driver=nbd` nodes, for the driver class
+    /// ([`block::nbd::client_node::class`]).
+    pub fn nbd_links(&self) -> block::nbd::client_node::Links {
+        self.clients.links()
+    }
+
+    /// Halt path, after close-all: lets the closed `nbd` nodes' last bytes
+    /// (`NBD_CMD_DISC`) go out and their sockets close, for at most
+    /// `bound_ns`.
+    pub fn close_nbd_clients(&mut self, bound_ns: u64) {
+        let start = crate::clock::monotonic_ns();
+        while self.clients.busy() && crate::clock::monotonic_ns().saturating_sub(start) < bound_ns {
+            self.poll();
+        }
     }
 
     /// Test fault: the next client to connect makes [`Network::poll`]

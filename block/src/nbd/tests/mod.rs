@@ -4,6 +4,8 @@
 //! ([`bad_client`]) and a seeded fuzz over input bytes ([`fuzz`]).
 
 mod bad_client;
+mod client;
+mod client_node;
 mod commands;
 mod fuzz;
 mod handshake;

@@ -1,0 +1,167 @@
+//! The NBD client side of the network: one smoltcp TCP client socket per
+//! `driver=nbd` node ([`block::nbd::client_node`]). Each poll connects new
+//! links, moves the engine's bytes both ways and reports the socket's fate
+//! to the link (connected, refused, closed by the server). A link whose
+//! node closed stays here until its last bytes (`NBD_CMD_DISC`) went out;
+//! then the socket is closed and dropped.
+
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+use block::nbd::client_node::{Links, NbdLink, Socket};
+use drivers::net::smoltcp::iface::{SocketHandle, SocketSet};
+use drivers::net::smoltcp::socket::tcp;
+use drivers::net::smoltcp::wire::{IpAddress, Ipv4Address};
+
+use super::stack::{Stack, nbd_socket};
+
+/// First local port of client sockets (the IANA dynamic range).
+const LOCAL_PORTS: u16 = 49152;
+
+/// The client sockets.
+#[derive(Default)]
+pub struct Clients {
+    links: Links,
+    sockets: Vec<(Rc<NbdLink>, SocketHandle)>,
+    /// Sockets closing after their link let go.
+    closing: Vec<SocketHandle>,
+    next_port: u16,
+}
+
+impl Clients {
+    /// The list the `nbd` driver class adds its links to.
+    pub fn links(&self) -> Links {
+        self.links.clone()
+    }
+
+    /// No network device: every link waiting to connect fails.
+    pub fn no_network(&mut self) -> bool {
+        let links: Vec<Rc<NbdLink>> = self.links.borrow_mut().drain(..).collect();
+        for l in &links {
+            l.closed("Network is unreachable");
+        }
+        !links.is_empty()
+    }
+
+    /// Whether any link or socket is still open.
+    pub fn busy(&self) -> bool {
+        !self.links.borrow().is_empty() || !self.closing.is_empty()
+    }
+
+    fn connect(&mut self, stack: &mut Stack, link: &Rc<NbdLink>, buffer: usize) {
+        let server = link.server();
+        let Ok(ip) = server.host.parse::<Ipv4Address>() else {
+            link.closed(&format!(
+                "address resolution failed for {server}: Name or service not known"
+            ));
+            return;
+        };
+        let Some(mut socket) = nbd_socket(buffer) else {
+            link.closed("Cannot allocate memory");
+            return;
+        };
+        let port = LOCAL_PORTS + self.next_port % 16000;
+        self.next_port = self.next_port.wrapping_add(1);
+        let remote = (IpAddress::Ipv4(ip), server.port);
+        if let Err(e) = socket.connect(stack.iface.context(), remote, port) {
+            link.closed(&format!("{e}"));
+            return;
+        }
+        let handle = stack.sockets.add(socket);
+        self.sockets.push((link.clone(), handle));
+    }
+
+    /// One round: connect, move bytes, report closes. Returns whether
+    /// anything happened.
+    pub fn service(&mut self, stack: &mut Stack, buffer: usize) -> bool {
+        let mut busy = false;
+        let links: Vec<Rc<NbdLink>> = self.links.borrow().clone();
+        for link in &links {
+            if link.socket() == Socket::Connecting
+                && !self.sockets.iter().any(|(l, _)| Rc::ptr_eq(l, link))
+            {
+                self.connect(stack, link, buffer);
+                busy = true;
+            }
+        }
+        for (link, handle) in &self.sockets {
+            busy |= pump(link, stack.sockets.get_mut::<tcp::Socket>(*handle));
+        }
+        // Let go of links that are done: their socket closes gracefully.
+        let mut done = Vec::new();
+        self.sockets.retain(|(link, handle)| {
+            let finished = link.should_close() || link.socket() == Socket::Closed;
+            if finished {
+                done.push(*handle);
+            }
+            !finished
+        });
+        for h in done {
+            stack.sockets.get_mut::<tcp::Socket>(h).close();
+            self.closing.push(h);
+            busy = true;
+        }
+        self.links
+            .borrow_mut()
+            .retain(|l| !(l.socket() == Socket::Closed || l.should_close()));
+        busy |= reap(&mut stack.sockets, &mut self.closing);
+        busy
+    }
+}
+
+/// Moves bytes between one socket and its link.
+fn pump(link: &NbdLink, s: &mut tcp::Socket<'_>) -> bool {
+    let mut busy = false;
+    match (link.socket(), s.state()) {
+        (Socket::Connecting, tcp::State::Established) => {
+            link.connected();
+            busy = true;
+        }
+        (Socket::Connecting, tcp::State::Closed) => {
+            // An RST in answer to our SYN, or the SYN timed out.
+            link.closed("Connection refused");
+            return true;
+        }
+        _ => {}
+    }
+    if link.socket() != Socket::Connected {
+        return busy;
+    }
+    while s.can_recv() {
+        let r = s.recv(|buf| {
+            link.receive(buf);
+            (buf.len(), buf.len())
+        });
+        match r {
+            Ok(0) | Err(_) => break,
+            Ok(_) => busy = true,
+        }
+    }
+    if s.can_send() {
+        link.transmit(|out| {
+            let n = s.send_slice(out).unwrap_or(0);
+            busy |= n > 0;
+            n
+        });
+    }
+    if !s.may_recv() && !s.can_recv() {
+        // The server closed (FIN or RST) or the connection timed out.
+        link.closed("Connection closed by the server");
+        busy = true;
+    }
+    busy
+}
+
+/// Drops closing sockets once TCP is done with them.
+fn reap(sockets: &mut SocketSet<'static>, closing: &mut Vec<SocketHandle>) -> bool {
+    let before = closing.len();
+    closing.retain(|h| {
+        let s = sockets.get_mut::<tcp::Socket>(*h);
+        let gone = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
+        if gone {
+            sockets.remove(*h);
+        }
+        !gone
+    });
+    closing.len() != before
+}
