@@ -133,6 +133,14 @@ impl Aligner {
         offset.is_multiple_of(self.align) && len.is_multiple_of(self.align)
     }
 
+    /// The whole blocks inside `[offset, offset + len)` as `(start, len)`,
+    /// if there is one: what an advisory discard may drop.
+    pub fn whole_blocks_within(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let start = offset.checked_next_multiple_of(self.align)?;
+        let end = offset.checked_add(len)? / self.align * self.align;
+        (end > start).then(|| (start, end - start))
+    }
+
     /// The block-aligned range covering `[offset, offset + len)`.
     fn covering(&self, offset: u64, len: u64) -> IoResult<(u64, u64)> {
         let start = offset / self.align * self.align;
@@ -160,7 +168,7 @@ impl Aligner {
     ) -> IoResult<Vec<u8>> {
         let (start, end) = self.covering(offset, len as u64)?;
         let _tracked = self.tracker.begin(start, end, false).await;
-        if start == offset && end - start == len as u64 {
+        if self.is_aligned(offset, len as u64) {
             return dev.read_blocks(offset, len).await;
         }
         let buf = dev.read_blocks(start, (end - start) as usize).await?;
@@ -178,7 +186,7 @@ impl Aligner {
         fua: bool,
     ) -> IoResult<()> {
         let (start, end) = self.covering(offset, data.len() as u64)?;
-        let rmw = !(start == offset && end - start == data.len() as u64);
+        let rmw = !self.is_aligned(offset, data.len() as u64);
         let _tracked = self.tracker.begin(start, end, rmw).await;
         if !rmw {
             return dev.write_blocks(offset, data, fua).await;

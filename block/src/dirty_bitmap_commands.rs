@@ -30,12 +30,16 @@ fn lookup(bl: &BlockLayer, node: &str, name: &str) -> Result<(Rc<Node>, usize), 
         .registry()
         .lookup(Some(node), Some(node))
         .map_err(|_| QmpError::generic(format!("Node '{node}' not found")))?;
-    let i = n
-        .dirty_bitmaps()
+    let i = position(&n, name)?;
+    Ok((n, i))
+}
+
+/// Where bitmap `name` is in `n`'s list.
+fn position(n: &Node, name: &str) -> Result<usize, QmpError> {
+    n.dirty_bitmaps()
         .iter()
         .position(|b| b.name == name)
-        .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))?;
-    Ok((n, i))
+        .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))
 }
 
 /// Runs `f` on the bitmap once `flags` allow its use.
@@ -169,14 +173,7 @@ pub fn merge(bl: &BlockLayer, args: &Args<'_>) -> Res {
     };
     for (i, v) in sources.iter().enumerate() {
         let (src_node, idx) = match v {
-            Value::String(s) => {
-                let idx = n
-                    .dirty_bitmaps()
-                    .iter()
-                    .position(|b| b.name == *s)
-                    .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{s}' not found")))?;
-                (n.clone(), idx)
-            }
+            Value::String(s) => (n.clone(), position(&n, s)?),
             Value::Object(m) => {
                 let e = Args::new(m);
                 let en = e.str("node")?;

@@ -154,37 +154,42 @@ fn parse_into(text: &str, origin: &str, cfg: &mut Config) -> Result<(), String> 
 
 /// Triggers the configured fault.
 pub fn trigger(fault: TestFault) {
+    let triggering = || log::warn!("triggering test fault {fault:?}");
     match fault {
         TestFault::PanicOnQmp => {
             log::warn!("test fault: QMP command x-blockhaus-panic added");
-            return;
         }
         // Done by main once the graph is built.
-        TestFault::LeakNodeRef => return,
+        TestFault::LeakNodeRef => {}
         TestFault::PanicInNetPoll => {
             log::warn!("test fault: the network poll panics when the first NBD client connects");
-            return;
         }
-        _ => {}
-    }
-    log::warn!("triggering test fault {fault:?}");
-    match fault {
-        // SAFETY: a deliberate fault on an unmapped, canonical address; the
-        // exception handler reports it and exits.
-        TestFault::PageFault => unsafe {
-            core::ptr::read_volatile(0x4000_dead_0000u64 as *const u64);
-        },
-        // SAFETY: a deliberate #UD; the handler reports it and exits.
-        TestFault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
-        // SAFETY: a deliberate #DE; the handler reports it and exits.
-        TestFault::DivideByZero => unsafe {
-            core::arch::asm!("xor edx, edx", "xor eax, eax", "xor ecx, ecx", "div ecx", out("eax") _, out("edx") _, out("ecx") _)
-        },
+        TestFault::PageFault => {
+            triggering();
+            // SAFETY: a deliberate fault on an unmapped, canonical address;
+            // the exception handler reports it and exits.
+            unsafe { core::ptr::read_volatile(0x4000_dead_0000u64 as *const u64) };
+        }
+        TestFault::InvalidOpcode => {
+            triggering();
+            // SAFETY: a deliberate #UD; the handler reports it and exits.
+            unsafe { core::arch::asm!("ud2") }
+        }
+        TestFault::DivideByZero => {
+            triggering();
+            // SAFETY: a deliberate #DE; the handler reports it and exits.
+            unsafe {
+                core::arch::asm!("xor edx, edx", "xor eax, eax", "xor ecx, ecx", "div ecx", out("eax") _, out("edx") _, out("ecx") _)
+            }
+        }
         TestFault::StackOverflow => {
+            triggering();
             recurse(0);
         }
-        TestFault::Panic => panic!("test panic requested on the command line"),
-        TestFault::PanicOnQmp | TestFault::LeakNodeRef | TestFault::PanicInNetPoll => {}
+        TestFault::Panic => {
+            triggering();
+            panic!("test panic requested on the command line")
+        }
     }
 }
 

@@ -184,18 +184,10 @@ impl BlockDriver for DiskNode {
             // Advisory: discard the whole blocks inside the range only,
             // ordered against a read-modify-write of the blocks.
             let _tracked = self.aligner.track(offset, len).await?;
-            let bs = self.aligner.alignment();
-            let start = offset.div_ceil(bs) * bs;
-            let end = (offset + len) / bs * bs;
-            if end <= start {
+            let Some((offset, len)) = self.aligner.whole_blocks_within(offset, len) else {
                 return Ok(());
-            }
-            self.run(Op::Discard {
-                offset: start,
-                len: end - start,
-            })
-            .await
-            .map(drop)
+            };
+            self.run(Op::Discard { offset, len }).await.map(drop)
         })
     }
 

@@ -15,6 +15,7 @@ use block::io::IoError;
 use block::nbd::client::{ClientOp, ClientReply, ClientState};
 use block::nbd::wire::transmission_flags as tf;
 use harness::nbd_client::NbdClient;
+use harness::qemu::free_port;
 
 const MIB: u64 = 1 << 20;
 
@@ -29,13 +30,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// Start `cmd` (which listens on `port`) and wait until it accepts.
@@ -83,13 +77,7 @@ fn nbdkit_memory(size: &str) -> Server {
 
 fn image(dir: &tempfile::TempDir, size: u64) -> std::path::PathBuf {
     let path = dir.path().join("disk.raw");
-    let out = Command::new("qemu-img")
-        .args(["create", "-f", "raw"])
-        .arg(&path)
-        .arg(size.to_string())
-        .output()
-        .expect("qemu-img");
-    assert!(out.status.success(), "{out:?}");
+    harness::host::create(&path, size);
     path
 }
 
@@ -186,6 +174,21 @@ fn exercise(c: &mut NbdClient) {
     assert_eq!(c.run(ClientOp::Flush), Ok(ClientReply::Done));
 }
 
+/// The node called `name` in `query-named-block-nodes`.
+fn named_node(a: &mut harness::Appliance, name: &str) -> serde_json::Value {
+    let nodes = a
+        .qmp()
+        .cmd("query-named-block-nodes", serde_json::Value::Null)
+        .unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .unwrap_or_else(|| panic!("no node {name}: {nodes}"))
+        .clone()
+}
+
 #[test]
 fn qemu_nbd_serves_the_client_engine() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -270,7 +273,7 @@ fn appliance_nbd_node_over_host_qemu_nbd() {
     // loopback.
     let srv = qemu_nbd(&img, &[]);
     let remote_port = srv.addr.rsplit(':').next().unwrap().to_string();
-    let port = harness::qemu::free_port();
+    let port = free_port();
     let cfg = harness::QemuConfig {
         append: "--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809".into(),
         nbd_port: Some(port),
@@ -284,17 +287,7 @@ fn appliance_nbd_node_over_host_qemu_nbd() {
                    "server": {"type": "inet", "host": "10.0.2.2", "port": remote_port}}),
         )
         .unwrap_or_else(|e| panic!("blockdev-add: {e}\n{}", a.console()));
-    let nodes = a
-        .qmp()
-        .cmd("query-named-block-nodes", serde_json::Value::Null)
-        .unwrap();
-    let node = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == "remote")
-        .unwrap_or_else(|| panic!("{nodes}"))
-        .clone();
+    let node = named_node(&mut a, "remote");
     assert_eq!(node["drv"], "nbd", "{node}");
     assert_eq!(node["image"]["virtual-size"], 16 * MIB, "{node}");
     assert_eq!(
@@ -390,7 +383,7 @@ fn appliance_quit_sends_nbd_cmd_disc() {
         .stderr(std::fs::File::create(&log).expect("log file"));
     let srv = start(cmd, port);
     let cfg = harness::QemuConfig {
-        nbd_port: Some(harness::qemu::free_port()),
+        nbd_port: Some(free_port()),
         ..harness::QemuConfig::default()
     };
     let mut a = harness::Appliance::boot(&cfg);
@@ -431,7 +424,7 @@ fn appliance_quit_sends_nbd_cmd_disc() {
 #[test]
 fn appliance_nbd_node_on_a_closed_port_fails_the_open() {
     let cfg = harness::QemuConfig {
-        nbd_port: Some(harness::qemu::free_port()),
+        nbd_port: Some(free_port()),
         ..harness::QemuConfig::default()
     };
     let mut a = harness::Appliance::boot(&cfg);
@@ -467,7 +460,7 @@ fn appliance_nbd_node_reconnects_to_a_restarted_qemu_nbd() {
     let srv = qemu_nbd(&img, &[]);
     let remote_port: u16 = srv.addr.rsplit(':').next().unwrap().parse().unwrap();
     let cfg = harness::QemuConfig {
-        nbd_port: Some(harness::qemu::free_port()),
+        nbd_port: Some(free_port()),
         ..harness::QemuConfig::default()
     };
     let mut a = harness::Appliance::boot(&cfg);
@@ -644,7 +637,7 @@ fn handshake_len() -> usize {
 #[test]
 fn appliance_nbd_node_against_a_misbehaving_server() {
     let cfg = harness::QemuConfig {
-        nbd_port: Some(harness::qemu::free_port()),
+        nbd_port: Some(free_port()),
         ..harness::QemuConfig::default()
     };
     let mut a = harness::Appliance::boot(&cfg);
@@ -677,17 +670,7 @@ fn appliance_nbd_node_against_a_misbehaving_server() {
     add(&mut a, port).unwrap_or_else(|e| panic!("{e}\n{}", a.console()));
     let out = a.qemu_io_output("bad", "read 0 4k");
     assert!(out.contains("Input/output error"), "{out}");
-    let nodes = a
-        .qmp()
-        .cmd("query-named-block-nodes", serde_json::Value::Null)
-        .unwrap();
-    let bad = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == "bad")
-        .unwrap()
-        .clone();
+    let bad = named_node(&mut a, "bad");
     assert_eq!(
         bad["image"]["format-specific"]["data"]["x-state"], "failed",
         "{bad}"

@@ -562,7 +562,8 @@ impl Client {
             return Err(SubmitError::Busy);
         }
         let info = self.info;
-        let (command, offset, len, mut flags) = match &op {
+        // Reads never ask for DF: the server may send holes.
+        let (command, offset, len, flags) = match &op {
             ClientOp::Read { offset, len } => (Command::Read, *offset, u64::from(*len), 0),
             ClientOp::Write { offset, data, fua } => {
                 (Command::Write, *offset, data.len() as u64, fua_flag(*fua))
@@ -635,10 +636,6 @@ impl Client {
             if data_cmd && len > u64::from(info.block_size.max_payload()) {
                 return refuse(IoError::Einval);
             }
-        }
-        if command == Command::Read && info.structured {
-            // Let the server send holes; DF is not asked for.
-            flags &= !cmd_flags::DF;
         }
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1).max(1);

@@ -587,18 +587,15 @@ impl BlockDriver for NbdNode {
     fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BoxFuture<'a, IoResult<()>> {
         Box::pin(async move {
             // Advisory: the whole blocks inside the range only.
-            let min = u64::from(self.info()?.block_size.min());
-            let start = offset.div_ceil(min) * min;
-            let end = (offset + len) / min * min;
-            if end <= start {
+            let Some((start, len)) = self.aligner()?.whole_blocks_within(offset, len) else {
                 return Ok(());
-            }
+            };
             let trim = |offset, len| ClientOp::Trim {
                 offset,
                 len,
                 fua: false,
             };
-            self.ranged(node, start, end - start, trim).await
+            self.ranged(node, start, len, trim).await
         })
     }
 

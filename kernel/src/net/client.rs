@@ -75,22 +75,30 @@ impl Clients {
     /// anything happened.
     pub fn service(&mut self, stack: &mut Stack, buffer: usize) -> bool {
         let mut busy = false;
-        let links: Vec<Rc<NbdLink>> = self.links.borrow().clone();
-        for link in &links {
-            if link.socket() == Socket::Connecting
-                && !self.sockets.iter().any(|(l, _)| Rc::ptr_eq(l, link))
-            {
-                self.connect(stack, link, buffer);
-                busy = true;
-            }
+        // Copied out (connect may call back into the link), but only the
+        // links still to connect: nothing is allocated in steady state.
+        let connecting: Vec<Rc<NbdLink>> = self
+            .links
+            .borrow()
+            .iter()
+            .filter(|l| {
+                l.socket() == Socket::Connecting
+                    && !self.sockets.iter().any(|(s, _)| Rc::ptr_eq(s, l))
+            })
+            .cloned()
+            .collect();
+        for link in &connecting {
+            self.connect(stack, link, buffer);
+            busy = true;
         }
         for (link, handle) in &self.sockets {
             busy |= pump(link, stack.sockets.get_mut::<tcp::Socket>(*handle));
         }
         // Let go of links that are done: their socket closes gracefully.
         let mut done = Vec::new();
+        let finished = |l: &NbdLink| l.should_close() || l.socket() == Socket::Closed;
         self.sockets.retain(|(link, handle)| {
-            let finished = link.should_close() || link.socket() == Socket::Closed;
+            let finished = finished(link);
             if finished {
                 done.push(*handle);
             }
@@ -101,9 +109,7 @@ impl Clients {
             self.closing.push(h);
             busy = true;
         }
-        self.links
-            .borrow_mut()
-            .retain(|l| !(l.socket() == Socket::Closed || l.should_close()));
+        self.links.borrow_mut().retain(|l| !finished(l));
         busy |= reap(&mut stack.sockets, &mut self.closing);
         busy
     }

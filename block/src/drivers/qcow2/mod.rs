@@ -152,9 +152,10 @@ pub struct Qcow2 {
     l2_cache: Option<u64>,
     rb_cache: Option<u64>,
     info: core::cell::RefCell<Value>,
-    /// The open image's count of clusters in use, and its cluster size.
-    used: core::cell::RefCell<Option<(Rc<Cell<u64>>, u64)>>,
-    /// The header as opened (for checks that cannot wait for the lock).
+    /// The open image's count of clusters in use.
+    used: core::cell::RefCell<Option<Rc<Cell<u64>>>>,
+    /// The header as opened or last resized (for checks that cannot wait
+    /// for the lock).
     header: core::cell::RefCell<header::Header>,
 }
 
@@ -283,7 +284,7 @@ impl Qcow2 {
             "extended-l2": st.ext,
             "compression-type": "zlib",
         });
-        *self.used.borrow_mut() = Some((st.used.clone(), st.cs));
+        *self.used.borrow_mut() = Some(st.used.clone());
         *self.st.lock().await = Some(st);
         Ok(())
     }
@@ -460,6 +461,7 @@ impl BlockDriver for Qcow2 {
             let b = node.child("backing");
             st.truncate(&f, b.as_deref(), size).await?;
             self.size.set(size);
+            *self.header.borrow_mut() = st.h.clone();
             // A longer backing file must not show through the new area
             // (QEMU: the zero-fill in `bdrv_co_truncate`).
             if let Some(bk) = &b {
@@ -562,10 +564,11 @@ impl BlockDriver for Qcow2 {
     /// included). A disk cannot grow, so that is all new clusters can take.
     fn query_info(&self, node: &Node) -> Option<Value> {
         let mut info = self.info.borrow().clone();
-        if let (Some((used, cs)), Some(file)) = (&*self.used.borrow(), node.file())
+        if let (Some(used), Some(file)) = (&*self.used.borrow(), node.file())
             && let (Ok(len), Some(map)) = (file.node().get_length(), info.as_object_mut())
         {
-            let room = len.saturating_sub(used.get().saturating_mul(*cs));
+            let cs = self.header.borrow().cluster_size();
+            let room = len.saturating_sub(used.get().saturating_mul(cs));
             map.insert("x-room-left".into(), json!(room));
         }
         Some(info)
