@@ -88,7 +88,7 @@ pub struct Disks {
     /// Futures waiting for a ticket ([`Disks::poll_completion`]).
     wakers: BTreeMap<Ticket, Waker>,
     scratch: Vec<Completion>,
-    /// Requests in flight, for the disks' counters: the LUN index and the
+    /// Requests in flight, for the disks' counters: the disk's index and the
     /// request.
     pending: BTreeMap<Ticket, (usize, Pending)>,
     /// Bytes sent to the disks in write requests (write-zeroes count their
@@ -257,11 +257,6 @@ impl Disks {
     pub fn submit(&mut self, index: usize, op: Op) -> Result<Ticket, Error> {
         let disk = self.disks.get(index).ok_or(Error::Setup("no such disk"))?;
         let (controller, lun) = (disk.controller, disk.lun);
-        let bytes = match &op {
-            Op::Write { buf, .. } => buf.len() as u64,
-            Op::WriteZeroes { len, .. } => *len,
-            _ => 0,
-        };
         let transport = disk.transport;
         let p = Pending::of(&op, crate::clock::monotonic_ns());
         let pci = self.controllers[controller].0;
@@ -294,8 +289,10 @@ impl Disks {
                 "{pci} target {target} lun {lun}, tag {id}, {kind} offset {offset} len {len}"
             ),
         }
-        self.pending.insert(Ticket { controller, id }, (lun, p));
-        self.bytes_written += bytes;
+        if matches!(p.kind, Kind::Write | Kind::WriteZeroes) {
+            self.bytes_written += p.len;
+        }
+        self.pending.insert(Ticket { controller, id }, (index, p));
         Ok(Ticket { controller, id })
     }
 
@@ -383,6 +380,13 @@ impl Disks {
                     p
                 }
             };
+            // One clock read for the batch: completions are accounted at
+            // the poll that found them.
+            let now = if self.scratch.is_empty() {
+                0
+            } else {
+                crate::clock::monotonic_ns()
+            };
             for done in self.scratch.drain(..) {
                 let status = done.result.as_ref().map_or_else(|e| e.errno(), |()| 0);
                 match c {
@@ -405,13 +409,9 @@ impl Disks {
                     controller: i,
                     id: done.id,
                 };
-                if let Some((lun, p)) = self.pending.remove(&ticket)
-                    && let Some(d) = self
-                        .disks
-                        .iter_mut()
-                        .find(|d| d.controller == i && d.lun == lun)
+                if let Some((index, p)) = self.pending.remove(&ticket)
+                    && let Some(d) = self.disks.get_mut(index)
                 {
-                    let now = crate::clock::monotonic_ns();
                     d.stats.account(&p, done.result.is_ok(), now);
                 }
                 if let Some(w) = self.wakers.remove(&ticket) {

@@ -12,12 +12,8 @@
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, Ordering};
 use linked_list_allocator::Heap;
 use spin::Mutex;
-
-/// Bytes handed to the allocator at boot ([`total`]).
-static TOTAL: AtomicU64 = AtomicU64::new(0);
 
 const MAX_HEAPS: usize = 8;
 const MIN_REGION: u64 = 64 * 1024;
@@ -117,17 +113,10 @@ pub fn init(info: &boot::BootInfo) -> Summary {
             bytes += e - s;
         }
     }
-    TOTAL.store(bytes, Ordering::Relaxed);
     Summary {
         regions: slot,
         bytes,
     }
-}
-
-/// The heap's size: every byte [`init`] handed to the allocator. Budgets
-/// that must follow the RAM present are derived from it.
-pub fn total() -> u64 {
-    TOTAL.load(Ordering::Relaxed)
 }
 
 /// The boot log's heap line: what the appliance holds once it is ready

@@ -120,7 +120,12 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     for class in disk_node::classes(&disks) {
         block.register_driver(class);
     }
-    match net::Network::probe(&mut pci, config.ip.as_deref(), block.registry().clone()) {
+    match net::Network::probe(
+        &mut pci,
+        heap.bytes,
+        config.ip.as_deref(),
+        block.registry().clone(),
+    ) {
         Ok(n) => *net.borrow_mut() = n,
         Err(e) => {
             log::error!("network: {e}");

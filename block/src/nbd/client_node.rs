@@ -29,14 +29,17 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::{OnceCell, RefCell};
 use core::future::{Future, poll_fn};
-use core::task::{Poll, Waker};
+use core::task::Poll;
 
 use serde_json::{Value, json};
 
-use super::client::{Client, ClientOp, ClientReply, ClientState, ExportInfo, Handle, SubmitError};
+use super::client::{
+    Client, ClientOp, ClientReply, ClientState, ExportInfo, Handle, MAX_IN_FLIGHT, SubmitError,
+};
 use super::wire::transmission_flags as tf;
 use crate::align::{AlignedDevice, Aligner};
 use crate::driver::BlockDriver;
+use crate::exec::WaitQueue;
 use crate::graph::node::Node;
 use crate::io::{BlockStatus, BoxFuture, IoError, IoResult, ReqFlags};
 use crate::open::{DriverClass, DriverOpts, Opener};
@@ -73,7 +76,6 @@ struct Inner {
     socket: Socket,
     connect_error: Option<String>,
     done: Vec<(Handle, Result<ClientReply, IoError>)>,
-    wakers: Vec<Waker>,
     /// The export as the first handshake found it (kept across
     /// reconnects, which must find the same size).
     known: Option<ExportInfo>,
@@ -86,9 +88,6 @@ impl Inner {
         while let Some(c) = self.engine.next_completion() {
             self.done.push(c);
         }
-        for w in self.wakers.drain(..) {
-            w.wake();
-        }
     }
 }
 
@@ -97,6 +96,8 @@ pub struct NbdLink {
     server: ServerAddr,
     export: String,
     inner: RefCell<Inner>,
+    /// The node's requests and open, woken by every event on the link.
+    events: WaitQueue,
 }
 
 /// The links a platform services. The platform keeps a link (and its
@@ -115,10 +116,10 @@ impl NbdLink {
                 socket: Socket::Connecting,
                 connect_error: None,
                 done: Vec::new(),
-                wakers: Vec::new(),
                 known: None,
                 down_since: None,
             }),
+            events: WaitQueue::new(),
         }
     }
 
@@ -144,6 +145,7 @@ impl NbdLink {
             i.socket = Socket::Connected;
         }
         i.collect();
+        self.events.wake_all();
     }
 
     /// Platform: the connection failed (`why` in QEMU's words, e.g.
@@ -156,6 +158,7 @@ impl NbdLink {
         i.socket = Socket::Closed;
         i.engine.closed();
         i.collect();
+        self.events.wake_all();
     }
 
     /// Platform: bytes from the server.
@@ -163,6 +166,7 @@ impl NbdLink {
         let mut i = self.inner.borrow_mut();
         i.engine.receive(bytes);
         i.collect();
+        self.events.wake_all();
     }
 
     /// Platform: hand the bytes to send to `send`, which returns how many
@@ -189,17 +193,9 @@ impl NbdLink {
 
     /// Wait for the handshake; QEMU's open error on failure.
     async fn open(&self) -> Result<ExportInfo, String> {
-        poll_fn(|cx| {
-            let mut i = self.inner.borrow_mut();
-            match i.engine.state() {
-                ClientState::Handshake => {
-                    i.wakers.push(cx.waker().clone());
-                    Poll::Pending
-                }
-                _ => Poll::Ready(()),
-            }
-        })
-        .await;
+        self.events
+            .wait_until(|| self.inner.borrow().engine.state() != &ClientState::Handshake)
+            .await;
         let mut i = self.inner.borrow_mut();
         if let Some(info) = i.engine.info().copied() {
             if let Some(k) = i.known
@@ -224,32 +220,32 @@ impl NbdLink {
 
     /// Submit `op` (waiting while 16 are in flight) and wait for it.
     async fn request(&self, op: ClientOp) -> IoResult<ClientReply> {
-        let mut op = Some(op);
-        let h = poll_fn(|cx| {
-            let mut i = self.inner.borrow_mut();
-            let Some(o) = op.take() else {
-                return Poll::Ready(Err(IoError::Eio));
-            };
-            match i.engine.submit(o.clone()) {
-                Ok(h) => Poll::Ready(Ok(h)),
-                Err(SubmitError::Failed(e)) => Poll::Ready(Err(e)),
-                Err(SubmitError::Busy) => {
-                    op = Some(o);
-                    i.wakers.push(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
-        .await?;
-        poll_fn(|cx| {
-            let mut i = self.inner.borrow_mut();
-            if let Some(at) = i.done.iter().position(|(d, _)| *d == h) {
-                return Poll::Ready(i.done.swap_remove(at).1);
-            }
-            i.wakers.push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
+        // Wait for a free slot first, so the op (and its data) is handed
+        // over once, not copied in case the engine is busy.
+        self.events
+            .wait_until(|| {
+                let i = self.inner.borrow();
+                i.engine.state() != &ClientState::Ready || i.engine.in_flight() < MAX_IN_FLIGHT
+            })
+            .await;
+        let h = match self.inner.borrow_mut().engine.submit(op) {
+            Ok(h) => h,
+            Err(SubmitError::Failed(e)) => return Err(e),
+            Err(SubmitError::Busy) => return Err(IoError::Eio), // checked above
+        };
+        let mut reply = None;
+        self.events
+            .wait_until(|| {
+                let mut i = self.inner.borrow_mut();
+                reply = i
+                    .done
+                    .iter()
+                    .position(|(d, _)| *d == h)
+                    .map(|at| i.done.swap_remove(at).1);
+                reply.is_some()
+            })
+            .await;
+        reply.unwrap_or(Err(IoError::Eio))
     }
 
     /// A fresh connection attempt (QEMU: another round of
@@ -273,6 +269,7 @@ impl NbdLink {
         let mut i = self.inner.borrow_mut();
         i.engine.disconnect();
         i.collect();
+        self.events.wake_all();
     }
 }
 

@@ -1,5 +1,5 @@
 //! The memory the network and the NBD server may use, derived once at boot
-//! from the heap actually present ([`crate::heap::total`]), so an
+//! from the heap actually present ([`crate::heap::Summary`]'s bytes), so an
 //! appliance booted with `-m 24M` serves fewer clients with smaller
 //! buffers instead of running out of heap (a failed allocation stops the
 //! appliance: `no_std` cannot recover from one).
@@ -52,6 +52,13 @@ fn pow2_floor(n: u64) -> u64 {
         0
     } else {
         1 << (63 - n.leading_zeros())
+    }
+}
+
+/// The smallest budgets, for a network not probed yet.
+impl Default for Budgets {
+    fn default() -> Budgets {
+        Budgets::for_heap(0)
     }
 }
 

@@ -59,7 +59,7 @@ pub struct Network {
     /// are bounded by its `max_clients` whatever `max-connections` says
     /// (0 means no limit in QEMU); further clients wait, as they do at
     /// `max-connections`.
-    budgets: Option<Budgets>,
+    budgets: Budgets,
     /// Test fault: panic inside [`Network::poll`] when a client connects.
     panic_on_client: bool,
     /// The `driver=nbd` nodes' sockets.
@@ -89,12 +89,17 @@ impl Network {
     /// the interface; `ip` is the command line's `ip=ADDR/PREFIX[,gw=GW]` (QEMU user-network defaults
     /// when absent). No device is not an error: the appliance then runs
     /// without a network.
-    pub fn probe(pci: &mut Pci, ip: Option<&str>, registry: Rc<Registry>) -> Result<Self, String> {
+    pub fn probe(
+        pci: &mut Pci,
+        heap_bytes: u64,
+        ip: Option<&str>,
+        registry: Rc<Registry>,
+    ) -> Result<Self, String> {
         let ip = config::parse(ip)?;
-        let budgets = Budgets::for_heap(crate::heap::total());
+        let budgets = Budgets::for_heap(heap_bytes);
         info!(
             "network budgets for a {} MiB heap: {budgets}",
-            crate::heap::total() >> 20
+            heap_bytes >> 20
         );
         let stack = match find_device(pci)? {
             Some(dev) => {
@@ -117,7 +122,7 @@ impl Network {
             server: None,
             conns: Vec::new(),
             budget: Some(IoBudget::new(budgets.read_bytes)),
-            budgets: Some(budgets),
+            budgets,
             panic_on_client: false,
             clients: client::Clients::default(),
         })
@@ -132,8 +137,12 @@ impl Network {
             warn!("NBD server started without a network device: no client can reach it");
         }
         let host = cfg.host.map(IpAddress::Ipv4);
-        let budgets = self.budgets.ok_or("no network budgets")?;
-        self.server = Some(Server::new(host, cfg.port, cfg.max_connections, &budgets));
+        self.server = Some(Server::new(
+            host,
+            cfg.port,
+            cfg.max_connections,
+            &self.budgets,
+        ));
         self.poll();
         Ok(())
     }
@@ -172,8 +181,8 @@ impl Network {
             clients,
         } = self;
         let mut busy = false;
-        if let (Some(stack), Some(exports), Some(exec), Some(budget), Some(budgets)) =
-            (stack, exports.as_ref(), exec, budget, budgets.as_ref())
+        if let (Some(stack), Some(exports), Some(exec), Some(budget)) =
+            (stack, exports.as_ref(), exec, budget)
         {
             let gate = server.as_ref().map(|s| (s.port, s.free(&stack.sockets)));
             stack.device.gate_syns(gate);
