@@ -2,14 +2,21 @@
 //! own servers, on the same image file, with the same clients, in one run.
 //!
 //! Servers: `qemu-nbd` and `qemu-storage-daemon` serving the raw image
-//! natively on 127.0.0.1, and blockhaus (TCG) exporting the same file as a
-//! virtio-blk disk through virtio-net, once on QEMU's user network
-//! (`blockhaus`: slirp `hostfwd`, no TCP window scaling) and once on a tap
-//! device in a network namespace (`bh-tap`: QEMU's userspace virtio-net
-//! backend, no vhost-net here; needs root, skipped otherwise), with the
-//! clients run inside that namespace. The host servers skip the VM boundary
-//! and the guest's TCP stack, so the ratios measure blockhaus *plus* QEMU's
-//! network path against a native server: read them as "what a client sees".
+//! natively on 127.0.0.1; blockhaus (TCG) exporting the same file as a
+//! virtio-blk disk (`cache=none`) through virtio-net, once on QEMU's user
+//! network (`blockhaus`: slirp `hostfwd`, no TCP window scaling) and once
+//! on a tap device in a network namespace (`bh-tap`: QEMU's userspace
+//! virtio-net backend, no vhost-net here; needs root, skipped otherwise),
+//! with the clients run inside that namespace; and the anchor, the Linux VM
+//! blockhaus replaces ([`crate::linux_anchor`]: Debian's kernel and
+//! qemu-nbd, same machine, disk, NIC and network), as `linux` (slirp) and
+//! `linux-tap`. Each appliance row is given as a ratio to the Linux VM on
+//! the same network; the host servers skip the VM boundary and are there
+//! as the ceiling.
+//!
+//! A memory sweep follows (`--no-sweep` skips it): the least `-m` at which
+//! each VM serves a full 4-connection `nbdcopy` read, and blockhaus's heap
+//! once ready.
 //!
 //! Clients: `nbdcopy` sequential read (export → `null:`) and write (a
 //! random file → export), and `fio --ioengine=nbd` 4 KiB random read and
@@ -33,9 +40,13 @@ pub struct NbdArgs {
     /// Seconds per fio run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Only these servers (comma-separated: qemu-nbd, qsd, blockhaus, bh-tap).
+    /// Only these servers (comma-separated: qemu-nbd, qsd, blockhaus,
+    /// bh-tap, linux, linux-tap).
     #[arg(long)]
     only: Option<String>,
+    /// Skip the memory sweep.
+    #[arg(long)]
+    no_sweep: bool,
 }
 
 const MIB: u64 = 1 << 20;
@@ -44,6 +55,10 @@ const MIB: u64 = 1 << 20;
 enum Running {
     Host(Child),
     Appliance(Box<Appliance>),
+    /// Stopped by its own drop.
+    Linux {
+        _vm: crate::linux_anchor::LinuxVm,
+    },
 }
 
 /// Where clients reach a server: a URI, run inside a namespace or not.
@@ -72,6 +87,7 @@ impl Drop for Running {
                 let _ = a.qmp().execute("quit", Value::Null);
                 a.wait_exit(Duration::from_secs(60));
             }
+            Running::Linux { .. } => {}
         }
     }
 }
@@ -95,9 +111,51 @@ fn spawn(cmd: &mut Command) -> Result<Child, String> {
         .map_err(|e| format!("{cmd:?}: {e}"))
 }
 
-const APPEND: &str = "loglevel=warn --blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
+const APPEND: &str = "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
     --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809,max-connections=16 \
     --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on";
+
+/// The appliance on `img` with `cache=none` (the harness's disks use the
+/// host page cache), as the Linux VM has it.
+fn appliance_config(img: &Path, memory: &str, loglevel: &str) -> QemuConfig {
+    QemuConfig {
+        memory: memory.into(),
+        append: format!("loglevel={loglevel} {APPEND}"),
+        extra: [
+            "-drive".to_string(),
+            format!(
+                "file={},if=none,id=disk0,format=raw,cache=none,discard=unmap",
+                img.display()
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0,serial=disk0".into(),
+        ]
+        .map(Into::into)
+        .to_vec(),
+        ..QemuConfig::default()
+    }
+}
+
+/// Polls `nbdinfo URI` until it answers: the time a client waits.
+fn wait_nbdinfo(t: &Target, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ok = t
+            .command("nbdinfo")
+            .arg(&t.uri)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("nbdinfo {}: no answer", t.uri));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), String> {
     let local = Target {
@@ -140,10 +198,8 @@ fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), Strin
         "blockhaus" => {
             let image = harness::image::build(true)?;
             let cfg = QemuConfig {
-                disks: vec![img.to_path_buf()],
                 nbd_port: Some(port),
-                append: APPEND.into(),
-                ..QemuConfig::default()
+                ..appliance_config(img, "256M", "warn")
             };
             let mut a = Appliance::start(&image, &cfg)?;
             a.qmp().negotiate()?;
@@ -152,11 +208,11 @@ fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), Strin
         "bh-tap" => {
             let image = harness::image::build(true)?;
             let tap = NetnsTap::create()?;
+            let base = appliance_config(img, "256M", "warn");
             let cfg = QemuConfig {
-                disks: vec![img.to_path_buf()],
                 netns_tap: Some(tap.clone()),
-                append: format!("{} {APPEND}", NetnsTap::GUEST_IP_SETTING),
-                ..QemuConfig::default()
+                append: format!("{} {}", NetnsTap::GUEST_IP_SETTING, base.append),
+                ..base
             };
             let mut a = Appliance::start(&image, &cfg)?;
             a.qmp().negotiate()?;
@@ -165,6 +221,25 @@ fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), Strin
                 netns: Some(tap),
             };
             return Ok((Running::Appliance(Box::new(a)), target));
+        }
+        "linux" | "linux-tap" => {
+            let arts = crate::linux_anchor::build()?;
+            let (net, target) = if server == "linux" {
+                let t = Target {
+                    uri: format!("nbd://127.0.0.1:{port}/"),
+                    netns: None,
+                };
+                (crate::linux_anchor::Net::Slirp(port), t)
+            } else {
+                let tap = NetnsTap::create()?;
+                let t = Target {
+                    uri: format!("nbd://{}/", NetnsTap::GUEST_IP),
+                    netns: Some(tap.clone()),
+                };
+                (crate::linux_anchor::Net::Tap(tap), t)
+            };
+            let vm = crate::linux_anchor::LinuxVm::start(&arts, img, &net, "256M")?;
+            return Ok((Running::Linux { _vm: vm }, target));
         }
         other => return Err(format!("unknown server '{other}'")),
     };
@@ -212,11 +287,13 @@ fn fio(t: &Target, rw: &str, depth: u32, seconds: u64) -> Result<f64, String> {
         .ok_or_else(|| format!("no IOPS in fio output: {json}"))
 }
 
-/// Measurements of one server: read MB/s, write MB/s, randread QD32,
-/// randwrite QD32, randread QD1 IOPS.
-type Row = [f64; 5];
+/// Measurements of one server: QEMU start to the first `nbdinfo`
+/// answered (s), read MB/s, write MB/s, randread QD32, randwrite QD32,
+/// randread QD1 IOPS.
+type Row = [f64; 6];
 
-const COLUMNS: [&str; 5] = [
+const COLUMNS: [&str; 6] = [
+    "NBD ready s",
     "nbdcopy read MB/s",
     "nbdcopy write MB/s",
     "randread QD32 IOPS",
@@ -224,11 +301,18 @@ const COLUMNS: [&str; 5] = [
     "randread QD1 IOPS",
 ];
 
-fn measure(t: &Target, src: &Path, size: u64, seconds: u64) -> Result<Row, String> {
+fn measure(
+    t: &Target,
+    ready: Duration,
+    src: &Path,
+    size: u64,
+    seconds: u64,
+) -> Result<Row, String> {
     let mb = size as f64 / 1e6;
     let read = run_timed(t.command("nbdcopy").arg(&t.uri).arg("null:"))?;
     let write = run_timed(t.command("nbdcopy").arg("--flush").arg(src).arg(&t.uri))?;
     Ok([
+        ready.as_secs_f64(),
         mb / read.as_secs_f64(),
         mb / write.as_secs_f64(),
         fio(t, "randread", 32, seconds)?,
@@ -267,36 +351,60 @@ fn make_images(dir: &Path, size: u64) -> Result<(PathBuf, PathBuf), String> {
     Ok((img, src))
 }
 
+/// Servers that need root (a tap in a network namespace): skipped, with
+/// the reason, where it cannot be made.
+fn needs_tap(server: &str) -> bool {
+    server.ends_with("tap")
+}
+
 pub fn bench(args: NbdArgs) -> Result<(), String> {
     let size = args.size_mib.max(16) * MIB;
     let seconds = args.seconds.max(1);
     let servers: Vec<String> = match &args.only {
         Some(list) => list.split(',').map(String::from).collect(),
-        None => ["qemu-nbd", "qsd", "blockhaus", "bh-tap"]
-            .map(String::from)
-            .to_vec(),
+        None => [
+            "qemu-nbd",
+            "qsd",
+            "linux",
+            "blockhaus",
+            "linux-tap",
+            "bh-tap",
+        ]
+        .map(String::from)
+        .to_vec(),
     };
+    // Build before anything is timed.
+    if servers.iter().any(|s| s == "blockhaus" || s == "bh-tap") {
+        harness::image::build(true)?;
+    }
+    if servers.iter().any(|s| s.starts_with("linux")) {
+        crate::linux_anchor::build()?;
+    }
     let dir = scratch()?;
     let result = (|| {
         let (img, src) = make_images(&dir, size)?;
         println!(
-            "NBD benchmark: {} MiB raw image, fio {seconds} s per run, 127.0.0.1",
+            "NBD benchmark: {} MiB raw image (cache=none in the VMs), fio {seconds} s per run",
             size / MIB
         );
-        println!("blockhaus: TCG, virtio-blk disk; virtio-net on QEMU user networking (slirp");
-        println!("  hostfwd); bh-tap: virtio-net on a tap in a network namespace (no vhost-net)");
+        println!(
+            "VMs: q35, TCG, -m 256M, virtio-blk + virtio-net-pci; slirp hostfwd to 127.0.0.1,"
+        );
+        println!("  or (-tap rows) a tap in a network namespace (no vhost-net), clients inside it");
         let mut rows: Vec<(String, Row)> = Vec::new();
         for s in &servers {
             let port = harness::qemu::free_port();
+            let t0 = Instant::now();
             let (running, target) = match start(s, &img, port) {
                 Ok(r) => r,
-                Err(e) if s == "bh-tap" => {
+                Err(e) if needs_tap(s) => {
                     println!("  {s}: skipped ({e})");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(format!("{s}: {e}")),
             };
-            let row = measure(&target, &src, size, seconds);
+            let row = wait_nbdinfo(&target, Duration::from_secs(180))
+                .and_then(|()| measure(&target, t0.elapsed(), &src, size, seconds));
             drop(running);
             drop(target);
             let row = row.map_err(|e| format!("{s}: {e}"))?;
@@ -304,31 +412,140 @@ pub fn bench(args: NbdArgs) -> Result<(), String> {
             rows.push((s.clone(), row));
         }
         print_table(&rows);
+        if !args.no_sweep {
+            memory_sweep(&img)?;
+        }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
+/// The row each server is compared with: the Linux VM on the same network
+/// (the host servers have none).
+fn anchor_of(server: &str) -> Option<&'static str> {
+    match server {
+        "blockhaus" => Some("linux"),
+        "bh-tap" => Some("linux-tap"),
+        _ => None,
+    }
+}
+
 fn print_table(rows: &[(String, Row)]) {
-    let base = rows.iter().find(|(s, _)| s == "qemu-nbd").map(|(_, r)| *r);
     print!("{:<10}", "server");
     for c in COLUMNS {
         print!(" {c:>21}");
     }
     println!();
     for (name, row) in rows {
+        let base = anchor_of(name)
+            .and_then(|a| rows.iter().find(|(s, _)| s == a))
+            .map(|(_, r)| *r);
         print!("{name:<10}");
         for (i, v) in row.iter().enumerate() {
+            let digits = if i == 0 { 2 } else { 0 };
             let cell = match base {
-                Some(b) if b[i] > 0.0 => format!("{v:.0} ({:.2}x)", v / b[i]),
-                _ => format!("{v:.0}"),
+                // Time: how many times sooner.
+                Some(b) if i == 0 && *v > 0.0 => format!("{v:.digits$} ({:.1}x)", b[i] / v),
+                Some(b) if b[i] > 0.0 => format!("{v:.digits$} ({:.2}x)", v / b[i]),
+                _ => format!("{v:.digits$}"),
             };
             print!(" {cell:>21}");
         }
         println!();
     }
-    if base.is_some() {
-        println!("(ratios to qemu-nbd, measured in this run)");
+    println!("(ratios: blockhaus to linux, bh-tap to linux-tap, measured in this run;");
+    println!(" for NBD ready, how many times sooner)");
+}
+
+/// `-m` sizes tried, MiB, largest first.
+const SWEEP_BLOCKHAUS: [u32; 7] = [64, 48, 40, 32, 28, 24, 20];
+const SWEEP_LINUX: [u32; 5] = [160, 128, 112, 96, 64];
+
+/// Whether a VM booted with `memory_mib` serves a full 4-connection
+/// nbdcopy read of `img` (over slirp): `Ok(Some(heap KiB at ready))` for
+/// blockhaus, `Ok(None)` for Linux, `Err` with the failure.
+fn serves_at(server: &str, img: &Path, memory_mib: u32) -> Result<Option<u64>, String> {
+    let port = harness::qemu::free_port();
+    let memory = format!("{memory_mib}M");
+    let target = Target {
+        uri: format!(
+            "nbd://127.0.0.1:{port}/{}",
+            if server == "linux" { "" } else { "disk" }
+        ),
+        netns: None,
+    };
+    let copy = |t: &Target| -> Result<(), String> {
+        wait_nbdinfo(t, Duration::from_secs(120))?;
+        run_timed(
+            t.command("nbdcopy")
+                .arg("--connections=4")
+                .arg(&t.uri)
+                .arg("null:"),
+        )
+        .map(|_| ())
+    };
+    if server == "linux" {
+        let arts = crate::linux_anchor::build()?;
+        let _vm = crate::linux_anchor::LinuxVm::start(
+            &arts,
+            img,
+            &crate::linux_anchor::Net::Slirp(port),
+            &memory,
+        )?;
+        return copy(&target).map(|()| None);
     }
+    let image = harness::image::build(true)?;
+    let cfg = QemuConfig {
+        nbd_port: Some(port),
+        ..appliance_config(img, &memory, "info")
+    };
+    let mut a = Appliance::start(&image, &cfg)?;
+    a.qmp().negotiate()?;
+    let result = copy(&target);
+    let console = a.console();
+    let _ = a.qmp().execute("quit", Value::Null);
+    a.wait_exit(Duration::from_secs(60));
+    result?;
+    if console.contains("panicked") {
+        return Err("the appliance panicked".into());
+    }
+    let heap = console
+        .lines()
+        .find_map(|l| l.split("heap at ready: ").nth(1))
+        .and_then(|l| l.split(" KiB").next())
+        .and_then(|n| n.trim().parse().ok());
+    Ok(heap)
+}
+
+/// The least `-m` at which each VM serves a full 4-connection read.
+fn memory_sweep(img: &Path) -> Result<(), String> {
+    println!("memory sweep: the least -m that serves a full 4-connection nbdcopy read (slirp)");
+    for (server, sizes) in [
+        ("linux", &SWEEP_LINUX[..]),
+        ("blockhaus", &SWEEP_BLOCKHAUS[..]),
+    ] {
+        let mut least = None;
+        for &m in sizes {
+            match serves_at(server, img, m) {
+                Ok(heap) => {
+                    let heap = heap
+                        .map(|k| format!(", heap at ready {k} KiB"))
+                        .unwrap_or_default();
+                    println!("  {server} -m {m}M: served{heap}");
+                    least = Some(m);
+                }
+                Err(e) => {
+                    let first = e.lines().next().unwrap_or_default();
+                    println!("  {server} -m {m}M: failed ({first})");
+                    break;
+                }
+            }
+        }
+        match least {
+            Some(m) => println!("  {server}: least -m {m}M"),
+            None => println!("  {server}: failed at every size tried"),
+        }
+    }
+    Ok(())
 }

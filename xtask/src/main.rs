@@ -19,6 +19,7 @@ mod deps;
 mod floor;
 mod graph;
 mod image;
+mod linux_anchor;
 mod proxy;
 mod run;
 mod soak;
