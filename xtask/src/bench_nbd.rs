@@ -459,13 +459,18 @@ fn print_table(rows: &[(String, Row)]) {
 }
 
 /// `-m` sizes tried, MiB, largest first.
-const SWEEP_BLOCKHAUS: [u32; 7] = [64, 48, 40, 32, 28, 24, 20];
+const SWEEP_BLOCKHAUS: [u32; 8] = [64, 48, 40, 32, 28, 24, 20, 16];
 const SWEEP_LINUX: [u32; 5] = [160, 128, 112, 96, 64];
 
 /// Whether a VM booted with `memory_mib` serves a full 4-connection
 /// nbdcopy read of `img` (over slirp): `Ok(Some(heap KiB at ready))` for
 /// blockhaus, `Ok(None)` for Linux, `Err` with the failure.
-fn serves_at(server: &str, img: &Path, memory_mib: u32) -> Result<Option<u64>, String> {
+fn serves_at(
+    server: &str,
+    image: &Path,
+    img: &Path,
+    memory_mib: u32,
+) -> Result<Option<u64>, String> {
     let port = harness::qemu::free_port();
     let memory = format!("{memory_mib}M");
     let target = Target {
@@ -495,12 +500,11 @@ fn serves_at(server: &str, img: &Path, memory_mib: u32) -> Result<Option<u64>, S
         )?;
         return copy(&target).map(|()| None);
     }
-    let image = harness::image::build(true)?;
     let cfg = QemuConfig {
         nbd_port: Some(port),
         ..appliance_config(img, &memory, "info")
     };
-    let mut a = Appliance::start(&image, &cfg)?;
+    let mut a = Appliance::start(image, &cfg)?;
     a.qmp().negotiate()?;
     let result = copy(&target);
     let console = a.console();
@@ -521,13 +525,14 @@ fn serves_at(server: &str, img: &Path, memory_mib: u32) -> Result<Option<u64>, S
 /// The least `-m` at which each VM serves a full 4-connection read.
 fn memory_sweep(img: &Path) -> Result<(), String> {
     println!("memory sweep: the least -m that serves a full 4-connection nbdcopy read (slirp)");
+    let image = harness::image::build(true)?;
     for (server, sizes) in [
         ("linux", &SWEEP_LINUX[..]),
         ("blockhaus", &SWEEP_BLOCKHAUS[..]),
     ] {
         let mut least = None;
         for &m in sizes {
-            match serves_at(server, img, m) {
+            match serves_at(server, &image, img, m) {
                 Ok(heap) => {
                     let heap = heap
                         .map(|k| format!(", heap at ready {k} KiB"))
