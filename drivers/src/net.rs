@@ -12,8 +12,11 @@
 //! cuts them into segments of the connection's MSS, see [`offload`]).
 //! A tap netdev offers all of them; QEMU's user network (slirp) offers
 //! none (it has no vnet header): then smoltcp computes every checksum and
-//! sends MSS-sized frames, as before. `GUEST_TSO4/6` and `MRG_RXBUF` are
-//! not negotiated (received frames stay within the MTU).
+//! sends MSS-sized frames, as before. `GUEST_TSO4` (the host hands us
+//! unsegmented TCP frames of up to 64 KiB, one per receive buffer) is
+//! asked for only when the 64 KiB receive buffers could be allocated;
+//! `MRG_RXBUF` (frames spread over small buffers, which smoltcp would
+//! need copied together) and the IPv6 and ECN variants are not.
 //!
 //! # Buffers
 //! Allocated once at start-up, as many as [`Sizing`] allows (derived
@@ -30,8 +33,8 @@
 //! interrupt interface is [`NetDevice::set_interrupts`] and
 //! [`NetDevice::ack_interrupt`]). Frames added to the TX ring during one
 //! poll of the stack go to the device with one notification at the end
-//! ([`NetDevice::flush`]), or earlier when the device runs low
-//! ([`want_kick`]); `EVENT_IDX` is not negotiated (see
+//! ([`NetDevice::flush`]), or earlier once 64 KiB or a quarter of the
+//! ring wait ([`kick_now`]); `EVENT_IDX` is not negotiated (see
 //! [`crate::virtio::queue`]), so QEMU's `NO_NOTIFY` flag suppresses the
 //! kicks while it drains the ring.
 //!
@@ -58,7 +61,7 @@ use virtio_drivers::transport::{InterruptStatus, Transport};
 /// The TCP/IP stack, for the kernel (one version for driver and stack).
 pub use smoltcp;
 
-use crate::virtio::queue::{Queue, want_kick};
+use crate::virtio::queue::Queue;
 use crate::virtio::transport::{self as vt, F_VERSION_1};
 
 /// `VIRTIO_NET_F_CSUM`: the device completes checksums of what we send.
@@ -69,17 +72,22 @@ pub const F_GUEST_CSUM: u64 = 1 << 1;
 pub const F_MTU: u64 = 1 << 3;
 /// `VIRTIO_NET_F_MAC`: the device's MAC is in its config space.
 pub const F_MAC: u64 = 1 << 5;
+/// `VIRTIO_NET_F_GUEST_TSO4`: the device may hand us IPv4 TCP frames of
+/// up to 64 KiB (needs `GUEST_CSUM`, and receive buffers that hold one).
+pub const F_GUEST_TSO4: u64 = 1 << 7;
 /// `VIRTIO_NET_F_HOST_TSO4`: the device segments large IPv4 TCP frames.
 pub const F_HOST_TSO4: u64 = 1 << 11;
-/// The features asked for (VERSION_1 is always).
+/// The features asked for (VERSION_1 is always; `GUEST_TSO4` when the
+/// large receive buffers could be allocated).
 pub const WANTED: u64 = F_CSUM | F_GUEST_CSUM | F_MTU | F_MAC | F_HOST_TSO4;
 
 /// Feature names, for the boot log.
-const NAMES: [(u64, &str); 6] = [
+const NAMES: [(u64, &str); 7] = [
     (F_CSUM, "CSUM"),
     (F_GUEST_CSUM, "GUEST_CSUM"),
     (F_MTU, "MTU"),
     (F_MAC, "MAC"),
+    (F_GUEST_TSO4, "GUEST_TSO4"),
     (F_HOST_TSO4, "HOST_TSO4"),
     (F_VERSION_1, "VERSION_1"),
 ];
@@ -98,6 +106,11 @@ pub const MAX_MTU: u16 = 9000;
 /// packet of 65535 bytes (its total length must be valid) and the
 /// Ethernet header.
 pub const TSO_FRAME: usize = 65535 + ETH_LEN;
+/// A receive buffer with `GUEST_TSO4` and without `MRG_RXBUF` (virtio
+/// 1.x, 5.1.6.3.1: at least 65562 bytes, header included).
+pub const RX_TSO_BUFFER: usize = 65562;
+/// Fewer large receive buffers than this: `GUEST_TSO4` is not asked for.
+const MIN_RX_TSO_BUFFERS: usize = 4;
 
 /// `virtio_net_hdr.flags`: checksum from `csum_start` to the end, stored
 /// at `csum_start + csum_offset`.
@@ -111,6 +124,9 @@ const HDR_GSO_TCPV4: u8 = 1;
 pub struct Sizing {
     /// Receive buffers (one frame at the MTU each).
     pub rx_buffers: usize,
+    /// Large receive buffers (64 KiB) for `GUEST_TSO4`, used instead of
+    /// those when the device offers it; 0 does without.
+    pub rx_tso_buffers: usize,
     /// Small transmit buffers (one frame at the MTU each).
     pub tx_buffers: usize,
     /// Large (64 KiB) transmit buffers for segmentation offload; 0 turns it
@@ -168,6 +184,9 @@ impl core::fmt::Display for FeatureNames {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub rx_frames: u64,
+    /// Received frames the host did not segment (`gso_type` set: only
+    /// with `GUEST_TSO4`).
+    pub rx_gso_frames: u64,
     pub tx_frames: u64,
     /// Frames handed to the device for segmentation (`gso_type` TCPV4).
     pub tx_gso_frames: u64,
@@ -209,6 +228,8 @@ struct TxPool {
     in_flight: usize,
     /// Frames added since the last notification.
     unkicked: usize,
+    /// Their bytes.
+    unkicked_bytes: usize,
 }
 
 impl TxPool {
@@ -240,6 +261,7 @@ impl Rings {
     fn kick_tx(&mut self, tx: &mut TxPool, stats: &mut Stats) {
         if tx.unkicked > 0 {
             tx.unkicked = 0;
+            tx.unkicked_bytes = 0;
             if self.txq.should_notify() {
                 self.transport.notify(TX_QUEUE);
                 stats.kicks += 1;
@@ -337,6 +359,19 @@ fn pool(n: usize, len: usize) -> Vec<Box<[u8]>> {
     bufs
 }
 
+/// `features` without those whose dependency is missing (virtio 1.x,
+/// 5.1.3.1): `GUEST_TSO4` needs `GUEST_CSUM`, `HOST_TSO4` needs `CSUM`.
+fn without_unmet(features: u64) -> u64 {
+    let mut f = features;
+    if f & F_GUEST_CSUM == 0 {
+        f &= !F_GUEST_TSO4;
+    }
+    if f & F_CSUM == 0 {
+        f &= !F_HOST_TSO4;
+    }
+    f
+}
+
 /// The MTU to use given the negotiated features and the config's `mtu`.
 fn pick_mtu(features: u64, offered: u16) -> u16 {
     if features & F_MTU == 0 || offered < 68 {
@@ -351,7 +386,21 @@ impl NetDevice {
     /// `sizing` asks for (fewer if the heap is short) and posts every
     /// receive buffer.
     pub fn new(mut transport: PciTransport, sizing: Sizing) -> Result<NetDevice, Error> {
-        let features = vt::negotiate(&mut transport, WANTED).map_err(Error::Negotiate)?;
+        // Large receive buffers first: only with them may the device send
+        // 64 KiB frames (without MRG_RXBUF a frame must fit one buffer).
+        let mut rx = pool(sizing.rx_tso_buffers, RX_TSO_BUFFER);
+        let wanted = if rx.len() >= MIN_RX_TSO_BUFFERS {
+            WANTED | F_GUEST_TSO4
+        } else {
+            WANTED
+        };
+        let mut features = vt::negotiate(&mut transport, wanted).map_err(Error::Negotiate)?;
+        if without_unmet(features) != features {
+            // QEMU offers the TSO features without the checksum ones they
+            // need (`csum=off`): ask again without them.
+            features =
+                vt::negotiate(&mut transport, without_unmet(features)).map_err(Error::Negotiate)?;
+        }
         let mut mac = [0u8; 6];
         for (i, b) in mac.iter_mut().enumerate() {
             *b = vt::config_u8(&transport, i);
@@ -363,7 +412,12 @@ impl NetDevice {
         txq.set_dev_notify(false);
         transport.finish_init();
         let frame_len = HDR_LEN + ETH_LEN + usize::from(mtu);
-        let rx = pool(sizing.rx_buffers.min(rxq.size().into()), frame_len);
+        rx.truncate(rxq.size().into());
+        if features & F_GUEST_TSO4 == 0 {
+            // Not offered: the large buffers go back before the small come.
+            drop(core::mem::take(&mut rx));
+            rx = pool(sizing.rx_buffers.min(rxq.size().into()), frame_len);
+        }
         let small = pool(sizing.tx_buffers.min(txq.size().into()), frame_len);
         if rx.is_empty() || small.is_empty() {
             return Err(Error::NoMemory);
@@ -391,6 +445,7 @@ impl NetDevice {
                 by_token: alloc::vec![None; txq.size().into()],
                 in_flight: 0,
                 unkicked: 0,
+                unkicked_bytes: 0,
             },
             rings: Rings {
                 transport,
@@ -698,6 +753,20 @@ pub fn offload(pkt: &mut [u8], mss: Option<u16>) -> bool {
     }
 }
 
+/// Bytes of frames that go to the device at once, without waiting for
+/// the end of the poll: a 64 KiB frame for segmentation, or some 44
+/// frames at MTU 1500 (QEMU starts on them while smoltcp writes more).
+const KICK_BYTES: usize = 64 * 1024;
+
+/// Whether to notify the device in the middle of a poll, with `frames`
+/// of `bytes` bytes added since the last notification on a ring of `size`
+/// slots; otherwise [`NetDevice::flush`] does at the end of the poll.
+/// Every notification is an exit to QEMU: per frame, a read over slirp
+/// cost one per 1.5 KiB.
+fn kick_now(frames: usize, bytes: usize, size: u16) -> bool {
+    bytes >= KICK_BYTES || frames >= (usize::from(size) / 4).max(1)
+}
+
 /// A received frame lent to smoltcp: a pool buffer (posted again once
 /// smoltcp is done with it) or the synthetic ARP request.
 pub struct RxToken<'a> {
@@ -791,9 +860,10 @@ impl phy::TxToken for TxToken<'_> {
                 self.stats.tx_gso_frames += u64::from(gso);
                 self.pool.in_flight += 1;
                 self.pool.unkicked += 1;
-                if want_kick(
-                    self.pool.in_flight,
+                self.pool.unkicked_bytes += len;
+                if kick_now(
                     self.pool.unkicked,
+                    self.pool.unkicked_bytes,
                     self.rings.txq.size(),
                 ) {
                     self.rings.kick_tx(self.pool, self.stats);
@@ -840,6 +910,7 @@ impl phy::Device for NetDevice {
                 }
                 let (start, len) = (HDR_LEN, written - HDR_LEN);
                 self.stats.rx_frames += 1;
+                self.stats.rx_gso_frames += u64::from(self.rx.bufs[index][1] != 0);
                 if let Some((port, free)) = &mut self.syn_gate
                     && tcp_syn_port(frame_of(&self.rx.bufs[index], start, len)) == Some(*port)
                 {
@@ -1184,5 +1255,30 @@ mod tests {
         let s = std::format!("{}", FeatureNames(F_CSUM | F_HOST_TSO4 | F_VERSION_1));
         assert_eq!(s, "CSUM HOST_TSO4 VERSION_1");
         assert_eq!(std::format!("{}", FeatureNames(0)), "none");
+    }
+
+    #[test]
+    fn kicks_wait_for_64k_or_a_quarter_of_the_ring() {
+        assert!(
+            !kick_now(1, 1514, 256),
+            "one small frame waits for the poll's end"
+        );
+        assert!(!kick_now(43, 43 * 1514, 256));
+        assert!(kick_now(44, 44 * 1514, 256), "64 KiB of small frames");
+        assert!(kick_now(1, TSO_FRAME, 256), "one frame for segmentation");
+        assert!(kick_now(64, 64 * 60, 256), "a quarter of the ring of ACKs");
+        assert!(kick_now(1, 60, 2));
+    }
+
+    #[test]
+    fn tso_features_are_dropped_without_their_checksum_features() {
+        let all = WANTED | F_GUEST_TSO4;
+        assert_eq!(without_unmet(all), all);
+        assert_eq!(without_unmet(all & !F_CSUM), all & !F_CSUM & !F_HOST_TSO4);
+        assert_eq!(
+            without_unmet(all & !F_GUEST_CSUM),
+            all & !F_GUEST_CSUM & !F_GUEST_TSO4
+        );
+        assert_eq!(without_unmet(F_MAC | F_VERSION_1), F_MAC | F_VERSION_1);
     }
 }

@@ -17,9 +17,11 @@
 //!   share, at most 2 MiB; write payloads one connection may hold: `H/4`
 //!   shared by the clients, between 256 KiB and 4 MiB;
 //! - virtio-net frame buffers: receive and small transmit buffers `H/64`
-//!   each (about 1.5 KiB a frame, at most one per ring slot), large
-//!   (64 KiB) transmit buffers for segmentation offload `H/32`, between 2
-//!   and 32;
+//!   each (about 1.5 KiB a frame, at most one per ring slot); large
+//!   (64 KiB) transmit buffers for segmentation offload `H/64`, between 2
+//!   and 16; large receive buffers (64 KiB, instead of the small ones when
+//!   the host may send 64 KiB frames) `H/32`, at most 16 (under 4 they are
+//!   not used): at most about 2.4 MiB in all;
 //! - a reserve of `H/8` (at least 1 MiB) that a read or a write payload
 //!   may not eat into: a request that would is answered `ENOMEM`.
 //!
@@ -96,8 +98,9 @@ impl Budgets {
             reserve: (heap / 8).max(MIB) as usize,
             net: Sizing {
                 rx_buffers: (heap / 64 / FRAME).max(16) as usize,
+                rx_tso_buffers: (heap / 32 / (64 * KIB)).min(16) as usize,
                 tx_buffers: (heap / 64 / FRAME).max(16) as usize,
-                tso_buffers: (heap / 32 / (64 * KIB)).clamp(2, 32) as usize,
+                tso_buffers: (heap / 64 / (64 * KIB)).clamp(2, 16) as usize,
             },
         }
     }
@@ -107,7 +110,7 @@ impl core::fmt::Display for Budgets {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "{} clients, {} listeners, {} KiB TCP buffers, reads {} KiB ({} KiB a client), writes {} KiB a client, reserve {} KiB, net buffers {} RX {} TX {} TSO",
+            "{} clients, {} listeners, {} KiB TCP buffers, reads {} KiB ({} KiB a client), writes {} KiB a client, reserve {} KiB, net buffers {} RX ({} of 64 KiB) {} TX ({} of 64 KiB)",
             self.max_clients,
             self.listeners,
             self.socket_buffer >> 10,
@@ -116,6 +119,7 @@ impl core::fmt::Display for Budgets {
             self.limits.max_write_bytes >> 10,
             self.reserve >> 10,
             self.net.rx_buffers,
+            self.net.rx_tso_buffers,
             self.net.tx_buffers,
             self.net.tso_buffers
         )

@@ -289,8 +289,13 @@ impl Network {
         if let Some(stack) = &self.stack {
             let st = stack.device.stats();
             info!(
-                "virtio-net: {} frames received, {} sent ({} for segmentation), {} notifications, {} times no TX buffer",
-                st.rx_frames, st.tx_frames, st.tx_gso_frames, st.kicks, st.tx_full
+                "virtio-net: {} frames received ({} unsegmented), {} sent ({} for segmentation), {} notifications, {} times no TX buffer",
+                st.rx_frames,
+                st.rx_gso_frames,
+                st.tx_frames,
+                st.tx_gso_frames,
+                st.kicks,
+                st.tx_full
             );
         }
         closed
