@@ -19,9 +19,10 @@
 //! - virtio-net frame buffers: receive and small transmit buffers `H/64`
 //!   each (about 1.5 KiB a frame, at most one per ring slot); large
 //!   (64 KiB) transmit buffers for segmentation offload `H/64`, between 2
-//!   and 16; large receive buffers (64 KiB, instead of the small ones when
-//!   the host may send 64 KiB frames) `H/32`, at most 16 (under 4 they are
-//!   not used): at most about 2.4 MiB in all;
+//!   and 8; large receive buffers (64 KiB, instead of the small ones when
+//!   the host may send 64 KiB frames) `H/32`, at most 8 (under 4 they are
+//!   not used): at most about 1.4 MiB in all, so the heap at ready stays
+//!   within 4 MiB;
 //! - a reserve of `H/8` (at least 1 MiB) that a read or a write payload
 //!   may not eat into: a request that would is answered `ENOMEM`.
 //!
@@ -98,9 +99,9 @@ impl Budgets {
             reserve: (heap / 8).max(MIB) as usize,
             net: Sizing {
                 rx_buffers: (heap / 64 / FRAME).max(16) as usize,
-                rx_tso_buffers: (heap / 32 / (64 * KIB)).min(16) as usize,
+                rx_tso_buffers: (heap / 32 / (64 * KIB)).min(8) as usize,
                 tx_buffers: (heap / 64 / FRAME).max(16) as usize,
-                tso_buffers: (heap / 64 / (64 * KIB)).clamp(2, 16) as usize,
+                tso_buffers: (heap / 64 / (64 * KIB)).clamp(2, 8) as usize,
             },
         }
     }
