@@ -121,6 +121,9 @@ pub struct QemuConfig {
     /// virtio-net device on its tap ([`NetnsTap`]); clients reach the guest
     /// at [`NetnsTap::GUEST_IP`] from inside the namespace.
     pub netns_tap: Option<NetnsTap>,
+    /// Extra `virtio-net-pci` properties for either network (e.g.
+    /// `,csum=off` or `,host_mtu=9000`), starting with a comma.
+    pub net_opts: String,
     /// [`Firmware::None`]: the image is the PVH ELF; otherwise it is the
     /// disk image the firmware boots.
     pub firmware: Firmware,
@@ -141,6 +144,7 @@ impl Default for QemuConfig {
             extra: Vec::new(),
             nbd_port: None,
             netns_tap: None,
+            net_opts: String::new(),
             firmware: Firmware::None,
             firmware_path: None,
         }
@@ -241,14 +245,16 @@ impl QemuConfig {
             cmd.arg("-netdev").arg(format!(
                 "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{NBD_GUEST_PORT}"
             ));
-            cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
+            cmd.arg("-device")
+                .arg(format!("virtio-net-pci,netdev=n0{}", self.net_opts));
         }
         if self.netns_tap.is_some() {
             cmd.arg("-netdev").arg(format!(
                 "tap,id=t0,ifname={},script=no,downscript=no",
                 NetnsTap::TAP
             ));
-            cmd.args(["-device", "virtio-net-pci,netdev=t0"]);
+            cmd.arg("-device")
+                .arg(format!("virtio-net-pci,netdev=t0{}", self.net_opts));
         }
         cmd.args(&self.extra);
         cmd

@@ -16,6 +16,13 @@
 //! - queued output a connection may hold before its input waits: its read
 //!   share, at most 2 MiB; write payloads one connection may hold: `H/4`
 //!   shared by the clients, between 256 KiB and 4 MiB;
+//! - virtio-net frame buffers: receive and small transmit buffers `H/64`
+//!   each (about 1.5 KiB a frame, at most one per ring slot); large
+//!   (64 KiB) transmit buffers for segmentation offload `H/64`, between 2
+//!   and 8; large receive buffers (64 KiB, instead of the small ones when
+//!   the host may send 64 KiB frames) `H/32`, at most 8 (under 4 they are
+//!   not used): at most about 1.4 MiB in all, so the heap at ready stays
+//!   within 4 MiB;
 //! - a reserve of `H/8` (at least 1 MiB) that a read or a write payload
 //!   may not eat into: a request that would is answered `ENOMEM`.
 //!
@@ -24,9 +31,12 @@
 //! the graph and the reserve.
 
 use block::nbd::Limits;
+use drivers::net::Sizing;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
+/// A frame buffer at MTU 1500 (header and Ethernet frame, rounded up).
+const FRAME: u64 = 1536;
 
 /// The budgets of one appliance.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +55,8 @@ pub struct Budgets {
     pub limits: Limits,
     /// Heap a request's buffers must leave free.
     pub reserve: usize,
+    /// virtio-net frame buffers.
+    pub net: Sizing,
 }
 
 fn pow2_floor(n: u64) -> u64 {
@@ -85,6 +97,12 @@ impl Budgets {
             conn_read_bytes,
             limits,
             reserve: (heap / 8).max(MIB) as usize,
+            net: Sizing {
+                rx_buffers: (heap / 64 / FRAME).max(16) as usize,
+                rx_tso_buffers: (heap / 32 / (64 * KIB)).min(8) as usize,
+                tx_buffers: (heap / 64 / FRAME).max(16) as usize,
+                tso_buffers: (heap / 64 / (64 * KIB)).clamp(2, 8) as usize,
+            },
         }
     }
 }
@@ -93,14 +111,18 @@ impl core::fmt::Display for Budgets {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "{} clients, {} listeners, {} KiB TCP buffers, reads {} KiB ({} KiB a client), writes {} KiB a client, reserve {} KiB",
+            "{} clients, {} listeners, {} KiB TCP buffers, reads {} KiB ({} KiB a client), writes {} KiB a client, reserve {} KiB, net buffers {} RX ({} of 64 KiB) {} TX ({} of 64 KiB)",
             self.max_clients,
             self.listeners,
             self.socket_buffer >> 10,
             self.read_bytes >> 10,
             self.conn_read_bytes >> 10,
             self.limits.max_write_bytes >> 10,
-            self.reserve >> 10
+            self.reserve >> 10,
+            self.net.rx_buffers,
+            self.net.rx_tso_buffers,
+            self.net.tx_buffers,
+            self.net.tso_buffers
         )
     }
 }

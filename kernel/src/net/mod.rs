@@ -66,20 +66,39 @@ pub struct Network {
     clients: client::Clients,
 }
 
-/// Brings up the first virtio-net function of the boot-time PCI scan.
-fn find_device(pci: &mut Pci) -> Result<Option<NetDevice>, String> {
+/// Brings up the first virtio-net function of the boot-time PCI scan with
+/// the buffers `budgets` allow.
+fn find_device(pci: &mut Pci, budgets: &Budgets) -> Result<Option<NetDevice>, String> {
     let Some(f) = pci.virtio(&NET_IDS).into_iter().next() else {
         return Ok(None);
     };
     let transport = pci
         .open_virtio(&f)
         .map_err(|e| format!("{}: {e}", f.address))?;
-    let dev = NetDevice::new(transport).map_err(|e| format!("{}: {e}", f.address))?;
+    let dev = NetDevice::new(transport, budgets.net).map_err(|e| format!("{}: {e}", f.address))?;
+    let (rx, tx, large) = dev.buffers();
     info!(
-        "{} virtio-net: MAC {}, {} RX/TX buffers",
+        "{} virtio-net: MAC {}, MTU {}, features {}; {} RX, {} TX buffers, {} for segmentation offload",
         f.address,
         dev.mac(),
-        drivers::net::QUEUE_SIZE
+        dev.mtu(),
+        drivers::net::FeatureNames(dev.features()),
+        rx,
+        tx,
+        large
+    );
+    info!(
+        "virtio-net offloads: TCP checksum {}, segmentation {}",
+        if dev.checksum_offload() {
+            "host"
+        } else {
+            "guest"
+        },
+        if dev.segmentation_offload() {
+            "host (TSO4)"
+        } else {
+            "none"
+        }
     );
     Ok(Some(dev))
 }
@@ -101,7 +120,7 @@ impl Network {
             "network budgets for a {} MiB heap: {budgets}",
             heap_bytes >> 20
         );
-        let stack = match find_device(pci)? {
+        let stack = match find_device(pci, &budgets)? {
             Some(dev) => {
                 let s = Stack::new(dev, ip);
                 info!(
@@ -266,6 +285,18 @@ impl Network {
             if !self.poll() {
                 break;
             }
+        }
+        if let Some(stack) = &self.stack {
+            let st = stack.device.stats();
+            info!(
+                "virtio-net: {} frames received ({} unsegmented), {} sent ({} for segmentation), {} notifications, {} times no TX buffer",
+                st.rx_frames,
+                st.rx_gso_frames,
+                st.tx_frames,
+                st.tx_gso_frames,
+                st.kicks,
+                st.tx_full
+            );
         }
         closed
     }
