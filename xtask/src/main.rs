@@ -19,7 +19,6 @@ mod deps;
 mod floor;
 mod graph;
 mod image;
-mod proxy;
 mod run;
 mod soak;
 mod test;
