@@ -33,6 +33,8 @@
 //! greeting first, so this does not arise.
 
 pub mod control;
+#[cfg(test)]
+mod tests;
 
 use super::Error;
 use super::queue::{Chain, Queue};
