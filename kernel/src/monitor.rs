@@ -46,6 +46,8 @@ const LIMITS: Limits = Limits {
 pub struct Conn {
     session: Session,
     outbox: VecDeque<u8>,
+    /// The client has sent something.
+    heard: bool,
 }
 
 impl Conn {
@@ -56,6 +58,7 @@ impl Conn {
         let mut conn = Conn {
             session,
             outbox: VecDeque::new(),
+            heard: false,
         };
         let greeting = conn.session.greeting();
         conn.queue(&greeting);
@@ -88,6 +91,7 @@ impl Conn {
         commands: &Dispatcher<Appliance>,
         ctx: &mut Appliance,
     ) -> Action {
+        self.heard = true;
         let action = self.session.feed(input, commands, ctx);
         self.take_output();
         action
@@ -113,6 +117,11 @@ impl Conn {
             wrote = true;
         }
         wrote
+    }
+
+    /// Whether the client has sent anything yet.
+    pub fn heard(&self) -> bool {
+        self.heard
     }
 
     /// Whether output waits for the transport.

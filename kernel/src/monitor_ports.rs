@@ -108,11 +108,25 @@ impl Ports {
                     info!("virtio-serial port {id} ({name}) is not a QMP port: left closed");
                 }
                 Event::HostOpen(id) => {
-                    // QEMU repeats `PORT_OPEN` 1 after `PORT_READY`; a
-                    // connected client keeps its session.
-                    if let Some(p) = self.port(id).filter(|p| p.conn.is_none()) {
-                        log::debug!("QMP client connected on {}", p.name);
-                        p.conn = Some(Conn::connected());
+                    // QEMU may repeat `PORT_OPEN` 1 after `PORT_READY`: a
+                    // client that has sent nothing yet keeps its session.
+                    // Any other open is a new client, which never gets
+                    // the output or the state of the one before.
+                    if let Some(p) = self.port(id) {
+                        match &p.conn {
+                            Some(c) if !c.heard() => {}
+                            Some(_) => {
+                                log::warn!(
+                                    "QMP on {}: a new connection without a disconnect: new session",
+                                    p.name
+                                );
+                                p.conn = Some(Conn::connected());
+                            }
+                            None => {
+                                log::debug!("QMP client connected on {}", p.name);
+                                p.conn = Some(Conn::connected());
+                            }
+                        }
                     }
                 }
                 Event::HostClosed(id) => {
