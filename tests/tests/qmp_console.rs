@@ -261,3 +261,39 @@ fn without_com2_a_port_serves_idles_and_quits() {
     let status = a.wait_exit(Duration::from_secs(60)).expect("QEMU exits");
     assert_eq!(status.code(), Some(0), "{}", a.console());
 }
+
+/// Under OVMF (the bootable disk image, `cargo xtask run --image`): the
+/// firmware writes its console to COM1 and COM2, not to the port, so a
+/// client on the port sees the greeting first and nothing before it.
+#[test]
+fn under_ovmf_the_port_carries_qmp_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = harness::image::for_tests();
+    let loader = harness::esp::build_loader(&kernel).unwrap_or_else(|e| panic!("{e}"));
+    let img = dir.path().join("blockhaus.img");
+    harness::esp::write_disk(&img, &loader, Some(b"loglevel=info\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut a = Appliance::start(
+        &img,
+        &QemuConfig {
+            firmware: harness::qemu::Firmware::Ovmf,
+            com2: false,
+            qmp_ports: 1,
+            ..QemuConfig::default()
+        },
+    )
+    .unwrap();
+    let mut q = Qmp::connect(&a.qmp_port_socket(0), Duration::from_secs(20)).unwrap();
+    q.set_timeout(Duration::from_secs(120)).unwrap();
+    let greeting = q.recv().expect("the first line on the port");
+    assert!(greeting["QMP"].is_object(), "{greeting}");
+    q.greeting = Some(greeting);
+    q.negotiate().unwrap();
+    assert_eq!(
+        q.cmd("query-version", json!({})).unwrap()["qemu"]["major"],
+        7
+    );
+    q.cmd("quit", Value::Null).unwrap();
+    let status = a.wait_exit(Duration::from_secs(60)).expect("QEMU exits");
+    assert_eq!(status.code(), Some(0), "{}", a.console());
+}
