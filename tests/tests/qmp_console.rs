@@ -297,3 +297,40 @@ fn under_ovmf_the_port_carries_qmp_only() {
     let status = a.wait_exit(Duration::from_secs(60)).expect("QEMU exits");
     assert_eq!(status.code(), Some(0), "{}", a.console());
 }
+
+/// A fatal error inside a command run from a port: the halt path runs
+/// from inside the port's poll, and every negotiated client (the one whose
+/// command panicked, another port's, COM2's) gets `GUEST_PANICKED` then
+/// `SHUTDOWN`; QEMU exits with the failure status.
+#[test]
+fn a_panic_in_a_ports_command_reaches_every_client() {
+    let mut a = Appliance::boot(&QemuConfig {
+        qmp_ports: 2,
+        append: "blockhaus.test-fault=panic-on-qmp".into(),
+        ..QemuConfig::default()
+    });
+    let mut p0 = connect(&a.qmp_port_socket(0));
+    p0.negotiate().unwrap();
+    let mut p1 = connect(&a.qmp_port_socket(1));
+    p1.negotiate().unwrap();
+    // No reply: the command never returns.
+    p0.send_raw(b"{\"execute\": \"x-blockhaus-panic\"}\n")
+        .unwrap();
+    for (who, q) in [("port 0", &mut p0), ("port 1", &mut p1), ("COM2", a.qmp())] {
+        let panicked = q
+            .wait_event("GUEST_PANICKED", Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert_eq!(panicked["data"]["action"], "poweroff", "{who}");
+        let shutdown = q
+            .wait_event("SHUTDOWN", Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert_eq!(shutdown["data"]["reason"], "guest-panic", "{who}");
+    }
+    let status = a.wait_exit(Duration::from_secs(60)).expect("QEMU exits");
+    assert_eq!(
+        status.code(),
+        Some(harness::qemu::FAILURE_EXIT_STATUS),
+        "{}",
+        a.console()
+    );
+}
