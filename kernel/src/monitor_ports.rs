@@ -6,8 +6,8 @@
 //! [`Conn`] (greeting, capabilities negotiation) and loses it, with any
 //! half-received command, when the client goes away.
 //!
-//! Ports with other names are left closed (the device then drops what
-//! their host side sends).
+//! Ports with other names are left closed: QEMU does not read what their
+//! host side sends while the guest has not opened them.
 
 use crate::monitor::Conn;
 use crate::pci::Pci;
