@@ -20,6 +20,10 @@ pub type SharedDisks = Rc<RefCell<Disks>>;
 pub struct Appliance {
     /// Events raised by commands, written before their reply.
     pub events: Vec<Event>,
+    /// A copy of every event handed to a QMP session, for the monitor to
+    /// send to its other clients too (the session running a command writes
+    /// the command's events itself).
+    pub raised: Vec<Event>,
     pub disks: SharedDisks,
     /// The block graph (QEMU's block layer).
     pub block: BlockLayer,
@@ -37,6 +41,7 @@ impl Appliance {
         Self {
             exports,
             events: Vec::new(),
+            raised: Vec::new(),
             disks,
             block,
             net,
@@ -46,8 +51,10 @@ impl Appliance {
 
 impl QmpContext for Appliance {
     fn drain_events(&mut self, out: &mut Vec<Event>) {
+        let from = out.len();
         self.block.drain_events(out);
         out.append(&mut self.events);
+        self.raised.extend_from_slice(&out[from..]);
     }
 }
 

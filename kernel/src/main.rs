@@ -24,6 +24,7 @@ mod halt;
 mod heap;
 mod interrupts;
 mod monitor;
+mod monitor_ports;
 mod net;
 mod pci;
 mod shutdown;
@@ -136,6 +137,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     if config.test_fault == Some(cmdline::TestFault::PanicInNetPoll) {
         net.borrow_mut().panic_on_client();
     }
+    let qmp_ports = monitor_ports::Ports::probe(&mut pci);
     // Every device is up: configuration space is not touched again.
     drop(pci);
     let mut app = app::Appliance::new(disks, block, net);
@@ -178,7 +180,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
             None => warn!("test fault: no node to leak a reference to"),
         }
     }
-    let mut monitor = monitor::Monitor::new(app);
+    let mut monitor = monitor::Monitor::new(app, qmp_ports);
     if config.test_fault == Some(cmdline::TestFault::PanicOnQmp) {
         monitor.add_test_panic_command();
     }
@@ -190,11 +192,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     info!(
         "ready in {} µs: {}",
         clock::monotonic_ns() / 1000,
-        if monitor.present() {
-            "QMP on COM2"
-        } else {
-            "QMP off"
-        }
+        monitor.transports()
     );
     monitor.start();
     fatal::register(&mut monitor);

@@ -1,20 +1,29 @@
-//! The QMP monitor on COM2: `block::qmp`'s sans-IO session driven by the
-//! main loop. Output is queued and written as the UART takes it, so a
-//! client that stops reading never stalls the appliance.
+//! The QMP monitors: `block::qmp`'s sans-IO sessions driven by the main
+//! loop, one per client ([`Conn`]), over two transports that share the
+//! command table and the appliance state:
+//! - COM2: a 16550 cannot see a client connect, so its one session
+//!   greets once, at boot (QEMU's socket with `wait=on`);
+//! - virtio-serial ports named `org.qemu.qmp*` ([`crate::monitor_ports`]):
+//!   the device reports every host connect and disconnect, so every
+//!   connection gets its own greeting and negotiation, as with
+//!   qemu-storage-daemon's `--monitor`.
 //!
-//! A machine without a UART on COM2 (an appliance configured by its boot
-//! options alone) has no monitor to talk to: the session still runs the
-//! halt path's events, and their output is dropped.
+//! Output is queued per client and written as the transport takes it, so a
+//! client that stops reading never stalls the appliance. Events go to every
+//! client that finished `qmp_capabilities`. A machine with neither (an
+//! appliance configured by its boot options alone) has no monitor to talk
+//! to: the halt path's events are dropped.
 
 use crate::app::Appliance;
+use crate::monitor_ports::Ports;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
-use block::qmp::{Action, Dispatcher, Limits, QmpContext, Session, Timestamp, VersionInfo};
+use block::qmp::{Action, Dispatcher, Event, Limits, QmpContext, Session, Timestamp, VersionInfo};
 use drivers::uart::{COM2, Uart};
 
 /// The QEMU version whose qemu-storage-daemon QMP shapes blockhaus follows.
 const QEMU_COMPAT: (u64, u64, u64) = (7, 2, 0);
-/// How long the halt path waits for a QMP client to take its last output.
+/// How long the halt path waits for the QMP clients to take their last output.
 /// A client that is not reading stalls COM2 after a few hundred bytes:
 /// QEMU's 16550 sends each byte with its own `write()` on the chardev
 /// socket, and on a Unix socket every one-byte message costs most of a
@@ -31,14 +40,113 @@ const LIMITS: Limits = Limits {
     max_nesting: 64,
 };
 
-pub struct Monitor {
-    /// `None`: no UART on COM2, QMP is off.
-    uart: Option<Uart>,
+/// One QMP client: its session (negotiation, half-received input) and the
+/// output its transport has not taken yet. COM2 and every virtio-serial
+/// port have one; a new connection gets a new one.
+pub struct Conn {
     session: Session,
+    outbox: VecDeque<u8>,
+    /// The client has sent something.
+    heard: bool,
+}
+
+impl Conn {
+    /// A session for a client that just connected, its greeting queued.
+    pub fn connected() -> Conn {
+        let (major, minor, micro) = QEMU_COMPAT;
+        let session = Session::new(VersionInfo::new(major, minor, micro)).with_limits(LIMITS);
+        let mut conn = Conn {
+            session,
+            outbox: VecDeque::new(),
+            heard: false,
+        };
+        let greeting = conn.session.greeting();
+        conn.queue(&greeting);
+        conn
+    }
+
+    fn queue(&mut self, bytes: &[u8]) {
+        if self.outbox.len() + bytes.len() > OUTBOX_LIMIT {
+            log::warn!(
+                "QMP client is not reading: dropping {} bytes of output",
+                bytes.len()
+            );
+            return;
+        }
+        self.outbox.extend(bytes);
+    }
+
+    /// Moves the session's output to the outbox.
+    fn take_output(&mut self) {
+        let out = self.session.take_output();
+        if !out.is_empty() {
+            self.queue(&out);
+        }
+    }
+
+    /// Runs the requests `input` completes; queues the replies.
+    fn feed(
+        &mut self,
+        input: &[u8],
+        commands: &Dispatcher<Appliance>,
+        ctx: &mut Appliance,
+    ) -> Action {
+        self.heard = true;
+        let action = self.session.feed(input, commands, ctx);
+        self.take_output();
+        action
+    }
+
+    fn emit(&mut self, event: &Event) {
+        if self.session.emit(event) {
+            self.take_output();
+        }
+    }
+
+    /// Writes what `write` takes of the outbox; returns whether it took
+    /// anything.
+    pub fn flush(&mut self, mut write: impl FnMut(&[u8]) -> usize) -> bool {
+        let mut wrote = false;
+        while !self.outbox.is_empty() {
+            let (front, _) = self.outbox.as_slices();
+            let n = write(front);
+            if n == 0 {
+                break;
+            }
+            self.outbox.drain(..n);
+            wrote = true;
+        }
+        wrote
+    }
+
+    /// Whether the client has sent anything yet.
+    pub fn heard(&self) -> bool {
+        self.heard
+    }
+
+    /// Whether output waits for the transport.
+    pub fn pending(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+}
+
+/// Which client raised events while its command ran (it wrote them itself).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ConnId {
+    Com2,
+    Port(u32),
+}
+
+pub struct Monitor {
+    /// `None`: no UART on COM2.
+    com2: Option<(Uart, Conn)>,
+    /// `None`: no virtio-serial device.
+    ports: Option<Ports>,
     commands: Dispatcher<Appliance>,
     ctx: Appliance,
-    outbox: VecDeque<u8>,
     quit: bool,
+    /// The halt path runs: input is no longer executed.
+    halting: bool,
 }
 
 pub fn timestamp() -> Timestamp {
@@ -50,8 +158,7 @@ pub fn timestamp() -> Timestamp {
 }
 
 impl Monitor {
-    pub fn new(ctx: Appliance) -> Self {
-        let (major, minor, micro) = QEMU_COMPAT;
+    pub fn new(ctx: Appliance, ports: Option<Ports>) -> Self {
         let mut commands = Dispatcher::new();
         crate::disks_qmp::register(&mut commands);
         block::commands::register(&mut commands);
@@ -59,83 +166,106 @@ impl Monitor {
         crate::drive::register(&mut commands);
         // SAFETY: COM2 is the monitor's port; only this module drives it.
         let uart = unsafe { Uart::probe(COM2) };
-        if uart.is_none() {
+        if uart.is_none() && ports.is_none() {
             log::warn!(
-                "no UART on COM2: QMP is off (boot options configure the appliance, the ACPI power button stops it)"
+                "no UART on COM2: QMP is off (no virtio-serial either; boot options configure the appliance, the ACPI power button stops it)"
             );
         }
         Self {
-            uart,
-            session: Session::new(VersionInfo::new(major, minor, micro)).with_limits(LIMITS),
+            com2: uart.map(|u| (u, Conn::connected())),
+            ports,
             commands,
             ctx,
-            outbox: VecDeque::new(),
             quit: false,
+            halting: false,
         }
     }
 
-    /// Sends the greeting. A 16550 cannot see a client connect, so it goes
-    /// out once, at boot (run QEMU's COM2 socket with `wait=on`).
+    /// Sends COM2's greeting (queued by [`Conn::connected`]). A 16550
+    /// cannot see a client connect, so it goes out once, at boot (run
+    /// QEMU's COM2 socket with `wait=on`).
     pub fn start(&mut self) {
-        let greeting = self.session.greeting();
-        self.queue(&greeting);
         self.flush_some();
     }
 
-    /// Whether QMP is served (a UART is on COM2).
-    pub fn present(&self) -> bool {
-        self.uart.is_some()
+    /// Where QMP is served, for the boot log.
+    pub fn transports(&self) -> &'static str {
+        match (self.com2.is_some(), self.ports.is_some()) {
+            (true, true) => "QMP on COM2 and virtio-serial",
+            (true, false) => "QMP on COM2",
+            (false, true) => "QMP on virtio-serial",
+            (false, false) => "QMP off",
+        }
     }
 
-    fn queue(&mut self, bytes: &[u8]) {
-        if self.uart.is_none() {
-            return;
+    /// Every client's session.
+    fn for_each_conn(&mut self, mut f: impl FnMut(ConnId, &mut Conn)) {
+        if let Some((_, conn)) = &mut self.com2 {
+            f(ConnId::Com2, conn);
         }
-        if self.outbox.len() + bytes.len() > OUTBOX_LIMIT {
-            log::warn!(
-                "QMP client is not reading: dropping {} bytes of output",
-                bytes.len()
-            );
-            return;
+        if let Some(ports) = &mut self.ports {
+            ports.for_each_conn(|id, conn| f(ConnId::Port(id), conn));
         }
-        self.outbox.extend(bytes);
+    }
+
+    /// Sends `events` raised by `from`'s command to every other client.
+    fn broadcast(&mut self, from: ConnId, events: &[Event]) {
+        self.for_each_conn(|id, conn| {
+            if id != from {
+                for e in events {
+                    conn.emit(e);
+                }
+            }
+        });
     }
 
     fn flush_some(&mut self) -> bool {
-        let Some(uart) = &mut self.uart else {
-            return false;
-        };
         let mut wrote = false;
-        while !self.outbox.is_empty() {
-            let (front, _) = self.outbox.as_slices();
-            let n = uart.try_write(front);
-            if n == 0 {
-                break;
-            }
-            self.outbox.drain(..n);
-            wrote = true;
+        if let Some((uart, conn)) = &mut self.com2 {
+            wrote |= conn.flush(|b| uart.try_write(b));
+        }
+        if let Some(ports) = &mut self.ports {
+            wrote |= ports.flush();
         }
         wrote
     }
 
-    /// Serves COM2: reads what arrived, runs complete requests, writes
-    /// what the UART takes. Returns whether anything happened.
+    /// Serves every client: reads what arrived, runs complete requests,
+    /// writes what the transports take. Returns whether anything happened.
     pub fn poll(&mut self) -> bool {
-        let Some(uart) = &mut self.uart else {
-            return false;
-        };
-        let mut buf = [0u8; 512];
-        let n = uart.read_available(&mut buf);
-        if n > 0 && !self.quit {
-            let action = self.session.feed(&buf[..n], &self.commands, &mut self.ctx);
-            let out = self.session.take_output();
-            self.queue(&out);
-            if action == Action::Quit {
-                self.quit = true;
+        let serving = !self.quit && !self.halting;
+        let mut busy = false;
+        let mut raised: Vec<(ConnId, Vec<Event>)> = Vec::new();
+        if let Some((uart, conn)) = &mut self.com2 {
+            let mut buf = [0u8; 512];
+            let n = uart.read_available(&mut buf);
+            if n > 0 && serving {
+                if conn.feed(&buf[..n], &self.commands, &mut self.ctx) == Action::Quit {
+                    self.quit = true;
+                }
+                raised.push((ConnId::Com2, core::mem::take(&mut self.ctx.raised)));
+            }
+            busy |= n > 0;
+        }
+        if let Some(ports) = &mut self.ports {
+            let (commands, ctx, quit) = (&self.commands, &mut self.ctx, &mut self.quit);
+            busy |= ports.poll(|id, conn, input| {
+                if *quit || !serving {
+                    return;
+                }
+                if conn.feed(input, commands, ctx) == Action::Quit {
+                    *quit = true;
+                }
+                raised.push((ConnId::Port(id), core::mem::take(&mut ctx.raised)));
+            });
+        }
+        for (from, events) in raised {
+            if !events.is_empty() {
+                self.broadcast(from, &events);
             }
         }
-        let wrote = self.flush_some();
-        n > 0 || wrote
+        busy |= self.flush_some();
+        busy
     }
 
     /// The state commands run against.
@@ -149,16 +279,17 @@ impl Monitor {
     }
 
     /// Writes out events raised outside any command (block jobs, quorum,
-    /// exports), as they happen.
+    /// exports), as they happen, to every negotiated client.
     pub fn flush_events(&mut self) {
         let mut events = Vec::new();
         self.ctx.drain_events(&mut events);
-        for e in &events {
-            self.session.emit(e);
-        }
+        self.ctx.raised.clear();
         if !events.is_empty() {
-            let out = self.session.take_output();
-            self.queue(&out);
+            self.for_each_conn(|_, conn| {
+                for e in &events {
+                    conn.emit(e);
+                }
+            });
         }
     }
 
@@ -190,39 +321,50 @@ impl Monitor {
         crate::disks_debug::register(&mut self.commands);
     }
 
-    /// Queues `SHUTDOWN` (after the `quit` reply, as QEMU does); a fatal
-    /// error is announced first by `GUEST_PANICKED` with the action taken
-    /// (QEMU's `-action panic=exit-failure`: `poweroff`).
+    /// Queues `SHUTDOWN` (after the `quit` reply, as QEMU does) for every
+    /// client; a fatal error is announced first by `GUEST_PANICKED` with
+    /// the action taken (QEMU's `-action panic=exit-failure`: `poweroff`).
+    /// Input is no longer executed from here on.
     pub fn shutdown(&mut self, reason: crate::halt::Reason) {
+        self.halting = true;
+        let mut events = Vec::new();
         if reason == crate::halt::Reason::Fatal {
             let data = serde_json::json!({"action": "poweroff"});
-            self.session
-                .event("GUEST_PANICKED", Some(data), timestamp());
+            events.push(Event::new("GUEST_PANICKED", Some(data), timestamp()));
         }
         let data = serde_json::json!({"guest": reason.by_guest(), "reason": reason.as_str()});
-        self.session.event("SHUTDOWN", Some(data), timestamp());
-        let out = self.session.take_output();
-        self.queue(&out);
+        events.push(Event::new("SHUTDOWN", Some(data), timestamp()));
+        self.for_each_conn(|_, conn| {
+            for e in &events {
+                conn.emit(e);
+            }
+        });
     }
 
     /// Writes out everything still queued (events of the halt path
-    /// included), waiting for the UART: the last thing before poweroff.
-    /// A client that does not read gets at most [`WRITE_OUT_NS`] of waiting:
-    /// the halt path must finish whatever the client does.
+    /// included), waiting for the transports: the last thing before
+    /// poweroff. Clients that do not read get at most [`WRITE_OUT_NS`] of
+    /// waiting: the halt path must finish whatever they do.
     pub fn write_out(&mut self) {
         self.flush_events();
         let start = crate::clock::monotonic_ns();
-        while !self.outbox.is_empty() {
-            if !self.flush_some() {
+        loop {
+            let mut pending = false;
+            self.for_each_conn(|_, conn| pending |= conn.pending());
+            if let Some(ports) = &self.ports {
+                pending |= ports.unsent();
+            }
+            if !pending {
+                break;
+            }
+            // Polling reaps what the device sent (input is not executed).
+            let progressed = self.poll();
+            if crate::clock::monotonic_ns().saturating_sub(start) > WRITE_OUT_NS {
+                log::warn!("QMP client is not reading: output dropped at halt");
+                break;
+            }
+            if !progressed {
                 crate::watchdog::check();
-                if crate::clock::monotonic_ns().saturating_sub(start) > WRITE_OUT_NS {
-                    log::warn!(
-                        "QMP client is not reading: {} bytes of output dropped at halt",
-                        self.outbox.len()
-                    );
-                    self.outbox.clear();
-                    break;
-                }
                 core::hint::spin_loop();
             }
         }

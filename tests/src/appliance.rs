@@ -100,10 +100,9 @@ impl Appliance {
         Ok(q)
     }
 
-    /// Takes the QMP connection away (e.g. for a proxy); [`Appliance::qmp`]
-    /// then panics.
-    pub fn take_qmp(&mut self) -> Option<Qmp> {
-        self.qmp.take()
+    /// The socket of virtio-serial QMP port `i` ([`QemuConfig::qmp_ports`]).
+    pub fn qmp_port_socket(&self, i: usize) -> PathBuf {
+        crate::qemu::qmp_port_socket(&self.dir.path().join("qmp.sock"), i)
     }
 
     pub fn qmp(&mut self) -> &mut Qmp {

@@ -111,6 +111,11 @@ pub struct QemuConfig {
     /// COM2's socket: QEMU waits for the first QMP client before starting
     /// the guest (`wait=on`), so the client sees the greeting.
     pub qmp_wait: bool,
+    /// QMP on virtio-serial: a `virtio-serial-pci` with this many
+    /// `virtserialport`s named `org.qemu.qmp.0`, `org.qemu.qmp.1`, ...,
+    /// each on its own socket ([`qmp_port_socket`], `wait=off`: clients
+    /// connect and reconnect whenever they like).
+    pub qmp_ports: usize,
     /// Extra raw arguments.
     pub extra: Vec<OsString>,
     /// NBD from the host: a virtio-net device on QEMU's user network, with
@@ -141,6 +146,7 @@ impl Default for QemuConfig {
             disks: Vec::new(),
             com2: true,
             qmp_wait: true,
+            qmp_ports: 0,
             extra: Vec::new(),
             nbd_port: None,
             netns_tap: None,
@@ -226,6 +232,18 @@ impl QemuConfig {
                 qmp_socket.display()
             ));
             cmd.args(["-device", "isa-serial,chardev=qmp,index=1"]);
+        }
+        if self.qmp_ports > 0 {
+            cmd.args(["-device", "virtio-serial-pci,id=vser0"]);
+        }
+        for i in 0..self.qmp_ports {
+            cmd.arg("-chardev").arg(format!(
+                "socket,id=qmpport{i},path={},server=on,wait=off",
+                qmp_port_socket(qmp_socket, i).display()
+            ));
+            cmd.arg("-device").arg(format!(
+                "virtserialport,bus=vser0.0,chardev=qmpport{i},name=org.qemu.qmp.{i}"
+            ));
         }
         // QEMU's own monitor, beside the appliance's: for `system_powerdown`.
         cmd.arg("-qmp").arg(format!(
@@ -368,6 +386,12 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port on 127.0.0.1")
+}
+
+/// The socket of virtio-serial QMP port `i` ([`QemuConfig::qmp_ports`]),
+/// beside COM2's.
+pub fn qmp_port_socket(qmp_socket: &Path, i: usize) -> PathBuf {
+    qmp_socket.with_file_name(format!("qmp-port{i}.sock"))
 }
 
 /// QEMU's own QMP monitor socket, next to the appliance's COM2 socket.

@@ -51,15 +51,6 @@ impl Qmp {
         })
     }
 
-    /// The socket, for another client to take over (a proxy); refused
-    /// once something was read and not yet consumed.
-    pub fn into_stream(self) -> Result<UnixStream, String> {
-        if !self.reader.buffer().is_empty() {
-            return Err("QMP: unread input would be lost".into());
-        }
-        Ok(self.writer)
-    }
-
     /// Sets how long a read may wait.
     pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         self.writer.set_read_timeout(Some(timeout))

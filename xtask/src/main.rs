@@ -20,7 +20,6 @@ mod floor;
 mod graph;
 mod image;
 mod linux_anchor;
-mod proxy;
 mod run;
 mod soak;
 mod test;

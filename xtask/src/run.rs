@@ -1,6 +1,5 @@
 //! `cargo xtask run`: boot the appliance for a person to use.
 
-use crate::proxy::Proxy;
 use clap::Args;
 use harness::qemu::Firmware;
 use harness::{Accel, Machine, QemuConfig};
@@ -139,10 +138,19 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             None => false,
         })
         .collect();
+    // QMP is on virtio-serial ports: every client that connects gets its
+    // own greeting, so no proxy is needed. Port 0 (`org.qemu.qmp.0`,
+    // socket `qmp-port0.sock`) is the user's: `qmp.sock`, where `top` and
+    // `graph` look, links to it. Port 1 is a second monitor, which Ctrl-C
+    // here uses for `quit`. No COM2: a 16550 greets once, at boot.
     let com2 = state.join("com2.sock");
+    let port_sock = harness::qemu::qmp_port_socket(&com2, 0);
+    let quit_sock = harness::qemu::qmp_port_socket(&com2, 1);
     let user_sock = state.join("qmp.sock");
-    let _ = std::fs::remove_file(&com2);
-    let _ = std::fs::remove_file(&user_sock);
+    let monitor_sock = harness::qemu::qemu_monitor_socket(&com2);
+    for old in [&com2, &port_sock, &quit_sock, &user_sock] {
+        let _ = std::fs::remove_file(old);
+    }
 
     let image = match (&firmware, &args.image) {
         (Firmware::None, _) => harness::image::build(!args.debug)?,
@@ -178,7 +186,8 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         firmware_path: firmware_path.filter(|_| firmware == Firmware::Rhf),
         nbd_port: Some(args.nbd_port),
         disks: disks.clone(),
-        qmp_wait: true,
+        com2: false,
+        qmp_ports: 2,
         ..QemuConfig::default()
     };
     if cfg.accel == Accel::Kvm && !harness::qemu::kvm_usable() {
@@ -193,13 +202,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
-    let proxy = match Proxy::start(&com2, &user_sock) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = child.kill();
-            return Err(e);
-        }
-    };
+    if let Err(e) = std::os::unix::fs::symlink(port_sock.file_name().expect("a file"), &user_sock) {
+        let _ = child.kill();
+        return Err(format!("{}: {e}", user_sock.display()));
+    }
     let exports: String = (0..disks.len())
         .map(|i| {
             format!(
@@ -212,6 +218,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         "\nxtask: blockhaus is booting ({} {}, {}image {}).\n\
          xtask: QMP:   socat - UNIX-CONNECT:{}\n\
          xtask:        then type {{\"execute\": \"qmp_capabilities\"}} and e.g. {{\"execute\": \"query-version\"}}\n\
+         xtask:        (every connection gets its own greeting; qmp-shell {} works too)\n\
          {exports}\
          xtask: stop:  Ctrl-C here (sends QMP quit: the appliance runs its halt path) or QMP {{\"execute\": \"quit\"}}\n",
         args.machine,
@@ -222,6 +229,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             Firmware::Rhf => "rust-hypervisor-firmware, ",
         },
         image.display(),
+        user_sock.display(),
         user_sock.display()
     );
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -234,7 +242,16 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         }
         if interrupted.load(Ordering::SeqCst) && quit_sent.is_none() {
             eprintln!("\nxtask: Ctrl-C: sending QMP quit");
-            proxy.quit();
+            if let Err(e) = quit(&quit_sock) {
+                eprintln!(
+                    "xtask: QMP quit on {}: {e}; pressing the power button instead",
+                    quit_sock.display()
+                );
+                if let Err(e) = power_button(&monitor_sock) {
+                    eprintln!("xtask: {e}; killing QEMU");
+                    let _ = child.kill();
+                }
+            }
             quit_sent = Some(Instant::now());
         }
         if quit_sent.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
@@ -243,14 +260,35 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let _ = std::fs::remove_file(&com2);
-    let _ = std::fs::remove_file(&user_sock);
+    for old in [&port_sock, &quit_sock, &user_sock] {
+        let _ = std::fs::remove_file(old);
+    }
     eprintln!("xtask: QEMU exited ({status})");
     if status.success() {
         Ok(())
     } else {
         Err(format!("QEMU exited with {status}"))
     }
+}
+
+/// `quit` on QMP port `sock` (its own connection, its own greeting).
+fn quit(sock: &Path) -> Result<(), String> {
+    let mut q = harness::Qmp::connect(sock, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    q.set_timeout(Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    q.negotiate()?;
+    q.cmd("quit", serde_json::Value::Null)?;
+    Ok(())
+}
+
+/// `system_powerdown` on QEMU's own monitor: the appliance sees the ACPI
+/// power button and runs its halt path.
+fn power_button(monitor: &Path) -> Result<(), String> {
+    let mut q = harness::Qmp::connect(monitor, Duration::from_secs(5))
+        .map_err(|e| format!("QEMU's monitor: {e}"))?;
+    q.negotiate()?;
+    q.cmd("system_powerdown", serde_json::Value::Null)?;
+    Ok(())
 }
 
 /// Every attached disk as a virtio-blk node `diskN`, exported writable over

@@ -313,8 +313,8 @@ mod tests {
         );
     }
 
-    /// `--once --json` against a booted appliance through `run`'s QMP
-    /// proxy, while qemu-io holds an NBD connection and writes: the
+    /// `--once --json` against a booted appliance through a virtio-serial
+    /// QMP port (as `run` sets it up), while qemu-io holds an NBD connection and writes: the
     /// figures are what qemu-io wrote.
     #[test]
     fn once_json_reports_what_qemu_io_wrote_over_nbd() {
@@ -334,12 +334,12 @@ mod tests {
                 .into(),
             disks: vec![disk],
             nbd_port: Some(port),
+            com2: false,
+            qmp_ports: 1,
             ..harness::QemuConfig::default()
         };
         let mut a = harness::Appliance::start(&harness::image::for_tests(), &cfg).unwrap();
-        let com2 = a.take_qmp().unwrap().into_stream().unwrap();
-        let sock = dir.path().join("top.sock");
-        let proxy = crate::proxy::Proxy::over(com2, &sock).unwrap();
+        let sock = a.qmp_port_socket(0);
         let mut qmp = connect(&sock).unwrap();
 
         let mut io = Command::new("qemu-io")
@@ -414,7 +414,8 @@ mod tests {
         assert_eq!(v["jobs"], json!([]), "{v}");
         drop(qmp);
 
-        // QEMU's own shell, through the same socket: the trace commands.
+        // QEMU's own shell, a new connection to the same port: the trace
+        // commands.
         let mut shell = Command::new("qmp-shell")
             .arg(&sock)
             .stdin(Stdio::piped())
@@ -449,7 +450,8 @@ mod tests {
             text.contains(r#"unknown event \"no_such_event\""#),
             "{text}"
         );
-        proxy.quit();
+        // A connection of its own, with its own greeting, for `quit`.
+        connect(&sock).unwrap().cmd("quit", Value::Null).unwrap();
         assert!(
             a.wait_exit(Duration::from_secs(60))
                 .is_some_and(|s| s.success())

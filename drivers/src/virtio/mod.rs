@@ -25,10 +25,12 @@
 //! buffer is a DMA buffer ([`hal`]).
 //!
 //! Modules: [`hal`] (DMA memory), [`queue`] (run-time sized virtqueue and
-//! descriptor chains), [`blk`] (virtio-blk), [`scsi`] (virtio-scsi), and
+//! descriptor chains), [`blk`] (virtio-blk), [`scsi`] (virtio-scsi), [`console`] (multiport
+//! virtio console, for QMP), and
 //! [`transport`] (bringing a PCI function up as a virtio device).
 
 pub mod blk;
+pub mod console;
 #[cfg(test)]
 pub mod fake;
 pub mod hal;

@@ -87,8 +87,19 @@ impl Queue {
         idx: u16,
         indirect: bool,
     ) -> virtio_drivers::Result<Queue> {
-        let size =
-            pick_size(transport.max_queue_size(idx)).ok_or(virtio_drivers::Error::InvalidParam)?;
+        Queue::at_most(transport, idx, indirect, 1024)
+    }
+
+    /// As [`Queue::new`], with at most `limit` entries (a queue that
+    /// carries little, such as a console port's, needs no large ring).
+    pub fn at_most<T: Transport>(
+        transport: &mut T,
+        idx: u16,
+        indirect: bool,
+        limit: u32,
+    ) -> virtio_drivers::Result<Queue> {
+        let offered = transport.max_queue_size(idx).min(limit);
+        let size = pick_size(offered).ok_or(virtio_drivers::Error::InvalidParam)?;
         let t = transport;
         Ok(match size {
             1024 => Queue::Q1024(boxed(t, idx, indirect)?),
