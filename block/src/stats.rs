@@ -11,7 +11,13 @@
 //! histograms. As in QEMU, a failed or invalid request also counts towards
 //! the total time and the idle clock (`account_failed`, `account_invalid`,
 //! both on); blockhaus merges no requests, so the `*_merged` counters stay
-//! 0, and it offers no `stats-intervals`, so `timed_stats` is empty.
+//! 0. `timed_stats` has one entry per interval set on the backend (QEMU:
+//! `stats-intervals` of `-drive`, `block_acct_add_interval`; here the NBD
+//! exports' `x-stats-intervals`), newest interval first as in QEMU: the
+//! least, greatest and mean latency per kind and the mean queue depth over
+//! the last interval, from two windows half an interval apart (QEMU's
+//! `util/timed-average.c`): what is reported covers between half an
+//! interval and a whole one.
 //!
 //! Nodes count only `wr_highest_offset` (QEMU's `bs->wr_highest_offset`).
 //!
@@ -22,6 +28,7 @@
 //! exports' traffic because they are its only data path. With
 //! `query-nodes: true` it lists every node instead.
 
+use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -80,6 +87,116 @@ impl Histogram {
     }
 }
 
+/// One window of a [`TimedAverage`].
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    min: u64,
+    max: u64,
+    sum: u64,
+    count: u64,
+    /// When the window starts afresh, ns.
+    expires_ns: u64,
+}
+
+impl Window {
+    fn new(expires_ns: u64) -> Self {
+        Window {
+            min: u64::MAX,
+            max: 0,
+            sum: 0,
+            count: 0,
+            expires_ns,
+        }
+    }
+}
+
+/// Least, greatest, mean and sum of values over the last `period` (QEMU:
+/// `TimedAverage`): two windows, each reset every period, half a period
+/// apart; the older one answers.
+#[derive(Debug, Clone)]
+struct TimedAverage {
+    period_ns: u64,
+    windows: [Window; 2],
+}
+
+impl TimedAverage {
+    fn new(period_ns: u64, now_ns: u64) -> Self {
+        TimedAverage {
+            period_ns,
+            windows: [
+                Window::new(now_ns.saturating_add(period_ns / 2)),
+                Window::new(now_ns.saturating_add(period_ns)),
+            ],
+        }
+    }
+
+    /// Resets the windows that expired; the older window and the time
+    /// since it started.
+    fn current(&mut self, now_ns: u64) -> (Window, u64) {
+        for w in &mut self.windows {
+            if w.expires_ns <= now_ns {
+                // The next expiry on the window's own period grid.
+                let late = (now_ns - w.expires_ns) % self.period_ns;
+                *w = Window::new(now_ns + (self.period_ns - late));
+            }
+        }
+        let older = if self.windows[0].expires_ns < self.windows[1].expires_ns {
+            self.windows[0]
+        } else {
+            self.windows[1]
+        };
+        let elapsed = self.period_ns - older.expires_ns.saturating_sub(now_ns);
+        (older, elapsed)
+    }
+
+    fn account(&mut self, value: u64, now_ns: u64) {
+        self.current(now_ns);
+        for w in &mut self.windows {
+            w.count += 1;
+            w.sum = w.sum.saturating_add(value);
+            w.min = w.min.min(value);
+            w.max = w.max.max(value);
+        }
+    }
+}
+
+/// The timed statistics of one interval (QEMU: `BlockAcctTimedStats`):
+/// latencies of reads, writes and flushes.
+#[derive(Debug, Clone)]
+struct TimedStats {
+    interval_s: u64,
+    latency: [TimedAverage; 3],
+}
+
+impl TimedStats {
+    fn to_value(&mut self, now_ns: u64) -> Value {
+        let mut m = Map::new();
+        m.insert("interval_length".into(), json!(self.interval_s));
+        let mut sums = [(0u64, 0u64); 3];
+        for (k, name) in ["rd", "wr", "flush"].iter().enumerate() {
+            let (w, elapsed) = self.latency[k].current(now_ns);
+            let min = if w.min == u64::MAX { 0 } else { w.min };
+            let avg = w.sum.checked_div(w.count).unwrap_or(0);
+            m.insert(format!("min_{name}_latency_ns"), json!(min));
+            m.insert(format!("max_{name}_latency_ns"), json!(w.max));
+            m.insert(format!("avg_{name}_latency_ns"), json!(avg));
+            sums[k] = (w.sum, elapsed);
+        }
+        // Little's law: the time requests spent in flight over the time
+        // elapsed is the mean number in flight.
+        for (k, name) in [(0, "rd"), (1, "wr")] {
+            let (sum, elapsed) = sums[k];
+            let depth = if elapsed == 0 {
+                0.0
+            } else {
+                sum as f64 / elapsed as f64
+            };
+            m.insert(format!("avg_{name}_queue_depth"), json!(depth));
+        }
+        Value::Object(m)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     bytes: [u64; KINDS],
@@ -88,6 +205,8 @@ struct Counters {
     invalid: [u64; KINDS],
     total_time_ns: [u64; KINDS],
     histograms: [Option<Histogram>; KINDS],
+    /// Newest interval first.
+    timed: Vec<TimedStats>,
 }
 
 /// One backend's statistics (QEMU: `BlockAcctStats`).
@@ -115,6 +234,11 @@ impl BlockAcctStats {
         if let Some(h) = &mut c.histograms[k] {
             h.account(latency);
         }
+        if kind != AcctType::Unmap {
+            for t in &mut c.timed {
+                t.latency[k].account(latency, now_ns);
+            }
+        }
         c.total_time_ns[k] += latency;
         self.last_access_ns.set(now_ns.max(1));
     }
@@ -125,6 +249,20 @@ impl BlockAcctStats {
         self.last_access_ns.set(now_ns.max(1));
     }
 
+    /// Adds the timed statistics of an interval of `seconds` (QEMU:
+    /// `block_acct_add_interval`; 0 is refused by the caller).
+    pub fn add_interval(&self, seconds: u64, now_ns: u64) {
+        let period = seconds.saturating_mul(1_000_000_000).max(1);
+        let avg = TimedAverage::new(period, now_ns);
+        self.c.borrow_mut().timed.insert(
+            0,
+            TimedStats {
+                interval_s: seconds,
+                latency: [avg.clone(), avg.clone(), avg],
+            },
+        );
+    }
+
     /// Sets (`Some`) or removes the histogram of `kind`.
     pub fn set_histogram(&self, kind: AcctType, h: Option<Histogram>) {
         self.c.borrow_mut().histograms[kind as usize] = h;
@@ -133,7 +271,8 @@ impl BlockAcctStats {
     /// The counters as QEMU's `BlockDeviceStats` (less `wr_highest_offset`,
     /// a node's); `idle_time_ns` only once there was I/O.
     pub fn to_value(&self, now_ns: u64) -> Map<String, Value> {
-        let c = self.c.borrow();
+        let mut c = self.c.borrow_mut();
+        let timed: Vec<Value> = c.timed.iter_mut().map(|t| t.to_value(now_ns)).collect();
         let (r, w, f, u) = (0, 1, 2, 3);
         let mut m = zero_stats();
         for (name, v) in [
@@ -159,6 +298,7 @@ impl BlockAcctStats {
         ] {
             m.insert(name.into(), json!(v));
         }
+        m.insert("timed_stats".into(), Value::Array(timed));
         let last = self.last_access_ns.get();
         if last > 0 {
             m.insert("idle_time_ns".into(), json!(now_ns.saturating_sub(last)));

@@ -125,6 +125,37 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// A list of unsigned integers: a JSON array, or from the command
+    /// line's key=value syntax an object keyed `0`, `1`, ...
+    fn opt_u64_list(&self, key: &str) -> Result<Option<Vec<u64>>, QmpError> {
+        let items: Vec<&Value> = match self.map.get(key) {
+            None => return Ok(None),
+            Some(Value::Array(a)) => a.iter().collect(),
+            Some(Value::Object(m)) => {
+                let mut v = Vec::new();
+                for i in 0..m.len() {
+                    let item = m.get(&format!("{i}")).ok_or_else(|| {
+                        QmpError::invalid_parameter_type(&self.name(key), "array")
+                    })?;
+                    v.push(item);
+                }
+                v
+            }
+            Some(_) => return Err(QmpError::invalid_parameter_type(&self.name(key), "array")),
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let name = format!("{}[{i}]", self.name(key));
+            let n = match item {
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            };
+            out.push(n.ok_or_else(|| QmpError::invalid_parameter_type(&name, "uint64"))?);
+        }
+        Ok(Some(out))
+    }
+
     fn opt_obj(&self, key: &str) -> Result<Option<Obj<'a>>, QmpError> {
         match self.map.get(key) {
             None => Ok(None),
@@ -219,6 +250,7 @@ fn export_add<C: NbdContext>(app: &C, args: &Obj<'_>) -> Result<(), QmpError> {
         "description",
         "bitmaps",
         "allocation-depth",
+        "x-stats-intervals",
     ])?;
     let kind = args.str("type")?;
     if kind != "nbd" {
@@ -239,8 +271,12 @@ fn export_add<C: NbdContext>(app: &C, args: &Obj<'_>) -> Result<(), QmpError> {
     if args.map.contains_key("bitmaps") {
         return Err(QmpError::generic("blockhaus exports no dirty bitmaps"));
     }
+    let intervals = args.opt_u64_list("x-stats-intervals")?.unwrap_or_default();
+    if let Some(bad) = intervals.iter().find(|&&i| i == 0 || i > u32::MAX.into()) {
+        return Err(QmpError::generic(format!("Invalid interval length: {bad}")));
+    }
     let exports = running_exports(app)?;
-    exports
+    let export = exports
         .add(NewExport {
             id,
             node_name,
@@ -249,8 +285,14 @@ fn export_add<C: NbdContext>(app: &C, args: &Obj<'_>) -> Result<(), QmpError> {
             writable,
             on_eject: None,
         })
-        .map(|_| ())
-        .map_err(QmpError::generic)
+        .map_err(QmpError::generic)?;
+    // QEMU's `stats-intervals` of a `-drive`: the export's backend is the
+    // device-like user whose traffic query-blockstats shows.
+    let now = exports.registry().clock().now_ns();
+    for &seconds in &intervals {
+        export.backend.stats().add_interval(seconds, now);
+    }
+    Ok(())
 }
 
 /// The export table, if the NBD server runs (QEMU's check in
@@ -428,7 +470,8 @@ pub fn register<C: NbdContext + 'static>(commands: &mut Dispatcher<C>) {
         Signature::new(
             "type:(nbd|vhost-user-blk|fuse|vduse-blk), id:str, node-name:str, writable?:bool, \
              writethrough?:bool, iothread?:str, fixed-iothread?:bool, name?:str, \
-             description?:str, bitmaps?:[str], allocation-depth?:bool",
+             description?:str, bitmaps?:[str], allocation-depth?:bool, \
+             x-stats-intervals?:[uint32]",
             "{}",
         ),
         block_export_add,

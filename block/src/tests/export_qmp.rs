@@ -545,3 +545,58 @@ fn an_exports_backend_is_listed_by_query_blockstats_with_the_export_as_qdev() {
         json!({"id": "e0", "boundaries": [1]}),
     );
 }
+
+#[test]
+fn x_stats_intervals_give_an_exports_blockstats_timed_stats() {
+    let mut h = Harness::new();
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "host": "0.0.0.0", "port": "10809"}}),
+    );
+    assert_eq!(
+        h.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "disk0",
+                   "x-stats-intervals": [60, 0]}),
+        ),
+        "Invalid interval length: 0"
+    );
+    assert_eq!(
+        h.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "disk0",
+                   "x-stats-intervals": 60}),
+        ),
+        "Invalid parameter type for 'x-stats-intervals', expected: array"
+    );
+    h.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "disk0",
+               "x-stats-intervals": [60, 3600]}),
+    );
+    assert_eq!(
+        h.boot(
+            "export",
+            "type=nbd,id=e1,node-name=ro0,x-stats-intervals.0=5"
+        ),
+        Ok(true)
+    );
+    let stats = h.ok("query-blockstats", json!({}));
+    let timed = |qdev: &str| -> Vec<Value> {
+        let entry = stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["qdev"] == qdev)
+            .unwrap_or_else(|| panic!("no {qdev} in {stats}"));
+        entry["stats"]["timed_stats"].as_array().unwrap().clone()
+    };
+    let lengths = |qdev: &str| -> Vec<Value> {
+        timed(qdev)
+            .iter()
+            .map(|t| t["interval_length"].clone())
+            .collect()
+    };
+    assert_eq!(lengths("e0"), alloc::vec![json!(3600), json!(60)]);
+    assert_eq!(lengths("e1"), alloc::vec![json!(5)]);
+}

@@ -233,3 +233,50 @@ fn block_latency_histogram_set_refuses_what_qemu_refuses() {
     assert_eq!(e.class, ErrorClass::DeviceNotFound);
     let _: Value = q.ok("query-blockstats", json!({"query-nodes": false}));
 }
+
+#[test]
+fn timed_stats_report_the_older_of_two_windows_half_an_interval_apart_as_qemu_does() {
+    use crate::stats::{AcctType, BlockAcctStats};
+    const S: u64 = 1_000_000_000;
+    let stats = BlockAcctStats::default();
+    stats.add_interval(10, 0);
+    stats.add_interval(60, 0);
+    let timed = |now: u64| stats.to_value(now)["timed_stats"].clone();
+    // Newest interval first, all zero before any I/O.
+    let t = timed(S);
+    assert_eq!(t[0]["interval_length"], 60);
+    assert_eq!(t[1]["interval_length"], 10);
+    assert_eq!(t[1]["min_rd_latency_ns"], 0);
+    assert_eq!(t[1]["avg_rd_queue_depth"], 0.0);
+
+    stats.done(AcctType::Read, 512, true, S - 100, S);
+    stats.done(AcctType::Read, 512, true, 2 * S - 300, 2 * S);
+    stats.done(AcctType::Write, 512, true, 2 * S - 50, 2 * S);
+    // A discard has no timed statistics.
+    stats.done(AcctType::Unmap, 512, true, 2 * S - 9_000, 2 * S);
+    let t = timed(3 * S);
+    let ten = &t[1];
+    assert_eq!(ten["min_rd_latency_ns"], 100);
+    assert_eq!(ten["max_rd_latency_ns"], 300);
+    assert_eq!(ten["avg_rd_latency_ns"], 200);
+    assert_eq!(ten["avg_wr_latency_ns"], 50);
+    assert_eq!(ten["max_flush_latency_ns"], 0);
+    // 400 ns in flight over the 8 s since the older window began.
+    assert_eq!(ten["avg_rd_queue_depth"], 400.0 / (8 * S) as f64);
+
+    // At 6 s the first window starts afresh; the second still has both.
+    let t = timed(6 * S);
+    assert_eq!(t[1]["min_rd_latency_ns"], 100);
+    assert_eq!(t[1]["max_rd_latency_ns"], 300);
+    stats.done(AcctType::Read, 512, true, 7 * S - 1000, 7 * S);
+    // At 11 s the second starts afresh: the first has only the last read.
+    let t = timed(11 * S);
+    assert_eq!(t[1]["min_rd_latency_ns"], 1000);
+    assert_eq!(t[1]["max_rd_latency_ns"], 1000);
+    assert_eq!(t[1]["avg_rd_latency_ns"], 1000);
+    assert_eq!(t[1]["avg_wr_latency_ns"], 0);
+    // The minute-long interval still has all three.
+    assert_eq!(t[0]["min_rd_latency_ns"], 100);
+    assert_eq!(t[0]["max_rd_latency_ns"], 1000);
+    assert_eq!(t[0]["avg_rd_latency_ns"], (100 + 300 + 1000) / 3);
+}
