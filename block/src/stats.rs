@@ -169,7 +169,7 @@ struct TimedStats {
 }
 
 impl TimedStats {
-    fn to_value(&mut self, now_ns: u64) -> Value {
+    fn report(&mut self, now_ns: u64) -> Value {
         let mut m = Map::new();
         m.insert("interval_length".into(), json!(self.interval_s));
         let mut sums = [(0u64, 0u64); 3];
@@ -272,7 +272,7 @@ impl BlockAcctStats {
     /// a node's); `idle_time_ns` only once there was I/O.
     pub fn to_value(&self, now_ns: u64) -> Map<String, Value> {
         let mut c = self.c.borrow_mut();
-        let timed: Vec<Value> = c.timed.iter_mut().map(|t| t.to_value(now_ns)).collect();
+        let timed: Vec<Value> = c.timed.iter_mut().map(|t| t.report(now_ns)).collect();
         let (r, w, f, u) = (0, 1, 2, 3);
         let mut m = zero_stats();
         for (name, v) in [
