@@ -100,6 +100,34 @@ pub struct NbdLink {
     events: WaitQueue,
 }
 
+/// Where a link's TCP socket is, for [`NbdLink::pump`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpPhase {
+    /// The SYN is out and not answered yet.
+    Opening,
+    /// The TCP handshake completed; the server may have closed or reset
+    /// the connection since.
+    Opened,
+    /// Never opened: refused (a reset in answer to the SYN), or the SYN
+    /// timed out. (A connection reset right after it opened, in the same
+    /// batch of frames, may look the same.)
+    Refused,
+}
+
+/// The platform's TCP socket, as [`NbdLink::pump`] uses it.
+pub trait TcpSocket {
+    /// Where the connection is.
+    fn phase(&self) -> TcpPhase;
+    /// Hands bytes received and not yet read to `take`, which takes them
+    /// all; returns how many (0: none waiting).
+    fn recv(&mut self, take: &mut dyn FnMut(&[u8])) -> usize;
+    /// Queues bytes to send; returns how many were taken.
+    fn send(&mut self, bytes: &[u8]) -> usize;
+    /// Nothing more will arrive and every byte was read: the server
+    /// closed its half (FIN) or reset the connection, or it timed out.
+    fn at_eof(&self) -> bool;
+}
+
 /// The links a platform services. The platform keeps a link (and its
 /// socket) after its node closed, until [`NbdLink::should_close`]: that
 /// is how the node's `NBD_CMD_DISC` still reaches the server.
@@ -175,6 +203,49 @@ impl NbdLink {
         let mut i = self.inner.borrow_mut();
         let n = send(i.engine.output());
         i.engine.consume_output(n);
+    }
+
+    /// Platform: one round on the link's TCP socket: report its fate
+    /// (opened, refused, closed by the server) and move bytes both ways.
+    /// Returns whether anything happened.
+    ///
+    /// A link still connecting takes any socket past the SYN as opened,
+    /// whatever happened since: a server that accepts, writes and closes
+    /// can do all of it between two looks (SYN-ACK, data and FIN in one
+    /// batch of frames), and the bytes it wrote and its close must still
+    /// reach the engine (before, such a link waited for a state it had
+    /// already left, and its open never returned).
+    pub fn pump(&self, s: &mut dyn TcpSocket) -> bool {
+        let mut busy = false;
+        if self.socket() == Socket::Connecting {
+            match s.phase() {
+                TcpPhase::Opening => return false,
+                TcpPhase::Refused => {
+                    self.closed("Connection refused");
+                    return true;
+                }
+                TcpPhase::Opened => {
+                    self.connected();
+                    busy = true;
+                }
+            }
+        }
+        if self.socket() != Socket::Connected {
+            return busy;
+        }
+        while s.recv(&mut |b| self.receive(b)) > 0 {
+            busy = true;
+        }
+        self.transmit(|out| {
+            let n = s.send(out);
+            busy |= n > 0;
+            n
+        });
+        if s.at_eof() {
+            self.closed("Connection closed by the server");
+            busy = true;
+        }
+        busy
     }
 
     /// Platform: whether the socket should be closed now (everything was

@@ -14,14 +14,15 @@ use serde_json::{Map, Value, json};
 use super::peer::Peer;
 use crate::exec::{Executor, Platform, SimulatedPlatform};
 use crate::layer::BlockLayer;
-use crate::nbd::client_node::{self, Links, NbdLink, Socket};
+use crate::nbd::client_node::{self, Links, NbdLink, Socket, TcpPhase, TcpSocket};
 use crate::nbd::{Export, Features};
 use crate::timer::ManualClock;
 
 /// Connects every new link to a fresh server engine over `exports`.
 struct PeerPlatform {
     links: Links,
-    exports: Vec<Export>,
+    /// What the next server serves.
+    exports: RefCell<Vec<Export>>,
     /// One server per link ever seen, in order; `None` once it is gone.
     peers: RefCell<Vec<(Rc<NbdLink>, Option<Peer>)>>,
     /// Refuse connections with this text.
@@ -63,7 +64,7 @@ impl Platform for PeerPlatform {
                         None
                     } else {
                         link.connected();
-                        Some(Peer::new(self.exports.clone()))
+                        Some(Peer::new(self.exports.borrow().clone()))
                     };
                     busy = true;
                     match known {
@@ -131,7 +132,7 @@ impl Env {
         let links: Links = Rc::default();
         let platform = Rc::new(PeerPlatform {
             links: links.clone(),
-            exports,
+            exports: RefCell::new(exports),
             peers: RefCell::new(Vec::new()),
             refuse: RefCell::new(None),
             refuse_first: RefCell::new(0),
@@ -452,4 +453,144 @@ fn requests_are_padded_to_the_exports_minimum_block_size() {
     // A read larger than the export's maximum payload is split.
     let out = env.io("n", "read -P 0 256k 768k");
     assert!(out.starts_with("read"), "{out}");
+}
+
+/// A TCP socket as a platform finds it at its first look: its phase, the
+/// bytes the server sent, whether the server already closed.
+struct ScriptedTcp {
+    phase: TcpPhase,
+    rx: Vec<u8>,
+    eof: bool,
+}
+
+impl TcpSocket for ScriptedTcp {
+    fn phase(&self) -> TcpPhase {
+        self.phase
+    }
+
+    fn recv(&mut self, take: &mut dyn FnMut(&[u8])) -> usize {
+        // In two pieces, as a ring buffer that wrapped hands them out.
+        let n = self.rx.len().min(5);
+        let piece: Vec<u8> = self.rx.drain(..n).collect();
+        if n > 0 {
+            take(&piece);
+        }
+        n
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> usize {
+        bytes.len()
+    }
+
+    fn at_eof(&self) -> bool {
+        self.eof && self.rx.is_empty()
+    }
+}
+
+/// Pumps every link through [`NbdLink::pump`] over a socket made by
+/// `script` when the link first connects.
+struct ScriptedPlatform {
+    links: Links,
+    script: fn() -> ScriptedTcp,
+    sockets: RefCell<Vec<(Rc<NbdLink>, ScriptedTcp)>>,
+    sim: SimulatedPlatform,
+}
+
+impl Platform for ScriptedPlatform {
+    fn poll(&self, exec: &Executor, may_halt: bool) -> bool {
+        let mut busy = false;
+        let links: Vec<_> = self.links.borrow().clone();
+        let mut sockets = self.sockets.borrow_mut();
+        for link in &links {
+            let at = match sockets.iter().position(|(l, _)| Rc::ptr_eq(l, link)) {
+                Some(at) => at,
+                None => {
+                    sockets.push((link.clone(), (self.script)()));
+                    sockets.len() - 1
+                }
+            };
+            busy |= link.pump(&mut sockets[at].1);
+        }
+        self.links
+            .borrow_mut()
+            .retain(|l| !(l.should_close() || l.socket() == Socket::Closed));
+        busy || self.sim.poll(exec, may_halt)
+    }
+}
+
+/// `blockdev-add driver=nbd` over a link whose socket `script` makes.
+fn add_over(script: fn() -> ScriptedTcp) -> Result<Value, String> {
+    let exec = Executor::new();
+    let clock = Rc::new(ManualClock::new());
+    let links: Links = Rc::default();
+    let platform = Rc::new(ScriptedPlatform {
+        links: links.clone(),
+        script,
+        sockets: RefCell::new(Vec::new()),
+        sim: SimulatedPlatform::new(clock.clone()),
+    });
+    let mut bl = BlockLayer::new(exec, clock, platform);
+    bl.register_driver(client_node::class(links));
+    let mut d = crate::qmp::Dispatcher::new();
+    crate::commands::register(&mut d);
+    let args = json!({
+        "driver": "nbd", "node-name": "n", "export": "disk",
+        "server": {"type": "inet", "host": "10.0.2.2", "port": "10809"},
+    });
+    let Value::Object(map) = args else {
+        unreachable!()
+    };
+    d.call("blockdev-add", &mut bl, &crate::qmp::Args::new(&map))
+        .expect("blockdev-add exists")
+        .map_err(|e| e.desc)
+}
+
+/// The first `N` bytes of a server's greeting, then its close, all seen
+/// at the link's first look.
+fn greeting_then_close<const N: usize>() -> ScriptedTcp {
+    let mut g = Vec::new();
+    g.extend_from_slice(&crate::nbd::wire::NBD_MAGIC.to_be_bytes());
+    g.extend_from_slice(&crate::nbd::wire::NBD_OPTS_MAGIC.to_be_bytes());
+    g.extend_from_slice(&3u16.to_be_bytes());
+    g.truncate(N);
+    ScriptedTcp {
+        phase: TcpPhase::Opened,
+        rx: g,
+        eof: true,
+    }
+}
+
+#[test]
+fn a_server_that_accepts_writes_and_closes_before_the_first_look_fails_the_open() {
+    // The appliance hang of issue 16: SYN-ACK, data and FIN in one batch
+    // of frames left smoltcp's socket in CloseWait, never Established,
+    // and the open waited for ever. Here: the error, at every cut.
+    let cases: [(usize, fn() -> ScriptedTcp); 5] = [
+        (0, greeting_then_close::<0>),
+        (1, greeting_then_close::<1>),
+        (8, greeting_then_close::<8>),
+        (17, greeting_then_close::<17>),
+        (18, greeting_then_close::<18>),
+    ];
+    for (cut, script) in cases {
+        let e = add_over(script).expect_err("a closed server cannot open");
+        assert_eq!(
+            e, "Failed to read from the NBD server: unexpected end of file",
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_connection_fails_the_open_with_qemus_text() {
+    let refused = || ScriptedTcp {
+        phase: TcpPhase::Refused,
+        rx: Vec::new(),
+        eof: true,
+    };
+    let e = add_over(refused).unwrap_err();
+    assert_eq!(
+        e,
+        "Failed to connect to '10.0.2.2:10809': Connection refused"
+    );
 }
