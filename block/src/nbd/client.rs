@@ -213,6 +213,9 @@ pub struct Client {
     completions: VecDeque<(Handle, Result<ClientReply, IoError>)>,
     next_cookie: u64,
     open_error: Option<String>,
+    /// A reconnect: the size the export had (QEMU fails a reconnect to
+    /// an export whose size changed).
+    expected_size: Option<u64>,
 }
 
 impl Client {
@@ -239,6 +242,7 @@ impl Client {
             in_flight: BTreeMap::new(),
             completions: VecDeque::new(),
             next_cookie: 1,
+            expected_size: None,
             open_error: None,
         }
     }
@@ -246,6 +250,12 @@ impl Client {
     /// The connection state.
     pub fn state(&self) -> &ClientState {
         &self.state
+    }
+
+    /// A reconnect to an export that had `size` bytes: a handshake that
+    /// finds another size fails the open.
+    pub fn expect_size(&mut self, size: u64) {
+        self.expected_size = Some(size);
     }
 
     /// The export, once the handshake finished.
@@ -529,8 +539,10 @@ impl Client {
         true
     }
 
+    /// The export is known: check it (QEMU's `nbd_client_handshake`
+    /// refusals), then transmission starts. `step` becomes `Done` only
+    /// then, so a refused export never shows as [`Client::info`].
     fn finish_handshake(&mut self) {
-        self.step = Step::Done;
         if self.info.flags & tf::HAS_FLAGS == 0 {
             // QEMU accepts this (old servers); treat every feature as absent.
             self.info.flags = tf::HAS_FLAGS;
@@ -547,6 +559,16 @@ impl Client {
             self.fail_open(&format!("Export size {} is too large", self.info.size));
             return;
         }
+        if let Some(was) = self.expected_size
+            && was != self.info.size
+        {
+            self.fail_open(&format!(
+                "Export size changed from {was} to {} on reconnect",
+                self.info.size
+            ));
+            return;
+        }
+        self.step = Step::Done;
         self.state = ClientState::Ready;
     }
 

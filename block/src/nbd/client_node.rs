@@ -77,7 +77,7 @@ struct Inner {
     connect_error: Option<String>,
     done: Vec<(Handle, Result<ClientReply, IoError>)>,
     /// The export as the first handshake found it (kept across
-    /// reconnects, which must find the same size).
+    /// reconnects, which must find the same size: [`Client::expect_size`]).
     known: Option<ExportInfo>,
     /// When the connection was lost (`reconnect-delay` counts from here).
     down_since: Option<u64>,
@@ -269,16 +269,6 @@ impl NbdLink {
             .await;
         let mut i = self.inner.borrow_mut();
         if let Some(info) = i.engine.info().copied() {
-            if let Some(k) = i.known
-                && k.size != info.size
-            {
-                drop(i);
-                self.closed("export size changed");
-                return Err(format!(
-                    "Export size changed from {} to {} on reconnect",
-                    k.size, info.size
-                ));
-            }
             i.known = Some(info);
             return Ok(info);
         }
@@ -326,6 +316,12 @@ impl NbdLink {
         {
             let mut i = self.inner.borrow_mut();
             i.engine = Client::new(&self.export, true);
+            // Checked by the engine, so that a reconnect nobody waits for
+            // (a request after `reconnect-delay` starts one in the
+            // background) cannot come up with another size either.
+            if let Some(k) = i.known {
+                i.engine.expect_size(k.size);
+            }
             i.socket = Socket::Connecting;
             i.connect_error = None;
             i.done.clear();

@@ -446,3 +446,40 @@ fn server_errors_map_to_errno_and_keep_the_connection() {
     assert_eq!(c.state(), &ClientState::Ready);
     assert_eq!(run(&mut c, &mut p, ClientOp::Flush), Ok(ClientReply::Done));
 }
+
+/// A server without `NBD_OPT_GO` that answers `NBD_OPT_EXPORT_NAME` with
+/// an export of `size` bytes.
+pub(super) fn export_name_server(size: u64) -> Vec<u8> {
+    let mut s = greeting();
+    for o in [opt::STRUCTURED_REPLY, opt::GO] {
+        OptionReply::Error {
+            code: rep::ERR_UNSUP,
+            message: "",
+        }
+        .emit(o, &mut s);
+    }
+    s.extend_from_slice(&size.to_be_bytes());
+    s.extend_from_slice(&(wire::transmission_flags::HAS_FLAGS).to_be_bytes());
+    s
+}
+
+#[test]
+fn an_export_refused_at_the_end_of_the_handshake_does_not_open() {
+    let mut c = Client::new("disk", true);
+    c.receive(&export_name_server(u64::MAX));
+    assert_eq!(c.state(), &ClientState::Failed);
+    assert_eq!(
+        c.open_error(),
+        Some("Export size 18446744073709551615 is too large")
+    );
+    // Before, the export showed as opened (`info` is what the node
+    // opens on) although the open had failed.
+    assert_eq!(c.info(), None);
+    assert_eq!(
+        c.submit(ClientOp::Read {
+            offset: 0,
+            len: 512
+        }),
+        Err(SubmitError::Failed(IoError::Eio))
+    );
+}

@@ -410,6 +410,37 @@ fn reconnect_delay_fails_requests_once_the_delay_is_over() {
 }
 
 #[test]
+fn a_reconnect_to_an_export_whose_size_changed_fails() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({"reconnect-delay": 3}))
+        .expect("opens");
+    *env.platform.exports.borrow_mut() = vec![Export::new("disk", 2 << 20)];
+    *env.platform.kill.borrow_mut() = true;
+    // Reconnects within the delay find the new size and fail.
+    let out = env.io("n", "read 0 4k");
+    assert!(out.contains("Input/output error"), "{out}");
+    assert_eq!(*env.platform.attempts.borrow(), 1 + 3);
+    // After the delay each request fails and starts an attempt in the
+    // background; before, nobody checked that one's size, and the
+    // request after it was served from the resized export.
+    for _ in 0..3 {
+        let out = env.io("n", "read 0 4k");
+        assert!(out.contains("Input/output error"), "{out}");
+    }
+    // The attempt the last request started fails too.
+    for _ in 0..10 {
+        env.platform.poll(env.bl.executor(), false);
+    }
+    let n = node_info(&env, "n");
+    assert_eq!(n["image"]["format-specific"]["data"]["x-state"], "failed");
+    // The old size back: the node serves again.
+    *env.platform.exports.borrow_mut() = vec![Export::new("disk", 1 << 20)];
+    env.io("n", "read 0 4k");
+    let out = env.io("n", "read -P 0 0 4k");
+    assert!(out.starts_with("read"), "{out}");
+}
+
+#[test]
 fn without_reconnect_delay_a_lost_connection_stays_lost() {
     let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
     env.add("n", "disk", json!({})).expect("opens");
@@ -592,5 +623,18 @@ fn a_refused_connection_fails_the_open_with_qemus_text() {
     assert_eq!(
         e,
         "Failed to connect to '10.0.2.2:10809': Connection refused"
+    );
+}
+
+#[test]
+fn an_export_the_client_refuses_fails_blockdev_add() {
+    let too_large = || ScriptedTcp {
+        phase: TcpPhase::Opened,
+        rx: super::client::export_name_server(u64::MAX),
+        eof: false,
+    };
+    assert_eq!(
+        add_over(too_large).unwrap_err(),
+        "Export size 18446744073709551615 is too large"
     );
 }
