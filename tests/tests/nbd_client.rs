@@ -8,6 +8,8 @@
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -517,21 +519,26 @@ enum Fault {
     /// then close once the client has been quiet for half a second (a
     /// corrupted length can leave both sides waiting for the other).
     GarbageAt(usize),
+    /// A correct handshake, then requests are read and never answered
+    /// (a server that stopped answering).
+    Silent,
 }
 
 /// A scripted misbehaving server for iotest 083's matrix: the NBD server
 /// engine over a 1 MiB zero export named `disk`, with its output cut or
 /// corrupted at one byte. Serves one connection at a time until dropped;
-/// returns the port.
-fn misbehaving_server(fault: Fault) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// returns the port, the flag that stops it and the count of requests it
+/// received.
+fn misbehaving_server(fault: Fault) -> (u16, Arc<AtomicBool>, Arc<AtomicUsize>) {
     use block::nbd::{Completion, Connection, Export, Limits, Op};
     use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicBool, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let requests2 = requests.clone();
     thread::spawn(move || {
         let exports = vec![Export::new("disk", MIB)];
         while !stop2.load(Ordering::Relaxed) {
@@ -565,6 +572,7 @@ fn misbehaving_server(fault: Fault) -> (u16, std::sync::Arc<std::sync::atomic::A
                                 out[n - sent] ^= 0xff;
                             }
                         }
+                        Fault::Silent => {}
                     }
                     sent += out.len();
                     if s.write_all(&out).is_err() {
@@ -589,6 +597,10 @@ fn misbehaving_server(fault: Fault) -> (u16, std::sync::Arc<std::sync::atomic::A
                     Err(_) => break,
                 }
                 while let Some(r) = conn.next_request() {
+                    requests2.fetch_add(1, Ordering::Relaxed);
+                    if matches!(fault, Fault::Silent) {
+                        continue;
+                    }
                     let c = match r.op {
                         Op::Read { .. } => Completion::Zero,
                         Op::BlockStatus { len, .. } => {
@@ -604,7 +616,7 @@ fn misbehaving_server(fault: Fault) -> (u16, std::sync::Arc<std::sync::atomic::A
             }
         }
     });
-    (port, stop)
+    (port, stop, requests)
 }
 
 /// The length of a full handshake from the scripted server (greeting to
@@ -661,13 +673,13 @@ fn appliance_nbd_node_against_a_misbehaving_server() {
         );
     };
     for &cut in &cuts {
-        let (port, stop) = misbehaving_server(Fault::CloseAt(cut));
+        let (port, stop, _) = misbehaving_server(Fault::CloseAt(cut));
         match add(&mut a, port) {
             Ok(_) => panic!("close at {cut} of {len}: opened"),
             Err(e) => refused(&a, &format!("close at {cut} of {len}"), e),
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (port, stop) = misbehaving_server(Fault::GarbageAt(cut));
+        stop.store(true, Ordering::Relaxed);
+        let (port, stop, _) = misbehaving_server(Fault::GarbageAt(cut));
         // Garbage in a size or flag may still open; it must settle.
         match add(&mut a, port) {
             Ok(_) => {
@@ -677,10 +689,10 @@ fn appliance_nbd_node_against_a_misbehaving_server() {
             }
             Err(e) => refused(&a, &format!("garbage at {cut} of {len}"), e),
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
     }
     // A reply cut short: the request fails, the node shows it.
-    let (port, stop) = misbehaving_server(Fault::CloseAt(len + 10));
+    let (port, stop, _) = misbehaving_server(Fault::CloseAt(len + 10));
     add(&mut a, port).unwrap_or_else(|e| panic!("{e}\n{}", a.console()));
     let out = a.qemu_io_output("bad", "read 0 4k");
     assert!(out.contains("Input/output error"), "{out}");
@@ -689,6 +701,78 @@ fn appliance_nbd_node_against_a_misbehaving_server() {
         bad["image"]["format-specific"]["data"]["x-state"], "failed",
         "{bad}"
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     a.quit();
+}
+
+/// The halt with requests in flight to a server that stopped answering
+/// (it took the handshake, then reads requests and never replies): `quit`
+/// still ends with exit 0 and every node closed (the appliance gives such
+/// requests 5 s, then fails them and sends NBD_CMD_DISC), and a write to
+/// another export, acknowledged but never flushed by its client, is on
+/// the disk image afterwards.
+#[test]
+fn appliance_quit_with_requests_in_flight_to_a_silent_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(&dir, 16 * MIB);
+    let (silent_port, stop, requests) = misbehaving_server(Fault::Silent);
+    let port = free_port();
+    let cfg = harness::QemuConfig {
+        append: "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
+                 --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
+                 --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on"
+            .into(),
+        disks: vec![img.clone()],
+        nbd_port: Some(port),
+        ..harness::QemuConfig::default()
+    };
+    let mut a = harness::Appliance::boot(&cfg);
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            serde_json::json!({"driver": "nbd", "node-name": "remote", "export": "disk",
+                   "reconnect-delay": 300,
+                   "server": {"type": "inet", "host": "10.0.2.2",
+                              "port": silent_port.to_string()}}),
+        )
+        .unwrap_or_else(|e| panic!("blockdev-add: {e}\n{}", a.console()));
+    a.qmp()
+        .cmd(
+            "block-export-add",
+            serde_json::json!({"type": "nbd", "id": "r", "node-name": "remote",
+                               "name": "remote"}),
+        )
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    // Acknowledged, not flushed: the halt's device flush must keep it.
+    let mut writer = NbdClient::connect(&addr, "disk").expect("open disk");
+    let w = ClientOp::Write {
+        offset: MIB,
+        data: vec![0x5a; 256 * 1024],
+        fua: false,
+    };
+    assert_eq!(writer.run(w), Ok(ClientReply::Done));
+    // Reads through the remote node, forwarded to the silent server.
+    let mut reader = NbdClient::connect(&addr, "remote").expect("open remote");
+    for i in 0..4 {
+        let r = ClientOp::Read {
+            offset: i * 65536,
+            len: 65536,
+        };
+        reader.submit(r).expect("submit");
+    }
+    reader.send().expect("send");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while requests.load(Ordering::Relaxed) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the reads never reached the server:\n{}",
+            a.console()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    a.quit();
+    stop.store(true, Ordering::Relaxed);
+    drop((writer, reader));
+    check_image(&img, &["read -P 0x5a 1M 256k", "read -P 0 0 1M"]);
 }

@@ -339,6 +339,24 @@ impl Client {
         self.fail(msg);
     }
 
+    /// Give up on the requests in flight (a halt whose bound ran out on a
+    /// server that stopped answering): each fails with `EIO` now, and
+    /// `NBD_CMD_DISC` is queued if the connection still stands (after
+    /// whatever part of a request is still to go out). Late replies are
+    /// not read: the engine is done.
+    pub fn abandon(&mut self) {
+        if self.state != ClientState::Ready && self.state != ClientState::Disconnecting {
+            return;
+        }
+        for (cookie, _) in core::mem::take(&mut self.in_flight) {
+            self.completions
+                .push_back((Handle(cookie), Err(IoError::Eio)));
+        }
+        self.input.clear();
+        self.disconnect();
+        self.after_reply();
+    }
+
     /// End the connection: every request in flight fails with `EIO`.
     fn fail(&mut self, why: &str) {
         if self.state == ClientState::Failed {

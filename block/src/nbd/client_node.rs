@@ -81,6 +81,8 @@ struct Inner {
     known: Option<ExportInfo>,
     /// When the connection was lost (`reconnect-delay` counts from here).
     down_since: Option<u64>,
+    /// [`NbdLink::cancel_in_flight`] was called: no more reconnects.
+    cancelled: bool,
 }
 
 impl Inner {
@@ -146,6 +148,7 @@ impl NbdLink {
                 done: Vec::new(),
                 known: None,
                 down_since: None,
+                cancelled: false,
             }),
             events: WaitQueue::new(),
         }
@@ -315,6 +318,9 @@ impl NbdLink {
     fn restart(self: &Rc<Self>, links: &Links) {
         {
             let mut i = self.inner.borrow_mut();
+            if i.cancelled {
+                return;
+            }
             i.engine = Client::new(&self.export, true);
             // Checked by the engine, so that a reconnect nobody waits for
             // (a request after `reconnect-delay` starts one in the
@@ -330,6 +336,35 @@ impl NbdLink {
         if !l.iter().any(|x| Rc::ptr_eq(x, self)) {
             l.push(self.clone());
         }
+    }
+
+    /// QEMU's `nbd_cancel_in_flight`: requests waiting for a reconnect
+    /// fail now, and no attempt is made any more (the reconnect timers
+    /// stop). Requests on the wire are left to the server.
+    pub fn cancel_in_flight(&self) {
+        // Halting after a fatal error may find the link borrowed by the
+        // failed code: leave it then.
+        if let Ok(mut i) = self.inner.try_borrow_mut() {
+            i.cancelled = true;
+            self.events.wake_all();
+        }
+    }
+
+    /// Whether [`NbdLink::cancel_in_flight`] was called.
+    fn cancelled(&self) -> bool {
+        self.inner.borrow().cancelled
+    }
+
+    /// Platform, halting: the server did not answer within the halt's
+    /// bound. The requests on the wire fail with `EIO` now and
+    /// `NBD_CMD_DISC` is queued if the connection still stands (QEMU has
+    /// no such bound: its close-all waits for the server).
+    pub fn abandon(&self) {
+        let mut i = self.inner.borrow_mut();
+        i.cancelled = true;
+        i.engine.abandon();
+        i.collect();
+        self.events.wake_all();
     }
 
     fn disconnect(&self) {
@@ -533,6 +568,9 @@ impl NbdNode {
         let reg = node.registry().ok_or(IoError::Eio)?;
         let clock = reg.clock();
         let timers = reg.executor().timers().clone();
+        if self.link.cancelled() {
+            return Err(IoError::Eio);
+        }
         let since = {
             let mut i = self.link.inner.borrow_mut();
             *i.down_since.get_or_insert(clock.now_ns())
@@ -568,12 +606,18 @@ impl NbdNode {
             let mut sleep = core::pin::pin!(timers.sleep_until(clock.clone(), wake));
             let mut open = core::pin::pin!(self.link.open());
             let opened = poll_fn(|cx| {
+                if self.link.cancelled() {
+                    return Poll::Ready(None);
+                }
                 if let Poll::Ready(r) = open.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
                 sleep.as_mut().poll(cx).map(|()| None)
             })
             .await;
+            if self.link.cancelled() {
+                return Err(IoError::Eio);
+            }
             if let Some(Err(_)) = opened {
                 // Refused: wait out the retry delay.
                 sleep.await;
@@ -723,6 +767,10 @@ impl BlockDriver for NbdNode {
         self.link
             .info()
             .map_or(1, |i| u64::from(i.block_size.min()))
+    }
+
+    fn cancel_in_flight(&self, _node: &Node) {
+        self.link.cancel_in_flight();
     }
 
     fn close(&self, _node: &Node) {

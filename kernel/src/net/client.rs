@@ -26,6 +26,9 @@ pub struct Clients {
     /// Sockets closing after their link let go.
     closing: Vec<SocketHandle>,
     next_port: u16,
+    /// Halting: when the requests still on the wire are abandoned
+    /// ([`NbdLink::abandon`]), in monotonic nanoseconds.
+    abandon_at: Option<u64>,
 }
 
 impl Clients {
@@ -41,6 +44,12 @@ impl Clients {
             l.closed("Network is unreachable");
         }
         !links.is_empty()
+    }
+
+    /// Halting: requests still on the wire at `at` (monotonic
+    /// nanoseconds) fail then, and each link's `NBD_CMD_DISC` goes out.
+    pub fn abandon_at(&mut self, at: u64) {
+        self.abandon_at = Some(at);
     }
 
     /// Whether any link or socket is still open.
@@ -75,6 +84,13 @@ impl Clients {
     /// anything happened.
     pub fn service(&mut self, stack: &mut Stack, buffer: usize) -> bool {
         let mut busy = false;
+        if let Some(at) = self.abandon_at
+            && crate::clock::monotonic_ns() >= at
+        {
+            for l in self.links.borrow().iter() {
+                l.abandon();
+            }
+        }
         // Copied out (connect may call back into the link), but only the
         // links still to connect: nothing is allocated in steady state.
         let connecting: Vec<Rc<NbdLink>> = self

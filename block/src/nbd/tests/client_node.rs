@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::peer::Peer;
 use crate::exec::{Executor, Platform, SimulatedPlatform};
+use crate::io::{IoError, IoResult, ReqFlags};
 use crate::layer::BlockLayer;
 use crate::nbd::client_node::{self, Links, NbdLink, Socket, TcpPhase, TcpSocket};
 use crate::nbd::{Export, Features};
@@ -35,6 +36,8 @@ struct PeerPlatform {
     attempts: RefCell<usize>,
     /// Kill the server of every link at the next poll.
     kill: RefCell<bool>,
+    /// The servers take requests and never answer.
+    silent: RefCell<bool>,
     sim: SimulatedPlatform,
 }
 
@@ -100,6 +103,10 @@ impl Platform for PeerPlatform {
                 peer.send(&sent);
                 busy = true;
             }
+            if *self.silent.borrow() {
+                peer.drain();
+                continue;
+            }
             peer.run();
             let back: Vec<u8> = peer.rx.drain(..).collect();
             if !back.is_empty() {
@@ -139,6 +146,7 @@ impl Env {
             blackhole: RefCell::new(false),
             attempts: RefCell::new(0),
             kill: RefCell::new(false),
+            silent: RefCell::new(false),
             sim: SimulatedPlatform::new(clock.clone()),
         });
         let mut bl = BlockLayer::new(exec, clock, platform.clone());
@@ -438,6 +446,79 @@ fn a_reconnect_to_an_export_whose_size_changed_fails() {
     env.io("n", "read 0 4k");
     let out = env.io("n", "read -P 0 0 4k");
     assert!(out.starts_with("read"), "{out}");
+}
+
+impl Env {
+    /// Starts a 4 KiB read on `node` and runs until it waits.
+    fn read_in_background(&self, node: &str) -> crate::exec::JoinHandle<IoResult<Vec<u8>>> {
+        let n = self.bl.registry().find_node(node).expect("node");
+        let exec = self.bl.executor();
+        let read = exec.spawn(async move { n.read(0, 4096, ReqFlags::NONE).await });
+        for _ in 0..10 {
+            exec.run_ready();
+            self.platform.poll(exec, false);
+        }
+        assert!(!read.is_finished(), "the read waits");
+        read
+    }
+
+    /// Runs until `h` is done (time moves only when nothing else can).
+    fn finish<T>(&self, h: crate::exec::JoinHandle<T>) -> T {
+        let exec = self.bl.executor();
+        exec.block_on(h, &*self.platform).expect("finishes")
+    }
+}
+
+#[test]
+fn cancel_in_flight_ends_a_wait_for_a_reconnect() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({"reconnect-delay": 300}))
+        .expect("opens");
+    *env.platform.kill.borrow_mut() = true;
+    *env.platform.refuse_first.borrow_mut() = 1_000_000;
+    let read = env.read_in_background("n");
+    let attempts = *env.platform.attempts.borrow();
+    let n = env.bl.registry().find_node("n").unwrap();
+    n.driver().cancel_in_flight(&n);
+    assert_eq!(env.finish(read), Err(IoError::Eio));
+    // No attempt after the cancel, and none for later requests: the
+    // reconnect timers are stopped (before, this read waited out 300 s).
+    let out = env.io("n", "read 0 4k");
+    assert!(out.contains("Input/output error"), "{out}");
+    assert_eq!(*env.platform.attempts.borrow(), attempts);
+    env.cmd("blockdev-del", json!({"node-name": "n"}))
+        .expect("closes");
+}
+
+#[test]
+fn a_silent_server_abandoned_fails_requests_and_gets_disc() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({})).expect("opens");
+    *env.platform.silent.borrow_mut() = true;
+    let read = env.read_in_background("n");
+    let n = env.bl.registry().find_node("n").unwrap();
+    // QEMU's cancel leaves requests on the wire alone.
+    n.driver().cancel_in_flight(&n);
+    for _ in 0..10 {
+        env.bl.executor().run_ready();
+        env.platform.poll(env.bl.executor(), false);
+    }
+    assert!(!read.is_finished());
+    // The halt's bound ran out: the platform abandons the link.
+    let link = env.platform.links.borrow()[0].clone();
+    link.abandon();
+    assert_eq!(env.finish(read), Err(IoError::Eio));
+    // The server wakes up: it answers the read (nobody listens) and finds
+    // NBD_CMD_DISC after it.
+    *env.platform.silent.borrow_mut() = false;
+    env.platform.poll(env.bl.executor(), false);
+    let peers = env.platform.peers.borrow();
+    let peer = peers[0].1.as_ref().expect("server alive");
+    assert!(peer.conn.should_close(), "server saw NBD_CMD_DISC");
+    drop(peers);
+    assert!(link.should_close());
+    env.cmd("blockdev-del", json!({"node-name": "n"}))
+        .expect("closes");
 }
 
 #[test]
