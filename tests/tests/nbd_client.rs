@@ -776,3 +776,107 @@ fn appliance_quit_with_requests_in_flight_to_a_silent_server() {
     drop((writer, reader));
     check_image(&img, &["read -P 0x5a 1M 256k", "read -P 0 0 1M"]);
 }
+
+/// Live storage migration between two appliances (issue 16, point 4): A
+/// exports its disk; a host client writes through that export before,
+/// during and after A mirrors the disk (`blockdev-add driver=nbd` to B's
+/// export, `blockdev-mirror` sync=full, ready, `job-complete`) onto B.
+/// After the pivot A's export is served from B: B's image holds every
+/// acknowledged write, and A's disk misses the writes after the pivot.
+/// The appliances reach each other through QEMU's user network (A's
+/// 10.0.2.2 is the host, where B's NBD port is forwarded).
+#[test]
+fn appliance_migrates_a_disk_to_another_appliance_under_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 16 * MIB;
+    let img_a = dir.path().join("a.raw");
+    let img_b = dir.path().join("b.raw");
+    harness::host::create(&img_a, size);
+    harness::host::create(&img_b, size);
+    let boot = |img: &Path| {
+        let cfg = harness::QemuConfig {
+            append: "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
+                     --blockdev raw,node-name=top,file=vblk \
+                     --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
+                     --export type=nbd,id=e0,node-name=top,name=disk,writable=on"
+                .into(),
+            disks: vec![img.to_path_buf()],
+            nbd_port: Some(free_port()),
+            ..harness::QemuConfig::default()
+        };
+        let port = cfg.nbd_port.unwrap();
+        (harness::Appliance::boot(&cfg), port)
+    };
+    let (mut a, a_port) = boot(&img_a);
+    let (b, b_port) = boot(&img_b);
+    let mut model = vec![0u8; size as usize];
+    let mut client = NbdClient::connect(&format!("127.0.0.1:{a_port}"), "disk").expect("open A");
+    let write = |c: &mut NbdClient, model: &mut Vec<u8>, offset: u64, len: usize, p: u8| {
+        let w = ClientOp::Write {
+            offset,
+            data: vec![p; len],
+            fua: false,
+        };
+        assert_eq!(c.run(w), Ok(ClientReply::Done), "write {p:#x} at {offset}");
+        model[offset as usize..offset as usize + len].fill(p);
+    };
+    // Before the migration.
+    write(&mut client, &mut model, 0, 8 * MIB as usize, 0x11);
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            serde_json::json!({"driver": "nbd", "node-name": "target", "export": "disk",
+                   "server": {"type": "inet", "host": "10.0.2.2", "port": b_port.to_string()}}),
+        )
+        .unwrap_or_else(|e| panic!("blockdev-add: {e}\n{}", a.console()));
+    a.qmp()
+        .cmd(
+            "blockdev-mirror",
+            serde_json::json!({"job-id": "m", "device": "top", "target": "target",
+                               "sync": "full"}),
+        )
+        .unwrap_or_else(|e| panic!("blockdev-mirror: {e}\n{}", a.console()));
+    // During the copy (or right after it: the job may be quick).
+    for k in 0..16u64 {
+        write(
+            &mut client,
+            &mut model,
+            k * 640 * 1024,
+            64 * 1024,
+            0x20 + k as u8,
+        );
+    }
+    let ready = a
+        .qmp()
+        .wait_event("BLOCK_JOB_READY", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("no BLOCK_JOB_READY: {e}\n{}", a.console()));
+    assert_eq!(ready["data"]["device"], "m", "{ready}");
+    // While ready: mirrored to both.
+    write(&mut client, &mut model, 9 * MIB, MIB as usize, 0x44);
+    a.qmp()
+        .cmd("job-complete", serde_json::json!({"id": "m"}))
+        .unwrap();
+    let done = a
+        .qmp()
+        .wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(120))
+        .unwrap();
+    assert!(done["data"].get("error").is_none(), "{done}");
+    // After the pivot: served from B only.
+    write(&mut client, &mut model, 12 * MIB, MIB as usize, 0x77);
+    let back = client.run(ClientOp::Read {
+        offset: 12 * MIB,
+        len: 65536,
+    });
+    assert_eq!(back, Ok(ClientReply::Data(vec![0x77; 65536])));
+    client.disconnect().expect("clean close");
+    a.quit();
+    b.quit();
+    let on_b = std::fs::read(&img_b).expect("B's image");
+    let first_diff = on_b.iter().zip(&model).position(|(x, y)| x != y);
+    assert_eq!(
+        first_diff, None,
+        "B's image differs from what the client wrote"
+    );
+    // A's own disk kept what was written before the pivot only.
+    check_image(&img_a, &["read -P 0x44 9M 1M", "read -P 0 12M 1M"]);
+}
