@@ -880,3 +880,113 @@ fn appliance_migrates_a_disk_to_another_appliance_under_writes() {
     // A's own disk kept what was written before the pivot only.
     check_image(&img_a, &["read -P 0x44 9M 1M", "read -P 0 12M 1M"]);
 }
+
+/// Replication (issue 16, point 5): a `quorum` (vote-threshold 2) over
+/// three `driver=nbd` children, each another appliance's disk, exported
+/// by a fourth. A host client writes through that export while one of
+/// the three appliances is killed: every write is acknowledged, the
+/// quorum reports the dead child with `QUORUM_REPORT_BAD`, and the two
+/// survivors' images hold every acknowledged write.
+#[test]
+fn appliance_quorum_over_three_appliances_survives_one_killed_mid_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 16 * MIB;
+    let boot = |append: String, disks: Vec<std::path::PathBuf>| {
+        let cfg = harness::QemuConfig {
+            append,
+            disks,
+            nbd_port: Some(free_port()),
+            ..harness::QemuConfig::default()
+        };
+        let port = cfg.nbd_port.unwrap();
+        (harness::Appliance::boot(&cfg), port)
+    };
+    let serve = "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
+                 --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
+                 --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on";
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        let img = dir.path().join(format!("r{i}.raw"));
+        harness::host::create(&img, size);
+        let (a, port) = boot(serve.into(), vec![img.clone()]);
+        replicas.push((Some(a), port, img));
+    }
+    let (mut q, q_port) = boot(
+        "--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809".into(),
+        Vec::new(),
+    );
+    for (i, (_, port, _)) in replicas.iter().enumerate() {
+        q.qmp()
+            .cmd(
+                "blockdev-add",
+                serde_json::json!({"driver": "nbd", "node-name": format!("c{i}"),
+                    "export": "disk",
+                    "server": {"type": "inet", "host": "10.0.2.2", "port": port.to_string()}}),
+            )
+            .unwrap_or_else(|e| panic!("blockdev-add c{i}: {e}\n{}", q.console()));
+    }
+    q.qmp()
+        .cmd(
+            "blockdev-add",
+            serde_json::json!({"driver": "quorum", "node-name": "q0", "vote-threshold": 2,
+                               "children": ["c0", "c1", "c2"]}),
+        )
+        .unwrap_or_else(|e| panic!("quorum: {e}\n{}", q.console()));
+    q.qmp()
+        .cmd(
+            "block-export-add",
+            serde_json::json!({"type": "nbd", "id": "e", "node-name": "q0",
+                               "name": "q", "writable": true}),
+        )
+        .unwrap();
+    let chunk = 256 * 1024usize;
+    let writes = 32u64;
+    let acked = AtomicUsize::new(0);
+    let killed = AtomicBool::new(false);
+    let mut victim = replicas[2].0.take();
+    thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut c = NbdClient::connect(&format!("127.0.0.1:{q_port}"), "q").expect("open q");
+            for k in 0..writes {
+                // At least the last write goes out after the kill.
+                while k == writes - 1 && !killed.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                let w = ClientOp::Write {
+                    offset: k * chunk as u64,
+                    data: vec![0x40 + k as u8; chunk],
+                    fua: false,
+                };
+                assert_eq!(c.run(w), Ok(ClientReply::Done), "write {k}");
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            assert_eq!(c.run(ClientOp::Flush), Ok(ClientReply::Done), "flush");
+            c.disconnect().expect("clean close");
+        });
+        // Kill the third replica once a quarter of the writes is in.
+        while acked.load(Ordering::Relaxed) < writes as usize / 4 && !writer.is_finished() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        drop(victim.take());
+        killed.store(true, Ordering::Relaxed);
+        writer.join().expect("every write acknowledged");
+    });
+    let bad = q
+        .qmp()
+        .wait_event("QUORUM_REPORT_BAD", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("no QUORUM_REPORT_BAD: {e}\n{}", q.console()));
+    assert_eq!(bad["data"]["node-name"], "c2", "{bad}");
+    q.quit();
+    for (a, _, img) in replicas.iter_mut().take(2) {
+        a.take().expect("survivor").quit();
+        let data = std::fs::read(&*img).expect("image");
+        for k in 0..writes as usize {
+            let at = k * chunk;
+            assert!(
+                data[at..at + chunk].iter().all(|&b| b == 0x40 + k as u8),
+                "{}: write {k} lost",
+                img.display()
+            );
+        }
+    }
+}
