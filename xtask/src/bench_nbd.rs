@@ -41,14 +41,14 @@ pub struct NbdArgs {
 const MIB: u64 = 1 << 20;
 
 /// A server under test, stopped on drop.
-enum Running {
+pub(crate) enum Running {
     Host(Child),
     Appliance(Box<Appliance>),
 }
 
 /// Where clients reach a server: a URI, run inside a namespace or not.
-struct Target {
-    uri: String,
+pub(crate) struct Target {
+    pub(crate) uri: String,
     netns: Option<NetnsTap>,
 }
 
@@ -76,7 +76,7 @@ impl Drop for Running {
     }
 }
 
-fn wait_port(port: u16, timeout: Duration) -> Result<(), String> {
+pub(crate) fn wait_port(port: u16, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -87,7 +87,7 @@ fn wait_port(port: u16, timeout: Duration) -> Result<(), String> {
     Err(format!("nothing listens on 127.0.0.1:{port}"))
 }
 
-fn spawn(cmd: &mut Command) -> Result<Child, String> {
+pub(crate) fn spawn(cmd: &mut Command) -> Result<Child, String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -99,7 +99,7 @@ const APPEND: &str = "loglevel=warn --blockdev driver=virtio-blk,node-name=vblk,
     --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809,max-connections=16 \
     --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on";
 
-fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), String> {
+pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), String> {
     let local = Target {
         uri: format!("nbd://127.0.0.1:{port}/disk"),
         netns: None,
