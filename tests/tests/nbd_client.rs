@@ -705,6 +705,38 @@ fn appliance_nbd_node_against_a_misbehaving_server() {
     a.quit();
 }
 
+/// An appliance with an NBD server, exporting its disk `img` (if any)
+/// writable as `disk` (node `vblk`); returns it and the host port its
+/// server is forwarded to.
+fn serving_appliance(img: Option<&Path>) -> (harness::Appliance, u16) {
+    let mut append = String::from("--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809");
+    if img.is_some() {
+        append += " --blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
+                   --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on";
+    }
+    let cfg = harness::QemuConfig {
+        append,
+        disks: img.map(Path::to_path_buf).into_iter().collect(),
+        nbd_port: Some(free_port()),
+        ..harness::QemuConfig::default()
+    };
+    let port = cfg.nbd_port.unwrap();
+    (harness::Appliance::boot(&cfg), port)
+}
+
+/// `blockdev-add driver=nbd` named `node` to export `disk` on the host's
+/// `port` (the guest's 10.0.2.2), with `extra` options.
+fn add_nbd_node(a: &mut harness::Appliance, node: &str, port: u16, extra: serde_json::Value) {
+    let mut args = serde_json::json!({"driver": "nbd", "node-name": node, "export": "disk",
+        "server": {"type": "inet", "host": "10.0.2.2", "port": port.to_string()}});
+    if let (Some(args), Some(extra)) = (args.as_object_mut(), extra.as_object()) {
+        args.extend(extra.clone());
+    }
+    a.qmp()
+        .cmd("blockdev-add", args)
+        .unwrap_or_else(|e| panic!("blockdev-add {node}: {e}\n{}", a.console()));
+}
+
 /// The halt with requests in flight to a server that stopped answering
 /// (it took the handshake, then reads requests and never replies): `quit`
 /// still ends with exit 0 and every node closed (the appliance gives such
@@ -716,26 +748,13 @@ fn appliance_quit_with_requests_in_flight_to_a_silent_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = image(&dir, 16 * MIB);
     let (silent_port, stop, requests) = misbehaving_server(Fault::Silent);
-    let port = free_port();
-    let cfg = harness::QemuConfig {
-        append: "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
-                 --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
-                 --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on"
-            .into(),
-        disks: vec![img.clone()],
-        nbd_port: Some(port),
-        ..harness::QemuConfig::default()
-    };
-    let mut a = harness::Appliance::boot(&cfg);
-    a.qmp()
-        .cmd(
-            "blockdev-add",
-            serde_json::json!({"driver": "nbd", "node-name": "remote", "export": "disk",
-                   "reconnect-delay": 300,
-                   "server": {"type": "inet", "host": "10.0.2.2",
-                              "port": silent_port.to_string()}}),
-        )
-        .unwrap_or_else(|e| panic!("blockdev-add: {e}\n{}", a.console()));
+    let (mut a, port) = serving_appliance(Some(&img));
+    add_nbd_node(
+        &mut a,
+        "remote",
+        silent_port,
+        serde_json::json!({"reconnect-delay": 300}),
+    );
     a.qmp()
         .cmd(
             "block-export-add",
@@ -793,22 +812,8 @@ fn appliance_migrates_a_disk_to_another_appliance_under_writes() {
     let img_b = dir.path().join("b.raw");
     harness::host::create(&img_a, size);
     harness::host::create(&img_b, size);
-    let boot = |img: &Path| {
-        let cfg = harness::QemuConfig {
-            append: "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
-                     --blockdev raw,node-name=top,file=vblk \
-                     --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
-                     --export type=nbd,id=e0,node-name=top,name=disk,writable=on"
-                .into(),
-            disks: vec![img.to_path_buf()],
-            nbd_port: Some(free_port()),
-            ..harness::QemuConfig::default()
-        };
-        let port = cfg.nbd_port.unwrap();
-        (harness::Appliance::boot(&cfg), port)
-    };
-    let (mut a, a_port) = boot(&img_a);
-    let (b, b_port) = boot(&img_b);
+    let (mut a, a_port) = serving_appliance(Some(&img_a));
+    let (b, b_port) = serving_appliance(Some(&img_b));
     let mut model = vec![0u8; size as usize];
     let mut client = NbdClient::connect(&format!("127.0.0.1:{a_port}"), "disk").expect("open A");
     let write = |c: &mut NbdClient, model: &mut Vec<u8>, offset: u64, len: usize, p: u8| {
@@ -822,17 +827,11 @@ fn appliance_migrates_a_disk_to_another_appliance_under_writes() {
     };
     // Before the migration.
     write(&mut client, &mut model, 0, 8 * MIB as usize, 0x11);
-    a.qmp()
-        .cmd(
-            "blockdev-add",
-            serde_json::json!({"driver": "nbd", "node-name": "target", "export": "disk",
-                   "server": {"type": "inet", "host": "10.0.2.2", "port": b_port.to_string()}}),
-        )
-        .unwrap_or_else(|e| panic!("blockdev-add: {e}\n{}", a.console()));
+    add_nbd_node(&mut a, "target", b_port, serde_json::json!({}));
     a.qmp()
         .cmd(
             "blockdev-mirror",
-            serde_json::json!({"job-id": "m", "device": "top", "target": "target",
+            serde_json::json!({"job-id": "m", "device": "vblk", "target": "target",
                                "sync": "full"}),
         )
         .unwrap_or_else(|e| panic!("blockdev-mirror: {e}\n{}", a.console()));
@@ -891,39 +890,16 @@ fn appliance_migrates_a_disk_to_another_appliance_under_writes() {
 fn appliance_quorum_over_three_appliances_survives_one_killed_mid_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let size = 16 * MIB;
-    let boot = |append: String, disks: Vec<std::path::PathBuf>| {
-        let cfg = harness::QemuConfig {
-            append,
-            disks,
-            nbd_port: Some(free_port()),
-            ..harness::QemuConfig::default()
-        };
-        let port = cfg.nbd_port.unwrap();
-        (harness::Appliance::boot(&cfg), port)
-    };
-    let serve = "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0 \
-                 --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
-                 --export type=nbd,id=e0,node-name=vblk,name=disk,writable=on";
     let mut replicas = Vec::new();
     for i in 0..3 {
         let img = dir.path().join(format!("r{i}.raw"));
         harness::host::create(&img, size);
-        let (a, port) = boot(serve.into(), vec![img.clone()]);
+        let (a, port) = serving_appliance(Some(&img));
         replicas.push((Some(a), port, img));
     }
-    let (mut q, q_port) = boot(
-        "--nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809".into(),
-        Vec::new(),
-    );
+    let (mut q, q_port) = serving_appliance(None);
     for (i, (_, port, _)) in replicas.iter().enumerate() {
-        q.qmp()
-            .cmd(
-                "blockdev-add",
-                serde_json::json!({"driver": "nbd", "node-name": format!("c{i}"),
-                    "export": "disk",
-                    "server": {"type": "inet", "host": "10.0.2.2", "port": port.to_string()}}),
-            )
-            .unwrap_or_else(|e| panic!("blockdev-add c{i}: {e}\n{}", q.console()));
+        add_nbd_node(&mut q, &format!("c{i}"), *port, serde_json::json!({}));
     }
     q.qmp()
         .cmd(

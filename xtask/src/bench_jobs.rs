@@ -51,6 +51,15 @@ pub(crate) fn raw_file(path: &Path, size: u64) -> Result<(), String> {
         .arg(size.to_string()))
 }
 
+/// A raw file of `size` bytes with data everywhere, so nothing is
+/// skipped as a hole or as zeroes.
+pub(crate) fn filled_raw(path: &Path, size: u64) -> Result<(), String> {
+    raw_file(path, size)?;
+    sh(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &format!("write -P 0x5a 0 {size}")])
+        .arg(path))
+}
+
 pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -141,11 +150,7 @@ pub fn bench(args: JobsArgs) -> Result<(), String> {
     let src = dir.join("src.img");
     let tgt = dir.join("tgt.img");
     let host_tgt = dir.join("host-tgt.img");
-    raw_file(&src, size)?;
-    // Data everywhere, so nothing is skipped as a hole or as zeroes.
-    sh(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &format!("write -P 0x5a 0 {size}")])
-        .arg(&src))?;
+    filled_raw(&src, size)?;
     raw_file(&tgt, size)?;
 
     println!(

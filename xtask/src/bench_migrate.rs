@@ -14,7 +14,7 @@
 //!
 //! TCG, medians; printed, never asserted.
 
-use crate::bench_jobs::{median, raw_file, secs, sh, timed_job, timed_quit};
+use crate::bench_jobs::{filled_raw, median, raw_file, secs, sh, timed_job, timed_quit};
 use crate::bench_nbd::{Running, spawn, start, wait_port};
 use clap::Args;
 use harness::host::MIB;
@@ -173,11 +173,7 @@ pub fn bench(args: MigrateArgs) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let src = dir.join("src.img");
     let tgt = dir.join("tgt.img");
-    raw_file(&src, size)?;
-    // Data everywhere, so nothing is skipped as a hole or as zeroes.
-    sh(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &format!("write -P 0x5a 0 {size}")])
-        .arg(&src))?;
+    filled_raw(&src, size)?;
 
     println!(
         "migrate benchmark: {} MiB raw image, appliance → appliance over NBD (TCG, user \

@@ -425,15 +425,13 @@ fn a_reconnect_to_an_export_whose_size_changed_fails() {
     *env.platform.exports.borrow_mut() = vec![Export::new("disk", 2 << 20)];
     *env.platform.kill.borrow_mut() = true;
     // Reconnects within the delay find the new size and fail.
-    let out = env.io("n", "read 0 4k");
-    assert!(out.contains("Input/output error"), "{out}");
+    env.read_fails("n");
     assert_eq!(*env.platform.attempts.borrow(), 1 + 3);
     // After the delay each request fails and starts an attempt in the
     // background; before, nobody checked that one's size, and the
     // request after it was served from the resized export.
     for _ in 0..3 {
-        let out = env.io("n", "read 0 4k");
-        assert!(out.contains("Input/output error"), "{out}");
+        env.read_fails("n");
     }
     // The attempt the last request started fails too.
     for _ in 0..10 {
@@ -449,6 +447,12 @@ fn a_reconnect_to_an_export_whose_size_changed_fails() {
 }
 
 impl Env {
+    /// `read 0 4k` on `node` fails with EIO.
+    fn read_fails(&mut self, node: &str) {
+        let out = self.io(node, "read 0 4k");
+        assert!(out.contains("Input/output error"), "{out}");
+    }
+
     /// Starts a 4 KiB read on `node` and runs until it waits.
     fn read_in_background(&self, node: &str) -> crate::exec::JoinHandle<IoResult<Vec<u8>>> {
         let n = self.bl.registry().find_node(node).expect("node");
@@ -483,8 +487,7 @@ fn cancel_in_flight_ends_a_wait_for_a_reconnect() {
     assert_eq!(env.finish(read), Err(IoError::Eio));
     // No attempt after the cancel, and none for later requests: the
     // reconnect timers are stopped (before, this read waited out 300 s).
-    let out = env.io("n", "read 0 4k");
-    assert!(out.contains("Input/output error"), "{out}");
+    env.read_fails("n");
     assert_eq!(*env.platform.attempts.borrow(), attempts);
     env.cmd("blockdev-del", json!({"node-name": "n"}))
         .expect("closes");
