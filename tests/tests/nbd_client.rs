@@ -524,12 +524,20 @@ enum Fault {
     Silent,
 }
 
+/// What a scripted server saw.
+#[derive(Default)]
+struct Seen {
+    /// Requests (`NBD_CMD_DISC` aside).
+    requests: AtomicUsize,
+    /// `NBD_CMD_DISC`.
+    disc: AtomicBool,
+}
+
 /// A scripted misbehaving server for iotest 083's matrix: the NBD server
 /// engine over a 1 MiB zero export named `disk`, with its output cut or
 /// corrupted at one byte. Serves one connection at a time until dropped;
-/// returns the port, the flag that stops it and the count of requests it
-/// received.
-fn misbehaving_server(fault: Fault) -> (u16, Arc<AtomicBool>, Arc<AtomicUsize>) {
+/// returns the port, the flag that stops it and what it saw.
+fn misbehaving_server(fault: Fault) -> (u16, Arc<AtomicBool>, Arc<Seen>) {
     use block::nbd::{Completion, Connection, Export, Limits, Op};
     use std::io::{Read, Write};
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -537,8 +545,8 @@ fn misbehaving_server(fault: Fault) -> (u16, Arc<AtomicBool>, Arc<AtomicUsize>) 
     listener.set_nonblocking(true).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let requests2 = requests.clone();
+    let seen = Arc::new(Seen::default());
+    let seen2 = seen.clone();
     thread::spawn(move || {
         let exports = vec![Export::new("disk", MIB)];
         while !stop2.load(Ordering::Relaxed) {
@@ -597,7 +605,7 @@ fn misbehaving_server(fault: Fault) -> (u16, Arc<AtomicBool>, Arc<AtomicUsize>) 
                     Err(_) => break,
                 }
                 while let Some(r) = conn.next_request() {
-                    requests2.fetch_add(1, Ordering::Relaxed);
+                    seen2.requests.fetch_add(1, Ordering::Relaxed);
                     if matches!(fault, Fault::Silent) {
                         continue;
                     }
@@ -610,13 +618,16 @@ fn misbehaving_server(fault: Fault) -> (u16, Arc<AtomicBool>, Arc<AtomicUsize>) 
                     };
                     let _ = conn.complete(r.id, c);
                 }
+                if conn.close_reason() == Some(&block::nbd::CloseReason::Disconnect) {
+                    seen2.disc.store(true, Ordering::Relaxed);
+                }
                 if conn.should_close() {
                     break;
                 }
             }
         }
     });
-    (port, stop, requests)
+    (port, stop, seen)
 }
 
 /// The length of a full handshake from the scripted server (greeting to
@@ -740,14 +751,15 @@ fn add_nbd_node(a: &mut harness::Appliance, node: &str, port: u16, extra: serde_
 /// The halt with requests in flight to a server that stopped answering
 /// (it took the handshake, then reads requests and never replies): `quit`
 /// still ends with exit 0 and every node closed (the appliance gives such
-/// requests 5 s, then fails them and sends NBD_CMD_DISC), and a write to
+/// requests 5 s, then fails them and sends NBD_CMD_DISC, which the server
+/// gets), and a write to
 /// another export, acknowledged but never flushed by its client, is on
 /// the disk image afterwards.
 #[test]
 fn appliance_quit_with_requests_in_flight_to_a_silent_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = image(&dir, 16 * MIB);
-    let (silent_port, stop, requests) = misbehaving_server(Fault::Silent);
+    let (silent_port, stop, seen) = misbehaving_server(Fault::Silent);
     let (mut a, port) = serving_appliance(Some(&img));
     add_nbd_node(
         &mut a,
@@ -782,7 +794,7 @@ fn appliance_quit_with_requests_in_flight_to_a_silent_server() {
     }
     reader.send().expect("send");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while requests.load(Ordering::Relaxed) < 4 {
+    while seen.requests.load(Ordering::Relaxed) < 4 {
         assert!(
             Instant::now() < deadline,
             "the reads never reached the server:\n{}",
@@ -791,6 +803,16 @@ fn appliance_quit_with_requests_in_flight_to_a_silent_server() {
         thread::sleep(Duration::from_millis(50));
     }
     a.quit();
+    // The abandoned link's NBD_CMD_DISC (the server reads it on its own
+    // thread: give it a moment).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.disc.load(Ordering::Relaxed) {
+        assert!(
+            Instant::now() < deadline,
+            "no NBD_CMD_DISC from the appliance"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
     stop.store(true, Ordering::Relaxed);
     drop((writer, reader));
     check_image(&img, &["read -P 0x5a 1M 256k", "read -P 0 0 1M"]);
