@@ -296,6 +296,11 @@ fn appliance_nbd_node_over_host_qemu_nbd() {
         node["image"]["format-specific"]["data"]["x-state"], "connected",
         "{node}"
     );
+    // qemu-nbd 7.2 refuses extended headers: the fallback.
+    assert_eq!(
+        node["image"]["format-specific"]["data"]["x-headers"], "structured",
+        "{node}"
+    );
     a.qmp()
         .cmd(
             "block-export-add",
@@ -850,6 +855,11 @@ fn appliance_migrates_a_disk_to_another_appliance_under_writes() {
     // Before the migration.
     write(&mut client, &mut model, 0, 8 * MIB as usize, 0x11);
     add_nbd_node(&mut a, "target", b_port, serde_json::json!({}));
+    let target = named_node(&mut a, "target");
+    assert_eq!(
+        target["image"]["format-specific"]["data"]["x-headers"], "extended",
+        "{target}"
+    );
     a.qmp()
         .cmd(
             "blockdev-mirror",

@@ -793,7 +793,18 @@ impl BlockDriver for NbdNode {
             ClientState::Disconnecting | ClientState::Closed => "closed",
             ClientState::Failed => "failed",
         };
-        Some(json!({"x-state": state}))
+        // Which reply headers the connection uses (what the handshake
+        // found, kept while reconnecting).
+        let headers = self.link.info().map(|i| {
+            if i.extended {
+                "extended"
+            } else if i.structured {
+                "structured"
+            } else {
+                "simple"
+            }
+        });
+        Some(json!({"x-state": state, "x-headers": headers}))
     }
 }
 

@@ -237,6 +237,10 @@ fn blockdev_add_nbd_reads_writes_and_sees_holes() {
         n["image"]["format-specific"]["data"]["x-state"],
         "connected"
     );
+    assert_eq!(
+        n["image"]["format-specific"]["data"]["x-headers"],
+        "extended"
+    );
 
     let out = env.io("remote", "write -P 0xa5 1M 64k");
     assert!(out.starts_with("wrote"), "{out}");
