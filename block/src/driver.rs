@@ -249,6 +249,14 @@ pub trait BlockDriver: core::any::Any {
         ready(Ok(()))
     }
 
+    /// Stops waiting on what may never come (QEMU: `bdrv_cancel_in_flight`,
+    /// which the halt calls on every node): a driver whose requests wait
+    /// for a remote server to come back fails those waits now and starts
+    /// no new attempt. Requests already sent are left to complete.
+    fn cancel_in_flight(&self, node: &Node) {
+        let _ = node;
+    }
+
     /// Releases driver state; called once, after the final flush and before
     /// the child edges are dropped (QEMU: `bdrv_close`'s `drv->bdrv_close`).
     fn close(&self, node: &Node) {

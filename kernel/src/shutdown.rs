@@ -6,6 +6,14 @@
 
 use crate::{app, clock, halt, monitor, println};
 
+/// How long requests of `nbd` nodes already sent may take once the halt
+/// began; then they fail with `EIO` and close-all goes on. QEMU has no
+/// such bound (its close-all waits for the server). 5 s: a server that
+/// still answers does within it even for the largest request (32 MiB)
+/// over a slow user-mode network, and it is well inside a supervisor's
+/// stop timeout (systemd's 90 s, the test harness's 60 s).
+const NBD_HALT_BOUND_NS: u64 = 5_000_000_000;
+
 /// The halt sequence of `quit`, the power button and a fatal error:
 /// `SHUTDOWN` (after `GUEST_PANICKED` for a fatal error), close every
 /// export, close-all (cancel jobs, eject backends, close every node),
@@ -20,6 +28,16 @@ pub fn halt_sequence(monitor: &mut monitor::Monitor, reason: halt::Reason, detai
     monitor.shutdown(reason);
     let exports = close_exports(monitor.appliance());
     monitor.write_out();
+    // QEMU's bdrv_cancel_in_flight on every node: `nbd` requests waiting
+    // for a reconnect fail now and no attempt is made any more; those on
+    // the wire get NBD_HALT_BOUND_NS.
+    let block = &monitor.appliance().block;
+    for n in block.registry().nodes() {
+        n.driver().cancel_in_flight(&n);
+    }
+    if let Ok(mut net) = monitor.appliance().net.try_borrow_mut() {
+        net.bound_nbd_requests(NBD_HALT_BOUND_NS);
+    }
     let closed = close_all(&monitor.appliance().block);
     // The closed `nbd` nodes' NBD_CMD_DISC goes out (a dead server
     // cannot hold the halt beyond the bound).

@@ -89,6 +89,12 @@ impl NbdClient {
         self.engine.submit(op)
     }
 
+    /// Send what the queued requests need sent, without waiting for
+    /// any reply.
+    pub fn send(&mut self) -> io::Result<()> {
+        self.flush_output()
+    }
+
     /// Run until `h` completes.
     pub fn wait(&mut self, h: Handle) -> Result<ClientReply, IoError> {
         loop {

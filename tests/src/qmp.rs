@@ -18,6 +18,10 @@ pub struct Qmp {
     /// Firmware wrote to this port before the appliance: the greeting is
     /// read with [`Qmp::read_greeting_after_firmware`].
     pub after_firmware: bool,
+    /// The request that got no reply within the read timeout: its reply
+    /// may still come and would be taken for the next one's, so every
+    /// later request fails at once, naming it.
+    hung: Option<String>,
 }
 
 /// Connects to a unix socket, retrying until it exists or `timeout` passes.
@@ -48,6 +52,7 @@ impl Qmp {
             events: VecDeque::new(),
             greeting: None,
             after_firmware: false,
+            hung: None,
         })
     }
 
@@ -149,12 +154,28 @@ impl Qmp {
         self.writer.flush()
     }
 
-    /// Sends a request object and returns the whole reply object.
+    /// Sends a request object and returns the whole reply object. A
+    /// request without a reply within the read timeout fails with a
+    /// `TimedOut` error naming it, and so does every later request.
     pub fn request(&mut self, request: &Value) -> io::Result<Value> {
+        if let Some(hung) = &self.hung {
+            return Err(timeout_error(&format!(
+                "QMP out of step: no reply to the earlier {hung}"
+            )));
+        }
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
         self.send_raw(&line)?;
-        self.recv_reply()
+        self.recv_reply().map_err(|e| {
+            if e.kind() != io::ErrorKind::TimedOut {
+                return e;
+            }
+            let timeout = self.writer.read_timeout().ok().flatten();
+            let hung = format!("{request} (waited {timeout:?}: the appliance hung?)");
+            let e = timeout_error(&format!("no reply to {hung}"));
+            self.hung = Some(hung);
+            e
+        })
     }
 
     /// `execute` with arguments; returns the whole reply object.

@@ -40,6 +40,10 @@ pub enum Which {
     Jobs(crate::bench_jobs::JobsArgs),
     /// 4 KiB writes into an empty qcow2 image next to qemu-img bench.
     Qcow2(crate::bench_qcow2::Qcow2Args),
+    /// Mirror of an image from one appliance to another (ready, pivot)
+    /// next to qemu-img convert into qemu-nbd; qemu-img bench through an
+    /// appliance's NBD client node next to QEMU's client.
+    Migrate(crate::bench_migrate::MigrateArgs),
 }
 
 pub fn bench(which: Which) -> Result<(), String> {
@@ -84,6 +88,7 @@ pub fn bench(which: Which) -> Result<(), String> {
         Which::Nbd(args) => crate::bench_nbd::bench(args),
         Which::Jobs(args) => crate::bench_jobs::bench(args),
         Which::Qcow2(args) => crate::bench_qcow2::bench(args),
+        Which::Migrate(args) => crate::bench_migrate::bench(args),
     }
 }
 

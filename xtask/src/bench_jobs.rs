@@ -31,7 +31,7 @@ pub struct JobsArgs {
     runs: usize,
 }
 
-fn sh(cmd: &mut Command) -> Result<(), String> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(())
@@ -43,7 +43,7 @@ fn sh(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-fn raw_file(path: &Path, size: u64) -> Result<(), String> {
+pub(crate) fn raw_file(path: &Path, size: u64) -> Result<(), String> {
     let _ = std::fs::remove_file(path);
     sh(Command::new("qemu-img")
         .args(["create", "-q", "-f", "raw"])
@@ -51,12 +51,21 @@ fn raw_file(path: &Path, size: u64) -> Result<(), String> {
         .arg(size.to_string()))
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+/// A raw file of `size` bytes with data everywhere, so nothing is
+/// skipped as a hole or as zeroes.
+pub(crate) fn filled_raw(path: &Path, size: u64) -> Result<(), String> {
+    raw_file(path, size)?;
+    sh(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &format!("write -P 0x5a 0 {size}")])
+        .arg(path))
+}
+
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
 
-fn secs(d: Duration) -> f64 {
+pub(crate) fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
@@ -78,7 +87,12 @@ fn boot(src: &Path, tgt: &Path) -> Result<Appliance, String> {
 }
 
 /// Starts a job and waits for `event`; returns the time in between.
-fn timed_job(a: &mut Appliance, cmd: &str, args: Value, event: &str) -> Result<Duration, String> {
+pub(crate) fn timed_job(
+    a: &mut Appliance,
+    cmd: &str,
+    args: Value,
+    event: &str,
+) -> Result<Duration, String> {
     let t0 = Instant::now();
     a.qmp().cmd(cmd, args)?;
     let ev = a
@@ -93,7 +107,7 @@ fn timed_job(a: &mut Appliance, cmd: &str, args: Value, event: &str) -> Result<D
 }
 
 /// `quit` sent → QEMU gone.
-fn timed_quit(mut a: Appliance) -> Result<Duration, String> {
+pub(crate) fn timed_quit(mut a: Appliance) -> Result<Duration, String> {
     let t0 = Instant::now();
     a.qmp()
         .send_raw(b"{\"execute\": \"quit\"}\n")
@@ -136,11 +150,7 @@ pub fn bench(args: JobsArgs) -> Result<(), String> {
     let src = dir.join("src.img");
     let tgt = dir.join("tgt.img");
     let host_tgt = dir.join("host-tgt.img");
-    raw_file(&src, size)?;
-    // Data everywhere, so nothing is skipped as a hole or as zeroes.
-    sh(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &format!("write -P 0x5a 0 {size}")])
-        .arg(&src))?;
+    filled_raw(&src, size)?;
     raw_file(&tgt, size)?;
 
     println!(

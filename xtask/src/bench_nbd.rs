@@ -52,7 +52,7 @@ pub struct NbdArgs {
 const MIB: u64 = 1 << 20;
 
 /// A server under test, stopped on drop.
-enum Running {
+pub(crate) enum Running {
     Host(Child),
     Appliance(Box<Appliance>),
     /// Stopped by its own drop.
@@ -62,8 +62,8 @@ enum Running {
 }
 
 /// Where clients reach a server: a URI, run inside a namespace or not.
-struct Target {
-    uri: String,
+pub(crate) struct Target {
+    pub(crate) uri: String,
     netns: Option<NetnsTap>,
 }
 
@@ -92,7 +92,7 @@ impl Drop for Running {
     }
 }
 
-fn wait_port(port: u16, timeout: Duration) -> Result<(), String> {
+pub(crate) fn wait_port(port: u16, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -103,7 +103,7 @@ fn wait_port(port: u16, timeout: Duration) -> Result<(), String> {
     Err(format!("nothing listens on 127.0.0.1:{port}"))
 }
 
-fn spawn(cmd: &mut Command) -> Result<Child, String> {
+pub(crate) fn spawn(cmd: &mut Command) -> Result<Child, String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -157,7 +157,7 @@ fn wait_nbdinfo(t: &Target, timeout: Duration) -> Result<(), String> {
     }
 }
 
-fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), String> {
+pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), String> {
     let local = Target {
         uri: format!("nbd://127.0.0.1:{port}/disk"),
         netns: None,

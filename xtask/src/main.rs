@@ -8,11 +8,14 @@
 //! - `test`: formatting, clippy, host unit tests, then the QEMU tests.
 //! - `graph`: the live block graph as Graphviz.
 //! - `top [--once] [--json]`: a live view of exports, nodes and jobs.
-//! - `bench boot|idle|nbd`: boot time against a do-nothing PVH image; idle
-//!   CPU; NBD against qemu-nbd and qemu-storage-daemon.
+//! - `bench boot|idle|nbd|jobs|qcow2|migrate`: boot time against a
+//!   do-nothing PVH image; idle CPU; NBD against qemu-nbd and
+//!   qemu-storage-daemon; block jobs; qcow2 writes; migration between
+//!   appliances and the NBD client node next to QEMU's tools.
 
 mod bench;
 mod bench_jobs;
+mod bench_migrate;
 mod bench_nbd;
 mod bench_qcow2;
 mod deps;

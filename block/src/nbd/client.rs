@@ -8,12 +8,16 @@
 //!
 //! Negotiation follows QEMU 7.2's `nbd_receive_negotiate`: fixed newstyle
 //! (plain newstyle falls back to `NBD_OPT_EXPORT_NAME` at once),
-//! `NBD_OPT_STRUCTURED_REPLY`, then `NBD_OPT_SET_META_CONTEXT` for
+//! `NBD_OPT_EXTENDED_HEADERS` as QEMU 9 does (refused:
+//! `NBD_OPT_STRUCTURED_REPLY`), then `NBD_OPT_SET_META_CONTEXT` for
 //! `base:allocation`, then `NBD_OPT_GO` asking for `NBD_INFO_BLOCK_SIZE`;
 //! a server that answers `GO` with `NBD_REP_ERR_UNSUP` gets
-//! `NBD_OPT_EXPORT_NAME`. Not done (QEMU does them): oldstyle servers,
+//! `NBD_OPT_EXPORT_NAME`. With extended headers, requests and replies
+//! use the 32-byte headers (writes with `NBD_CMD_FLAG_PAYLOAD_LEN`) and
+//! block status comes as `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`; requests stay
+//! within 32-bit lengths. Not done (QEMU does them): oldstyle servers,
 //! `NBD_OPT_LIST` for a nicer missing-export message before the fallback,
-//! TLS, extended headers.
+//! TLS.
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
@@ -54,6 +58,9 @@ pub struct ExportInfo {
     pub block_size: BlockSize,
     /// Structured replies are in use.
     pub structured: bool,
+    /// Extended headers are in use (`NBD_OPT_EXTENDED_HEADERS`; implies
+    /// structured replies).
+    pub extended: bool,
     /// The `base:allocation` context id, when negotiated.
     pub base_allocation: Option<u32>,
 }
@@ -213,6 +220,9 @@ pub struct Client {
     completions: VecDeque<(Handle, Result<ClientReply, IoError>)>,
     next_cookie: u64,
     open_error: Option<String>,
+    /// A reconnect: the size the export had (QEMU fails a reconnect to
+    /// an export whose size changed).
+    expected_size: Option<u64>,
 }
 
 impl Client {
@@ -231,6 +241,7 @@ impl Client {
                 flags: 0,
                 block_size: BlockSize::QEMU,
                 structured: false,
+                extended: false,
                 base_allocation: None,
             },
             have_export_info: false,
@@ -239,6 +250,7 @@ impl Client {
             in_flight: BTreeMap::new(),
             completions: VecDeque::new(),
             next_cookie: 1,
+            expected_size: None,
             open_error: None,
         }
     }
@@ -246,6 +258,12 @@ impl Client {
     /// The connection state.
     pub fn state(&self) -> &ClientState {
         &self.state
+    }
+
+    /// A reconnect to an export that had `size` bytes: a handshake that
+    /// finds another size fails the open.
+    pub fn expect_size(&mut self, size: u64) {
+        self.expected_size = Some(size);
     }
 
     /// The export, once the handshake finished.
@@ -298,7 +316,7 @@ impl Client {
                 offset: 0,
                 length: 0,
             };
-            h.emit(false, &mut self.output);
+            h.emit(self.info.extended, &mut self.output);
             self.state = ClientState::Disconnecting;
             self.after_reply();
         }
@@ -327,6 +345,24 @@ impl Client {
             self.open_error = Some(String::from(msg));
         }
         self.fail(msg);
+    }
+
+    /// Give up on the requests in flight (a halt whose bound ran out on a
+    /// server that stopped answering): each fails with `EIO` now, and
+    /// `NBD_CMD_DISC` is queued if the connection still stands (after
+    /// whatever part of a request is still to go out). Late replies are
+    /// not read: the engine is done.
+    pub fn abandon(&mut self) {
+        if self.state != ClientState::Ready && self.state != ClientState::Disconnecting {
+            return;
+        }
+        for (cookie, _) in core::mem::take(&mut self.in_flight) {
+            self.completions
+                .push_back((Handle(cookie), Err(IoError::Eio)));
+        }
+        self.input.clear();
+        self.disconnect();
+        self.after_reply();
     }
 
     /// End the connection: every request in flight fails with `EIO`.
@@ -378,7 +414,9 @@ impl Client {
                 }
                 self.output.extend_from_slice(&cf.to_be_bytes());
                 if self.fixed {
-                    self.send_option(opt::STRUCTURED_REPLY, &[]);
+                    // QEMU 9: extended headers first, then structured
+                    // replies if the server refuses them.
+                    self.send_option(opt::EXTENDED_HEADERS, &[]);
                 } else {
                     self.send_export_name();
                 }
@@ -462,6 +500,14 @@ impl Client {
             }
         };
         match (option, reply) {
+            (opt::EXTENDED_HEADERS, Some(OptionReply::Ack)) => {
+                self.info.extended = true;
+                self.info.structured = true;
+                self.after_structured();
+            }
+            (opt::EXTENDED_HEADERS, Some(OptionReply::Error { .. })) => {
+                self.send_option(opt::STRUCTURED_REPLY, &[]);
+            }
             (opt::STRUCTURED_REPLY, Some(OptionReply::Ack)) => {
                 self.info.structured = true;
                 self.after_structured();
@@ -529,8 +575,10 @@ impl Client {
         true
     }
 
+    /// The export is known: check it (QEMU's `nbd_client_handshake`
+    /// refusals), then transmission starts. `step` becomes `Done` only
+    /// then, so a refused export never shows as [`Client::info`].
     fn finish_handshake(&mut self) {
-        self.step = Step::Done;
         if self.info.flags & tf::HAS_FLAGS == 0 {
             // QEMU accepts this (old servers); treat every feature as absent.
             self.info.flags = tf::HAS_FLAGS;
@@ -547,6 +595,16 @@ impl Client {
             self.fail_open(&format!("Export size {} is too large", self.info.size));
             return;
         }
+        if let Some(was) = self.expected_size
+            && was != self.info.size
+        {
+            self.fail_open(&format!(
+                "Export size changed from {was} to {} on reconnect",
+                self.info.size
+            ));
+            return;
+        }
+        self.step = Step::Done;
         self.state = ClientState::Ready;
     }
 
@@ -566,7 +624,12 @@ impl Client {
         let (command, offset, len, flags) = match &op {
             ClientOp::Read { offset, len } => (Command::Read, *offset, u64::from(*len), 0),
             ClientOp::Write { offset, data, fua } => {
-                (Command::Write, *offset, data.len() as u64, fua_flag(*fua))
+                let mut f = fua_flag(*fua);
+                if info.extended {
+                    // The payload's length is the header's (QEMU sets it).
+                    f |= cmd_flags::PAYLOAD_LEN;
+                }
+                (Command::Write, *offset, data.len() as u64, f)
             }
             ClientOp::Flush => (Command::Flush, 0, 0, 0),
             ClientOp::Trim { offset, len, fua } => {
@@ -646,7 +709,7 @@ impl Client {
             offset,
             length: len,
         }
-        .emit(false, &mut self.output);
+        .emit(info.extended, &mut self.output);
         if let ClientOp::Write { data, .. } = &op {
             self.output.extend_from_slice(data);
         }
@@ -680,9 +743,15 @@ impl Client {
             self.fail("invalid reply magic");
             return false;
         };
-        if magic == wire::NBD_EXTENDED_REPLY_MAGIC
-            || (magic == wire::NBD_STRUCTURED_REPLY_MAGIC && !self.info.structured)
-        {
+        // With extended headers every reply is extended; without them,
+        // structured chunks only once negotiated.
+        let negotiated = if self.info.extended {
+            magic == wire::NBD_EXTENDED_REPLY_MAGIC
+        } else {
+            magic == wire::NBD_SIMPLE_REPLY_MAGIC
+                || (magic == wire::NBD_STRUCTURED_REPLY_MAGIC && self.info.structured)
+        };
+        if !negotiated {
             self.fail("server sent a reply style that was not negotiated");
             return false;
         }

@@ -77,10 +77,12 @@ struct Inner {
     connect_error: Option<String>,
     done: Vec<(Handle, Result<ClientReply, IoError>)>,
     /// The export as the first handshake found it (kept across
-    /// reconnects, which must find the same size).
+    /// reconnects, which must find the same size: [`Client::expect_size`]).
     known: Option<ExportInfo>,
     /// When the connection was lost (`reconnect-delay` counts from here).
     down_since: Option<u64>,
+    /// [`NbdLink::cancel_in_flight`] was called: no more reconnects.
+    cancelled: bool,
 }
 
 impl Inner {
@@ -98,6 +100,34 @@ pub struct NbdLink {
     inner: RefCell<Inner>,
     /// The node's requests and open, woken by every event on the link.
     events: WaitQueue,
+}
+
+/// Where a link's TCP socket is, for [`NbdLink::pump`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpPhase {
+    /// The SYN is out and not answered yet.
+    Opening,
+    /// The TCP handshake completed; the server may have closed or reset
+    /// the connection since.
+    Opened,
+    /// Never opened: refused (a reset in answer to the SYN), or the SYN
+    /// timed out. (A connection reset right after it opened, in the same
+    /// batch of frames, may look the same.)
+    Refused,
+}
+
+/// The platform's TCP socket, as [`NbdLink::pump`] uses it.
+pub trait TcpSocket {
+    /// Where the connection is.
+    fn phase(&self) -> TcpPhase;
+    /// Hands bytes received and not yet read to `take`, which takes them
+    /// all; returns how many (0: none waiting).
+    fn recv(&mut self, take: &mut dyn FnMut(&[u8])) -> usize;
+    /// Queues bytes to send; returns how many were taken.
+    fn send(&mut self, bytes: &[u8]) -> usize;
+    /// Nothing more will arrive and every byte was read: the server
+    /// closed its half (FIN) or reset the connection, or it timed out.
+    fn at_eof(&self) -> bool;
 }
 
 /// The links a platform services. The platform keeps a link (and its
@@ -118,6 +148,7 @@ impl NbdLink {
                 done: Vec::new(),
                 known: None,
                 down_since: None,
+                cancelled: false,
             }),
             events: WaitQueue::new(),
         }
@@ -177,6 +208,49 @@ impl NbdLink {
         i.engine.consume_output(n);
     }
 
+    /// Platform: one round on the link's TCP socket: report its fate
+    /// (opened, refused, closed by the server) and move bytes both ways.
+    /// Returns whether anything happened.
+    ///
+    /// A link still connecting takes any socket past the SYN as opened,
+    /// whatever happened since: a server that accepts, writes and closes
+    /// can do all of it between two looks (SYN-ACK, data and FIN in one
+    /// batch of frames), and the bytes it wrote and its close must still
+    /// reach the engine (before, such a link waited for a state it had
+    /// already left, and its open never returned).
+    pub fn pump(&self, s: &mut dyn TcpSocket) -> bool {
+        let mut busy = false;
+        if self.socket() == Socket::Connecting {
+            match s.phase() {
+                TcpPhase::Opening => return false,
+                TcpPhase::Refused => {
+                    self.closed("Connection refused");
+                    return true;
+                }
+                TcpPhase::Opened => {
+                    self.connected();
+                    busy = true;
+                }
+            }
+        }
+        if self.socket() != Socket::Connected {
+            return busy;
+        }
+        while s.recv(&mut |b| self.receive(b)) > 0 {
+            busy = true;
+        }
+        self.transmit(|out| {
+            let n = s.send(out);
+            busy |= n > 0;
+            n
+        });
+        if s.at_eof() {
+            self.closed("Connection closed by the server");
+            busy = true;
+        }
+        busy
+    }
+
     /// Platform: whether the socket should be closed now (everything was
     /// sent and the engine is done with it).
     pub fn should_close(&self) -> bool {
@@ -198,16 +272,6 @@ impl NbdLink {
             .await;
         let mut i = self.inner.borrow_mut();
         if let Some(info) = i.engine.info().copied() {
-            if let Some(k) = i.known
-                && k.size != info.size
-            {
-                drop(i);
-                self.closed("export size changed");
-                return Err(format!(
-                    "Export size changed from {} to {} on reconnect",
-                    k.size, info.size
-                ));
-            }
             i.known = Some(info);
             return Ok(info);
         }
@@ -254,7 +318,16 @@ impl NbdLink {
     fn restart(self: &Rc<Self>, links: &Links) {
         {
             let mut i = self.inner.borrow_mut();
+            if i.cancelled {
+                return;
+            }
             i.engine = Client::new(&self.export, true);
+            // Checked by the engine, so that a reconnect nobody waits for
+            // (a request after `reconnect-delay` starts one in the
+            // background) cannot come up with another size either.
+            if let Some(k) = i.known {
+                i.engine.expect_size(k.size);
+            }
             i.socket = Socket::Connecting;
             i.connect_error = None;
             i.done.clear();
@@ -263,6 +336,35 @@ impl NbdLink {
         if !l.iter().any(|x| Rc::ptr_eq(x, self)) {
             l.push(self.clone());
         }
+    }
+
+    /// QEMU's `nbd_cancel_in_flight`: requests waiting for a reconnect
+    /// fail now, and no attempt is made any more (the reconnect timers
+    /// stop). Requests on the wire are left to the server.
+    pub fn cancel_in_flight(&self) {
+        // Halting after a fatal error may find the link borrowed by the
+        // failed code: leave it then.
+        if let Ok(mut i) = self.inner.try_borrow_mut() {
+            i.cancelled = true;
+            self.events.wake_all();
+        }
+    }
+
+    /// Whether [`NbdLink::cancel_in_flight`] was called.
+    fn cancelled(&self) -> bool {
+        self.inner.borrow().cancelled
+    }
+
+    /// Platform, halting: the server did not answer within the halt's
+    /// bound. The requests on the wire fail with `EIO` now and
+    /// `NBD_CMD_DISC` is queued if the connection still stands (QEMU has
+    /// no such bound: its close-all waits for the server).
+    pub fn abandon(&self) {
+        let mut i = self.inner.borrow_mut();
+        i.cancelled = true;
+        i.engine.abandon();
+        i.collect();
+        self.events.wake_all();
     }
 
     fn disconnect(&self) {
@@ -466,6 +568,9 @@ impl NbdNode {
         let reg = node.registry().ok_or(IoError::Eio)?;
         let clock = reg.clock();
         let timers = reg.executor().timers().clone();
+        if self.link.cancelled() {
+            return Err(IoError::Eio);
+        }
         let since = {
             let mut i = self.link.inner.borrow_mut();
             *i.down_since.get_or_insert(clock.now_ns())
@@ -501,12 +606,18 @@ impl NbdNode {
             let mut sleep = core::pin::pin!(timers.sleep_until(clock.clone(), wake));
             let mut open = core::pin::pin!(self.link.open());
             let opened = poll_fn(|cx| {
+                if self.link.cancelled() {
+                    return Poll::Ready(None);
+                }
                 if let Poll::Ready(r) = open.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
                 sleep.as_mut().poll(cx).map(|()| None)
             })
             .await;
+            if self.link.cancelled() {
+                return Err(IoError::Eio);
+            }
             if let Some(Err(_)) = opened {
                 // Refused: wait out the retry delay.
                 sleep.await;
@@ -658,6 +769,10 @@ impl BlockDriver for NbdNode {
             .map_or(1, |i| u64::from(i.block_size.min()))
     }
 
+    fn cancel_in_flight(&self, _node: &Node) {
+        self.link.cancel_in_flight();
+    }
+
     fn close(&self, _node: &Node) {
         self.link.disconnect();
     }
@@ -678,7 +793,18 @@ impl BlockDriver for NbdNode {
             ClientState::Disconnecting | ClientState::Closed => "closed",
             ClientState::Failed => "failed",
         };
-        Some(json!({"x-state": state}))
+        // Which reply headers the connection uses (what the handshake
+        // found, kept while reconnecting).
+        let headers = self.link.info().map(|i| {
+            if i.extended {
+                "extended"
+            } else if i.structured {
+                "structured"
+            } else {
+                "simple"
+            }
+        });
+        Some(json!({"x-state": state, "x-headers": headers}))
     }
 }
 

@@ -909,13 +909,16 @@ pub enum ChunkPayload<'a> {
         /// Hole size.
         len: u32,
     },
-    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: the context and its raw descriptors
-    /// (8 bytes each, checked to be a whole number of them).
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS` or `_EXT`: the context and its raw
+    /// descriptors (8 bytes each, or 16 when `wide`, checked to be a
+    /// whole number of them).
     BlockStatus {
         /// Metadata context id.
         context: u32,
         /// Raw descriptors; read them with [`ChunkPayload::descriptors`].
         raw: &'a [u8],
+        /// `_EXT`: 64-bit lengths and flags.
+        wide: bool,
     },
     /// `NBD_REPLY_TYPE_ERROR` or `_ERROR_OFFSET` (with `offset`).
     Error {
@@ -968,6 +971,22 @@ impl ChunkPayload<'_> {
                 ChunkPayload::BlockStatus {
                     context,
                     raw: r.data,
+                    wide: false,
+                }
+            }
+            reply_type::BLOCK_STATUS_EXT => {
+                let context = r.u32().map_err(bad)?;
+                let count = r.u32().map_err(bad)? as usize;
+                if r.data.is_empty()
+                    || !r.data.len().is_multiple_of(16)
+                    || (count != 0 && count != r.data.len() / 16)
+                {
+                    return Err(ChunkError::BadLength);
+                }
+                ChunkPayload::BlockStatus {
+                    context,
+                    raw: r.data,
+                    wide: true,
                 }
             }
             t if t & reply_type::FLAG_ERROR != 0 => {
@@ -997,13 +1016,24 @@ impl ChunkPayload<'_> {
 
     /// The descriptors of a `BlockStatus` payload (empty for other kinds).
     pub fn descriptors(&self) -> impl Iterator<Item = Descriptor> + '_ {
-        let raw: &[u8] = match self {
-            ChunkPayload::BlockStatus { raw, .. } => raw,
-            _ => &[],
+        let (raw, wide): (&[u8], bool) = match self {
+            ChunkPayload::BlockStatus { raw, wide, .. } => (raw, *wide),
+            _ => (&[], false),
         };
-        raw.as_chunks::<8>().0.iter().map(|d| Descriptor {
-            length: u64::from(get_u32(d, 0..4)),
-            flags: get_u32(d, 4..8),
+        let size = if wide { 16 } else { 8 };
+        raw.chunks_exact(size).map(move |d| {
+            if wide {
+                // Only the low 32 bits of a flags word have meanings.
+                Descriptor {
+                    length: get_u64(d, 0..8),
+                    flags: get_u64(d, 8..16) as u32,
+                }
+            } else {
+                Descriptor {
+                    length: u64::from(get_u32(d, 0..4)),
+                    flags: get_u32(d, 4..8),
+                }
+            }
         })
     }
 }

@@ -8,7 +8,7 @@
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
-use block::nbd::client_node::{Links, NbdLink, Socket};
+use block::nbd::client_node::{Links, NbdLink, Socket, TcpPhase, TcpSocket};
 use drivers::net::smoltcp::iface::{SocketHandle, SocketSet};
 use drivers::net::smoltcp::socket::tcp;
 use drivers::net::smoltcp::wire::{IpAddress, Ipv4Address};
@@ -26,6 +26,9 @@ pub struct Clients {
     /// Sockets closing after their link let go.
     closing: Vec<SocketHandle>,
     next_port: u16,
+    /// Halting: when the requests still on the wire are abandoned
+    /// ([`NbdLink::abandon`]), in monotonic nanoseconds.
+    abandon_at: Option<u64>,
 }
 
 impl Clients {
@@ -41,6 +44,12 @@ impl Clients {
             l.closed("Network is unreachable");
         }
         !links.is_empty()
+    }
+
+    /// Halting: requests still on the wire at `at` (monotonic
+    /// nanoseconds) fail then, and each link's `NBD_CMD_DISC` goes out.
+    pub fn abandon_at(&mut self, at: u64) {
+        self.abandon_at = Some(at);
     }
 
     /// Whether any link or socket is still open.
@@ -75,6 +84,13 @@ impl Clients {
     /// anything happened.
     pub fn service(&mut self, stack: &mut Stack, buffer: usize) -> bool {
         let mut busy = false;
+        if let Some(at) = self.abandon_at
+            && crate::clock::monotonic_ns() >= at
+        {
+            for l in self.links.borrow().iter() {
+                l.abandon();
+            }
+        }
         // Copied out (connect may call back into the link), but only the
         // links still to connect: nothing is allocated in steady state.
         let connecting: Vec<Rc<NbdLink>> = self
@@ -92,7 +108,7 @@ impl Clients {
             busy = true;
         }
         for (link, handle) in &self.sockets {
-            busy |= pump(link, stack.sockets.get_mut::<tcp::Socket>(*handle));
+            busy |= link.pump(&mut Tcp(stack.sockets.get_mut::<tcp::Socket>(*handle)));
         }
         // Let go of links that are done: their socket closes gracefully.
         let mut done = Vec::new();
@@ -115,47 +131,43 @@ impl Clients {
     }
 }
 
-/// Moves bytes between one socket and its link.
-fn pump(link: &NbdLink, s: &mut tcp::Socket<'_>) -> bool {
-    let mut busy = false;
-    match (link.socket(), s.state()) {
-        (Socket::Connecting, tcp::State::Established) => {
-            link.connected();
-            busy = true;
-        }
-        (Socket::Connecting, tcp::State::Closed) => {
-            // An RST in answer to our SYN, or the SYN timed out.
-            link.closed("Connection refused");
-            return true;
-        }
-        _ => {}
-    }
-    if link.socket() != Socket::Connected {
-        return busy;
-    }
-    while s.can_recv() {
-        let r = s.recv(|buf| {
-            link.receive(buf);
-            (buf.len(), buf.len())
-        });
-        match r {
-            Ok(0) | Err(_) => break,
-            Ok(_) => busy = true,
+/// A smoltcp socket as the link sees it ([`NbdLink::pump`]).
+struct Tcp<'a, 'b>(&'a mut tcp::Socket<'b>);
+
+impl TcpSocket for Tcp<'_, '_> {
+    fn phase(&self) -> TcpPhase {
+        match self.0.state() {
+            tcp::State::SynSent | tcp::State::SynReceived | tcp::State::Listen => TcpPhase::Opening,
+            tcp::State::Closed => TcpPhase::Refused,
+            // Established, or already past it: CloseWait when the
+            // server's SYN-ACK, data and FIN came in one poll.
+            _ => TcpPhase::Opened,
         }
     }
-    if s.can_send() {
-        link.transmit(|out| {
-            let n = s.send_slice(out).unwrap_or(0);
-            busy |= n > 0;
-            n
-        });
+
+    fn recv(&mut self, take: &mut dyn FnMut(&[u8])) -> usize {
+        if !self.0.can_recv() {
+            return 0;
+        }
+        self.0
+            .recv(|buf| {
+                take(buf);
+                (buf.len(), buf.len())
+            })
+            .unwrap_or(0)
     }
-    if !s.may_recv() && !s.can_recv() {
+
+    fn send(&mut self, bytes: &[u8]) -> usize {
+        if bytes.is_empty() || !self.0.can_send() {
+            return 0;
+        }
+        self.0.send_slice(bytes).unwrap_or(0)
+    }
+
+    fn at_eof(&self) -> bool {
         // The server closed (FIN or RST) or the connection timed out.
-        link.closed("Connection closed by the server");
-        busy = true;
+        !self.0.may_recv() && !self.0.can_recv()
     }
-    busy
 }
 
 /// Drops closing sockets once TCP is done with them.

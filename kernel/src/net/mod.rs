@@ -250,6 +250,14 @@ impl Network {
         self.clients.links()
     }
 
+    /// Halt path, before close-all: requests of `nbd` nodes still
+    /// unanswered `bound_ns` from now fail then (a server that stopped
+    /// answering cannot hold close-all).
+    pub fn bound_nbd_requests(&mut self, bound_ns: u64) {
+        let at = crate::clock::monotonic_ns().saturating_add(bound_ns);
+        self.clients.abandon_at(at);
+    }
+
     /// Halt path, after close-all: lets the closed `nbd` nodes' last bytes
     /// (`NBD_CMD_DISC`) go out and their sockets close, for at most
     /// `bound_ns`.

@@ -354,12 +354,18 @@ fn a_reply_truncated_at_every_byte_then_closed_fails_with_eio() {
     }
 }
 
-/// A scripted server: greeting, then canned answers.
+/// A scripted server: greeting, then canned answers, starting with the
+/// refusal of extended headers (the client asks for them first).
 fn greeting() -> Vec<u8> {
     let mut g = Vec::new();
     g.extend_from_slice(&wire::NBD_MAGIC.to_be_bytes());
     g.extend_from_slice(&wire::NBD_OPTS_MAGIC.to_be_bytes());
     g.extend_from_slice(&3u16.to_be_bytes());
+    OptionReply::Error {
+        code: rep::ERR_UNSUP,
+        message: "",
+    }
+    .emit(opt::EXTENDED_HEADERS, &mut g);
     g
 }
 
@@ -445,4 +451,113 @@ fn server_errors_map_to_errno_and_keep_the_connection() {
     p.disk.fail = None;
     assert_eq!(c.state(), &ClientState::Ready);
     assert_eq!(run(&mut c, &mut p, ClientOp::Flush), Ok(ClientReply::Done));
+}
+
+/// A server without `NBD_OPT_GO` that answers `NBD_OPT_EXPORT_NAME` with
+/// an export of `size` bytes.
+pub(super) fn export_name_server(size: u64) -> Vec<u8> {
+    let mut s = greeting();
+    for o in [opt::STRUCTURED_REPLY, opt::GO] {
+        OptionReply::Error {
+            code: rep::ERR_UNSUP,
+            message: "",
+        }
+        .emit(o, &mut s);
+    }
+    s.extend_from_slice(&size.to_be_bytes());
+    s.extend_from_slice(&(wire::transmission_flags::HAS_FLAGS).to_be_bytes());
+    s
+}
+
+#[test]
+fn an_export_refused_at_the_end_of_the_handshake_does_not_open() {
+    let mut c = Client::new("disk", true);
+    c.receive(&export_name_server(u64::MAX));
+    assert_eq!(c.state(), &ClientState::Failed);
+    assert_eq!(
+        c.open_error(),
+        Some("Export size 18446744073709551615 is too large")
+    );
+    // Before, the export showed as opened (`info` is what the node
+    // opens on) although the open had failed.
+    assert_eq!(c.info(), None);
+    assert_eq!(
+        c.submit(ClientOp::Read {
+            offset: 0,
+            len: 512
+        }),
+        Err(SubmitError::Failed(IoError::Eio))
+    );
+}
+
+#[test]
+fn negotiates_extended_headers_when_the_server_offers_them() {
+    let (mut c, mut p) = open(Export::new("disk", 1 << 20));
+    let info = *c.info().unwrap();
+    assert!(info.extended && info.structured && info.base_allocation.is_some());
+    assert!(p.conn.extended_headers());
+    // Requests and replies in the extended form, block status with
+    // 64-bit extents.
+    let w = ClientOp::Write {
+        offset: 8192,
+        data: vec![0x5a; 4096],
+        fua: false,
+    };
+    assert_eq!(run(&mut c, &mut p, w), Ok(ClientReply::Done));
+    let r = run(
+        &mut c,
+        &mut p,
+        ClientOp::Read {
+            offset: 8192,
+            len: 4096,
+        },
+    );
+    assert_eq!(r, Ok(ClientReply::Data(vec![0x5a; 4096])));
+    match run(
+        &mut c,
+        &mut p,
+        ClientOp::BlockStatus {
+            offset: 8192,
+            len: 65536,
+        },
+    ) {
+        Ok(ClientReply::Status(s)) => assert!(s.data && s.len == 4096, "{s:?}"),
+        other => panic!("{other:?}"),
+    }
+    match run(
+        &mut c,
+        &mut p,
+        ClientOp::BlockStatus {
+            offset: 65536,
+            len: 65536,
+        },
+    ) {
+        Ok(ClientReply::Status(s)) => assert!(!s.data && s.len == 65536, "{s:?}"),
+        other => panic!("{other:?}"),
+    }
+    c.disconnect();
+    pump(&mut c, &mut p);
+    assert!(p.conn.should_close());
+}
+
+#[test]
+fn with_extended_headers_a_structured_reply_is_a_protocol_error() {
+    let (mut c, _p) = open(Export::new("disk", 1 << 20));
+    assert!(c.info().unwrap().extended);
+    let h = c
+        .submit(ClientOp::Read {
+            offset: 0,
+            len: 512,
+        })
+        .unwrap();
+    // A compact structured chunk (20-byte header): NONE, done.
+    let mut r = Vec::new();
+    r.extend_from_slice(&wire::NBD_STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&h.0.to_be_bytes());
+    r.extend_from_slice(&0u32.to_be_bytes());
+    c.receive(&r);
+    assert_eq!(c.state(), &ClientState::Failed);
+    assert_eq!(c.next_completion(), Some((h, Err(IoError::Eio))));
 }

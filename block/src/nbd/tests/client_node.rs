@@ -13,15 +13,17 @@ use serde_json::{Map, Value, json};
 
 use super::peer::Peer;
 use crate::exec::{Executor, Platform, SimulatedPlatform};
+use crate::io::{IoError, IoResult, ReqFlags};
 use crate::layer::BlockLayer;
-use crate::nbd::client_node::{self, Links, NbdLink, Socket};
+use crate::nbd::client_node::{self, Links, NbdLink, Socket, TcpPhase, TcpSocket};
 use crate::nbd::{Export, Features};
 use crate::timer::ManualClock;
 
 /// Connects every new link to a fresh server engine over `exports`.
 struct PeerPlatform {
     links: Links,
-    exports: Vec<Export>,
+    /// What the next server serves.
+    exports: RefCell<Vec<Export>>,
     /// One server per link ever seen, in order; `None` once it is gone.
     peers: RefCell<Vec<(Rc<NbdLink>, Option<Peer>)>>,
     /// Refuse connections with this text.
@@ -34,6 +36,8 @@ struct PeerPlatform {
     attempts: RefCell<usize>,
     /// Kill the server of every link at the next poll.
     kill: RefCell<bool>,
+    /// The servers take requests and never answer.
+    silent: RefCell<bool>,
     sim: SimulatedPlatform,
 }
 
@@ -63,7 +67,7 @@ impl Platform for PeerPlatform {
                         None
                     } else {
                         link.connected();
-                        Some(Peer::new(self.exports.clone()))
+                        Some(Peer::new(self.exports.borrow().clone()))
                     };
                     busy = true;
                     match known {
@@ -99,6 +103,10 @@ impl Platform for PeerPlatform {
                 peer.send(&sent);
                 busy = true;
             }
+            if *self.silent.borrow() {
+                peer.drain();
+                continue;
+            }
             peer.run();
             let back: Vec<u8> = peer.rx.drain(..).collect();
             if !back.is_empty() {
@@ -131,13 +139,14 @@ impl Env {
         let links: Links = Rc::default();
         let platform = Rc::new(PeerPlatform {
             links: links.clone(),
-            exports,
+            exports: RefCell::new(exports),
             peers: RefCell::new(Vec::new()),
             refuse: RefCell::new(None),
             refuse_first: RefCell::new(0),
             blackhole: RefCell::new(false),
             attempts: RefCell::new(0),
             kill: RefCell::new(false),
+            silent: RefCell::new(false),
             sim: SimulatedPlatform::new(clock.clone()),
         });
         let mut bl = BlockLayer::new(exec, clock, platform.clone());
@@ -227,6 +236,10 @@ fn blockdev_add_nbd_reads_writes_and_sees_holes() {
     assert_eq!(
         n["image"]["format-specific"]["data"]["x-state"],
         "connected"
+    );
+    assert_eq!(
+        n["image"]["format-specific"]["data"]["x-headers"],
+        "extended"
     );
 
     let out = env.io("remote", "write -P 0xa5 1M 64k");
@@ -409,6 +422,113 @@ fn reconnect_delay_fails_requests_once_the_delay_is_over() {
 }
 
 #[test]
+fn a_reconnect_to_an_export_whose_size_changed_fails() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({"reconnect-delay": 3}))
+        .expect("opens");
+    *env.platform.exports.borrow_mut() = vec![Export::new("disk", 2 << 20)];
+    *env.platform.kill.borrow_mut() = true;
+    // Reconnects within the delay find the new size and fail.
+    env.read_fails("n");
+    assert_eq!(*env.platform.attempts.borrow(), 1 + 3);
+    // After the delay each request fails and starts an attempt in the
+    // background; before, nobody checked that one's size, and the
+    // request after it was served from the resized export.
+    for _ in 0..3 {
+        env.read_fails("n");
+    }
+    // The attempt the last request started fails too.
+    for _ in 0..10 {
+        env.platform.poll(env.bl.executor(), false);
+    }
+    let n = node_info(&env, "n");
+    assert_eq!(n["image"]["format-specific"]["data"]["x-state"], "failed");
+    // The old size back: the node serves again.
+    *env.platform.exports.borrow_mut() = vec![Export::new("disk", 1 << 20)];
+    env.io("n", "read 0 4k");
+    let out = env.io("n", "read -P 0 0 4k");
+    assert!(out.starts_with("read"), "{out}");
+}
+
+impl Env {
+    /// `read 0 4k` on `node` fails with EIO.
+    fn read_fails(&mut self, node: &str) {
+        let out = self.io(node, "read 0 4k");
+        assert!(out.contains("Input/output error"), "{out}");
+    }
+
+    /// Starts a 4 KiB read on `node` and runs until it waits.
+    fn read_in_background(&self, node: &str) -> crate::exec::JoinHandle<IoResult<Vec<u8>>> {
+        let n = self.bl.registry().find_node(node).expect("node");
+        let exec = self.bl.executor();
+        let read = exec.spawn(async move { n.read(0, 4096, ReqFlags::NONE).await });
+        for _ in 0..10 {
+            exec.run_ready();
+            self.platform.poll(exec, false);
+        }
+        assert!(!read.is_finished(), "the read waits");
+        read
+    }
+
+    /// Runs until `h` is done (time moves only when nothing else can).
+    fn finish<T>(&self, h: crate::exec::JoinHandle<T>) -> T {
+        let exec = self.bl.executor();
+        exec.block_on(h, &*self.platform).expect("finishes")
+    }
+}
+
+#[test]
+fn cancel_in_flight_ends_a_wait_for_a_reconnect() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({"reconnect-delay": 300}))
+        .expect("opens");
+    *env.platform.kill.borrow_mut() = true;
+    *env.platform.refuse_first.borrow_mut() = 1_000_000;
+    let read = env.read_in_background("n");
+    let attempts = *env.platform.attempts.borrow();
+    let n = env.bl.registry().find_node("n").unwrap();
+    n.driver().cancel_in_flight(&n);
+    assert_eq!(env.finish(read), Err(IoError::Eio));
+    // No attempt after the cancel, and none for later requests: the
+    // reconnect timers are stopped (before, this read waited out 300 s).
+    env.read_fails("n");
+    assert_eq!(*env.platform.attempts.borrow(), attempts);
+    env.cmd("blockdev-del", json!({"node-name": "n"}))
+        .expect("closes");
+}
+
+#[test]
+fn a_silent_server_abandoned_fails_requests_and_gets_disc() {
+    let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
+    env.add("n", "disk", json!({})).expect("opens");
+    *env.platform.silent.borrow_mut() = true;
+    let read = env.read_in_background("n");
+    let n = env.bl.registry().find_node("n").unwrap();
+    // QEMU's cancel leaves requests on the wire alone.
+    n.driver().cancel_in_flight(&n);
+    for _ in 0..10 {
+        env.bl.executor().run_ready();
+        env.platform.poll(env.bl.executor(), false);
+    }
+    assert!(!read.is_finished());
+    // The halt's bound ran out: the platform abandons the link.
+    let link = env.platform.links.borrow()[0].clone();
+    link.abandon();
+    assert_eq!(env.finish(read), Err(IoError::Eio));
+    // The server wakes up: it answers the read (nobody listens) and finds
+    // NBD_CMD_DISC after it.
+    *env.platform.silent.borrow_mut() = false;
+    env.platform.poll(env.bl.executor(), false);
+    let peers = env.platform.peers.borrow();
+    let peer = peers[0].1.as_ref().expect("server alive");
+    assert!(peer.conn.should_close(), "server saw NBD_CMD_DISC");
+    drop(peers);
+    assert!(link.should_close());
+    env.cmd("blockdev-del", json!({"node-name": "n"}))
+        .expect("closes");
+}
+
+#[test]
 fn without_reconnect_delay_a_lost_connection_stays_lost() {
     let mut env = Env::new(vec![Export::new("disk", 1 << 20)]);
     env.add("n", "disk", json!({})).expect("opens");
@@ -452,4 +572,157 @@ fn requests_are_padded_to_the_exports_minimum_block_size() {
     // A read larger than the export's maximum payload is split.
     let out = env.io("n", "read -P 0 256k 768k");
     assert!(out.starts_with("read"), "{out}");
+}
+
+/// A TCP socket as a platform finds it at its first look: its phase, the
+/// bytes the server sent, whether the server already closed.
+struct ScriptedTcp {
+    phase: TcpPhase,
+    rx: Vec<u8>,
+    eof: bool,
+}
+
+impl TcpSocket for ScriptedTcp {
+    fn phase(&self) -> TcpPhase {
+        self.phase
+    }
+
+    fn recv(&mut self, take: &mut dyn FnMut(&[u8])) -> usize {
+        // In two pieces, as a ring buffer that wrapped hands them out.
+        let n = self.rx.len().min(5);
+        let piece: Vec<u8> = self.rx.drain(..n).collect();
+        if n > 0 {
+            take(&piece);
+        }
+        n
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> usize {
+        bytes.len()
+    }
+
+    fn at_eof(&self) -> bool {
+        self.eof && self.rx.is_empty()
+    }
+}
+
+/// Pumps every link through [`NbdLink::pump`] over a socket made by
+/// `script` when the link first connects.
+struct ScriptedPlatform {
+    links: Links,
+    script: fn() -> ScriptedTcp,
+    sockets: RefCell<Vec<(Rc<NbdLink>, ScriptedTcp)>>,
+    sim: SimulatedPlatform,
+}
+
+impl Platform for ScriptedPlatform {
+    fn poll(&self, exec: &Executor, may_halt: bool) -> bool {
+        let mut busy = false;
+        let links: Vec<_> = self.links.borrow().clone();
+        let mut sockets = self.sockets.borrow_mut();
+        for link in &links {
+            let at = match sockets.iter().position(|(l, _)| Rc::ptr_eq(l, link)) {
+                Some(at) => at,
+                None => {
+                    sockets.push((link.clone(), (self.script)()));
+                    sockets.len() - 1
+                }
+            };
+            busy |= link.pump(&mut sockets[at].1);
+        }
+        self.links
+            .borrow_mut()
+            .retain(|l| !(l.should_close() || l.socket() == Socket::Closed));
+        busy || self.sim.poll(exec, may_halt)
+    }
+}
+
+/// `blockdev-add driver=nbd` over a link whose socket `script` makes.
+fn add_over(script: fn() -> ScriptedTcp) -> Result<Value, String> {
+    let exec = Executor::new();
+    let clock = Rc::new(ManualClock::new());
+    let links: Links = Rc::default();
+    let platform = Rc::new(ScriptedPlatform {
+        links: links.clone(),
+        script,
+        sockets: RefCell::new(Vec::new()),
+        sim: SimulatedPlatform::new(clock.clone()),
+    });
+    let mut bl = BlockLayer::new(exec, clock, platform);
+    bl.register_driver(client_node::class(links));
+    let mut d = crate::qmp::Dispatcher::new();
+    crate::commands::register(&mut d);
+    let args = json!({
+        "driver": "nbd", "node-name": "n", "export": "disk",
+        "server": {"type": "inet", "host": "10.0.2.2", "port": "10809"},
+    });
+    let Value::Object(map) = args else {
+        unreachable!()
+    };
+    d.call("blockdev-add", &mut bl, &crate::qmp::Args::new(&map))
+        .expect("blockdev-add exists")
+        .map_err(|e| e.desc)
+}
+
+/// The first `N` bytes of a server's greeting, then its close, all seen
+/// at the link's first look.
+fn greeting_then_close<const N: usize>() -> ScriptedTcp {
+    let mut g = Vec::new();
+    g.extend_from_slice(&crate::nbd::wire::NBD_MAGIC.to_be_bytes());
+    g.extend_from_slice(&crate::nbd::wire::NBD_OPTS_MAGIC.to_be_bytes());
+    g.extend_from_slice(&3u16.to_be_bytes());
+    g.truncate(N);
+    ScriptedTcp {
+        phase: TcpPhase::Opened,
+        rx: g,
+        eof: true,
+    }
+}
+
+#[test]
+fn a_server_that_accepts_writes_and_closes_before_the_first_look_fails_the_open() {
+    // The appliance hang of issue 16: SYN-ACK, data and FIN in one batch
+    // of frames left smoltcp's socket in CloseWait, never Established,
+    // and the open waited for ever. Here: the error, at every cut.
+    let cases: [(usize, fn() -> ScriptedTcp); 5] = [
+        (0, greeting_then_close::<0>),
+        (1, greeting_then_close::<1>),
+        (8, greeting_then_close::<8>),
+        (17, greeting_then_close::<17>),
+        (18, greeting_then_close::<18>),
+    ];
+    for (cut, script) in cases {
+        let e = add_over(script).expect_err("a closed server cannot open");
+        assert_eq!(
+            e, "Failed to read from the NBD server: unexpected end of file",
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_connection_fails_the_open_with_qemus_text() {
+    let refused = || ScriptedTcp {
+        phase: TcpPhase::Refused,
+        rx: Vec::new(),
+        eof: true,
+    };
+    let e = add_over(refused).unwrap_err();
+    assert_eq!(
+        e,
+        "Failed to connect to '10.0.2.2:10809': Connection refused"
+    );
+}
+
+#[test]
+fn an_export_the_client_refuses_fails_blockdev_add() {
+    let too_large = || ScriptedTcp {
+        phase: TcpPhase::Opened,
+        rx: super::client::export_name_server(u64::MAX),
+        eof: false,
+    };
+    assert_eq!(
+        add_over(too_large).unwrap_err(),
+        "Export size 18446744073709551615 is too large"
+    );
 }
