@@ -373,9 +373,13 @@ impl Conn {
         {
             sock.abort();
         }
+        // An aborted socket is Closed at once but sends its RST only when
+        // the stack next dispatches (then it forgets its peer): removed
+        // before that, the client would never hear it was dropped.
+        let reset_sent = sock.state() != tcp::State::Closed || sock.remote_endpoint().is_none();
         drop(eng);
         // Output dropped with the connection: its read data goes back.
         self.release_sent(budget);
-        socket_closed && idle
+        socket_closed && idle && reset_sent
     }
 }
