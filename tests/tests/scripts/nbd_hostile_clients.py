@@ -47,6 +47,15 @@ for i in range(n):
     socks[s] = 0  # bytes of `trickle` sent
 dropped = failed = 0
 errors = {}
+
+
+def drop(s):
+    global dropped
+    del socks[s]
+    s.close()
+    dropped += 1
+
+
 start = time.monotonic()
 next_byte = start
 while socks and time.monotonic() - start < bound:
@@ -78,9 +87,7 @@ while socks and time.monotonic() - start < bound:
         except BlockingIOError:
             pass
         except (ConnectionResetError, BrokenPipeError):
-            del socks[s]
-            s.close()
-            dropped += 1
+            drop(s)
             continue
         if mode == "slowloris" and tick and socks[s] < len(trickle):
             try:
@@ -88,9 +95,7 @@ while socks and time.monotonic() - start < bound:
             except BlockingIOError:
                 pass
             except (ConnectionResetError, BrokenPipeError):
-                del socks[s]
-                s.close()
-                dropped += 1
+                drop(s)
 connected = 0
 for s in socks:
     try:
