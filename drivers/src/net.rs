@@ -47,6 +47,7 @@
 //! neighbour (its addresses taken from the frame), then the frame itself.
 
 use alloc::boxed::Box;
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::num::NonZeroUsize;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
@@ -195,9 +196,15 @@ pub struct Stats {
     /// Notifications of the device (TX and RX queues).
     pub kicks: u64,
     /// Connection requests dropped because no listening socket was free
-    /// (see [`NetDevice::gate_syns`]).
+    /// and the SYN queue was full (see [`NetDevice::gate_syns`]).
     pub syn_dropped: u64,
+    /// Connection requests queued until a listening socket was free.
+    pub syn_queued: u64,
 }
+
+/// Connection requests held while no listening socket is free (Linux's
+/// `somaxconn` was 128 for decades; a SYN is about 80 bytes).
+pub const SYN_BACKLOG: usize = 256;
 
 /// The receive side: buffers, which ring token holds which buffer, and the
 /// buffers smoltcp has finished with (posted again on the next poll).
@@ -287,8 +294,30 @@ pub struct NetDevice {
     held: Option<(usize, usize, usize)>,
     /// The synthetic ARP request.
     arp: [u8; ARP_FRAME],
-    /// TCP connection requests to this port beyond this many are dropped.
+    /// TCP connection requests to this port beyond this many are queued.
     syn_gate: Option<(u16, usize)>,
+    /// Copies of the SYNs waiting for a listening socket, oldest first.
+    syn_queue: VecDeque<Vec<u8>>,
+    /// The queued SYN being handed to the stack.
+    replay: Vec<u8>,
+}
+
+/// Who sent a TCP segment in an IPv4 frame: source address and port.
+fn tcp_source(frame: &[u8]) -> Option<[u8; 6]> {
+    let ip = frame.get(14..)?;
+    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+    let mut key = [0; 6];
+    key[..4].copy_from_slice(ip.get(12..16)?);
+    key[4..].copy_from_slice(ip.get(ihl..ihl + 2)?);
+    Some(key)
+}
+
+/// A copy of `frame`, or `None` when the heap cannot hold one.
+fn fallible_copy(frame: &[u8]) -> Option<Vec<u8>> {
+    let mut copy = Vec::new();
+    copy.try_reserve_exact(frame.len()).ok()?;
+    copy.extend_from_slice(frame);
+    Some(copy)
 }
 
 /// The destination port of a TCP SYN (without ACK) in an IPv4 frame.
@@ -460,6 +489,8 @@ impl NetDevice {
             held: None,
             arp: [0; ARP_FRAME],
             syn_gate: None,
+            syn_queue: VecDeque::new(),
+            replay: Vec::new(),
         };
         dev.post_recycled().map_err(Error::Post)?;
         dev.flush();
@@ -516,10 +547,12 @@ impl NetDevice {
     }
 
     /// From now on, of the TCP connection requests (SYNs) to `port`, only
-    /// the next `free` reach the stack, one for each listening socket;
-    /// the rest are dropped rather than reset (smoltcp resets a SYN no
-    /// socket listens for), so their clients retry as they would with a
-    /// kernel's full accept queue. `None`: no gate.
+    /// the next `free` reach the stack, one for each listening socket
+    /// (smoltcp resets a SYN no socket listens for). The rest wait in a
+    /// queue, as in a kernel's listen backlog, and reach the stack in
+    /// order as sockets become free (a client's retransmitted SYN does not
+    /// queue twice); beyond [`SYN_BACKLOG`], or when no memory is left for
+    /// the copy, they are dropped, so their clients retry. `None`: no gate.
     pub fn gate_syns(&mut self, gate: Option<(u16, usize)>) {
         self.syn_gate = gate;
     }
@@ -885,9 +918,26 @@ impl phy::Device for NetDevice {
 
     fn receive(&mut self, timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let _ = self.post_recycled();
+        if self.held.is_none()
+            && let Some((_, free)) = &mut self.syn_gate
+            && *free > 0
+            && !self.syn_queue.is_empty()
+        {
+            let tx = tx_token(&mut self.rings, &mut self.tx, &mut self.stats)?;
+            *free -= 1;
+            self.replay = self.syn_queue.pop_front().unwrap_or_default();
+            return Some((
+                RxToken {
+                    frame: &self.replay,
+                    recycle: None,
+                },
+                tx,
+            ));
+        }
         let (index, start, len) = match self.held.take() {
             Some(h) => h,
-            None => {
+            // Each SYN queued: on to the next frame.
+            None => loop {
                 let token = self.rings.rxq.peek_used()?;
                 let index = self
                     .rx
@@ -914,12 +964,26 @@ impl phy::Device for NetDevice {
                 if let Some((port, free)) = &mut self.syn_gate
                     && tcp_syn_port(frame_of(&self.rx.bufs[index], start, len)) == Some(*port)
                 {
-                    if *free == 0 {
-                        // As a kernel whose accept queue is full: no reset,
+                    if *free == 0 || !self.syn_queue.is_empty() {
+                        // Behind the SYNs already waiting: into the
+                        // backlog (once per client), or, with the backlog
+                        // full, dropped without a reset as a kernel does:
                         // the client sends its SYN again a little later.
-                        self.stats.syn_dropped += 1;
+                        let frame = frame_of(&self.rx.bufs[index], start, len);
+                        let from = tcp_source(frame);
+                        if self.syn_queue.iter().any(|q| tcp_source(q) == from) {
+                            // A retransmission of a SYN already waiting.
+                        } else if self.syn_queue.len() < SYN_BACKLOG
+                            && let Some(copy) = fallible_copy(frame)
+                            && self.syn_queue.try_reserve(1).is_ok()
+                        {
+                            self.syn_queue.push_back(copy);
+                            self.stats.syn_queued += 1;
+                        } else {
+                            self.stats.syn_dropped += 1;
+                        }
                         self.rx.recycle.push(index);
-                        return None;
+                        continue;
                     }
                     *free -= 1;
                 }
@@ -943,8 +1007,8 @@ impl phy::Device for NetDevice {
                         tx,
                     ));
                 }
-                (index, start, len)
-            }
+                break (index, start, len);
+            },
         };
         // A reply may be needed: deliver a frame only with a buffer free.
         let Some(tx) = tx_token(&mut self.rings, &mut self.tx, &mut self.stats) else {
@@ -1041,6 +1105,15 @@ mod tests {
         // A /0 and a /32 prefix do not overflow the mask.
         assert!(ipv4_sender(&f, OURS, (ours.0, 0)).is_some());
         assert!(ipv4_sender(&f, OURS, (ours.0, 32)).is_none());
+    }
+
+    #[test]
+    fn a_tcp_segment_names_its_source_address_and_port() {
+        let mut f = ipv4_frame(OURS, HOST, [10, 0, 3, 1]);
+        f[23] = 6; // TCP
+        f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+        assert_eq!(tcp_source(&f), Some([10, 0, 3, 1, 0x9c, 0x40]));
+        assert_eq!(tcp_source(&f[..35]), None);
     }
 
     #[test]

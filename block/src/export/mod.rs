@@ -18,5 +18,8 @@ pub mod qmp;
 pub mod table;
 
 pub use execute::{Target, execute};
-pub use qmp::{NbdContext, NbdServer, ServerConfig, apply_boot_option, register};
+pub use qmp::{
+    DEFAULT_HANDSHAKE_MAX_SECONDS, DEFAULT_MAX_CONNECTIONS, NbdContext, NbdServer, ServerConfig,
+    apply_boot_option, register,
+};
 pub use table::{ExportTable, NbdExport, NewExport};

@@ -25,9 +25,21 @@ pub struct ServerConfig {
     /// `None`: every address.
     pub host: Option<Ipv4Addr>,
     pub port: u16,
-    /// 0: unlimited.
+    /// 0: unlimited. [`DEFAULT_MAX_CONNECTIONS`] when not given.
     pub max_connections: u32,
+    /// A client still negotiating this long after it connected is
+    /// dropped (QEMU 10: `handshake-max-seconds`); 0: no limit.
+    /// [`DEFAULT_HANDSHAKE_MAX_SECONDS`] when not given.
+    pub handshake_max_seconds: u32,
 }
+
+/// `max-connections` when not given: QEMU's default since the
+/// CVE-2024-7409 fix (`NBD_DEFAULT_MAX_CONNECTIONS`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100;
+
+/// `handshake-max-seconds` when not given (QEMU:
+/// `NBD_DEFAULT_HANDSHAKE_MAX_SECS`).
+pub const DEFAULT_HANDSHAKE_MAX_SECONDS: u32 = 10;
 
 /// The platform's NBD server (QEMU: `NBDServerData`): the listening
 /// sockets, and the export table its clients reach.
@@ -217,7 +229,13 @@ fn parse_addr(addr: &Obj<'_>) -> Result<(Option<Ipv4Addr>, u16), QmpError> {
 }
 
 fn server_start(server: &mut dyn NbdServer, args: &Obj<'_>) -> Result<(), QmpError> {
-    args.check_known(&["addr", "tls-creds", "tls-authz", "max-connections"])?;
+    args.check_known(&[
+        "addr",
+        "tls-creds",
+        "tls-authz",
+        "max-connections",
+        "handshake-max-seconds",
+    ])?;
     let Some(addr) = args.opt_obj("addr")? else {
         return Err(QmpError::missing_parameter("addr"));
     };
@@ -225,14 +243,22 @@ fn server_start(server: &mut dyn NbdServer, args: &Obj<'_>) -> Result<(), QmpErr
     if args.opt_str("tls-creds")?.is_some() || args.opt_str("tls-authz")?.is_some() {
         return Err(QmpError::generic("TLS is not supported by blockhaus"));
     }
-    let max = args.opt_u64("max-connections")?.unwrap_or(0);
-    let max = u32::try_from(max)
-        .map_err(|_| QmpError::invalid_parameter_value("max-connections", "uint32"))?;
+    let uint32 = |name: &str, default: u32| -> Result<u32, QmpError> {
+        match args.opt_u64(name)? {
+            None => Ok(default),
+            Some(v) => {
+                u32::try_from(v).map_err(|_| QmpError::invalid_parameter_value(name, "uint32"))
+            }
+        }
+    };
+    let max_connections = uint32("max-connections", DEFAULT_MAX_CONNECTIONS)?;
+    let handshake_max_seconds = uint32("handshake-max-seconds", DEFAULT_HANDSHAKE_MAX_SECONDS)?;
     server
         .start(ServerConfig {
             host,
             port,
-            max_connections: max,
+            max_connections,
+            handshake_max_seconds,
         })
         .map_err(QmpError::generic)
 }
@@ -446,7 +472,7 @@ pub fn register<C: NbdContext + 'static>(commands: &mut Dispatcher<C>) {
         Signature::new(
             "addr:{type:(inet|unix|vsock|fd), data:{host:str, port:str, numeric?:bool, to?:int, \
              ipv4?:bool, ipv6?:bool, keep-alive?:bool}}, tls-creds?:str, tls-authz?:str, \
-             max-connections?:uint32",
+             max-connections?:uint32, handshake-max-seconds?:uint32",
             "{}",
         ),
         nbd_server_start,

@@ -126,6 +126,11 @@ impl Harness {
             .map(|c| (c.host, c.port, c.max_connections))
     }
 
+    fn handshake_max_seconds(&self) -> Option<u32> {
+        let s = self.m.server.borrow();
+        s.listening.as_ref().map(|c| c.handshake_max_seconds)
+    }
+
     fn exports(&self) -> Rc<ExportTable> {
         self.m.server.borrow().exports.clone()
     }
@@ -197,7 +202,37 @@ fn nbd_server_start_reads_both_address_shapes_and_refuses_what_it_cannot_serve()
         ),
         Ok(true)
     );
+    // QEMU's defaults since the CVE-2024-7409 fix: 100 clients, 10 s to
+    // finish the handshake.
+    assert_eq!(h.listening(), Some((None, 10809, 100)));
+    assert_eq!(h.handshake_max_seconds(), Some(10));
+    h.ok("nbd-server-stop", json!({}));
+
+    // Both limits given, 0 meaning none (keyval and QMP).
+    assert_eq!(
+        h.boot(
+            "nbd-server",
+            "addr.type=inet,addr.host=0.0.0.0,addr.port=10809,max-connections=0,\
+             handshake-max-seconds=0"
+        ),
+        Ok(true)
+    );
     assert_eq!(h.listening(), Some((None, 10809, 0)));
+    assert_eq!(h.handshake_max_seconds(), Some(0));
+    h.ok("nbd-server-stop", json!({}));
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": inet(""), "handshake-max-seconds": 3}),
+    );
+    assert_eq!(h.handshake_max_seconds(), Some(3));
+    h.ok("nbd-server-stop", json!({}));
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": inet(""), "handshake-max-seconds": 4294967296u64})
+        ),
+        "Parameter 'handshake-max-seconds' expects uint32"
+    );
     assert_eq!(h.boot("blockdev", "driver=mem"), Ok(false));
 }
 

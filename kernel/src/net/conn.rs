@@ -18,7 +18,8 @@
 //! write whose payload would eat into the reserve (the engine's payload
 //! room). A client stalled
 //! in the middle of a message for [`STALL_NS`], or still negotiating
-//! [`HANDSHAKE_NS`] after connecting, is dropped.
+//! `handshake-max-seconds` after it was accepted (QEMU 10's timer, from
+//! `nbd_client_new`), is dropped.
 
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
@@ -37,11 +38,6 @@ const ENOMEM: IoError = IoError::Other(12);
 
 /// A client stalled mid-message this long is dropped.
 pub const STALL_NS: u64 = 60_000_000_000;
-
-/// A client that has not chosen an export this long after connecting is
-/// dropped (QEMU's `handshake-max-seconds` default), so silent clients
-/// cannot hold every slot of `max-connections`.
-pub const HANDSHAKE_NS: u64 = 10_000_000_000;
 
 /// Bytes of read data all connections may hold at once: buffers of reads
 /// in execution and read replies not yet sent.
@@ -101,8 +97,10 @@ pub struct Conn {
     queued: VecDeque<Request>,
     /// When input last moved (monotonic ns).
     last_input: u64,
-    /// When the client connected (monotonic ns).
-    connected_at: u64,
+    /// When the client is dropped if it is still negotiating (monotonic
+    /// ns): `handshake-max-seconds` after it was accepted, so silent or
+    /// trickling clients cannot hold every slot of `max-connections`.
+    handshake_deadline: Option<u64>,
     /// This connection's share of read data ([`Budgets::conn_read_bytes`]).
     reads: Rc<IoBudget>,
     /// Bytes of both budgets held for read replies waiting in the
@@ -117,7 +115,9 @@ pub struct Conn {
 const LINGER_NS: u64 = 10_000_000_000;
 
 impl Conn {
-    pub fn new(handle: SocketHandle, budgets: &Budgets) -> Conn {
+    /// A client accepted now; `handshake_ns`: how long it may negotiate.
+    pub fn new(handle: SocketHandle, budgets: &Budgets, handshake_ns: Option<u64>) -> Conn {
+        let now = crate::clock::monotonic_ns();
         Conn {
             handle,
             engine: Rc::new(RefCell::new(Connection::new(budgets.limits))),
@@ -126,8 +126,8 @@ impl Conn {
             peer_closed: false,
             closed_at: None,
             queued: VecDeque::new(),
-            last_input: crate::clock::monotonic_ns(),
-            connected_at: crate::clock::monotonic_ns(),
+            last_input: now,
+            handshake_deadline: handshake_ns.map(|d| now.saturating_add(d)),
             reads: IoBudget::new(budgets.conn_read_bytes),
             held: Rc::new(Cell::new(0)),
             output_high_water: budgets.limits.output_high_water,
@@ -225,14 +225,14 @@ impl Conn {
         let stalled = matches!(eng.input_state(), InputState::Partial { .. })
             && now.saturating_sub(self.last_input) > STALL_NS;
         let lingering =
-            eng.state() == State::Handshake && now.saturating_sub(self.connected_at) > HANDSHAKE_NS;
+            eng.state() == State::Handshake && self.handshake_deadline.is_some_and(|d| now > d);
         if (stalled || lingering) && sock.is_open() {
             log::warn!(
                 "nbd: dropping a client {}",
                 if stalled {
                     "stalled mid-message"
                 } else {
-                    "still negotiating after 10 s"
+                    "still negotiating at handshake-max-seconds"
                 }
             );
             sock.abort();
@@ -373,9 +373,13 @@ impl Conn {
         {
             sock.abort();
         }
+        // An aborted socket is Closed at once but sends its RST only when
+        // the stack next dispatches (then it forgets its peer): removed
+        // before that, the client would never hear it was dropped.
+        let reset_sent = sock.state() != tcp::State::Closed || sock.remote_endpoint().is_none();
         drop(eng);
         // Output dropped with the connection: its read data goes back.
         self.release_sent(budget);
-        socket_closed && idle
+        socket_closed && idle && reset_sent
     }
 }

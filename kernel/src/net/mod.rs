@@ -160,6 +160,7 @@ impl Network {
             host,
             cfg.port,
             cfg.max_connections,
+            cfg.handshake_max_seconds,
             &self.budgets,
         ));
         self.poll();
@@ -213,7 +214,7 @@ impl Network {
                 };
                 let room = max.saturating_sub(conns.len());
                 for h in server.accept(&mut stack.sockets, room) {
-                    conns.push(Conn::new(h, budgets));
+                    conns.push(Conn::new(h, budgets, server.handshake_ns));
                     busy = true;
                     if *panic_on_client {
                         panic!("test fault: panic inside the network poll");

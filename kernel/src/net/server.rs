@@ -23,6 +23,9 @@ pub struct Server {
     pub port: u16,
     /// 0: unlimited.
     pub max_connections: u32,
+    /// How long a client may take over the handshake
+    /// (`handshake-max-seconds`); `None`: no limit.
+    pub handshake_ns: Option<u64>,
     listeners: Vec<SocketHandle>,
     /// Sockets kept listening: how many clients may connect at the same
     /// instant (the listen backlog). A SYN that would find none is dropped
@@ -38,12 +41,17 @@ impl Server {
         host: Option<IpAddress>,
         port: u16,
         max_connections: u32,
+        handshake_max_seconds: u32,
         budgets: &Budgets,
     ) -> Server {
         Server {
             host,
             port,
             max_connections,
+            handshake_ns: match handshake_max_seconds {
+                0 => None,
+                s => Some(u64::from(s) * 1_000_000_000),
+            },
             listeners: Vec::new(),
             backlog: budgets.listeners,
             socket_buffer: budgets.socket_buffer,
