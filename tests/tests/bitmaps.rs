@@ -6,7 +6,9 @@
 //! opens them inconsistent; bitmaps made over QMP reach `qemu-img info`
 //! and qemu-nbd.
 
-use harness::host::{MIB, dirty_extents, image_bitmaps, qcow2_check_clean, qcow2_with_room, run};
+use harness::host::{
+    MIB, dirty_extents, image_bitmaps, nbd_map, qcow2_check_clean, qcow2_with_room, run,
+};
 use harness::{Appliance, QemuConfig};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -170,4 +172,110 @@ fn qmp_made_persistent_bitmaps_reach_qemu_img() {
         dirty_extents(&img, "p"),
         vec![(2 * MIB, 128 * KIB), (40 * MIB, 64 * KIB)]
     );
+}
+
+/// Point 4 of the issue (QEMU's iotest 223): an export made on the command
+/// line with `bitmaps` and `allocation-depth` offers
+/// `qemu:dirty-bitmap:b0` and `qemu:allocation-depth`; `nbdinfo --map` and
+/// qemu-img's `x-dirty-bitmap` read the bitmap, which follows writes made
+/// through the export and stays busy until the export goes.
+#[test]
+fn an_nbd_export_serves_a_bitmap_and_allocation_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let port = harness::qemu::free_port();
+    let cfg = QemuConfig {
+        disks: vec![img.clone()],
+        append: "--blockdev driver=virtio-blk,node-name=file0,serial=disk0 \
+                 --blockdev driver=qcow2,node-name=fmt0,file=file0 \
+                 --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
+                 --export type=nbd,id=e0,node-name=fmt0,name=disk,writable=on,\
+                 bitmaps.0=b0,allocation-depth=on"
+            .into(),
+        nbd_port: Some(port),
+        ..QemuConfig::default()
+    };
+    let mut a = Appliance::boot(&cfg);
+    let uri = format!("nbd://127.0.0.1:{port}/disk");
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 5M 4k"])
+        .arg(&uri));
+
+    let dirty: Vec<(u64, u64)> = nbd_map(&uri, "qemu:dirty-bitmap:b0")
+        .into_iter()
+        .filter(|e| e.2 == 1)
+        .map(|(o, l, _)| (o, l))
+        .collect();
+    let expect = vec![(0, 64 * KIB), (MIB, 64 * KIB), (5 * MIB, 64 * KIB)];
+    assert_eq!(dirty, expect);
+    let map = nbd_map(&uri, "qemu:allocation-depth");
+    let local: Vec<(u64, u64)> = map
+        .iter()
+        .filter(|e| e.2 == 1)
+        .map(|&(o, l, _)| (o, l))
+        .collect();
+    assert_eq!(local, expect, "{map:?}");
+    assert!(map.iter().all(|e| e.2 <= 1), "{map:?}");
+    assert_eq!(map.iter().map(|e| e.1).sum::<u64>(), 64 * MIB);
+
+    // qemu-img reads the bitmap as if it were allocation (iotest 223):
+    // dirty is `"data": false`.
+    let out = run(Command::new("qemu-img").args([
+        "map",
+        "--output=json",
+        "--image-opts",
+        &format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},\
+             export=disk,x-dirty-bitmap=qemu:dirty-bitmap:b0"
+        ),
+    ]));
+    let v: Value = serde_json::from_str(&out).expect("qemu-img map JSON");
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        if e["data"] == false {
+            let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            match seen.last_mut() {
+                Some(last) if last.0 + last.1 == s => last.1 += l,
+                _ => seen.push((s, l)),
+            }
+        }
+    }
+    assert_eq!(seen, expect, "{out}");
+
+    // Busy while exported.
+    let e = a
+        .qmp()
+        .cmd(
+            "block-dirty-bitmap-remove",
+            json!({"node": "fmt0", "name": "b0"}),
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("Bitmap 'b0' is currently in use by another operation and cannot be used"),
+        "{e}"
+    );
+    assert_eq!(bitmaps(&mut a)[0]["busy"], true);
+    let e = a
+        .qmp()
+        .cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "fmt0", "bitmaps": ["nope"]}),
+        )
+        .unwrap_err();
+    assert!(e.contains("Bitmap 'nope' is not found"), "{e}");
+    a.qmp()
+        .cmd("block-export-del", json!({"id": "e0", "mode": "hard"}))
+        .unwrap();
+    a.qmp()
+        .wait_event("BLOCK_EXPORT_DELETED", std::time::Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(bitmaps(&mut a)[0]["busy"], false);
+    a.qmp()
+        .cmd(
+            "block-dirty-bitmap-clear",
+            json!({"node": "fmt0", "name": "b0"}),
+        )
+        .unwrap();
+    a.quit();
+    qcow2_check_clean(&img);
 }

@@ -9,7 +9,8 @@ use crate::io::{BlockStatus, IoError, ReqFlags};
 use crate::nbd::handshake::BASE_ALLOCATION_ID;
 use crate::nbd::wire::{cmd, cmd_flags as cf, errno, get_u32, get_u64, reply_type as rt, state};
 use crate::nbd::{
-    CloseReason, CompleteError, Completion, Export, InputState, Limits, Op, ReadChunk, State,
+    CloseReason, CompleteError, Completion, Export, InputState, Limits, MetaContext, Op, ReadChunk,
+    State,
 };
 
 const MIB: u64 = 1 << 20;
@@ -388,7 +389,8 @@ fn extended_block_status_payload_form() {
         Op::BlockStatus {
             offset: 0,
             len: 4096,
-            req_one: false
+            req_one: false,
+            contexts: vec![(BASE_ALLOCATION_ID, MetaContext::BaseAllocation)],
         }
     );
     p.run();
