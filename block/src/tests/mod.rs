@@ -15,6 +15,7 @@ mod graph;
 mod harness;
 mod job;
 mod jobs_backup;
+mod jobs_backup_bitmap;
 mod jobs_chain;
 mod jobs_framework;
 mod jobs_mirror;
