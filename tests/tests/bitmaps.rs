@@ -419,3 +419,53 @@ fn a_full_and_two_incremental_backups_restore_on_the_host() {
         .arg(&inc1));
     assert!(!out.to_lowercase().contains("fail"), "{out}");
 }
+
+/// Point 2 of the issue: `transaction` in the appliance, as libvirt makes
+/// a checkpoint (a new persistent bitmap, the previous one disabled, in
+/// one step): all or nothing, and the schema lists it.
+#[test]
+fn a_transaction_adds_and_disables_bitmaps_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let mut a = boot(&img);
+    let checkpoint = |abort: bool| {
+        let mut actions = vec![
+            json!({"type": "block-dirty-bitmap-add",
+                   "data": {"node": "fmt0", "name": "c1", "persistent": true}}),
+            json!({"type": "block-dirty-bitmap-disable",
+                   "data": {"node": "fmt0", "name": "b0"}}),
+        ];
+        if abort {
+            actions.push(json!({"type": "abort", "data": {}}));
+        }
+        json!({ "actions": actions })
+    };
+    let e = a.qmp().cmd("transaction", checkpoint(true)).unwrap_err();
+    assert!(e.contains("Transaction aborted using Abort action"), "{e}");
+    let list = bitmaps(&mut a);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["recording"], true);
+    a.qmp().cmd("transaction", checkpoint(false)).unwrap();
+    let list = bitmaps(&mut a);
+    assert_eq!(list[0]["name"], "c1");
+    assert_eq!(list[1]["recording"], false);
+    let schema = a.qmp().cmd("query-qmp-schema", Value::Null).unwrap();
+    assert!(
+        schema
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "transaction" && e["meta-type"] == "command"),
+        "transaction missing from query-qmp-schema"
+    );
+    a.qemu_io("fmt0", "write -P 0x55 5M 4k");
+    a.quit();
+    qcow2_check_clean(&img);
+    let names: Vec<String> = image_bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, ["b0", "c1"]);
+    assert_eq!(dirty_extents(&img, "c1"), vec![(5 * MIB, 64 * KIB)]);
+    assert_eq!(
+        dirty_extents(&img, "b0"),
+        vec![(0, 64 * KIB), (MIB, 64 * KIB)]
+    );
+}

@@ -55,6 +55,9 @@ pub struct BackupOptions {
     pub filter_node_name: Option<String>,
     /// `bitmap` and `bitmap-mode`.
     pub bitmap: Option<(String, BitmapMode)>,
+    /// Start the job at once; a `transaction` starts it when it commits
+    /// (QEMU: `job_start` in `backup_commit`).
+    pub start: bool,
 }
 
 /// `bitmap-mode` (QEMU: `BitmapSyncMode`).
@@ -221,7 +224,9 @@ pub async fn start_backup(
     *drv.bcs.borrow_mut() = Some(bcs);
     *drv.filter.borrow_mut() = Some(filter);
     job.set_auto(setup.auto_finalize, setup.auto_dismiss);
-    job.start();
+    if drv.opts.start {
+        job.start();
+    }
     Ok(job)
 }
 

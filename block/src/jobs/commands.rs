@@ -257,6 +257,17 @@ fn backup_bitmap(
 
 /// `blockdev-backup` (QEMU: `qmp_blockdev_backup` → `backup_job_create`).
 pub fn blockdev_backup(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    backup_prepare(bl, args, true)?;
+    ok()
+}
+
+/// Creates the backup job `args` ask for, started or not (a
+/// `transaction` starts it when it commits).
+pub fn backup_prepare(
+    bl: &BlockLayer,
+    args: &Args<'_>,
+    start: bool,
+) -> Result<Rc<crate::job::Job>, QmpError> {
     args.check_known(&[
         "job-id",
         "device",
@@ -295,13 +306,13 @@ pub fn blockdev_backup(bl: &BlockLayer, args: &Args<'_>) -> Res {
         on_target_error: OnError::parse(args, "on-target-error")?,
         filter_node_name: args.opt_str("filter-node-name")?.map(String::from),
         bitmap,
+        start,
     };
     let source = lookup(bl, device)?;
     let target = lookup(bl, target_name)?;
     let id = job_id(args, &source)?;
     bl.wait(start_backup(&id, &source, &target, opts, setup))?
-        .map_err(QmpError::generic)?;
-    ok()
+        .map_err(QmpError::generic)
 }
 
 /// A chain member by file name or node-name (QEMU:

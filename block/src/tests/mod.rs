@@ -27,4 +27,5 @@ mod qmp;
 mod quorum;
 mod stats;
 mod trace;
+mod transaction;
 mod wire;
