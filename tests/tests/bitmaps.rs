@@ -469,3 +469,215 @@ fn a_transaction_adds_and_disables_bitmaps_all_or_nothing() {
         vec![(0, 64 * KIB), (MIB, 64 * KIB)]
     );
 }
+
+/// The pull-mode backup client: copies the extents that
+/// `qemu:dirty-bitmap:BITMAP` of the export at URI marks into the raw file
+/// OUT (the previous backup), and prints how many bytes it copied.
+const PULL_CLIENT: &str = r#"
+import sys, nbd
+uri, bitmap, out = sys.argv[1], sys.argv[2], sys.argv[3]
+ctx = "qemu:dirty-bitmap:" + bitmap
+h = nbd.NBD()
+h.add_meta_context(ctx)
+h.connect_uri(uri)
+assert h.can_meta_context(ctx), ctx
+size = h.get_size()
+dirty = []
+pos = 0
+while pos < size:
+    seen = []
+    def cb(meta, offset, entries, err):
+        if meta != ctx:
+            return 0
+        o = offset
+        for i in range(0, len(entries), 2):
+            seen.append((o, entries[i], entries[i + 1]))
+            o += entries[i]
+        return 0
+    h.block_status(size - pos, pos, cb)
+    assert seen, "no extents"
+    for (o, l, f) in seen:
+        if f & 1:
+            dirty.append((o, l))
+    pos = seen[-1][0] + seen[-1][1]
+copied = 0
+with open(out, "r+b") as f:
+    for (o, l) in dirty:
+        done = 0
+        while done < l:
+            n = min(l - done, 1 << 20)
+            f.seek(o + done)
+            f.write(h.pread(n, o + done))
+            done += n
+        copied += l
+h.shutdown()
+print(copied)
+"#;
+
+/// The guest meanwhile: COUNT 4 KiB writes of 0xee through the export at
+/// URI, spread over the disk.
+const WRITER: &str = r#"
+import sys, nbd
+uri, count = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD()
+h.connect_uri(uri)
+size = h.get_size()
+for i in range(count):
+    h.pwrite(b"\xee" * 4096, (i * 7919 * 4096) % size)
+h.flush()
+h.shutdown()
+"#;
+
+fn python(script: &str, args: &[&str]) -> std::process::Child {
+    Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3")
+}
+
+fn finished(c: std::process::Child) -> String {
+    let o = c.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{text}");
+    text
+}
+
+/// Point 6 of the issue: pull-mode backup as libvirt runs it
+/// (`virsh backup-begin` in pull mode, QEMU's image-fleecing test): a
+/// fleecing overlay whose backing file is the active node, a `sync=none`
+/// backup job (the copy-before-write filter) into it, the bitmap
+/// frozen on the overlay and exported with it in one transaction; a host
+/// client copies only the extents the bitmap names while another client
+/// writes through the active export; then teardown. The copy laid over the
+/// previous full backup equals the disk at the transaction.
+#[test]
+fn pull_mode_backup_through_a_fleecing_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2");
+    qcow2_with_room(&src, 64 * MIB, 80 * MIB);
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x21 0 8M",
+            "-c",
+            "write -P 0x22 40M 1M",
+        ])
+        .arg(&src));
+    let scratch = dir.path().join("scratch.qcow2");
+    qcow2_with_room(&scratch, 64 * MIB, 80 * MIB);
+    let port = harness::qemu::free_port();
+    let cfg = QemuConfig {
+        disks: vec![src.clone(), scratch.clone()],
+        append: "--blockdev driver=virtio-blk,node-name=file0,serial=disk0 \
+                 --blockdev driver=qcow2,node-name=fmt0,file=file0 \
+                 --blockdev driver=virtio-blk,node-name=file1,serial=disk1 \
+                 --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
+                 --export type=nbd,id=disk,node-name=fmt0,name=disk,writable=on"
+            .into(),
+        nbd_port: Some(port),
+        ..QemuConfig::default()
+    };
+    let mut a = Appliance::boot(&cfg);
+    let disk = format!("nbd://127.0.0.1:{port}/disk");
+    // The checkpoint and the full backup it starts from.
+    a.qmp()
+        .cmd(
+            "block-dirty-bitmap-add",
+            json!({"node": "fmt0", "name": "c0", "persistent": true}),
+        )
+        .unwrap();
+    let full = dir.path().join("full.raw");
+    run(Command::new("nbdcopy").arg(&disk).arg(&full));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x31 1M 100k",
+            "-c",
+            "write -z 40M 64k",
+        ])
+        .args(["-c", "write -P 0x32 50M 4k"])
+        .arg(&disk));
+    // The point in time: nothing writes until the transaction.
+    let reference = dir.path().join("ref.raw");
+    run(Command::new("nbdcopy").arg(&disk).arg(&reference));
+
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "fleece", "file": "file1",
+                   "backing": "fmt0"}),
+        )
+        .unwrap();
+    a.qmp()
+        .cmd(
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "fleece", "name": "backup", "disabled": true}},
+                {"type": "block-dirty-bitmap-merge",
+                 "data": {"node": "fleece", "target": "backup",
+                          "bitmaps": [{"node": "fmt0", "name": "c0"}]}},
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "fmt0", "name": "c1", "persistent": true}},
+                {"type": "block-dirty-bitmap-disable",
+                 "data": {"node": "fmt0", "name": "c0"}},
+                {"type": "blockdev-backup",
+                 "data": {"job-id": "fleecing", "device": "fmt0", "target": "fleece",
+                          "sync": "none"}},
+            ]}),
+        )
+        .unwrap();
+    a.qmp()
+        .cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": "pull", "node-name": "fleece", "name": "pull",
+                   "bitmaps": ["backup"]}),
+        )
+        .unwrap();
+    let pull = format!("nbd://127.0.0.1:{port}/pull");
+    let out = full.to_str().unwrap().to_string();
+    let writer = python(WRITER, &[&disk, "400"]);
+    let copier = python(PULL_CLIENT, &[&pull, "backup", &out]);
+    let copied: u64 = finished(copier).trim().parse().unwrap();
+    finished(writer);
+    // 1M..1M+100k, 40M and 50M at 64 KiB granularity.
+    assert_eq!(copied, (2 + 1 + 1) * 64 * KIB);
+    run(Command::new("cmp").arg(&full).arg(&reference));
+    // The guest's writes reached the disk, not the backup.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0xee 0 4k"])
+        .arg(&disk));
+
+    // Teardown, in libvirt's order.
+    a.qmp()
+        .cmd("block-export-del", json!({"id": "pull"}))
+        .unwrap();
+    a.qmp()
+        .wait_event("BLOCK_EXPORT_DELETED", std::time::Duration::from_secs(60))
+        .unwrap();
+    a.qmp()
+        .cmd("job-cancel", json!({"id": "fleecing"}))
+        .unwrap();
+    a.qmp()
+        .wait_event("BLOCK_JOB_CANCELLED", std::time::Duration::from_secs(60))
+        .unwrap();
+    a.qmp()
+        .cmd("blockdev-del", json!({"node-name": "fleece"}))
+        .unwrap();
+    a.quit();
+    qcow2_check_clean(&src);
+    let names: Vec<String> = image_bitmaps(&src).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, ["c0", "c1"]);
+}

@@ -176,12 +176,11 @@ pub async fn start_backup(
     let backends = job
         .add_backend(source, Perm::CONSISTENT_READ, Perm::ALL.minus(Perm::RESIZE))
         .and_then(|s| {
-            job.add_backend(
-                target,
-                Perm::WRITE,
-                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-            )
-            .map(|t| (s, t))
+            // Writes shared (QEMU: cbw_child_perm for the target): a
+            // fleecing target's backing file is the source, which the
+            // guest keeps writing.
+            job.add_backend(target, Perm::WRITE, Perm::ALL.minus(Perm::RESIZE))
+                .map(|t| (s, t))
         });
     let (src, tgt) = match backends {
         Ok(x) => x,

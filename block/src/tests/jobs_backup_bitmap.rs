@@ -231,3 +231,33 @@ fn the_bitmap_after_success_failure_and_cancel_per_mode() {
         }
     }
 }
+
+/// Image fleecing (QEMU's image-fleecing test): a `sync=none` backup into
+/// an overlay whose backing file is the source itself. The guest keeps
+/// writing the source (the job's target edge shares writes, as QEMU's
+/// copy-before-write target does), and the overlay shows the source as it
+/// was when the job started.
+#[test]
+fn fleecing_into_an_overlay_of_the_source() {
+    use super::qcow2::{image, open};
+    let mut q = Qmp::new();
+    image(&mut q, "f0", 2 * MIB, json!({}));
+    open(&mut q, "src", json!({"file": "f0"}));
+    q.io("src", "write -P 0x21 0 1M");
+    image(&mut q, "f1", 2 * MIB, json!({}));
+    open(&mut q, "fleece", json!({"file": "f1", "backing": "src"}));
+    let src = node(&q, "src");
+    let drv = guest(&q, "drv", &src);
+    q.ok(
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "src", "target": "fleece", "sync": "none"}),
+    );
+    write(&q, &drv, 64 * KIB, 4096, 0x99);
+    write(&q, &drv, MIB + 4096, 4096, 0x98);
+    assert!(q.io("fleece", "read -P 0x21 0 1M").starts_with("read"));
+    assert!(q.io("fleece", "read -P 0 1M 1M").starts_with("read"));
+    assert!(q.io("src", "read -P 0x99 64k 4k").starts_with("read"));
+    q.ok("job-cancel", json!({"id": "j"}));
+    run_until(&q, "cancel", || status(&q, "j") == "gone");
+    close_all_clean(&q);
+}
