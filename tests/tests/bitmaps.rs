@@ -280,6 +280,18 @@ fn an_nbd_export_serves_a_bitmap_and_allocation_depth() {
     qcow2_check_clean(&img);
 }
 
+/// A 64 MiB qcow2 source with data at 0 (8 MiB of 0x21) and 40 MiB
+/// (1 MiB of 0x22), and room.
+fn source(dir: &Path) -> PathBuf {
+    let src = dir.join("src.qcow2");
+    qcow2_with_room(&src, 64 * MIB, 80 * MIB);
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x21 0 8M"])
+        .args(["-c", "write -P 0x22 40M 1M"])
+        .arg(&src));
+    src
+}
+
 /// A qcow2 image of 64 MiB over `backing` (if any), with room.
 fn qcow2_over(path: &Path, backing: Option<&Path>) {
     let mut c = Command::new("qemu-img");
@@ -314,18 +326,7 @@ fn backup(a: &mut Appliance, args: Value) {
 #[test]
 fn a_full_and_two_incremental_backups_restore_on_the_host() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src.qcow2");
-    qcow2_with_room(&src, 64 * MIB, 80 * MIB);
-    run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x21 0 8M",
-            "-c",
-            "write -P 0x22 40M 1M",
-        ])
-        .arg(&src));
+    let src = source(dir.path());
     let full = dir.path().join("full.qcow2");
     let inc1 = dir.path().join("inc1.qcow2");
     let inc2 = dir.path().join("inc2.qcow2");
@@ -561,18 +562,7 @@ fn finished(c: std::process::Child) -> String {
 #[test]
 fn pull_mode_backup_through_a_fleecing_export() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src.qcow2");
-    qcow2_with_room(&src, 64 * MIB, 80 * MIB);
-    run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x21 0 8M",
-            "-c",
-            "write -P 0x22 40M 1M",
-        ])
-        .arg(&src));
+    let src = source(dir.path());
     let scratch = dir.path().join("scratch.qcow2");
     qcow2_with_room(&scratch, 64 * MIB, 80 * MIB);
     let port = harness::qemu::free_port();
