@@ -104,6 +104,25 @@ fn kill_9_leaves_bitmaps_in_use_and_the_next_boot_inconsistent() {
         e.contains("Bitmap 'b0' is inconsistent and cannot be used"),
         "{e}"
     );
+    // Refused for an incremental backup too.
+    a.qmp()
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "nul", "size": 64 * MIB}),
+        )
+        .unwrap();
+    let e = a
+        .qmp()
+        .cmd(
+            "blockdev-backup",
+            json!({"job-id": "inc", "device": "fmt0", "target": "nul",
+                   "sync": "incremental", "bitmap": "b0"}),
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("Bitmap 'b0' is inconsistent and cannot be used"),
+        "{e}"
+    );
     a.qmp()
         .cmd(
             "block-dirty-bitmap-remove",
