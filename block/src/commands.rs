@@ -24,7 +24,7 @@ type Res = Result<Value, QmpError>;
 pub type Command = fn(&BlockLayer, &Args<'_>) -> Res;
 
 /// Every command, by name.
-pub const COMMANDS: [(&str, Signature, Command); 23] = [
+pub const COMMANDS: [(&str, Signature, Command); 24] = [
     (
         "blockdev-add",
         Signature::new(
@@ -150,6 +150,18 @@ pub const COMMANDS: [(&str, Signature, Command); 23] = [
         Signature::new("node:str, target:str, bitmaps:[any]", "{}"),
         dirty_bitmap_commands::merge,
     ),
+    (
+        "transaction",
+        Signature::new(
+            "actions:[{type:(abort|block-dirty-bitmap-add|block-dirty-bitmap-remove|\
+             block-dirty-bitmap-clear|block-dirty-bitmap-enable|block-dirty-bitmap-disable|\
+             block-dirty-bitmap-merge|blockdev-backup|blockdev-snapshot|\
+             blockdev-snapshot-internal-sync|blockdev-snapshot-sync|drive-backup), data:any}], \
+             properties?:{completion-mode?:(individual|grouped)}",
+            "{}",
+        ),
+        crate::transaction::transaction,
+    ),
 ];
 
 macro_rules! handler {
@@ -163,7 +175,7 @@ macro_rules! handler {
 
 /// Registers every block command on `d`.
 pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
-    let handlers: [crate::qmp::Handler<C>; 23] = [
+    let handlers: [crate::qmp::Handler<C>; 24] = [
         handler!(0),
         handler!(1),
         handler!(2),
@@ -187,6 +199,7 @@ pub fn register<C: BlockContext + 'static>(d: &mut Dispatcher<C>) {
         handler!(20),
         handler!(21),
         handler!(22),
+        handler!(23),
     ];
     for (i, h) in handlers.into_iter().enumerate() {
         d.register(COMMANDS[i].0, COMMANDS[i].1, h);

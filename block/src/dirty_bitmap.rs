@@ -33,6 +33,11 @@ pub struct NamedBitmap {
     /// Loaded from an image opened read-only: cannot be changed (QEMU:
     /// `bdrv_dirty_bitmap_readonly`).
     pub readonly: bool,
+    /// While a backup job uses the bitmap, `bitmap` is frozen and new
+    /// writes are recorded here (QEMU: `bdrv_dirty_bitmap_create_successor`);
+    /// the job's outcome decides what becomes of both
+    /// ([`NamedBitmap::abdicate`], [`NamedBitmap::reclaim`]).
+    pub successor: Option<DirtyBitmap>,
 }
 
 /// What [`NamedBitmap::check`] refuses (QEMU's `BDRV_BITMAP_*` flags).
@@ -60,7 +65,46 @@ impl NamedBitmap {
             inconsistent: false,
             busy: false,
             readonly: false,
+            successor: None,
         }
+    }
+
+    /// Records a write: into the successor while frozen.
+    pub fn record(&mut self, offset: u64, len: u64) {
+        if self.recording() {
+            match &mut self.successor {
+                Some(s) => s.set(offset, len),
+                None => self.bitmap.set(offset, len),
+            }
+        }
+    }
+
+    /// Freezes the bitmap for a job: busy, new writes go to a clean
+    /// successor (QEMU: `bdrv_dirty_bitmap_create_successor`).
+    pub fn freeze(&mut self) {
+        self.successor = Some(DirtyBitmap::new(
+            self.bitmap.len(),
+            self.bitmap.granularity(),
+        ));
+        self.busy = true;
+    }
+
+    /// The successor replaces the frozen bitmap, which is dropped (QEMU:
+    /// `bdrv_dirty_bitmap_abdicate`).
+    pub fn abdicate(&mut self) {
+        if let Some(s) = self.successor.take() {
+            self.bitmap = s;
+        }
+        self.busy = false;
+    }
+
+    /// The successor is merged back into the frozen bitmap (QEMU:
+    /// `bdrv_reclaim_dirty_bitmap`).
+    pub fn reclaim(&mut self) {
+        if let Some(s) = self.successor.take() {
+            self.bitmap.merge(&s);
+        }
+        self.busy = false;
     }
 
     /// Refuses the use `flags` forbid, with QEMU's texts

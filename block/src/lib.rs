@@ -91,3 +91,4 @@ pub mod stats;
 mod tests;
 pub mod timer;
 pub mod trace;
+pub mod transaction;

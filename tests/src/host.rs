@@ -85,15 +85,30 @@ pub fn dirty_extents(img: &Path, name: &str) -> Vec<(u64, u64)> {
         .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
         .arg(img)
         .arg("]"));
+    map_lines(&out)
+        .into_iter()
+        .filter(|e| e.2 == 1)
+        .map(|(o, l, _)| (o, l))
+        .collect()
+}
+
+/// `nbdinfo --map=CONTEXT` of an NBD URI: `(offset, length, value)`.
+pub fn nbd_map(uri: &str, context: &str) -> Vec<(u64, u64, u32)> {
+    map_lines(&run(Command::new("nbdinfo")
+        .arg(format!("--map={context}"))
+        .arg(uri)))
+}
+
+fn map_lines(out: &str) -> Vec<(u64, u64, u32)> {
     out.lines()
-        .filter(|l| l.ends_with("dirty"))
+        .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let f: Vec<u64> = l
                 .split_whitespace()
-                .take(2)
-                .map(|x| x.parse().expect("nbdinfo --map offset and length"))
+                .take(3)
+                .map(|x| x.parse().expect("nbdinfo --map offset, length and type"))
                 .collect();
-            (f[0], f[1])
+            (f[0], f[1], f[2] as u32)
         })
         .collect()
 }

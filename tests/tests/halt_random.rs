@@ -15,6 +15,11 @@
 //! every quorum child, a stream or commit top seen through its chain; not
 //! the jobs' targets, which are only checked for consistency).
 //!
+//! Every qcow2 volume the writers use (alone or as a chain's top, unless an
+//! active commit replaces it) also carries a persistent dirty bitmap: after
+//! the halt it is stored in the image and its dirty set covers every
+//! acknowledged write (issue 15).
+//!
 //! `BLOCKHAUS_SEED=S` replays one seed; `BLOCKHAUS_SOAK_COUNT=N` runs N
 //! seeds (default 5, or 1 with a seed given); `cargo xtask soak` sets them.
 //! Every qcow2 image must be clean, leaks included, those a force-cancelled
@@ -22,7 +27,7 @@
 //! commit's base): a cancelled job abandons its reads but lets its writes
 //! in flight land (`Pool::abandon` in block/src/jobs/copy.rs).
 
-use harness::host::{MIB, create, run};
+use harness::host::{MIB, create, dirty_extents, run};
 use harness::qemu::FAILURE_EXIT_STATUS;
 use harness::{Appliance, Machine, QemuConfig};
 use serde_json::{Value, json};
@@ -135,6 +140,10 @@ struct Vol {
     model: Vec<u8>,
     /// A write whose reply never came: either its data or the old data.
     maybe: Vec<(u64, u64, u8)>,
+    /// Every acknowledged write.
+    acked: Vec<(u64, u64)>,
+    /// The disk whose qcow2 node carries the persistent bitmap `soak`.
+    bitmap: Option<usize>,
 }
 
 impl Vol {
@@ -369,6 +378,8 @@ fn one_seed(seed: u64) {
             role: Role::Writer(None),
             model,
             maybe: Vec::new(),
+            acked: Vec::new(),
+            bitmap: None,
         });
         next += used;
     }
@@ -540,6 +551,26 @@ fn one_seed(seed: u64) {
     }
     let user_nodes: Vec<String> = vols.iter().flat_map(|v| v.stack.clone()).collect();
 
+    // Persistent bitmaps (chosen from the seed, not the random stream, so
+    // the rest of a seed's run stays as it was).
+    for (v, vol) in vols.iter_mut().enumerate() {
+        let disk = match (&vol.kind, &vol.role) {
+            (_, Role::Target | Role::Writer(Some((Job::Commit, _)))) => None,
+            (Kind::Single(i), _) if disks[*i].fmt == Fmt::Qcow2 => Some(*i),
+            (Kind::Chain(_, t), _) => Some(*t),
+            _ => None,
+        };
+        let Some(i) = disk else { continue };
+        let granularity = [4096, 65536][(seed as usize + v) % 2];
+        let args = json!({"node": format!("f{i}"), "name": "soak", "persistent": true,
+                          "granularity": granularity});
+        println!("  block-dirty-bitmap-add {args}");
+        a.qmp()
+            .cmd("block-dirty-bitmap-add", args.clone())
+            .unwrap_or_else(|e| panic!("block-dirty-bitmap-add {args}: {e}"));
+        vol.bitmap = Some(i);
+    }
+
     // Some writes before the jobs start.
     let writers: Vec<usize> = (0..nv)
         .filter(|&v| matches!(vols[v].role, Role::Writer(_)))
@@ -556,6 +587,7 @@ fn one_seed(seed: u64) {
         let out = a.qemu_io(&root, &format!("write {fua}-P {pattern:#x} {off} {len}"));
         assert!(out.contains(&format!("wrote {len}/{len}")), "{out}");
         vols[v].model[off as usize..(off + len) as usize].fill(pattern);
+        vols[v].acked.push((off, len));
         if rng.chance(1, 4) {
             a.qemu_io(&root, "flush");
         }
@@ -715,6 +747,7 @@ fn one_seed(seed: u64) {
         println!("  in-flight write acknowledged: {acked}");
         if acked {
             vols[v].model[off as usize..(off + len) as usize].fill(0xfe);
+            vols[v].acked.push((off, len));
         } else {
             vols[v].maybe.push((off, len, 0xfe));
         }
@@ -736,6 +769,7 @@ fn one_seed(seed: u64) {
                 let line = format!("wrote {len}/{len} bytes at offset {off}");
                 assert!(out.contains(&line), "{line}:\n{out}");
                 vols[w.vol].model[range].fill(p);
+                vols[w.vol].acked.push((off, len));
             } else {
                 vols[w.vol].maybe.push((off, len, p));
             }
@@ -811,6 +845,13 @@ fn one_seed(seed: u64) {
         }
     }
     for (v, vol) in vols.iter().enumerate() {
+        if let Some(i) = vol.bitmap {
+            bitmap_covers(
+                &format!("seed {seed}, volume {v}"),
+                &disks[i].path,
+                &vol.acked,
+            );
+        }
         if vol.role == Role::Target {
             continue;
         }
@@ -824,6 +865,27 @@ fn one_seed(seed: u64) {
             compare(&format!("seed {seed}, volume {v}, disk{i}"), &got, vol);
         }
     }
+}
+
+/// The bitmap `soak` stored in `img` marks every byte of `acked`.
+fn bitmap_covers(what: &str, img: &Path, acked: &[(u64, u64)]) {
+    let dirty = dirty_extents(img, "soak");
+    for &(off, len) in acked {
+        let mut at = off;
+        for &(o, l) in &dirty {
+            if o <= at && at < o + l {
+                at = o + l;
+            }
+        }
+        assert!(
+            at >= off + len,
+            "{what}: acknowledged write {off}+{len} not in bitmap soak (dirty {dirty:?})"
+        );
+    }
+    println!(
+        "  {what}: bitmap soak covers {} acknowledged writes",
+        acked.len()
+    );
 }
 
 impl Vol {

@@ -2,7 +2,9 @@
 //! (`tests/tests/halt_random.rs`) over N seeds in a row, against the
 //! release image. Each seed builds a random graph over real images, starts
 //! random jobs and writers, halts at a random moment and checks the images
-//! on the host; a failure prints its seed, which `--seed` replays.
+//! on the host (content, `qemu-img check`, and that each persistent dirty
+//! bitmap covers every acknowledged write); a failure prints its seed,
+//! which `--seed` replays.
 
 use clap::Args;
 use std::process::Command;

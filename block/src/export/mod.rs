@@ -6,6 +6,8 @@
 //!   anonymous backend, `shutting-down`, the reap that deletes it and emits
 //!   `BLOCK_EXPORT_DELETED`, the legacy export that follows an eject);
 //! - [`execute`]: one NBD request run on an export's backend;
+//! - [`bitmaps`]: the `qemu:dirty-bitmap:*` and `qemu:allocation-depth`
+//!   contexts an export offers;
 //! - [`qmp`]: the NBD QMP commands and boot options, over the platform's
 //!   listening sockets ([`NbdServer`]).
 //!
@@ -13,6 +15,7 @@
 //! platform moves bytes between its TCP sockets and that engine and runs
 //! [`execute`] for each request the engine issues.
 
+pub mod bitmaps;
 pub mod execute;
 pub mod qmp;
 pub mod table;

@@ -17,6 +17,7 @@ use core::cell::RefMut;
 use core::net::Ipv4Addr;
 use serde_json::{Map, Value, json};
 
+use super::bitmaps::BitmapRef;
 use super::table::{ExportTable, NewExport};
 use crate::qmp::{Args, Dispatcher, QmpError, Signature};
 
@@ -168,6 +169,41 @@ impl<'a> Obj<'a> {
         Ok(Some(out))
     }
 
+    /// `bitmaps`: names, or `{node, name}` objects (QEMU:
+    /// `['BlockDirtyBitmapOrStr']`).
+    fn bitmaps(&self, key: &str) -> Result<Vec<BitmapRef>, QmpError> {
+        let list = match self.map.get(key) {
+            None => return Ok(Vec::new()),
+            Some(Value::Array(a)) => a,
+            Some(_) => return Err(QmpError::invalid_parameter_type(&self.name(key), "array")),
+        };
+        let mut out = Vec::new();
+        for (i, v) in list.iter().enumerate() {
+            let path = format!("{}[{i}]", self.name(key));
+            match v {
+                Value::String(s) => out.push(BitmapRef::Local(s.clone())),
+                Value::Object(m) => {
+                    let o = Obj {
+                        map: m,
+                        path: path.clone(),
+                    };
+                    o.check_known(&["node", "name"])?;
+                    out.push(BitmapRef::External {
+                        node: o.str("node")?.into(),
+                        name: o.str("name")?.into(),
+                    });
+                }
+                _ => {
+                    return Err(QmpError::invalid_parameter_type(
+                        &path,
+                        "BlockDirtyBitmapOrStr",
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn opt_obj(&self, key: &str) -> Result<Option<Obj<'a>>, QmpError> {
         match self.map.get(key) {
             None => Ok(None),
@@ -294,9 +330,8 @@ fn export_add<C: NbdContext>(app: &C, args: &Obj<'_>) -> Result<(), QmpError> {
             args.opt_str("iothread")?.unwrap_or("")
         )));
     }
-    if args.map.contains_key("bitmaps") {
-        return Err(QmpError::generic("blockhaus exports no dirty bitmaps"));
-    }
+    let bitmaps = args.bitmaps("bitmaps")?;
+    let allocation_depth = args.opt_bool("allocation-depth")?.unwrap_or(false);
     let intervals = args.opt_u64_list("x-stats-intervals")?.unwrap_or_default();
     if let Some(bad) = intervals.iter().find(|&&i| i == 0 || i > u32::MAX.into()) {
         return Err(QmpError::generic(format!("Invalid interval length: {bad}")));
@@ -310,6 +345,8 @@ fn export_add<C: NbdContext>(app: &C, args: &Obj<'_>) -> Result<(), QmpError> {
             description: args.opt_str("description")?,
             writable,
             on_eject: None,
+            allocation_depth,
+            bitmaps,
         })
         .map_err(QmpError::generic)?;
     // QEMU's `stats-intervals` of a `-drive`: the export's backend is the
@@ -395,9 +432,7 @@ fn nbd_server_add<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
     let name = args.opt_str("name")?.unwrap_or(device);
     let description = args.opt_str("description")?;
     let writable = args.opt_bool("writable")?.unwrap_or(false);
-    if args.has("bitmap") {
-        return Err(QmpError::generic("blockhaus exports no dirty bitmaps"));
-    }
+    let bitmap = args.opt_str("bitmap")?;
     args.check_known(&["device", "name", "description", "writable", "bitmap"])?;
     let exports = running_exports(app)?;
     let reg = exports.registry().clone();
@@ -413,6 +448,10 @@ fn nbd_server_add<C: NbdContext>(app: &mut C, args: &Args<'_>) -> Res {
             description,
             writable: writable && !node.read_only(),
             on_eject: reg.find_backend(device),
+            allocation_depth: false,
+            bitmaps: bitmap
+                .map(|b| alloc::vec![BitmapRef::Local(b.into())])
+                .unwrap_or_default(),
         })
         .map_err(QmpError::generic)?;
     Ok(json!({}))
@@ -496,7 +535,7 @@ pub fn register<C: NbdContext + 'static>(commands: &mut Dispatcher<C>) {
         Signature::new(
             "type:(nbd|vhost-user-blk|fuse|vduse-blk), id:str, node-name:str, writable?:bool, \
              writethrough?:bool, iothread?:str, fixed-iothread?:bool, name?:str, \
-             description?:str, bitmaps?:[str], allocation-depth?:bool, \
+             description?:str, bitmaps?:[any], allocation-depth?:bool, \
              x-stats-intervals?:[uint32]",
             "{}",
         ),

@@ -18,6 +18,7 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use serde_json::json;
 
+use super::bitmaps::{self, BitmapRef, ExportedBitmap};
 use crate::graph::backend::{Backend, BackendOptions};
 use crate::graph::permission::Perm;
 use crate::graph::registry::{self, Registry};
@@ -38,6 +39,11 @@ pub struct NbdExport {
     pub shutting_down: Cell<bool>,
     /// Disconnect clients at once (mode hard, eject, server stop).
     pub hard: Cell<bool>,
+    /// `qemu:allocation-depth` is offered.
+    pub allocation_depth: bool,
+    /// The bitmaps offered as `qemu:dirty-bitmap:NAME` (busy while the
+    /// export lives).
+    pub bitmaps: Vec<ExportedBitmap>,
     /// The named backend whose eject shuts this export down, and the
     /// notifier's id there.
     on_eject: RefCell<Option<(Rc<Backend>, u64)>>,
@@ -74,6 +80,8 @@ impl NbdExport {
                     .map_or(1, |n| n.request_alignment()),
             )
             .without_minimum(),
+            allocation_depth: self.allocation_depth,
+            bitmaps: self.bitmaps.iter().map(|b| b.name.clone()).collect(),
         }
     }
 
@@ -102,6 +110,10 @@ pub struct NewExport<'a> {
     pub writable: bool,
     /// Legacy `nbd-server-add`: the named backend to follow on eject.
     pub on_eject: Option<Rc<Backend>>,
+    /// Offer `qemu:allocation-depth`.
+    pub allocation_depth: bool,
+    /// Offer these bitmaps as `qemu:dirty-bitmap:NAME`.
+    pub bitmaps: Vec<BitmapRef>,
 }
 
 impl ExportTable {
@@ -165,6 +177,7 @@ impl ExportTable {
                 "NBD server already has export named '{name}'"
             ));
         }
+        let claimed = bitmaps::claim(&self.registry, &node, req.writable, &req.bitmaps)?;
         let mut perm = Perm::CONSISTENT_READ;
         if req.writable {
             perm |= Perm::WRITE;
@@ -179,8 +192,12 @@ impl ExportTable {
                 perm,
                 Perm::ALL.minus(Perm::RESIZE),
             )
-            .map_err(|e| alloc::format!("{e}"))?;
+            .map_err(|e| {
+                bitmaps::release(&claimed);
+                alloc::format!("{e}")
+            })?;
         if let Err(e) = backend.insert(&node) {
+            bitmaps::release(&claimed);
             // No root: deleting only forgets the backend.
             self.registry.executor().spawn(async move {
                 backend.delete().await;
@@ -197,6 +214,8 @@ impl ExportTable {
             clients: Cell::new(0),
             shutting_down: Cell::new(false),
             hard: Cell::new(false),
+            allocation_depth: req.allocation_depth,
+            bitmaps: claimed,
             on_eject: RefCell::new(None),
         });
         if let Some(named) = req.on_eject {
@@ -232,6 +251,7 @@ impl ExportTable {
             if let Some((named, id)) = e.on_eject.borrow_mut().take() {
                 named.remove_notifier(id);
             }
+            bitmaps::release(&e.bitmaps);
             let registry = self.registry.clone();
             self.registry.executor().spawn(async move {
                 e.backend.delete().await;
@@ -251,6 +271,7 @@ impl ExportTable {
             if let Some((named, id)) = e.on_eject.borrow_mut().take() {
                 named.remove_notifier(id);
             }
+            bitmaps::release(&e.bitmaps);
             log::info!("NBD export '{}' closed", e.id);
             self.registry
                 .emit("BLOCK_EXPORT_DELETED", json!({ "id": e.id }));

@@ -427,9 +427,7 @@ impl Node {
         }
         // QEMU's `bdrv_set_dirty`: whether or not the request succeeded.
         for b in self.bitmaps.borrow_mut().iter_mut() {
-            if b.recording() {
-                b.bitmap.set(offset, len);
-            }
+            b.record(offset, len);
         }
         let list: Vec<WriteNotifier> = self
             .write_notifiers
@@ -619,6 +617,9 @@ impl Node {
         self.driver.truncate(self, size).await?;
         for b in self.bitmaps.borrow_mut().iter_mut() {
             b.bitmap = b.bitmap.resized(size);
+            if let Some(s) = &mut b.successor {
+                *s = s.resized(size);
+            }
         }
         Ok(())
     }

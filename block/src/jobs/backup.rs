@@ -11,12 +11,23 @@
 //! `on-target-error` (report fails the job; ignore and stop retry the
 //! chunk, stop after `job-resume`). At the end the filter goes and every
 //! user writes straight to the source again.
+//!
+//! With a dirty bitmap (`sync=bitmap`, or `sync=full`/`top` keeping a
+//! bitmap as output) the bitmap is frozen while the job runs (busy, new
+//! writes recorded in its successor); `sync=bitmap` copies only what it
+//! marks. The job's outcome decides what is left (QEMU:
+//! `backup_cleanup_sync_bitmap`, iotest 257): the writes made during the
+//! job alone when it succeeded with `on-success`/`always` or failed with
+//! `always` (then also whatever was not copied), the frozen bitmap and
+//! those writes otherwise.
 
 use alloc::boxed::Box;
+use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use core::cell::RefCell;
 
+use crate::dirty_bitmap::check;
 use crate::exec::WaitQueue;
 use crate::graph::node::Node;
 use crate::graph::permission::Perm;
@@ -25,6 +36,7 @@ use crate::job::{Job, JobDriver, JobFailure, RegistryJobs};
 
 use super::copy::{CopyError, MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, Pool, Writing};
 use super::copy_before_write::{BlockCopy, CbwHook};
+use super::dirty_bitmap::DirtyBitmap;
 use super::filter::{insert_filter, remove_filter};
 use super::mirror::{DEFAULT_GRANULARITY, MAX_CHUNK, SyncMode};
 use super::on_error::{ErrorAction, OnError, error_action};
@@ -41,6 +53,33 @@ pub struct BackupOptions {
     pub on_target_error: OnError,
     /// `filter-node-name`.
     pub filter_node_name: Option<String>,
+    /// `bitmap` and `bitmap-mode`.
+    pub bitmap: Option<(String, BitmapMode)>,
+    /// Start the job at once; a `transaction` starts it when it commits
+    /// (QEMU: `job_start` in `backup_commit`).
+    pub start: bool,
+}
+
+/// `bitmap-mode` (QEMU: `BitmapSyncMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapMode {
+    /// The bitmap is synchronized only if the job succeeds.
+    OnSuccess,
+    /// The bitmap is never synchronized.
+    Never,
+    /// The bitmap is synchronized whatever the outcome.
+    Always,
+}
+
+impl BitmapMode {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BitmapMode::OnSuccess => "on-success",
+            BitmapMode::Never => "never",
+            BitmapMode::Always => "always",
+        }
+    }
 }
 
 /// Why a backup could not be started (QEMU's texts).
@@ -70,6 +109,15 @@ pub struct Backup {
     wq: WaitQueue,
     bcs: RefCell<Option<Rc<BlockCopy>>>,
     filter: RefCell<Option<Rc<Node>>>,
+    /// The source node holding the frozen bitmap.
+    source: Rc<Node>,
+}
+
+/// Runs `f` on `node`'s bitmap `name`.
+fn with_bitmap(node: &Node, name: &str, f: impl FnOnce(&mut crate::dirty_bitmap::NamedBitmap)) {
+    if let Some(b) = node.dirty_bitmaps_mut().iter_mut().find(|b| b.name == name) {
+        f(b);
+    }
 }
 
 /// Creates and starts backup job `id` of `source` into `target`.
@@ -98,6 +146,21 @@ pub async fn start_backup(
     if len != tlen {
         return Err(BackupError::Size.to_string());
     }
+    if let Some((name, mode)) = &opts.bitmap {
+        let list = source.dirty_bitmaps();
+        let b = list
+            .iter()
+            .find(|b| b.name == *name)
+            .ok_or_else(|| format!("Bitmap '{name}' could not be found"))?;
+        // QEMU's backup_job_create: a bitmap the job writes must allow it;
+        // bdrv_dirty_bitmap_create_successor: not in use.
+        let flags = if *mode == BitmapMode::Never {
+            check::BUSY
+        } else {
+            check::DEFAULT
+        };
+        b.check(flags)?;
+    }
     let filter_name = opts.filter_node_name.clone();
     let sync = opts.sync;
     let drv = Rc::new(Backup {
@@ -105,6 +168,7 @@ pub async fn start_backup(
         wq: WaitQueue::new(),
         bcs: RefCell::new(None),
         filter: RefCell::new(None),
+        source: source.clone(),
     });
     let job = reg
         .create_job(id, drv.clone(), setup.job_options())
@@ -112,12 +176,11 @@ pub async fn start_backup(
     let backends = job
         .add_backend(source, Perm::CONSISTENT_READ, Perm::ALL.minus(Perm::RESIZE))
         .and_then(|s| {
-            job.add_backend(
-                target,
-                Perm::WRITE,
-                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-            )
-            .map(|t| (s, t))
+            // Writes shared (QEMU: cbw_child_perm for the target): a
+            // fleecing target's backing file is the source, which the
+            // guest keeps writing.
+            job.add_backend(target, Perm::WRITE, Perm::ALL.minus(Perm::RESIZE))
+                .map(|t| (s, t))
         });
     let (src, tgt) = match backends {
         Ok(x) => x,
@@ -129,6 +192,15 @@ pub async fn start_backup(
     let top_of = (sync == SyncMode::Top).then(|| source.clone());
     let keep = [src.clone()];
     let bcs = BlockCopy::new(len, DEFAULT_GRANULARITY, src, tgt, top_of);
+    // Frozen at the point in time the filter makes the target show.
+    if let Some((name, _)) = &drv.opts.bitmap {
+        with_bitmap(source, name, |b| {
+            if drv.opts.sync == SyncMode::Bitmap {
+                bcs.restrict_to(&b.bitmap);
+            }
+            b.freeze();
+        });
+    }
     let hook = Rc::new(CbwHook { bcs: bcs.clone() });
     let filter = match insert_filter(
         source,
@@ -143,6 +215,7 @@ pub async fn start_backup(
     {
         Ok(f) => f,
         Err(e) => {
+            drv.release_bitmap(false, None);
             job.early_fail().await;
             return Err(e);
         }
@@ -150,13 +223,36 @@ pub async fn start_backup(
     *drv.bcs.borrow_mut() = Some(bcs);
     *drv.filter.borrow_mut() = Some(filter);
     job.set_auto(setup.auto_finalize, setup.auto_dismiss);
-    job.start();
+    if drv.opts.start {
+        job.start();
+    }
     Ok(job)
 }
 
 type ChunkResult = (u64, u64, Result<u64, CopyError>);
 
 impl Backup {
+    /// The job's end for its bitmap (QEMU: `backup_cleanup_sync_bitmap`).
+    fn release_bitmap(&self, success: bool, uncopied: Option<DirtyBitmap>) {
+        let Some((name, mode)) = &self.opts.bitmap else {
+            return;
+        };
+        let mode = *mode;
+        with_bitmap(&self.source, name, |b| {
+            if (success || mode == BitmapMode::Always) && mode != BitmapMode::Never {
+                b.abdicate();
+            } else {
+                b.reclaim();
+            }
+            if !success
+                && mode == BitmapMode::Always
+                && let Some(u) = uncopied
+            {
+                b.bitmap.merge(&u);
+            }
+        });
+    }
+
     async fn run_loop(&self, job: &Job) -> Result<(), JobFailure> {
         let bcs = self
             .bcs
@@ -272,6 +368,20 @@ impl JobDriver for Backup {
     fn cancel(&self, _job: &Job, _force: bool) -> bool {
         self.wq.wake_all();
         true
+    }
+
+    fn prepare(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, Result<(), JobFailure>> {
+        Box::pin(async move {
+            self.release_bitmap(true, None);
+            Ok(())
+        })
+    }
+
+    fn abort(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let uncopied = self.bcs.borrow().as_ref().map(|b| b.uncopied());
+            self.release_bitmap(false, uncopied);
+        })
     }
 
     fn clean(self: Rc<Self>, _job: Rc<Job>) -> BoxFuture<'static, ()> {

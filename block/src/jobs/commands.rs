@@ -38,7 +38,7 @@ use crate::layer::{BlockContext, BlockLayer};
 use crate::qmp::{Args, Dispatcher, QmpError, Signature};
 
 use super::JobSetup;
-use super::backup::{BackupOptions, start_backup};
+use super::backup::{BackupOptions, BitmapMode, start_backup};
 use super::chain::{backing, chain, chain_contains, find_base};
 use super::commit::start_commit;
 use super::mirror::{DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY, MirrorOptions, SyncMode, start_mirror};
@@ -198,8 +198,76 @@ pub fn blockdev_mirror(bl: &BlockLayer, args: &Args<'_>) -> Res {
     ok()
 }
 
+/// `sync`, `bitmap` and `bitmap-mode` of a backup, checked as QEMU's
+/// `do_backup_common` and `backup_job_create` check them
+/// (`sync=incremental` is `sync=bitmap` with `bitmap-mode=on-success`).
+fn backup_bitmap(
+    sync: &str,
+    bitmap: Option<&str>,
+    mode: Option<BitmapMode>,
+) -> Result<(SyncMode, Option<(String, BitmapMode)>), QmpError> {
+    let (sync, mode) = if sync == "incremental" {
+        if mode.is_some_and(|m| m != BitmapMode::OnSuccess) {
+            return Err(QmpError::generic(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+            ));
+        }
+        (SyncMode::Bitmap, Some(BitmapMode::OnSuccess))
+    } else {
+        let s = match sync {
+            "top" => SyncMode::Top,
+            "full" => SyncMode::Full,
+            "none" => SyncMode::None,
+            _ => SyncMode::Bitmap,
+        };
+        (s, mode)
+    };
+    let Some(name) = bitmap else {
+        if mode.is_some() && sync != SyncMode::Bitmap {
+            return Err(QmpError::generic(
+                "Cannot specify bitmap sync mode without a bitmap",
+            ));
+        }
+        if sync == SyncMode::Bitmap {
+            return Err(QmpError::generic(format!(
+                "must provide a valid bitmap name for '{}' sync mode",
+                sync.as_str()
+            )));
+        }
+        return Ok((sync, None));
+    };
+    let Some(mode) = mode else {
+        return Err(QmpError::generic(
+            "Bitmap sync mode must be given when providing a bitmap",
+        ));
+    };
+    if sync == SyncMode::None {
+        return Err(QmpError::generic(
+            "sync mode 'none' does not produce meaningful bitmap outputs",
+        ));
+    }
+    if mode == BitmapMode::Never && sync != SyncMode::Bitmap {
+        return Err(QmpError::generic(format!(
+            "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{}'",
+            sync.as_str()
+        )));
+    }
+    Ok((sync, Some((name.into(), mode))))
+}
+
 /// `blockdev-backup` (QEMU: `qmp_blockdev_backup` → `backup_job_create`).
 pub fn blockdev_backup(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    backup_prepare(bl, args, true)?;
+    ok()
+}
+
+/// Creates the backup job `args` ask for, started or not (a
+/// `transaction` starts it when it commits).
+pub fn backup_prepare(
+    bl: &BlockLayer,
+    args: &Args<'_>,
+    start: bool,
+) -> Result<Rc<crate::job::Job>, QmpError> {
     args.check_known(&[
         "job-id",
         "device",
@@ -212,18 +280,18 @@ pub fn blockdev_backup(bl: &BlockLayer, args: &Args<'_>) -> Res {
         "filter-node-name",
         "auto-finalize",
         "auto-dismiss",
+        "bitmap",
+        "bitmap-mode",
     ])?;
     let device = args.str("device")?;
     let target_name = args.str("target")?;
-    let sync = match args.enum_str("sync", &["top", "full", "none", "incremental", "bitmap"])? {
-        "top" => SyncMode::Top,
-        "full" => SyncMode::Full,
-        "none" => SyncMode::None,
-        other => {
-            return Err(QmpError::generic(format!(
-                "must provide a valid bitmap name for '{other}' sync mode"
-            )));
-        }
+    let sync_name = args.enum_str("sync", &["top", "full", "none", "incremental", "bitmap"])?;
+    let bitmap = args.opt_str("bitmap")?;
+    let mode = match args.opt_enum_str("bitmap-mode", &["on-success", "never", "always"])? {
+        Some("on-success") => Some(BitmapMode::OnSuccess),
+        Some("never") => Some(BitmapMode::Never),
+        Some(_) => Some(BitmapMode::Always),
+        None => None,
     };
     let setup = job_setup(args)?;
     if args.opt_bool("compress")? == Some(true) {
@@ -231,18 +299,20 @@ pub fn blockdev_backup(bl: &BlockLayer, args: &Args<'_>) -> Res {
             "Compression is not supported for this drive",
         ));
     }
+    let (sync, bitmap) = backup_bitmap(sync_name, bitmap, mode)?;
     let opts = BackupOptions {
         sync,
         on_source_error: OnError::parse(args, "on-source-error")?,
         on_target_error: OnError::parse(args, "on-target-error")?,
         filter_node_name: args.opt_str("filter-node-name")?.map(String::from),
+        bitmap,
+        start,
     };
     let source = lookup(bl, device)?;
     let target = lookup(bl, target_name)?;
     let id = job_id(args, &source)?;
     bl.wait(start_backup(&id, &source, &target, opts, setup))?
-        .map_err(QmpError::generic)?;
-    ok()
+        .map_err(QmpError::generic)
 }
 
 /// A chain member by file name or node-name (QEMU:
@@ -610,7 +680,7 @@ pub const COMMANDS: [(&str, Signature, Command); 19] = [
     (
         "blockdev-backup",
         Signature::new(
-            "job-id?:str, device:str, target:str, sync:(top|full|none|incremental|bitmap), speed?:int, compress?:bool, on-source-error?:@BlockdevOnError, on-target-error?:@BlockdevOnError, filter-node-name?:str, auto-finalize?:bool, auto-dismiss?:bool",
+            "job-id?:str, device:str, target:str, sync:(top|full|none|incremental|bitmap), speed?:int, compress?:bool, on-source-error?:@BlockdevOnError, on-target-error?:@BlockdevOnError, filter-node-name?:str, auto-finalize?:bool, auto-dismiss?:bool, bitmap?:str, bitmap-mode?:(on-success|never|always)",
             "{}",
         ),
         blockdev_backup,

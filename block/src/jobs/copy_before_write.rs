@@ -56,6 +56,19 @@ impl BlockCopy {
         })
     }
 
+    /// Copies only what `b` marks (QEMU: `backup_init_bcs_bitmap` for
+    /// `sync=bitmap`).
+    pub fn restrict_to(&self, b: &DirtyBitmap) {
+        let mut m = self.bitmap.borrow_mut();
+        m.clear();
+        m.merge(b);
+    }
+
+    /// What is not copied yet.
+    pub fn uncopied(&self) -> DirtyBitmap {
+        self.bitmap.borrow().clone()
+    }
+
     /// The chunk size.
     pub fn granularity(&self) -> u64 {
         self.bitmap.borrow().granularity()

@@ -66,6 +66,9 @@ pub enum SyncMode {
     Top,
     /// Copy only what is written from now on.
     None,
+    /// Copy what a dirty bitmap marks (backup only: `sync=bitmap` and
+    /// `sync=incremental`).
+    Bitmap,
 }
 
 impl SyncMode {
@@ -75,6 +78,7 @@ impl SyncMode {
             SyncMode::Full => "full",
             SyncMode::Top => "top",
             SyncMode::None => "none",
+            SyncMode::Bitmap => "bitmap",
         }
     }
 }
@@ -316,7 +320,9 @@ impl Mirror {
         let len = self.hook.bitmap.borrow().len();
         let base = match (&self.opts.commit_base, self.opts.sync) {
             (Some(b), _) => Some(b.clone()),
-            (None, SyncMode::Full) => {
+            // A mirror is never started with a bitmap mode (refused by
+            // blockdev-mirror); copying everything is the safe reading.
+            (None, SyncMode::Full | SyncMode::Bitmap) => {
                 self.hook.bitmap.borrow_mut().set_all();
                 return Ok(());
             }

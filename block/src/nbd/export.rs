@@ -233,6 +233,11 @@ pub struct Export {
     pub features: Features,
     /// Size constraints.
     pub block_size: BlockSize,
+    /// `qemu:allocation-depth` is offered (QEMU: `allocation-depth`).
+    pub allocation_depth: bool,
+    /// The dirty bitmaps offered as `qemu:dirty-bitmap:NAME` (QEMU:
+    /// `bitmaps`), in the order the context ids follow.
+    pub bitmaps: Vec<String>,
 }
 
 impl Export {
@@ -244,6 +249,8 @@ impl Export {
             size,
             features: Features::all(),
             block_size: BlockSize::QEMU,
+            allocation_depth: false,
+            bitmaps: Vec::new(),
         }
     }
 

@@ -10,7 +10,10 @@
 //! export, at most one descriptor no longer than the request under
 //! `NBD_CMD_FLAG_REQ_ONE`, the reply stopping after the descriptor that
 //! reaches the requested length, 32-bit lengths in compact replies, and at
-//! most [`MAX_DESCRIPTORS`] descriptors.
+//! most [`MAX_DESCRIPTORS`] descriptors. The `qemu:` contexts
+//! (`qemu:allocation-depth`, `qemu:dirty-bitmap:*`) get the same shaping
+//! from raw descriptors ([`normalize_raw`]), each with its own rule for a
+//! block that mixes values ([`Combine`]).
 
 use alloc::vec::Vec;
 
@@ -52,6 +55,33 @@ pub fn allocation_flags(s: &BlockStatus) -> u32 {
     f
 }
 
+/// How the parts of a block that mixes statuses are told as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// Only the flags all parts share (`base:allocation`: a block is a
+    /// hole or zero only if all of it is).
+    All,
+    /// Any part's flags (`qemu:dirty-bitmap:*`: a block is dirty if any of
+    /// it is, so a backup never misses a write).
+    Any,
+    /// The shallowest nonzero depth (`qemu:allocation-depth`: a block
+    /// partly allocated reads right from the shallowest layer holding a
+    /// part of it).
+    Depth,
+}
+
+impl Combine {
+    fn apply(self, a: u32, b: u32) -> u32 {
+        match self {
+            Combine::All => a & b,
+            Combine::Any => a | b,
+            Combine::Depth if a == 0 => b,
+            Combine::Depth if b == 0 => a,
+            Combine::Depth => a.min(b),
+        }
+    }
+}
+
 fn push(out: &mut Vec<Descriptor>, length: u64, flags: u32) {
     if length == 0 {
         return;
@@ -66,6 +96,25 @@ fn push(out: &mut Vec<Descriptor>, length: u64, flags: u32) {
 /// appended to `out` (cleared first). `out` ends empty only if `input`
 /// covered nothing.
 pub fn normalize(input: &[BlockStatus], q: Query, out: &mut Vec<Descriptor>) {
+    let raw = input.iter().map(|s| Descriptor {
+        length: s.len,
+        flags: allocation_flags(s),
+    });
+    shape(raw, q, Combine::All, out);
+}
+
+/// The same for raw descriptors of any context, mixed blocks told by
+/// `combine`.
+pub fn normalize_raw(input: &[Descriptor], q: Query, combine: Combine, out: &mut Vec<Descriptor>) {
+    shape(input.iter().copied(), q, combine, out);
+}
+
+fn shape(
+    input: impl Iterator<Item = Descriptor>,
+    q: Query,
+    combine: Combine,
+    out: &mut Vec<Descriptor>,
+) {
     out.clear();
     let b = q.min_block.max(1);
     let limit = q.size.saturating_sub(q.offset);
@@ -77,17 +126,17 @@ pub fn normalize(input: &[BlockStatus], q: Query, out: &mut Vec<Descriptor>) {
         if pos >= q.len || pos >= limit || out.len() > MAX_DESCRIPTORS {
             break;
         }
-        if s.len == 0 {
+        if s.length == 0 {
             continue;
         }
-        let flags = allocation_flags(s);
+        let flags = s.flags;
         let start = pos;
-        let end = start.saturating_add(s.len).min(limit);
+        let end = start.saturating_add(s.length).min(limit);
         if !start.is_multiple_of(b)
             && let Some((k, f)) = pending.as_mut()
             && *k == start / b
         {
-            *f &= flags;
+            *f = combine.apply(*f, flags);
         }
         let first_full = start.div_ceil(b);
         let last_full = end / b;
@@ -100,7 +149,7 @@ pub fn normalize(input: &[BlockStatus], q: Query, out: &mut Vec<Descriptor>) {
         if !end.is_multiple_of(b) {
             let k = end / b;
             pending = match pending {
-                Some((pk, f)) if pk == k => Some((k, f & flags)),
+                Some((pk, f)) if pk == k => Some((k, combine.apply(f, flags))),
                 Some((_, f)) => {
                     push(out, b, f);
                     Some((k, flags))

@@ -12,19 +12,63 @@
 
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 
 use super::export::{Export, ExportSet};
 use super::repr::{ClientOption, Info, InfoRequest, MetaContextRequest, OptionReply};
+use super::request::MetaContext;
 use super::server::{CloseReason, Connection, ProtocolError, Rx, State};
 use super::wire::{
     self, client_flags, get_u32, get_u64, info, opt, option_header, rep, transmission_flags as tf,
 };
 
-/// The one metadata context the engine offers.
+/// The standard metadata context.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// The id `NBD_OPT_SET_META_CONTEXT` gives `base:allocation`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// The id of `qemu:allocation-depth`.
+pub const ALLOCATION_DEPTH_ID: u32 = 2;
+
+/// The id of the export's first `qemu:dirty-bitmap:*` context; bitmap
+/// `i` of [`Export::bitmaps`] gets this plus `i` (QEMU's
+/// `NBD_META_ID_DIRTY_BITMAP + i`).
+pub const DIRTY_BITMAP_ID: u32 = 3;
+
+/// The contexts `export` offers, with their ids, in the order replies
+/// list them (QEMU: base, depth, then the bitmaps).
+fn offered(export: &Export) -> Vec<(u32, MetaContext)> {
+    let mut v = Vec::new();
+    if export.features.block_status {
+        v.push((BASE_ALLOCATION_ID, MetaContext::BaseAllocation));
+    }
+    if export.allocation_depth {
+        v.push((ALLOCATION_DEPTH_ID, MetaContext::AllocationDepth));
+    }
+    for (i, b) in export.bitmaps.iter().enumerate() {
+        v.push((
+            DIRTY_BITMAP_ID + i as u32,
+            MetaContext::DirtyBitmap(b.clone()),
+        ));
+    }
+    v
+}
+
+/// Whether `query` names `ctx` (QEMU: `nbd_meta_base_query`,
+/// `nbd_meta_qemu_query`): an exact name always; for
+/// `NBD_OPT_LIST_META_CONTEXT` also the namespace (`base:`, `qemu:`) and
+/// `qemu:dirty-bitmap:`.
+fn matches(ctx: &MetaContext, query: &str, list: bool) -> bool {
+    if query == ctx.name() {
+        return true;
+    }
+    list && match ctx {
+        MetaContext::BaseAllocation => query == "base:",
+        MetaContext::AllocationDepth => query == "qemu:",
+        MetaContext::DirtyBitmap(_) => query == "qemu:" || query == "qemu:dirty-bitmap:",
+    }
+}
 
 impl Connection {
     /// The client flags arrived.
@@ -279,7 +323,18 @@ impl Connection {
             export.name,
             export.size
         );
-        self.base_allocation = meta && self.structured && export.features.block_status;
+        // The selection holds for the export it was made for, and only
+        // for the contexts it still offers.
+        self.contexts = if meta && self.structured {
+            let now = offered(&export);
+            self.meta_selected
+                .iter()
+                .filter(|c| now.contains(c))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         crate::trace!(
             nbd_negotiate_success,
             "Negotiation succeeded: export '{}', flags 0x{flags:04x}, structured {}, extended {}",
@@ -304,6 +359,7 @@ impl Connection {
         if set {
             // The selection is replaced even when this option fails.
             self.meta_export = None;
+            self.meta_selected.clear();
         }
         if !self.structured {
             self.reply(
@@ -326,25 +382,24 @@ impl Connection {
             );
             return;
         };
-        let offered = export.features.block_status;
-        let selected = if set {
-            offered && req.queries().any(|q| q == BASE_ALLOCATION)
-        } else {
-            offered
-                && (req.is_empty() || req.queries().any(|q| q == "base:" || q == BASE_ALLOCATION))
-        };
-        if selected {
-            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        let list = !set;
+        let selected: Vec<(u32, MetaContext)> = offered(&export)
+            .into_iter()
+            .filter(|(_, c)| (list && req.is_empty()) || req.queries().any(|q| matches(c, q, list)))
+            .collect();
+        for (id, c) in &selected {
+            let name = c.name();
             self.reply(
                 option,
                 OptionReply::MetaContext {
-                    id,
-                    name: BASE_ALLOCATION,
+                    id: if set { *id } else { 0 },
+                    name: &name,
                 },
             );
-            if set {
-                self.meta_export = Some(String::from(req.name));
-            }
+        }
+        if set && !selected.is_empty() {
+            self.meta_export = Some(String::from(req.name));
+            self.meta_selected = selected;
         }
         self.reply(option, OptionReply::Ack);
     }

@@ -74,5 +74,6 @@ pub(crate) mod tests;
 
 pub use export::{BlockSize, BlockSizeError, Export, ExportSet, Features};
 pub use output::Output;
-pub use request::{CompleteError, Completion, Op, ReadChunk, Request, RequestId};
+pub use repr::Descriptor;
+pub use request::{CompleteError, Completion, MetaContext, Op, ReadChunk, Request, RequestId};
 pub use server::{CloseReason, Connection, InputState, Limits, ProtocolError, State};

@@ -19,9 +19,11 @@
 //! sent a malformed reply, and since every reply is built only once its
 //! result is known, no error can arrive after a success header went out.
 
-use super::extents::{self, Query};
-use super::handshake::BASE_ALLOCATION_ID;
-use super::repr::{Chunk, ChunkHeader, Command, SimpleReply};
+use alloc::vec::Vec;
+
+use super::extents::{self, Combine, Query};
+use super::handshake::{ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
+use super::repr::{Chunk, ChunkHeader, Command, Descriptor, SimpleReply};
 use super::request::{Completion, ReadChunk};
 use super::server::{Connection, Header};
 use super::wire::{cmd_flags as cf, errno};
@@ -119,6 +121,7 @@ impl Connection {
             (Command::Read, Completion::Chunks(v)) => self.send_read(h, v),
             (Command::BlockStatus, Completion::Extent(s)) => self.send_block_status(h, &[s]),
             (Command::BlockStatus, Completion::Extents(v)) => self.send_block_status(h, &v),
+            (Command::BlockStatus, Completion::Contexts(v)) => self.send_contexts(h, &v),
             (Command::Read | Command::BlockStatus, _) => self.internal_error(h),
             (_, Completion::Done) => self.send_ok(h),
             (_, _) => self.internal_error(h),
@@ -217,18 +220,23 @@ impl Connection {
         }
     }
 
-    fn send_block_status(&mut self, h: Header, input: &[crate::io::BlockStatus]) {
-        let Some(export) = self.export.as_ref() else {
-            self.internal_error(h);
-            return;
-        };
-        let q = Query {
+    /// The shaping rules for `h` on this connection's export.
+    fn status_query(&self, h: &Header) -> Option<Query> {
+        let export = self.export.as_ref()?;
+        Some(Query {
             offset: h.offset,
             len: h.len,
             size: export.size,
             min_block: u64::from(export.block_size.min()),
             req_one: h.flags & cf::REQ_ONE != 0,
             wide: self.extended,
+        })
+    }
+
+    fn send_block_status(&mut self, h: Header, input: &[crate::io::BlockStatus]) {
+        let Some(q) = self.status_query(&h) else {
+            self.internal_error(h);
+            return;
         };
         let mut descriptors = core::mem::take(&mut self.descriptors);
         extents::normalize(input, q, &mut descriptors);
@@ -243,6 +251,43 @@ impl Connection {
         }
         descriptors.clear();
         self.descriptors = descriptors;
+    }
+
+    /// One block status chunk per context, the last one with
+    /// `NBD_REPLY_FLAG_DONE` (QEMU: `nbd_co_send_block_status` and
+    /// `nbd_co_send_bitmap` per selected context).
+    fn send_contexts(&mut self, h: Header, input: &[(u32, Vec<Descriptor>)]) {
+        let Some(q) = self.status_query(&h) else {
+            self.internal_error(h);
+            return;
+        };
+        let mut shaped = Vec::with_capacity(input.len());
+        for (id, raw) in input {
+            let combine = match *id {
+                BASE_ALLOCATION_ID => Combine::All,
+                ALLOCATION_DEPTH_ID => Combine::Depth,
+                _ => Combine::Any,
+            };
+            let mut out = Vec::new();
+            extents::normalize_raw(raw, q, combine, &mut out);
+            if out.is_empty() || !self.contexts.iter().any(|(c, _)| c == id) {
+                self.internal_error(h);
+                return;
+            }
+            shaped.push((*id, out));
+        }
+        if shaped.is_empty() {
+            self.internal_error(h);
+            return;
+        }
+        let last = shaped.len() - 1;
+        for (i, (context, extents)) in shaped.iter().enumerate() {
+            let chunk = Chunk::BlockStatus {
+                context: *context,
+                extents,
+            };
+            self.chunk(&h, i == last, chunk);
+        }
     }
 }
 

@@ -10,9 +10,37 @@
 //! (`BDRV_REQ_MAY_UNMAP`), and `NBD_CMD_FLAG_FAST_ZERO` is
 //! `BDRV_REQ_NO_FALLBACK`, exactly as QEMU's `nbd/server.c` maps them.
 
+use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::repr::Descriptor;
 use crate::io::{BlockStatus, IoError, ReqFlags};
+
+/// A metadata context a client selected (QEMU: the members of
+/// `NBDExportMetaContexts`), with what it reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `base:allocation`: `NBD_STATE_HOLE` / `NBD_STATE_ZERO`.
+    BaseAllocation,
+    /// `qemu:allocation-depth`: 0 unallocated, 1 in the export's node, n
+    /// in its (n-1)th backing file (QEMU: `bdrv_is_allocated_above`'s
+    /// depth).
+    AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME`: `NBD_STATE_DIRTY` (1) where the bitmap
+    /// is dirty.
+    DirtyBitmap(String),
+}
+
+impl MetaContext {
+    /// The context's name as the client asks for it.
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::BaseAllocation => String::from("base:allocation"),
+            MetaContext::AllocationDepth => String::from("qemu:allocation-depth"),
+            MetaContext::DirtyBitmap(b) => alloc::format!("qemu:dirty-bitmap:{b}"),
+        }
+    }
+}
 
 /// The engine's handle on one request; stale ids (from before a slot was
 /// reused, or from a closed connection) are recognised and refused.
@@ -85,9 +113,11 @@ pub enum Op {
         /// Length in bytes.
         len: u64,
     },
-    /// `NBD_CMD_BLOCK_STATUS` for `base:allocation`: answer with
-    /// [`Completion::Extents`] (or [`Completion::Extent`]) starting at
-    /// `offset`. `len` is a hint; extents may stop short or run past it.
+    /// `NBD_CMD_BLOCK_STATUS`: answer with [`Completion::Contexts`], one
+    /// entry per context in `contexts`' order, each covering the range
+    /// from `offset`; a request for `base:allocation` alone may also be
+    /// answered with [`Completion::Extents`] (or [`Completion::Extent`]).
+    /// `len` is a hint; extents may stop short or run past it.
     BlockStatus {
         /// Offset into the export.
         offset: u64,
@@ -95,6 +125,9 @@ pub enum Op {
         len: u64,
         /// `NBD_CMD_FLAG_REQ_ONE`: only the first extent is used.
         req_one: bool,
+        /// The selected contexts asked about, with their ids (never
+        /// empty).
+        contexts: Vec<(u32, MetaContext)>,
     },
 }
 
@@ -128,6 +161,10 @@ pub enum Completion {
     Extents(Vec<BlockStatus>),
     /// Block status with a single extent (no allocation).
     Extent(BlockStatus),
+    /// Block status per context: the context id of the request's
+    /// `contexts` and consecutive raw extents (length, context flags)
+    /// from the request's offset.
+    Contexts(Vec<(u32, Vec<Descriptor>)>),
     /// Failure of the whole request.
     Error(IoError),
 }

@@ -50,7 +50,7 @@ use core::fmt;
 use super::export::{Export, ExportSet};
 use super::output::Output;
 use super::repr::{Command, Descriptor};
-use super::request::{CompleteError, Completion, Request, RequestId};
+use super::request::{CompleteError, Completion, MetaContext, Request, RequestId};
 use super::wire::{self, handshake_flags};
 
 /// Resource limits of one connection.
@@ -266,14 +266,15 @@ pub struct Connection {
     pub(super) structured: bool,
     /// `NBD_OPT_EXTENDED_HEADERS` negotiated.
     pub(super) extended: bool,
-    /// The export `NBD_OPT_SET_META_CONTEXT` last selected
-    /// `base:allocation` for.
+    /// The export `NBD_OPT_SET_META_CONTEXT` last selected contexts for,
+    /// and those contexts with their ids.
     pub(super) meta_export: Option<String>,
+    pub(super) meta_selected: Vec<(u32, MetaContext)>,
     /// The export being served, and the transmission flags it was sent.
     pub(super) export: Option<Export>,
     pub(super) flags: u16,
-    /// `base:allocation` is selected for the export being served.
-    pub(super) base_allocation: bool,
+    /// The metadata contexts selected for the export being served.
+    pub(super) contexts: Vec<(u32, MetaContext)>,
     pub(super) slots: Vec<Slot>,
     pub(super) free_slots: Vec<u32>,
     pub(super) busy: usize,
@@ -316,9 +317,10 @@ impl Connection {
             structured: false,
             extended: false,
             meta_export: None,
+            meta_selected: Vec::new(),
             export: None,
             flags: 0,
-            base_allocation: false,
+            contexts: Vec::new(),
             slots: Vec::new(),
             free_slots: Vec::new(),
             busy: 0,

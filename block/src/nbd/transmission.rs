@@ -27,9 +27,8 @@
 
 use alloc::vec::Vec;
 
-use super::handshake::BASE_ALLOCATION_ID;
 use super::repr::{Command, RequestHeader};
-use super::request::{Op, Request};
+use super::request::{MetaContext, Op, Request};
 use super::server::{CloseReason, Connection, ErrorReply, Header, PendingWrite, ProtocolError, Rx};
 use super::wire::{cmd_flags as cf, errno, get_u64, transmission_flags as tf};
 use crate::io::ReqFlags;
@@ -38,8 +37,9 @@ use crate::io::ReqFlags;
 const ABUSE_FLOOR: u64 = 32 * 1024 * 1024;
 
 /// Block status payload: 8 bytes of effect length and one 4-byte id per
-/// context (the engine has one).
-const BLOCK_STATUS_PAYLOAD_MAX: u64 = 8 + 4;
+/// context, up to 6 ids (what the header buffer holds; a client names each
+/// selected context once).
+const BLOCK_STATUS_PAYLOAD_MAX: u64 = 8 + 4 * 6;
 
 /// A refused request: the `NBD_E*` error and a message for humans.
 pub(super) type Refusal = (u32, &'static str);
@@ -163,21 +163,29 @@ impl Connection {
     pub(super) fn on_block_status_payload(&mut self, mut header: Header, len: usize) {
         self.rx = Rx::RequestHeader;
         header.len = get_u64(&self.hdr, 0..8);
-        let ids = &self.hdr[8..len];
-        let valid = !ids.is_empty()
-            && ids
-                .as_chunks::<4>()
-                .0
-                .iter()
-                .all(|id| u32::from_be_bytes(*id) == BASE_ALLOCATION_ID)
-            && ids.len() == 4;
-        if !valid {
+        let ids: Vec<u32> = self.hdr[8..len]
+            .as_chunks::<4>()
+            .0
+            .iter()
+            .map(|id| u32::from_be_bytes(*id))
+            .collect();
+        let mut wanted = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            match self.contexts.iter().find(|(c, _)| c == id) {
+                Some(c) if !ids[..i].contains(id) => wanted.push(c.clone()),
+                _ => {
+                    self.send_error(header, errno::EINVAL, "unknown or repeated context id");
+                    return;
+                }
+            }
+        }
+        if wanted.is_empty() {
             self.send_error(header, errno::EINVAL, "unknown or repeated context id");
             return;
         }
         match self.validate(&header) {
             Err((error, message)) => self.send_error(header, error, message),
-            Ok(()) => self.dispatch(header),
+            Ok(()) => self.push_block_status(header, wanted),
         }
     }
 
@@ -239,7 +247,7 @@ impl Connection {
         if !advertised {
             return Err((errno::EINVAL, "command not supported by this export"));
         }
-        if cmd == Command::BlockStatus && !self.base_allocation {
+        if cmd == Command::BlockStatus && self.contexts.is_empty() {
             return Err((errno::EINVAL, "no metadata context selected"));
         }
         if cmd == Command::Flush {
@@ -339,11 +347,11 @@ impl Connection {
                 offset: h.offset,
                 len: h.len,
             },
-            Command::BlockStatus => Op::BlockStatus {
-                offset: h.offset,
-                len: h.len,
-                req_one: h.flags & cf::REQ_ONE != 0,
-            },
+            Command::BlockStatus => {
+                let all = self.contexts.clone();
+                self.push_block_status(h, all);
+                return;
+            }
             Command::Disc | Command::Unknown(_) => return,
         };
         self.push_request(h, op);
@@ -361,6 +369,18 @@ impl Connection {
             offset: h.offset,
             data: pending.data,
             flags,
+        };
+        self.push_request(h, op);
+    }
+
+    /// A block status request for `contexts` (every selected one, or
+    /// those the payload names).
+    fn push_block_status(&mut self, h: Header, contexts: Vec<(u32, MetaContext)>) {
+        let op = Op::BlockStatus {
+            offset: h.offset,
+            len: h.len,
+            req_one: h.flags & cf::REQ_ONE != 0,
+            contexts,
         };
         self.push_request(h, op);
     }

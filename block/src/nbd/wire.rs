@@ -217,6 +217,8 @@ pub mod state {
     pub const HOLE: u32 = 1 << 0;
     /// `NBD_STATE_ZERO`: reads as zeroes.
     pub const ZERO: u32 = 1 << 1;
+    /// `NBD_STATE_DIRTY` of `qemu:dirty-bitmap:*`: dirty in the bitmap.
+    pub const DIRTY: u32 = 1 << 0;
 }
 
 /// Error values carried in replies (`NBD_E*`).

@@ -9,6 +9,8 @@ use core::cell::RefCell;
 use serde_json::json;
 
 use super::harness::Env;
+use crate::dirty_bitmap::NamedBitmap;
+use crate::export::bitmaps::BitmapRef;
 use crate::export::{ExportTable, NbdExport, NewExport, Target, execute};
 use crate::graph::backend::BackendOptions;
 use crate::graph::node::NodeOptions;
@@ -16,7 +18,7 @@ use crate::graph::permission::Perm;
 use crate::io::{BlockStatus, IoError, IoResult, ReqFlags};
 use crate::nbd::tests::peer::{Peer, Reply};
 use crate::nbd::wire::{self, cmd, cmd_flags, get_u32};
-use crate::nbd::{Completion, Export, ExportSet, Op};
+use crate::nbd::{Completion, Export, ExportSet, MetaContext, Op};
 
 const MIB: usize = 1 << 20;
 
@@ -28,6 +30,8 @@ fn new_export<'a>(id: &'a str, node: &'a str, writable: bool) -> NewExport<'a> {
         description: None,
         writable,
         on_eject: None,
+        allocation_depth: false,
+        bitmaps: Vec::new(),
     }
 }
 
@@ -47,7 +51,7 @@ fn serve(env: &Env, p: &mut Peer, e: &NbdExport) {
             break;
         }
         while let Some(r) = p.held.pop() {
-            let c = env.run(execute(&*e.backend, r.op));
+            let c = env.run(execute(e, r.op));
             p.conn.complete(r.id, c).expect("completes");
         }
         p.drain();
@@ -190,6 +194,7 @@ fn execute_falls_back_to_data_and_stops_a_failed_trim_before_its_flush() {
         offset: 512,
         len: 4096,
         req_one: false,
+        contexts: vec![(1, MetaContext::BaseAllocation)],
     };
     assert_eq!(
         env.run(execute(&t, status)),
@@ -342,5 +347,142 @@ fn a_legacy_export_follows_its_backends_eject_and_close_all_ends_every_export() 
     assert_eq!(
         env.events.drain(),
         [("BLOCK_EXPORT_DELETED".to_string(), json!({"id": "e1"}))]
+    );
+}
+
+/// The (context id, [(length, flags)]) of each block status chunk of a
+/// reply, and whether the last one ends it.
+fn status_chunks(r: &[Reply]) -> Vec<(u32, Vec<(u32, u32)>)> {
+    assert!(r.last().is_some_and(Reply::done), "{r:?}");
+    r.iter()
+        .map(|c| {
+            let Reply::Chunk { kind, payload, .. } = c else {
+                panic!("{c:?}");
+            };
+            assert_eq!(*kind, wire::reply_type::BLOCK_STATUS, "{c:?}");
+            let ext = payload[4..]
+                .chunks(8)
+                .map(|d| (get_u32(d, 0..4), get_u32(d, 4..8)))
+                .collect();
+            (get_u32(payload, 0..4), ext)
+        })
+        .collect()
+}
+
+#[test]
+fn an_export_serves_its_bitmap_and_allocation_depth_and_keeps_the_bitmap_busy() {
+    let env = Env::new();
+    let node = env.mem("disk0", MIB);
+    node.dirty_bitmaps_mut()
+        .push(NamedBitmap::new("b0", MIB as u64, 4096));
+    let table = ExportTable::new(env.reg.clone());
+    let e = table
+        .add(NewExport {
+            name: Some("disk"),
+            allocation_depth: true,
+            bitmaps: vec![BitmapRef::Local("b0".into())],
+            ..new_export("e0", "disk0", true)
+        })
+        .unwrap();
+    assert!(node.dirty_bitmaps()[0].busy);
+    let offered = offered(&table);
+    assert_eq!(offered[0].bitmaps, ["b0"]);
+    assert!(offered[0].allocation_depth);
+
+    let mut p = Peer::new(offered);
+    p.connect_with(
+        "disk",
+        true,
+        false,
+        &[
+            "base:allocation",
+            "qemu:allocation-depth",
+            "qemu:dirty-bitmap:b0",
+        ],
+    );
+    p.write(0, 1, 8192, &[0x5a; 4096]);
+    serve(&env, &mut p, &e);
+    p.reply();
+    p.request(0, cmd::BLOCK_STATUS, 2, 0, 65536);
+    serve(&env, &mut p, &e);
+    let r = p.full_reply();
+    assert_eq!(
+        status_chunks(&r),
+        [
+            (1, vec![(65536, 0)]),
+            (2, vec![(65536, 1)]),
+            (3, vec![(8192, 0), (4096, 1), (65536 - 12288, 0)]),
+        ]
+    );
+    // One descriptor each under NBD_CMD_FLAG_REQ_ONE, none past the
+    // request.
+    p.request(cmd_flags::REQ_ONE, cmd::BLOCK_STATUS, 3, 8192, 1024);
+    serve(&env, &mut p, &e);
+    let r = p.full_reply();
+    assert_eq!(status_chunks(&r)[2], (3, vec![(1024, 1)]));
+
+    // Gone with the export: the bitmap is free again.
+    e.request_shutdown(true);
+    table.reap();
+    assert!(!node.dirty_bitmaps()[0].busy);
+}
+
+#[test]
+fn exported_bitmaps_are_refused_with_qemus_texts() {
+    let env = Env::new();
+    let node = env.mem("disk0", MIB);
+    let mut b1 = NamedBitmap::new("b1", MIB as u64, 65536);
+    b1.enabled = false;
+    node.dirty_bitmaps_mut()
+        .extend([NamedBitmap::new("b0", MIB as u64, 65536), b1]);
+    let table = ExportTable::new(env.reg.clone());
+    let add = |bitmaps: Vec<BitmapRef>, writable: bool| {
+        table
+            .add(NewExport {
+                bitmaps,
+                ..new_export("e0", "disk0", writable)
+            })
+            .err()
+    };
+    let local = |n: &str| BitmapRef::Local(n.into());
+    assert_eq!(
+        add(vec![local("nope")], true).as_deref(),
+        Some("Bitmap 'nope' is not found")
+    );
+    assert_eq!(
+        add(vec![local("b0")], false).as_deref(),
+        Some("Enabled bitmap 'b0' incompatible with readonly export")
+    );
+    let ext = |node: &str, name: &str| BitmapRef::External {
+        node: node.into(),
+        name: name.into(),
+    };
+    assert_eq!(
+        add(vec![ext("nada", "b0")], true).as_deref(),
+        Some("Node 'nada' not found")
+    );
+    assert_eq!(
+        add(vec![ext("disk0", "b9")], true).as_deref(),
+        Some("Dirty bitmap 'b9' not found")
+    );
+    node.dirty_bitmaps_mut()[0].inconsistent = true;
+    assert_eq!(
+        add(vec![local("b1"), ext("disk0", "b0")], true).as_deref(),
+        Some("Bitmap 'b0' is inconsistent and cannot be used")
+    );
+    assert!(
+        node.dirty_bitmaps().iter().all(|b| !b.busy),
+        "no half claim"
+    );
+    // A disabled bitmap goes on a read-only export; then it is busy.
+    assert_eq!(add(vec![local("b1")], false), None);
+    let e1 = table.add(NewExport {
+        name: Some("d1"),
+        bitmaps: vec![local("b1")],
+        ..new_export("e1", "disk0", true)
+    });
+    assert_eq!(
+        e1.err().as_deref(),
+        Some("Bitmap 'b1' is currently in use by another operation and cannot be used")
     );
 }

@@ -265,9 +265,16 @@ fn block_export_add_del_and_query_with_qemus_texts() {
     assert_eq!(
         h.err(
             "block-export-add",
-            json!({"type": "nbd", "id": "e0", "node-name": "disk0", "bitmaps": []})
+            json!({"type": "nbd", "id": "e0", "node-name": "disk0", "bitmaps": ["b0"]})
         ),
-        "blockhaus exports no dirty bitmaps"
+        "Bitmap 'b0' is not found"
+    );
+    assert_eq!(
+        h.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "disk0", "bitmaps": [7]})
+        ),
+        "Invalid parameter type for 'bitmaps[0]', expected: BlockDirtyBitmapOrStr"
     );
     assert_eq!(
         h.err(
@@ -355,8 +362,11 @@ fn legacy_nbd_server_add_and_remove() {
     );
     assert!(h.exports().by_name("disk0").unwrap().writable);
     assert_eq!(
-        h.err("nbd-server-add", json!({"device": "disk0", "bitmap": "b0"})),
-        "blockhaus exports no dirty bitmaps"
+        h.err(
+            "nbd-server-add",
+            json!({"device": "disk0", "name": "d2", "bitmap": "b0"})
+        ),
+        "Bitmap 'b0' is not found"
     );
     h.ok("nbd-server-remove", json!({"name": "ro"}));
     assert!(h.exports().by_id("ro").is_none());

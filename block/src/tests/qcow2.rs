@@ -418,6 +418,20 @@ fn backing_chain_cow_and_header_backing_name() {
         "copied on write"
     );
     assert!(q.io("top", "read -P 0 128k 64k").starts_with("read"));
+    // Zeroes written there, whole clusters and a partial one, still hide
+    // the backing file once the chain is opened again (a backup into an
+    // overlay opened this way; QEMU always sets the zero flag).
+    q.io("top", "write -z 1M 128k");
+    q.io("top", "write -z 2M 1000");
+    q.ok("blockdev-del", json!({"node-name": "top"}));
+    open(&mut q, "base", json!({"file": "f0"}));
+    q.io("base", "write -P 0x55 1M 2M");
+    q.ok("blockdev-del", json!({"node-name": "base"}));
+    open(&mut q, "base", json!({"file": "f0", "read-only": true}));
+    open(&mut q, "top", json!({"file": "f1"}));
+    assert!(q.io("top", "read -P 0 1M 128k").starts_with("read"));
+    assert!(q.io("top", "read -P 0 2M 1000").starts_with("read"));
+    assert!(q.io("top", "read -P 0x55 2162688 1000").starts_with("read"));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //!
 //! The network poll moves bytes both ways ([`Conn::service`]); each request
 //! the engine issues runs as its own task ([`block::export::execute`] on
-//! the export's backend) and completes into the engine whenever it finishes, so replies go out of
+//! the export: its backend and its bitmaps) and completes into the engine whenever it finishes, so replies go out of
 //! order. A client that vanishes only makes the engine drop the results
 //! of its requests, which still run to the end (a write lands or fails
 //! cleanly); the connection is forgotten once none is left.
@@ -306,13 +306,13 @@ impl Conn {
             };
             any = true;
             let engine = self.engine.clone();
-            let backend = self.export.as_ref().map(|e| e.backend.clone());
+            let export = self.export.clone();
             let budget = budget.clone();
             let reads = self.reads.clone();
             let held = self.held.clone();
             exec.spawn(async move {
-                let completion = match backend {
-                    Some(b) => execute(&*b, req.op).await,
+                let completion = match export {
+                    Some(e) => execute(&*e, req.op).await,
                     None => Completion::Error(IoError::Enomedium),
                 };
                 // Refused harmlessly if the client has gone.

@@ -149,6 +149,16 @@ pub fn blockdev_create(bl: &BlockLayer, args: &Args<'_>) -> Res {
 
 /// `blockdev-snapshot` (see the module documentation).
 pub fn blockdev_snapshot(bl: &BlockLayer, args: &Args<'_>) -> Res {
+    snapshot_prepare(bl, args)?;
+    Ok(json!({}))
+}
+
+/// A snapshot taken: the node, its overlay and the overlay's backing edge,
+/// for [`snapshot_undo`].
+pub type Snapshot = (Rc<Node>, Rc<Node>, Rc<crate::graph::child::Child>);
+
+/// Takes the snapshot `args` ask for.
+pub fn snapshot_prepare(bl: &BlockLayer, args: &Args<'_>) -> Result<Snapshot, QmpError> {
     let name = args.str("node")?;
     let overlay_name = args.str("overlay")?;
     args.check_known(&["node", "overlay"])?;
@@ -184,13 +194,34 @@ pub fn blockdev_snapshot(bl: &BlockLayer, args: &Args<'_>) -> Res {
         drained.end();
         r
     })?;
-    r.map_err(QmpError::generic)?;
-    Ok(json!({}))
+    let edge = r.map_err(QmpError::generic)?;
+    Ok((node, overlay, edge))
+}
+
+/// Undoes a snapshot (QEMU: `external_snapshot_abort`): the node takes
+/// the overlay's place again and is no longer its backing file.
+pub async fn snapshot_undo(snap: Snapshot) {
+    let (node, overlay, edge) = snap;
+    let drained = Drained::begin(&overlay).await;
+    let r = replace_node(&overlay, &node, |c| core::ptr::eq(c, &*edge)).await;
+    drained.end();
+    if let Err(e) = r {
+        log::error!(
+            "transaction abort: node '{}' not restored: {e}",
+            node.name()
+        );
+        return;
+    }
+    detach_child(&edge);
+    node.unref_nonfinal();
 }
 
 /// QEMU's `bdrv_append`: `node` becomes the backing file of `overlay`, and
 /// `overlay` takes `node`'s place in every user.
-async fn append(node: &Rc<Node>, overlay: &Rc<Node>) -> Result<(), String> {
+async fn append(
+    node: &Rc<Node>,
+    overlay: &Rc<Node>,
+) -> Result<Rc<crate::graph::child::Child>, String> {
     node.ref_();
     let edge = match attach_node_child(overlay, "backing", ChildRole::COW, node) {
         Ok(e) => e,
@@ -205,5 +236,5 @@ async fn append(node: &Rc<Node>, overlay: &Rc<Node>) -> Result<(), String> {
         node.unref_nonfinal();
         return Err(e.to_string());
     }
-    Ok(())
+    Ok(edge)
 }

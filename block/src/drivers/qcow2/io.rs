@@ -485,12 +485,15 @@ impl State {
             return Err(IoError::Enotsup);
         }
         let may_unmap = flags.contains(ReqFlags::MAY_UNMAP);
+        // An image opened with `backing: null` over a backing file named in
+        // its header: unallocated is zeroes here but the backing file's
+        // data to whoever opens the chain (a backup into an overlay), so
+        // zeroes get their flag, as QEMU always sets it.
+        let below = backing.is_some() || self.h.backing_file.is_some();
         let end = g + len;
         let mut pos = g;
         while pos < end {
-            if backing.is_none()
-                && let Some(next) = self.skip_unmapped(pos, end)
-            {
+            if !below && let Some(next) = self.skip_unmapped(pos, end) {
                 // No L2 table and no backing file: already zeroes.
                 pos = next;
                 continue;
@@ -499,7 +502,7 @@ impl State {
             let n = core::cmp::min(end - pos, self.cs - in_cl);
             let gcl = pos - in_cl;
             let e = self.entry(f, gcl).await?;
-            if n == self.cs && backing.is_none() && e == L2Entry::default() {
+            if n == self.cs && !below && e == L2Entry::default() {
                 // Unallocated without a backing file reads as zeroes.
             } else if n == self.cs {
                 let (new, free) = self.zero_whole(e, may_unmap);
@@ -510,7 +513,7 @@ impl State {
                     self.free_later(o, l);
                 }
             } else if !self.ext || self.is_compressed(e) {
-                if !self.reads_zero(e, 0, backing.is_some())? {
+                if !self.reads_zero(e, 0, below)? {
                     self.write(f, backing, pos, &vec![0u8; n as usize]).await?;
                 }
             } else {
@@ -519,13 +522,13 @@ impl State {
                 let first_full = in_cl.div_ceil(unit);
                 let end_full = (in_cl + n) / unit;
                 let head_end = core::cmp::min(first_full * unit, in_cl + n);
-                if in_cl < head_end && !self.reads_zero(e, in_cl / unit, backing.is_some())? {
+                if in_cl < head_end && !self.reads_zero(e, in_cl / unit, below)? {
                     let buf = vec![0u8; (head_end - in_cl) as usize];
                     self.write(f, backing, pos, &buf).await?;
                 }
                 if end_full >= first_full && end_full * unit < in_cl + n {
                     let tail = end_full * unit;
-                    if !self.reads_zero(e, end_full, backing.is_some())? {
+                    if !self.reads_zero(e, end_full, below)? {
                         let buf = vec![0u8; (in_cl + n - tail) as usize];
                         self.write(f, backing, gcl + tail, &buf).await?;
                     }

@@ -9,7 +9,8 @@ use crate::io::{BlockStatus, IoError, ReqFlags};
 use crate::nbd::handshake::BASE_ALLOCATION_ID;
 use crate::nbd::wire::{cmd, cmd_flags as cf, errno, get_u32, get_u64, reply_type as rt, state};
 use crate::nbd::{
-    CloseReason, CompleteError, Completion, Export, InputState, Limits, Op, ReadChunk, State,
+    CloseReason, CompleteError, Completion, Export, InputState, Limits, MetaContext, Op, ReadChunk,
+    State,
 };
 
 const MIB: u64 = 1 << 20;
@@ -388,7 +389,8 @@ fn extended_block_status_payload_form() {
         Op::BlockStatus {
             offset: 0,
             len: 4096,
-            req_one: false
+            req_one: false,
+            contexts: vec![(BASE_ALLOCATION_ID, MetaContext::BaseAllocation)],
         }
     );
     p.run();
@@ -399,12 +401,82 @@ fn extended_block_status_payload_form() {
     payload.extend_from_slice(&99u32.to_be_bytes());
     p.request_with(cf::PAYLOAD_LEN, cmd::BLOCK_STATUS, 2, 0, 12, &payload);
     assert_eq!(p.reply().error(), errno::EINVAL);
-    // Too many ids.
+    // Ids not selected, or too many of them.
     p.request_with(cf::PAYLOAD_LEN, cmd::BLOCK_STATUS, 3, 0, 20, &[0; 20]);
+    assert_eq!(p.reply().error(), errno::EINVAL);
+    p.request_with(cf::PAYLOAD_LEN, cmd::BLOCK_STATUS, 3, 0, 36, &[0; 36]);
     assert_eq!(p.reply().error(), errno::EINVAL);
     p.request(0, cmd::READ, 4, 0, 512);
     p.run();
     assert_eq!(p.structured_read(4, 0, 512), vec![0; 512], "still in step");
+}
+
+/// With several contexts selected, a request names the ones it wants in
+/// its payload (each once), and the host answers one chunk per context,
+/// the last one ending the reply.
+#[test]
+fn extended_block_status_picks_contexts_by_id() {
+    let mut e = Export::new("disk", MIB);
+    e.bitmaps = vec![alloc::string::String::from("b0")];
+    e.allocation_depth = true;
+    let mut p = Peer::new(vec![e]);
+    p.connect_with(
+        "disk",
+        true,
+        true,
+        &[
+            "base:allocation",
+            "qemu:allocation-depth",
+            "qemu:dirty-bitmap:b0",
+        ],
+    );
+    let ids = |p: &mut Peer, cookie: u64, ids: &[u32]| {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&4096u64.to_be_bytes());
+        for id in ids {
+            payload.extend_from_slice(&id.to_be_bytes());
+        }
+        let len = payload.len() as u64;
+        p.request_with(cf::PAYLOAD_LEN, cmd::BLOCK_STATUS, cookie, 0, len, &payload);
+    };
+    ids(&mut p, 1, &[3, 1]);
+    p.take_requests();
+    let r = p.held.pop().unwrap();
+    assert_eq!(
+        r.op,
+        Op::BlockStatus {
+            offset: 0,
+            len: 4096,
+            req_one: false,
+            contexts: vec![
+                (3, MetaContext::DirtyBitmap("b0".into())),
+                (BASE_ALLOCATION_ID, MetaContext::BaseAllocation),
+            ],
+        }
+    );
+    let d = |length, flags| crate::nbd::Descriptor { length, flags };
+    p.conn
+        .complete(
+            r.id,
+            Completion::Contexts(vec![
+                (3, vec![d(1024, 0), d(3072, 1)]),
+                (BASE_ALLOCATION_ID, vec![d(MIB, 0)]),
+            ]),
+        )
+        .unwrap();
+    p.drain();
+    let chunks = p.full_reply();
+    assert_eq!(chunks.len(), 2);
+    assert!(!chunks[0].done() && chunks[1].done());
+    let Reply::Chunk { payload, .. } = &chunks[0] else {
+        panic!("{chunks:?}")
+    };
+    assert_eq!(get_u32(payload, 0..4), 3);
+    let got: Vec<u64> = payload[8..].chunks(8).map(|c| get_u64(c, 0..8)).collect();
+    assert_eq!(got, [1024, 0, 3072, 1]);
+    // Repeated: refused.
+    ids(&mut p, 2, &[2, 2]);
+    assert_eq!(p.reply().error(), errno::EINVAL);
 }
 
 #[test]

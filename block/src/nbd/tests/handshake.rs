@@ -548,3 +548,60 @@ fn handshake_fed_byte_by_byte_gives_the_same_bytes() {
     assert!(!a.is_empty());
     assert_eq!(a, b);
 }
+
+/// The context names of a reply list (ids dropped), in order.
+fn context_names(r: &[super::peer::OptReply]) -> Vec<(u32, String)> {
+    r.iter()
+        .filter(|r| r.kind == rep::META_CONTEXT)
+        .map(|r| {
+            (
+                get_u32(&r.data, 0..4),
+                String::from_utf8(r.data[4..].to_vec()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn qemu_contexts_list_and_set_as_qemu_does() {
+    let mut disk = Export::new("disk", 1 << 20);
+    disk.allocation_depth = true;
+    disk.bitmaps = vec![String::from("b0"), String::from("b1")];
+    let mut p = Peer::new(vec![disk]);
+    p.greet(1);
+    p.option(opt::STRUCTURED_REPLY, &[]);
+    p.opt_reply();
+    let list = |p: &mut Peer, q: &[&str]| {
+        p.option(opt::LIST_META_CONTEXT, &Peer::meta_data("disk", q));
+        context_names(&p.opt_replies())
+    };
+    let all = [
+        (0, String::from("base:allocation")),
+        (0, String::from("qemu:allocation-depth")),
+        (0, String::from("qemu:dirty-bitmap:b0")),
+        (0, String::from("qemu:dirty-bitmap:b1")),
+    ];
+    assert_eq!(list(&mut p, &[]), all);
+    assert_eq!(list(&mut p, &["qemu:"]), all[1..]);
+    assert_eq!(list(&mut p, &["qemu:dirty-bitmap:"]), all[2..]);
+    assert_eq!(
+        list(&mut p, &["qemu:dirty-bitmap:b1", "qemu:dirty-bitmap:nope"]),
+        all[3..]
+    );
+    // SET takes exact names only, listed in the server's order, with
+    // QEMU's ids shifted by one (base:allocation is 1 here).
+    p.option(
+        opt::SET_META_CONTEXT,
+        &Peer::meta_data(
+            "disk",
+            &["qemu:dirty-bitmap:b1", "qemu:", "base:allocation"],
+        ),
+    );
+    assert_eq!(
+        context_names(&p.opt_replies()),
+        [
+            (1, String::from("base:allocation")),
+            (4, String::from("qemu:dirty-bitmap:b1")),
+        ]
+    );
+}

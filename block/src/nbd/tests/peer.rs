@@ -356,6 +356,17 @@ impl Peer {
     /// `base:allocation`, then GO to `name`. Returns the transmission
     /// flags.
     pub fn connect(&mut self, name: &str, structured: bool, extended: bool) -> u16 {
+        self.connect_with(name, structured, extended, &["base:allocation"])
+    }
+
+    /// [`Peer::connect`] selecting the metadata contexts `queries`.
+    pub fn connect_with(
+        &mut self,
+        name: &str,
+        structured: bool,
+        extended: bool,
+        queries: &[&str],
+    ) -> u16 {
         self.greet(1);
         if extended {
             self.option(wire::opt::EXTENDED_HEADERS, &[]);
@@ -366,10 +377,7 @@ impl Peer {
             assert_eq!(self.opt_reply().kind, wire::rep::ACK);
         }
         if structured || extended {
-            self.option(
-                wire::opt::SET_META_CONTEXT,
-                &Peer::meta_data(name, &["base:allocation"]),
-            );
+            self.option(wire::opt::SET_META_CONTEXT, &Peer::meta_data(name, queries));
             let r = self.opt_replies();
             assert_eq!(r.last().map(|r| r.kind), Some(wire::rep::ACK), "{r:?}");
         }
