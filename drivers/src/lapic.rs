@@ -1,15 +1,16 @@
 //! The local APIC (xAPIC, MMIO at 0xFEE0_0000, identity-mapped): software
-//! enable, and a periodic timer that wakes the CPU from `hlt` so an idle
-//! appliance polls its devices at a low rate instead of spinning.
+//! enable, its ID (the destination of MSI-X messages and IOAPIC routes),
+//! and the timer: one-shot, armed for the next deadline before the CPU
+//! halts (tickless idle).
 
 pub const BASE: u64 = 0xFEE0_0000;
+const ID: u64 = 0x20;
 const SVR: u64 = 0xF0;
 const EOI: u64 = 0xB0;
 const LVT_TIMER: u64 = 0x320;
 const TIMER_INIT: u64 = 0x380;
 const TIMER_CURRENT: u64 = 0x390;
 const TIMER_DIVIDE: u64 = 0x3E0;
-const PERIODIC: u32 = 1 << 17;
 const MASKED: u32 = 1 << 16;
 
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
@@ -46,13 +47,23 @@ pub fn restart_count() {
     write(TIMER_INIT, u32::MAX);
 }
 
-/// Starts the periodic timer: `hz` interrupts a second on `vector`, given
-/// the timer's measured rate.
-pub fn start_periodic(vector: u8, timer_hz: u64, hz: u64) {
-    let count = (timer_hz / hz.max(1)).clamp(1, u32::MAX as u64) as u32;
-    write(LVT_TIMER, PERIODIC | vector as u32);
+/// This CPU's local APIC ID (xAPIC: bits 31:24 of the ID register).
+pub fn id() -> u8 {
+    (read(ID) >> 24) as u8
+}
+
+/// Arms the one-shot timer: one interrupt on `vector` after `ticks` timer
+/// ticks (at the rate [`enable_for_calibration`] measured, divide by 16).
+/// Re-arming restarts the count; [`disarm`] cancels it.
+pub fn arm_oneshot(vector: u8, ticks: u32) {
+    write(LVT_TIMER, vector as u32);
     write(TIMER_DIVIDE, 0x3);
-    write(TIMER_INIT, count);
+    write(TIMER_INIT, ticks.max(1));
+}
+
+/// Cancels an armed one-shot (a zero initial count stops the timer).
+pub fn disarm() {
+    write(TIMER_INIT, 0);
 }
 
 /// Stops the timer (at halt).

@@ -12,6 +12,7 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod ioapic;
 pub mod lapic;
 pub mod net;
 pub mod pci;

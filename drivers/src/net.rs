@@ -95,6 +95,9 @@ const NAMES: [(u64, &str); 7] = [
 
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
+/// The queues whose used buffers should interrupt (MSI-X routing): receive
+/// and transmit.
+pub const INTERRUPT_QUEUES: &[u16] = &[RX_QUEUE, TX_QUEUE];
 /// The `virtio_net_hdr` (12 bytes with VERSION_1).
 pub const HDR_LEN: usize = 12;
 /// Ethernet header.

@@ -17,12 +17,14 @@
 //!   [`Bus::root`] is the `PciRoot` that `PciTransport::new` takes.
 //!
 //! Files: `cam` (configuration access mechanisms), `bars` (sizing and
-//! placing BARs), [`mcfg`] and [`dsdt`] (what ACPI says about PCI).
+//! placing BARs), [`mcfg`] and [`dsdt`] (what ACPI says about PCI),
+//! [`msix`] (MSI-X vectors and virtio queue routing).
 
 mod bars;
 mod cam;
 pub mod dsdt;
 pub mod mcfg;
+pub mod msix;
 
 pub use bars::plan_bars;
 pub use cam::{Cam, EcamCam, Platform, PortIoCam, config_address};
@@ -48,7 +50,8 @@ impl Bus {
     /// # Safety
     /// As [`Cam::detect`]: the caller owns PCI configuration space.
     pub unsafe fn new(platform: Platform) -> Bus {
-        // SAFETY: the clone only reads (see `Bus::read`).
+        // SAFETY: the clone reads any register and writes only registers
+        // the root never caches (MSI-X control, `Bus::write`).
         let reader = unsafe { platform.cam.unsafe_clone() };
         Bus {
             root: PciRoot::new(platform.cam),
@@ -65,6 +68,12 @@ impl Bus {
     /// Reads any register (no side effects).
     pub fn read(&self, function: DeviceFunction, offset: u8) -> u32 {
         self.reader.read_word(function, offset)
+    }
+
+    /// Writes a register virtio-drivers' root does not expose (MSI-X
+    /// control).
+    pub fn write(&mut self, function: DeviceFunction, offset: u8, value: u32) {
+        self.reader.write_word(function, offset, value)
     }
 
     /// Runs `f` with `function`'s I/O and memory decoding off, then puts

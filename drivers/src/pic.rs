@@ -1,7 +1,7 @@
 //! The legacy 8259 PICs. The firmware leaves them at vector base 8, where
 //! IRQ 0 would look like a double fault: remap them above the exceptions
 //! (0x20/0x28) and mask every line; blockhaus takes interrupts from the
-//! local APIC.
+//! local APIC (ISA lines through the I/O APIC, [`crate::ioapic`]).
 
 use crate::port::outb;
 

@@ -120,7 +120,18 @@ impl Disks {
                 VirtioScsi::new(transport).map(Driver::Scsi)
             };
             match driver {
-                Ok(d) => me.add(f.address, d),
+                Ok(d) => {
+                    pci.interrupts(
+                        &f,
+                        if blk {
+                            drivers::virtio::blk::INTERRUPT_QUEUES
+                        } else {
+                            drivers::virtio::scsi::INTERRUPT_QUEUES
+                        },
+                        crate::interrupts::DISK_VECTOR,
+                    );
+                    me.add(f.address, d)
+                }
                 Err(e) => warn!(
                     "{} virtio-{}: {e}",
                     f.address,

@@ -78,6 +78,18 @@ pub fn power_button() -> Option<drivers::acpi::PowerButton> {
     FADT.get()?.as_ref().ok()?.power_button()
 }
 
+/// The global system interrupt the power button raises: the FADT's SCI
+/// (PM1 power button, pc and q35), or QEMU's Generic Event Device's
+/// interrupt on hardware-reduced microvm (GSI 9, `GED_MMIO_IRQ`; its
+/// DSDT `_CRS` says so too, but the FADT does not).
+pub fn power_button_gsi() -> Option<u8> {
+    let fadt = FADT.get()?.as_ref().ok()?;
+    match fadt.power_button()? {
+        drivers::acpi::PowerButton::Pm1 { .. } => u8::try_from(fadt.sci_irq).ok(),
+        drivers::acpi::PowerButton::Ged { .. } => Some(9),
+    }
+}
+
 /// Polls the power button: `Some(GuestShutdown)` once it was pressed.
 pub fn poll_power_button() -> Option<Reason> {
     let button = power_button()?;
@@ -105,9 +117,10 @@ fn stop(reason: Reason, detail: &str, failed: Option<&str>) -> ! {
     let uptime = crate::clock::monotonic_ns();
     let (free, used) = if first { crate::heap::usage() } else { (0, 0) };
     let (stack_used, stack_size) = crate::stack_depth::usage();
+    let irqs = crate::interrupts::counts();
     let report = |out: fn(core::fmt::Arguments<'_>)| {
         out(format_args!(
-            "\n=== blockhaus halt report ===\nreason: {} ({})\nuptime: {}.{:03} s\nheap: {} KiB used, {} KiB free\nboot stack: {} KiB of {} KiB used at the deepest\n",
+            "\n=== blockhaus halt report ===\nreason: {} ({})\nuptime: {}.{:03} s\nheap: {} KiB used, {} KiB free\nboot stack: {} KiB of {} KiB used at the deepest\nidle: {} halts; interrupts: timer {}, disk {}, net {}, virtio-serial {}, COM2 {}, SCI {}\n",
             reason.as_str(),
             detail,
             uptime / 1_000_000_000,
@@ -116,6 +129,13 @@ fn stop(reason: Reason, detail: &str, failed: Option<&str>) -> ! {
             free / 1024,
             stack_used.div_ceil(1024),
             stack_size / 1024,
+            irqs.halts,
+            irqs.timer,
+            irqs.disk,
+            irqs.net,
+            irqs.console,
+            irqs.uart,
+            irqs.sci,
         ))
     };
     if first && !failure {

@@ -1,11 +1,17 @@
 //! GDT with a TSS (a separate stack for double faults, so a stack overflow
 //! is reported instead of triple-faulting), and the IDT: every exception
 //! prints its vector, error code, RIP and CR2 on COM1 and takes the failure
-//! exit; the LAPIC timer only wakes the CPU from `hlt`.
+//! exit. Every other interrupt only ends `hlt`: the LAPIC one-shot timer
+//! (armed for the next deadline, [`wait_until`]), the virtio devices' MSI-X
+//! messages and COM2's receive interrupt (through the I/O APIC). Their
+//! stubs count the interrupt, signal EOI and return; the main loop then
+//! polls everything. Interrupts are enabled only inside [`wait_until`]'s
+//! `sti; hlt`, so a handler never interrupts the appliance's work.
 //!
 //! Entry stubs are naked functions (stable Rust has no `x86-interrupt` ABI).
 
 use core::arch::naked_asm;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use x86_64::VirtAddr;
 use x86_64::instructions::tables::lidt;
 use x86_64::instructions::tables::load_tss;
@@ -15,6 +21,34 @@ use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
 use x86_64::structures::tss::TaskStateSegment;
 
 pub const TIMER_VECTOR: u8 = 0x20;
+/// The disks' MSI-X entries (virtio-blk, virtio-scsi).
+pub const DISK_VECTOR: u8 = 0x30;
+/// The network device's MSI-X entries.
+pub const NET_VECTOR: u8 = 0x31;
+/// The virtio-serial device's MSI-X entries (QMP ports).
+pub const CONSOLE_VECTOR: u8 = 0x32;
+/// COM2's receive interrupt (ISA IRQ 3 through the I/O APIC).
+pub const UART_VECTOR: u8 = 0x33;
+/// COM2's ISA IRQ, which is GSI 3 on every QEMU x86 machine.
+pub const COM2_GSI: u8 = 3;
+/// The ACPI power button's interrupt (SCI or GED), through the I/O APIC.
+pub const SCI_VECTOR: u8 = 0x34;
+
+/// Interrupts taken since boot, per source, and halts (`hlt` entered).
+static TIMER_IRQS: AtomicU64 = AtomicU64::new(0);
+static DISK_IRQS: AtomicU64 = AtomicU64::new(0);
+static NET_IRQS: AtomicU64 = AtomicU64::new(0);
+static CONSOLE_IRQS: AtomicU64 = AtomicU64::new(0);
+static UART_IRQS: AtomicU64 = AtomicU64::new(0);
+static SCI_IRQS: AtomicU64 = AtomicU64::new(0);
+/// `SCI_IRQS` when [`take_sci`] last looked.
+static SCI_SEEN: AtomicU64 = AtomicU64::new(0);
+static HALTS: AtomicU64 = AtomicU64::new(0);
+/// Some device cannot wake the CPU: the idle loop polls at [`POLL_NS`].
+static POLLED: AtomicBool = AtomicBool::new(false);
+/// How often a device without interrupts is polled while idle (the old
+/// 100 Hz tick).
+pub const POLL_NS: u64 = 10_000_000;
 const DOUBLE_FAULT_IST: u16 = 0;
 
 #[repr(C, align(16))]
@@ -77,6 +111,11 @@ pub fn init() {
             idt.0[vector] = gate(*stub as *const () as u64, code.0, ist);
         }
         idt.0[TIMER_VECTOR as usize] = gate(timer_stub as *const () as u64, code.0, 0);
+        idt.0[DISK_VECTOR as usize] = gate(disk_stub as *const () as u64, code.0, 0);
+        idt.0[NET_VECTOR as usize] = gate(net_stub as *const () as u64, code.0, 0);
+        idt.0[CONSOLE_VECTOR as usize] = gate(console_stub as *const () as u64, code.0, 0);
+        idt.0[UART_VECTOR as usize] = gate(uart_stub as *const () as u64, code.0, 0);
+        idt.0[SCI_VECTOR as usize] = gate(sci_stub as *const () as u64, code.0, 0);
         idt.0[drivers::lapic::SPURIOUS_VECTOR as usize] =
             gate(spurious_stub as *const () as u64, code.0, 0);
         lidt(&DescriptorTablePointer {
@@ -170,18 +209,32 @@ extern "C" fn exception_common() {
     )
 }
 
-/// The LAPIC timer: acknowledge and return; its only job is to end `hlt`.
-#[unsafe(naked)]
-extern "C" fn timer_stub() {
-    naked_asm!(
-        "push rax",
-        "mov rax, {eoi}",
-        "mov dword ptr [rax], 0",
-        "pop rax",
-        "iretq",
-        eoi = const drivers::lapic::BASE + 0xB0,
-    )
+/// A wake-up interrupt: count it in `$counter`, signal EOI, return. Its
+/// only job is to end `hlt`.
+macro_rules! wake_stub {
+    ($name:ident, $counter:ident) => {
+        #[unsafe(naked)]
+        extern "C" fn $name() {
+            naked_asm!(
+                "lock inc qword ptr [rip + {count}]",
+                "push rax",
+                "mov rax, {eoi}",
+                "mov dword ptr [rax], 0",
+                "pop rax",
+                "iretq",
+                count = sym $counter,
+                eoi = const drivers::lapic::BASE + 0xB0,
+            )
+        }
+    };
 }
+
+wake_stub!(timer_stub, TIMER_IRQS);
+wake_stub!(disk_stub, DISK_IRQS);
+wake_stub!(net_stub, NET_IRQS);
+wake_stub!(console_stub, CONSOLE_IRQS);
+wake_stub!(uart_stub, UART_IRQS);
+wake_stub!(sci_stub, SCI_IRQS);
 
 /// Spurious LAPIC interrupts need no EOI.
 #[unsafe(naked)]
@@ -262,8 +315,122 @@ extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
     crate::fatal::stop("CPU exception", attempt)
 }
 
-/// Enables interrupts and waits for the next one (timer or device).
-pub fn wait_for_interrupt() {
+/// Arms the LAPIC one-shot timer for `deadline_ns` (monotonic; `None`:
+/// no deadline, only an interrupt wakes), then enables interrupts and
+/// halts until the next interrupt (`sti; hlt`: one arriving in between is
+/// taken at the `hlt`). Returns at once if the deadline has passed.
+pub fn wait_until(deadline_ns: Option<u64>) {
+    if let Some(deadline) = deadline_ns {
+        let now = crate::clock::monotonic_ns();
+        if deadline <= now {
+            return;
+        }
+        let ticks =
+            u128::from(deadline - now) * u128::from(crate::clock::lapic_timer_hz()) / 1_000_000_000;
+        drivers::lapic::arm_oneshot(TIMER_VECTOR, ticks.clamp(1, u128::from(u32::MAX)) as u32);
+    }
+    HALTS.fetch_add(1, Ordering::Relaxed);
     x86_64::instructions::interrupts::enable_and_hlt();
     x86_64::instructions::interrupts::disable();
+    // Woken early: the timer must not fire while the appliance works
+    // (interrupts off, it would only end the next `hlt` for nothing).
+    drivers::lapic::disarm();
+}
+
+/// Interrupts taken and halts entered since boot.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    pub halts: u64,
+    pub timer: u64,
+    pub disk: u64,
+    pub net: u64,
+    pub console: u64,
+    pub uart: u64,
+    pub sci: u64,
+}
+
+pub fn counts() -> Counts {
+    Counts {
+        halts: HALTS.load(Ordering::Relaxed),
+        timer: TIMER_IRQS.load(Ordering::Relaxed),
+        disk: DISK_IRQS.load(Ordering::Relaxed),
+        net: NET_IRQS.load(Ordering::Relaxed),
+        console: CONSOLE_IRQS.load(Ordering::Relaxed),
+        uart: UART_IRQS.load(Ordering::Relaxed),
+        sci: SCI_IRQS.load(Ordering::Relaxed),
+    }
+}
+
+/// `what` cannot interrupt: from now on the idle loop wakes every
+/// [`POLL_NS`] to poll it.
+pub fn poll_without_interrupt(what: core::fmt::Arguments<'_>) {
+    log::warn!(
+        "{what}: no interrupt, polled every {} ms while idle",
+        POLL_NS / 1_000_000
+    );
+    POLLED.store(true, Ordering::Relaxed);
+}
+
+/// Whether some device is polled on a timer ([`poll_without_interrupt`]).
+pub fn polled() -> bool {
+    POLLED.load(Ordering::Relaxed)
+}
+
+/// Registers `x-blockhaus-interrupts` (with `blockhaus.debug-commands=on`):
+/// the counts of halts and of interrupts per source since boot, so a test
+/// can count how often an idle appliance wakes.
+pub fn register_debug(commands: &mut block::qmp::Dispatcher<crate::app::Appliance>) {
+    commands.register(
+        "x-blockhaus-interrupts",
+        block::qmp::Signature::new(
+            "",
+            "{halts:uint64, timer:uint64, disk:uint64, net:uint64, console:uint64, uart:uint64, sci:uint64, polled:bool}",
+        ),
+        |_, args| {
+            args.check_known(&[])?;
+            let c = counts();
+            Ok(serde_json::json!({
+                "halts": c.halts,
+                "timer": c.timer,
+                "disk": c.disk,
+                "net": c.net,
+                "console": c.console,
+                "uart": c.uart,
+                "sci": c.sci,
+                "polled": polled(),
+            }))
+        },
+    );
+}
+
+/// Routes the power button's interrupt through the I/O APIC; false if
+/// there is no button or no I/O APIC (the caller then polls the button).
+///
+/// The pin is programmed edge-triggered although PM1's SCI is a level
+/// line (QEMU's MADT says so): the handler only signals EOI, and a level
+/// line still asserted at EOI would be delivered again at once, forever,
+/// before the main loop could clear it. Edge-triggered, each press (a
+/// rising edge) is one interrupt, and the main loop then reads and clears
+/// the button's status ([`take_sci`]).
+pub fn route_power_button() -> bool {
+    let Some(gsi) = crate::halt::power_button_gsi() else {
+        return false;
+    };
+    // SAFETY: only this module programs the I/O APIC, at boot; the IDT
+    // has `SCI_VECTOR`.
+    unsafe { drivers::ioapic::route_edge(gsi, SCI_VECTOR, drivers::lapic::id()) }
+}
+
+/// Whether the power button's interrupt arrived since the last call.
+pub fn take_sci() -> bool {
+    let now = SCI_IRQS.load(Ordering::Relaxed);
+    SCI_SEEN.swap(now, Ordering::Relaxed) != now
+}
+
+/// Routes COM2's receive interrupt through the I/O APIC; false if there is
+/// no I/O APIC (the caller then polls COM2 on a timer).
+pub fn route_com2() -> bool {
+    // SAFETY: only this function programs the I/O APIC, at boot; the IDT
+    // has `UART_VECTOR`.
+    unsafe { drivers::ioapic::route_edge(COM2_GSI, UART_VECTOR, drivers::lapic::id()) }
 }

@@ -36,12 +36,13 @@ use log::{LevelFilter, info, warn};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Idle wake-ups a second while nothing is pending.
-const TIMER_HZ: u64 = 100;
-/// How often the ACPI power button is checked.
+/// How often the ACPI power button is checked when its interrupt cannot
+/// be routed.
 const POWER_BUTTON_POLL_NS: u64 = 100_000_000;
 /// After any activity, keep busy-polling this long before halting the CPU.
 const BUSY_POLL_NS: u64 = 20_000_000;
+/// While QMP output waits for COM2's transmitter, retry this often.
+const OUTPUT_RETRY_NS: u64 = 1_000_000;
 
 #[unsafe(no_mangle)]
 extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
@@ -188,7 +189,16 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         warn!("debug commands: QMP command x-blockhaus-disk-io added");
         monitor.add_debug_commands();
     }
-    drivers::lapic::start_periodic(interrupts::TIMER_VECTOR, clock::lapic_timer_hz(), TIMER_HZ);
+    if monitor.on_com2() && !interrupts::route_com2() {
+        interrupts::poll_without_interrupt(format_args!("COM2 (no I/O APIC)"));
+    }
+    let button_interrupts = interrupts::route_power_button();
+    if halt::power_button().is_some() && !button_interrupts {
+        warn!(
+            "ACPI power button: no interrupt, polled every {} ms",
+            POWER_BUTTON_POLL_NS / 1_000_000
+        );
+    }
     info!(
         "ready in {} µs: {}",
         clock::monotonic_ns() / 1000,
@@ -203,17 +213,25 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     loop {
         let mut busy = {
             let mut disks = monitor.appliance().disks.borrow_mut();
-            // Requests in flight: keep polling rather than wait for a tick.
-            disks.poll() || disks.in_flight() > 0
+            // Requests in flight on a device that cannot interrupt: keep
+            // polling rather than wait for the poll timer.
+            disks.poll() || (interrupts::polled() && disks.in_flight() > 0)
         };
         busy |= storage::run(&monitor.appliance().block);
         busy |= monitor.appliance().net.borrow_mut().poll();
         busy |= monitor.poll();
         monitor.flush_events();
         let now = clock::monotonic_ns();
-        // Every poll of the power button is a VM exit: ten times a second.
+        // The power button is read when its interrupt came, or (without
+        // one) ten times a second: every read is a VM exit.
         let mut halt_reason = monitor.halt_requested();
-        if halt_reason.is_none() && now.saturating_sub(last_button_poll) > POWER_BUTTON_POLL_NS {
+        let button = if button_interrupts {
+            // Once at start: a press before the route was lost.
+            interrupts::take_sci() || last_button_poll == 0
+        } else {
+            now.saturating_sub(last_button_poll) > POWER_BUTTON_POLL_NS
+        };
+        if halt_reason.is_none() && button {
             last_button_poll = now;
             halt_reason = halt::poll_power_button();
         }
@@ -224,7 +242,22 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         if busy {
             last_activity = now;
         } else if now.saturating_sub(last_activity) > BUSY_POLL_NS {
-            interrupts::wait_for_interrupt();
+            // Tickless idle: halt until a device, COM2 or the next deadline
+            // wakes the CPU.
+            let output = monitor.output_pending().then_some(now + OUTPUT_RETRY_NS);
+            let app = monitor.appliance();
+            let tcp = app.net.borrow_mut().poll_at();
+            let deadline = [
+                storage::next_deadline(&app.block),
+                tcp,
+                (!button_interrupts).then_some(last_button_poll + POWER_BUTTON_POLL_NS),
+                output,
+                interrupts::polled().then_some(now + interrupts::POLL_NS),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            interrupts::wait_until(deadline);
         } else {
             core::hint::spin_loop();
         }

@@ -188,6 +188,19 @@ impl Monitor {
         self.flush_some();
     }
 
+    /// Whether output waits for room in a transport (COM2's transmitter
+    /// or a port's transmit queue): the idle loop retries on a timer.
+    pub fn output_pending(&mut self) -> bool {
+        let mut pending = false;
+        self.for_each_conn(|_, conn| pending |= conn.pending());
+        pending || self.ports.as_ref().is_some_and(|p| p.unsent())
+    }
+
+    /// Whether QMP is served on COM2.
+    pub fn on_com2(&self) -> bool {
+        self.com2.is_some()
+    }
+
     /// Where QMP is served, for the boot log.
     pub fn transports(&self) -> &'static str {
         match (self.com2.is_some(), self.ports.is_some()) {
@@ -319,6 +332,7 @@ impl Monitor {
     /// a disk through its driver, for the driver tests.
     pub fn add_debug_commands(&mut self) {
         crate::disks_debug::register(&mut self.commands);
+        crate::interrupts::register_debug(&mut self.commands);
     }
 
     /// Queues `SHUTDOWN` (after the `quit` reply, as QEMU does) for every

@@ -48,6 +48,7 @@ impl Ports {
             .and_then(|t| VirtioSerial::new(t).map_err(|e| alloc::format!("{e}")));
         match dev {
             Ok(dev) => {
+                pci.interrupts(&f, &dev.queues(), crate::interrupts::CONSOLE_VECTOR);
                 info!(
                     "{} virtio-serial: QMP on ports named {QMP_PORT_PREFIX}*",
                     f.address

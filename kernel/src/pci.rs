@@ -2,7 +2,9 @@
 //! ([`Pci::scan`], from `kernel_main`); the disks and the network take
 //! their virtio functions from the result ([`Pci::virtio`]) and bring each
 //! up with [`Pci::open_virtio`]. Nothing touches configuration space after
-//! boot: the scan result is dropped once the devices are up.
+//! boot: the scan result is dropped once the devices are up. Once a
+//! driver has set its queues up, [`Pci::interrupts`] gives them MSI-X
+//! vectors, so the device wakes the idle CPU.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -19,6 +21,21 @@ pub struct Pci {
     functions: Vec<Function>,
     /// End of the identity map: a device's memory BARs must lie below it.
     mapped: u64,
+    /// Functions opened ([`Pci::open_virtio`]) whose driver has not asked
+    /// for interrupts ([`Pci::interrupts`]) yet: when the scan is dropped,
+    /// those left are polled on a timer, so a driver that never asks is
+    /// slow to wake rather than never woken.
+    unrouted: Vec<drivers::pci::Address>,
+}
+
+impl Drop for Pci {
+    fn drop(&mut self) {
+        for address in &self.unrouted {
+            crate::interrupts::poll_without_interrupt(format_args!(
+                "{address} (opened, but no interrupt asked for)"
+            ));
+        }
+    }
 }
 
 /// Why a virtio function could not be opened.
@@ -70,6 +87,7 @@ impl Pci {
             bus,
             functions,
             mapped,
+            unrouted: Vec::new(),
         }
     }
 
@@ -80,6 +98,39 @@ impl Pci {
             .filter(|f| f.vendor_id == VIRTIO_VENDOR && ids.contains(&f.device_id))
             .cloned()
             .collect()
+    }
+
+    /// Routes `queues` of the virtio device `f` (already brought up by its
+    /// driver: a reset clears the routing) to MSI-X, every entry pointing
+    /// at `vector` (one of [`crate::interrupts`]'s). A device without MSI-X, or
+    /// one that refuses the vector, is polled on a timer instead
+    /// ([`crate::interrupts::poll_without_interrupt`]).
+    pub fn interrupts(&mut self, f: &Function, queues: &[u16], vector: u8) {
+        self.unrouted.retain(|a| *a != f.address);
+        let msix = pci::msix::Msix::find(&mut self.bus, f);
+        let common = pci::msix::virtio_common_cfg(&mut self.bus, f);
+        let (Some(msix), Some(common)) = (msix, common) else {
+            crate::interrupts::poll_without_interrupt(format_args!("{} (no MSI-X)", f.address));
+            return;
+        };
+        // SAFETY: the table and the common configuration are in `f`'s
+        // memory BARs, mapped by `open_virtio`; only this function writes
+        // the table, and the driver is not running (boot, one thread).
+        let routed = unsafe {
+            msix.enable(&mut self.bus, drivers::lapic::id(), vector);
+            pci::msix::route_virtio_queues(common, queues)
+        };
+        if routed && msix.enabled(&self.bus) {
+            info!(
+                "{}: MSI-X on ({} entries), queues {queues:?} interrupt",
+                f.address, msix.entries
+            );
+        } else {
+            crate::interrupts::poll_without_interrupt(format_args!(
+                "{} (MSI-X vector refused)",
+                f.address
+            ));
+        }
     }
 
     /// Opens `f`'s modern virtio transport, once its memory BARs are
@@ -100,8 +151,11 @@ impl Pci {
             }
         }
         let df = f.address.device_function();
-        self.bus
+        let transport = self
+            .bus
             .with_decode_off(df, |root| drivers::virtio::transport::open(root, df))
-            .map_err(OpenError::Transport)
+            .map_err(OpenError::Transport)?;
+        self.unrouted.push(f.address);
+        Ok(transport)
     }
 }

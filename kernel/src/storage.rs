@@ -55,6 +55,14 @@ pub fn new_block_layer(disks: SharedDisks, net: Rc<RefCell<Network>>) -> BlockLa
     )
 }
 
+/// The block layer's next timer deadline, in monotonic nanoseconds (its
+/// timers run on the wall clock).
+pub fn next_deadline(bl: &BlockLayer) -> Option<u64> {
+    let deadline = bl.executor().timers().next_deadline()?;
+    let left = deadline.saturating_sub(crate::clock::wall_clock_ns());
+    Some(crate::clock::monotonic_ns().saturating_add(left))
+}
+
 /// Runs ready tasks and expired timers; returns whether anything ran.
 pub fn run(bl: &BlockLayer) -> bool {
     let exec = bl.executor();

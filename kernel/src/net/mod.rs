@@ -75,7 +75,15 @@ fn find_device(pci: &mut Pci, budgets: &Budgets) -> Result<Option<NetDevice>, St
     let transport = pci
         .open_virtio(&f)
         .map_err(|e| format!("{}: {e}", f.address))?;
-    let dev = NetDevice::new(transport, budgets.net).map_err(|e| format!("{}: {e}", f.address))?;
+    let mut dev =
+        NetDevice::new(transport, budgets.net).map_err(|e| format!("{}: {e}", f.address))?;
+    // Frames wake the idle CPU.
+    dev.set_interrupts(true);
+    pci.interrupts(
+        &f,
+        drivers::net::INTERRUPT_QUEUES,
+        crate::interrupts::NET_VECTOR,
+    );
     let (rx, tx, large) = dev.buffers();
     info!(
         "{} virtio-net: MAC {}, MTU {}, features {}; {} RX, {} TX buffers, {} for segmentation offload",
@@ -243,6 +251,13 @@ impl Network {
             busy |= exports.reap();
         }
         busy
+    }
+
+    /// When the TCP stack next needs a poll without new frames, in
+    /// monotonic nanoseconds (`None`: only a frame or a timer of the
+    /// block layer will).
+    pub fn poll_at(&mut self) -> Option<u64> {
+        self.stack.as_mut()?.poll_at()
     }
 
     /// The links of `driver=nbd` nodes, for the driver class

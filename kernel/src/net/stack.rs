@@ -47,6 +47,13 @@ impl Stack {
         }
     }
 
+    /// When TCP next needs a poll without new frames (retransmission,
+    /// keep-alive, ARP retry), in monotonic nanoseconds.
+    pub fn poll_at(&mut self) -> Option<u64> {
+        let at = self.iface.poll_at(now(), &self.sockets)?;
+        Some(at.total_micros().max(0) as u64 * 1000)
+    }
+
     /// Moves frames and runs TCP; returns whether anything happened.
     pub fn poll(&mut self) -> bool {
         let mut device = super::traced::Traced(&mut self.device);

@@ -33,6 +33,8 @@ use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 const REQUEST_QUEUE: u16 = 0;
+/// The queues whose completions should interrupt (MSI-X routing).
+pub const INTERRUPT_QUEUES: &[u16] = &[REQUEST_QUEUE];
 
 /// A device request waiting for a ring slot.
 struct Pending {
@@ -80,10 +82,10 @@ impl<T: Transport> VirtioBlk<T> {
         let negotiated = transport::negotiate(&mut transport, features::WANTED | F_INDIRECT_DESC)?;
         let indirect = negotiated & F_INDIRECT_DESC != 0;
         log::debug!("virtio-blk: negotiated features {negotiated:#x}");
-        let mut queue = Queue::new(&mut transport, REQUEST_QUEUE, indirect)
+        let queue = Queue::new(&mut transport, REQUEST_QUEUE, indirect)
             .map_err(|_| Error::Setup("cannot set up the request queue"))?;
-        // Completions are polled: no interrupts.
-        queue.set_dev_notify(false);
+        // Completions are polled, and interrupt too (once routed to a
+        // vector) so that they wake an idle CPU.
         let t = &transport;
         let config = Config {
             features: negotiated,

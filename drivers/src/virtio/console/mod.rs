@@ -24,8 +24,9 @@
 //!    ([`Event::HostOpen`], [`Event::HostClosed`]).
 //!
 //! The control receive queue must always hold buffers: QEMU drops a
-//! control message when none is there. Every queue is polled (no
-//! interrupts). Data and control messages travel on different queues;
+//! control message when none is there. Every queue is polled, and its
+//! used buffers interrupt once [`VirtioSerial::queues`] are routed to a
+//! vector (they wake an idle CPU). Data and control messages travel on different queues;
 //! [`VirtioSerial::poll`] orders them as a client sees them (see there).
 //! One case cannot be told apart: a client that disconnects and a new one
 //! that connects and sends at once, all between two polls: the new
@@ -101,8 +102,9 @@ struct Ring {
 
 impl Ring {
     fn new<T: Transport>(transport: &mut T, idx: u16) -> Option<Ring> {
-        let mut queue = Queue::at_most(transport, idx, false, RING).ok()?;
-        queue.set_dev_notify(false);
+        // Polled, and interrupting too (once routed to a vector) so that
+        // a client's bytes wake an idle CPU.
+        let queue = Queue::at_most(transport, idx, false, RING).ok()?;
         let slots = (0..queue.size()).map(|_| None).collect();
         Some(Ring {
             idx,
@@ -200,6 +202,18 @@ pub struct VirtioSerial<T: Transport = PciTransport> {
 }
 
 impl<T: Transport> VirtioSerial<T> {
+    /// Every queue set up (control and ports), for MSI-X routing.
+    pub fn queues(&self) -> Vec<u16> {
+        let mut queues = vec![CONTROL_RX, CONTROL_TX];
+        for (id, port) in self.ports.iter().enumerate() {
+            if port.is_some() {
+                let rx = rx_queue(id as u32);
+                queues.extend([rx, rx + 1]);
+            }
+        }
+        queues
+    }
+
     /// Brings the device up and sends `DEVICE_READY`.
     pub fn new(mut transport: T) -> Result<VirtioSerial<T>, Error> {
         let negotiated = transport::negotiate(&mut transport, F_MULTIPORT)?;

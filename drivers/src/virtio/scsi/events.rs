@@ -58,8 +58,7 @@ pub struct Events {
 
 impl Events {
     pub fn new<T: Transport>(transport: &mut T, indirect: bool) -> Option<Events> {
-        let mut queue = Queue::new(transport, EVENT_QUEUE, indirect).ok()?;
-        queue.set_dev_notify(false);
+        let queue = Queue::new(transport, EVENT_QUEUE, indirect).ok()?;
         let slots = (0..queue.size()).map(|_| None).collect();
         let mut events = Events { queue, slots };
         for _ in 0..BUFFERS.min(usize::from(events.queue.size())) {

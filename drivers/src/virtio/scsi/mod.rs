@@ -50,6 +50,9 @@ use wire::{Response, offset};
 
 /// The driver's own cap on one READ/WRITE (as virtio-blk's).
 pub const DRIVER_MAX_TRANSFER: u64 = 1 << 20;
+/// The queues whose used buffers should interrupt (MSI-X routing): hot-plug
+/// events and the request queue.
+pub const INTERRUPT_QUEUES: &[u16] = &[events::EVENT_QUEUE, wire::FIRST_REQUEST_QUEUE];
 /// Retries of a command that met UNIT ATTENTION or BUSY.
 const MAX_RETRIES: u8 = 8;
 /// Spins before a bring-up command is declared lost.
@@ -120,10 +123,10 @@ impl<T: Transport> VirtioScsi<T> {
                 "virtio-scsi controller without request queues",
             ));
         }
-        let mut queue = Queue::new(&mut transport, wire::FIRST_REQUEST_QUEUE, indirect)
+        let queue = Queue::new(&mut transport, wire::FIRST_REQUEST_QUEUE, indirect)
             .map_err(|_| Error::Setup("cannot set up the request queue"))?;
-        // Completions are polled: no interrupts.
-        queue.set_dev_notify(false);
+        // Completions are polled, and interrupt too (once routed to a
+        // vector) so that they wake an idle CPU.
         // Our CDBs are up to 16 bytes: a smaller CDB area is raised to the
         // default (the field is driver-writable).
         let cdb_size = match config_u32(&transport, offset::CDB_SIZE) as usize {
