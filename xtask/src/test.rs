@@ -84,6 +84,8 @@ pub fn test(args: TestArgs) -> Result<(), String> {
             ],
         )?;
     }
+    // Every fuzz target replays its seeds and runs a few seconds.
+    crate::fuzz::smoke()?;
     let mut test_args = vec!["test", "--no-fail-fast"];
     if !args.cargo_args.is_empty() {
         test_args.push("--");
