@@ -23,6 +23,7 @@ pub const TARGETS: &[&str] = &[
     "qmp",
     "qcow2",
     "scsi",
+    "virtio_used",
 ];
 
 /// SanitizerCoverage as cargo-fuzz configures it: 8-bit edge counters,

@@ -29,7 +29,7 @@
 //! [`transport`] (bringing a PCI function up as a virtio device).
 
 pub mod blk;
-#[cfg(test)]
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod hal;
 pub mod queue;
