@@ -40,6 +40,19 @@ pub fn test(args: TestArgs) -> Result<(), String> {
     if !args.no_lint {
         cargo(&["fmt", "--all", "--check"], &[])?;
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &[])?;
+        // The fuzz targets: a workspace member, not a default one.
+        cargo(
+            &[
+                "clippy",
+                "-p",
+                "fuzz",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )?;
         cargo(
             &[
                 "clippy",
