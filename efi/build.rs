@@ -32,12 +32,29 @@ fn main() {
 }
 
 /// The payload format `payload.rs` reads: the kernel's length (u64, little
-/// endian), then the kernel as a zlib stream (deflate at level 9, with its
-/// Adler-32 checksum). Every byte the loader carries is a byte
-/// rust-hypervisor-firmware reads one 512-byte sector at a time; this
-/// halves them.
+/// endian), the Adler-32 of what follows (u32, little endian), then the
+/// kernel as one LZ4 block. Every byte the loader carries is a byte
+/// rust-hypervisor-firmware reads one 512-byte sector per request: this
+/// nearly halves them. LZ4 rather than deflate: deflate is 8 % smaller,
+/// but inflating the 1 MB kernel took 115 ms under TCG (guest TSC), LZ4
+/// 25-35 ms.
 fn pack(kernel: &[u8]) -> Vec<u8> {
+    // LZ4's high-compression mode at its top level (liblz4 through crate
+    // `lz4`): a quarter smaller than lz4_flex's fast mode, the same format.
+    // No kernel, no block (liblz4's binding crashes on empty input): the
+    // loader then says it has no kernel.
+    let block = if kernel.is_empty() {
+        Vec::new()
+    } else {
+        lz4::block::compress(
+            kernel,
+            Some(lz4::block::CompressionMode::HIGHCOMPRESSION(12)),
+            false,
+        )
+        .expect("LZ4 compression")
+    };
     let mut out = (kernel.len() as u64).to_le_bytes().to_vec();
-    out.extend(miniz_oxide::deflate::compress_to_vec_zlib(kernel, 9));
+    out.extend_from_slice(&adler2::adler32_slice(&block).to_le_bytes());
+    out.extend(block);
     out
 }

@@ -4,7 +4,7 @@
 //! it the way a PVH loader does, so the kernel has a single entry and owns
 //! its page tables, GDT, IDT and stack from its first instruction:
 //!
-//! 1. inflates the PVH image it carries compressed (`payload.rs`), then
+//! 1. unpacks the PVH image it carries compressed (`payload.rs`), then
 //!    reads `blockhaus.conf` from its own ESP (SimpleFileSystem on the
 //!    LoadedImage's device, one Read: what works on OVMF and RHF alike);
 //! 2. lays the ELF's loadable segments out in a buffer as they lie in

@@ -261,7 +261,7 @@ fn a_bad_line_in_blockhaus_conf_is_named_under_ovmf() {
 
 /// Every byte of `BOOTX64.EFI` is read by the firmware (rust-hypervisor-
 /// firmware: one sector per request), so the loader carries the kernel
-/// deflated, and the kernel stays under DESIGN's 1 MiB.
+/// LZ4-compressed, and the kernel stays under DESIGN's 1 MiB.
 #[test]
 fn the_loader_carries_the_kernel_compressed_and_the_kernel_is_under_1_mib() {
     let kernel = std::fs::metadata(harness::image::for_tests())
@@ -275,8 +275,8 @@ fn the_loader_carries_the_kernel_compressed_and_the_kernel_is_under_1_mib() {
     );
 }
 
-/// `BOOTX64.EFI` with one byte of its deflated kernel flipped: the loader
-/// (zlib's Adler-32 or the stream itself) says so and returns to the
+/// `BOOTX64.EFI` with one byte of its compressed kernel flipped: the loader
+/// (the Adler-32 of the compressed block) says so and returns to the
 /// firmware instead of starting a damaged kernel.
 #[test]
 fn a_corrupt_kernel_in_the_loader_is_refused_under_ovmf() {
