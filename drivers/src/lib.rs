@@ -7,7 +7,7 @@
 //! the legacy 8259s), [`net`] (virtio-net as a smoltcp device). The pure
 //! parts (table parsing, time arithmetic, neighbour learning) are tested on
 //! the host.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "fake")), no_std)]
 
 extern crate alloc;
 

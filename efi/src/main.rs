@@ -4,7 +4,8 @@
 //! it the way a PVH loader does, so the kernel has a single entry and owns
 //! its page tables, GDT, IDT and stack from its first instruction:
 //!
-//! 1. reads `blockhaus.conf` from its own ESP (SimpleFileSystem on the
+//! 1. unpacks the PVH image it carries compressed (`payload.rs`), then
+//!    reads `blockhaus.conf` from its own ESP (SimpleFileSystem on the
 //!    LoadedImage's device, one Read: what works on OVMF and RHF alike);
 //! 2. lays the ELF's loadable segments out in a buffer as they lie in
 //!    memory (the kernel is linked at 1 MiB up, where firmware may still
@@ -27,6 +28,7 @@
 
 mod elf;
 mod mem;
+mod payload;
 mod start_info;
 
 use core::fmt::Write;
@@ -36,9 +38,6 @@ use uefi::proto::device_path::{DevicePath, DeviceSubType, DeviceType};
 use uefi::proto::loaded_image::LoadedImage;
 use uefi::proto::media::file::{File, FileAttribute, FileInfo, FileMode, RegularFile};
 use uefi::proto::media::fs::SimpleFileSystem;
-
-/// The PVH image, built by `cargo xtask image` before this loader.
-static KERNEL: &[u8] = include_bytes!(env!("BLOCKHAUS_KERNEL_ELF"));
 
 const CONFIG_FILE: &uefi::CStr16 = uefi::cstr16!("blockhaus.conf");
 /// `blockhaus.conf`'s 8.3 alias, as `cargo xtask image` (crate `fatfs`)
@@ -86,7 +85,12 @@ fn main() -> Status {
     // The boot manager arms a 5-minute watchdog; boot services end soon,
     // which disarms it too, but a slow read must not reset the machine.
     let _ = boot::set_watchdog_timer(0, 0x10000, None);
-    let kernel = match elf::Image::parse(KERNEL) {
+    // The PVH image, built by `cargo xtask image` before this loader.
+    let kernel = match payload::unpack() {
+        Ok(k) => k,
+        Err((msg, status)) => return fail(msg, status),
+    };
+    let kernel = match elf::Image::parse(kernel) {
         Ok(k) => k,
         Err(e) => return fail(e, Status::LOAD_ERROR),
     };

@@ -259,6 +259,50 @@ fn a_bad_line_in_blockhaus_conf_is_named_under_ovmf() {
     );
 }
 
+/// Every byte of `BOOTX64.EFI` is read by the firmware (rust-hypervisor-
+/// firmware: one sector per request), so the loader carries the kernel
+/// LZ4-compressed, and the kernel stays under DESIGN's 1 MiB.
+#[test]
+fn the_loader_carries_the_kernel_compressed_and_the_kernel_is_under_1_mib() {
+    let kernel = std::fs::metadata(harness::image::for_tests())
+        .unwrap()
+        .len();
+    assert!(kernel < MIB, "the PVH image is {kernel} bytes");
+    let loader = loader().len() as u64;
+    assert!(
+        loader < kernel * 6 / 10,
+        "BOOTX64.EFI is {loader} bytes for a {kernel}-byte kernel"
+    );
+}
+
+/// `BOOTX64.EFI` with one byte of its compressed kernel flipped: the loader
+/// (the Adler-32 of the compressed block) says so and returns to the
+/// firmware instead of starting a damaged kernel.
+#[test]
+fn a_corrupt_kernel_in_the_loader_is_refused_under_ovmf() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bad = loader().to_vec();
+    // The loader's code is a few tens of KiB; its middle lies well inside
+    // the compressed kernel.
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    let img = dir.path().join("bad.img");
+    harness::esp::write_disk(&img, &bad, Some(CONFIG.as_bytes())).unwrap();
+    let cfg = QemuConfig {
+        qmp_wait: false,
+        ..ovmf(Vec::new(), None)
+    };
+    let a = Appliance::start(&img, &cfg).unwrap_or_else(|e| panic!("{e}"));
+    // OVMF then tries its next boot option: no exit to wait for.
+    let seen = a.wait_console(
+        "blockhaus-efi: the carried kernel is corrupt",
+        Duration::from_secs(120),
+    );
+    let console = a.console();
+    assert!(seen.is_ok(), "{console}");
+    assert!(!console.contains("command line: "), "{console}");
+}
+
 /// Under `-kernel` the same file comes as PVH module 0 (`-initrd`).
 fn with_initrd(dir: &Path, config: &str, append: &str) -> QemuConfig {
     let conf = dir.join("blockhaus.conf");

@@ -5,7 +5,9 @@
 //!   GPT disk image with its configuration file.
 //! - `run`: boots the appliance in QEMU with a default disk and QMP on a
 //!   socket, and says how to connect.
-//! - `test`: formatting, clippy, host unit tests, then the QEMU tests.
+//! - `test`: formatting, clippy, host unit tests, the fuzz smoke, then the
+//!   QEMU tests.
+//! - `fuzz TARGET [--time S]`: coverage-guided fuzzing (libFuzzer).
 //! - `graph`: the live block graph as Graphviz.
 //! - `top [--once] [--json]`: a live view of exports, nodes and jobs.
 //! - `bench boot|idle|nbd|jobs|qcow2|migrate`: boot time against a
@@ -20,6 +22,7 @@ mod bench_nbd;
 mod bench_qcow2;
 mod deps;
 mod floor;
+mod fuzz;
 mod graph;
 mod image;
 mod linux_anchor;
@@ -55,6 +58,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Run every test: fmt, clippy, host unit tests, QEMU integration tests.
     Test(test::TestArgs),
+    /// Coverage-guided fuzzing of one target (libFuzzer; `all` for every one).
+    Fuzz(fuzz::FuzzArgs),
     /// Draw the live block graph of a running appliance (Graphviz).
     Graph(graph::GraphArgs),
     /// A live view of a running appliance: I/O per export and node, jobs.
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Cmd::Image(args) => image::make(&args).map(|p| println!("{}", p.display())),
         Cmd::Run(args) => run::run(args),
         Cmd::Test(args) => test::test(args),
+        Cmd::Fuzz(args) => fuzz::fuzz(args),
         Cmd::Graph(args) => graph::graph(args),
         Cmd::Top(args) => top::top(args),
         Cmd::Soak(args) => soak::soak(args),

@@ -40,6 +40,19 @@ pub fn test(args: TestArgs) -> Result<(), String> {
     if !args.no_lint {
         cargo(&["fmt", "--all", "--check"], &[])?;
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &[])?;
+        // The fuzz targets: a workspace member, not a default one.
+        cargo(
+            &[
+                "clippy",
+                "-p",
+                "fuzz",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )?;
         cargo(
             &[
                 "clippy",
@@ -84,6 +97,8 @@ pub fn test(args: TestArgs) -> Result<(), String> {
             ],
         )?;
     }
+    // Every fuzz target replays its seeds and runs a few seconds.
+    crate::fuzz::smoke()?;
     let mut test_args = vec!["test", "--no-fail-fast"];
     if !args.cargo_args.is_empty() {
         test_args.push("--");

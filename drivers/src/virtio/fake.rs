@@ -64,12 +64,19 @@ pub struct State {
     pub notifies: usize,
     /// Every chain the device took, in order.
     pub seen: Vec<SeenChain>,
+    /// A misbehaving device: given each used element the device would
+    /// publish (chain head, bytes written), the elements it publishes
+    /// instead (none, a wrong head or length, duplicates).
+    pub misbehave: Option<Misbehave>,
     queues: BTreeMap<u16, QueueAddrs>,
     held: Vec<SeenChain>,
     model: Box<dyn Model>,
 }
 
 pub type Shared = Rc<RefCell<State>>;
+
+/// See [`State::misbehave`]: (head, length) → the used elements published.
+pub type Misbehave = Box<dyn FnMut(u32, u32) -> Vec<(u32, u32)>>;
 
 /// The transport end of a fake device.
 pub struct FakeTransport(pub Shared);
@@ -92,6 +99,7 @@ pub fn device(
         hold: Vec::new(),
         notifies: 0,
         seen: Vec::new(),
+        misbehave: None,
         queues: BTreeMap::new(),
         held: Vec::new(),
         model: Box::new(model),
@@ -251,16 +259,22 @@ impl State {
             unsafe { write(addr, &answer[at..at + n]) };
             at += n;
         }
+        let elems = match self.misbehave.as_mut() {
+            Some(f) => f(u32::from(c.head), at as u32),
+            None => vec![(u32::from(c.head), at as u32)],
+        };
         let q = self.queues.get_mut(&c.queue).unwrap();
-        let slot = u64::from(q.used_idx % q.size);
-        let mut elem = [0u8; 8];
-        elem[0..4].copy_from_slice(&u32::from(c.head).to_le_bytes());
-        elem[4..8].copy_from_slice(&(at as u32).to_le_bytes());
-        // SAFETY: the used ring's element `slot`, in the device area.
-        unsafe { write(q.device + 4 + 8 * slot, &elem) };
-        q.used_idx = q.used_idx.wrapping_add(1);
+        for (head, len) in elems {
+            let slot = u64::from(q.used_idx % q.size);
+            let mut elem = [0u8; 8];
+            elem[0..4].copy_from_slice(&head.to_le_bytes());
+            elem[4..8].copy_from_slice(&len.to_le_bytes());
+            // SAFETY: the used ring's element `slot`, in the device area.
+            unsafe { write(q.device + 4 + 8 * slot, &elem) };
+            q.used_idx = q.used_idx.wrapping_add(1);
+        }
         // SAFETY: `used.idx`, a naturally aligned u16 in the device area;
-        // Release publishes the element written above, as a device must.
+        // Release publishes the elements written above, as a device must.
         unsafe { &*((q.device + 2) as *const AtomicU16) }.store(q.used_idx, Ordering::Release);
     }
 }

@@ -31,7 +31,7 @@
 
 pub mod blk;
 pub mod console;
-#[cfg(test)]
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod hal;
 pub mod queue;
