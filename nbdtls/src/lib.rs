@@ -35,9 +35,10 @@ use core::fmt;
 use block::nbd::{Connection, ExportSet, Limits};
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
 use rustls::server::{ServerConfig, UnbufferedServerConnection, WebPkiClientVerifier};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
+use rustls::{RootCertStore, SignatureScheme};
 
 pub use rustls::pki_types::UnixTime;
 pub use rustls::time_provider::TimeProvider;
@@ -90,6 +91,42 @@ fn certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CredsEr
     Ok(certs)
 }
 
+/// Whether `key` is the private key of `cert`: a signature made with it
+/// must verify with the certificate's public key (the provider cannot
+/// tell a key's public half, so rustls's own check does not run).
+fn check_key_matches(
+    provider: &CryptoProvider,
+    cert: &CertificateDer<'_>,
+    key: &PrivateKeyDer<'_>,
+) -> Result<(), CredsError> {
+    let unusable = |e: &dyn fmt::Display| CredsError(format!("Unusable server key: {e}"));
+    let signing = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| unusable(&e))?;
+    let mapping = provider.signature_verification_algorithms.mapping;
+    let schemes: Vec<SignatureScheme> = mapping.iter().map(|(s, _)| *s).collect();
+    let signer = signing
+        .choose_scheme(&schemes)
+        .ok_or_else(|| unusable(&"no signature scheme"))?;
+    let msg = b"blockhaus: does the key match the certificate?";
+    let sig = signer.sign(msg).map_err(|e| unusable(&e))?;
+    let ee = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| CredsError(format!("Unusable server certificate: {e}")))?;
+    let matches = mapping
+        .iter()
+        .filter(|(s, _)| *s == signer.scheme())
+        .flat_map(|(_, algs)| algs.iter())
+        .any(|alg| ee.verify_signature(*alg, msg, &sig).is_ok());
+    if matches {
+        Ok(())
+    } else {
+        Err(CredsError(String::from(
+            "The server key does not match the server certificate",
+        )))
+    }
+}
+
 impl Credentials {
     /// Credentials from PEM text: the server's certificate chain (its
     /// own certificate first) and private key (PKCS#8, SEC1 or PKCS#1),
@@ -105,6 +142,7 @@ impl Credentials {
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|e| CredsError(format!("Unable to parse the server key: {e:?}")))?;
         let provider = Arc::new(rustls_rustcrypto::provider());
+        check_key_matches(&provider, &chain[0], &key)?;
         let builder = ServerConfig::builder_with_details(provider.clone(), time)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| CredsError(format!("TLS setup failed: {e}")))?;

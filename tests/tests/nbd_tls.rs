@@ -387,6 +387,10 @@ fn credentials_refuse_bad_pem() {
     assert!(e.0.contains("No certificate"), "{e}");
     let e = Credentials::from_pem(&cert, b"junk", None, clock.clone()).expect_err("no key");
     assert!(e.0.contains("server key"), "{e}");
+    // A key that is not the certificate's.
+    let other = fs::read(pki.dir.path().join("client").join("client-key.pem")).expect("key");
+    let e = Credentials::from_pem(&cert, &other, None, clock.clone()).expect_err("wrong key");
+    assert!(e.0.contains("does not match"), "{e}");
     let e = Credentials::from_pem(&cert, &key, Some(b"nothing"), clock).expect_err("no CA");
     assert!(e.0.contains("CA certificate"), "{e}");
 }
