@@ -25,6 +25,11 @@
 #![forbid(unsafe_code)]
 
 extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+#[cfg(test)]
+mod tests;
 
 use alloc::format;
 use alloc::string::String;
@@ -36,7 +41,9 @@ use block::nbd::{Connection, ExportSet, Limits};
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ServerConfig, UnbufferedServerConnection, WebPkiClientVerifier};
+use rustls::server::{
+    ServerConfig, ServerConnectionData, UnbufferedServerConnection, WebPkiClientVerifier,
+};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
 use rustls::{RootCertStore, SignatureScheme};
 
@@ -55,6 +62,106 @@ const RECORD: usize = 16 * 1024;
 
 /// Room for a record's header, padding and tag.
 const RECORD_OVERHEAD: usize = 256;
+
+/// Act on one state of rustls's unbuffered connection; whether anything
+/// moved.
+fn on_state(
+    state: ConnectionState<'_, '_, ServerConnectionData>,
+    nbd: &mut Connection,
+    plain_in: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    peer_closed: &mut bool,
+    close_notified: &mut bool,
+) -> Result<bool, String> {
+    let mut progress = false;
+    match state {
+        ConnectionState::ReadTraffic(mut r) => {
+            while let Some(rec) = r.next_record() {
+                let rec = rec.map_err(|e| format!("{e}"))?;
+                plain_in.extend_from_slice(rec.payload);
+            }
+            progress = true;
+        }
+        ConnectionState::ReadEarlyData(mut r) => {
+            // Never enabled (max_early_data_size is 0); drained if it
+            // ever comes.
+            while r.next_record().is_some() {}
+            progress = true;
+        }
+        ConnectionState::EncodeTlsData(mut e) => {
+            let mut room = 4096;
+            loop {
+                let at = out.len();
+                out.resize(at + room, 0);
+                match e.encode(&mut out[at..]) {
+                    Ok(n) => {
+                        out.truncate(at + n);
+                        break;
+                    }
+                    Err(EncodeError::InsufficientSize(s)) => {
+                        out.truncate(at);
+                        room = s.required_size;
+                    }
+                    Err(EncodeError::AlreadyEncoded) => {
+                        out.truncate(at);
+                        break;
+                    }
+                }
+            }
+            progress = true;
+        }
+        // The records are in `out`, in order, for the host to send.
+        ConnectionState::TransmitTlsData(t) => {
+            t.done();
+            progress = true;
+        }
+        ConnectionState::BlockedHandshake => {}
+        ConnectionState::WriteTraffic(mut w) => {
+            if !nbd.tls_active() {
+                nbd.tls_started();
+                progress = true;
+            }
+            loop {
+                let chunk = nbd.output().chunk();
+                if chunk.is_empty() {
+                    break;
+                }
+                let n = chunk.len().min(RECORD);
+                let at = out.len();
+                out.resize(at + n + RECORD_OVERHEAD, 0);
+                match w.encrypt(&chunk[..n], &mut out[at..]) {
+                    Ok(len) => out.truncate(at + len),
+                    Err(EncryptError::InsufficientSize(s)) => {
+                        out.resize(at + s.required_size, 0);
+                        let len = w
+                            .encrypt(&chunk[..n], &mut out[at..])
+                            .map_err(|e| format!("{e}"))?;
+                        out.truncate(at + len);
+                    }
+                    Err(e) => return Err(format!("{e}")),
+                }
+                nbd.consume_output(n);
+                progress = true;
+            }
+            if nbd.should_close() && !*close_notified {
+                let at = out.len();
+                out.resize(at + RECORD_OVERHEAD, 0);
+                let len = w
+                    .queue_close_notify(&mut out[at..])
+                    .map_err(|e| format!("{e}"))?;
+                out.truncate(at + len);
+                *close_notified = true;
+            }
+        }
+        ConnectionState::PeerClosed => {
+            *peer_closed = true;
+            progress = true;
+        }
+        ConnectionState::Closed => *peer_closed = true,
+        _ => {}
+    }
+    Ok(progress)
+}
 
 /// Server credentials (QEMU's `tls-creds-x509` with `endpoint=server`).
 #[derive(Clone)]
@@ -313,109 +420,35 @@ impl TlsConnection {
 
     /// One turn of rustls's state machine; whether it made progress.
     fn step(&mut self) -> Result<bool, String> {
-        let Some(tls) = self.tls.as_mut() else {
+        let TlsConnection {
+            nbd,
+            tls,
+            tls_in,
+            plain_in,
+            out,
+            peer_closed,
+            close_notified,
+            ..
+        } = self;
+        let Some(tls) = tls.as_mut() else {
             return Ok(false);
         };
-        let status = tls.process_tls_records(&mut self.tls_in);
+        let status = tls.process_tls_records(tls_in);
         let discard = status.discard;
-        let mut progress = discard > 0;
-        match status.state.map_err(|e| format!("{e}"))? {
-            ConnectionState::ReadTraffic(mut r) => {
-                while let Some(rec) = r.next_record() {
-                    let rec = rec.map_err(|e| format!("{e}"))?;
-                    self.plain_in.extend_from_slice(rec.payload);
-                }
-                progress = true;
-            }
-            ConnectionState::ReadEarlyData(mut r) => {
-                // Never enabled (max_early_data_size is 0); drained if
-                // it ever comes.
-                while r.next_record().is_some() {}
-                progress = true;
-            }
-            ConnectionState::EncodeTlsData(mut e) => {
-                let mut room = 4096;
-                loop {
-                    let at = self.out.len();
-                    self.out.resize(at + room, 0);
-                    match e.encode(&mut self.out[at..]) {
-                        Ok(n) => {
-                            self.out.truncate(at + n);
-                            break;
-                        }
-                        Err(EncodeError::InsufficientSize(s)) => {
-                            self.out.truncate(at);
-                            room = s.required_size;
-                        }
-                        Err(EncodeError::AlreadyEncoded) => {
-                            self.out.truncate(at);
-                            break;
-                        }
-                    }
-                }
-                progress = true;
-            }
-            // The records are in `out`, in order, for the host to send.
-            ConnectionState::TransmitTlsData(t) => {
-                t.done();
-                progress = true;
-            }
-            ConnectionState::BlockedHandshake => {}
-            ConnectionState::WriteTraffic(mut w) => {
-                if !self.nbd.tls_active() {
-                    self.nbd.tls_started();
-                    progress = true;
-                }
-                loop {
-                    let chunk = self.nbd.output().chunk();
-                    if chunk.is_empty() {
-                        break;
-                    }
-                    let n = chunk.len().min(RECORD);
-                    let at = self.out.len();
-                    self.out.resize(at + n + RECORD_OVERHEAD, 0);
-                    match w.encrypt(&chunk[..n], &mut self.out[at..]) {
-                        Ok(len) => self.out.truncate(at + len),
-                        Err(EncryptError::InsufficientSize(s)) => {
-                            self.out.resize(at + s.required_size, 0);
-                            let len = w
-                                .encrypt(&chunk[..n], &mut self.out[at..])
-                                .map_err(|e| format!("{e}"))?;
-                            self.out.truncate(at + len);
-                        }
-                        Err(e) => return Err(format!("{e}")),
-                    }
-                    self.nbd.consume_output(n);
-                    progress = true;
-                }
-                if self.nbd.should_close() && !self.close_notified {
-                    let at = self.out.len();
-                    self.out.resize(at + RECORD_OVERHEAD, 0);
-                    let len = w
-                        .queue_close_notify(&mut self.out[at..])
-                        .map_err(|e| format!("{e}"))?;
-                    self.out.truncate(at + len);
-                    self.close_notified = true;
-                }
-            }
-            ConnectionState::PeerClosed => {
-                self.peer_closed = true;
-                progress = true;
-            }
-            ConnectionState::Closed => {
-                self.peer_closed = true;
-            }
-            _ => {}
-        }
-        self.tls_in.drain(..discard);
-        Ok(progress)
+        let result = match status.state {
+            Ok(state) => on_state(state, nbd, plain_in, out, peer_closed, close_notified),
+            Err(e) => Err(format!("{e}")),
+        };
+        // Whatever happened, rustls has consumed these bytes.
+        tls_in.drain(..discard);
+        result.map(|progress| progress || discard > 0)
     }
 
     /// TLS failed: queue the alert rustls has for the client, close.
     fn fail(&mut self, why: String) {
         log::warn!("nbd: TLS: {why}");
         if let Some(tls) = self.tls.as_mut() {
-            let status = tls.process_tls_records(&mut []);
+            let status = tls.process_tls_records(&mut self.tls_in);
             if let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state {
                 let at = self.out.len();
                 self.out.resize(at + 512, 0);
