@@ -259,6 +259,9 @@ fn libnbd_reads_and_writes_over_tls() {
     let info = ok("nbdinfo", &["--json", &uri]);
     assert!(info.contains("\"export-size\": 8388608"), "{info}");
     assert!(info.contains("\"TLS\": true"), "{info}");
+    // NBD_OPT_LIST inside TLS names the export.
+    let list = ok("nbdinfo", &["--list", &uri]);
+    assert!(list.contains("export=\"disk\""), "{list}");
     // The whole disk down, through TLS records of every size...
     let out = pki.dir.path().join("down.raw");
     ok("nbdcopy", &[&uri, out.to_str().expect("utf-8")]);
@@ -270,12 +273,15 @@ fn libnbd_reads_and_writes_over_tls() {
     ok("nbdcopy", &[src.to_str().expect("utf-8"), &uri]);
     assert!(s.contents("disk").expect("memory export") == up);
     // nbdcopy opens several connections; each ended with NBD_CMD_DISC
-    // read through TLS.
+    // (the listing with NBD_OPT_ABORT) read through TLS.
     let stats = s.stats();
     assert!(stats.op("read") > 0 && stats.op("write") > 0, "{stats:?}");
     let stats = s.wait_closes(stats.connections);
     assert!(
-        stats.closes.iter().all(|c| c == "client disconnected"),
+        stats
+            .closes
+            .iter()
+            .all(|c| c == "client disconnected" || c == "client aborted the negotiation"),
         "{stats:?}"
     );
 }
