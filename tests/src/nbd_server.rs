@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use block::export::{Target, execute};
 use block::io::{BlockStatus, IoError, IoResult, ReqFlags};
-use block::nbd::{Completion, Connection, Export, Features, Limits, Op, ReadChunk};
+use block::nbd::{Completion, Connection, Export, ExportSet, Features, Limits, Op, ReadChunk};
+use nbdtls::{Credentials, TlsConnection};
 
 /// Allocation cluster of the in-memory backing.
 pub const CLUSTER: u64 = 4096;
@@ -289,6 +290,8 @@ struct Shared {
     stats: Mutex<Stats>,
     streams: Mutex<Vec<TcpStream>>,
     stop: AtomicBool,
+    /// TLS required, with these credentials.
+    tls: Option<Credentials>,
 }
 
 impl Shared {
@@ -309,6 +312,19 @@ pub struct NbdServer {
 impl NbdServer {
     /// Serve `exports` on 127.0.0.1, an ephemeral port.
     pub fn start(exports: Vec<(Export, Backing)>) -> io::Result<NbdServer> {
+        NbdServer::start_with(exports, None)
+    }
+
+    /// Serve `exports` requiring TLS with `creds` (the engine behind
+    /// [`nbdtls::TlsConnection`]).
+    pub fn start_tls(exports: Vec<(Export, Backing)>, creds: Credentials) -> io::Result<NbdServer> {
+        NbdServer::start_with(exports, Some(creds))
+    }
+
+    fn start_with(
+        exports: Vec<(Export, Backing)>,
+        tls: Option<Credentials>,
+    ) -> io::Result<NbdServer> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
@@ -328,6 +344,7 @@ impl NbdServer {
             stats: Mutex::new(Stats::default()),
             streams: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            tls,
         });
         let workers = Arc::new(Mutex::new(Vec::new()));
         let acceptor = {
@@ -465,35 +482,116 @@ fn accept_loop(
     }
 }
 
-/// Run one connection to its end; returns why it ended.
-fn serve(mut stream: TcpStream, shared: &Shared) -> String {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_nodelay(true);
-    let mut conn = Connection::new(Limits::default());
-    let mut inbuf: Vec<u8> = Vec::new();
-    let mut tmp = vec![0u8; 256 * 1024];
-    let mut counted = false;
-    loop {
-        // 1. Send what is owed.
-        while !conn.output().is_empty() {
-            let slices: Vec<io::IoSlice<'_>> = conn
+/// What `serve` drives: the plain engine, or the engine behind TLS.
+trait Session {
+    fn engine(&mut self) -> &mut Connection;
+    /// Write what is owed; false if the socket failed.
+    fn send(&mut self, stream: &mut TcpStream) -> bool;
+    fn receive(&mut self, input: &[u8], exports: &dyn ExportSet) -> usize;
+    /// Move bytes between the TLS layer and the engine.
+    fn poll(&mut self, exports: &dyn ExportSet);
+    fn should_close(&self) -> bool;
+    fn closed(&mut self);
+    fn reason(&self) -> String;
+}
+
+impl Session for Connection {
+    fn engine(&mut self) -> &mut Connection {
+        self
+    }
+    fn send(&mut self, stream: &mut TcpStream) -> bool {
+        while !self.output().is_empty() {
+            let slices: Vec<io::IoSlice<'_>> = self
                 .output()
                 .chunks()
                 .take(64)
                 .map(io::IoSlice::new)
                 .collect();
             match stream.write_vectored(&slices) {
-                Ok(0) | Err(_) => {
-                    conn.closed();
-                    break;
-                }
-                Ok(n) => conn.consume_output(n),
+                Ok(0) | Err(_) => return false,
+                Ok(n) => self.consume_output(n),
             }
+        }
+        true
+    }
+    fn receive(&mut self, input: &[u8], exports: &dyn ExportSet) -> usize {
+        Connection::receive(self, input, exports)
+    }
+    fn poll(&mut self, _: &dyn ExportSet) {}
+    fn should_close(&self) -> bool {
+        Connection::should_close(self)
+    }
+    fn closed(&mut self) {
+        Connection::closed(self);
+    }
+    fn reason(&self) -> String {
+        self.close_reason()
+            .map_or_else(|| "closed".to_string(), |r| r.to_string())
+    }
+}
+
+impl Session for TlsConnection {
+    fn engine(&mut self) -> &mut Connection {
+        TlsConnection::engine(self)
+    }
+    fn send(&mut self, stream: &mut TcpStream) -> bool {
+        while !self.output().is_empty() {
+            match stream.write(self.output()) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => self.consume_output(n),
+            }
+        }
+        true
+    }
+    fn receive(&mut self, input: &[u8], exports: &dyn ExportSet) -> usize {
+        TlsConnection::receive(self, input, exports)
+    }
+    fn poll(&mut self, exports: &dyn ExportSet) {
+        TlsConnection::poll(self, exports);
+    }
+    fn should_close(&self) -> bool {
+        TlsConnection::should_close(self)
+    }
+    fn closed(&mut self) {
+        TlsConnection::closed(self);
+    }
+    fn reason(&self) -> String {
+        match (self.error(), self.engine_ref().close_reason()) {
+            (Some(e), _) => e.to_string(),
+            (None, Some(r)) => r.to_string(),
+            (None, None) => "closed".to_string(),
+        }
+    }
+}
+
+/// Run one connection to its end; returns why it ended.
+fn serve(stream: TcpStream, shared: &Shared) -> String {
+    match &shared.tls {
+        Some(creds) => serve_session(
+            stream,
+            shared,
+            TlsConnection::new(Limits::default(), creds.clone()),
+        ),
+        None => serve_session(stream, shared, Connection::new(Limits::default())),
+    }
+}
+
+fn serve_session(mut stream: TcpStream, shared: &Shared, mut conn: impl Session) -> String {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut tmp = vec![0u8; 256 * 1024];
+    let mut counted = false;
+    loop {
+        // 1. Send what is owed.
+        conn.poll(&shared.exports);
+        if !conn.send(&mut stream) {
+            conn.closed();
         }
         if conn.should_close() {
             break;
         }
-        if !counted && conn.export().is_some() {
+        if !counted && conn.engine().export().is_some() {
             counted = true;
             shared.stats().transmissions += 1;
         }
@@ -506,12 +604,13 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> String {
         }
         // 3. Execute everything issued, completing in reverse order.
         let mut batch = Vec::new();
-        while let Some(r) = conn.next_request() {
+        while let Some(r) = conn.engine().next_request() {
             batch.push(r);
         }
         if !batch.is_empty() {
             progress = true;
             let store = conn
+                .engine()
                 .export()
                 .and_then(|e| shared.exports.iter().position(|x| x.name == e.name))
                 .map(|i| &shared.stores[i]);
@@ -527,7 +626,7 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> String {
                     Some(s) => s.execute(r.op),
                     None => Completion::Error(IoError::Enomedium),
                 };
-                let _ = conn.complete(r.id, c);
+                let _ = conn.engine().complete(r.id, c);
             }
         }
         if progress {
@@ -543,6 +642,5 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> String {
         }
     }
     let _ = stream.shutdown(Shutdown::Both);
-    conn.close_reason()
-        .map_or_else(|| "closed".to_string(), |r| r.to_string())
+    conn.reason()
 }

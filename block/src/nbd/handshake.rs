@@ -17,7 +17,7 @@ use alloc::vec::Vec;
 use super::export::{Export, ExportSet};
 use super::repr::{ClientOption, Info, InfoRequest, MetaContextRequest, OptionReply};
 use super::request::MetaContext;
-use super::server::{CloseReason, Connection, ProtocolError, Rx, State};
+use super::server::{CloseReason, Connection, ProtocolError, Rx, State, Tls};
 use super::wire::{
     self, client_flags, get_u32, get_u64, info, opt, option_header, rep, transmission_flags as tf,
 };
@@ -96,7 +96,9 @@ impl Connection {
             self.protocol_error(ProtocolError::TooManyOptions);
             return;
         }
-        if !ClientOption::is_known(option) {
+        if self.tls == Tls::Required {
+            self.option_before_tls(option, len);
+        } else if !ClientOption::is_known(option) {
             self.skip_option(option, len, rep::ERR_UNSUP);
         } else if self.shutting_down && option != opt::ABORT {
             if option == opt::EXPORT_NAME {
@@ -117,6 +119,35 @@ impl Connection {
                 option,
                 len: len as usize,
             };
+        }
+    }
+
+    /// An option on a server that requires TLS, before TLS (QEMU:
+    /// `nbd_negotiate_options` while `client->ioc` is the plain socket).
+    fn option_before_tls(&mut self, option: u32, len: u32) {
+        match option {
+            opt::STARTTLS if len != 0 => {
+                self.reply(
+                    option,
+                    OptionReply::Error {
+                        code: rep::ERR_INVALID,
+                        message: "option 'starttls' has unexpected length",
+                    },
+                );
+                self.protocol_error(ProtocolError::StartTlsWithData);
+            }
+            opt::STARTTLS if self.shutting_down => self.option_error(option, rep::ERR_SHUTDOWN),
+            opt::STARTTLS => {
+                // The ACK is the last plain-text byte: what follows is
+                // the client's TLS hello, for the host's TLS layer.
+                self.reply(option, OptionReply::Ack);
+                self.tls = Tls::Starting;
+                self.rx = Rx::TlsSwitch;
+            }
+            opt::EXPORT_NAME => self.protocol_error(ProtocolError::NotBeforeTls(option)),
+            // Everything else, known or not, ABORT included: skipped and
+            // refused (then ABORT closes, see `option_error`).
+            _ => self.skip_option(option, len, rep::ERR_TLS_REQD),
         }
     }
 
@@ -142,6 +173,7 @@ impl Connection {
                 "option {option} longer than {} bytes",
                 self.limits.max_option_len
             ),
+            rep::ERR_TLS_REQD => format!("Option 0x{option:x} not permitted before TLS"),
             _ => String::from("Invalid option"),
         };
         self.reply(
@@ -151,6 +183,11 @@ impl Connection {
                 message: &message,
             },
         );
+        if code == rep::ERR_TLS_REQD && option == opt::ABORT {
+            // QEMU cannot ACK the abort once it refused it, and ends the
+            // session all the same.
+            self.begin_close(CloseReason::Abort, false);
+        }
     }
 
     fn reply(&mut self, option: u32, reply: OptionReply<'_>) {
@@ -196,11 +233,19 @@ impl Connection {
                 });
                 self.reply(option, OptionReply::Ack);
             }
-            ClientOption::StartTls => self.reply(
+            // Before TLS on a TLS server, STARTTLS never gets here.
+            ClientOption::StartTls if self.tls == Tls::Off => self.reply(
                 option,
                 OptionReply::Error {
                     code: rep::ERR_POLICY,
                     message: "TLS not configured",
+                },
+            ),
+            ClientOption::StartTls => self.reply(
+                option,
+                OptionReply::Error {
+                    code: rep::ERR_INVALID,
+                    message: "TLS already enabled",
                 },
             ),
             ClientOption::Info(req) => self.info_or_go(option, req, false, exports),

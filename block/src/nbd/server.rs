@@ -155,6 +155,12 @@ pub enum ProtocolError {
     ExportNameWithExtendedHeaders,
     /// A request payload too large to skip.
     PayloadTooLarge(u64),
+    /// `NBD_OPT_EXPORT_NAME` on a server that requires TLS, before TLS
+    /// (it has no error reply).
+    NotBeforeTls(u32),
+    /// `NBD_OPT_STARTTLS` with data: a client that cannot start TLS
+    /// correctly is dropped (QEMU: `nbd_reject_length(.., true, ..)`).
+    StartTlsWithData,
 }
 
 impl fmt::Display for ProtocolError {
@@ -172,6 +178,10 @@ impl fmt::Display for ProtocolError {
                 f.write_str("NBD_OPT_EXPORT_NAME after extended headers")
             }
             ProtocolError::PayloadTooLarge(n) => write!(f, "payload of {n} bytes is too large"),
+            ProtocolError::NotBeforeTls(o) => write!(f, "Option 0x{o:x} not permitted before TLS"),
+            ProtocolError::StartTlsWithData => {
+                f.write_str("option 'starttls' has unexpected length")
+            }
         }
     }
 }
@@ -210,8 +220,28 @@ pub(super) enum Rx {
         left: u64,
         reply: Option<ErrorReply>,
     },
+    /// `NBD_OPT_STARTTLS` was acknowledged: nothing more is read in
+    /// plain text; the host runs the TLS handshake and then calls
+    /// [`Connection::tls_started`].
+    TlsSwitch,
     /// Nothing more is read.
     Stopped,
+}
+
+/// Where a connection is with TLS (QEMU: `client->tlscreds` and whether
+/// `client->ioc` is still the plain socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tls {
+    /// No TLS credentials: `NBD_OPT_STARTTLS` is refused with
+    /// `NBD_REP_ERR_POLICY`.
+    Off,
+    /// TLS is required and not yet started: every option but
+    /// `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_TLS_REQD`.
+    Required,
+    /// `NBD_OPT_STARTTLS` was acknowledged; the host is switching.
+    Starting,
+    /// The option haggling goes on inside TLS.
+    Active,
 }
 
 /// A request header after parsing, as the engine keeps it.
@@ -253,6 +283,7 @@ pub(super) struct Slot {
 #[derive(Debug)]
 pub struct Connection {
     pub(super) limits: Limits,
+    pub(super) tls: Tls,
     pub(super) state: State,
     pub(super) rx: Rx,
     /// Bytes of the fixed-size header being read.
@@ -294,6 +325,45 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A new connection for a server that requires TLS (QEMU's NBD server
+    /// with `tls-creds`): until the client sends `NBD_OPT_STARTTLS`, every
+    /// option is refused with `NBD_REP_ERR_TLS_REQD` (and
+    /// `NBD_OPT_EXPORT_NAME`, which has no error reply, disconnects), so a
+    /// plain-text client sees no export. After `NBD_OPT_STARTTLS` is
+    /// acknowledged, [`Connection::tls_pending`] is true: the host sends
+    /// the output still queued in plain text, runs the TLS handshake over
+    /// the bytes [`Connection::receive`] did not take, then calls
+    /// [`Connection::tls_started`] and from then on feeds and sends the
+    /// decrypted stream.
+    pub fn new_tls_required(limits: Limits) -> Connection {
+        let mut c = Connection::new(limits);
+        c.tls = Tls::Required;
+        c
+    }
+
+    /// Whether `NBD_OPT_STARTTLS` was acknowledged and the host must now
+    /// switch the connection to TLS (see [`Connection::new_tls_required`]).
+    /// No input is taken until it does.
+    pub fn tls_pending(&self) -> bool {
+        self.tls == Tls::Starting
+    }
+
+    /// The host finished the TLS handshake: option haggling starts again,
+    /// inside TLS. Does nothing unless [`Connection::tls_pending`].
+    pub fn tls_started(&mut self) {
+        if self.tls == Tls::Starting {
+            self.tls = Tls::Active;
+            if matches!(self.rx, Rx::TlsSwitch) {
+                self.rx = Rx::OptionHeader;
+            }
+        }
+    }
+
+    /// Whether the connection runs inside TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls == Tls::Active
+    }
+
     /// A new connection; the server greeting is already queued.
     pub fn new(limits: Limits) -> Connection {
         crate::trace!(nbd_negotiate_begin, "Beginning negotiation");
@@ -307,6 +377,7 @@ impl Connection {
         });
         Connection {
             limits,
+            tls: Tls::Off,
             state: State::Handshake,
             rx: Rx::ClientFlags,
             hdr: [0; 32],
@@ -412,6 +483,7 @@ impl Connection {
         };
         match &self.rx {
             Rx::Stopped => InputState::Finished,
+            Rx::TlsSwitch => InputState::Blocked,
             Rx::ClientFlags => fixed(4),
             Rx::OptionHeader | Rx::RequestHeader if self.hdr_fill == 0 => {
                 if self.blocked() {
@@ -539,6 +611,7 @@ impl Connection {
                 }
                 n as usize
             }
+            Rx::TlsSwitch => 0,
             Rx::Stopped => input.len(),
         }
     }

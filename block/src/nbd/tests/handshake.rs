@@ -605,3 +605,134 @@ fn qemu_contexts_list_and_set_as_qemu_does() {
         ]
     );
 }
+
+/// Every reply a plain-text client gets from a TLS server, none naming an
+/// export.
+fn assert_tls_reqd(p: &mut Peer, option: u32) {
+    let r = p.opt_reply();
+    let text = alloc::format!("Option 0x{option:x} not permitted before TLS");
+    assert_eq!(
+        (r.option, r.kind, r.data.as_slice()),
+        (option, rep::ERR_TLS_REQD, text.as_bytes())
+    );
+}
+
+#[test]
+fn tls_server_refuses_every_option_before_starttls() {
+    for bytewise in [false, true] {
+        let mut p = Peer::tls_required(exports());
+        p.bytewise = bytewise;
+        p.greet(1);
+        p.option(opt::LIST, &[]);
+        assert_tls_reqd(&mut p, opt::LIST);
+        p.option(opt::GO, &Peer::info_data("disk", &[]));
+        assert_tls_reqd(&mut p, opt::GO);
+        p.option(opt::INFO, &Peer::info_data("disk", &[info::NAME]));
+        assert_tls_reqd(&mut p, opt::INFO);
+        p.option(opt::STRUCTURED_REPLY, &[]);
+        assert_tls_reqd(&mut p, opt::STRUCTURED_REPLY);
+        p.option(opt::LIST_META_CONTEXT, &[1, 2, 3]);
+        assert_tls_reqd(&mut p, opt::LIST_META_CONTEXT);
+        // Unknown, and too long to buffer: skipped all the same.
+        p.option(77, &vec![9; 100_000]);
+        assert_tls_reqd(&mut p, 77);
+        assert!(p.rx.is_empty());
+        assert!(p.pending.is_empty());
+        assert_eq!(p.conn.state(), State::Handshake);
+        assert!(!p.conn.tls_pending() && !p.conn.tls_active());
+    }
+}
+
+#[test]
+fn tls_server_drops_export_name_before_starttls() {
+    let mut p = Peer::tls_required(exports());
+    p.greet(1);
+    p.option(opt::EXPORT_NAME, b"disk");
+    assert!(p.rx.is_empty(), "no size, no flags");
+    assert!(p.conn.should_close());
+    assert_eq!(
+        p.conn.close_reason(),
+        Some(&CloseReason::Protocol(ProtocolError::NotBeforeTls(
+            opt::EXPORT_NAME
+        )))
+    );
+    assert_eq!(p.conn.state(), State::Closing);
+}
+
+#[test]
+fn tls_server_refuses_abort_before_starttls_and_closes() {
+    let mut p = Peer::tls_required(exports());
+    p.greet(1);
+    p.option(opt::ABORT, &[]);
+    assert_tls_reqd(&mut p, opt::ABORT);
+    assert!(p.conn.should_close());
+    assert_eq!(p.conn.close_reason(), Some(&CloseReason::Abort));
+}
+
+#[test]
+fn starttls_is_acked_then_the_haggling_restarts_inside_tls() {
+    let mut p = Peer::tls_required(exports());
+    p.greet(1);
+    // STARTTLS, and in the same segment what the client sends next (its
+    // TLS hello): the engine must leave it for the TLS layer.
+    let mut b = Vec::new();
+    b.extend_from_slice(&wire::NBD_OPTS_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt::STARTTLS.to_be_bytes());
+    b.extend_from_slice(&0u32.to_be_bytes());
+    b.extend_from_slice(&[0x16, 0x03, 0x01, 0x00, 0x05]);
+    p.send(&b);
+    let r = p.opt_reply();
+    assert_eq!((r.option, r.kind), (opt::STARTTLS, rep::ACK));
+    assert!(r.data.is_empty());
+    assert!(p.rx.is_empty());
+    assert!(p.conn.tls_pending());
+    assert_eq!(p.pending, [0x16, 0x03, 0x01, 0x00, 0x05], "left untaken");
+    assert_eq!(p.conn.input_state(), crate::nbd::InputState::Blocked);
+    // The host did its handshake; the decrypted stream starts afresh.
+    p.pending.clear();
+    p.conn.tls_started();
+    assert!(p.conn.tls_active() && !p.conn.tls_pending());
+    p.option(opt::STARTTLS, &[]);
+    let r = p.opt_reply();
+    assert_eq!(
+        (r.kind, r.data.as_slice()),
+        (rep::ERR_INVALID, &b"TLS already enabled"[..])
+    );
+    p.option(opt::LIST, &[]);
+    let r = p.opt_replies();
+    assert_eq!(r.len(), 3, "two exports and the ACK: {r:?}");
+    p.option(opt::GO, &Peer::info_data("disk", &[]));
+    let r = p.opt_replies();
+    assert_eq!(r.last().map(|r| r.kind), Some(rep::ACK));
+    assert_eq!(p.conn.state(), State::Transmission);
+}
+
+#[test]
+fn starttls_with_data_is_refused_and_disconnects() {
+    let mut p = Peer::tls_required(exports());
+    p.greet(1);
+    p.option(opt::STARTTLS, &[1]);
+    let r = p.opt_reply();
+    assert_eq!(
+        (r.kind, r.data.as_slice()),
+        (
+            rep::ERR_INVALID,
+            &b"option 'starttls' has unexpected length"[..]
+        )
+    );
+    assert!(!p.conn.tls_pending());
+    assert!(p.conn.should_close());
+    assert_eq!(
+        p.conn.close_reason(),
+        Some(&CloseReason::Protocol(ProtocolError::StartTlsWithData))
+    );
+}
+
+#[test]
+fn tls_started_without_starttls_does_nothing() {
+    let mut p = Peer::tls_required(exports());
+    p.conn.tls_started();
+    p.greet(1);
+    p.option(opt::LIST, &[]);
+    assert_tls_reqd(&mut p, opt::LIST);
+}

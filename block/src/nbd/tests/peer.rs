@@ -237,6 +237,16 @@ impl Peer {
         p
     }
 
+    /// A peer whose server requires TLS
+    /// ([`Connection::new_tls_required`]).
+    pub fn tls_required(exports: Vec<Export>) -> Peer {
+        let mut p = Peer::new(exports);
+        p.conn = Connection::new_tls_required(Limits::default());
+        p.rx.clear();
+        p.drain();
+        p
+    }
+
     /// Move the engine's output into `rx`.
     pub fn drain(&mut self) {
         loop {
