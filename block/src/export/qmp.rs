@@ -138,26 +138,16 @@ impl<'a> Obj<'a> {
         }
     }
 
-    /// A list of unsigned integers: a JSON array, or from the command
-    /// line's key=value syntax an object keyed `0`, `1`, ...
+    /// A list of unsigned integers (the command line's `key.0=…` arrives
+    /// as a list too: keyval listifies indexed keys).
     fn opt_u64_list(&self, key: &str) -> Result<Option<Vec<u64>>, QmpError> {
-        let items: Vec<&Value> = match self.map.get(key) {
+        let items = match self.map.get(key) {
             None => return Ok(None),
-            Some(Value::Array(a)) => a.iter().collect(),
-            Some(Value::Object(m)) => {
-                let mut v = Vec::new();
-                for i in 0..m.len() {
-                    let item = m.get(&format!("{i}")).ok_or_else(|| {
-                        QmpError::invalid_parameter_type(&self.name(key), "array")
-                    })?;
-                    v.push(item);
-                }
-                v
-            }
+            Some(Value::Array(a)) => a,
             Some(_) => return Err(QmpError::invalid_parameter_type(&self.name(key), "array")),
         };
         let mut out = Vec::new();
-        for (i, item) in items.into_iter().enumerate() {
+        for (i, item) in items.iter().enumerate() {
             let name = format!("{}[{i}]", self.name(key));
             let n = match item {
                 Value::Number(n) => n.as_u64(),
