@@ -242,3 +242,89 @@ pub fn config(imgs: &Images) -> QemuConfig {
         ..QemuConfig::default()
     }
 }
+
+/// A qemu-io process whose image is open: its commands come on stdin, so
+/// `open` returns only once qemu-io has shown its first prompt, that is
+/// once the NBD connection and handshake are done.
+///
+/// Tests that start several NBD clients through QEMU's user network start
+/// them this way, one after another: slirp takes host connections one at
+/// a time (its listen backlog is 1), and a burst can overflow the host's
+/// accept queue, which leaves a client waiting forever on a connection
+/// slirp never sees (captured: the SYN reaches the guest only when the
+/// client gives up and closes).
+pub struct QemuIoSession {
+    child: std::process::Child,
+    what: String,
+}
+
+impl QemuIoSession {
+    /// qemu-io on `target` with `args` before it (`-f raw`, `-r`, ...),
+    /// killed by `timeout` after `secs` so that a stuck client fails the
+    /// test instead of hanging it.
+    pub fn open(args: &[&str], target: &str, secs: u32) -> QemuIoSession {
+        use std::io::Read;
+        let mut child = Command::new("timeout")
+            .arg(secs.to_string())
+            .arg("qemu-io")
+            .args(args)
+            .arg(target)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("qemu-io");
+        let what = format!("qemu-io {args:?} {target}");
+        // The prompt has no newline: read bytes until it is there.
+        let mut seen = Vec::new();
+        let stdout = child.stdout.as_mut().expect("stdout");
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"qemu-io> ") {
+            match stdout.read(&mut byte) {
+                Ok(1) => seen.push(byte[0]),
+                _ => {
+                    let o = child.wait_with_output().expect("qemu-io");
+                    panic!(
+                        "{what} did not open: {}{}{}",
+                        String::from_utf8_lossy(&seen),
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+            }
+        }
+        QemuIoSession { child, what }
+    }
+
+    /// Sends `cmds`, one a line, without waiting for them.
+    pub fn send(&mut self, cmds: &[String]) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        for c in cmds {
+            writeln!(stdin, "{c}").expect("qemu-io stdin");
+        }
+        stdin.flush().expect("qemu-io stdin");
+    }
+
+    /// Ends the session (stdin closed, so qemu-io quits after its
+    /// commands) and returns whether it exited 0, and all it printed.
+    pub fn finish(self) -> (bool, String) {
+        self.finish_streaming(|_| {})
+    }
+
+    /// As `finish`, handing each line of output to `each` as it comes.
+    pub fn finish_streaming(mut self, mut each: impl FnMut(&str)) -> (bool, String) {
+        use std::io::BufRead;
+        drop(self.child.stdin.take());
+        let mut out = String::new();
+        let stdout = std::io::BufReader::new(self.child.stdout.take().expect("stdout"));
+        for line in stdout.lines().map_while(Result::ok) {
+            each(&line);
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let o = self.child.wait_with_output().expect("qemu-io");
+        let text = format!("{}: {out}{}", self.what, String::from_utf8_lossy(&o.stderr));
+        (o.status.success(), text)
+    }
+}

@@ -9,7 +9,7 @@
 //! closed", nothing left open) and names every job that was still running
 //! as cancelled.
 
-use harness::host::{MIB, create, run};
+use harness::host::{MIB, QemuIoSession, create, run};
 use harness::qemu::FAILURE_EXIT_STATUS;
 use harness::{Appliance, QemuConfig};
 use serde_json::{Value, json};
@@ -869,39 +869,31 @@ fn eight_nbd_clients_writing(how: Halt) {
     // Acknowledged writes, per client.
     let acks: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>> =
         std::sync::Arc::new((0..CLIENTS).map(|_| Default::default()).collect());
+    // Connected one after another (see `QemuIoSession`), then each sends
+    // its writes and counts the acknowledgements as they come.
+    let sessions: Vec<_> = (0..CLIENTS)
+        .map(|_| QemuIoSession::open(&["-f", "raw"], &format!("nbd://127.0.0.1:{port}/disk"), 120))
+        .collect();
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let uri = format!("nbd://127.0.0.1:{port}/disk");
+        .zip(sessions)
+        .map(|(i, mut session)| {
             let acks = acks.clone();
-            // QEMU's user network accepts host connections one at a time
-            // (listen backlog 1): a burst could overflow the host's accept
-            // queue, which leaves a client waiting forever.
-            std::thread::sleep(Duration::from_millis(25));
             std::thread::spawn(move || {
-                let mut cmd = Command::new("qemu-io");
-                cmd.args(["-f", "raw"]);
-                for n in 0..WRITES {
-                    let fua = if n % 2 == 1 { "-f " } else { "" };
-                    let off = i * 8 * MIB + n * CHUNK;
-                    cmd.arg("-c")
-                        .arg(format!("write {fua}-P {:#x} {off} {CHUNK}", pattern(i, n)));
-                }
-                let mut child = cmd
-                    .arg(uri)
-                    .stdout(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                let mut out = String::new();
-                let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-                for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
-                    if line.starts_with("wrote ") {
-                        acks[i as usize].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    out.push_str(&line);
-                    out.push('\n');
-                }
-                let _ = child.wait();
-                out
+                let cmds: Vec<String> = (0..WRITES)
+                    .map(|n| {
+                        let fua = if n % 2 == 1 { "-f " } else { "" };
+                        let off = i * 8 * MIB + n * CHUNK;
+                        format!("write {fua}-P {:#x} {off} {CHUNK}", pattern(i, n))
+                    })
+                    .collect();
+                session.send(&cmds);
+                session
+                    .finish_streaming(|line| {
+                        if line.contains("wrote ") {
+                            acks[i as usize].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    })
+                    .1
             })
         })
         .collect();

@@ -20,7 +20,7 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::host::{MIB, create, qemu_io};
+use harness::host::{MIB, QemuIoSession, create, qemu_io};
 use harness::qemu::free_port;
 use harness::{Appliance, QemuConfig};
 use serde_json::{Value, json};
@@ -620,29 +620,21 @@ fn bad_clients_do_not_harm_other_connections() {
     good.write(3, 4096, &[0x6b; 4096]);
     assert_eq!(good.read_at(4, 4096, 4096), vec![0x6b; 4096]);
 
-    // Eight clients at once, each on its own region (connecting 25 ms
-    // apart: QEMU's user network takes host connections one at a time,
-    // with a listen backlog of 1).
-    let workers: Vec<_> = (0..8u64)
-        .map(|i| {
-            thread::sleep(Duration::from_millis(25));
-            let u = uri(port, "disk");
-            thread::spawn(move || {
-                let pat = format!("0x{:02x}", 0x20 + i);
-                let off = 16 * MIB + i * 4 * MIB;
-                let o = Command::new("qemu-io")
-                    .args(["-f", "raw"])
-                    .args(["-c", &format!("write -P {pat} {off} 4M")])
-                    .args(["-c", &format!("read -P {pat} {off} 4M")])
-                    .arg(&u)
-                    .output()
-                    .unwrap();
-                (o.status.success(), text(&o))
-            })
-        })
+    // Eight clients at once, each on its own region: connected one after
+    // another (see `QemuIoSession`), then each sends its commands.
+    let mut workers: Vec<_> = (0..8u64)
+        .map(|_| QemuIoSession::open(&["-f", "raw"], &uri(port, "disk"), 120))
         .collect();
+    for (i, w) in (0..8u64).zip(&mut workers) {
+        let pat = format!("0x{:02x}", 0x20 + i);
+        let off = 16 * MIB + i * 4 * MIB;
+        w.send(&[
+            format!("write -P {pat} {off} 4M"),
+            format!("read -P {pat} {off} 4M"),
+        ]);
+    }
     for w in workers {
-        let (ok, out) = w.join().unwrap();
+        let (ok, out) = w.finish();
         assert!(
             ok && !out.contains("failed"),
             "parallel client: {out}\nconsole:\n{}",

@@ -7,10 +7,11 @@
 //! covering blocks inside the appliance; before the fix, eight clients
 //! writing their own 512-byte piece of the same blocks lost most pieces.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Command;
 
-use harness::host::{MIB, create, qemu_io};
+use harness::host::{MIB, QemuIoSession, create, qemu_io};
 use harness::qemu::free_port;
 use harness::{Appliance, QemuConfig};
 use serde_json::Value;
@@ -127,9 +128,10 @@ const BLOCKS: u64 = 256;
 const CLIENTS: u64 = 8;
 
 /// A libnbd client that does not ask for block sizes (so the server tells
-/// it 1 and it may write 512 bytes at a time, as QEMU allows), writes its
-/// piece of every block with all writes in flight at once, checks every
-/// one was acknowledged, then flushes.
+/// it 1 and it may write 512 bytes at a time, as QEMU allows), says it is
+/// connected, waits for a line on stdin, writes its piece of every block
+/// with all writes in flight at once, checks every one was acknowledged,
+/// then flushes.
 const WRITER: &str = r#"
 import nbd, sys
 client, uri, blocks = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -137,6 +139,8 @@ h = nbd.NBD()
 h.set_request_block_size(False)
 h.connect_uri(uri)
 assert h.get_block_size(nbd.SIZE_MINIMUM) == 1, h.get_block_size(nbd.SIZE_MINIMUM)
+print("connected", flush=True)
+sys.stdin.readline()
 cookies = []
 for b in range(blocks):
     byte = (client * 37 + b) % 255 + 1
@@ -159,16 +163,34 @@ fn concurrent_pieces(transport: Transport) {
     );
     let (a, port) = boot(transport, &[(&img, "d4k")], &append);
     let u = uri(port, "disk");
-    let writers: Vec<_> = (0..CLIENTS)
+    // Connected one after another (see `QemuIoSession`), then all let go
+    // at once.
+    let mut writers: Vec<_> = (0..CLIENTS)
         .map(|c| {
-            Command::new("/usr/bin/python3")
-                .args(["-c", WRITER, &c.to_string(), &u, &BLOCKS.to_string()])
+            let mut w = Command::new("timeout")
+                .args(["120", "/usr/bin/python3", "-c", WRITER])
+                .args([&c.to_string(), &u, &BLOCKS.to_string()])
+                .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
-                .expect("python3 with libnbd")
+                .expect("python3 with libnbd");
+            let mut line = String::new();
+            let _ = BufReader::new(w.stdout.as_mut().unwrap()).read_line(&mut line);
+            if line.trim() != "connected" {
+                let o = w.wait_with_output().expect("writer");
+                panic!(
+                    "writer {c} did not connect: {line}{}\nconsole:\n{}",
+                    String::from_utf8_lossy(&o.stderr),
+                    a.console()
+                );
+            }
+            w
         })
         .collect();
+    for w in &mut writers {
+        writeln!(w.stdin.as_mut().unwrap(), "go").expect("writer stdin");
+    }
     for w in writers {
         let o = w.wait_with_output().expect("writer");
         assert!(
@@ -221,31 +243,29 @@ fn eight_qemu_io_clients_writing_512_byte_pieces_of_shared_4k_blocks_lose_nothin
     );
     let (a, port) = boot(Transport::VirtioBlk, &[(&img, "d4k")], &append);
     let u = uri(port, "disk");
-    let writers: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let mut cmd = Command::new("qemu-io");
-            cmd.args(["-f", "raw"]);
-            for b in 0..BLOCKS {
-                cmd.arg("-c").arg(format!(
+    // Connected one after another (see `QemuIoSession`), then each sends
+    // its writes.
+    let mut writers: Vec<_> = (0..CLIENTS)
+        .map(|_| QemuIoSession::open(&["-f", "raw"], &u, 120))
+        .collect();
+    for (c, w) in (0..CLIENTS).zip(&mut writers) {
+        let mut cmds: Vec<String> = (0..BLOCKS)
+            .map(|b| {
+                format!(
                     "aio_write -P {} {} 512",
                     piece_byte(c, b),
                     b * 4096 + c * 512
-                ));
-            }
-            cmd.args(["-c", "aio_flush"]).arg(&u);
-            cmd.stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("qemu-io")
-        })
-        .collect();
+                )
+            })
+            .collect();
+        cmds.push("aio_flush".into());
+        w.send(&cmds);
+    }
     for w in writers {
-        let o = w.wait_with_output().expect("qemu-io");
-        let text = String::from_utf8_lossy(&o.stdout);
+        let (ok, text) = w.finish();
         assert!(
-            o.status.success() && !text.contains("failed"),
-            "qemu-io: {text}{}\nconsole:\n{}",
-            String::from_utf8_lossy(&o.stderr),
+            ok && !text.contains("failed"),
+            "{text}\nconsole:\n{}",
             a.console()
         );
     }
