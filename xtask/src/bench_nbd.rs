@@ -290,16 +290,65 @@ fn fio(t: &Target, rw: &str, depth: u32, seconds: u64) -> Result<f64, String> {
 /// Measurements of one server: QEMU start to the first `nbdinfo`
 /// answered (s), read MB/s, write MB/s, randread QD32, randwrite QD32,
 /// randread QD1 IOPS.
-type Row = [f64; 6];
+type Row = [f64; 8];
 
-const COLUMNS: [&str; 6] = [
+const COLUMNS: [&str; 8] = [
     "NBD ready s",
     "nbdcopy read MB/s",
     "nbdcopy write MB/s",
     "randread QD32 IOPS",
     "randwrite QD32 IOPS",
     "randread QD1 IOPS",
+    "4K read busy ms",
+    "4K read idle 1s ms",
 ];
+
+/// Columns where less is better (times): their ratio is "how many times
+/// sooner" (the anchor's value over this one).
+const LOWER_IS_BETTER: [bool; 8] = [true, false, false, false, false, false, true, true];
+
+/// One connection, 4 KiB reads one at a time: the median latency of 30
+/// back to back, then of 10 that each follow a second of silence (the
+/// appliance idles in `hlt` then; the first request wakes it). Printed as
+/// "busy idle" in milliseconds.
+const WAKE_PROBE: &str = r#"
+import nbd, sys, time, statistics
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+def read(i):
+    t = time.perf_counter()
+    h.pread(4096, (i * 1048576) % h.get_size())
+    return (time.perf_counter() - t) * 1000
+for i in range(20):
+    read(i)
+busy = statistics.median(read(i) for i in range(30))
+idle = []
+for i in range(10):
+    time.sleep(1.0)
+    idle.append(read(i))
+print("%.3f %.3f" % (busy, statistics.median(idle)))
+h.shutdown()
+"#;
+
+fn wake_latency(t: &Target) -> Result<(f64, f64), String> {
+    let out = t
+        .command("/usr/bin/python3")
+        .args(["-c", WAKE_PROBE, &t.uri])
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match (out.status.success(), v.as_slice()) {
+        (true, [busy, idle]) => Ok((*busy, *idle)),
+        _ => Err(format!(
+            "wake probe: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
 
 fn measure(
     t: &Target,
@@ -311,6 +360,7 @@ fn measure(
     let mb = size as f64 / 1e6;
     let read = run_timed(t.command("nbdcopy").arg(&t.uri).arg("null:"))?;
     let write = run_timed(t.command("nbdcopy").arg("--flush").arg(src).arg(&t.uri))?;
+    let (busy, idle) = wake_latency(t)?;
     Ok([
         ready.as_secs_f64(),
         mb / read.as_secs_f64(),
@@ -318,6 +368,8 @@ fn measure(
         fio(t, "randread", 32, seconds)?,
         fio(t, "randwrite", 32, seconds)?,
         fio(t, "randread", 1, seconds)?,
+        busy,
+        idle,
     ])
 }
 
@@ -443,10 +495,15 @@ fn print_table(rows: &[(String, Row)]) {
             .map(|(_, r)| *r);
         print!("{name:<10}");
         for (i, v) in row.iter().enumerate() {
-            let digits = if i == 0 { 2 } else { 0 };
+            let digits = match i {
+                0 | 6 | 7 => 2,
+                _ => 0,
+            };
             let cell = match base {
                 // Time: how many times sooner.
-                Some(b) if i == 0 && *v > 0.0 => format!("{v:.digits$} ({:.1}x)", b[i] / v),
+                Some(b) if LOWER_IS_BETTER[i] && *v > 0.0 => {
+                    format!("{v:.digits$} ({:.1}x)", b[i] / v)
+                }
                 Some(b) if b[i] > 0.0 => format!("{v:.digits$} ({:.2}x)", v / b[i]),
                 _ => format!("{v:.digits$}"),
             };
@@ -455,7 +512,8 @@ fn print_table(rows: &[(String, Row)]) {
         println!();
     }
     println!("(ratios: blockhaus to linux, bh-tap to linux-tap, measured in this run;");
-    println!(" for NBD ready, how many times sooner)");
+    println!(" for NBD ready and the 4K read latencies, how many times sooner;");
+    println!(" 'idle 1s': each read follows a second without requests)");
 }
 
 /// `-m` sizes tried, MiB, largest first.
