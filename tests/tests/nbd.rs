@@ -922,6 +922,13 @@ fn max_connections_makes_further_clients_wait() {
         .expect("greeting once a slot is free");
     assert_eq!(&greeting[..8], b"NBDMAGIC");
     drop(second);
+    // With one connection allowed, multi-conn is not offered (as QEMU).
+    let info = client(
+        &a,
+        Command::new("nbdinfo").args(["--json", &uri(port, "disk")]),
+    );
+    let v: Value = serde_json::from_str(&info).expect("nbdinfo JSON");
+    assert_eq!(v["exports"][0]["can_multi_conn"], false, "{info}");
     quit(a);
 }
 

@@ -286,7 +286,13 @@ fn server_start(server: &mut dyn NbdServer, args: &Obj<'_>) -> Result<(), QmpErr
             max_connections,
             handshake_max_seconds,
         })
-        .map_err(QmpError::generic)
+        .map_err(QmpError::generic)?;
+    // QEMU (nbd_export_create): multi-conn only where a client may open
+    // more than one connection.
+    if let Some(table) = server.exports() {
+        table.set_multi_conn(max_connections != 1);
+    }
+    Ok(())
 }
 
 fn export_add<C: NbdContext>(app: &C, args: &Obj<'_>) -> Result<(), QmpError> {

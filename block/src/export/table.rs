@@ -99,6 +99,9 @@ impl NbdExport {
 pub struct ExportTable {
     list: RefCell<Vec<Rc<NbdExport>>>,
     registry: Rc<Registry>,
+    /// `NBD_FLAG_CAN_MULTI_CONN` may be offered: not when the server
+    /// takes a single connection (`max-connections=1`), as QEMU.
+    multi_conn: Cell<bool>,
 }
 
 /// What `block-export-add` / `nbd-server-add` asks for.
@@ -121,7 +124,21 @@ impl ExportTable {
         Rc::new(ExportTable {
             list: RefCell::new(Vec::new()),
             registry,
+            multi_conn: Cell::new(true),
         })
+    }
+
+    /// Whether exports offer multi-conn (the server's `max-connections`
+    /// is not 1).
+    pub fn set_multi_conn(&self, on: bool) {
+        self.multi_conn.set(on);
+    }
+
+    /// What the engine offers for `e`.
+    fn offer(&self, e: &NbdExport) -> Export {
+        let mut d = e.describe();
+        d.features.multi_conn &= self.multi_conn.get();
+        d
     }
 
     /// The registry the exports' backends live in.
@@ -285,12 +302,12 @@ impl ExportSet for ExportTable {
     fn for_each(&self, f: &mut dyn FnMut(&Export)) {
         for e in self.list.borrow().iter() {
             if !e.shutting_down.get() {
-                f(&e.describe());
+                f(&self.offer(e));
             }
         }
     }
 
     fn find(&self, name: &str) -> Option<Export> {
-        self.by_name(name).map(|e| e.describe())
+        self.by_name(name).map(|e| self.offer(&e))
     }
 }

@@ -236,6 +236,33 @@ fn nbd_server_start_reads_both_address_shapes_and_refuses_what_it_cannot_serve()
     assert_eq!(h.boot("blockdev", "driver=mem"), Ok(false));
 }
 
+/// QEMU offers `NBD_FLAG_CAN_MULTI_CONN` unless the server takes a single
+/// connection (`max-connections=1`): a client told it may open several
+/// connections would otherwise wait on the second one forever.
+#[test]
+fn multi_conn_is_offered_unless_the_server_takes_one_connection() {
+    use crate::nbd::ExportSet;
+    let mut h = Harness::new();
+    let multi_conn = |h: &Harness| {
+        let table = h.m.server.borrow().exports.clone();
+        table.find("d").expect("export d").features.multi_conn
+    };
+    for (max, offered) in [(1u32, false), (2, true), (0, true)] {
+        h.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "host": "0.0.0.0", "port": "10809"},
+                   "max-connections": max}),
+        );
+        h.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "disk0", "name": "d",
+                   "writable": true}),
+        );
+        assert_eq!(multi_conn(&h), offered, "max-connections={max}");
+        h.ok("nbd-server-stop", json!({}));
+    }
+}
+
 #[test]
 fn block_export_add_del_and_query_with_qemus_texts() {
     let mut h = Harness::new();
