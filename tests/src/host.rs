@@ -255,7 +255,6 @@ pub fn config(imgs: &Images) -> QemuConfig {
 /// client gives up and closes).
 pub struct QemuIoSession {
     child: std::process::Child,
-    what: String,
 }
 
 impl QemuIoSession {
@@ -293,7 +292,7 @@ impl QemuIoSession {
                 }
             }
         }
-        QemuIoSession { child, what }
+        QemuIoSession { child }
     }
 
     /// Sends `cmds`, one a line, without waiting for them.
@@ -307,7 +306,8 @@ impl QemuIoSession {
     }
 
     /// Ends the session (stdin closed, so qemu-io quits after its
-    /// commands) and returns whether it exited 0, and all it printed.
+    /// commands) and returns whether it exited 0, and all it printed
+    /// (without its prompts, so it reads as with `-c`).
     pub fn finish(self) -> (bool, String) {
         self.finish_streaming(|_| {})
     }
@@ -319,12 +319,15 @@ impl QemuIoSession {
         let mut out = String::new();
         let stdout = std::io::BufReader::new(self.child.stdout.take().expect("stdout"));
         for line in stdout.lines().map_while(Result::ok) {
-            each(&line);
-            out.push_str(&line);
+            // As with `-c`: without the prompts qemu-io shows before each
+            // command it reads.
+            let line = line.trim_start_matches("qemu-io> ");
+            each(line);
+            out.push_str(line);
             out.push('\n');
         }
         let o = self.child.wait_with_output().expect("qemu-io");
-        let text = format!("{}: {out}{}", self.what, String::from_utf8_lossy(&o.stderr));
-        (o.status.success(), text)
+        out.push_str(&String::from_utf8_lossy(&o.stderr));
+        (o.status.success(), out)
     }
 }

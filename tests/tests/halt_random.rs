@@ -27,7 +27,7 @@
 //! commit's base): a cancelled job abandons its reads but lets its writes
 //! in flight land (`Pool::abandon` in block/src/jobs/copy.rs).
 
-use harness::host::{MIB, create, dirty_extents, run};
+use harness::host::{MIB, QemuIoSession, create, dirty_extents, run};
 use harness::qemu::FAILURE_EXIT_STATUS;
 use harness::{Appliance, Machine, QemuConfig};
 use serde_json::{Value, json};
@@ -50,19 +50,25 @@ struct NbdWriter {
 }
 
 /// Starts `qemu-io` over NBD with `writes` (offset, length, pattern), one
-/// after the other, on export `name`.
+/// after the other, on export `name`; returns once it is connected (see
+/// `QemuIoSession`).
 fn nbd_writer(port: u16, name: &str, writes: &[(u64, u64, u8)]) -> std::thread::JoinHandle<String> {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for (i, (off, len, p)) in writes.iter().enumerate() {
-        let fua = if i % 3 == 2 { "-f " } else { "" };
-        cmd.arg("-c")
-            .arg(format!("write {fua}-P {p:#x} {off} {len}"));
-    }
-    cmd.arg(format!("nbd://127.0.0.1:{port}/{name}"));
+    let mut session = QemuIoSession::open(
+        &["-f", "raw"],
+        &format!("nbd://127.0.0.1:{port}/{name}"),
+        300,
+    );
+    let cmds: Vec<String> = writes
+        .iter()
+        .enumerate()
+        .map(|(i, (off, len, p))| {
+            let fua = if i % 3 == 2 { "-f " } else { "" };
+            format!("write {fua}-P {p:#x} {off} {len}")
+        })
+        .collect();
     std::thread::spawn(move || {
-        let out = cmd.output().unwrap();
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+        session.send(&cmds);
+        session.finish().1
     })
 }
 
@@ -657,8 +663,6 @@ fn one_seed(seed: u64) {
                 (off, len, 0x80 + (n % 0x70) as u8)
             })
             .collect();
-        // QEMU's user network takes host connections one at a time.
-        std::thread::sleep(Duration::from_millis(25));
         let client = nbd_writer(port, &format!("v{v}"), &writes);
         nbd_writers.push(NbdWriter {
             vol: v,
