@@ -3,8 +3,9 @@
 //! serial lines (IRQ 3 and 4) on their own pins, edge-triggered, active
 //! high (QEMU's MADT overrides only IRQ 0 and the PCI/SCI lines).
 //! It carries the ISA lines blockhaus wakes on (COM2's receive interrupt,
-//! the ACPI power button) to the local APIC; virtio devices interrupt
-//! through MSI-X ([`crate::pci::msix`]) instead.
+//! the ACPI power button, the INTx line of a virtio function without
+//! MSI-X) to the local APIC; virtio devices interrupt through MSI-X
+//! ([`crate::pci::msix`]) where they have it.
 
 pub const BASE: u64 = 0xFEC0_0000;
 const IOREGSEL: u64 = 0x00;

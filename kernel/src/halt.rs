@@ -120,7 +120,7 @@ fn stop(reason: Reason, detail: &str, failed: Option<&str>) -> ! {
     let irqs = crate::interrupts::counts();
     let report = |out: fn(core::fmt::Arguments<'_>)| {
         out(format_args!(
-            "\n=== blockhaus halt report ===\nreason: {} ({})\nuptime: {}.{:03} s\nheap: {} KiB used, {} KiB free\nboot stack: {} KiB of {} KiB used at the deepest\nidle: {} halts; interrupts: timer {}, disk {}, net {}, virtio-serial {}, COM2 {}, SCI {}\n",
+            "\n=== blockhaus halt report ===\nreason: {} ({})\nuptime: {}.{:03} s\nheap: {} KiB used, {} KiB free\nboot stack: {} KiB of {} KiB used at the deepest\nidle: {} halts; interrupts: timer {}, disk {}, net {}, virtio-serial {}, COM2 {}, SCI {}, INTx {}\n",
             reason.as_str(),
             detail,
             uptime / 1_000_000_000,
@@ -136,6 +136,7 @@ fn stop(reason: Reason, detail: &str, failed: Option<&str>) -> ! {
             irqs.console,
             irqs.uart,
             irqs.sci,
+            irqs.intx,
         ))
     };
     if first && !failure {

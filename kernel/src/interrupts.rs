@@ -3,7 +3,8 @@
 //! prints its vector, error code, RIP and CR2 on COM1 and takes the failure
 //! exit. Every other interrupt only ends `hlt`: the LAPIC one-shot timer
 //! (armed for the next deadline, [`wait_until`]), the virtio devices' MSI-X
-//! messages and COM2's receive interrupt (through the I/O APIC). Their
+//! messages (INTx for a device without MSI-X) and COM2's receive interrupt
+//! (through the I/O APIC). Their
 //! stubs count the interrupt, signal EOI and return; the main loop then
 //! polls everything. Interrupts are enabled only inside [`wait_until`]'s
 //! `sti; hlt`, so a handler never interrupts the appliance's work.
@@ -33,6 +34,8 @@ pub const UART_VECTOR: u8 = 0x33;
 pub const COM2_GSI: u8 = 3;
 /// The ACPI power button's interrupt (SCI or GED), through the I/O APIC.
 pub const SCI_VECTOR: u8 = 0x34;
+/// The INTx lines of virtio functions without MSI-X, through the I/O APIC.
+pub const INTX_VECTOR: u8 = 0x35;
 
 /// Interrupts taken since boot, per source, and halts (`hlt` entered).
 static TIMER_IRQS: AtomicU64 = AtomicU64::new(0);
@@ -41,6 +44,12 @@ static NET_IRQS: AtomicU64 = AtomicU64::new(0);
 static CONSOLE_IRQS: AtomicU64 = AtomicU64::new(0);
 static UART_IRQS: AtomicU64 = AtomicU64::new(0);
 static SCI_IRQS: AtomicU64 = AtomicU64::new(0);
+static INTX_IRQS: AtomicU64 = AtomicU64::new(0);
+/// `INTX_IRQS` when [`ack_intx`] last read the ISRs.
+static INTX_SEEN: AtomicU64 = AtomicU64::new(0);
+/// The ISR status bytes of the functions on INTx ([`route_intx`]), 0 for
+/// a free slot.
+static INTX_ISRS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 /// `SCI_IRQS` when [`take_sci`] last looked.
 static SCI_SEEN: AtomicU64 = AtomicU64::new(0);
 static HALTS: AtomicU64 = AtomicU64::new(0);
@@ -116,6 +125,7 @@ pub fn init() {
         idt.0[CONSOLE_VECTOR as usize] = gate(console_stub as *const () as u64, code.0, 0);
         idt.0[UART_VECTOR as usize] = gate(uart_stub as *const () as u64, code.0, 0);
         idt.0[SCI_VECTOR as usize] = gate(sci_stub as *const () as u64, code.0, 0);
+        idt.0[INTX_VECTOR as usize] = gate(intx_stub as *const () as u64, code.0, 0);
         idt.0[drivers::lapic::SPURIOUS_VECTOR as usize] =
             gate(spurious_stub as *const () as u64, code.0, 0);
         lidt(&DescriptorTablePointer {
@@ -235,6 +245,7 @@ wake_stub!(net_stub, NET_IRQS);
 wake_stub!(console_stub, CONSOLE_IRQS);
 wake_stub!(uart_stub, UART_IRQS);
 wake_stub!(sci_stub, SCI_IRQS);
+wake_stub!(intx_stub, INTX_IRQS);
 
 /// Spurious LAPIC interrupts need no EOI.
 #[unsafe(naked)]
@@ -347,6 +358,7 @@ pub struct Counts {
     pub console: u64,
     pub uart: u64,
     pub sci: u64,
+    pub intx: u64,
 }
 
 pub fn counts() -> Counts {
@@ -358,6 +370,7 @@ pub fn counts() -> Counts {
         console: CONSOLE_IRQS.load(Ordering::Relaxed),
         uart: UART_IRQS.load(Ordering::Relaxed),
         sci: SCI_IRQS.load(Ordering::Relaxed),
+        intx: INTX_IRQS.load(Ordering::Relaxed),
     }
 }
 
@@ -384,7 +397,7 @@ pub fn register_debug(commands: &mut block::qmp::Dispatcher<crate::app::Applianc
         "x-blockhaus-interrupts",
         block::qmp::Signature::new(
             "",
-            "{halts:uint64, timer:uint64, disk:uint64, net:uint64, console:uint64, uart:uint64, sci:uint64, polled:bool}",
+            "{halts:uint64, timer:uint64, disk:uint64, net:uint64, console:uint64, uart:uint64, sci:uint64, intx:uint64, polled:bool}",
         ),
         |_, args| {
             args.check_known(&[])?;
@@ -397,6 +410,7 @@ pub fn register_debug(commands: &mut block::qmp::Dispatcher<crate::app::Applianc
                 "console": c.console,
                 "uart": c.uart,
                 "sci": c.sci,
+                "intx": c.intx,
                 "polled": polled(),
             }))
         },
@@ -419,6 +433,63 @@ pub fn route_power_button() -> bool {
     // SAFETY: only this module programs the I/O APIC, at boot; the IDT
     // has `SCI_VECTOR`.
     unsafe { drivers::ioapic::route_edge(gsi, SCI_VECTOR, drivers::lapic::id()) }
+}
+
+/// Routes the INTx line of a virtio function without MSI-X (ISA IRQ
+/// `line`) to [`INTX_VECTOR`], the function's ISR status byte at `isr`
+/// to be read by [`ack_intx`]; false if there is no I/O APIC or no slot
+/// left (the caller then polls the function on a timer).
+///
+/// The pin is programmed edge-triggered, as the power button's: a level
+/// line still asserted at EOI would be delivered again at once, before
+/// the main loop could lower it. Each rising edge wakes the CPU; the main
+/// loop then reads the ISRs, which lowers the line so the next
+/// notification is an edge again.
+///
+/// # Safety
+/// `isr` is the identity-mapped ISR status byte of a virtio function
+/// (reading it only acknowledges the function's interrupt).
+pub unsafe fn route_intx(line: u8, isr: u64) -> bool {
+    let Some(slot) = INTX_ISRS.iter().find(|s| s.load(Ordering::Relaxed) == 0) else {
+        return false;
+    };
+    // SAFETY: only this module programs the I/O APIC, at boot; the IDT
+    // has `INTX_VECTOR`.
+    if !unsafe { drivers::ioapic::route_edge(line, INTX_VECTOR, drivers::lapic::id()) } {
+        return false;
+    }
+    slot.store(isr, Ordering::Relaxed);
+    // A line already high gives no edge: lower it now.
+    read_isrs();
+    true
+}
+
+/// After an INTx interrupt: reads every INTx function's ISR (lowering its
+/// line) until a whole pass finds none pending, so that the shared line
+/// is low and the next notification is a new edge. Call before polling
+/// the devices: what the ISRs acknowledged is then in their used rings.
+pub fn ack_intx() {
+    let now = INTX_IRQS.load(Ordering::Relaxed);
+    if INTX_SEEN.swap(now, Ordering::Relaxed) != now {
+        read_isrs();
+    }
+}
+
+fn read_isrs() {
+    for _ in 0..8 {
+        let mut pending = false;
+        for slot in &INTX_ISRS {
+            let isr = slot.load(Ordering::Relaxed);
+            if isr != 0 {
+                // SAFETY: `route_intx`'s caller gave an identity-mapped
+                // ISR status byte; reading it acknowledges the interrupt.
+                pending |= unsafe { core::ptr::read_volatile(isr as *const u8) } != 0;
+            }
+        }
+        if !pending {
+            break;
+        }
+    }
 }
 
 /// Whether the power button's interrupt arrived since the last call.

@@ -211,6 +211,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     let mut last_activity = clock::monotonic_ns();
     let mut last_button_poll = 0;
     loop {
+        interrupts::ack_intx();
         let mut busy = {
             let mut disks = monitor.appliance().disks.borrow_mut();
             // Requests in flight on a device that cannot interrupt: keep

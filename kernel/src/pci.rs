@@ -110,7 +110,7 @@ impl Pci {
         let msix = pci::msix::Msix::find(&mut self.bus, f);
         let common = pci::msix::virtio_common_cfg(&mut self.bus, f);
         let (Some(msix), Some(common)) = (msix, common) else {
-            crate::interrupts::poll_without_interrupt(format_args!("{} (no MSI-X)", f.address));
+            self.intx(f);
             return;
         };
         // SAFETY: the table and the common configuration are in `f`'s
@@ -130,6 +130,29 @@ impl Pci {
                 "{} (MSI-X vector refused)",
                 f.address
             ));
+        }
+    }
+
+    /// A function without MSI-X interrupts through INTx, on the ISA IRQ
+    /// the firmware gave it; without a line (or an I/O APIC) it is polled
+    /// on a timer.
+    fn intx(&mut self, f: &Function) {
+        let isr = pci::msix::virtio_isr(&mut self.bus, f);
+        let line = isr.and_then(|_| pci::msix::enable_intx(&mut self.bus, f));
+        let routed = match (isr, line) {
+            // SAFETY: `isr` is the ISR byte in `f`'s memory BAR, mapped by
+            // `open_virtio`.
+            (Some(isr), Some(line)) => unsafe { crate::interrupts::route_intx(line, isr) },
+            _ => false,
+        };
+        match line {
+            Some(line) if routed => {
+                info!("{}: no MSI-X: INTx on IRQ {line}", f.address);
+            }
+            _ => crate::interrupts::poll_without_interrupt(format_args!(
+                "{} (no MSI-X, no INTx line)",
+                f.address
+            )),
         }
     }
 

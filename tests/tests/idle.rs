@@ -223,8 +223,8 @@ fn idle_appliance_wakes_on_interrupts_not_on_a_tick_on_every_machine_type() {
         );
         let sci: u64 = console
             .split_once(", SCI ")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
+            .and_then(|(_, rest)| rest.split([',', '\n']).next())
+            .and_then(|n| n.trim().parse().ok())
             .unwrap_or_else(|| panic!("{name}: no SCI count in the halt report:\n{console}"));
         assert!(
             sci >= 1,
@@ -240,6 +240,15 @@ fn idle_appliance_wakes_on_interrupts_not_on_a_tick_on_every_machine_type() {
 /// empty or starting with a comma), and
 /// with the boot options' NBD export of it and the debug commands.
 fn boot_with_one_disk(
+    pattern: u8,
+    drive_opts: &str,
+    device_opts: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, u16, Appliance) {
+    boot_on(Machine::Q35, pattern, drive_opts, device_opts)
+}
+
+fn boot_on(
+    machine: Machine,
     pattern: u8,
     drive_opts: &str,
     device_opts: &str,
@@ -262,36 +271,76 @@ fn boot_with_one_disk(
             "-device".into(),
             format!("virtio-blk-pci,drive=d0,serial=disk0{device_opts}").into(),
         ],
-        ..QemuConfig::default()
+        ..QemuConfig::default().machine(machine)
     };
     let a = Appliance::boot(&cfg);
     (dir, img, port, a)
 }
 
-/// A virtio device without MSI-X (`vectors=0`) cannot wake the CPU: the
-/// appliance says so, polls it on a timer while idle, and serves it.
+/// A virtio device without MSI-X (`vectors=0`) interrupts through INTx,
+/// on the ISA IRQ the firmware gave it, on both PC chipsets: throttled
+/// reads (one request a second on the host side) complete while the CPU
+/// is halted, and INTx wakes it for them (counted); nothing is polled on a
+/// timer; what was written is on the disk after quit.
 #[test]
-fn a_device_without_msix_is_polled_and_served() {
-    let (_dir, img, port, mut a) = boot_with_one_disk(0x6d, "", ",vectors=0");
+fn a_device_without_msix_wakes_the_cpu_through_intx() {
+    for machine in [Machine::Q35, Machine::Pc] {
+        let (_dir, img, port, mut a) =
+            boot_on(machine, 0x6d, ",throttling.iops-total=1", ",vectors=0");
+        let console = a.console();
+        assert!(
+            console.contains(": no MSI-X: INTx on IRQ "),
+            "{machine:?}:\n{console}"
+        );
+        assert_eq!(
+            console.matches("MSI-X on").count(),
+            1,
+            "the network device still has MSI-X:\n{console}"
+        );
+        // The debug command is in the schema, as every command is.
+        let schema = a.qmp().cmd("query-qmp-schema", json!({})).unwrap();
+        assert!(
+            schema.as_array().is_some_and(|s| s.iter().any(|e| {
+                e["name"] == json!("x-blockhaus-interrupts") && e["meta-type"] == json!("command")
+            })),
+            "x-blockhaus-interrupts not in query-qmp-schema"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let before = interrupt_counts(&mut a);
+        nbd_client(
+            &a,
+            port,
+            &[
+                "read -P 0x6d 0 4k",
+                "read -P 0x6d 64k 4k",
+                "write -P 0x19 1M 4k",
+                "read -P 0x19 1M 4k",
+            ],
+        );
+        let after = interrupt_counts(&mut a);
+        assert!(
+            count(&after, "intx") > count(&before, "intx"),
+            "{machine:?}: no INTx woke the CPU for throttled requests: {before} -> {after}\nconsole:\n{}",
+            a.console()
+        );
+        assert_eq!(after["polled"], json!(false), "{after}");
+        a.quit();
+        qemu_io(&img, &["read -P 0x19 1M 4k".into()]);
+    }
+}
+
+/// On microvm no firmware gives the function an Interrupt Line (the
+/// appliance places its BARs itself): without MSI-X and without a line it
+/// says so, polls the device on a timer while idle, and serves it.
+#[test]
+fn without_msix_or_an_intx_line_a_device_is_polled_and_served() {
+    let (_dir, img, port, mut a) = boot_on(Machine::Microvm, 0x6d, "", ",vectors=0");
     let console = a.console();
     assert!(
-        console.contains("(no MSI-X): no interrupt, polled every 10 ms while idle"),
+        console.contains("(no MSI-X, no INTx line): no interrupt, polled every 10 ms while idle"),
         "{console}"
     );
-    assert_eq!(
-        console.matches("MSI-X on").count(),
-        1,
-        "the network device still has MSI-X:\n{console}"
-    );
     assert_eq!(interrupt_counts(&mut a)["polled"], json!(true));
-    // The debug command is in the schema, as every command is.
-    let schema = a.qmp().cmd("query-qmp-schema", json!({})).unwrap();
-    assert!(
-        schema.as_array().is_some_and(|s| s.iter().any(|e| {
-            e["name"] == json!("x-blockhaus-interrupts") && e["meta-type"] == json!("command")
-        })),
-        "x-blockhaus-interrupts not in query-qmp-schema"
-    );
     std::thread::sleep(Duration::from_millis(500));
     nbd_client(&a, port, &["read -P 0x6d 0 1M", "write -P 0x19 1M 1M"]);
     std::thread::sleep(Duration::from_millis(300));

@@ -6,8 +6,9 @@
 //! boot CPU, and [`route_virtio_queues`] sends the chosen queues' used-ring
 //! notifications to entry 0; the main loop then polls every device, as it
 //! does when busy. QEMU's virtio-pci functions all have MSI-X (BAR1 holds
-//! the table); a function without it (`vectors=0`) keeps INTx, which
-//! blockhaus does not route: the caller polls it on a timer instead.
+//! the table); a function without it (`vectors=0`) interrupts through
+//! INTx ([`enable_intx`]) on the ISA IRQ the firmware gave it, and its
+//! ISR ([`virtio_isr`]) must be read to lower the line.
 
 use super::{BarKind, Bus, Function};
 use virtio_drivers::transport::pci::bus::DeviceFunction;
@@ -25,6 +26,12 @@ const MSI_ADDRESS: u32 = 0xFEE0_0000;
 /// MSI-X fields.
 const VIRTIO_COMMON_CFG: u8 = 1;
 const MSIX_CONFIG: u64 = 0x10;
+/// `VIRTIO_PCI_CAP_ISR_CFG`.
+const VIRTIO_ISR_CFG: u8 = 3;
+/// Configuration space: the command register and Interrupt Line/Pin.
+const COMMAND: u8 = 0x04;
+const INTX_DISABLE: u32 = 1 << 10;
+const INTERRUPT_LINE: u8 = 0x3C;
 const QUEUE_SELECT: u64 = 0x16;
 const QUEUE_MSIX_VECTOR: u64 = 0x1A;
 /// "No vector": the device does not interrupt for that queue.
@@ -110,11 +117,24 @@ impl Msix {
 /// The address of `f`'s virtio common configuration structure (its
 /// `VIRTIO_PCI_CAP_COMMON_CFG` capability).
 pub fn virtio_common_cfg(bus: &mut Bus, f: &Function) -> Option<u64> {
+    virtio_structure(bus, f, VIRTIO_COMMON_CFG, 0x38)
+}
+
+/// The address of `f`'s virtio ISR status byte (`VIRTIO_PCI_CAP_ISR_CFG`),
+/// if its BAR is a memory BAR. Reading it returns the pending causes and
+/// deasserts the function's INTx line (virtio 1.x §4.1.4.5).
+pub fn virtio_isr(bus: &mut Bus, f: &Function) -> Option<u64> {
+    virtio_structure(bus, f, VIRTIO_ISR_CFG, 1)
+}
+
+/// The address of `f`'s virtio structure of type `cfg_type` (a vendor
+/// capability), when it lies in a placed memory BAR with `len` bytes.
+fn virtio_structure(bus: &mut Bus, f: &Function, cfg_type: u8, len: u64) -> Option<u64> {
     let function = f.address.device_function();
     let caps: alloc::vec::Vec<_> = bus
         .root()
         .capabilities(function)
-        .filter(|c| c.id == CAP_VENDOR && (c.private_header >> 8) as u8 == VIRTIO_COMMON_CFG)
+        .filter(|c| c.id == CAP_VENDOR && (c.private_header >> 8) as u8 == cfg_type)
         .collect();
     caps.iter().find_map(|cap| {
         let bir = (bus.read(function, cap.offset + 4) & 0xff) as u8;
@@ -123,10 +143,28 @@ pub fn virtio_common_cfg(bus: &mut Bus, f: &Function) -> Option<u64> {
             .bars
             .iter()
             .find(|b| b.index == bir && b.kind != BarKind::Io && b.address != 0)?;
-        (offset + 0x38 <= bar.size).then_some(bar.address + offset)
+        (offset + len <= bar.size).then_some(bar.address + offset)
     })
 }
 
+/// `f`'s legacy interrupt: the ISA IRQ its INTx pin reaches (the
+/// Interrupt Line the firmware wrote: SeaBIOS and OVMF both route every
+/// PIRQ to an ISA IRQ, which QEMU's pc and q35 raise on that I/O APIC pin
+/// too), with INTx enabled in the command register. `None` if the
+/// function has no pin or no firmware gave it a line (0 or 0xff).
+pub fn enable_intx(bus: &mut Bus, f: &Function) -> Option<u8> {
+    let function = f.address.device_function();
+    let reg = bus.read(function, INTERRUPT_LINE);
+    let (line, pin) = ((reg & 0xff) as u8, ((reg >> 8) & 0xff) as u8);
+    if pin == 0 || line == 0 || line >= 16 {
+        return None;
+    }
+    // Command is the low half of the dword at 4 (the status half is
+    // write-one-to-clear: write zeroes there).
+    let command = bus.read(function, COMMAND) & 0xffff;
+    bus.write(function, COMMAND, command & !INTX_DISABLE);
+    Some(line)
+}
 /// Sends the used-ring notifications of `queues` to MSI-X entry 0 and
 /// turns configuration-change interrupts off, through the common
 /// configuration at `common`. Call after the driver set the queues up (a
