@@ -27,6 +27,7 @@ mod monitor;
 mod monitor_ports;
 mod net;
 mod pci;
+mod rng;
 mod shutdown;
 mod stack_depth;
 mod storage;

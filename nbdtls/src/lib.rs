@@ -50,6 +50,13 @@ use rustls::{RootCertStore, SignatureScheme};
 pub use rustls::pki_types::UnixTime;
 pub use rustls::time_provider::TimeProvider;
 
+/// The TLS versions offered.
+#[cfg(feature = "tls12")]
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+#[cfg(not(feature = "tls12"))]
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
 /// Decrypted input the engine has not taken, above which no more
 /// ciphertext is taken from the socket.
 const PLAIN_HIGH_WATER: usize = 64 * 1024;
@@ -238,7 +245,8 @@ impl Credentials {
     /// Credentials from PEM text: the server's certificate chain (its
     /// own certificate first) and private key (PKCS#8, SEC1 or PKCS#1),
     /// and, to verify clients (QEMU's `verify-peer`), the CA certificates
-    /// a client's certificate must chain to. TLS 1.3 and 1.2.
+    /// a client's certificate must chain to. TLS 1.3, and 1.2 with the
+    /// `tls12` feature.
     pub fn from_pem(
         cert_chain: &[u8],
         key: &[u8],
@@ -251,7 +259,7 @@ impl Credentials {
         let provider = Arc::new(rustls_rustcrypto::provider());
         check_key_matches(&provider, &chain[0], &key)?;
         let builder = ServerConfig::builder_with_details(provider.clone(), time)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_protocol_versions(VERSIONS)
             .map_err(|e| CredsError(format!("TLS setup failed: {e}")))?;
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
