@@ -1,6 +1,6 @@
 //! User-creatable objects (QEMU: `qom/object_interfaces.c`, `object-add` /
-//! `object-del`). blockhaus has two object types: `throttle-group` and
-//! `tls-creds-x509` ([`crate::tls_creds`]).
+//! `object-del`). blockhaus has three object types: `throttle-group`,
+//! `tls-creds-x509` and `authz-simple` ([`crate::tls_creds`]).
 
 use alloc::format;
 use alloc::rc::Rc;
@@ -13,7 +13,7 @@ use crate::graph::registry::id_wellformed;
 use crate::layer::BlockLayer;
 use crate::options::Opts;
 use crate::qmp::{Args, QmpError};
-use crate::tls_creds::{self, TlsCredsX509};
+use crate::tls_creds::{self, AuthzSimple, TlsCredsX509};
 
 type Res = Result<Value, QmpError>;
 
@@ -26,24 +26,38 @@ pub fn object_add(bl: &BlockLayer, args: &Args<'_>) -> Res {
 /// `object-add` from options read by `opts` (QMP, or `--object` in keyval
 /// mode).
 pub fn object_add_opts(bl: &BlockLayer, opts: &Opts<'_>) -> Result<(), QmpError> {
-    let qom_type = opts.enum_str("qom-type", &["throttle-group", tls_creds::QOM_TYPE])?;
+    let qom_type = opts.enum_str(
+        "qom-type",
+        &[
+            "throttle-group",
+            tls_creds::QOM_TYPE,
+            tls_creds::AUTHZ_SIMPLE,
+        ],
+    )?;
     let id = opts.str("id")?;
     let reg = bl.registry();
+    let wellformed = || {
+        if id_wellformed(id) {
+            Ok(())
+        } else {
+            Err(QmpError::invalid_parameter_value("id", "an identifier"))
+        }
+    };
     let obj: Rc<dyn Any> = if qom_type == tls_creds::QOM_TYPE {
         let creds = TlsCredsX509::parse(opts)?;
-        if !id_wellformed(id) {
-            return Err(QmpError::invalid_parameter_value("id", "an identifier"));
-        }
+        wellformed()?;
         Rc::new(creds)
+    } else if qom_type == tls_creds::AUTHZ_SIMPLE {
+        let authz = AuthzSimple::parse(opts)?;
+        wellformed()?;
+        Rc::new(authz)
     } else {
         let config = match opts.opt_obj("limits")? {
             Some(l) => ThrottleConfig::parse(&l)?,
             None => ThrottleConfig::default(),
         };
         opts.check_unexpected()?;
-        if !id_wellformed(id) {
-            return Err(QmpError::invalid_parameter_value("id", "an identifier"));
-        }
+        wellformed()?;
         Rc::new(ThrottleGroup::new(
             id,
             config,

@@ -9,6 +9,11 @@
 //! holds the text: the platform parses it into a TLS configuration when
 //! `nbd-server-start` names the object, and reports what is wrong with it
 //! then.
+//!
+//! `authz-simple` (QEMU: `authz/simple.c`) names the one client admitted
+//! by `nbd-server-start`'s `tls-authz`: its `identity` is compared with the
+//! client certificate's distinguished name (RFC 4514, `CN=client,O=org`).
+//! blockhaus reads it when the server starts (QEMU at each handshake).
 
 use alloc::format;
 use alloc::rc::Rc;
@@ -75,6 +80,39 @@ impl TlsCredsX509 {
             server_key: server_key.into(),
         })
     }
+}
+
+/// The `qom-type` of [`AuthzSimple`].
+pub const AUTHZ_SIMPLE: &str = "authz-simple";
+
+/// One `authz-simple` object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzSimple {
+    /// The client distinguished name admitted.
+    pub identity: String,
+}
+
+impl AuthzSimple {
+    /// The object from `object-add`'s options.
+    pub fn parse(opts: &Opts<'_>) -> Result<AuthzSimple, QmpError> {
+        let identity = opts.str("identity")?;
+        opts.check_unexpected()?;
+        Ok(AuthzSimple {
+            identity: identity.into(),
+        })
+    }
+}
+
+/// The identity `tls-authz` names (QEMU: `qauthz_is_allowed_by_id`).
+pub fn resolve_authz(reg: &crate::graph::registry::Registry, id: &str) -> Result<String, QmpError> {
+    let Some(obj) = reg.object(id) else {
+        return Err(QmpError::generic(format!(
+            "Cannot find QAuthZ object ID {id}"
+        )));
+    };
+    obj.downcast::<AuthzSimple>()
+        .map(|a| a.identity.clone())
+        .map_err(|_| QmpError::generic(format!("Object '{id}' is not a QAuthZ subclass")))
 }
 
 /// The credentials `tls-creds` names (QEMU: `nbd_get_tls_creds`), from

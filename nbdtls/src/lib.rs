@@ -28,8 +28,11 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+mod dn;
 #[cfg(test)]
 mod tests;
+
+pub use dn::subject_dn;
 
 use alloc::format;
 use alloc::string::String;
@@ -175,12 +178,16 @@ fn on_state(
 pub struct Credentials {
     config: Arc<ServerConfig>,
     verify_peer: bool,
+    /// QEMU's `tls-authz` with `authz-simple`: the one client
+    /// distinguished name admitted ([`subject_dn`]).
+    authz: Option<String>,
 }
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
             .field("verify_peer", &self.verify_peer)
+            .field("authz", &self.authz)
             .finish_non_exhaustive()
     }
 }
@@ -283,7 +290,22 @@ impl Credentials {
         Ok(Credentials {
             config: Arc::new(config),
             verify_peer: client_ca.is_some(),
+            authz: None,
         })
+    }
+
+    /// Admits only the client whose certificate's subject is `identity`
+    /// (RFC 4514, as [`subject_dn`] prints it: QEMU's `authz-simple`);
+    /// refused unless clients are verified (QEMU would then skip the
+    /// check and admit everyone).
+    pub fn with_authz(mut self, identity: &str) -> Result<Credentials, CredsError> {
+        if !self.verify_peer {
+            return Err(CredsError(String::from(
+                "tls-authz needs client certificates: set verify-peer=on",
+            )));
+        }
+        self.authz = Some(identity.into());
+        Ok(self)
     }
 
     /// Whether clients must present a certificate signed by the CA.
@@ -317,6 +339,8 @@ pub struct TlsConnection {
     peer_closed: bool,
     /// Our close_notify is queued.
     close_notified: bool,
+    /// The authz check ran (once, when the handshake completed).
+    authz_checked: bool,
     error: Option<TlsError>,
 }
 
@@ -342,6 +366,7 @@ impl TlsConnection {
             out: Vec::new(),
             peer_closed: false,
             close_notified: false,
+            authz_checked: false,
             error: None,
         };
         c.take_plain_output();
@@ -411,6 +436,11 @@ impl TlsConnection {
         }
         // Bounded: each round either makes progress or stops.
         for _ in 0..10_000 {
+            // Before the engine sees a decrypted byte.
+            if let Err(e) = self.check_authz() {
+                self.fail(e);
+                return;
+            }
             if !self.plain_in.is_empty() {
                 let n = self.nbd.receive(&self.plain_in, exports);
                 self.plain_in.drain(..n);
@@ -423,6 +453,36 @@ impl TlsConnection {
                     return;
                 }
             }
+        }
+    }
+
+    /// Once the handshake is done: the client's certificate subject must
+    /// be the credentials' authz identity, if they have one.
+    fn check_authz(&mut self) -> Result<(), String> {
+        if self.authz_checked {
+            return Ok(());
+        }
+        let Some(tls) = self.tls.as_ref() else {
+            return Ok(());
+        };
+        if tls.is_handshaking() {
+            return Ok(());
+        }
+        self.authz_checked = true;
+        let Some(identity) = &self.creds.authz else {
+            return Ok(());
+        };
+        let dn = tls
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| subject_dn(c));
+        if dn.as_deref() == Some(identity.as_str()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "TLS x509 authz check for {} is denied",
+                dn.as_deref().unwrap_or("(no certificate)")
+            ))
         }
     }
 

@@ -200,4 +200,20 @@ impl Pki {
     pub fn read(&self, file: &str) -> Vec<u8> {
         fs::read(self.dir.path().join("server").join(file)).expect("read pem")
     }
+
+    /// The client certificate's subject as openssl prints it in RFC
+    /// 2253/4514 form (what GnuTLS gives QEMU's authz objects).
+    pub fn client_dn(&self) -> String {
+        let cert = format!("{}/client-cert.pem", self.path("client"));
+        let out = ok(
+            "openssl",
+            &[
+                "x509", "-in", &cert, "-noout", "-subject", "-nameopt", "RFC2253",
+            ],
+        );
+        out.trim()
+            .strip_prefix("subject=")
+            .expect("subject=")
+            .to_string()
+    }
 }

@@ -212,3 +212,44 @@ fn credentials_refuse_bad_pem() {
     let e = Credentials::from_pem(&cert, &key, Some(b"nothing"), clock).expect_err("no CA");
     assert!(e.0.contains("CA certificate"), "{e}");
 }
+
+/// `tls-authz` with `authz-simple`: only the client whose certificate's
+/// distinguished name is the identity gets in; it needs verify-peer.
+#[test]
+fn authz_admits_only_the_named_client() {
+    let pki = Pki::new();
+    let dn = pki.client_dn();
+    assert_eq!(dn, "CN=client,O=blockhaus");
+    let e = creds(&pki, false)
+        .with_authz(&dn)
+        .expect_err("no verify-peer");
+    assert!(e.0.contains("verify-peer"), "{e}");
+
+    let s = NbdServer::start_tls(
+        vec![NbdServer::memory_export("disk", SIZE)],
+        creds(&pki, true).with_authz(&dn).expect("authz"),
+    )
+    .expect("server starts");
+    let info = ok("nbdinfo", &["--size", &nbds(&s, &pki.path("client"))]);
+    assert_eq!(info.trim(), "8388608");
+    fails("nbdinfo", &["--size", &nbds(&s, &pki.path("anon"))]);
+
+    let other = NbdServer::start_tls(
+        vec![NbdServer::memory_export("disk", SIZE)],
+        creds(&pki, true)
+            .with_authz("CN=someone else,O=blockhaus")
+            .expect("authz"),
+    )
+    .expect("server starts");
+    let text = fails("nbdinfo", &["--size", &nbds(&other, &pki.path("client"))]);
+    assert!(!text.contains("8388608"), "{text}");
+    let stats = other.wait_closes(1);
+    assert_eq!(stats.transmissions, 0, "{stats:?}");
+    assert!(
+        stats
+            .closes
+            .iter()
+            .any(|c| c == "TLS: TLS x509 authz check for CN=client,O=blockhaus is denied"),
+        "{stats:?}"
+    );
+}

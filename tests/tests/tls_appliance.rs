@@ -210,7 +210,43 @@ fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
     assert_eq!(size.trim(), "16777216");
     fails("nbdinfo", &["--size", &nbds(port, &pki.path("anon"))]);
     fails("nbdinfo", &["--size", &nbds(port, &pki.path("rogue"))]);
+
+    // tls-authz: authz-simple admits the one client distinguished name.
+    for (id, identity, admitted) in [
+        ("authz0", pki.client_dn(), true),
+        ("authz1", "CN=someone else,O=blockhaus".to_string(), false),
+    ] {
+        a.qmp().cmd("nbd-server-stop", json!({})).expect("stop");
+        a.qmp()
+            .cmd(
+                "object-add",
+                json!({"qom-type": "authz-simple", "id": id, "identity": identity}),
+            )
+            .expect("object-add");
+        a.qmp()
+            .cmd(
+                "nbd-server-start",
+                json!({"addr": addr(), "tls-creds": "tlsv", "tls-authz": id}),
+            )
+            .expect("nbd-server-start");
+        a.qmp()
+            .cmd(
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "vblk", "name": "disk"}),
+            )
+            .expect("block-export-add");
+        let uri = nbds(port, &pki.path("client"));
+        if admitted {
+            assert_eq!(ok("nbdinfo", &["--size", &uri]).trim(), "16777216");
+        } else {
+            fails("nbdinfo", &["--size", &uri]);
+        }
+    }
     let console = a.quit();
+    assert!(
+        console.contains("TLS x509 authz check for CN=client,O=blockhaus is denied"),
+        "{console}"
+    );
     assert!(console.contains("nbd: TLS required"), "{console}");
 
     // The write over TLS is on the disk.

@@ -36,6 +36,9 @@ pub struct ServerConfig {
     /// `tls-creds`: the `tls-creds-x509` object named; clients must then
     /// start TLS before anything else.
     pub tls: Option<Rc<TlsCredsX509>>,
+    /// `tls-authz`: the identity of the `authz-simple` object named, the
+    /// one client distinguished name admitted.
+    pub tls_authz: Option<String>,
 }
 
 /// `max-connections` when not given: QEMU's default since the
@@ -281,15 +284,22 @@ fn server_start(server: &mut dyn NbdServer, args: &Obj<'_>) -> Result<(), QmpErr
             Some(tls_creds::resolve(exports.registry(), id)?)
         }
     };
-    if args.opt_str("tls-authz")?.is_some() {
-        // blockhaus has no authz objects yet.
-        if tls.is_none() {
+    let tls_authz = match args.opt_str("tls-authz")? {
+        None => None,
+        // QEMU does not check this; without TLS the identity would never
+        // be asked for.
+        Some(_) if tls.is_none() => {
             return Err(QmpError::generic("'tls-authz' needs 'tls-creds'"));
         }
-        return Err(QmpError::generic(
-            "tls-authz is not supported by blockhaus yet: any client whose certificate the CA signed is admitted with verify-peer=on",
-        ));
-    }
+        Some(id) => match server.exports() {
+            Some(exports) => Some(tls_creds::resolve_authz(exports.registry(), id)?),
+            None => {
+                return Err(QmpError::generic(format!(
+                    "Cannot find QAuthZ object ID {id}"
+                )));
+            }
+        },
+    };
     let uint32 = |name: &str, default: u32| -> Result<u32, QmpError> {
         match args.opt_u64(name)? {
             None => Ok(default),
@@ -307,6 +317,7 @@ fn server_start(server: &mut dyn NbdServer, args: &Obj<'_>) -> Result<(), QmpErr
             max_connections,
             handshake_max_seconds,
             tls,
+            tls_authz,
         })
         .map_err(QmpError::generic)
 }

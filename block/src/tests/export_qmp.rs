@@ -710,13 +710,54 @@ fn tls_creds_objects_and_nbd_server_start() {
         ),
         "'tls-authz' needs 'tls-creds'"
     );
-    assert!(
+    assert_eq!(
         h.err(
             "nbd-server-start",
             json!({"addr": addr, "tls-creds": "tls0", "tls-authz": "authz0"})
-        )
-        .starts_with("tls-authz is not supported by blockhaus yet")
+        ),
+        "Cannot find QAuthZ object ID authz0"
     );
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": addr, "tls-creds": "tls0", "tls-authz": "tg0"})
+        ),
+        "Object 'tg0' is not a QAuthZ subclass"
+    );
+    assert_eq!(
+        h.err(
+            "object-add",
+            json!({"qom-type": "authz-simple", "id": "authz0"})
+        ),
+        "Parameter 'identity' is missing"
+    );
+    assert_eq!(
+        h.err(
+            "object-add",
+            json!({"qom-type": "authz-list", "id": "authz0"})
+        ),
+        "Parameter 'qom-type' does not accept value 'authz-list'"
+    );
+    h.ok(
+        "object-add",
+        json!({"qom-type": "authz-simple", "id": "authz0", "identity": "CN=client,O=blockhaus"}),
+    );
+    assert!(h.listening().is_none());
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": addr, "tls-creds": "tls0", "tls-authz": "authz0"}),
+    );
+    assert_eq!(
+        h.m.server
+            .borrow()
+            .listening
+            .as_ref()
+            .unwrap()
+            .tls_authz
+            .as_deref(),
+        Some("CN=client,O=blockhaus")
+    );
+    h.ok("nbd-server-stop", json!({}));
     assert!(h.listening().is_none());
     h.ok(
         "nbd-server-start",

@@ -165,7 +165,10 @@ impl Network {
             warn!("NBD server started without a network device: no client can reach it");
         }
         let host = cfg.host.map(IpAddress::Ipv4);
-        let tls = cfg.tls.as_deref().map(tls::credentials).transpose()?;
+        let tls = match &cfg.tls {
+            Some(creds) => Some(tls::credentials(creds, cfg.tls_authz.as_deref())?),
+            None => None,
+        };
         self.server = Some(Server::new(
             host,
             cfg.port,

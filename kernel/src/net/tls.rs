@@ -21,9 +21,9 @@ impl TimeProvider for WallClock {
     }
 }
 
-/// The server's credentials from the object's PEM text; refused without
-/// a random source.
-pub fn credentials(creds: &TlsCredsX509) -> Result<Credentials, String> {
+/// The server's credentials from the object's PEM text, admitting only
+/// the client `authz` names if given; refused without a random source.
+pub fn credentials(creds: &TlsCredsX509, authz: Option<&str>) -> Result<Credentials, String> {
     if !crate::rng::available() {
         return Err(crate::rng::NO_SOURCE.into());
     }
@@ -39,12 +39,20 @@ pub fn credentials(creds: &TlsCredsX509) -> Result<Credentials, String> {
         Arc::new(WallClock),
     )
     .map_err(|e| e.0)?;
+    let c = match authz {
+        Some(identity) => c.with_authz(identity).map_err(|e| e.0)?,
+        None => c,
+    };
     log::info!(
-        "nbd: TLS required ({} client certificates; random source {})",
+        "nbd: TLS required ({} client certificates{}; random source {})",
         if c.verify_peer() {
             "verifying"
         } else {
             "not asking for"
+        },
+        match authz {
+            Some(i) => alloc::format!(", admitting only {i}"),
+            None => String::new(),
         },
         crate::rng::describe()
     );
