@@ -59,14 +59,12 @@ fn addr() -> Value {
     json!({"type": "inet", "host": "0.0.0.0", "port": "10809"})
 }
 
-/// Starts the server with `tls-creds` and exports `vblk` as `disk`.
-fn serve(a: &mut Appliance, tls_creds: &str) {
+/// Starts the server with `args` (besides `addr`) and exports `vblk` as
+/// `disk`.
+fn serve(a: &mut Appliance, mut args: Value) {
+    args["addr"] = addr();
     let q = a.qmp();
-    q.cmd(
-        "nbd-server-start",
-        json!({"addr": addr(), "tls-creds": tls_creds}),
-    )
-    .expect("nbd-server-start");
+    q.cmd("nbd-server-start", args).expect("nbd-server-start");
     q.cmd(
         "block-export-add",
         json!({"type": "nbd", "id": "e0", "node-name": "vblk", "name": "disk",
@@ -149,7 +147,7 @@ fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
     a.qmp()
         .cmd("object-add", creds(&pki, "tls0", false))
         .expect("object-add");
-    serve(&mut a, "tls0");
+    serve(&mut a, json!({"tls-creds": "tls0"}));
 
     let uri = nbds(port, &pki.path("client"));
     let info = ok("nbdinfo", &["--json", &uri]);
@@ -205,7 +203,7 @@ fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
     a.qmp()
         .cmd("object-add", creds(&pki, "tlsv", true))
         .expect("object-add");
-    serve(&mut a, "tlsv");
+    serve(&mut a, json!({"tls-creds": "tlsv"}));
     let size = ok("nbdinfo", &["--size", &nbds(port, &pki.path("client"))]);
     assert_eq!(size.trim(), "16777216");
     fails("nbdinfo", &["--size", &nbds(port, &pki.path("anon"))]);
@@ -223,18 +221,7 @@ fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
                 json!({"qom-type": "authz-simple", "id": id, "identity": identity}),
             )
             .expect("object-add");
-        a.qmp()
-            .cmd(
-                "nbd-server-start",
-                json!({"addr": addr(), "tls-creds": "tlsv", "tls-authz": id}),
-            )
-            .expect("nbd-server-start");
-        a.qmp()
-            .cmd(
-                "block-export-add",
-                json!({"type": "nbd", "id": "e0", "node-name": "vblk", "name": "disk"}),
-            )
-            .expect("block-export-add");
+        serve(&mut a, json!({"tls-creds": "tlsv", "tls-authz": id}));
         let uri = nbds(port, &pki.path("client"));
         if admitted {
             assert_eq!(ok("nbdinfo", &["--size", &uri]).trim(), "16777216");
@@ -263,15 +250,7 @@ fn the_plain_text_handshake_for_comparison() {
     let pki = Pki::new();
     let img = image(pki.dir.path());
     let (mut a, port) = boot(&img, true);
-    a.qmp()
-        .cmd("nbd-server-start", json!({"addr": addr()}))
-        .expect("nbd-server-start");
-    a.qmp()
-        .cmd(
-            "block-export-add",
-            json!({"type": "nbd", "id": "e0", "node-name": "vblk", "name": "disk"}),
-        )
-        .expect("block-export-add");
+    serve(&mut a, json!({}));
     let plain = nbdinfo_time(&format!("nbd://127.0.0.1:{port}/disk"), 5);
     eprintln!("nbdinfo --size in plain text: median {plain:?} of 5 runs");
     a.quit();
