@@ -21,15 +21,14 @@ use serde_json::{Value, json};
 
 const BLOCKDEV: &str = "--blockdev driver=virtio-blk,node-name=vblk,serial=disk0";
 
-/// The appliance with `img` as `vblk` and NBD forwarded from the host;
-/// `-cpu max` when `rdrand`.
-fn boot(img: &Path, rdrand: bool) -> (Appliance, u16) {
+/// `-cpu max`: RDRAND and RDSEED under TCG.
+const CPU_MAX: &[&str] = &["-cpu", "max"];
+
+/// The appliance with `img` as `vblk` and NBD forwarded from the host,
+/// with `extra` QEMU arguments.
+fn boot(img: &Path, extra: &[&str]) -> (Appliance, u16) {
     let port = free_port();
-    let extra = if rdrand {
-        vec!["-cpu".into(), "max".into()]
-    } else {
-        Vec::new()
-    };
+    let extra = extra.iter().map(|&a| a.into()).collect();
     let cfg = QemuConfig {
         append: BLOCKDEV.into(),
         disks: vec![img.to_path_buf()],
@@ -123,7 +122,7 @@ fn nbdinfo_time(uri: &str, n: usize) -> Duration {
 fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
     let pki = Pki::new();
     let img = image(pki.dir.path());
-    let (mut a, port) = boot(&img, true);
+    let (mut a, port) = boot(&img, CPU_MAX);
     // Bad PEM text is reported when the server is started with it.
     a.qmp()
         .cmd(
@@ -249,20 +248,20 @@ fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
 fn the_plain_text_handshake_for_comparison() {
     let pki = Pki::new();
     let img = image(pki.dir.path());
-    let (mut a, port) = boot(&img, true);
+    let (mut a, port) = boot(&img, CPU_MAX);
     serve(&mut a, json!({}));
     let plain = nbdinfo_time(&format!("nbd://127.0.0.1:{port}/disk"), 5);
     eprintln!("nbdinfo --size in plain text: median {plain:?} of 5 runs");
     a.quit();
 }
 
-/// Without RDRAND or RDSEED (QEMU's default TCG CPU) TLS is refused,
-/// clearly, and no server is started.
+/// Without RDRAND or RDSEED (QEMU's default TCG CPU) and without a
+/// virtio-rng device TLS is refused, clearly, and no server is started.
 #[test]
 fn tls_is_refused_without_a_random_source() {
     let pki = Pki::new();
     let img = image(pki.dir.path());
-    let (mut a, _port) = boot(&img, false);
+    let (mut a, _port) = boot(&img, &[]);
     a.qmp()
         .cmd("object-add", creds(&pki, "tls0", false))
         .expect("object-add");
@@ -274,7 +273,7 @@ fn tls_is_refused_without_a_random_source() {
     assert_eq!(
         e,
         "TLS needs a random source: the CPU has no RDRAND or RDSEED (boot QEMU with -cpu max \
-         or -cpu host), and blockhaus has no virtio-rng driver"
+         or -cpu host) and there is no virtio-rng device (-device virtio-rng-pci)"
     );
     // Not running: a plain server can start.
     a.qmp()
@@ -304,7 +303,7 @@ fn tls_from_the_kernel_command_line() {
         ),
         disks: vec![img.to_path_buf()],
         nbd_port: Some(port),
-        extra: vec!["-cpu".into(), "max".into()],
+        extra: CPU_MAX.iter().map(|&a| a.into()).collect(),
         ..QemuConfig::default()
     };
     let a = Appliance::boot(&cfg);
@@ -313,4 +312,23 @@ fn tls_from_the_kernel_command_line() {
     let text = fails("nbdinfo", &[&format!("nbd://127.0.0.1:{port}/disk")]);
     assert!(text.contains("TLS"), "{text}");
     a.quit();
+}
+
+/// On QEMU's default TCG CPU (no RDRAND, no RDSEED) a virtio-rng device
+/// is the random source.
+#[test]
+fn virtio_rng_stands_in_for_rdrand() {
+    let pki = Pki::new();
+    let img = image(pki.dir.path());
+    let (mut a, port) = boot(&img, &["-device", "virtio-rng-pci"]);
+    a.qmp()
+        .cmd("object-add", creds(&pki, "tls0", false))
+        .expect("object-add");
+    serve(&mut a, json!({"tls-creds": "tls0"}));
+    for _ in 0..3 {
+        let size = ok("nbdinfo", &["--size", &nbds(port, &pki.path("client"))]);
+        assert_eq!(size.trim(), "16777216");
+    }
+    let console = a.quit();
+    assert!(console.contains("random source virtio-rng"), "{console}");
 }
