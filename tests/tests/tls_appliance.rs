@@ -92,6 +92,17 @@ fn image(dir: &Path) -> std::path::PathBuf {
     img
 }
 
+/// The disk after the test's write: 0x3c in the first MiB (from
+/// [`image`]), 0x5a in the third (written over TLS), zeroes elsewhere.
+fn check_written(data: &[u8]) {
+    let mib = MIB as usize;
+    assert_eq!(data.len(), 16 * mib);
+    assert!(data[..mib].iter().all(|&b| b == 0x3c));
+    assert!(data[mib..2 * mib].iter().all(|&b| b == 0));
+    assert!(data[2 * mib..3 * mib].iter().all(|&b| b == 0x5a));
+    assert!(data[3 * mib..].iter().all(|&b| b == 0));
+}
+
 /// Read requests `vblk` has served.
 fn vblk_reads(a: &mut Appliance) -> u64 {
     let stats = a
@@ -181,6 +192,11 @@ fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
         ],
     );
     assert!(!out.contains("fail"), "{out}");
+    // The whole disk down through TLS records of every size (nbdcopy's
+    // parallel connections and large reads).
+    let down = pki.dir.path().join("down.raw");
+    ok("nbdcopy", &[&uri, down.to_str().expect("utf-8")]);
+    check_written(&fs::read(&down).expect("read"));
 
     // Plain text: TLS_REQD for every option, no export seen, no byte read.
     let reads = vblk_reads(&mut a);
@@ -236,11 +252,7 @@ fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
     assert!(console.contains("nbd: TLS required"), "{console}");
 
     // The write over TLS is on the disk.
-    let data = fs::read(&img).expect("image");
-    let mib = MIB as usize;
-    assert!(data[..mib].iter().all(|&b| b == 0x3c));
-    assert!(data[mib..2 * mib].iter().all(|&b| b == 0));
-    assert!(data[2 * mib..3 * mib].iter().all(|&b| b == 0x5a));
+    check_written(&fs::read(&img).expect("image"));
 }
 
 /// Plain text for comparison with the TLS figure above (no assertion).
