@@ -104,7 +104,10 @@ pub const COMMANDS: [(&str, Signature, Command); 24] = [
     ),
     (
         "object-add",
-        Signature::new("qom-type:(throttle-group), id:str, ..", "{}"),
+        Signature::new(
+            "qom-type:(throttle-group|tls-creds-x509|authz-simple), id:str, ..",
+            "{}",
+        ),
         object::object_add,
     ),
     (

@@ -90,5 +90,6 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 pub mod timer;
+pub mod tls_creds;
 pub mod trace;
 pub mod transaction;

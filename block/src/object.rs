@@ -1,8 +1,10 @@
 //! User-creatable objects (QEMU: `qom/object_interfaces.c`, `object-add` /
-//! `object-del`). blockhaus has one object type: `throttle-group`.
+//! `object-del`). blockhaus has three object types: `throttle-group`,
+//! `tls-creds-x509` and `authz-simple` ([`crate::tls_creds`]).
 
 use alloc::format;
 use alloc::rc::Rc;
+use core::any::Any;
 
 use serde_json::{Value, json};
 
@@ -11,6 +13,7 @@ use crate::graph::registry::id_wellformed;
 use crate::layer::BlockLayer;
 use crate::options::Opts;
 use crate::qmp::{Args, QmpError};
+use crate::tls_creds::{self, AuthzSimple, TlsCredsX509};
 
 type Res = Result<Value, QmpError>;
 
@@ -23,20 +26,46 @@ pub fn object_add(bl: &BlockLayer, args: &Args<'_>) -> Res {
 /// `object-add` from options read by `opts` (QMP, or `--object` in keyval
 /// mode).
 pub fn object_add_opts(bl: &BlockLayer, opts: &Opts<'_>) -> Result<(), QmpError> {
-    let qom_type = opts.enum_str("qom-type", &["throttle-group"])?;
+    let qom_type = opts.enum_str(
+        "qom-type",
+        &[
+            "throttle-group",
+            tls_creds::QOM_TYPE,
+            tls_creds::AUTHZ_SIMPLE,
+        ],
+    )?;
     let id = opts.str("id")?;
-    let config = match opts.opt_obj("limits")? {
-        Some(l) => ThrottleConfig::parse(&l)?,
-        None => ThrottleConfig::default(),
-    };
-    opts.check_unexpected()?;
-    debug_assert_eq!(qom_type, "throttle-group");
-    if !id_wellformed(id) {
-        return Err(QmpError::invalid_parameter_value("id", "an identifier"));
-    }
     let reg = bl.registry();
-    let group = ThrottleGroup::new(id, config, reg.clock(), reg.executor().timers().clone());
-    if !reg.add_object(id, Rc::new(group)) {
+    let wellformed = || {
+        if id_wellformed(id) {
+            Ok(())
+        } else {
+            Err(QmpError::invalid_parameter_value("id", "an identifier"))
+        }
+    };
+    let obj: Rc<dyn Any> = if qom_type == tls_creds::QOM_TYPE {
+        let creds = TlsCredsX509::parse(opts)?;
+        wellformed()?;
+        Rc::new(creds)
+    } else if qom_type == tls_creds::AUTHZ_SIMPLE {
+        let authz = AuthzSimple::parse(opts)?;
+        wellformed()?;
+        Rc::new(authz)
+    } else {
+        let config = match opts.opt_obj("limits")? {
+            Some(l) => ThrottleConfig::parse(&l)?,
+            None => ThrottleConfig::default(),
+        };
+        opts.check_unexpected()?;
+        wellformed()?;
+        Rc::new(ThrottleGroup::new(
+            id,
+            config,
+            reg.clock(),
+            reg.executor().timers().clone(),
+        ))
+    };
+    if !reg.add_object(id, obj) {
         return Err(QmpError::generic(format!(
             "attempt to add duplicate property '{id}' to object (type 'container')"
         )));

@@ -27,6 +27,7 @@ mod monitor;
 mod monitor_ports;
 mod net;
 mod pci;
+mod rng;
 mod shutdown;
 mod stack_depth;
 mod storage;
@@ -139,6 +140,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
         net.borrow_mut().panic_on_client();
     }
     let qmp_ports = monitor_ports::Ports::probe(&mut pci);
+    rng::probe(&mut pci);
     // Every device is up: configuration space is not touched again.
     drop(pci);
     let mut app = app::Appliance::new(disks, block, net);

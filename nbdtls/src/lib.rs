@@ -28,8 +28,11 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+mod dn;
 #[cfg(test)]
 mod tests;
+
+pub use dn::subject_dn;
 
 use alloc::format;
 use alloc::string::String;
@@ -49,6 +52,13 @@ use rustls::{RootCertStore, SignatureScheme};
 
 pub use rustls::pki_types::UnixTime;
 pub use rustls::time_provider::TimeProvider;
+
+/// The TLS versions offered.
+#[cfg(feature = "tls12")]
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+#[cfg(not(feature = "tls12"))]
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// Decrypted input the engine has not taken, above which no more
 /// ciphertext is taken from the socket.
@@ -168,12 +178,16 @@ fn on_state(
 pub struct Credentials {
     config: Arc<ServerConfig>,
     verify_peer: bool,
+    /// QEMU's `tls-authz` with `authz-simple`: the one client
+    /// distinguished name admitted ([`subject_dn`]).
+    authz: Option<String>,
 }
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
             .field("verify_peer", &self.verify_peer)
+            .field("authz", &self.authz)
             .finish_non_exhaustive()
     }
 }
@@ -238,7 +252,8 @@ impl Credentials {
     /// Credentials from PEM text: the server's certificate chain (its
     /// own certificate first) and private key (PKCS#8, SEC1 or PKCS#1),
     /// and, to verify clients (QEMU's `verify-peer`), the CA certificates
-    /// a client's certificate must chain to. TLS 1.3 and 1.2.
+    /// a client's certificate must chain to. TLS 1.3, and 1.2 with the
+    /// `tls12` feature.
     pub fn from_pem(
         cert_chain: &[u8],
         key: &[u8],
@@ -251,7 +266,7 @@ impl Credentials {
         let provider = Arc::new(rustls_rustcrypto::provider());
         check_key_matches(&provider, &chain[0], &key)?;
         let builder = ServerConfig::builder_with_details(provider.clone(), time)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_protocol_versions(VERSIONS)
             .map_err(|e| CredsError(format!("TLS setup failed: {e}")))?;
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
@@ -275,7 +290,22 @@ impl Credentials {
         Ok(Credentials {
             config: Arc::new(config),
             verify_peer: client_ca.is_some(),
+            authz: None,
         })
+    }
+
+    /// Admits only the client whose certificate's subject is `identity`
+    /// (RFC 4514, as [`subject_dn`] prints it: QEMU's `authz-simple`);
+    /// refused unless clients are verified (QEMU would then skip the
+    /// check and admit everyone).
+    pub fn with_authz(mut self, identity: &str) -> Result<Credentials, CredsError> {
+        if !self.verify_peer {
+            return Err(CredsError(String::from(
+                "tls-authz needs client certificates: set verify-peer=on",
+            )));
+        }
+        self.authz = Some(identity.into());
+        Ok(self)
     }
 
     /// Whether clients must present a certificate signed by the CA.
@@ -309,6 +339,8 @@ pub struct TlsConnection {
     peer_closed: bool,
     /// Our close_notify is queued.
     close_notified: bool,
+    /// The authz check ran (once, when the handshake completed).
+    authz_checked: bool,
     error: Option<TlsError>,
 }
 
@@ -334,6 +366,7 @@ impl TlsConnection {
             out: Vec::new(),
             peer_closed: false,
             close_notified: false,
+            authz_checked: false,
             error: None,
         };
         c.take_plain_output();
@@ -403,6 +436,11 @@ impl TlsConnection {
         }
         // Bounded: each round either makes progress or stops.
         for _ in 0..10_000 {
+            // Before the engine sees a decrypted byte.
+            if let Err(e) = self.check_authz() {
+                self.fail(e);
+                return;
+            }
             if !self.plain_in.is_empty() {
                 let n = self.nbd.receive(&self.plain_in, exports);
                 self.plain_in.drain(..n);
@@ -415,6 +453,36 @@ impl TlsConnection {
                     return;
                 }
             }
+        }
+    }
+
+    /// Once the handshake is done: the client's certificate subject must
+    /// be the credentials' authz identity, if they have one.
+    fn check_authz(&mut self) -> Result<(), String> {
+        if self.authz_checked {
+            return Ok(());
+        }
+        let Some(tls) = self.tls.as_ref() else {
+            return Ok(());
+        };
+        if tls.is_handshaking() {
+            return Ok(());
+        }
+        self.authz_checked = true;
+        let Some(identity) = &self.creds.authz else {
+            return Ok(());
+        };
+        let dn = tls
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| subject_dn(c));
+        if dn.as_deref() == Some(identity.as_str()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "TLS x509 authz check for {} is denied",
+                dn.as_deref().unwrap_or("(no certificate)")
+            ))
         }
     }
 

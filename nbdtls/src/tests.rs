@@ -294,3 +294,65 @@ fn garbage_after_starttls_fails_cleanly_in_every_chunking() {
         }
     }
 }
+
+#[test]
+fn subject_distinguished_names_in_rfc_4514_form() {
+    let der = |pem: &[u8]| {
+        CertificateDer::pem_slice_iter(pem)
+            .next()
+            .expect("a certificate")
+            .expect("PEM")
+    };
+    assert_eq!(subject_dn(&der(CERT)).as_deref(), Some("CN=localhost"));
+    assert_eq!(
+        subject_dn(&der(CA)).as_deref(),
+        Some("CN=nbdtls unit-test CA")
+    );
+    // Truncated or foreign bytes: no name, never a panic.
+    let cert = der(CERT);
+    for n in 0..cert.len() {
+        let _ = subject_dn(&cert[..n]);
+    }
+    assert_eq!(subject_dn(b"\x30\x03\x02\x01\x00"), None);
+    // Escapes, multi-valued RDNs, unknown attribute types, in a
+    // minimal certificate built here.
+    fn t(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag, body.len() as u8];
+        v.extend_from_slice(body);
+        v
+    }
+    let ava = |oid: &[u8], tag: u8, value: &[u8]| t(0x30, &[t(0x06, oid), t(tag, value)].concat());
+    let name = t(
+        0x30,
+        &[
+            t(0x31, &ava(&[0x55, 0x04, 0x06], 0x13, b"X")),
+            t(
+                0x31,
+                &[
+                    ava(&[0x55, 0x04, 0x0a], 0x0c, b"a,b"),
+                    ava(&[0x2a, 0x03], 0x0c, b"x"),
+                ]
+                .concat(),
+            ),
+            t(0x31, &ava(&[0x55, 0x04, 0x03], 0x0c, b" #lead")),
+        ]
+        .concat(),
+    );
+    let tbs = t(
+        0x30,
+        &[
+            t(0xa0, &t(0x02, &[2])),
+            t(0x02, &[1]),
+            t(0x30, &[]),
+            t(0x30, &[]),
+            t(0x30, &[]),
+            name,
+        ]
+        .concat(),
+    );
+    let cert = t(0x30, &tbs);
+    assert_eq!(
+        subject_dn(&cert).as_deref(),
+        Some("CN=\\ #lead,O=a\\,b+1.2.3=#0c0178,C=X")
+    );
+}

@@ -10,6 +10,7 @@ pub mod image;
 pub mod nbd_client;
 pub mod nbd_server;
 pub mod pe;
+pub mod pki;
 pub mod qemu;
 pub mod qmp;
 pub mod toolchain;

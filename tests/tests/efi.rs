@@ -263,15 +263,21 @@ fn a_bad_line_in_blockhaus_conf_is_named_under_ovmf() {
 /// firmware: one sector per request), so the loader carries the kernel
 /// LZ4-compressed. DESIGN's goal for the kernel is 1 MiB; with the
 /// virtio-net, virtio-serial and interrupt drivers, bitmaps over NBD and
-/// transactions it is 1.20 MiB at opt-level "s" (1.06 MiB at "z", which
-/// costs too much speed), so this guards against growth beyond 1.25 MiB
-/// until it is brought back under.
+/// transactions it was 1.20 MiB at opt-level "s" (1.06 MiB at "z", which
+/// costs too much speed). NBD over TLS (rustls with the RustCrypto
+/// provider, TLS 1.3 only: RSA, ECDSA P-256/P-384 and Ed25519 keys,
+/// X25519/P-256/P-384 key exchange; authz; virtio-rng) adds 0.65 MiB:
+/// 1.85 MiB, so this guards against growth beyond 1.875 MiB until it is
+/// brought back under.
 #[test]
 fn the_loader_carries_the_kernel_compressed_and_the_kernel_stays_small() {
     let kernel = std::fs::metadata(harness::image::for_tests())
         .unwrap()
         .len();
-    assert!(kernel < MIB + MIB / 4, "the PVH image is {kernel} bytes");
+    assert!(
+        kernel < MIB + MIB * 7 / 8,
+        "the PVH image is {kernel} bytes"
+    );
     let loader = loader().len() as u64;
     assert!(
         loader < kernel * 6 / 10,

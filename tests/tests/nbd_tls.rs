@@ -7,12 +7,11 @@
 //! (QEMU's `tls-creds-x509,dir=`, libnbd's `tls-certificates=`).
 
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use harness::nbd_server::NbdServer;
+use harness::pki::{Pki, fails, ok};
 use nbdtls::{Credentials, TimeProvider, UnixTime};
 
 const MIB: u64 = 1 << 20;
@@ -28,204 +27,17 @@ impl TimeProvider for SystemClock {
     }
 }
 
-/// Run under `timeout` (a hung handshake fails the test instead of
-/// hanging it).
-fn run(program: &str, args: &[&str]) -> Output {
-    let o = Command::new("timeout")
-        .arg("120")
-        .arg(program)
-        .args(args)
-        .env("PATH", "/usr/bin:/bin")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert_ne!(o.status.code(), Some(124), "{program} {args:?} timed out");
-    o
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let o = run(program, args);
-    assert!(
-        o.status.success(),
-        "{program} {args:?} failed: {}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Fails; returns stdout and stderr together.
-fn fails(program: &str, args: &[&str]) -> String {
-    let o = run(program, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(!o.status.success(), "{program} {args:?} succeeded: {text}");
-    text
-}
-
-/// A CA-signed certificate and key (P-256) named `name` in `dir`.
-fn issue(dir: &Path, ca: &Path, name: &str, subject: &str, ext: &str) {
-    let p = |f: &str| dir.join(f).to_str().expect("utf-8 path").to_string();
-    let key = p(&format!("{name}-key.pem"));
-    let csr = p(&format!("{name}.csr"));
-    let extfile = p(&format!("{name}.ext"));
-    fs::write(&extfile, ext).expect("ext file");
-    ok(
-        "openssl",
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            subject,
-        ],
-    );
-    let ca_cert = ca.join("ca-cert.pem");
-    let ca_key = ca.join("ca-key.pem");
-    ok(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            ca_cert.to_str().expect("utf-8"),
-            "-CAkey",
-            ca_key.to_str().expect("utf-8"),
-            "-set_serial",
-            "2",
-            "-days",
-            "2",
-            "-extfile",
-            &extfile,
-            "-out",
-            &p(&format!("{name}-cert.pem")),
-        ],
-    );
-}
-
-/// A self-signed CA (`ca-cert.pem`, `ca-key.pem`) in `dir`.
-fn make_ca(dir: &Path, cn: &str) {
-    let p = |f: &str| dir.join(f).to_str().expect("utf-8 path").to_string();
-    ok(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &p("ca-key.pem"),
-            "-out",
-            &p("ca-cert.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={cn}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-}
-
-const SERVER_EXT: &str = "basicConstraints=critical,CA:FALSE\n\
-    keyUsage=critical,digitalSignature,keyEncipherment\n\
-    extendedKeyUsage=serverAuth\n\
-    subjectAltName=IP:127.0.0.1,DNS:localhost\n";
-const CLIENT_EXT: &str = "basicConstraints=critical,CA:FALSE\n\
-    keyUsage=critical,digitalSignature,keyEncipherment\n\
-    extendedKeyUsage=clientAuth\n";
-
-/// Certificates for one test: `server/` (QEMU's server-side layout),
-/// `client/` (CA and a client certificate), `anon/` (CA only), `rogue/`
-/// (a client certificate from another CA).
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::Builder::new()
-            .prefix("blockhaus-tls")
-            .tempdir()
-            .expect("tempdir");
-        let root = dir.path();
-        let ca = root.join("ca");
-        let rogue_ca = root.join("rogue-ca");
-        for d in ["ca", "rogue-ca", "server", "client", "anon", "rogue"] {
-            fs::create_dir(root.join(d)).expect("mkdir");
-        }
-        make_ca(&ca, "blockhaus test CA");
-        make_ca(&rogue_ca, "some other CA");
-        issue(
-            &root.join("server"),
-            &ca,
-            "server",
-            "/CN=localhost",
-            SERVER_EXT,
-        );
-        issue(
-            &root.join("client"),
-            &ca,
-            "client",
-            "/O=blockhaus/CN=client",
-            CLIENT_EXT,
-        );
-        issue(
-            &root.join("rogue"),
-            &rogue_ca,
-            "client",
-            "/CN=rogue",
-            CLIENT_EXT,
-        );
-        for d in ["server", "client", "anon", "rogue"] {
-            fs::copy(ca.join("ca-cert.pem"), root.join(d).join("ca-cert.pem")).expect("copy");
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, sub: &str) -> String {
-        self.dir
-            .path()
-            .join(sub)
-            .to_str()
-            .expect("utf-8")
-            .to_string()
-    }
-
-    fn read(&self, file: &str) -> Vec<u8> {
-        fs::read(self.dir.path().join("server").join(file)).expect("read pem")
-    }
-
-    /// The server's credentials; with `verify_peer`, clients must show a
-    /// certificate from the CA.
-    fn creds(&self, verify_peer: bool) -> Credentials {
-        let ca = self.read("ca-cert.pem");
-        Credentials::from_pem(
-            &self.read("server-cert.pem"),
-            &self.read("server-key.pem"),
-            verify_peer.then_some(&ca[..]),
-            Arc::new(SystemClock),
-        )
-        .expect("credentials")
-    }
+/// The server's credentials from `pki`'s `server/`; with `verify_peer`,
+/// clients must show a certificate from the CA.
+fn creds(pki: &Pki, verify_peer: bool) -> Credentials {
+    let ca = pki.read("ca-cert.pem");
+    Credentials::from_pem(
+        &pki.read("server-cert.pem"),
+        &pki.read("server-key.pem"),
+        verify_peer.then_some(&ca[..]),
+        Arc::new(SystemClock),
+    )
+    .expect("credentials")
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -237,7 +49,7 @@ fn pattern(len: usize) -> Vec<u8> {
 fn tls_server(pki: &Pki, verify_peer: bool) -> NbdServer {
     let s = NbdServer::start_tls(
         vec![NbdServer::memory_export("disk", SIZE)],
-        pki.creds(verify_peer),
+        creds(pki, verify_peer),
     )
     .expect("server starts");
     s.fill("disk", 0, &pattern(SIZE as usize));
@@ -399,4 +211,45 @@ fn credentials_refuse_bad_pem() {
     assert!(e.0.contains("does not match"), "{e}");
     let e = Credentials::from_pem(&cert, &key, Some(b"nothing"), clock).expect_err("no CA");
     assert!(e.0.contains("CA certificate"), "{e}");
+}
+
+/// `tls-authz` with `authz-simple`: only the client whose certificate's
+/// distinguished name is the identity gets in; it needs verify-peer.
+#[test]
+fn authz_admits_only_the_named_client() {
+    let pki = Pki::new();
+    let dn = pki.client_dn();
+    assert_eq!(dn, "CN=client,O=blockhaus");
+    let e = creds(&pki, false)
+        .with_authz(&dn)
+        .expect_err("no verify-peer");
+    assert!(e.0.contains("verify-peer"), "{e}");
+
+    let s = NbdServer::start_tls(
+        vec![NbdServer::memory_export("disk", SIZE)],
+        creds(&pki, true).with_authz(&dn).expect("authz"),
+    )
+    .expect("server starts");
+    let info = ok("nbdinfo", &["--size", &nbds(&s, &pki.path("client"))]);
+    assert_eq!(info.trim(), "8388608");
+    fails("nbdinfo", &["--size", &nbds(&s, &pki.path("anon"))]);
+
+    let other = NbdServer::start_tls(
+        vec![NbdServer::memory_export("disk", SIZE)],
+        creds(&pki, true)
+            .with_authz("CN=someone else,O=blockhaus")
+            .expect("authz"),
+    )
+    .expect("server starts");
+    let text = fails("nbdinfo", &["--size", &nbds(&other, &pki.path("client"))]);
+    assert!(!text.contains("8388608"), "{text}");
+    let stats = other.wait_closes(1);
+    assert_eq!(stats.transmissions, 0, "{stats:?}");
+    assert!(
+        stats
+            .closes
+            .iter()
+            .any(|c| c == "TLS: TLS x509 authz check for CN=client,O=blockhaus is denied"),
+        "{stats:?}"
+    );
 }

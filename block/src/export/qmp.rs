@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 use super::bitmaps::BitmapRef;
 use super::table::{ExportTable, NewExport};
 use crate::qmp::{Args, Dispatcher, QmpError, Signature};
+use crate::tls_creds::{self, TlsCredsX509};
 
 /// Where `nbd-server-start` listens.
 pub struct ServerConfig {
@@ -32,6 +33,12 @@ pub struct ServerConfig {
     /// dropped (QEMU 10: `handshake-max-seconds`); 0: no limit.
     /// [`DEFAULT_HANDSHAKE_MAX_SECONDS`] when not given.
     pub handshake_max_seconds: u32,
+    /// `tls-creds`: the `tls-creds-x509` object named; clients must then
+    /// start TLS before anything else.
+    pub tls: Option<Rc<TlsCredsX509>>,
+    /// `tls-authz`: the identity of the `authz-simple` object named, the
+    /// one client distinguished name admitted.
+    pub tls_authz: Option<String>,
 }
 
 /// `max-connections` when not given: QEMU's default since the
@@ -266,9 +273,33 @@ fn server_start(server: &mut dyn NbdServer, args: &Obj<'_>) -> Result<(), QmpErr
         return Err(QmpError::missing_parameter("addr"));
     };
     let (host, port) = parse_addr(&addr)?;
-    if args.opt_str("tls-creds")?.is_some() || args.opt_str("tls-authz")?.is_some() {
-        return Err(QmpError::generic("TLS is not supported by blockhaus"));
-    }
+    let tls = match args.opt_str("tls-creds")? {
+        None => None,
+        Some(id) => {
+            let Some(exports) = server.exports() else {
+                return Err(QmpError::generic(format!(
+                    "No TLS credentials with id '{id}'"
+                )));
+            };
+            Some(tls_creds::resolve(exports.registry(), id)?)
+        }
+    };
+    let tls_authz = match args.opt_str("tls-authz")? {
+        None => None,
+        // QEMU does not check this; without TLS the identity would never
+        // be asked for.
+        Some(_) if tls.is_none() => {
+            return Err(QmpError::generic("'tls-authz' needs 'tls-creds'"));
+        }
+        Some(id) => match server.exports() {
+            Some(exports) => Some(tls_creds::resolve_authz(exports.registry(), id)?),
+            None => {
+                return Err(QmpError::generic(format!(
+                    "Cannot find QAuthZ object ID {id}"
+                )));
+            }
+        },
+    };
     let uint32 = |name: &str, default: u32| -> Result<u32, QmpError> {
         match args.opt_u64(name)? {
             None => Ok(default),
@@ -285,6 +316,8 @@ fn server_start(server: &mut dyn NbdServer, args: &Obj<'_>) -> Result<(), QmpErr
             port,
             max_connections,
             handshake_max_seconds,
+            tls,
+            tls_authz,
         })
         .map_err(QmpError::generic)?;
     // QEMU (nbd_export_create): multi-conn only where a client may open

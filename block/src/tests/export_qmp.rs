@@ -167,7 +167,7 @@ fn nbd_server_start_reads_both_address_shapes_and_refuses_what_it_cannot_serve()
             "nbd-server-start",
             json!({"addr": inet("::"), "tls-creds": "tls0"})
         ),
-        "TLS is not supported by blockhaus"
+        "No TLS credentials with id 'tls0'"
     );
     assert_eq!(
         h.err("nbd-server-start", json!({"addr": inet("::"), "x": 1})),
@@ -671,4 +671,156 @@ fn x_stats_intervals_give_an_exports_blockstats_timed_stats() {
     };
     assert_eq!(lengths("e0"), alloc::vec![json!(3600), json!(60)]);
     assert_eq!(lengths("e1"), alloc::vec![json!(5)]);
+}
+
+/// `tls-creds-x509` objects (QMP and `--object`), and `tls-creds` naming
+/// them: QEMU's errors for a missing id and for an object of another type,
+/// `dir` and client endpoints refused, `tls-authz` refused.
+#[test]
+fn tls_creds_objects_and_nbd_server_start() {
+    let mut h = Harness::new();
+    let creds = |extra: Value| {
+        let mut m = json!({"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "server",
+                           "x-ca-cert": "CA", "x-server-cert": "CERT", "x-server-key": "KEY"});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                m.as_object_mut().unwrap().remove(k);
+            } else {
+                m[k] = v.clone();
+            }
+        }
+        m
+    };
+    assert_eq!(
+        h.err("object-add", creds(json!({"endpoint": null}))),
+        "blockhaus has no TLS client: tls-creds-x509 takes endpoint=server only"
+    );
+    assert_eq!(
+        h.err("object-add", creds(json!({"dir": "/etc/pki/qemu"}))),
+        "blockhaus has no filesystem to read 'dir' from: give the PEM text inline \
+         with 'x-ca-cert', 'x-server-cert' and 'x-server-key'"
+    );
+    assert_eq!(
+        h.err("object-add", creds(json!({"x-ca-cert": null}))),
+        "Unable to access credentials: 'x-ca-cert' (PEM text) is required"
+    );
+    assert_eq!(
+        h.err("object-add", creds(json!({"x-server-key": null}))),
+        "Unable to access credentials: 'x-server-key' (PEM text) is required"
+    );
+    assert_eq!(
+        h.err("object-add", creds(json!({"priority": "NORMAL"}))),
+        "Parameter 'priority' is unexpected"
+    );
+    // Without verify-peer no CA is needed.
+    h.ok(
+        "object-add",
+        creds(json!({"id": "noverify", "verify-peer": false, "x-ca-cert": null})),
+    );
+    h.ok("object-add", creds(json!({})));
+    h.ok(
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "tg0"}),
+    );
+    let addr = json!({"type": "inet", "host": "::", "port": "10809"});
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": addr, "tls-creds": "tg0"})
+        ),
+        "Object with id 'tg0' is not TLS credentials"
+    );
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": addr, "tls-authz": "authz0"})
+        ),
+        "'tls-authz' needs 'tls-creds'"
+    );
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": addr, "tls-creds": "tls0", "tls-authz": "authz0"})
+        ),
+        "Cannot find QAuthZ object ID authz0"
+    );
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": addr, "tls-creds": "tls0", "tls-authz": "tg0"})
+        ),
+        "Object 'tg0' is not a QAuthZ subclass"
+    );
+    assert_eq!(
+        h.err(
+            "object-add",
+            json!({"qom-type": "authz-simple", "id": "authz0"})
+        ),
+        "Parameter 'identity' is missing"
+    );
+    assert_eq!(
+        h.err(
+            "object-add",
+            json!({"qom-type": "authz-list", "id": "authz0"})
+        ),
+        "Parameter 'qom-type' does not accept value 'authz-list'"
+    );
+    h.ok(
+        "object-add",
+        json!({"qom-type": "authz-simple", "id": "authz0", "identity": "CN=client,O=blockhaus"}),
+    );
+    assert!(h.listening().is_none());
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": addr, "tls-creds": "tls0", "tls-authz": "authz0"}),
+    );
+    assert_eq!(
+        h.m.server
+            .borrow()
+            .listening
+            .as_ref()
+            .unwrap()
+            .tls_authz
+            .as_deref(),
+        Some("CN=client,O=blockhaus")
+    );
+    h.ok("nbd-server-stop", json!({}));
+    assert!(h.listening().is_none());
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": addr, "tls-creds": "tls0"}),
+    );
+    {
+        let s = h.m.server.borrow();
+        let tls = s.listening.as_ref().unwrap().tls.as_ref().unwrap();
+        assert!(tls.verify_peer);
+        assert_eq!(tls.ca_cert.as_deref(), Some("CA"));
+        assert_eq!(tls.server_cert, "CERT");
+        assert_eq!(tls.server_key, "KEY");
+    }
+    h.ok("nbd-server-stop", json!({}));
+    h.ok("object-del", json!({"id": "tls0"}));
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": addr, "tls-creds": "tls0"})
+        ),
+        "No TLS credentials with id 'tls0'"
+    );
+    // The boot options: --object in keyval form, then --nbd-server.
+    h.m.q
+        .bl
+        .boot_object(
+            "tls-creds-x509,id=boot0,endpoint=server,verify-peer=off,x-server-cert=C,x-server-key=K",
+        )
+        .unwrap();
+    h.boot(
+        "nbd-server",
+        "addr.type=inet,addr.host=::,addr.port=10809,tls-creds=boot0",
+    )
+    .unwrap();
+    let s = h.m.server.borrow();
+    let tls = s.listening.as_ref().unwrap().tls.as_ref().unwrap();
+    assert!(!tls.verify_peer);
+    assert_eq!(tls.ca_cert, None);
 }

@@ -26,7 +26,7 @@
 //!
 //! Modules: [`hal`] (DMA memory), [`queue`] (run-time sized virtqueue and
 //! descriptor chains), [`blk`] (virtio-blk), [`scsi`] (virtio-scsi), [`console`] (multiport
-//! virtio console, for QMP), and
+//! virtio console, for QMP), [`rng`] (virtio-rng, entropy for TLS), and
 //! [`transport`] (bringing a PCI function up as a virtio device).
 
 pub mod blk;
@@ -36,6 +36,7 @@ pub mod fake;
 pub mod hal;
 pub mod queue;
 pub mod requests;
+pub mod rng;
 pub mod scsi;
 pub mod transport;
 

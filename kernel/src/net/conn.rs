@@ -8,6 +8,11 @@
 //! of its requests, which still run to the end (a write lands or fails
 //! cleanly); the connection is forgotten once none is left.
 //!
+//! With `tls-creds` on the server, the engine sits behind an
+//! [`nbdtls::TlsConnection`] ([`Session::Tls`]): it refuses every option
+//! with `NBD_REP_ERR_TLS_REQD` until the client's `NBD_OPT_STARTTLS`,
+//! and every byte after that goes through rustls.
+//!
 //! Memory: the engine bounds what one client makes it hold (requests,
 //! write payloads, queued output: [`Budgets::limits`]); the buffers of
 //! reads being executed are bounded across all clients by an [`IoBudget`]
@@ -21,15 +26,17 @@
 //! `handshake-max-seconds` after it was accepted (QEMU 10's timer, from
 //! `nbd_client_new`), is dropped.
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::rc::Rc;
 use block::exec::Executor;
 use block::export::{ExportTable, NbdExport, execute};
 use block::io::IoError;
-use block::nbd::{Completion, Connection, InputState, Op, Request, State};
+use block::nbd::{Completion, Connection, ExportSet, InputState, Op, Request, State};
 use core::cell::{Cell, RefCell};
 use drivers::net::smoltcp::iface::{SocketHandle, SocketSet};
 use drivers::net::smoltcp::socket::tcp;
+use nbdtls::{Credentials, TlsConnection};
 
 use super::budget::Budgets;
 
@@ -84,10 +91,85 @@ fn buffer_bytes(op: &Op) -> u64 {
     }
 }
 
+/// A client's NBD session: the engine alone, or behind TLS.
+enum Session {
+    Plain(Box<Connection>),
+    Tls(Box<TlsConnection>),
+}
+
+impl Session {
+    fn engine(&mut self) -> &mut Connection {
+        match self {
+            Session::Plain(c) => c,
+            Session::Tls(t) => t.engine(),
+        }
+    }
+
+    fn engine_ref(&self) -> &Connection {
+        match self {
+            Session::Plain(c) => c,
+            Session::Tls(t) => t.engine_ref(),
+        }
+    }
+
+    /// The next bytes owed to the socket.
+    fn output_chunk(&self) -> &[u8] {
+        match self {
+            Session::Plain(c) => c.output().chunk(),
+            Session::Tls(t) => t.output(),
+        }
+    }
+
+    fn consume_output(&mut self, n: usize) {
+        match self {
+            Session::Plain(c) => c.consume_output(n),
+            Session::Tls(t) => t.consume_output(n),
+        }
+    }
+
+    /// Bytes owed to the client: the engine's output and, with TLS, the
+    /// records encrypted from it and not yet sent.
+    fn output_len(&self) -> u64 {
+        match self {
+            Session::Plain(c) => c.output().len(),
+            Session::Tls(t) => t.engine_ref().output().len() + t.output().len() as u64,
+        }
+    }
+
+    fn receive(&mut self, input: &[u8], exports: &dyn ExportSet) -> usize {
+        match self {
+            Session::Plain(c) => c.receive(input, exports),
+            Session::Tls(t) => t.receive(input, exports),
+        }
+    }
+
+    /// With TLS: encrypts what the engine said since (replies of requests
+    /// completed by their tasks).
+    fn poll(&mut self, exports: &dyn ExportSet) {
+        if let Session::Tls(t) = self {
+            t.poll(exports);
+        }
+    }
+
+    fn should_close(&self) -> bool {
+        match self {
+            Session::Plain(c) => c.should_close(),
+            Session::Tls(t) => t.should_close(),
+        }
+    }
+
+    fn closed(&mut self) {
+        match self {
+            Session::Plain(c) => c.closed(),
+            Session::Tls(t) => t.closed(),
+        }
+    }
+}
+
 /// A client connection.
 pub struct Conn {
     pub handle: SocketHandle,
-    engine: Rc<RefCell<Connection>>,
+    engine: Rc<RefCell<Session>>,
     export: Option<Rc<NbdExport>>,
     shutdown_sent: bool,
     peer_closed: bool,
@@ -115,12 +197,22 @@ pub struct Conn {
 const LINGER_NS: u64 = 10_000_000_000;
 
 impl Conn {
-    /// A client accepted now; `handshake_ns`: how long it may negotiate.
-    pub fn new(handle: SocketHandle, budgets: &Budgets, handshake_ns: Option<u64>) -> Conn {
+    /// A client accepted now; `handshake_ns`: how long it may negotiate;
+    /// `tls`: the server's credentials when it requires TLS.
+    pub fn new(
+        handle: SocketHandle,
+        budgets: &Budgets,
+        handshake_ns: Option<u64>,
+        tls: Option<&Credentials>,
+    ) -> Conn {
         let now = crate::clock::monotonic_ns();
+        let session = match tls {
+            None => Session::Plain(Box::new(Connection::new(budgets.limits))),
+            Some(c) => Session::Tls(Box::new(TlsConnection::new(budgets.limits, c.clone()))),
+        };
         Conn {
             handle,
-            engine: Rc::new(RefCell::new(Connection::new(budgets.limits))),
+            engine: Rc::new(RefCell::new(session)),
             export: None,
             shutdown_sent: false,
             peer_closed: false,
@@ -137,7 +229,7 @@ impl Conn {
     /// Gives back the budget held for read replies the client has taken
     /// (or that were dropped): what is held never exceeds the output.
     fn release_sent(&self, budget: &IoBudget) {
-        let out = self.engine.borrow().output().len();
+        let out = self.engine.borrow().output_len();
         let held = self.held.get();
         if held > out {
             budget.give(held - out);
@@ -151,7 +243,7 @@ impl Conn {
     pub fn shutdown(&mut self) {
         if !self.shutdown_sent {
             self.shutdown_sent = true;
-            self.engine.borrow_mut().shutdown();
+            self.engine.borrow_mut().engine().shutdown();
         }
     }
 
@@ -178,8 +270,10 @@ impl Conn {
             let mut moved = false;
             {
                 let mut eng = self.engine.borrow_mut();
+                let table: &ExportTable = exports;
+                eng.poll(table);
                 while sock.can_send() {
-                    let chunk = eng.output().chunk();
+                    let chunk = eng.output_chunk();
                     if chunk.is_empty() {
                         break;
                     }
@@ -193,8 +287,8 @@ impl Conn {
                 }
                 if sock.can_recv() && !self.peer_closed {
                     // A write payload may not eat into the heap's reserve.
-                    eng.set_payload_room(crate::heap::room(reserve) as u64);
-                    let table: &ExportTable = exports;
+                    eng.engine()
+                        .set_payload_room(crate::heap::room(reserve) as u64);
                     let taken = sock
                         .recv(|buf| {
                             let n = eng.receive(buf, table);
@@ -222,10 +316,10 @@ impl Conn {
             progress = true;
         }
         let now = crate::clock::monotonic_ns();
-        let stalled = matches!(eng.input_state(), InputState::Partial { .. })
+        let stalled = matches!(eng.engine_ref().input_state(), InputState::Partial { .. })
             && now.saturating_sub(self.last_input) > STALL_NS;
-        let lingering =
-            eng.state() == State::Handshake && self.handshake_deadline.is_some_and(|d| now > d);
+        let lingering = eng.engine_ref().state() == State::Handshake
+            && self.handshake_deadline.is_some_and(|d| now > d);
         if (stalled || lingering) && sock.is_open() {
             log::warn!(
                 "nbd: dropping a client {}",
@@ -238,7 +332,7 @@ impl Conn {
             sock.abort();
         }
         let gone = !sock.is_open()
-            || (!sock.may_recv() && !sock.can_recv() && eng.state() != State::Closing);
+            || (!sock.may_recv() && !sock.can_recv() && eng.engine_ref().state() != State::Closing);
         if gone && !self.peer_closed {
             self.peer_closed = true;
             eng.closed();
@@ -255,7 +349,7 @@ impl Conn {
         if self.export.is_some() {
             return;
         }
-        let name = match self.engine.borrow().export() {
+        let name = match self.engine.borrow().engine_ref().export() {
             Some(e) => e.name.clone(),
             None => return,
         };
@@ -271,7 +365,7 @@ impl Conn {
     /// Starts the engine's requests as tasks, as far as the budget allows.
     fn start_requests(&mut self, exec: &Executor, budget: &Rc<IoBudget>, reserve: usize) -> bool {
         let mut any = false;
-        while let Some(req) = self.engine.borrow_mut().next_request() {
+        while let Some(req) = self.engine.borrow_mut().engine().next_request() {
             self.queued.push_back(req);
         }
         while let Some(req) = self.queued.front() {
@@ -279,7 +373,7 @@ impl Conn {
             // A read's data stays in memory until the client takes the
             // reply: a client that asks for gigabytes and reads nothing
             // holds at most its share.
-            if bytes > 0 && self.engine.borrow().output().len() > self.output_high_water {
+            if bytes > 0 && self.engine.borrow().output_len() > self.output_high_water {
                 break;
             }
             if !budget.can_ever_hold(bytes) {
@@ -316,7 +410,12 @@ impl Conn {
                     None => Completion::Error(IoError::Enomedium),
                 };
                 // Refused harmlessly if the client has gone.
-                if engine.borrow_mut().complete(req.id, completion).is_ok() {
+                if engine
+                    .borrow_mut()
+                    .engine()
+                    .complete(req.id, completion)
+                    .is_ok()
+                {
                     // Held until the reply has been sent (release_sent).
                     held.set(held.get() + bytes);
                 } else {
@@ -339,6 +438,7 @@ impl Conn {
             let _ = self
                 .engine
                 .borrow_mut()
+                .engine()
                 .complete(req.id, Completion::Error(ENOMEM));
         }
     }
@@ -357,10 +457,12 @@ impl Conn {
         if self.peer_closed {
             // Not started, never will be: their results could not be sent.
             for req in self.queued.drain(..) {
-                let _ = eng.complete(req.id, Completion::Error(IoError::Eio));
+                let _ = eng
+                    .engine()
+                    .complete(req.id, Completion::Error(IoError::Eio));
             }
         }
-        let idle = eng.in_flight() == 0;
+        let idle = eng.engine_ref().in_flight() == 0;
         if idle
             && (self.peer_closed || self.closed_at.is_some())
             && let Some(e) = self.export.take()

@@ -24,6 +24,7 @@ mod config;
 mod conn;
 mod server;
 mod stack;
+mod tls;
 mod traced;
 
 use alloc::format;
@@ -164,11 +165,16 @@ impl Network {
             warn!("NBD server started without a network device: no client can reach it");
         }
         let host = cfg.host.map(IpAddress::Ipv4);
+        let tls = match &cfg.tls {
+            Some(creds) => Some(tls::credentials(creds, cfg.tls_authz.as_deref())?),
+            None => None,
+        };
         self.server = Some(Server::new(
             host,
             cfg.port,
             cfg.max_connections,
             cfg.handshake_max_seconds,
+            tls,
             &self.budgets,
         ));
         self.poll();
@@ -222,7 +228,12 @@ impl Network {
                 };
                 let room = max.saturating_sub(conns.len());
                 for h in server.accept(&mut stack.sockets, room) {
-                    conns.push(Conn::new(h, budgets, server.handshake_ns));
+                    conns.push(Conn::new(
+                        h,
+                        budgets,
+                        server.handshake_ns,
+                        server.tls.as_ref(),
+                    ));
                     busy = true;
                     if *panic_on_client {
                         panic!("test fault: panic inside the network poll");

@@ -26,6 +26,8 @@ pub struct Server {
     /// How long a client may take over the handshake
     /// (`handshake-max-seconds`); `None`: no limit.
     pub handshake_ns: Option<u64>,
+    /// `tls-creds`: clients must start TLS.
+    pub tls: Option<nbdtls::Credentials>,
     listeners: Vec<SocketHandle>,
     /// Sockets kept listening: how many clients may connect at the same
     /// instant (the listen backlog). A SYN that would find none is dropped
@@ -42,6 +44,7 @@ impl Server {
         port: u16,
         max_connections: u32,
         handshake_max_seconds: u32,
+        tls: Option<nbdtls::Credentials>,
         budgets: &Budgets,
     ) -> Server {
         Server {
@@ -52,6 +55,7 @@ impl Server {
                 0 => None,
                 s => Some(u64::from(s) * 1_000_000_000),
             },
+            tls,
             listeners: Vec::new(),
             backlog: budgets.listeners,
             socket_buffer: budgets.socket_buffer,
