@@ -1,4 +1,4 @@
-//! The carried PVH image: its loadable segments (ELF64 program headers) and
+//! The PVH image: its loadable segments (ELF64 program headers) and
 //! entry point. The image is linked at its physical address (1 MiB up), so
 //! loading is copying each segment to `p_paddr` and zeroing the rest of its
 //! memory size.
@@ -28,9 +28,9 @@ type Segment = (usize, u64, usize, u64);
 impl Image {
     pub fn parse(bytes: &'static [u8]) -> Result<Self, &'static str> {
         if bytes.get(..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) {
-            return Err("the carried kernel is not an ELF64 file");
+            return Err("the kernel is not an ELF64 file");
         }
-        let bad = "the carried kernel's ELF header is truncated";
+        let bad = "the kernel's ELF header is truncated";
         let me = Self {
             bytes,
             entry: u64_at(bytes, 24).ok_or(bad)?,
@@ -38,10 +38,10 @@ impl Image {
             phnum: u16_at(bytes, 56).ok_or(bad)? as usize,
         };
         if me.phnum == 0 || me.segments().count() != me.phnum_load() {
-            return Err("the carried kernel has a bad program header");
+            return Err("the kernel has a bad program header");
         }
         if me.entry > u32::MAX as u64 {
-            return Err("the carried kernel's entry is above 4 GiB");
+            return Err("the kernel's entry is above 4 GiB");
         }
         Ok(me)
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 pub enum Which {
     /// QEMU start → QMP greeting, against a do-nothing PVH image's start →
     /// exit; and the disk image under OVMF (and rust-hypervisor-firmware
-    /// when given) against the same do-nothing image carried by the UEFI
+    /// when given) against the same do-nothing image started by the UEFI
     /// loader (the firmware's floor).
     Boot {
         /// Runs per machine type.
@@ -193,13 +193,15 @@ fn floor_to_exit(cfg: &QemuConfig, floor: &Path, sock: &Path) -> Result<Duration
 }
 
 /// The disk images the firmware paths boot, written once: the appliance's
-/// and the floor's (the do-nothing PVH image carried by the same loader).
+/// and the floor's (the do-nothing PVH image in the kernel partition, read
+/// and started by the same loader).
 struct Disks {
     dir: std::path::PathBuf,
     image: std::path::PathBuf,
     floor: std::path::PathBuf,
     size: u64,
     loader: usize,
+    payload: usize,
     kernel: u64,
 }
 
@@ -218,7 +220,8 @@ impl Disks {
             image,
             floor,
             size,
-            loader: loader.len(),
+            loader: loader.efi.len(),
+            payload: loader.kernel.len(),
             kernel: std::fs::metadata(kernel).map_err(|e| e.to_string())?.len(),
             dir,
         })
@@ -259,7 +262,7 @@ fn reads(trace: &Path) -> (usize, u64) {
 }
 
 /// The disk image under `firmware` (q35): QEMU start → QMP greeting, next
-/// to the do-nothing PVH image carried by the same loader (firmware, loader
+/// to the do-nothing PVH image started by the same loader (firmware, loader
 /// and ExitBootServices, then isa-debug-exit): the difference is the
 /// appliance's own time on top of the firmware. Beside the times, the
 /// virtio-blk read requests of each and the KiB they read (the same in every run, whatever the
@@ -274,8 +277,8 @@ fn boot_firmware(
     let name = firmware.name();
     println!("boot benchmark under {name} (q35, TCG): {runs} runs, median wall time");
     println!(
-        "disk image: {} bytes; BOOTX64.EFI {} bytes (PVH image {} bytes)",
-        disks.size, disks.loader, disks.kernel
+        "disk image: {} bytes; BOOTX64.EFI {} bytes, kernel partition payload {} bytes (PVH image {} bytes)",
+        disks.size, disks.loader, disks.payload, disks.kernel
     );
     let cfg = QemuConfig {
         firmware,
