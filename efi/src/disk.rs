@@ -77,14 +77,14 @@ pub fn find_partition(disk: &mut dyn Disk) -> Result<(u64, u64), &'static str> {
 }
 
 /// Reads the kernel partition's payload: its header, and the whole of it
-/// from the partition's start (header first: the block is at [`HEADER`]),
+/// from the partition's start (header first: the kernel is at [`HEADER`]),
 /// in whole sectors.
 pub fn read_kernel(disk: &mut dyn Disk) -> Result<(Header, Vec<u8>), &'static str> {
     let (start, len) = find_partition(disk)?;
     let header = payload::header(&disk.read(start, SECTOR)?)?;
-    let total = (HEADER + header.block_len).next_multiple_of(SECTOR);
+    let total = (HEADER + header.kernel_len).next_multiple_of(SECTOR);
     if total as u64 > len {
-        return Err("the kernel partition is corrupt");
+        return Err(payload::CORRUPT);
     }
     let data = disk.read(start, total)?;
     Ok((header, data))

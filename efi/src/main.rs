@@ -6,10 +6,9 @@
 //!
 //! 1. reads `blockhaus.conf` from its own ESP (SimpleFileSystem on the
 //!    LoadedImage's device, one Read: what works on OVMF and RHF alike);
-//! 2. reads the PVH image, LZ4-compressed, from the disk's kernel
-//!    partition (`disk.rs`: under rust-hypervisor-firmware with the
-//!    project's virtio-blk driver, elsewhere through BlockIo) and unpacks
-//!    it (`payload.rs`);
+//! 2. reads the PVH image from the disk's kernel partition (`disk.rs`:
+//!    under rust-hypervisor-firmware with the project's virtio-blk driver,
+//!    elsewhere through BlockIo) and checks it (`payload.rs`);
 //! 3. lays the ELF's loadable segments out in a buffer as they lie in
 //!    memory (the kernel is linked at 1 MiB up, where firmware may still
 //!    live: rust-hypervisor-firmware keeps its page tables, GDT and stack
@@ -27,8 +26,8 @@
 //! Everything the loader allocates lies below 4 GiB and outside the
 //! kernel's range (`mem.rs`), so only the last copy touches that range;
 //! what comes from the UEFI pool (the global allocator: the configuration
-//! and the compressed kernel as read, the virtio rings) is copied out or
-//! dropped before boot services end.
+//! as read, the virtio rings) is copied out or dropped before boot
+//! services end, but the kernel partition's bytes, which are kept.
 #![no_std]
 #![no_main]
 
@@ -176,8 +175,8 @@ fn main() -> Status {
 
     // SAFETY: nothing of boot services is used after this point: no
     // protocol is held, the console is not written any more, and nothing
-    // allocated from the pool is alive (`conf` and the kernel partition's
-    // bytes were dropped above), so nothing is freed to it.
+    // is freed to the pool any more (`conf` was dropped above, the kernel
+    // partition's bytes are kept for good).
     let map = unsafe { boot::exit_boot_services(None) };
     info.set_memory_map(&map);
     let entry = kernel.entry();
@@ -196,6 +195,14 @@ fn main() -> Status {
     }
 }
 
+/// The kernel partition's bytes as read, kept (in the pool, never freed)
+/// until the loader is done: they are read only until `elf::Image::load`
+/// has laid the kernel out elsewhere, and nothing is freed to the pool
+/// after boot services end.
+fn keep(bytes: Vec<u8>) -> &'static [u8] {
+    bytes.leak()
+}
+
 /// A message for the console and the status to return to the firmware.
 type Failure = (&'static str, Status);
 
@@ -207,7 +214,8 @@ fn read_kernel(device: Handle, rhf: bool) -> Result<(&'static [u8], Option<u8>),
     if !rhf {
         let mut disk = disk::BlockIoDisk::open(device).map_err(err)?;
         let (header, bytes) = disk::read_kernel(&mut disk).map_err(err)?;
-        return Ok((payload::unpack(&header, &bytes)?, None));
+        let kernel = payload::kernel(&header, keep(bytes)).map_err(err)?;
+        return Ok((kernel, None));
     }
     // RHF boots the first modern virtio-blk device it can boot from: the
     // first, in device order, that holds a kernel partition is ours.
@@ -224,7 +232,7 @@ fn read_kernel(device: Handle, rhf: bool) -> Result<(&'static [u8], Option<u8>),
             Ok((header, bytes)) => {
                 // Resets the device before the kernel sees it.
                 drop(disk);
-                let kernel = payload::unpack(&header, &bytes)?;
+                let kernel = payload::kernel(&header, keep(bytes)).map_err(err)?;
                 return Ok((kernel, Some(dev)));
             }
             Err(e) => last = e,

@@ -1,6 +1,6 @@
 //! `cargo xtask image`: the bootable disk image (GPT, an EFI System
 //! Partition with `EFI/BOOT/BOOTX64.EFI` and `blockhaus.conf`, a partition
-//! with the compressed kernel), raw or qcow2. See `harness::esp` for the layout.
+//! with the kernel), raw or qcow2. See `harness::esp` for the layout.
 
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
