@@ -543,21 +543,6 @@ fn rhf_a_missing_kernel_partition_is_named() {
     );
 }
 
-/// The virtio-blk read requests QEMU traced into `trace`, and the sectors
-/// they read.
-fn traced_reads(trace: &Path) -> (usize, u64) {
-    let text = std::fs::read_to_string(trace).unwrap_or_default();
-    text.lines()
-        .filter(|l| l.contains("virtio_blk_handle_read"))
-        .fold((0, 0), |(n, sectors), l| {
-            let more = l
-                .rsplit_once("nsectors ")
-                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-            (n + 1, sectors + more)
-        })
-}
-
 /// Under RHF the loader reads the kernel partition itself, in requests of
 /// many sectors, instead of RHF's one request per sector: the boot up to
 /// the QMP greeting makes a few hundred read requests (RHF reading the
@@ -566,7 +551,7 @@ fn traced_reads(trace: &Path) -> (usize, u64) {
 #[test]
 fn rhf_boot_reads_the_kernel_partition_in_large_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut cfg) = rhf(
+    let Some(cfg) = rhf(
         "rhf_boot_reads_the_kernel_partition_in_large_requests",
         Vec::new(),
         None,
@@ -574,20 +559,16 @@ fn rhf_boot_reads_the_kernel_partition_in_large_requests() {
         return;
     };
     let trace = dir.path().join("reads.trace");
-    cfg.extra.push("-trace".into());
-    cfg.extra
-        .push(format!("enable=virtio_blk_handle_read,file={}", trace.display()).into());
+    let cfg = harness::qemu::tracing_reads(&cfg, &trace);
     let img = image(dir.path(), "loglevel=info\n");
     let a = boot(&img, &cfg);
     let console = a.quit();
     assert!(console.contains("poweroff: ACPI S5"), "{console}");
-    let (requests, sectors) = traced_reads(&trace);
-    let text = std::fs::read_to_string(&trace).unwrap_or_default();
-    let largest = text
-        .lines()
-        .filter_map(|l| l.rsplit_once("nsectors ")?.1.trim().parse::<u64>().ok())
-        .max()
-        .unwrap_or(0);
+    let harness::qemu::VirtioBlkReads {
+        requests,
+        sectors,
+        largest,
+    } = harness::qemu::VirtioBlkReads::from_trace(&trace);
     eprintln!("{requests} read requests, {sectors} sectors, largest {largest} sectors");
     assert!(largest >= 128, "largest read {largest} sectors");
     assert!(

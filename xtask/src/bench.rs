@@ -234,31 +234,11 @@ impl Drop for Disks {
     }
 }
 
-/// `cfg` with QEMU tracing each virtio-blk read request into `trace`.
-fn tracing_reads(cfg: &QemuConfig, trace: &Path) -> QemuConfig {
-    let _ = std::fs::remove_file(trace);
-    let mut cfg = cfg.clone();
-    cfg.extra.push("-trace".into());
-    cfg.extra
-        .push(format!("enable=virtio_blk_handle_read,file={}", trace.display()).into());
-    cfg
-}
-
 /// The virtio-blk read requests QEMU traced into `trace`, and the KiB
 /// they read.
 fn reads(trace: &Path) -> (usize, u64) {
-    let text = std::fs::read_to_string(trace).unwrap_or_default();
-    let lines = text
-        .lines()
-        .filter(|l| l.contains("virtio_blk_handle_read"));
-    let (n, sectors) = lines.fold((0, 0), |(n, sectors), l| {
-        let more = l
-            .rsplit_once("nsectors ")
-            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        (n + 1, sectors + more)
-    });
-    (n, sectors / 2)
+    let r = harness::qemu::VirtioBlkReads::from_trace(trace);
+    (r.requests, r.sectors / 2)
 }
 
 /// The disk image under `firmware` (q35): QEMU start → QMP greeting, next
@@ -290,10 +270,10 @@ fn boot_firmware(
     let (mut our_reads, mut base_reads) = ((0, 0), (0, 0));
     for i in 0..runs {
         let sock = disks.dir.join(format!("qmp-{name}-{i}.sock"));
-        let traced = tracing_reads(&cfg, &trace);
+        let traced = harness::qemu::tracing_reads(&cfg, &trace);
         ours.push(to_greeting(&traced, &disks.image, &sock).map_err(|e| format!("{name}: {e}"))?);
         our_reads = reads(&trace);
-        let traced = tracing_reads(&cfg, &trace);
+        let traced = harness::qemu::tracing_reads(&cfg, &trace);
         base.push(floor_to_exit(&traced, &disks.floor, &sock)?);
         base_reads = reads(&trace);
     }
