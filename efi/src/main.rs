@@ -1,36 +1,46 @@
 //! `BOOTX64.EFI`: the UEFI loader of the blockhaus disk image.
 //!
-//! It carries the PVH image (the very ELF that `-kernel` boots) and starts
-//! it the way a PVH loader does, so the kernel has a single entry and owns
-//! its page tables, GDT, IDT and stack from its first instruction:
+//! It starts the PVH image (the very ELF that `-kernel` boots) the way a
+//! PVH loader does, so the kernel has a single entry and owns its page
+//! tables, GDT, IDT and stack from its first instruction:
 //!
-//! 1. unpacks the PVH image it carries compressed (`payload.rs`), then
-//!    reads `blockhaus.conf` from its own ESP (SimpleFileSystem on the
+//! 1. reads `blockhaus.conf` from its own ESP (SimpleFileSystem on the
 //!    LoadedImage's device, one Read: what works on OVMF and RHF alike);
-//! 2. lays the ELF's loadable segments out in a buffer as they lie in
+//! 2. reads the PVH image from the disk's kernel partition (`disk.rs`:
+//!    under rust-hypervisor-firmware with the project's virtio-blk driver,
+//!    elsewhere through BlockIo) and checks it (`payload.rs`);
+//! 3. lays the ELF's loadable segments out in a buffer as they lie in
 //!    memory (the kernel is linked at 1 MiB up, where firmware may still
 //!    live: rust-hypervisor-firmware keeps its page tables, GDT and stack
 //!    at 1-2 MiB and loads this loader at 2 MiB);
-//! 3. builds an `hvm_start_info` below 4 GiB: the command line
+//! 4. builds an `hvm_start_info` below 4 GiB: the command line
 //!    (`blockhaus.boot-disk=` naming the PCI address of the disk it was
 //!    loaded from, then its load options), the configuration file as
 //!    module 0, the ACPI RSDP from
 //!    the configuration table, and an E820 view of the final memory map;
-//! 4. exits boot services and leaves long mode for 32-bit protected mode
+//! 5. exits boot services and leaves long mode for 32-bit protected mode
 //!    with paging off (`trampoline.s`, run from a page of its own), copies
 //!    the buffer to the kernel's load address and enters `pvh_start` with
 //!    `%ebx` pointing at the start info: the PVH boot protocol.
 //!
 //! Everything the loader allocates lies below 4 GiB and outside the
-//! kernel's range (`mem.rs`), so only the last copy touches that range.
+//! kernel's range (`mem.rs`), so only the last copy touches that range;
+//! what comes from the UEFI pool (the global allocator: the configuration
+//! as read, the virtio rings) is copied out or dropped before boot
+//! services end, but the kernel partition's bytes, which are kept.
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
+mod disk;
 mod elf;
 mod mem;
 mod payload;
 mod start_info;
 
+use alloc::vec;
+use alloc::vec::Vec;
 use core::fmt::Write;
 use uefi::boot::{self, MemoryType};
 use uefi::prelude::*;
@@ -65,12 +75,14 @@ unsafe extern "C" {
 type PvhStub =
     unsafe extern "sysv64" fn(start_info: u32, entry: u32, src: u32, dst: u32, len: u32) -> !;
 
-/// Writes one short line on ConOut (under 128 characters: RHF's limit).
+/// Writes one short line on ConOut, in one OutputString call: under
+/// 128 characters, the most rust-hypervisor-firmware takes at once (it
+/// writes each call's 128-character buffer whole, the NULs after the text
+/// included, so a line written in parts comes out torn).
 fn say(msg: &str) {
+    let line = alloc::format!("blockhaus-efi: {msg}\n");
     uefi::system::with_stdout(|out| {
-        let _ = out.write_str("blockhaus-efi: ");
-        let _ = out.write_str(msg);
-        let _ = out.write_str("\n");
+        let _ = out.write_str(&line);
     });
 }
 
@@ -85,8 +97,21 @@ fn main() -> Status {
     // The boot manager arms a 5-minute watchdog; boot services end soon,
     // which disarms it too, but a slow read must not reset the machine.
     let _ = boot::set_watchdog_timer(0, 0x10000, None);
-    // The PVH image, built by `cargo xtask image` before this loader.
-    let kernel = match payload::unpack() {
+    let rhf = is_rhf();
+    let device = match boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle()) {
+        Ok(image) => image.device(),
+        Err(e) => return fail("cannot open LoadedImage", e.status()),
+    };
+    let Some(device) = device else {
+        return fail("loaded from no device", Status::NOT_FOUND);
+    };
+    // The configuration first: under RHF the kernel read below takes the
+    // boot disk from the firmware's own driver.
+    let conf = match read_config(device, rhf) {
+        Ok(c) => c,
+        Err(status) => return status,
+    };
+    let (kernel, rhf_disk) = match read_kernel(device, rhf) {
         Ok(k) => k,
         Err((msg, status)) => return fail(msg, status),
     };
@@ -104,8 +129,22 @@ fn main() -> Status {
             );
         }
     };
-    if let Err(status) = read_config(&mut info, range) {
+    if let Err(status) = command_line(&mut info, device, rhf_disk) {
         return status;
+    }
+    if let Some(conf) = conf {
+        // An empty file still gets a valid address.
+        let pages = conf.len() / PAGE + 1;
+        let Ok(at) = mem::allocate(pages, MemoryType::LOADER_DATA, range) else {
+            return fail("no memory for blockhaus.conf", Status::OUT_OF_RESOURCES);
+        };
+        // SAFETY: `pages` pages were just allocated at `at`, more than
+        // `conf.len()` bytes.
+        unsafe {
+            at.as_ptr()
+                .copy_from_nonoverlapping(conf.as_ptr(), conf.len())
+        };
+        info.set_module(at.as_ptr() as u64, conf.len() as u64);
     }
     if range.1 > BELOW_4G || !mem::is_ram(range) {
         return fail("the kernel's range 1 MiB+ is not RAM", Status::LOAD_ERROR);
@@ -135,7 +174,9 @@ fn main() -> Status {
     say("starting the appliance");
 
     // SAFETY: nothing of boot services is used after this point: no
-    // protocol is held, the console is not written any more.
+    // protocol is held, the console is not written any more, and nothing
+    // is freed to the pool any more (`conf` was dropped above, the kernel
+    // partition's bytes are kept for good).
     let map = unsafe { boot::exit_boot_services(None) };
     info.set_memory_map(&map);
     let entry = kernel.entry();
@@ -152,6 +193,52 @@ fn main() -> Status {
             len as u32,
         )
     }
+}
+
+/// The kernel partition's bytes as read, kept (in the pool, never freed)
+/// until the loader is done: they are read only until `elf::Image::load`
+/// has laid the kernel out elsewhere, and nothing is freed to the pool
+/// after boot services end.
+fn keep(bytes: Vec<u8>) -> &'static [u8] {
+    bytes.leak()
+}
+
+/// A message for the console and the status to return to the firmware.
+type Failure = (&'static str, Status);
+
+/// The kernel ELF, read from the kernel partition (`disk.rs`) and
+/// unpacked; under RHF also the device number of the disk it was read
+/// from (the boot disk, which RHF's device paths do not name).
+fn read_kernel(device: Handle, rhf: bool) -> Result<(&'static [u8], Option<u8>), Failure> {
+    let err = |msg| (msg, Status::LOAD_ERROR);
+    if !rhf {
+        let mut disk = disk::BlockIoDisk::open(device).map_err(err)?;
+        let (header, bytes) = disk::read_kernel(&mut disk).map_err(err)?;
+        let kernel = payload::kernel(&header, keep(bytes)).map_err(err)?;
+        return Ok((kernel, None));
+    }
+    // RHF boots the first modern virtio-blk device it can boot from: the
+    // first, in device order, that holds a kernel partition is ours.
+    let mut last = "no modern virtio-blk device on bus 0";
+    for dev in rhf_virtio_disks() {
+        let mut disk = match disk::VirtioDisk::open(dev) {
+            Ok(d) => d,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        match disk::read_kernel(&mut disk) {
+            Ok((header, bytes)) => {
+                // Resets the device before the kernel sees it.
+                drop(disk);
+                let kernel = payload::kernel(&header, keep(bytes)).map_err(err)?;
+                return Ok((kernel, Some(dev)));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(err(last))
 }
 
 /// Copies the trampoline stub to a code page of its own, outside `avoid`.
@@ -177,27 +264,29 @@ impl Bdf {
     }
 }
 
-/// Fills `info` from what the firmware gave us: the PCI address of the disk
-/// we were loaded from (when its device path names one device on the root
-/// bus) and our load options as the command line, then `blockhaus.conf`
-/// (module 0, in LOADER_DATA pages below 4 GiB, outside `avoid`) if the
-/// ESP has one.
-fn read_config(info: &mut start_info::StartInfo, avoid: mem::Range) -> Result<(), Status> {
-    let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
-        .map_err(|e| fail("cannot open LoadedImage", e.status()))?;
-    let Some(device) = image.device() else {
-        return Err(fail("loaded from no device", Status::NOT_FOUND));
-    };
-    let rhf = is_rhf();
-    let bdf = boot::open_protocol_exclusive::<DevicePath>(device)
+/// Fills the command line: the PCI address of the disk we were loaded
+/// from (when its device path names one device on the root bus; under
+/// RHF, `rhf_disk`, the disk the kernel was read from), then our load
+/// options.
+fn command_line(
+    info: &mut start_info::StartInfo,
+    device: Handle,
+    rhf_disk: Option<u8>,
+) -> Result<(), Status> {
+    let named = boot::open_protocol_exclusive::<DevicePath>(device)
         .ok()
         .and_then(|path| pci_address(&path));
-    if let Some(bdf) = bdf.or_else(|| rhf.then(rhf_boot_disk).flatten()) {
+    if let Some(bdf) = named.or_else(|| rhf_disk.map(|dev| bdf(dev, 0))) {
         info.push_cmdline("blockhaus.boot-disk=");
         info.push_cmdline(bdf.as_str());
     }
-    load_options(&image, info)?;
-    drop(image);
+    let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
+        .map_err(|e| fail("cannot open LoadedImage", e.status()))?;
+    load_options(&image, info)
+}
+
+/// `blockhaus.conf` from the ESP (`device`'s file system), if it has one.
+fn read_config(device: Handle, rhf: bool) -> Result<Option<Vec<u8>>, Status> {
     let mut fs = boot::open_protocol_exclusive::<SimpleFileSystem>(device)
         .map_err(|e| fail("cannot open the ESP's file system", e.status()))?;
     let mut root = fs
@@ -209,13 +298,8 @@ fn read_config(info: &mut start_info::StartInfo, avoid: mem::Range) -> Result<()
         (CONFIG_FILE, "blockhaus.conf")
     };
     let Ok(mut file) = root.open(name, FileMode::Read, FileAttribute::empty()) else {
-        uefi::system::with_stdout(|out| {
-            let _ = writeln!(
-                out,
-                "blockhaus-efi: no {shown} on the ESP: booting without it"
-            );
-        });
-        return Ok(());
+        say(&alloc::format!("no {shown} on the ESP: booting without it"));
+        return Ok(None);
     };
     // Room for a 255-character name: rust-hypervisor-firmware wants room
     // for that much (592 bytes) whatever the name.
@@ -230,38 +314,32 @@ fn read_config(info: &mut start_info::StartInfo, avoid: mem::Range) -> Result<()
         }
         Ok(i) => i.file_size(),
         Err(e) => {
-            uefi::system::with_stdout(|out| {
-                let _ = writeln!(
-                    out,
-                    "blockhaus-efi: cannot stat blockhaus.conf: {:?}",
-                    e.status()
-                );
-            });
+            say(&alloc::format!(
+                "cannot stat blockhaus.conf: {:?}",
+                e.status()
+            ));
             return Err(e.status());
         }
     };
+    let Ok(size) = usize::try_from(size).map(|s| s.min(1 << 30)) else {
+        return Err(fail("blockhaus.conf is too large", Status::LOAD_ERROR));
+    };
     // SAFETY: the handle is open and not a directory (checked just above).
     let mut file = unsafe { RegularFile::new(file) };
-    // An empty file still gets a valid address.
-    let pages = (size as usize / PAGE) + 1;
-    let conf = mem::allocate(pages, MemoryType::LOADER_DATA, avoid)
-        .map_err(|status| fail("no memory for blockhaus.conf", status))?;
-    // SAFETY: `pages` pages were just allocated at `conf`.
-    let dest = unsafe { core::slice::from_raw_parts_mut(conf.as_ptr(), pages * PAGE) };
+    let mut conf = vec![0; size];
     // Reads ask for exactly what is left: rust-hypervisor-firmware fails
     // with DEVICE_ERROR when asked for more than the file holds, and with
     // BUFFER_TOO_SMALL when asked for less.
-    let size = (size as usize).min(dest.len());
     let mut got = 0usize;
     while got < size {
-        match file.read(&mut dest[got..size]) {
+        match file.read(&mut conf[got..size]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) => return Err(fail("cannot read blockhaus.conf", e.status())),
         }
     }
-    info.set_module(conf.as_ptr() as u64, got as u64);
-    Ok(())
+    conf.truncate(got);
+    Ok(Some(conf))
 }
 
 /// Appends the load options (UCS-2 text: what the UEFI Shell or a boot
@@ -324,33 +402,22 @@ fn is_rhf() -> bool {
     uefi::system::firmware_vendor() == uefi::cstr16!("RHF")
 }
 
-/// The disk rust-hypervisor-firmware booted us from, which its device
-/// paths do not name: RHF drives only modern-only virtio-blk (1af4:1042)
-/// at function 0 of bus 0, so when exactly one such device exists, it is
-/// the boot disk. With several, none is named (said on the console).
-fn rhf_boot_disk() -> Option<Bdf> {
-    let mut found = None;
-    let mut count = 0;
-    for dev in 0u8..32 {
-        let addr = 0x8000_0000u32 | (u32::from(dev) << 11);
-        let id: u32;
-        // SAFETY: PCI configuration mechanism #1 (ports 0xcf8/0xcfc), which
-        // every x86 machine RHF runs on has; reading the ID register of
-        // bus 0 function 0 has no side effect.
-        unsafe {
-            core::arch::asm!("out dx, eax", in("dx") 0xcf8u16, in("eax") addr);
-            core::arch::asm!("in eax, dx", in("dx") 0xcfcu16, out("eax") id);
-        }
-        if id == 0x1042_1af4 {
-            found = Some(dev);
-            count += 1;
-        }
-    }
-    if count > 1 {
-        say("several modern virtio-blk disks: the boot disk is not marked");
-        return None;
-    }
-    found.map(|dev| bdf(dev, 0))
+/// The modern-only virtio-blk devices (1af4:1042) at function 0 of bus
+/// 0, in device order: the only disks rust-hypervisor-firmware boots from.
+fn rhf_virtio_disks() -> impl Iterator<Item = u8> {
+    use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction};
+    // SAFETY: PCI configuration mechanism #1 (ports 0xcf8/0xcfc), which
+    // every x86 machine RHF runs on has; boot services run on one CPU and
+    // nothing else uses the ports while the loader runs.
+    let cam = unsafe { drivers::pci::PortIoCam::new() };
+    (0u8..32).filter(move |&dev| {
+        let function = DeviceFunction {
+            bus: 0,
+            device: dev,
+            function: 0,
+        };
+        cam.read_word(function, 0) == 0x1042_1af4
+    })
 }
 
 /// `00:DD.F`.

@@ -1,36 +1,53 @@
-//! The carried PVH image, compressed by `build.rs` (`pack`): its length as
-//! a little-endian u64, the Adler-32 of the rest, then one LZ4 block.
-//! Unpacked into pages of its own before anything else, so the rest of the
-//! loader sees the plain ELF.
+//! The kernel partition's payload, written by `harness::esp::pack_kernel`:
+//! a 32-byte header (the magic `BHKERNEL`, the kernel's length as a
+//! little-endian u64, its Adler-32 as a u32, zeroes), then the PVH image.
 
-use uefi::Status;
-use uefi::boot::MemoryType;
+/// The header's length.
+pub const HEADER: usize = 32;
+const MAGIC: &[u8; 8] = b"BHKERNEL";
+pub const CORRUPT: &str = "the kernel partition is corrupt";
 
-use crate::{PAGE, mem};
+/// What the header says.
+pub struct Header {
+    /// The kernel ELF's length (it follows the header).
+    pub kernel_len: usize,
+    sum: u32,
+}
 
-static PACKED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernel.z"));
-
-/// The kernel ELF, unpacked into LOADER_DATA pages below 4 GiB (anywhere:
-/// it is read only until `elf::Image::load` has laid it out elsewhere).
-pub fn unpack() -> Result<&'static [u8], (&'static str, Status)> {
-    let corrupt = ("the carried kernel is corrupt", Status::LOAD_ERROR);
-    let (len, rest) = PACKED.split_first_chunk::<8>().ok_or(corrupt)?;
-    let (sum, block) = rest.split_first_chunk::<4>().ok_or(corrupt)?;
-    let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| corrupt)?;
-    if adler2::adler32_slice(block) != u32::from_le_bytes(*sum) {
-        return Err(corrupt);
+/// Parses the header at the start of `first` (the partition's first
+/// sector).
+pub fn header(first: &[u8]) -> Result<Header, &'static str> {
+    if first.get(..8) != Some(MAGIC) {
+        return Err("the kernel partition holds no blockhaus kernel");
     }
-    if len == 0 {
-        return Ok(&[]);
+    let len = first
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or(CORRUPT)?;
+    let sum = first
+        .get(16..20)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .ok_or(CORRUPT)?;
+    // The kernel lies below 4 GiB: anything near that is damage.
+    match u32::try_from(len) {
+        Ok(len) if len > 0 => Ok(Header {
+            kernel_len: len as usize,
+            sum,
+        }),
+        _ => Err(CORRUPT),
     }
-    let pages = len.div_ceil(PAGE);
-    let at = mem::allocate(pages, MemoryType::LOADER_DATA, (0, 0))
-        .map_err(|s| ("no memory to unpack the kernel", s))?;
-    // SAFETY: `pages` pages were just allocated at `at`, identity-mapped;
-    // they are never freed, so the slice lives as long as the loader.
-    let out: &'static mut [u8] = unsafe { core::slice::from_raw_parts_mut(at.as_ptr(), len) };
-    match lz4_flex::block::decompress_into(block, out) {
-        Ok(n) if n == len => Ok(out),
-        _ => Err(corrupt),
+}
+
+/// The kernel ELF inside `payload` (the partition's bytes from its start,
+/// `header` first), once its checksum matches.
+pub fn kernel<'a>(header: &Header, payload: &'a [u8]) -> Result<&'a [u8], &'static str> {
+    let kernel = payload
+        .get(HEADER..HEADER + header.kernel_len)
+        .ok_or(CORRUPT)?;
+    if adler2::adler32_slice(kernel) != header.sum {
+        return Err(CORRUPT);
     }
+    Ok(kernel)
 }

@@ -50,10 +50,13 @@ blockhaus_pvh_stub:
     rdmsr
     and $~(1 << 8), %eax
     wrmsr
-    # Physical addresses from here: the kernel to its load address.
+    # Physical addresses from here: the kernel to its load address, four
+    # bytes a step (`len` is whole pages; TCG runs each step of a `rep`
+    # on its own, so bytes would take four times as long).
     mov %esp, %ecx
+    shr $2, %ecx
     cld
-    rep movsb
+    rep movsl
     jmp *%ebp
 .balign 16
 tramp_gdt:

@@ -381,6 +381,45 @@ pub const NBD_GUEST_PORT: u16 = 10809;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound, then
 /// released), for [`QemuConfig::nbd_port`].
+/// `cfg` with QEMU tracing each virtio-blk read request into `trace`
+/// (removed first), for [`VirtioBlkReads::from_trace`].
+pub fn tracing_reads(cfg: &QemuConfig, trace: &Path) -> QemuConfig {
+    let _ = std::fs::remove_file(trace);
+    let mut cfg = cfg.clone();
+    cfg.extra.push("-trace".into());
+    cfg.extra
+        .push(format!("enable=virtio_blk_handle_read,file={}", trace.display()).into());
+    cfg
+}
+
+/// The virtio-blk read requests QEMU traced ([`tracing_reads`]): the same
+/// for every run of the same boot, whatever the load on the machine.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VirtioBlkReads {
+    pub requests: usize,
+    pub sectors: u64,
+    /// The largest request, in sectors.
+    pub largest: u64,
+}
+
+impl VirtioBlkReads {
+    pub fn from_trace(trace: &Path) -> Self {
+        let text = std::fs::read_to_string(trace).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("virtio_blk_handle_read"))
+            .map(|l| {
+                l.rsplit_once("nsectors ")
+                    .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .fold(Self::default(), |r, n| Self {
+                requests: r.requests + 1,
+                sectors: r.sectors + n,
+                largest: r.largest.max(n),
+            })
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 pub enum Which {
     /// QEMU start → QMP greeting, against a do-nothing PVH image's start →
     /// exit; and the disk image under OVMF (and rust-hypervisor-firmware
-    /// when given) against the same do-nothing image carried by the UEFI
+    /// when given) against the same do-nothing image started by the UEFI
     /// loader (the firmware's floor).
     Boot {
         /// Runs per machine type.
@@ -193,13 +193,15 @@ fn floor_to_exit(cfg: &QemuConfig, floor: &Path, sock: &Path) -> Result<Duration
 }
 
 /// The disk images the firmware paths boot, written once: the appliance's
-/// and the floor's (the do-nothing PVH image carried by the same loader).
+/// and the floor's (the do-nothing PVH image in the kernel partition, read
+/// and started by the same loader).
 struct Disks {
     dir: std::path::PathBuf,
     image: std::path::PathBuf,
     floor: std::path::PathBuf,
     size: u64,
     loader: usize,
+    payload: usize,
     kernel: u64,
 }
 
@@ -218,7 +220,8 @@ impl Disks {
             image,
             floor,
             size,
-            loader: loader.len(),
+            loader: loader.efi.len(),
+            payload: loader.kernel.len(),
             kernel: std::fs::metadata(kernel).map_err(|e| e.to_string())?.len(),
             dir,
         })
@@ -231,35 +234,15 @@ impl Drop for Disks {
     }
 }
 
-/// `cfg` with QEMU tracing each virtio-blk read request into `trace`.
-fn tracing_reads(cfg: &QemuConfig, trace: &Path) -> QemuConfig {
-    let _ = std::fs::remove_file(trace);
-    let mut cfg = cfg.clone();
-    cfg.extra.push("-trace".into());
-    cfg.extra
-        .push(format!("enable=virtio_blk_handle_read,file={}", trace.display()).into());
-    cfg
-}
-
 /// The virtio-blk read requests QEMU traced into `trace`, and the KiB
 /// they read.
 fn reads(trace: &Path) -> (usize, u64) {
-    let text = std::fs::read_to_string(trace).unwrap_or_default();
-    let lines = text
-        .lines()
-        .filter(|l| l.contains("virtio_blk_handle_read"));
-    let (n, sectors) = lines.fold((0, 0), |(n, sectors), l| {
-        let more = l
-            .rsplit_once("nsectors ")
-            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        (n + 1, sectors + more)
-    });
-    (n, sectors / 2)
+    let r = harness::qemu::VirtioBlkReads::from_trace(trace);
+    (r.requests, r.sectors / 2)
 }
 
 /// The disk image under `firmware` (q35): QEMU start → QMP greeting, next
-/// to the do-nothing PVH image carried by the same loader (firmware, loader
+/// to the do-nothing PVH image started by the same loader (firmware, loader
 /// and ExitBootServices, then isa-debug-exit): the difference is the
 /// appliance's own time on top of the firmware. Beside the times, the
 /// virtio-blk read requests of each and the KiB they read (the same in every run, whatever the
@@ -274,8 +257,8 @@ fn boot_firmware(
     let name = firmware.name();
     println!("boot benchmark under {name} (q35, TCG): {runs} runs, median wall time");
     println!(
-        "disk image: {} bytes; BOOTX64.EFI {} bytes (PVH image {} bytes)",
-        disks.size, disks.loader, disks.kernel
+        "disk image: {} bytes; BOOTX64.EFI {} bytes, kernel partition payload {} bytes (PVH image {} bytes)",
+        disks.size, disks.loader, disks.payload, disks.kernel
     );
     let cfg = QemuConfig {
         firmware,
@@ -287,10 +270,10 @@ fn boot_firmware(
     let (mut our_reads, mut base_reads) = ((0, 0), (0, 0));
     for i in 0..runs {
         let sock = disks.dir.join(format!("qmp-{name}-{i}.sock"));
-        let traced = tracing_reads(&cfg, &trace);
+        let traced = harness::qemu::tracing_reads(&cfg, &trace);
         ours.push(to_greeting(&traced, &disks.image, &sock).map_err(|e| format!("{name}: {e}"))?);
         our_reads = reads(&trace);
-        let traced = tracing_reads(&cfg, &trace);
+        let traced = harness::qemu::tracing_reads(&cfg, &trace);
         base.push(floor_to_exit(&traced, &disks.floor, &sock)?);
         base_reads = reads(&trace);
     }

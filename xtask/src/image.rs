@@ -1,6 +1,6 @@
 //! `cargo xtask image`: the bootable disk image (GPT, an EFI System
-//! Partition with `EFI/BOOT/BOOTX64.EFI` and `blockhaus.conf`), raw or
-//! qcow2. See `harness::esp` for the layout.
+//! Partition with `EFI/BOOT/BOOTX64.EFI` and `blockhaus.conf`, a partition
+//! with the kernel), raw or qcow2. See `harness::esp` for the layout.
 
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -51,11 +51,12 @@ pub fn make(args: &ImageArgs) -> Result<PathBuf, String> {
         }
     };
     eprintln!(
-        "image: {} ({:?}, {} KiB disk, BOOTX64.EFI {} KiB{})",
+        "image: {} ({:?}, {} KiB disk, BOOTX64.EFI {} KiB, kernel partition {} KiB{})",
         out.display(),
         args.format,
         size >> 10,
-        loader.len() >> 10,
+        loader.efi.len() >> 10,
+        loader.kernel.len() >> 10,
         if config.is_some() {
             ", with blockhaus.conf"
         } else {
