@@ -1495,6 +1495,47 @@ fn a_dirty_image_has_its_refcounts_rebuilt_at_open() {
     assert!(q.io("q", "read -P 0x32 5M 1M").starts_with("read"));
 }
 
+/// Found by the qcow2 fuzz target: a dirty image whose L2 table points far
+/// past the end of the file made the repair at open walk every cluster up
+/// to that offset (years). The reference is a corruption, as in QEMU's
+/// check ("exceeding the end of the file by one cluster or more"): the
+/// read-write open fails at once, and a read-only open's check names it.
+#[test]
+fn a_reference_far_past_the_end_of_the_file_is_a_corruption_not_a_walk() {
+    let mut q = Qmp::new();
+    image(
+        &mut q,
+        "f",
+        8 * MIB,
+        json!({"cluster-size": 4096, "lazy-refcounts": true}),
+    );
+    open(&mut q, "q", json!({"file": "f"}));
+    q.io("q", "write -P 0x31 0 64k");
+    q.ok("blockdev-del", json!({"node-name": "q"}));
+    let wild: u64 = 1 << 52;
+    {
+        let f = node(&q, "f");
+        let m = Env::mem_driver(&f);
+        let mut b = m.data.borrow_mut();
+        let l1 = be64(&b, 40) as usize;
+        let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+        let copied = 1u64 << 63;
+        b[l2 + 8..l2 + 16].copy_from_slice(&(copied | wild).to_be_bytes());
+        b[72..80].copy_from_slice(&1u64.to_be_bytes());
+    }
+    let e = q.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": "f"}),
+    );
+    assert!(e.contains("Could not repair dirty image"), "{e}");
+    open(&mut q, "q", json!({"file": "f", "read-only": true}));
+    let r = check(&q, "q");
+    let text = format!(
+        "counting reference for region exceeding the end of the file by one cluster or more: offset {wild:#x} size 0x1000"
+    );
+    assert!(r.corruptions.contains(&text), "{r:?}");
+}
+
 #[test]
 fn shrinking_frees_everything_past_the_end() {
     for extra in [

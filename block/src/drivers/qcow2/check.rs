@@ -36,6 +36,22 @@ impl CheckReport {
     }
 }
 
+/// What the metadata references: the refcount each cluster index needs
+/// (`want`, inside the file), the `OFLAG_COPIED` checks, and the clusters
+/// referenced at or past the end of the file (`beyond`).
+struct References {
+    want: BTreeMap<u64, u64>,
+    copied_checks: Vec<(String, u64, bool)>,
+    beyond: BTreeMap<u64, u64>,
+}
+
+/// QEMU's text for a reference past the end of the file.
+fn beyond_the_end(offset: u64, size: u64) -> String {
+    format!(
+        "counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {size:#x}"
+    )
+}
+
 impl State {
     fn count(&self, map: &mut BTreeMap<u64, u64>, off: u64, len: u64) {
         if len == 0 {
@@ -49,10 +65,7 @@ impl State {
     /// Every cluster's refcount as the metadata implies it, and the
     /// COPIED flags to verify: `(what, cluster offset, flag set)`.
     #[allow(clippy::type_complexity)]
-    async fn references(
-        &mut self,
-        f: &Child,
-    ) -> IoResult<(BTreeMap<u64, u64>, Vec<(String, u64, bool)>)> {
+    async fn references(&mut self, f: &Child) -> IoResult<References> {
         let mut want: BTreeMap<u64, u64> = BTreeMap::new();
         let cs = self.cs;
         self.count(&mut want, 0, cs);
@@ -116,7 +129,11 @@ impl State {
                 self.count(&mut want, off, len);
             }
         }
-        Ok((want, copied_checks))
+        Ok(References {
+            beyond: want.split_off(&self.file_len.div_ceil(cs)),
+            want,
+            copied_checks,
+        })
     }
 
     /// Counts the L2 tables of `l1` and the clusters they reference.
@@ -181,7 +198,12 @@ impl State {
     /// missing refcount blocks are allocated. Returns how many refcounts
     /// changed.
     pub async fn repair(&mut self, f: &Child) -> IoResult<u64> {
-        let (want, _) = self.references(f).await?;
+        let References { want, beyond, .. } = self.references(f).await?;
+        // Nothing can hold a refcount for a cluster the file does not have
+        // (and walking up to a wild offset would never end).
+        if let Some(&c) = beyond.keys().next() {
+            return Err(self.corruption(&beyond_the_end(c * self.cs, self.cs)));
+        }
         self.reserved = want.keys().copied().collect();
         let end = want
             .keys()
@@ -202,7 +224,7 @@ impl State {
         }
         self.reserved.clear();
         // New refcount blocks count themselves; check once more.
-        let (want, _) = self.references(f).await?;
+        let References { want, .. } = self.references(f).await?;
         for (c, need) in want {
             if self.refcount(f, c).await? < need {
                 self.force_refcount(f, c, need).await?;
@@ -216,7 +238,16 @@ impl State {
     pub async fn check(&mut self, f: &Child) -> IoResult<CheckReport> {
         let mut r = CheckReport::default();
         let cs = self.cs;
-        let (want, copied_checks) = self.references(f).await?;
+        let References {
+            want,
+            copied_checks,
+            beyond,
+        } = self.references(f).await?;
+        // QEMU (`qcow2_inc_refcounts_imrt`): a reference past the end of
+        // the file by a cluster or more is a corruption, not counted.
+        for &c in beyond.keys() {
+            r.corruptions.push(beyond_the_end(c * cs, cs));
+        }
         let last = want.keys().next_back().copied().unwrap_or(0);
         let end = last.max(self.file_len.div_ceil(cs));
         for c in 0..=end {
