@@ -437,8 +437,9 @@ pub fn route_power_button() -> bool {
 
 /// Routes the INTx line of a virtio function without MSI-X (ISA IRQ
 /// `line`) to [`INTX_VECTOR`], the function's ISR status byte at `isr`
-/// to be read by [`ack_intx`]; false if there is no I/O APIC or no slot
-/// left (the caller then polls the function on a timer).
+/// to be read by [`ack_intx`]; false if there is no I/O APIC, no slot
+/// left, or the pin is COM2's or the power button's (the caller then
+/// polls the function on a timer).
 ///
 /// The pin is programmed edge-triggered, as the power button's: a level
 /// line still asserted at EOI would be delivered again at once, before
@@ -450,6 +451,11 @@ pub fn route_power_button() -> bool {
 /// `isr` is the identity-mapped ISR status byte of a virtio function
 /// (reading it only acknowledges the function's interrupt).
 pub unsafe fn route_intx(line: u8, isr: u64) -> bool {
+    // A pin the power button or COM2 already uses keeps its route (their
+    // stubs only count their own interrupt).
+    if line == COM2_GSI || crate::halt::power_button_gsi() == Some(line) {
+        return false;
+    }
     let Some(slot) = INTX_ISRS.iter().find(|s| s.load(Ordering::Relaxed) == 0) else {
         return false;
     };

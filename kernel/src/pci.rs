@@ -150,7 +150,7 @@ impl Pci {
                 info!("{}: no MSI-X: INTx on IRQ {line}", f.address);
             }
             _ => crate::interrupts::poll_without_interrupt(format_args!(
-                "{} (no MSI-X, no INTx line)",
+                "{} (no MSI-X, no usable INTx line)",
                 f.address
             )),
         }

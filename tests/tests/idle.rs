@@ -337,7 +337,9 @@ fn without_msix_or_an_intx_line_a_device_is_polled_and_served() {
     let (_dir, img, port, mut a) = boot_on(Machine::Microvm, 0x6d, "", ",vectors=0");
     let console = a.console();
     assert!(
-        console.contains("(no MSI-X, no INTx line): no interrupt, polled every 10 ms while idle"),
+        console.contains(
+            "(no MSI-X, no usable INTx line): no interrupt, polled every 10 ms while idle"
+        ),
         "{console}"
     );
     assert_eq!(interrupt_counts(&mut a)["polled"], json!(true));
