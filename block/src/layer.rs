@@ -92,7 +92,13 @@ pub struct BlockLayer {
     drivers: Vec<DriverClass>,
     platform: Rc<dyn Platform>,
     events: Rc<EventQueue>,
+    tls_creds_check: Option<TlsCredsCheck>,
 }
+
+/// The platform's check of a `tls-creds-x509` object's PEM text, run by
+/// `object-add` (QEMU loads and checks the files when the object is
+/// made): the error text, or `Ok`.
+pub type TlsCredsCheck = Rc<dyn Fn(&crate::tls_creds::TlsCredsX509) -> Result<(), String>>;
 
 impl BlockLayer {
     /// A block layer running on `exec`, timed by `clock`, waiting through
@@ -106,7 +112,19 @@ impl BlockLayer {
             drivers: crate::drivers::builtin(),
             platform,
             events,
+            tls_creds_check: None,
         }
+    }
+
+    /// Has `object-add` check every `tls-creds-x509` object's PEM text
+    /// with `check` (the block layer cannot parse certificates itself).
+    pub fn set_tls_creds_check(&mut self, check: TlsCredsCheck) {
+        self.tls_creds_check = Some(check);
+    }
+
+    /// The check set by [`BlockLayer::set_tls_creds_check`], if any.
+    pub fn tls_creds_check(&self) -> Option<&TlsCredsCheck> {
+        self.tls_creds_check.as_ref()
     }
 
     /// The registry.

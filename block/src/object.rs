@@ -46,6 +46,9 @@ pub fn object_add_opts(bl: &BlockLayer, opts: &Opts<'_>) -> Result<(), QmpError>
     let obj: Rc<dyn Any> = if qom_type == tls_creds::QOM_TYPE {
         let creds = TlsCredsX509::parse(opts)?;
         wellformed()?;
+        if let Some(check) = bl.tls_creds_check() {
+            check(&creds).map_err(QmpError::generic)?;
+        }
         Rc::new(creds)
     } else if qom_type == tls_creds::AUTHZ_SIMPLE {
         let authz = AuthzSimple::parse(opts)?;

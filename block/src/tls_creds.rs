@@ -5,10 +5,13 @@
 //! QEMU reads `ca-cert.pem`, `server-cert.pem` and `server-key.pem` from
 //! `dir`; the appliance booted with `-kernel` has no filesystem, so the
 //! PEM text is given inline instead: `x-ca-cert`, `x-server-cert`,
-//! `x-server-key` (a `dir` is refused, not ignored). The object only
-//! holds the text: the platform parses it into a TLS configuration when
-//! `nbd-server-start` names the object, and reports what is wrong with it
-//! then.
+//! `x-server-key` (a `dir` is refused, not ignored). The object holds
+//! the text; `object-add` has the platform parse it
+//! ([`crate::layer::BlockLayer::set_tls_creds_check`]) and fails, as
+//! QEMU's does, when a certificate or the key cannot be read. The
+//! platform makes the TLS configuration from it when `nbd-server-start`
+//! names the object (and checks then that the key matches the
+//! certificate: that takes a signature, so randomness).
 //!
 //! `authz-simple` (QEMU: `authz/simple.c`) names the one client admitted
 //! by `nbd-server-start`'s `tls-authz`: its `identity` is compared with the

@@ -120,6 +120,7 @@ extern "Rust" fn kernel_main(info: &'static boot::BootInfo) -> ! {
     let disks = Rc::new(RefCell::new(disks::Disks::probe(&mut pci)));
     let net = Rc::new(RefCell::new(net::Network::default()));
     let mut block = storage::new_block_layer(disks.clone(), net.clone());
+    block.set_tls_creds_check(Rc::new(net::tls::check));
     for class in disk_node::classes(&disks) {
         block.register_driver(class);
     }

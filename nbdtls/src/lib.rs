@@ -212,6 +212,22 @@ fn certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CredsEr
     Ok(certs)
 }
 
+fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, CredsError> {
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| CredsError(format!("Unable to parse the server key: {e:?}")))
+}
+
+/// The CA certificates clients' certificates must chain to.
+fn roots(pem: &[u8]) -> Result<RootCertStore, CredsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs("the CA certificate", pem)? {
+        roots
+            .add(c)
+            .map_err(|e| CredsError(format!("Unusable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
 /// Whether `key` is the private key of `cert`: a signature made with it
 /// must verify with the certificate's public key (the provider cannot
 /// tell a key's public half, so rustls's own check does not run).
@@ -249,6 +265,27 @@ fn check_key_matches(
 }
 
 impl Credentials {
+    /// Whether the PEM text can be read: the server's certificate chain,
+    /// its key (in a form the provider can load) and, if given, the CA
+    /// certificates. Needs no randomness, so it runs where the object is
+    /// made; whether the key belongs to the certificate is checked by
+    /// [`Credentials::from_pem`].
+    pub fn check_pem(
+        cert_chain: &[u8],
+        key: &[u8],
+        client_ca: Option<&[u8]>,
+    ) -> Result<(), CredsError> {
+        certs("the server certificate", cert_chain)?;
+        rustls_rustcrypto::provider()
+            .key_provider
+            .load_private_key(private_key(key)?)
+            .map_err(|e| CredsError(format!("Unusable server key: {e}")))?;
+        if let Some(ca) = client_ca {
+            roots(ca)?;
+        }
+        Ok(())
+    }
+
     /// Credentials from PEM text: the server's certificate chain (its
     /// own certificate first) and private key (PKCS#8, SEC1 or PKCS#1),
     /// and, to verify clients (QEMU's `verify-peer`), the CA certificates
@@ -261,8 +298,7 @@ impl Credentials {
         time: Arc<dyn TimeProvider>,
     ) -> Result<Credentials, CredsError> {
         let chain = certs("the server certificate", cert_chain)?;
-        let key = PrivateKeyDer::from_pem_slice(key)
-            .map_err(|e| CredsError(format!("Unable to parse the server key: {e:?}")))?;
+        let key = private_key(key)?;
         let provider = Arc::new(rustls_rustcrypto::provider());
         check_key_matches(&provider, &chain[0], &key)?;
         let builder = ServerConfig::builder_with_details(provider.clone(), time)
@@ -271,14 +307,8 @@ impl Credentials {
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
-                let mut roots = RootCertStore::empty();
-                for c in certs("the CA certificate", ca)? {
-                    roots
-                        .add(c)
-                        .map_err(|e| CredsError(format!("Unusable CA certificate: {e}")))?;
-                }
                 let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
                         .build()
                         .map_err(|e| CredsError(format!("Unusable CA certificate: {e}")))?;
                 builder.with_client_cert_verifier(verifier)

@@ -134,20 +134,36 @@ fn libnbd_and_qemu_speak_tls_to_the_appliance_and_plain_text_reads_nothing() {
     let pki = Pki::new();
     let img = image(pki.dir.path());
     let (mut a, port) = boot(&img, CPU_MAX);
-    // Bad PEM text is reported when the server is started with it.
+    // PEM text that cannot be read is refused by object-add, as QEMU
+    // refuses credential files it cannot load; nothing is added.
+    let junk = |cert: &str, key: &str| {
+        json!({"qom-type": "tls-creds-x509", "id": "junk", "endpoint": "server",
+               "verify-peer": false, "x-server-cert": cert, "x-server-key": key})
+    };
+    let (cert, key) = (pem(&pki, "server-cert.pem"), pem(&pki, "server-key.pem"));
+    let e = error(&mut a, "object-add", junk("junk", &key));
+    assert_eq!(e, "No certificate found in the server certificate");
+    let e = error(&mut a, "object-add", junk(&cert, "junk"));
+    assert!(e.starts_with("Unable to parse the server key"), "{e}");
+    let mut bad_ca = creds(&pki, "junk", true);
+    bad_ca["x-ca-cert"] = json!("junk");
+    let e = error(&mut a, "object-add", bad_ca);
+    assert_eq!(e, "No certificate found in the CA certificate");
+    // A well-formed key of another certificate is found when the server
+    // starts with it (that check signs, so it needs the random source).
+    let client_key = String::from_utf8(
+        std::fs::read(format!("{}/client-key.pem", pki.path("client"))).expect("client key"),
+    )
+    .expect("PEM is text");
     a.qmp()
-        .cmd(
-            "object-add",
-            json!({"qom-type": "tls-creds-x509", "id": "junk", "endpoint": "server",
-                   "verify-peer": false, "x-server-cert": "junk", "x-server-key": "junk"}),
-        )
-        .expect("object-add");
+        .cmd("object-add", junk(&cert, &client_key))
+        .expect("object-add of a well-formed key");
     let e = error(
         &mut a,
         "nbd-server-start",
         json!({"addr": addr(), "tls-creds": "junk"}),
     );
-    assert_eq!(e, "No certificate found in the server certificate");
+    assert_eq!(e, "The server key does not match the server certificate");
     let e = error(
         &mut a,
         "nbd-server-start",

@@ -673,6 +673,41 @@ fn x_stats_intervals_give_an_exports_blockstats_timed_stats() {
     assert_eq!(lengths("e1"), alloc::vec![json!(5)]);
 }
 
+/// `object-add` runs the platform's check of a `tls-creds-x509` object's
+/// PEM text: its error is the command's, and the object is not added.
+#[test]
+fn tls_creds_object_add_runs_the_platform_check() {
+    let mut h = Harness::new();
+    h.m.q.bl.set_tls_creds_check(alloc::rc::Rc::new(|c| {
+        if c.server_key == "KEY" {
+            Ok(())
+        } else {
+            Err(alloc::format!(
+                "Unable to parse the server key: {}",
+                c.server_key
+            ))
+        }
+    }));
+    let creds = |id: &str, key: &str| {
+        json!({"qom-type": "tls-creds-x509", "id": id, "endpoint": "server",
+               "verify-peer": false, "x-server-cert": "CERT", "x-server-key": key})
+    };
+    assert_eq!(
+        h.err("object-add", creds("tls0", "junk")),
+        "Unable to parse the server key: junk"
+    );
+    // Not added: the id is free, and naming it finds nothing.
+    let addr = json!({"type": "inet", "host": "::", "port": "10809"});
+    assert_eq!(
+        h.err(
+            "nbd-server-start",
+            json!({"addr": addr, "tls-creds": "tls0"})
+        ),
+        "No TLS credentials with id 'tls0'"
+    );
+    h.ok("object-add", creds("tls0", "KEY"));
+}
+
 /// `tls-creds-x509` objects (QMP and `--object`), and `tls-creds` naming
 /// them: QEMU's errors for a missing id and for an object of another type,
 /// `dir` and client endpoints refused, `tls-authz` refused.

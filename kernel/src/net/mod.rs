@@ -24,7 +24,7 @@ mod config;
 mod conn;
 mod server;
 mod stack;
-mod tls;
+pub mod tls;
 mod traced;
 
 use alloc::format;

@@ -21,6 +21,22 @@ impl TimeProvider for WallClock {
     }
 }
 
+/// `object-add`'s check of a `tls-creds-x509` object
+/// ([`block::layer::BlockLayer::set_tls_creds_check`]): its PEM text
+/// must parse.
+pub fn check(creds: &TlsCredsX509) -> Result<(), String> {
+    let ca = creds
+        .verify_peer
+        .then_some(creds.ca_cert.as_deref())
+        .flatten();
+    Credentials::check_pem(
+        creds.server_cert.as_bytes(),
+        creds.server_key.as_bytes(),
+        ca.map(str::as_bytes),
+    )
+    .map_err(|e| e.0)
+}
+
 /// The server's credentials from the object's PEM text, admitting only
 /// the client `authz` names if given; refused without a random source.
 pub fn credentials(creds: &TlsCredsX509, authz: Option<&str>) -> Result<Credentials, String> {
