@@ -212,6 +212,31 @@ fn certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CredsEr
     Ok(certs)
 }
 
+/// Whether ChaCha20-Poly1305 goes before AES-GCM. In the appliance the
+/// crypto crates run their portable software backends (`.cargo/config.toml`),
+/// where ChaCha20-Poly1305 is the faster cipher by far (AES and GHASH
+/// without AES-NI and CLMUL are bit-sliced); every TLS 1.3 client offers
+/// it (RFC 8446 §9.1 names it a SHOULD). Host builds keep the provider's
+/// order and the client's choice.
+const PREFER_CHACHA: bool = cfg!(target_os = "none");
+
+/// RustCrypto's provider, ChaCha20-Poly1305 first where
+/// [`PREFER_CHACHA`].
+fn provider() -> CryptoProvider {
+    let mut p = rustls_rustcrypto::provider();
+    if PREFER_CHACHA {
+        p.cipher_suites.sort_by_key(|s| {
+            !matches!(
+                s.suite(),
+                rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+            )
+        });
+    }
+    p
+}
+
 fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, CredsError> {
     PrivateKeyDer::from_pem_slice(pem)
         .map_err(|e| CredsError(format!("Unable to parse the server key: {e:?}")))
@@ -276,7 +301,7 @@ impl Credentials {
         client_ca: Option<&[u8]>,
     ) -> Result<(), CredsError> {
         certs("the server certificate", cert_chain)?;
-        rustls_rustcrypto::provider()
+        provider()
             .key_provider
             .load_private_key(private_key(key)?)
             .map_err(|e| CredsError(format!("Unusable server key: {e}")))?;
@@ -299,7 +324,7 @@ impl Credentials {
     ) -> Result<Credentials, CredsError> {
         let chain = certs("the server certificate", cert_chain)?;
         let key = private_key(key)?;
-        let provider = Arc::new(rustls_rustcrypto::provider());
+        let provider = Arc::new(provider());
         check_key_matches(&provider, &chain[0], &key)?;
         let builder = ServerConfig::builder_with_details(provider.clone(), time)
             .with_protocol_versions(VERSIONS)
@@ -314,9 +339,11 @@ impl Credentials {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let config = builder
+        let mut config = builder
             .with_single_cert(chain, key)
             .map_err(|e| CredsError(format!("Unusable server certificate or key: {e}")))?;
+        // The server's order of cipher suites wins (see `provider`).
+        config.ignore_client_order = PREFER_CHACHA;
         Ok(Credentials {
             config: Arc::new(config),
             verify_peer: client_ca.is_some(),

@@ -126,10 +126,12 @@ fn make_ca(dir: &Path, cn: &str) {
     );
 }
 
+/// The server's names: loopback (slirp `hostfwd`) and the guest's
+/// address on a tap ([`crate::qemu::NetnsTap::GUEST_IP`]).
 const SERVER_EXT: &str = "basicConstraints=critical,CA:FALSE\n\
     keyUsage=critical,digitalSignature,keyEncipherment\n\
     extendedKeyUsage=serverAuth\n\
-    subjectAltName=IP:127.0.0.1,DNS:localhost\n";
+    subjectAltName=IP:127.0.0.1,IP:10.0.3.15,DNS:localhost\n";
 const CLIENT_EXT: &str = "basicConstraints=critical,CA:FALSE\n\
     keyUsage=critical,digitalSignature,keyEncipherment\n\
     extendedKeyUsage=clientAuth\n";

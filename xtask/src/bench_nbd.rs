@@ -14,6 +14,11 @@
 //! the same network; the host servers skip the VM boundary and are there
 //! as the ceiling.
 //!
+//! With TLS (`nbds://`, the same P-256 certificates for both, no client
+//! certificate): `qemu-nbd-tls` on the host and `bh-tls`, the appliance
+//! on the tap with `-cpu max` for RDRAND; `bh-tls` is given as a ratio to
+//! `bh-tap`, what TLS costs.
+//!
 //! A memory sweep follows (`--no-sweep` skips it): the least `-m` at which
 //! each VM serves a full 4-connection `nbdcopy` read, and blockhaus's heap
 //! once ready.
@@ -41,7 +46,7 @@ pub struct NbdArgs {
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Only these servers (comma-separated: qemu-nbd, qsd, blockhaus,
-    /// bh-tap, linux, linux-tap).
+    /// bh-tap, linux, linux-tap, qemu-nbd-tls, bh-tls).
     #[arg(long)]
     only: Option<String>,
     /// Skip the memory sweep.
@@ -65,14 +70,22 @@ pub(crate) enum Running {
 pub(crate) struct Target {
     pub(crate) uri: String,
     netns: Option<NetnsTap>,
+    /// `HOME` for the clients: libnbd finds the CA of an `nbds://` server
+    /// in `$HOME/.pki/libnbd` (fio's nbd engine refuses the URI's
+    /// `tls-certificates=`, a local file).
+    home: Option<PathBuf>,
 }
 
 impl Target {
     fn command(&self, program: &str) -> Command {
-        match &self.netns {
+        let mut cmd = match &self.netns {
             Some(t) => t.exec(program),
             None => Command::new(program),
+        };
+        if let Some(home) = &self.home {
+            cmd.env("HOME", home);
         }
+        cmd
     }
 }
 
@@ -161,6 +174,7 @@ pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Tar
     let local = Target {
         uri: format!("nbd://127.0.0.1:{port}/disk"),
         netns: None,
+        home: None,
     };
     let running = match server {
         "qemu-nbd" => {
@@ -219,6 +233,7 @@ pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Tar
             let target = Target {
                 uri: format!("nbd://{}/disk", NetnsTap::GUEST_IP),
                 netns: Some(tap),
+                home: None,
             };
             return Ok((Running::Appliance(Box::new(a)), target));
         }
@@ -228,6 +243,7 @@ pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Tar
                 let t = Target {
                     uri: format!("nbd://127.0.0.1:{port}/"),
                     netns: None,
+                    home: None,
                 };
                 (crate::linux_anchor::Net::Slirp(port), t)
             } else {
@@ -235,6 +251,7 @@ pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Tar
                 let t = Target {
                     uri: format!("nbd://{}/", NetnsTap::GUEST_IP),
                     netns: Some(tap.clone()),
+                    home: None,
                 };
                 (crate::linux_anchor::Net::Tap(tap), t)
             };
@@ -244,6 +261,77 @@ pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Tar
         other => return Err(format!("unknown server '{other}'")),
     };
     Ok((running, local))
+}
+
+/// The TLS servers: `qemu-nbd-tls` (the host's qemu-nbd with
+/// `--tls-creds`) and `bh-tls` (the appliance on the tap, credentials by
+/// `--object` on its command line), with the certificates in `pki`.
+fn start_tls(
+    server: &str,
+    img: &Path,
+    port: u16,
+    pki: &harness::pki::Pki,
+) -> Result<(Running, Target), String> {
+    let home = pki.dir.path().join("home");
+    let ca = home.join(".pki/libnbd");
+    std::fs::create_dir_all(&ca).map_err(|e| e.to_string())?;
+    std::fs::write(ca.join("ca-cert.pem"), pki.read("ca-cert.pem")).map_err(|e| e.to_string())?;
+    match server {
+        "qemu-nbd-tls" => {
+            let child = spawn(
+                Command::new("qemu-nbd")
+                    .arg("--object")
+                    .arg(format!(
+                        "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir={}",
+                        pki.path("server")
+                    ))
+                    .args(["--tls-creds", "tls0"])
+                    .args(["-f", "raw", "-x", "disk", "-b", "127.0.0.1"])
+                    .args(["-p", &port.to_string(), "-t", "-e", "16"])
+                    .args(["--cache=writeback", "--discard=unmap"])
+                    .arg(img),
+            )?;
+            wait_port(port, Duration::from_secs(10))?;
+            let target = Target {
+                uri: format!("nbds://127.0.0.1:{port}/disk"),
+                netns: None,
+                home: Some(home),
+            };
+            Ok((Running::Host(child), target))
+        }
+        "bh-tls" => {
+            let image = harness::image::build(true)?;
+            let tap = NetnsTap::create()?;
+            let pem = |f: &str| String::from_utf8_lossy(&pki.read(f)).into_owned();
+            let object = serde_json::json!({
+                "qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "server",
+                "verify-peer": false,
+                "x-server-cert": pem("server-cert.pem"),
+                "x-server-key": pem("server-key.pem"),
+            });
+            let base = appliance_config(img, "256M", "warn");
+            let append = base
+                .append
+                .replace("max-connections=16", "max-connections=16,tls-creds=tls0");
+            let mut extra = base.extra.clone();
+            extra.extend(["-cpu".into(), "max".into()]);
+            let cfg = QemuConfig {
+                netns_tap: Some(tap.clone()),
+                append: format!("{} --object {object} {append}", NetnsTap::GUEST_IP_SETTING),
+                extra,
+                ..base
+            };
+            let mut a = Appliance::start(&image, &cfg)?;
+            a.qmp().negotiate()?;
+            let target = Target {
+                uri: format!("nbds://{}/disk", NetnsTap::GUEST_IP),
+                netns: Some(tap),
+                home: Some(home),
+            };
+            Ok((Running::Appliance(Box::new(a)), target))
+        }
+        other => start(other, img, port),
+    }
 }
 
 fn run_timed(cmd: &mut Command) -> Result<Duration, String> {
@@ -431,7 +519,7 @@ fn make_images(dir: &Path, size: u64) -> Result<(PathBuf, PathBuf), String> {
 /// Servers that need root (a tap in a network namespace): skipped, with
 /// the reason, where it cannot be made.
 fn needs_tap(server: &str) -> bool {
-    server.ends_with("tap")
+    server.ends_with("tap") || server == "bh-tls"
 }
 
 pub fn bench(args: NbdArgs) -> Result<(), String> {
@@ -446,17 +534,26 @@ pub fn bench(args: NbdArgs) -> Result<(), String> {
             "blockhaus",
             "linux-tap",
             "bh-tap",
+            "qemu-nbd-tls",
+            "bh-tls",
         ]
         .map(String::from)
         .to_vec(),
     };
     // Build before anything is timed.
-    if servers.iter().any(|s| s == "blockhaus" || s == "bh-tap") {
+    if servers
+        .iter()
+        .any(|s| matches!(s.as_str(), "blockhaus" | "bh-tap" | "bh-tls"))
+    {
         harness::image::build(true)?;
     }
     if servers.iter().any(|s| s.starts_with("linux")) {
         crate::linux_anchor::build()?;
     }
+    let pki = servers
+        .iter()
+        .any(|s| s.ends_with("-tls"))
+        .then(harness::pki::Pki::new);
     let dir = scratch()?;
     let result = (|| {
         let (img, src) = make_images(&dir, size)?;
@@ -472,7 +569,11 @@ pub fn bench(args: NbdArgs) -> Result<(), String> {
         for s in &servers {
             let port = harness::qemu::free_port();
             let t0 = Instant::now();
-            let (running, target) = match start(s, &img, port) {
+            let started = match &pki {
+                Some(pki) => start_tls(s, &img, port, pki),
+                None => start(s, &img, port),
+            };
+            let (running, target) = match started {
                 Ok(r) => r,
                 Err(e) if needs_tap(s) => {
                     println!("  {s}: skipped ({e})");
@@ -504,6 +605,8 @@ fn anchor_of(server: &str) -> Option<&'static str> {
     match server {
         "blockhaus" => Some("linux"),
         "bh-tap" => Some("linux-tap"),
+        // What TLS costs.
+        "bh-tls" => Some("bh-tap"),
         _ => None,
     }
 }
@@ -536,7 +639,9 @@ fn print_table(rows: &[(String, Row)]) {
         }
         println!();
     }
-    println!("(ratios: blockhaus to linux, bh-tap to linux-tap, measured in this run;");
+    println!(
+        "(ratios: blockhaus to linux, bh-tap to linux-tap, bh-tls to bh-tap, measured in this run;"
+    );
     println!(" for NBD ready and the 4K read latencies, how many times sooner;");
     println!(" 'idle 1s': each read follows a second without requests;");
     println!(" 'host-awake': the same while a SCHED_IDLE spinner keeps every host CPU");
@@ -564,6 +669,7 @@ fn serves_at(
             if server == "linux" { "" } else { "disk" }
         ),
         netns: None,
+        home: None,
     };
     let copy = |t: &Target| -> Result<(), String> {
         wait_nbdinfo(t, Duration::from_secs(120))?;
