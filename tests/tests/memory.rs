@@ -38,10 +38,10 @@ fn random_disk(dir: &Path) -> PathBuf {
     path
 }
 
-fn export_append(extra: &str) -> String {
+fn export_append(extra: &str, server_extra: &str) -> String {
     format!(
         "{extra} --blockdev driver=virtio-blk,node-name=disk0,serial=disk0 \
-         --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809 \
+         --nbd-server addr.type=inet,addr.host=0.0.0.0,addr.port=10809{server_extra} \
          --export type=nbd,id=e0,node-name=disk0,name=disk0,writable=on"
     )
 }
@@ -61,9 +61,10 @@ fn heap_at_ready(console: &str) -> u64 {
 /// A client that asks for 64 reads of 32 MiB and reads no reply until
 /// told (Python's sockets, inside the namespace). It prints `sent` once
 /// every request is out; a line on its stdin makes it read the 64 replies
-/// and print how many carried data and each error it saw.
+/// and print how many carried data and each error it saw. With a CA
+/// file as its second argument it starts TLS first (`NBD_OPT_STARTTLS`).
 const GREEDY: &str = r#"
-import socket, struct, sys
+import socket, ssl, struct, sys
 s = socket.create_connection((sys.argv[1], 10809))
 def recv(n):
     b = b""
@@ -75,6 +76,12 @@ def recv(n):
     return b
 assert recv(18)[:16] == b"NBDMAGICIHAVEOPT"
 s.sendall(struct.pack(">I", 3))
+if len(sys.argv) > 2:
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", 5, 0))
+    assert struct.unpack(">QIII", recv(20))[2] == 1, "STARTTLS refused"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(sys.argv[2])
+    s = ctx.wrap_socket(s, server_hostname=sys.argv[1])
 name = b"disk0"
 data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
 s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, len(data)) + data)
@@ -99,10 +106,11 @@ for i in range(64):
 print(" ".join("%d:%d" % kv for kv in sorted(seen.items())), flush=True)
 "#;
 
-fn start_greedy(tap: &NetnsTap) -> Child {
+fn start_greedy(tap: &NetnsTap, tls_ca: Option<&str>) -> Child {
     let mut child = tap
         .exec("/usr/bin/python3")
         .args(["-c", GREEDY, NetnsTap::GUEST_IP])
+        .args(tls_ca)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -118,14 +126,23 @@ fn start_greedy(tap: &NetnsTap) -> Child {
 /// Copies the export with `nbdcopy --connections=N` (inside the namespace)
 /// and compares the copy with the disk image.
 fn copy_and_compare(tap: &NetnsTap, a: &Appliance, connections: u32, disk: &Path) {
+    copy_uri_and_compare(
+        tap,
+        a,
+        connections,
+        disk,
+        &format!("nbd://{}/disk0", NetnsTap::GUEST_IP),
+    );
+}
+
+fn copy_uri_and_compare(tap: &NetnsTap, a: &Appliance, connections: u32, disk: &Path, uri: &str) {
     let copy = a.dir().join("copy.raw");
-    let uri = format!("nbd://{}/disk0", NetnsTap::GUEST_IP);
     let out = tap
         .exec("timeout")
         .arg("600")
         .arg("nbdcopy")
         .arg(format!("--connections={connections}"))
-        .arg(&uri)
+        .arg(uri)
         .arg(&copy)
         .output()
         .expect("nbdcopy");
@@ -150,6 +167,17 @@ fn boot_small(
     memory: &str,
     extra: &str,
 ) -> Option<(NetnsTap, Appliance, PathBuf, tempfile::TempDir)> {
+    boot_small_with(memory, extra, "", &[])
+}
+
+/// [`boot_small`] with `server_extra` appended to `--nbd-server`'s
+/// options and `qemu_extra` QEMU arguments.
+fn boot_small_with(
+    memory: &str,
+    extra: &str,
+    server_extra: &str,
+    qemu_extra: &[&str],
+) -> Option<(NetnsTap, Appliance, PathBuf, tempfile::TempDir)> {
     let tap = match NetnsTap::create() {
         Ok(t) => t,
         Err(e) => {
@@ -161,9 +189,13 @@ fn boot_small(
     let disk = random_disk(dir.path());
     let cfg = QemuConfig {
         memory: memory.into(),
-        append: export_append(&format!("{} {extra}", NetnsTap::GUEST_IP_SETTING)),
+        append: export_append(
+            &format!("{} {extra}", NetnsTap::GUEST_IP_SETTING),
+            server_extra,
+        ),
         disks: vec![disk.clone()],
         netns_tap: Some(tap.clone()),
+        extra: qemu_extra.iter().map(|&a| a.into()).collect(),
         ..QemuConfig::default()
     };
     let a = Appliance::boot(&cfg);
@@ -190,7 +222,7 @@ fn nbdcopy_4_connections_at_32m_beside_a_greedy_client() {
     let Some((tap, a, disk, _dir)) = boot_small("32M", "") else {
         return;
     };
-    let mut greedy = start_greedy(&tap);
+    let mut greedy = start_greedy(&tap, None);
     copy_and_compare(&tap, &a, 4, &disk);
     // Still serving with the greedy client connected, and after it left.
     copy_and_compare(&tap, &a, 1, &disk);
@@ -207,6 +239,47 @@ fn nbdcopy_4_connections_at_32m_beside_a_greedy_client() {
     let console = quit_clean(a);
     let heap = heap_at_ready(&console);
     assert!(heap <= 4096, "heap at ready {heap} KiB > 4 MiB:\n{console}");
+}
+
+/// TLS adds buffers to every connection: at `-m 24M` (a 20 MiB heap,
+/// five clients) a greedy TLS client asking for 64 × 32 MiB without
+/// reading, beside a 3-connection nbdcopy over TLS, gets `ENOMEM` for
+/// each read while the copy is whole; nothing panics.
+#[test]
+fn tls_nbdcopy_at_24m_beside_a_greedy_tls_client() {
+    let pki = harness::pki::Pki::new();
+    let pem = |f: &str| String::from_utf8(pki.read(f)).expect("PEM is text");
+    let object = serde_json::json!({
+        "qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "server",
+        "verify-peer": false,
+        "x-server-cert": pem("server-cert.pem"),
+        "x-server-key": pem("server-key.pem"),
+    });
+    let Some((tap, a, disk, _dir)) = boot_small_with(
+        "24M",
+        &format!("--object {object}"),
+        ",tls-creds=tls0",
+        &["-cpu", "max"],
+    ) else {
+        return;
+    };
+    let ca = format!("{}/ca-cert.pem", pki.path("anon"));
+    let mut greedy = start_greedy(&tap, Some(&ca));
+    let uri = format!(
+        "nbds://{}/disk0?tls-certificates={}",
+        NetnsTap::GUEST_IP,
+        pki.path("anon")
+    );
+    copy_uri_and_compare(&tap, &a, 3, &disk, &uri);
+    greedy.stdin.as_mut().unwrap().write_all(b"read\n").unwrap();
+    let out = greedy.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "12:64",
+        "replies to the greedy client (errno:count)"
+    );
+    copy_uri_and_compare(&tap, &a, 3, &disk, &uri);
+    quit_clean(a);
 }
 
 #[test]
@@ -229,7 +302,7 @@ fn a_panic_inside_the_network_poll_still_runs_the_halt_sequence() {
     let disk = random_disk(dir.path());
     let port = free_port();
     let cfg = QemuConfig {
-        append: export_append("blockhaus.test-fault=panic-in-net-poll"),
+        append: export_append("blockhaus.test-fault=panic-in-net-poll", ""),
         disks: vec![disk],
         nbd_port: Some(port),
         ..QemuConfig::default()
