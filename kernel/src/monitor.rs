@@ -30,8 +30,14 @@ const QEMU_COMPAT: (u64, u64, u64) = (7, 2, 0);
 /// kilobyte of the socket's send budget, so the socket reports full (and
 /// QEMU stops taking bytes from the UART) long before the bytes add up.
 const WRITE_OUT_NS: u64 = 2_000_000_000;
-/// Output kept for a client that does not read, before events are dropped.
-const OUTBOX_LIMIT: usize = 4 << 20;
+/// Unread output at which a client's input stops being taken (left in
+/// the UART or the port's receive queue, which holds the host side back):
+/// a client that sends requests and reads no reply makes the appliance
+/// hold at most this and one reply for it.
+pub const INPUT_PAUSE: usize = 64 << 10;
+/// Unread output beyond which events for a client that does not read are
+/// dropped (replies never are: [`INPUT_PAUSE`] bounds them).
+const EVENTS_LIMIT: usize = 1 << 20;
 
 /// QEMU allows 64 MiB and 2 Mi tokens per request; a small heap wants less.
 const LIMITS: Limits = Limits {
@@ -61,12 +67,15 @@ impl Conn {
             heard: false,
         };
         let greeting = conn.session.greeting();
-        conn.queue(&greeting);
+        conn.queue(&greeting, usize::MAX);
         conn
     }
 
-    fn queue(&mut self, bytes: &[u8]) {
-        if self.outbox.len() + bytes.len() > OUTBOX_LIMIT {
+    /// Queues `bytes` unless the outbox would pass `limit` or the heap
+    /// has no room for them (then they are dropped, with a warning).
+    fn queue(&mut self, bytes: &[u8], limit: usize) {
+        if self.outbox.len() + bytes.len() > limit || self.outbox.try_reserve(bytes.len()).is_err()
+        {
             log::warn!(
                 "QMP client is not reading: dropping {} bytes of output",
                 bytes.len()
@@ -76,30 +85,43 @@ impl Conn {
         self.outbox.extend(bytes);
     }
 
-    /// Moves the session's output to the outbox.
-    fn take_output(&mut self) {
+    /// Moves the session's output to the outbox: `limit` as in
+    /// [`Conn::queue`].
+    fn take_output(&mut self, limit: usize) {
         let out = self.session.take_output();
         if !out.is_empty() {
-            self.queue(&out);
+            self.queue(&out, limit);
         }
     }
 
-    /// Runs the requests `input` completes; queues the replies.
+    /// Whether this client's input should wait ([`INPUT_PAUSE`]).
+    pub fn input_paused(&self) -> bool {
+        self.outbox.len() >= INPUT_PAUSE
+    }
+
+    /// Runs the requests `input` completes, and those queued before, while
+    /// the unread output stays under [`INPUT_PAUSE`]; queues the replies.
     fn feed(
         &mut self,
         input: &[u8],
         commands: &Dispatcher<Appliance>,
         ctx: &mut Appliance,
     ) -> Action {
-        self.heard = true;
-        let action = self.session.feed(input, commands, ctx);
-        self.take_output();
+        self.heard |= !input.is_empty();
+        let budget = INPUT_PAUSE.saturating_sub(self.outbox.len());
+        let action = self.session.feed_within(input, commands, ctx, budget);
+        self.take_output(usize::MAX);
         action
+    }
+
+    /// Whether requests wait that [`Conn::feed`] can run now.
+    fn runnable(&self) -> bool {
+        self.session.has_queued() && !self.input_paused()
     }
 
     fn emit(&mut self, event: &Event) {
         if self.session.emit(event) {
-            self.take_output();
+            self.take_output(EVENTS_LIMIT);
         }
     }
 
@@ -251,8 +273,15 @@ impl Monitor {
         let mut raised: Vec<(ConnId, Vec<Event>)> = Vec::new();
         if let Some((uart, conn)) = &mut self.com2 {
             let mut buf = [0u8; 512];
-            let n = uart.read_available(&mut buf);
-            if n > 0 && serving {
+            // Unread bytes stay in the UART, whose full FIFO holds QEMU
+            // back from reading the client's socket.
+            let n = if conn.input_paused() {
+                0
+            } else {
+                uart.read_available(&mut buf)
+            };
+            busy |= conn.runnable();
+            if (n > 0 || conn.runnable()) && serving {
                 if conn.feed(&buf[..n], &self.commands, &mut self.ctx) == Action::Quit {
                     self.quit = true;
                 }
@@ -267,6 +296,17 @@ impl Monitor {
                     return;
                 }
                 if conn.feed(input, commands, ctx) == Action::Quit {
+                    *quit = true;
+                }
+                raised.push((ConnId::Port(id), core::mem::take(&mut ctx.raised)));
+            });
+            // Requests held back while their client's output was high.
+            ports.for_each_conn(|id, conn| {
+                if *quit || !serving || !conn.runnable() {
+                    return;
+                }
+                busy = true;
+                if conn.feed(&[], commands, ctx) == Action::Quit {
                     *quit = true;
                 }
                 raised.push((ConnId::Port(id), core::mem::take(&mut ctx.raised)));

@@ -84,6 +84,10 @@ impl Ports {
     /// it, in the order the device reported it. Returns whether anything
     /// happened.
     pub fn poll(&mut self, mut feed: impl FnMut(u32, &mut Conn, &[u8])) -> bool {
+        for p in &self.ports {
+            let paused = p.conn.as_ref().is_some_and(Conn::input_paused);
+            self.dev.pause_input(p.id, paused);
+        }
         let mut events = core::mem::take(&mut self.events);
         let busy = self.dev.poll(&mut events);
         for event in events.drain(..) {

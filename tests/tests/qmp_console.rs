@@ -334,3 +334,80 @@ fn a_panic_in_a_ports_command_reaches_every_client() {
         a.console()
     );
 }
+
+/// Clients that send many requests and read nothing: each gets every
+/// reply, in order, once it reads (the appliance stops taking a client's
+/// input while its unread output is high, as a socket's flow control
+/// would, instead of dropping replies). Four such clients at `-m 24M`
+/// (a 20 MiB heap) with ~8 MiB of replies each: the appliance keeps
+/// serving COM2 meanwhile, nothing panics, and it quits cleanly.
+#[test]
+fn clients_that_do_not_read_lose_no_reply_and_do_not_exhaust_the_heap() {
+    use std::io::{BufRead, BufReader};
+    const PORTS: usize = 4;
+    let mut a = Appliance::boot(&QemuConfig {
+        qmp_ports: PORTS,
+        memory: "24M".into(),
+        ..QemuConfig::default()
+    });
+    // How big one reply is, from COM2.
+    let schema = a
+        .qmp()
+        .cmd("query-qmp-schema", json!({}))
+        .expect("query-qmp-schema");
+    let reply_bytes = schema.to_string().len();
+    let requests = (8 << 20) / reply_bytes + 1;
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for i in 0..PORTS {
+        let s = harness::qmp::connect_retry(&a.qmp_port_socket(i), Duration::from_secs(20))
+            .expect("port socket");
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut greeting = String::new();
+        r.read_line(&mut greeting).unwrap();
+        assert!(greeting.contains("\"QMP\""), "{greeting}");
+        // The writer blocks once the appliance stops taking input.
+        writers.push(std::thread::spawn(move || {
+            w.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
+            for id in 0..requests {
+                w.write_all(
+                    format!("{{\"execute\": \"query-qmp-schema\", \"id\": {id}}}\n").as_bytes(),
+                )?;
+            }
+            Ok::<_, std::io::Error>(w)
+        }));
+        readers.push(r);
+    }
+    // Let the output pile up, then check COM2 is still served.
+    std::thread::sleep(Duration::from_secs(5));
+    let v = a
+        .qmp()
+        .cmd("query-version", json!({}))
+        .expect("COM2 serves");
+    assert_eq!(v["qemu"]["major"], 7);
+    for (i, mut r) in readers.into_iter().enumerate() {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "{\"return\": {}}", "port {i}: negotiation");
+        for id in 0..requests {
+            line.clear();
+            let n = r.read_line(&mut line).unwrap_or_else(|e| {
+                panic!(
+                    "port {i}: reply {id} of {requests}: {e}\nconsole:\n{}",
+                    a.console()
+                )
+            });
+            assert!(n > 0, "port {i}: closed at reply {id}");
+            let reply: Value = serde_json::from_str(&line).expect("JSON");
+            assert_eq!(reply["id"], id, "port {i}: replies in order, none lost");
+            assert!(reply["return"].is_array(), "port {i}: {line:.200}");
+        }
+    }
+    for w in writers {
+        w.join().unwrap().expect("writer");
+    }
+    let console = a.quit();
+    assert!(!console.contains("PANIC"), "{console}");
+}

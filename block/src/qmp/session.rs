@@ -145,6 +145,12 @@ impl Session {
         &self.out
     }
 
+    /// Whether complete requests wait to be run
+    /// ([`feed_within`](Self::feed_within)).
+    pub fn has_queued(&self) -> bool {
+        self.stream.has_ready()
+    }
+
     /// Whether bytes wait to be sent.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
@@ -159,8 +165,25 @@ impl Session {
         dispatcher: &Dispatcher<C>,
         ctx: &mut C,
     ) -> Action {
+        self.feed_within(input, dispatcher, ctx, usize::MAX)
+    }
+
+    /// [`feed`](Self::feed), but requests run only while fewer than
+    /// `budget` bytes of output wait: the rest stay queued
+    /// ([`has_queued`](Self::has_queued)) for a later call, which may
+    /// bring no input. Flow control for a client that does not read its
+    /// replies: its transport holds the input back meanwhile.
+    pub fn feed_within<C: QmpContext>(
+        &mut self,
+        input: &[u8],
+        dispatcher: &Dispatcher<C>,
+        ctx: &mut C,
+        budget: usize,
+    ) -> Action {
         self.stream.feed(input);
-        while let Some(item) = self.stream.pop() {
+        while self.out.len() < budget
+            && let Some(item) = self.stream.pop()
+        {
             match item {
                 Ok(request) => {
                     if self.handle(request, dispatcher, ctx) == Action::Quit {

@@ -481,3 +481,36 @@ fn error_type() {
         "Invalid parameter 'x'"
     );
 }
+
+/// `feed_within` runs requests only while less output than its budget
+/// waits; the rest stay queued, in order, and run on later calls without
+/// input once the output has been taken.
+#[test]
+fn feed_within_holds_requests_back_while_output_waits() {
+    let mut h = Harness::negotiated();
+    let input: String = (0..5)
+        .map(|i| alloc::format!(r#"{{"execute": "query-version", "id": {i}}}"#))
+        .collect();
+    let one = h.lines(r#"{"execute": "query-version"}"#)[0].len() + 2;
+    // Room for two replies: the third is not run.
+    let budget = 2 * one;
+    h.session
+        .feed_within(input.as_bytes(), &h.commands, &mut h.ctx, budget);
+    assert_eq!(
+        split_lines(&String::from_utf8(h.session.take_output()).unwrap()).len(),
+        2
+    );
+    assert!(h.session.has_queued());
+    // Nothing runs while the budget is spent.
+    h.session.feed_within(b"", &h.commands, &mut h.ctx, 0);
+    assert!(!h.session.has_output());
+    let mut ids = alloc::vec::Vec::new();
+    while h.session.has_queued() {
+        h.session.feed_within(b"", &h.commands, &mut h.ctx, 1);
+        let out = String::from_utf8(h.session.take_output()).unwrap();
+        let lines = split_lines(&out);
+        assert_eq!(lines.len(), 1, "{out}");
+        ids.push(serde_json::from_str::<serde_json::Value>(&lines[0]).unwrap()["id"].clone());
+    }
+    assert_eq!(ids, [2, 3, 4].map(serde_json::Value::from));
+}

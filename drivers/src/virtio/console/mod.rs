@@ -186,6 +186,8 @@ struct Port {
     rx: Ring,
     tx: Ring,
     host_open: bool,
+    /// Input is left in the receive queue ([`VirtioSerial::pause_input`]).
+    paused: bool,
 }
 
 /// One multiport virtio console device.
@@ -239,6 +241,7 @@ impl<T: Transport> VirtioSerial<T> {
                     rx,
                     tx,
                     host_open: false,
+                    paused: false,
                 })
             })
             .collect();
@@ -318,6 +321,17 @@ impl<T: Transport> VirtioSerial<T> {
     }
 
     /// Bytes handed to the device for port `id` that it has not sent yet.
+    /// While `paused`, what the client on port `id` sends stays in the
+    /// device's receive queue, whose buffers fill and stop the host side
+    /// from reading the client's socket: flow control for a client that
+    /// sends requests but does not read the replies. A disconnect reaps
+    /// the port regardless.
+    pub fn pause_input(&mut self, id: u32, paused: bool) {
+        if let Some(Some(port)) = self.ports.get_mut(id as usize) {
+            port.paused = paused;
+        }
+    }
+
     pub fn unsent(&self, id: u32) -> bool {
         self.port(id).is_some_and(|p| p.tx.in_flight() > 0)
     }
@@ -342,12 +356,12 @@ impl<T: Transport> VirtioSerial<T> {
         any |= self.control_tx.reap(|_, _| {});
         for msg in messages {
             if let Message::Open(id, false) = msg {
-                any |= self.reap_port(id, out);
+                any |= self.reap_port(id, out, true);
             }
             self.handle(msg, out);
         }
         for id in 0..self.ports.len() as u32 {
-            any |= self.reap_port(id, out);
+            any |= self.reap_port(id, out, false);
         }
         // Control messages that waited for a slot.
         self.send_control_backlog();
@@ -355,12 +369,16 @@ impl<T: Transport> VirtioSerial<T> {
         any
     }
 
-    /// Takes what port `id` received and the transmit buffers the device
-    /// is done with; re-arms the receive buffers.
-    fn reap_port(&mut self, id: u32, out: &mut Vec<Event>) -> bool {
+    /// Takes what port `id` received (unless its input is paused and not
+    /// `even_paused`) and the transmit buffers the device is done with;
+    /// re-arms the receive buffers.
+    fn reap_port(&mut self, id: u32, out: &mut Vec<Event>, even_paused: bool) -> bool {
         let Some(Some(port)) = self.ports.get_mut(id as usize) else {
             return false;
         };
+        if port.paused && !even_paused {
+            return port.tx.reap(|_, _| {});
+        }
         let mut rearm = Vec::new();
         let mut any = port.rx.reap(|buf, len| {
             if len > 0 {
