@@ -494,19 +494,21 @@ fn feed_within_holds_requests_back_while_output_waits() {
     let one = h.lines(r#"{"execute": "query-version"}"#)[0].len() + 2;
     // Room for two replies: the third is not run.
     let budget = 2 * one;
-    h.session
+    let action = h
+        .session
         .feed_within(input.as_bytes(), &h.commands, &mut h.ctx, budget);
+    assert_eq!(action, Action::Continue);
     assert_eq!(
         split_lines(&String::from_utf8(h.session.take_output()).unwrap()).len(),
         2
     );
     assert!(h.session.has_queued());
     // Nothing runs while the budget is spent.
-    h.session.feed_within(b"", &h.commands, &mut h.ctx, 0);
+    let _ = h.session.feed_within(b"", &h.commands, &mut h.ctx, 0);
     assert!(!h.session.has_output());
     let mut ids = alloc::vec::Vec::new();
     while h.session.has_queued() {
-        h.session.feed_within(b"", &h.commands, &mut h.ctx, 1);
+        let _ = h.session.feed_within(b"", &h.commands, &mut h.ctx, 1);
         let out = String::from_utf8(h.session.take_output()).unwrap();
         let lines = split_lines(&out);
         assert_eq!(lines.len(), 1, "{out}");
