@@ -411,3 +411,28 @@ fn clients_that_do_not_read_lose_no_reply_and_do_not_exhaust_the_heap() {
     let console = a.quit();
     assert!(!console.contains("PANIC"), "{console}");
 }
+
+/// The same on COM2: a client that sends more requests than it reads
+/// replies to (~5 MiB of them, more than the appliance would hold) gets
+/// every one, in order; the unread bytes wait in the UART meanwhile.
+#[test]
+fn a_com2_client_that_does_not_read_loses_no_reply() {
+    let mut a = boot(0);
+    let q = a.qmp();
+    let schema = q.cmd("query-qmp-schema", json!({})).expect("schema");
+    let requests = (5 << 20) / schema.to_string().len() + 1;
+    let input: String = (0..requests)
+        .map(|id| format!("{{\"execute\": \"query-qmp-schema\", \"id\": {id}}}\n"))
+        .collect();
+    q.send_raw(input.as_bytes()).expect("requests");
+    std::thread::sleep(Duration::from_secs(3));
+    q.set_timeout(Duration::from_secs(120)).unwrap();
+    for id in 0..requests {
+        let reply = q
+            .recv_reply()
+            .unwrap_or_else(|e| panic!("reply {id} of {requests}: {e}"));
+        assert_eq!(reply["id"], id, "replies in order, none lost");
+        assert_eq!(reply["return"], schema, "reply {id}");
+    }
+    a.quit();
+}
