@@ -123,6 +123,18 @@ fn start_greedy(tap: &NetnsTap, tls_ca: Option<&str>) -> Child {
     child
 }
 
+/// Lets the greedy client read its replies: every 32 MiB read is answered
+/// ENOMEM (errno 12), the heap can never hold its buffer.
+fn expect_all_enomem(mut greedy: Child) {
+    greedy.stdin.as_mut().unwrap().write_all(b"read\n").unwrap();
+    let out = greedy.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "12:64",
+        "replies to the greedy client (errno:count)"
+    );
+}
+
 /// Copies the export with `nbdcopy --connections=N` (inside the namespace)
 /// and compares the copy with the disk image.
 fn copy_and_compare(tap: &NetnsTap, a: &Appliance, connections: u32, disk: &Path) {
@@ -222,19 +234,12 @@ fn nbdcopy_4_connections_at_32m_beside_a_greedy_client() {
     let Some((tap, a, disk, _dir)) = boot_small("32M", "") else {
         return;
     };
-    let mut greedy = start_greedy(&tap, None);
+    let greedy = start_greedy(&tap, None);
     copy_and_compare(&tap, &a, 4, &disk);
     // Still serving with the greedy client connected, and after it left.
     copy_and_compare(&tap, &a, 1, &disk);
-    // Every 32 MiB read is answered ENOMEM (errno 12): with a 29 MiB heap
-    // it can never get its buffer.
-    greedy.stdin.as_mut().unwrap().write_all(b"read\n").unwrap();
-    let out = greedy.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "12:64",
-        "replies to the greedy client (errno:count)"
-    );
+    // With a 29 MiB heap no 32 MiB read can get its buffer.
+    expect_all_enomem(greedy);
     copy_and_compare(&tap, &a, 4, &disk);
     let console = quit_clean(a);
     let heap = heap_at_ready(&console);
@@ -264,20 +269,14 @@ fn tls_nbdcopy_at_24m_beside_a_greedy_tls_client() {
         return;
     };
     let ca = format!("{}/ca-cert.pem", pki.path("anon"));
-    let mut greedy = start_greedy(&tap, Some(&ca));
+    let greedy = start_greedy(&tap, Some(&ca));
     let uri = format!(
         "nbds://{}/disk0?tls-certificates={}",
         NetnsTap::GUEST_IP,
         pki.path("anon")
     );
     copy_uri_and_compare(&tap, &a, 3, &disk, &uri);
-    greedy.stdin.as_mut().unwrap().write_all(b"read\n").unwrap();
-    let out = greedy.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "12:64",
-        "replies to the greedy client (errno:count)"
-    );
+    expect_all_enomem(greedy);
     copy_uri_and_compare(&tap, &a, 3, &disk, &uri);
     quit_clean(a);
 }

@@ -219,24 +219,7 @@ pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Tar
             a.qmp().negotiate()?;
             Running::Appliance(Box::new(a))
         }
-        "bh-tap" => {
-            let image = harness::image::build(true)?;
-            let tap = NetnsTap::create()?;
-            let base = appliance_config(img, "256M", "warn");
-            let cfg = QemuConfig {
-                netns_tap: Some(tap.clone()),
-                append: format!("{} {}", NetnsTap::GUEST_IP_SETTING, base.append),
-                ..base
-            };
-            let mut a = Appliance::start(&image, &cfg)?;
-            a.qmp().negotiate()?;
-            let target = Target {
-                uri: format!("nbd://{}/disk", NetnsTap::GUEST_IP),
-                netns: Some(tap),
-                home: None,
-            };
-            return Ok((Running::Appliance(Box::new(a)), target));
-        }
+        "bh-tap" => return on_tap(img, "", "", &[], "nbd", None),
         "linux" | "linux-tap" => {
             let arts = crate::linux_anchor::build()?;
             let (net, target) = if server == "linux" {
@@ -300,8 +283,6 @@ fn start_tls(
             Ok((Running::Host(child), target))
         }
         "bh-tls" => {
-            let image = harness::image::build(true)?;
-            let tap = NetnsTap::create()?;
             let pem = |f: &str| String::from_utf8_lossy(&pki.read(f)).into_owned();
             let object = serde_json::json!({
                 "qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "server",
@@ -309,29 +290,53 @@ fn start_tls(
                 "x-server-cert": pem("server-cert.pem"),
                 "x-server-key": pem("server-key.pem"),
             });
-            let base = appliance_config(img, "256M", "warn");
-            let append = base
-                .append
-                .replace("max-connections=16", "max-connections=16,tls-creds=tls0");
-            let mut extra = base.extra.clone();
-            extra.extend(["-cpu".into(), "max".into()]);
-            let cfg = QemuConfig {
-                netns_tap: Some(tap.clone()),
-                append: format!("{} --object {object} {append}", NetnsTap::GUEST_IP_SETTING),
-                extra,
-                ..base
-            };
-            let mut a = Appliance::start(&image, &cfg)?;
-            a.qmp().negotiate()?;
-            let target = Target {
-                uri: format!("nbds://{}/disk", NetnsTap::GUEST_IP),
-                netns: Some(tap),
-                home: Some(home),
-            };
-            Ok((Running::Appliance(Box::new(a)), target))
+            on_tap(
+                img,
+                &format!("--object {object}"),
+                ",tls-creds=tls0",
+                &["-cpu", "max"],
+                "nbds",
+                Some(home),
+            )
         }
         other => start(other, img, port),
     }
+}
+
+/// The appliance on a tap in a network namespace: `options` before the
+/// boot options, `server` added to `--nbd-server`'s, `qemu` extra QEMU
+/// arguments; clients inside the namespace use `scheme://GUEST_IP/disk`
+/// with `home` as `HOME`.
+fn on_tap(
+    img: &Path,
+    options: &str,
+    server: &str,
+    qemu: &[&str],
+    scheme: &str,
+    home: Option<PathBuf>,
+) -> Result<(Running, Target), String> {
+    let image = harness::image::build(true)?;
+    let tap = NetnsTap::create()?;
+    let base = appliance_config(img, "256M", "warn");
+    let append = base
+        .append
+        .replace("max-connections=16", &format!("max-connections=16{server}"));
+    let mut extra = base.extra.clone();
+    extra.extend(qemu.iter().map(Into::into));
+    let cfg = QemuConfig {
+        netns_tap: Some(tap.clone()),
+        append: format!("{} {options} {append}", NetnsTap::GUEST_IP_SETTING),
+        extra,
+        ..base
+    };
+    let mut a = Appliance::start(&image, &cfg)?;
+    a.qmp().negotiate()?;
+    let target = Target {
+        uri: format!("{scheme}://{}/disk", NetnsTap::GUEST_IP),
+        netns: Some(tap),
+        home,
+    };
+    Ok((Running::Appliance(Box::new(a)), target))
 }
 
 fn run_timed(cmd: &mut Command) -> Result<Duration, String> {
