@@ -46,7 +46,7 @@ const POWER_BUTTON_POLL_NS: u64 = 100_000_000;
 /// disk worker threads, slirp). Measured with `bench nbd` on a 2-CPU host
 /// (TCG): with 20 ms of spinning a 4K read after an idle second took
 /// 7.1–7.8 ms (the host woke an idle CPU for QEMU's disk thread), without
-/// 1.3–1.6 ms; slirp reads went from 55–63 to 68–69 MB/s, the rest stayed
+/// 1.3–1.6 ms; slirp reads went from 55–63 to 57–69 MB/s, the rest stayed
 /// within the run-to-run noise (0.1 ms of spinning measured in between).
 const BUSY_POLL_NS: u64 = 0;
 /// ... except while QMP output waits for COM2's transmitter, which has no
