@@ -138,7 +138,7 @@ impl Pci {
     /// on a timer.
     fn intx(&mut self, f: &Function) {
         let isr = pci::msix::virtio_isr(&mut self.bus, f);
-        let line = isr.and_then(|_| pci::msix::enable_intx(&mut self.bus, f));
+        let line = isr.and_then(|_| pci::msix::intx_line(&mut self.bus, f));
         let routed = match (isr, line) {
             // SAFETY: `isr` is the ISR byte in `f`'s memory BAR, mapped by
             // `open_virtio`.
@@ -147,6 +147,9 @@ impl Pci {
         };
         match line {
             Some(line) if routed => {
+                // Only now: a refused line (COM2's, the power button's)
+                // must not be held high by this function.
+                pci::msix::enable_intx(&mut self.bus, f);
                 info!("{}: no MSI-X: INTx on IRQ {line}", f.address);
             }
             _ => crate::interrupts::poll_without_interrupt(format_args!(

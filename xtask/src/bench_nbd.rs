@@ -170,6 +170,16 @@ fn wait_nbdinfo(t: &Target, timeout: Duration) -> Result<(), String> {
     }
 }
 
+/// The host's qemu-nbd serving `img` as `disk` on 127.0.0.1:`port`.
+fn qemu_nbd(img: &Path, port: u16) -> Command {
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-f", "raw", "-x", "disk", "-b", "127.0.0.1"])
+        .args(["-p", &port.to_string(), "-t", "-e", "16"])
+        .args(["--cache=writeback", "--discard=unmap"])
+        .arg(img);
+    cmd
+}
+
 pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Target), String> {
     let local = Target {
         uri: format!("nbd://127.0.0.1:{port}/disk"),
@@ -178,13 +188,7 @@ pub(crate) fn start(server: &str, img: &Path, port: u16) -> Result<(Running, Tar
     };
     let running = match server {
         "qemu-nbd" => {
-            let child = spawn(
-                Command::new("qemu-nbd")
-                    .args(["-f", "raw", "-x", "disk", "-b", "127.0.0.1"])
-                    .args(["-p", &port.to_string(), "-t", "-e", "16"])
-                    .args(["--cache=writeback", "--discard=unmap"])
-                    .arg(img),
-            )?;
+            let child = spawn(&mut qemu_nbd(img, port))?;
             wait_port(port, Duration::from_secs(10))?;
             Running::Host(child)
         }
@@ -262,17 +266,13 @@ fn start_tls(
     match server {
         "qemu-nbd-tls" => {
             let child = spawn(
-                Command::new("qemu-nbd")
+                qemu_nbd(img, port)
                     .arg("--object")
                     .arg(format!(
                         "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir={}",
                         pki.path("server")
                     ))
-                    .args(["--tls-creds", "tls0"])
-                    .args(["-f", "raw", "-x", "disk", "-b", "127.0.0.1"])
-                    .args(["-p", &port.to_string(), "-t", "-e", "16"])
-                    .args(["--cache=writeback", "--discard=unmap"])
-                    .arg(img),
+                    .args(["--tls-creds", "tls0"]),
             )?;
             wait_port(port, Duration::from_secs(10))?;
             let target = Target {

@@ -1457,30 +1457,39 @@ fn requests_past_the_end_are_refused_without_harm() {
     assert!(check(&q, "q").leaks.is_empty());
 }
 
-#[test]
-fn a_dirty_image_has_its_refcounts_rebuilt_at_open() {
-    let mut q = Qmp::new();
+/// An 8 MiB image "f" with 4 KiB clusters and lazy refcounts, `write`
+/// done through "q", then closed.
+fn written_lazy_image(q: &mut Qmp, write: &str) {
     image(
-        &mut q,
+        q,
         "f",
         8 * MIB,
         json!({"cluster-size": 4096, "lazy-refcounts": true}),
     );
-    open(&mut q, "q", json!({"file": "f"}));
-    q.io("q", "write -P 0x31 0 3M");
+    open(q, "q", json!({"file": "f"}));
+    q.io("q", write);
     q.ok("blockdev-del", json!({"node-name": "q"}));
-    {
-        // As after a crash with lazy refcounts: the refcount block lost its
-        // increments (the data clusters read as free), a free cluster
-        // claims a reference, and the dirty bit is set.
-        let f = node(&q, "f");
-        let m = Env::mem_driver(&f);
-        let mut b = m.data.borrow_mut();
-        let rb = (be64(&b, be64(&b, 48) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+}
+
+/// Edits the bytes of the in-memory file `file` in place.
+fn edit_file(q: &Qmp, file: &str, edit: impl FnOnce(&mut Vec<u8>)) {
+    let f = node(q, file);
+    edit(&mut Env::mem_driver(&f).data.borrow_mut());
+}
+
+#[test]
+fn a_dirty_image_has_its_refcounts_rebuilt_at_open() {
+    let mut q = Qmp::new();
+    written_lazy_image(&mut q, "write -P 0x31 0 3M");
+    // As after a crash with lazy refcounts: the refcount block lost its
+    // increments (the data clusters read as free), a free cluster claims a
+    // reference, and the dirty bit is set.
+    edit_file(&q, "f", |b| {
+        let rb = (be64(b, be64(b, 48) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
         b[rb + 2 * 40..rb + 2 * 900].fill(0);
         b[rb + 2 * 1500..rb + 2 * 1501].copy_from_slice(&[0, 1]);
         b[72..80].copy_from_slice(&1u64.to_be_bytes());
-    }
+    });
     open(&mut q, "q", json!({"file": "f"}));
     let b = file_bytes(&q, "f");
     assert_eq!(be64(&b, 72) & 1, 0, "dirty bit cleared");
@@ -1503,26 +1512,15 @@ fn a_dirty_image_has_its_refcounts_rebuilt_at_open() {
 #[test]
 fn a_reference_far_past_the_end_of_the_file_is_a_corruption_not_a_walk() {
     let mut q = Qmp::new();
-    image(
-        &mut q,
-        "f",
-        8 * MIB,
-        json!({"cluster-size": 4096, "lazy-refcounts": true}),
-    );
-    open(&mut q, "q", json!({"file": "f"}));
-    q.io("q", "write -P 0x31 0 64k");
-    q.ok("blockdev-del", json!({"node-name": "q"}));
+    written_lazy_image(&mut q, "write -P 0x31 0 64k");
     let wild: u64 = 1 << 52;
-    {
-        let f = node(&q, "f");
-        let m = Env::mem_driver(&f);
-        let mut b = m.data.borrow_mut();
-        let l1 = be64(&b, 40) as usize;
-        let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    edit_file(&q, "f", |b| {
+        let l1 = be64(b, 40) as usize;
+        let l2 = (be64(b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
         let copied = 1u64 << 63;
         b[l2 + 8..l2 + 16].copy_from_slice(&(copied | wild).to_be_bytes());
         b[72..80].copy_from_slice(&1u64.to_be_bytes());
-    }
+    });
     let e = q.err(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "q", "file": "f"}),

@@ -7,7 +7,7 @@
 //! notifications to entry 0; the main loop then polls every device, as it
 //! does when busy. QEMU's virtio-pci functions all have MSI-X (BAR1 holds
 //! the table); a function without it (`vectors=0`) interrupts through
-//! INTx ([`enable_intx`]) on the ISA IRQ the firmware gave it, and its
+//! INTx ([`intx_line`], [`enable_intx`]) on the ISA IRQ the firmware gave it, and its
 //! ISR ([`virtio_isr`]) must be read to lower the line.
 
 use super::{BarKind, Bus, Function};
@@ -150,21 +150,25 @@ fn virtio_structure(bus: &mut Bus, f: &Function, cfg_type: u8, len: u64) -> Opti
 /// `f`'s legacy interrupt: the ISA IRQ its INTx pin reaches (the
 /// Interrupt Line the firmware wrote: SeaBIOS and OVMF both route every
 /// PIRQ to an ISA IRQ, which QEMU's pc and q35 raise on that I/O APIC pin
-/// too), with INTx enabled in the command register. `None` if the
-/// function has no pin or no firmware gave it a line (0 or 0xff).
-pub fn enable_intx(bus: &mut Bus, f: &Function) -> Option<u8> {
-    let function = f.address.device_function();
-    let reg = bus.read(function, INTERRUPT_LINE);
+/// too). `None` if the function has no pin or no firmware gave it a line
+/// (0 or 0xff).
+pub fn intx_line(bus: &mut Bus, f: &Function) -> Option<u8> {
+    let reg = bus.read(f.address.device_function(), INTERRUPT_LINE);
     let (line, pin) = ((reg & 0xff) as u8, ((reg >> 8) & 0xff) as u8);
-    if pin == 0 || line == 0 || line >= 16 {
-        return None;
-    }
+    (pin != 0 && line != 0 && line < 16).then_some(line)
+}
+
+/// Lets `f` assert INTx (clears Interrupt Disable in its command
+/// register). Call once its line is routed ([`intx_line`]): a function
+/// asserting a pin another device's route owns would hold that pin high.
+pub fn enable_intx(bus: &mut Bus, f: &Function) {
+    let function = f.address.device_function();
     // Command is the low half of the dword at 4 (the status half is
     // write-one-to-clear: write zeroes there).
     let command = bus.read(function, COMMAND) & 0xffff;
     bus.write(function, COMMAND, command & !INTX_DISABLE);
-    Some(line)
 }
+
 /// Sends the used-ring notifications of `queues` to MSI-X entry 0 and
 /// turns configuration-change interrupts off, through the common
 /// configuration at `common`. Call after the driver set the queues up (a
